@@ -1,0 +1,322 @@
+"""Segment-then-segment geometry: boxes, crops, resampling and fusion.
+
+Pure functions with no nnU-Net imports. Boxes live on the host as small integer arrays
+(N, ndim, 2) holding ``[start, stop)`` per axis in voxels of the full-resolution grid; images,
+crops and probabilities are torch tensors on any device (numpy arrays are accepted and returned
+as numpy where noted).
+
+Axes whose fine patch size is 1 are *inactive*: they are never squared, padded, jittered or
+resampled, and connected components do not connect along them. That is how a 2D fine stage runs
+on a 3D volume slice by slice with the same code as the 3D stage (patch ``(1, S, S)``).
+
+One sampling convention is used everywhere (half-pixel centres, ``align_corners=False``): output
+index ``j`` of ``n`` samples on a box ``[a, b)`` reads source coordinate
+``a + (j + 0.5) * (b - a) / n - 0.5``. Pasting back uses the exact inverse mapping, so nearest
+neighbour crop -> paste reproduces every voxel of a box that is not larger than the patch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """How boxes around objects become fine-stage crops. Lengths are in voxels of the finest
+    active axis of the full-resolution grid, converted per axis through the spacing, so the same
+    numbers serve isotropic and anisotropic data.
+
+    - ``patch_size``: fine network input per axis (1 = inactive axis, see module docstring).
+    - ``margin_fraction``: context added on every side, relative to the squared box side.
+    - ``margin_min``: lower bound of that context (small objects still get some).
+    - ``min_object_size``: components whose extent along any active axis is below this are
+      dropped before padding (the paper's 5-pixel rule).
+    - ``jitter_image_fraction`` / ``jitter_box_fraction``: training-time uniform jitter of box
+      centre and size per active axis, ``min(f_img * image_extent, f_box * box_side)`` voxels
+      (the paper's +-16 px at 256 px is f_img = 1/16; the box bound keeps small objects inside
+      their crop on large images).
+    - ``square``: make boxes square/cubic in physical units (mm), not in voxels.
+    """
+
+    patch_size: tuple[int, ...]
+    margin_fraction: float = 0.125
+    margin_min: float = 4.0
+    min_object_size: float = 5.0
+    jitter_image_fraction: float = 0.0625
+    jitter_box_fraction: float = 0.25
+    square: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if any(p < 1 for p in self.patch_size) or not any(p > 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be >= 1 per axis with at least one axis > 1, got {self.patch_size}")
+        for name in ("margin_fraction", "margin_min", "min_object_size", "jitter_image_fraction",
+                     "jitter_box_fraction"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def active(self) -> np.ndarray:
+        return np.array([p > 1 for p in self.patch_size])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CropParams":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown crop parameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# boxes (host, numpy)
+# ----------------------------------------------------------------------------------------------
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def connectivity_structure(active: Sequence[bool]) -> np.ndarray:
+    """Full (8/26-) connectivity among active axes and none along inactive ones."""
+    active = np.asarray(active, dtype=bool)
+    ndim = len(active)
+    structure = ndimage.generate_binary_structure(ndim, ndim)
+    offsets = np.indices((3,) * ndim) - 1
+    for ax in np.flatnonzero(~active):
+        structure &= offsets[ax] == 0
+    return structure
+
+
+def component_boxes(mask, active: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of a binary mask and their bounding boxes.
+
+    Returns ``(labels, boxes)``: the label image (0 = background, component i has label i + 1)
+    and an int64 array (N, ndim, 2) of ``[start, stop)`` per axis."""
+    mask = _as_numpy(mask).astype(bool)
+    if mask.ndim != len(active):
+        raise ValueError(f"mask has {mask.ndim} axes but {len(active)} axis flags were given")
+    labels, n = ndimage.label(mask, structure=connectivity_structure(active))
+    slices = ndimage.find_objects(labels, max_label=n)
+    boxes = np.array([[[s.start, s.stop] for s in sl] for sl in slices], dtype=np.int64).reshape(n, mask.ndim, 2)
+    return labels, boxes
+
+
+def _min_active_spacing(spacing: np.ndarray, active: np.ndarray) -> float:
+    return float(np.min(spacing[active]))
+
+
+def keep_large_enough(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> np.ndarray:
+    """Boolean mask of boxes whose extent reaches ``min_object_size`` along every active axis
+    (measured in mm, threshold = min_object_size * finest active spacing). Applied before
+    padding so that it can fire at all (the reference code tested after padding)."""
+    spacing = np.asarray(spacing, dtype=float)
+    active = params.active
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=bool)
+    extent_mm = (boxes[:, :, 1] - boxes[:, :, 0]) * spacing[None]
+    threshold = params.min_object_size * _min_active_spacing(spacing, active)
+    return np.all(extent_mm[:, active] >= threshold - 1e-6, axis=1)
+
+
+def square_and_pad(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and sizes (float voxels, (N, ndim)) of boxes squared in physical units along the
+    active axes and padded by the context margin. Inactive axes keep the box's own extent."""
+    spacing = np.asarray(spacing, dtype=float)
+    active = params.active
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, len(spacing), 2)
+    centre = boxes.mean(axis=2)
+    size = boxes[:, :, 1] - boxes[:, :, 0]
+    if len(boxes) == 0:
+        return centre, size
+    size_mm = size * spacing[None]
+    if params.square:
+        side_mm = size_mm[:, active].max(axis=1, keepdims=True)
+        size_mm = np.where(active[None], side_mm, size_mm)
+    min_sp = _min_active_spacing(spacing, active)
+    side_for_margin = size_mm[:, active].max(axis=1, keepdims=True)
+    margin_mm = np.maximum(params.margin_fraction * side_for_margin, params.margin_min * min_sp)
+    size_mm = np.where(active[None], size_mm + 2 * margin_mm, size_mm)
+    return centre, size_mm / spacing[None]
+
+
+def jitter(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int], params: CropParams,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform random integer jitter of centre and size along active axes (training only).
+
+    Amplitude per axis: ``min(jitter_image_fraction * image_extent, jitter_box_fraction * size)``,
+    floored to whole voxels. Sizes stay >= 1 voxel."""
+    image_shape = np.asarray(image_shape, dtype=float)
+    amp = np.floor(np.minimum(params.jitter_image_fraction * image_shape[None], params.jitter_box_fraction * size))
+    amp = np.where(params.active[None], amp, 0).astype(np.int64)
+    d_centre = rng.integers(-amp, amp + 1)
+    d_size = rng.integers(-amp, amp + 1)
+    return centre + d_centre, np.maximum(size + d_size, 1.0)
+
+
+def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Integer boxes (N, ndim, 2) of the requested size, shifted (size kept) to lie inside the
+    image; a box larger than the image along an axis is clamped to the whole axis. Never drops a
+    box (the reference code discarded boxes larger than the image, losing the object)."""
+    image_shape = np.asarray(image_shape, dtype=np.int64)
+    size_i = np.maximum(np.rint(size).astype(np.int64), 1)
+    size_i = np.minimum(size_i, image_shape[None])
+    start = np.rint(centre - size_i / 2.0).astype(np.int64)
+    start = np.clip(start, 0, image_shape[None] - size_i)
+    return np.stack([start, start + size_i], axis=-1)
+
+
+def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
+                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
+    (jitter if ``rng``) -> fit to the image. Returns ``(boxes, n_dropped)``."""
+    mask = _as_numpy(mask)
+    _, boxes = component_boxes(mask, params.active)
+    keep = keep_large_enough(boxes, spacing, params)
+    boxes = boxes[keep]
+    centre, size = square_and_pad(boxes, spacing, params)
+    if rng is not None and len(boxes):
+        centre, size = jitter(centre, size, mask.shape, params, rng)
+    return fit_to_image(centre, size, mask.shape), int((~keep).sum())
+
+
+def whole_image_boxes(image_shape: Sequence[int], active: Sequence[bool]) -> np.ndarray:
+    """Boxes covering the whole image: one box if every axis is active, else one per index of the
+    inactive axes (e.g. one per slice for a 2D stage on a 3D volume)."""
+    image_shape = tuple(int(s) for s in image_shape)
+    active = np.asarray(active, dtype=bool)
+    inactive_ranges = [range(s) if not a else [None] for s, a in zip(image_shape, active)]
+    boxes = []
+    for idx in np.ndindex(*[len(r) for r in inactive_ranges]):
+        box = []
+        for ax, (i, a) in enumerate(zip(idx, active)):
+            box.append([0, image_shape[ax]] if a else [i, i + 1])
+        boxes.append(box)
+    return np.array(boxes, dtype=np.int64).reshape(-1, len(image_shape), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# resampling (torch, any device)
+# ----------------------------------------------------------------------------------------------
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def _normalised_axis_coords(start: torch.Tensor, stop: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of n samples on [start, stop) of an axis of
+    ``length`` voxels; shape (B, n)."""
+    j = torch.arange(n, device=start.device, dtype=torch.float64)
+    src = start[:, None] + (j[None] + 0.5) * (stop - start)[:, None] / n - 0.5
+    return ((2 * src + 1) / length - 1).to(torch.float32)
+
+
+def _grid_from_axes(axis_coords: list[torch.Tensor]) -> torch.Tensor:
+    """Dense sampling grid (B, *n, ndim) from per-axis coordinates (B, n_d); grid_sample wants
+    the last dimension in (x, y, z) order, i.e. reversed axes."""
+    ndim = len(axis_coords)
+    b = axis_coords[0].shape[0]
+    sizes = [c.shape[1] for c in axis_coords]
+    expanded = []
+    for d, c in enumerate(axis_coords):
+        shape = [b] + [1] * ndim
+        shape[1 + d] = sizes[d]
+        expanded.append(c.reshape(shape).expand(b, *sizes))
+    return torch.stack(expanded[::-1], dim=-1)
+
+
+def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: str = "linear",
+                      padding_mode: str = "border"):
+    """Crops of ``image`` (C, *spatial) at ``boxes`` (N, ndim, 2), each resampled to ``out_size``:
+    returns (N, C, *out_size) on the image's device, float32. All boxes go through ONE
+    grid_sample call (their grids are stacked along the first spatial axis of a batch of one), so
+    there is no per-crop kernel launch or host round trip. Boxes may be fractional and may reach
+    outside the image (``padding_mode`` 'zeros' or 'border' decides what is read there).
+    numpy in -> numpy out."""
+    was_numpy = not isinstance(image, torch.Tensor)
+    img = torch.as_tensor(image)
+    spatial = img.shape[1:]
+    ndim = len(spatial)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, ndim, 2)
+    out_size = tuple(int(s) for s in out_size)
+    if len(out_size) != ndim:
+        raise ValueError(f"out_size {out_size} does not match the image's {ndim} spatial axes")
+    n = len(boxes)
+    if n == 0:
+        out = img.new_zeros((0, img.shape[0], *out_size), dtype=torch.float32)
+        return out.numpy() if was_numpy else out
+    b = torch.as_tensor(boxes, device=img.device, dtype=torch.float64)
+    coords = [_normalised_axis_coords(b[:, d, 0], b[:, d, 1], out_size[d], spatial[d]) for d in range(ndim)]
+    grid = _grid_from_axes(coords)  # (N, *out, ndim)
+    grid = grid.reshape(1, n * out_size[0], *out_size[1:], ndim)
+    out = F.grid_sample(img[None].float(), grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=False)
+    out = out[0].reshape(img.shape[0], n, *out_size).transpose(0, 1)
+    return out.cpu().numpy() if was_numpy else out
+
+
+def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linear") -> torch.Tensor:
+    """Inverse of :func:`crop_and_resample` for one crop (K, *n): its values on the voxels of
+    ``box`` (K, *box_size), with the exact inverse coordinate mapping."""
+    ndim = crop.ndim - 1
+    box = np.asarray(box, dtype=np.int64).reshape(ndim, 2)
+    region = [int(box[d, 1] - box[d, 0]) for d in range(ndim)]
+    coords = []
+    for d in range(ndim):
+        i = torch.arange(region[d], device=crop.device, dtype=torch.float64)
+        coords.append((2 * (i + 0.5) / region[d] - 1).to(torch.float32)[None])
+    grid = _grid_from_axes(coords)
+    return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
+
+
+def _box_slices(box: np.ndarray) -> tuple[slice, ...]:
+    return tuple(slice(int(a), int(b)) for a, b in box)
+
+
+def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
+               mode: str = "linear"):
+    """Paste per-crop probabilities (N, K, *n) back into an image of ``image_shape`` and fuse.
+
+    Softmax outputs (``multilabel=False``, channel 0 = background): foreground channels take the
+    max over crops and background the min, i.e. a voxel is foreground if ANY crop says so (the
+    paper's logical OR), and voxels outside every crop stay background (probability 1).
+    Sigmoid/region outputs (``multilabel=True``): every channel is the max over crops, 0 outside.
+    Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask."""
+    was_numpy = not isinstance(probs, torch.Tensor)
+    p = torch.as_tensor(probs)
+    k = p.shape[1]
+    image_shape = tuple(int(s) for s in image_shape)
+    fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
+    covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device)
+    if not multilabel:
+        fused[0] = 1.0
+    for crop, box in zip(p, np.asarray(boxes, dtype=np.int64)):
+        sl = _box_slices(box)
+        pasted = resample_crop_to_box(crop, box, mode)
+        if multilabel:
+            fused[(slice(None), *sl)] = torch.maximum(fused[(slice(None), *sl)], pasted)
+        else:
+            fused[(slice(1, None), *sl)] = torch.maximum(fused[(slice(1, None), *sl)], pasted[1:])
+            fused[(0, *sl)] = torch.minimum(fused[(0, *sl)], pasted[0])
+        covered[sl] = True
+    if was_numpy:
+        return fused.cpu().numpy(), covered.cpu().numpy()
+    return fused, covered
+
+
+def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 1e-6) -> torch.Tensor:
+    """Logits whose softmax (or sigmoid) gives back ``probs`` (renormalised for softmax), so that
+    nnU-Net's own export applies its usual nonlinearity to fused probabilities."""
+    p = probs.clamp(eps, 1 - eps)
+    if multilabel:
+        return torch.log(p) - torch.log1p(-p)
+    return torch.log(p)

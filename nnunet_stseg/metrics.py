@@ -1,0 +1,57 @@
+"""Precision and recall next to nnU-Net's Dice in a ``summary.json``.
+
+nnU-Net's ``compute_metrics_on_folder`` already stores TP, FP and FN per case and label; we derive
+precision = TP / (TP + FP) and recall = TP / (TP + FN) (NaN when undefined, e.g. precision of an
+empty prediction), average them over cases with ``nanmean`` like nnU-Net averages Dice, and
+rewrite the file atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else math.nan
+
+
+def add_precision_recall(summary_file: str) -> dict:
+    """Add ``Precision`` and ``Recall`` per case, per label mean and foreground mean; returns
+    the updated summary."""
+    with open(summary_file) as f:
+        summary = json.load(f)
+    per_label: dict[str, dict[str, list[float]]] = {}
+    for case in summary["metric_per_case"]:
+        for label, m in case["metrics"].items():
+            m["Precision"] = _ratio(m["TP"], m["TP"] + m["FP"])
+            m["Recall"] = _ratio(m["TP"], m["TP"] + m["FN"])
+            acc = per_label.setdefault(label, {"Precision": [], "Recall": []})
+            acc["Precision"].append(m["Precision"])
+            acc["Recall"].append(m["Recall"])
+    for label, acc in per_label.items():
+        for name, values in acc.items():
+            arr = np.asarray(values, dtype=float)
+            summary["mean"][label][name] = float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else math.nan
+    for name in ("Precision", "Recall"):
+        vals = np.asarray([summary["mean"][label][name] for label in per_label], dtype=float)
+        summary["foreground_mean"][name] = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
+    write_json_atomic(summary, summary_file)
+    return summary
+
+
+def write_json_atomic(obj, path: str) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=4, sort_keys=False, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,220 @@
+"""Segment-then-segment inference as an nnU-Net predictor.
+
+:class:`StSPredictor` overrides only ``predict_logits_from_preprocessed_data``: it receives the
+case preprocessed for the fine configuration (full-resolution grid) and returns logits on that
+grid, so nnU-Net's own preprocessing workers, export (resampling to the original image, crop
+re-insertion, transpose, writer), ``--save_probabilities``, ``-num_parts``/``-part_id`` and
+``--continue_prediction`` all keep working unchanged.
+
+The stock ``nnUNetv2_predict`` always builds a plain ``nnUNetPredictor``. When it loads a model
+trained with our fine trainer, nnU-Net calls that trainer's ``build_network_architecture`` from
+``initialize_from_trained_model_folder``; the trainer then calls :func:`adopt_predictor`, which
+turns that one predictor into an :class:`StSPredictor` (a guarded dispatch: other trainers and
+other predictors are untouched).
+"""
+from __future__ import annotations
+
+import time
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunet_stseg.config import StSConfig
+from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, probabilities_to_logits,
+                                   whole_image_boxes)
+
+
+def coarse_model_folder(results_root: str, dataset_name: str, plans_name: str, sts: StSConfig) -> str:
+    """Where the coarse model lives by convention (nnU-Net's results folder layout)."""
+    return join(results_root, dataset_name, f"{sts.coarse_trainer}__{plans_name}__{sts.coarse_configuration}")
+
+
+def missing_coarse_message(folder: str, dataset_name: str, plans_name: str, sts: StSConfig, fold) -> str:
+    return (f"segment-then-segment needs the coarse model {folder}"
+            f"{'' if fold is None else f'/fold_{fold}'}, which does not exist. Train it with: "
+            f"nnUNetv2_train {dataset_name} {sts.coarse_configuration} {fold if fold is not None else 'FOLD'} "
+            f"-tr {sts.coarse_trainer} -p {plans_name}")
+
+
+class StSPredictor(nnUNetPredictor):
+    """nnU-Net predictor that runs coarse model -> boxes -> fine crops -> fusion per case."""
+
+    coarse: nnUNetPredictor | None = None
+    sts: StSConfig | None = None
+    last_timings: dict | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+    def _sts_config(self) -> StSConfig:
+        if self.sts is None:
+            sts = StSConfig.from_configuration(self.configuration_manager.configuration,
+                                               "the fine model's configuration")
+            if sts.role != "fine":
+                raise ValueError(f"configuration has sts.role={sts.role!r}; predict with the fine configuration")
+            self.sts = sts
+        return self.sts
+
+    def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
+                      coarse_folder: str | None = None) -> None:
+        """Load the coarse model (same folds as the fine one) from ``coarse_folder`` or, by
+        default, from its conventional folder in ``nnUNet_results``."""
+        from nnunetv2.paths import nnUNet_results
+
+        sts = self._sts_config()
+        ds, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
+        if coarse_folder is None:
+            coarse_folder = coarse_model_folder(str(nnUNet_results), ds, plans, sts)
+        if not isdir(coarse_folder):
+            raise FileNotFoundError(missing_coarse_message(coarse_folder, ds, plans, sts, None))
+        folds = list(folds) if folds is not None else None
+        for f in folds or []:
+            if not isfile(join(coarse_folder, f"fold_{f}", checkpoint_name)):
+                raise FileNotFoundError(missing_coarse_message(coarse_folder, ds, plans, sts, f)
+                                        + f" (looked for {checkpoint_name})")
+        coarse = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
+                                 use_mirroring=self.use_mirroring,
+                                 perform_everything_on_device=self.perform_everything_on_device,
+                                 device=self.device, verbose=False, allow_tqdm=False)
+        coarse.initialize_from_trained_model_folder(coarse_folder, folds, checkpoint_name)
+        self.coarse = coarse
+        self._log(f"coarse model: {coarse_folder} folds {folds}")
+
+    def _ensure_coarse(self) -> None:
+        if self.coarse is None:
+            source = getattr(self, "_sts_source", None)
+            if source is None:
+                raise RuntimeError("StSPredictor has no coarse model: call attach_coarse() first")
+            model_dir, folds, checkpoint_name = source
+            if folds is None:
+                folds = nnUNetPredictor.auto_detect_available_folds(model_dir, checkpoint_name)
+            self.attach_coarse(folds, checkpoint_name)
+
+    def _log(self, msg: str) -> None:
+        print(f"[nnunet-stseg] {msg}", flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # the cascade
+    # ------------------------------------------------------------------------------------------
+    def _fine_spacing3(self) -> list[float]:
+        """Spacing of the preprocessed grid in 3 axes; for a 2D stage the slice axis is inactive,
+        so its value is irrelevant and set to 1."""
+        sp = list(self.configuration_manager.spacing)
+        return sp if len(sp) == 3 else [1.0] + sp
+
+    def _coarse_input(self, data: torch.Tensor) -> np.ndarray:
+        """The fine-grid case resampled to the coarse configuration's grid with the coarse
+        configuration's own nnU-Net resampling function (the one its training data went through)."""
+        cm = self.coarse.configuration_manager
+        fine_sp = np.array(self._fine_spacing3())
+        coarse_sp = list(cm.spacing)
+        coarse_sp = np.array(coarse_sp if len(coarse_sp) == 3 else [fine_sp[0]] + coarse_sp)
+        shape = np.array(data.shape[1:])
+        new_shape = np.maximum(1, np.rint(shape * fine_sp / coarse_sp)).astype(int)
+        arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        if np.array_equal(new_shape, shape):
+            return arr
+        return cm.resampling_fn_data(arr, new_shape, fine_sp, coarse_sp)
+
+    def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
+        """Fine logits for (N, C, *patch) crops: batched, averaged over folds (as nnU-Net averages
+        logits over folds) with the predictor's mirroring TTA."""
+        sts = self._sts_config()
+        net = self.network.to(self.device)
+        net.eval()
+        params = self.list_of_parameters if self.list_of_parameters else [None]
+        total = None
+        for p in params:
+            if p is not None:
+                target = net._orig_mod if hasattr(net, "_orig_mod") else net
+                target.load_state_dict(p)
+            outs = [self._internal_maybe_mirror_and_predict(crops[i:i + sts.crops_per_batch].to(self.device))
+                    for i in range(0, len(crops), sts.crops_per_batch)]
+            out = torch.cat(outs).float()
+            total = out if total is None else total + out
+        return total / len(params)
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        sts = self._sts_config()
+        self._ensure_coarse()
+        lm = self.label_manager
+        multilabel = lm.has_regions
+        timings = {}
+        t0 = time.perf_counter()
+
+        # 1. coarse pass on the downsampled case, probabilities back on the full-resolution grid
+        coarse_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data)))
+        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
+        coarse_probs = lm.apply_inference_nonlin(coarse_logits.to(self.device).float())
+        shape = tuple(data.shape[1:])
+        if tuple(coarse_probs.shape[1:]) != shape:
+            coarse_probs = F.interpolate(coarse_probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+        foreground = lm.convert_probabilities_to_segmentation(coarse_probs) > 0
+        t1 = time.perf_counter()
+
+        # 2. boxes from connected components
+        crop = sts.crop
+        boxes, n_dropped = boxes_from_mask(foreground, self._fine_spacing3(), crop)
+        fallback = None
+        if len(boxes) == 0:
+            fallback = sts.fallback
+            self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
+                      f"fallback '{fallback}' ("
+                      f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
+            if fallback == "coarse":
+                self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_boxes": 0,
+                                     "n_dropped": n_dropped, "fallback": fallback}
+                return probabilities_to_logits(coarse_probs, multilabel).cpu()
+            boxes = whole_image_boxes(shape, crop.active)
+        else:
+            self._log(f"{len(boxes)} object(s) cropped" + (f", {n_dropped} component(s) below "
+                                                             f"{crop.min_object_size} voxels dropped" if n_dropped else ""))
+        del coarse_probs, foreground
+        image = data.to(self.device).float()
+        crops = crop_and_resample(image, boxes, crop.patch_size, "linear")
+        two_d = len(self.configuration_manager.patch_size) == 2
+        if two_d:
+            crops = crops[:, :, 0]
+        t2 = time.perf_counter()
+
+        # 3. fine pass on all crops
+        probs = lm.apply_inference_nonlin(self._forward_fine(crops))
+        if two_d:
+            probs = probs[:, :, None]
+        t3 = time.perf_counter()
+
+        # 4. paste back and fuse
+        fused, _ = fuse_crops(probs, boxes, shape, multilabel=multilabel, mode="linear")
+        logits = probabilities_to_logits(fused, multilabel).cpu()
+        t4 = time.perf_counter()
+        self.last_timings = {"coarse_s": t1 - t0, "geometry_s": (t2 - t1) + (t4 - t3), "fine_s": t3 - t2,
+                             "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}
+        return logits
+
+
+def adopt_predictor(caller_frame) -> None:
+    """Called from our fine trainer's ``build_network_architecture``: if nnU-Net's
+    ``initialize_from_trained_model_folder`` is the caller, turn that predictor into an
+    :class:`StSPredictor` and remember the model folder and folds so the coarse model of the same
+    folds is loaded on first use. Anything else calling is left alone."""
+    frame = caller_frame
+    while frame is not None and frame.f_code.co_name != "initialize_from_trained_model_folder":
+        frame = frame.f_back
+    if frame is None:
+        return
+    predictor = frame.f_locals.get("self")
+    if not isinstance(predictor, nnUNetPredictor):
+        return
+    if not isinstance(predictor, StSPredictor):
+        predictor.__class__ = StSPredictor
+    predictor.coarse = None
+    predictor.sts = None
+    predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
+                             frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
+
+
+__all__ = ["StSPredictor", "adopt_predictor", "coarse_model_folder"]

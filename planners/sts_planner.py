@@ -1,0 +1,127 @@
+"""Planner that adds segment-then-segment configurations to a dataset's nnU-Net plans.
+
+For each dimensionality (``2d``; ``3d`` when the dataset is 3D) it adds, next to nnU-Net's
+standard configurations:
+
+- ``<dim>_sts_coarse_<S>``: the whole image at reduced resolution. Every axis is downsampled by
+  its own factor ``max(1, median_extent / S)``, so the median case is at most S voxels per axis
+  and no axis is ever upsampled. Per-axis factors keep thin axes (e.g. 40 slices of 3 mm) at
+  full resolution instead of squashing them further; the spacing written into the plans keeps
+  the geometry physically correct.
+- ``<dim>_sts_fine_<S>``: crops resampled to S per active axis. It shares the preprocessed data
+  of ``3d_fullres`` / ``2d`` (same ``data_identifier``: crops are cut from the full-resolution
+  grid at training time) and gets a network planned for an isotropic S patch, because crops are
+  squared in millimetres and therefore isotropic once resampled.
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Sequence
+
+import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from nnunet_stseg.config import (DEFAULT_COARSE_TRAINER, StSConfig, coarse_config_name, fine_config_name)
+from nnunet_stseg.geometry import CropParams
+
+
+def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[float], size: int
+                             ) -> tuple[list[float], list[int]]:
+    """Per-axis downsampling so the median case is <= ``size`` voxels on every axis."""
+    spacing = np.asarray(spacing, dtype=float)
+    median_shape = np.asarray(median_shape, dtype=float)
+    factor = np.maximum(1.0, median_shape / size)
+    return [float(s) for s in spacing * factor], [int(min(size, round(m))) for m in median_shape / factor]
+
+
+def _set_width(config: dict, base_features: int | None, max_features: int | None) -> None:
+    kwargs = config["architecture"]["arch_kwargs"]
+    n = kwargs["n_stages"]
+    current = list(kwargs["features_per_stage"])
+    base = base_features if base_features is not None else current[0]
+    top = max_features if max_features is not None else max(current)
+    kwargs["features_per_stage"] = [int(min(top, base * 2 ** i)) for i in range(n)]
+
+
+def add_sts_configurations(planner: ExperimentPlanner, plans: dict, input_size: int,
+                           dims: Sequence[str] | None = None, base_features: int | None = None,
+                           max_features: int | None = None, batch_size: int | None = None,
+                           coarse_trainer: str = DEFAULT_COARSE_TRAINER, crop_overrides: dict | None = None,
+                           fallback: str = "coarse") -> list[str]:
+    """Add coarse + fine configurations for every requested dimensionality to ``plans`` (in
+    place). Returns the names added. ``crop_overrides`` sets :class:`CropParams` fields."""
+    s = int(input_size)
+    if s < 8:
+        raise ValueError(f"input size S must be >= 8, got {s}")
+    configs = plans["configurations"]
+    available = [d for d, base in (("2d", "2d"), ("3d", "3d_fullres")) if base in configs]
+    dims = list(dims) if dims else available
+    for d in dims:
+        if d not in ("2d", "3d"):
+            raise ValueError(f"unknown dimensionality {d!r}; use 2d and/or 3d")
+        if d not in available:
+            raise ValueError(f"dataset {plans['dataset_name']} has no {'3d_fullres' if d == '3d' else d} "
+                             f"configuration, so it cannot get a {d} segment-then-segment pipeline "
+                             f"(3d needs 3D images)")
+    added = []
+    n_train = planner.dataset_json["numTraining"]
+    for d in dims:
+        base_name = "3d_fullres" if d == "3d" else "2d"
+        base = configs[base_name]
+        nd = len(base["patch_size"])
+        spacing = base["spacing"]
+        median = base["median_image_size_in_voxels"]
+        approx_voxels = float(np.prod(median, dtype=np.float64) * n_train)
+
+        coarse_name, fine_name = coarse_config_name(d, s), fine_config_name(d, s)
+        c_spacing, c_median = coarse_spacing_and_shape(spacing, median, s)
+        coarse = planner.get_plans_for_configuration(c_spacing, c_median, planner.generate_data_identifier(coarse_name),
+                                                     float(np.prod(c_median, dtype=np.float64) * n_train), {})
+        coarse["batch_dice"] = base.get("batch_dice", False)
+
+        arch = planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
+        if list(arch["patch_size"]) != [s] * nd:
+            raise ValueError(f"nnU-Net plans a {arch['patch_size']} patch for S={s}; choose S divisible by 16 "
+                             f"(e.g. 32, 48, 64, 128) so the fine patch is exactly S per axis")
+        fine = deepcopy(base)
+        fine["patch_size"] = [s] * nd
+        fine["architecture"] = deepcopy(arch["architecture"])
+        fine["batch_size"] = arch["batch_size"]
+        for cfg in (coarse, fine):
+            _set_width(cfg, base_features, max_features)
+            if batch_size is not None:
+                cfg["batch_size"] = int(batch_size)
+
+        crop_patch = (s,) * 3 if nd == 3 else (1, s, s)
+        crop = CropParams(patch_size=crop_patch, **(crop_overrides or {}))
+        coarse["sts"] = StSConfig("coarse", s, coarse_name, coarse_trainer).to_dict()
+        fine["sts"] = StSConfig("fine", s, coarse_name, coarse_trainer, crop=crop, fallback=fallback).to_dict()
+        configs[coarse_name] = coarse
+        configs[fine_name] = fine
+        added += [coarse_name, fine_name]
+    return added
+
+
+class nnUNetPlannerStS(ExperimentPlanner):
+    """nnU-Net's default planner plus the segment-then-segment configurations.
+
+    Runs the standard planning (so the usual ``2d``/``3d_fullres`` configurations exist and
+    are untouched), then adds ours and saves the plans again. Existing custom configurations in
+    the plans file are kept, as nnU-Net does."""
+
+    def __init__(self, dataset_name_or_id, input_size: int = 64, dims: Sequence[str] | None = None,
+                 base_features: int | None = None, max_features: int | None = None,
+                 batch_size: int | None = None, coarse_trainer: str = DEFAULT_COARSE_TRAINER,
+                 crop_overrides: dict | None = None, fallback: str = "coarse", **kwargs):
+        super().__init__(dataset_name_or_id, **kwargs)
+        self.sts_kwargs = dict(input_size=input_size, dims=dims, base_features=base_features,
+                               max_features=max_features, batch_size=batch_size, coarse_trainer=coarse_trainer,
+                               crop_overrides=crop_overrides, fallback=fallback)
+        self.sts_configurations: list[str] = []
+
+    def plan_experiment(self):
+        plans = super().plan_experiment()
+        self.sts_configurations = add_sts_configurations(self, plans, **self.sts_kwargs)
+        self.plans = plans
+        self.save_plans(plans)
+        return plans

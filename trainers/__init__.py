@@ -1,0 +1,4 @@
+"""nnU-Net trainers of nnunet-stseg (installed as ``nnunet_stseg.trainers``).
+
+Kept import-free so that locating the discovery folder does not import nnU-Net; the classes
+live in :mod:`nnunet_stseg.trainers.sts_trainers`."""

@@ -1,0 +1,1 @@
+"""Folder to list in nnUNet_extTrainer; see nnunet_stseg.env."""

@@ -1,0 +1,5 @@
+"""Shim imported by nnU-Net's external trainer lookup (``nnUNet_extTrainer``).
+
+nnU-Net imports modules of that folder as top-level names and drops them afterwards, so nothing
+is defined here: the real classes come from the installed package and stay picklable."""
+from nnunet_stseg.trainers.sts_trainers import *  # noqa: F401,F403
