@@ -182,7 +182,8 @@ class StSPredictor(nnUNetPredictor):
         t2 = time.perf_counter()
 
         # 3. fine pass on all crops
-        probs = lm.apply_inference_nonlin(self._forward_fine(crops))
+        fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
+        probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
         if two_d:
             probs = probs[:, :, None]
         t3 = time.perf_counter()
