@@ -1,7 +1,7 @@
 """The whole segment-then-segment workflow on a small generated dataset, through the STOCK
 nnU-Net commands (``nnUNetv2_train``, ``nnUNetv2_predict``), exactly as a user would type them.
 
-    nnunet-stseg-demo                       # 2D, S=32, CPU-sized budget, ./stseg_demo
+    nnunet-stseg-demo                       # 2D, S=32, 10x50 iterations (~3 min on 2 cores)
     nnunet-stseg-demo --dim 3 --workdir /tmp/demo3d
 
 Every command is printed before it runs. The result is a table (coarse network alone vs the
@@ -102,9 +102,10 @@ def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> 
 def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8, epochs: int = 4, iters: int = 25,
                  n_train: int = 8, n_test: int = 3, seed: int = 0, fallback: str = "coarse", device: str = "cpu",
                  folds: tuple[int, ...] = (0,), predict_flags: tuple[str, ...] = ("--disable_tta",),
-                 dataset_id: int = 990, baseline: bool = True) -> PipelineResult:
+                 dataset_id: int = 990, baseline: bool = True, pipeline_dim: int | None = None) -> PipelineResult:
     """Generate -> plan -> train coarse and fine (stock nnUNetv2_train) -> predict (stock
-    nnUNetv2_predict) -> evaluate on the test images. Returns what was made."""
+    nnUNetv2_predict) -> evaluate on the test images. ``pipeline_dim`` (default: ``dim``) picks
+    the 2d or 3d pipeline; 2 on 3D data runs the 2D stages slice by slice. Returns what was made."""
     from nnunet_stseg.synthetic import make_synthetic_dataset
 
     workdir = Path(workdir).resolve()
@@ -115,7 +116,7 @@ def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8,
     name = f"StSDemo{dim}D"
     ds_folder = make_synthetic_dataset(env["nnUNet_raw"], dataset_id, name, dim=dim, n_train=n_train, n_test=n_test,
                                        seed=seed)
-    dims = f"{dim}d"
+    dims = f"{pipeline_dim or dim}d"
     coarse_c, fine_c = coarse_config_name(dims, size), fine_config_name(dims, size)
     res = PipelineResult(workdir, ds_folder, env, coarse_c, fine_c)
     res.seconds["plan"] = run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(size), "--dims", dims,
@@ -161,19 +162,26 @@ def save_overlay(res: PipelineResult, path: Path) -> Path:
     if img.ndim == 3:  # show the slice with the most foreground
         z = int(np.argmax((gt > 0).reshape(gt.shape[0], -1).sum(1)))
         img, gt, preds = img[z], gt[z], {k: v[z] for k, v in preds.items()}
-    fig, axes = plt.subplots(1, 1 + len(preds), figsize=(4 * (1 + len(preds)), 4))
-    axes[0].imshow(img, cmap="gray")
-    axes[0].contour(gt > 0, levels=[0.5], colors="lime")
-    axes[0].set_title(f"{case}: ground truth")
-    for ax, (arm, p) in zip(axes[1:], preds.items()):
-        ax.imshow(img, cmap="gray")
-        ax.contour(gt > 0, levels=[0.5], colors="lime", linewidths=0.8)
-        if (p > 0).any():
-            ax.contour(p > 0, levels=[0.5], colors="red")
-        d = res.metrics.get(arm, {}).get("Dice", float("nan"))
-        ax.set_title(f"{arm} (red), test Dice {d:.3f}")
-    for ax in axes:
-        ax.axis("off")
+    ys, xs = np.nonzero(gt > 0) if (gt > 0).any() else (np.array([0, img.shape[0] - 1]),
+                                                         np.array([0, img.shape[1] - 1]))
+    pad = 8
+    zoom = (slice(max(0, ys.min() - pad), ys.max() + pad + 1), slice(max(0, xs.min() - pad), xs.max() + pad + 1))
+    n = 1 + len(preds)
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 7.5), gridspec_kw={"height_ratios": [1, 1]})
+    for row, view in enumerate(((slice(None), slice(None)), zoom)):
+        panels = [("ground truth", None)] + list(preds.items())
+        for ax, (arm, p) in zip(axes[row], panels):
+            ax.imshow(img[view], cmap="gray")
+            ax.contour((gt > 0)[view], levels=[0.5], colors="lime", linewidths=1.0)
+            if p is not None and (p[view] > 0).any():
+                ax.contour((p > 0)[view], levels=[0.5], colors="red", linewidths=1.0)
+            if row == 0:
+                title = f"{case}: ground truth (green)" if p is None else \
+                    f"{arm} (red); mean test Dice {res.metrics.get(arm, {}).get('Dice', float('nan')):.3f}"
+                ax.set_title(title, fontsize=9)
+            else:
+                ax.set_title("zoom on the objects", fontsize=9)
+            ax.axis("off")
     fig.tight_layout()
     tmp = path.with_name(".tmp_" + path.name)
     fig.savefig(tmp, dpi=100, format="png")
@@ -189,8 +197,8 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, choices=(2, 3), default=2)
     p.add_argument("-s", "--size", type=int, default=32, help="input size S")
     p.add_argument("--features", type=int, default=8, help="base U-Net width")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--iters", type=int, default=25, help="iterations per epoch")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
     p.add_argument("--n_train", type=int, default=8)
     p.add_argument("--n_test", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

@@ -38,8 +38,9 @@ class CropParams:
       dropped before padding (the paper's 5-pixel rule).
     - ``jitter_image_fraction`` / ``jitter_box_fraction``: training-time uniform jitter of box
       centre and size per active axis, ``min(f_img * image_extent, f_box * box_side)`` voxels
-      (the paper's +-16 px at 256 px is f_img = 1/16; the box bound keeps small objects inside
-      their crop on large images).
+      (the paper's +-16 px at 256 px is f_img = 1/16; the box bound stops the jitter from
+      swamping small objects on large images: the object's centre always stays in its crop,
+      its edges may be cut, which is the coarse-mask error the fine network must tolerate).
     - ``square``: make boxes square/cubic in physical units (mm), not in voxels.
     """
 
@@ -57,8 +58,9 @@ class CropParams:
             raise ValueError(f"patch_size must be >= 1 per axis with at least one axis > 1, got {self.patch_size}")
         for name in ("margin_fraction", "margin_min", "min_object_size", "jitter_image_fraction",
                      "jitter_box_fraction"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     @property
     def active(self) -> np.ndarray:
@@ -75,6 +77,8 @@ class CropParams:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown crop parameters {sorted(unknown)}; known: {sorted(known)}")
+        if "patch_size" not in d:
+            raise ValueError("crop parameters need 'patch_size'")
         return cls(**d)
 
 
@@ -295,6 +299,11 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     p = torch.as_tensor(probs)
     k = p.shape[1]
     image_shape = tuple(int(s) for s in image_shape)
+    boxes = np.asarray(boxes)
+    if len(boxes) and (not np.issubdtype(boxes.dtype, np.integer) or np.any(boxes[:, :, 0] < 0)
+                       or np.any(boxes[:, :, 1] > np.asarray(image_shape)) or np.any(boxes[:, :, 1] <= boxes[:, :, 0])):
+        raise ValueError("fuse_crops needs integer boxes inside the image (as fit_to_image returns), got "
+                         f"{boxes.tolist()} for image shape {image_shape}")
     fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
     covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device)
     if not multilabel:

@@ -137,6 +137,16 @@ class StSPredictor(nnUNetPredictor):
             total = out if total is None else total + out
         return total / len(params)
 
+    def coarse_probabilities(self, data: torch.Tensor) -> torch.Tensor:
+        """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid (device)."""
+        coarse_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data)))
+        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
+        probs = self.label_manager.apply_inference_nonlin(coarse_logits.to(self.device).float())
+        shape = tuple(data.shape[1:])
+        if tuple(probs.shape[1:]) != shape:
+            probs = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+        return probs
+
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         sts = self._sts_config()
@@ -147,12 +157,8 @@ class StSPredictor(nnUNetPredictor):
         t0 = time.perf_counter()
 
         # 1. coarse pass on the downsampled case, probabilities back on the full-resolution grid
-        coarse_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data)))
-        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
-        coarse_probs = lm.apply_inference_nonlin(coarse_logits.to(self.device).float())
+        coarse_probs = self.coarse_probabilities(data)
         shape = tuple(data.shape[1:])
-        if tuple(coarse_probs.shape[1:]) != shape:
-            coarse_probs = F.interpolate(coarse_probs[None], size=shape, mode="trilinear", align_corners=False)[0]
         foreground = lm.convert_probabilities_to_segmentation(coarse_probs) > 0
         t1 = time.perf_counter()
 

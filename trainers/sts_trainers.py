@@ -228,6 +228,16 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
         next(gen_tr), next(gen_val)
         return gen_tr, gen_val
 
+    def on_train_start(self):
+        coarse_fold = os.path.join(self.coarse_folder(), f"fold_{self.fold}")
+        if not os.path.isdir(coarse_fold):
+            self.print_to_log_file(f"WARNING: the coarse model {coarse_fold} does not exist yet. Training the fine "
+                                   f"stage works without it, but its final validation runs the whole cascade and "
+                                   f"needs it: nnUNetv2_train {self.plans_manager.dataset_name} "
+                                   f"{self.sts.coarse_configuration} {self.fold} -tr {self.sts.coarse_trainer}",
+                                   also_print_to_console=True)
+        super().on_train_start()
+
     def coarse_folder(self) -> str:
         return coarse_model_folder(str(nnUNet_results), self.plans_manager.dataset_name,
                                    self.plans_manager.plans_name, self.sts)
@@ -243,7 +253,15 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
         predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
                                         self.dataset_json, self.__class__.__name__,
                                         self.inference_allowed_mirroring_axes)
-        predictor.attach_coarse([self.fold])
+        try:
+            predictor.attach_coarse([self.fold])
+        except FileNotFoundError as e:
+            # the fine checkpoint is already saved; say how to validate later instead of crashing
+            self.print_to_log_file(f"Cascade validation SKIPPED: {e}. Then re-run only the validation with "
+                                   f"nnUNetv2_train {self.plans_manager.dataset_name} {self.configuration_name} "
+                                   f"{self.fold} -tr {self.__class__.__name__} --val", also_print_to_console=True)
+            self.set_deep_supervision_enabled(True)
+            return
         out_dir = join(self.output_folder, "validation")
         maybe_mkdir_p(out_dir)
         _, val_keys = self.do_split()

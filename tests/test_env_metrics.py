@@ -1,0 +1,224 @@
+"""Trainer discovery for the stock nnU-Net commands, precision/recall in summary.json and the
+schedule overrides of the trainers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunet_stseg.env import ENV_VAR, ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
+from nnunet_stseg.metrics import add_precision_recall, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer discovery
+# ----------------------------------------------------------------------------------------------
+
+def test_discovery_dir_holds_the_shim():
+    d = Path(trainer_discovery_dir())
+    assert d.is_dir()
+    assert (d / "nnunet_stseg_trainer_shim.py").is_file()
+
+
+def test_ensure_trainer_discovery_is_idempotent_and_keeps_entries(monkeypatch, tmp_path):
+    other = tmp_path / "my_trainers"
+    other.mkdir()
+    existing = os.pathsep.join([str(other), "/does/not/exist"])
+    monkeypatch.setenv(ENV_VAR, existing)
+    d = ensure_trainer_discovery()
+    assert d == trainer_discovery_dir()
+    first = os.environ[ENV_VAR]
+    assert ensure_trainer_discovery() == d
+    assert ensure_trainer_discovery() == d
+    assert os.environ[ENV_VAR] == first
+    parts = first.split(os.pathsep)
+    assert parts.count(d) == 1
+    assert parts[0] == d
+    assert parts[1:] == [str(other), "/does/not/exist"]
+
+
+def test_ensure_trainer_discovery_from_unset(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    d = ensure_trainer_discovery()
+    assert os.environ[ENV_VAR] == d
+
+
+def test_nnunet_finds_the_real_trainer_classes(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_stseg.trainers import sts_trainers
+
+    monkeypatch.setenv(ENV_VAR, "/does/not/exist")
+    ensure_trainer_discovery()
+    fine_a = recursive_find_trainer_class_by_name("nnUNetTrainer_StSFine")
+    fine_b = recursive_find_trainer_class_by_name("nnUNetTrainer_StSFine")
+    assert fine_a is sts_trainers.nnUNetTrainer_StSFine
+    assert fine_b is fine_a
+    assert fine_a.__module__ == "nnunet_stseg.trainers.sts_trainers"
+    assert pickle.loads(pickle.dumps(fine_a)) is fine_a
+    coarse = recursive_find_trainer_class_by_name("nnUNetTrainer_StSCoarse")
+    assert coarse is sts_trainers.nnUNetTrainer_StSCoarse
+    assert pickle.loads(pickle.dumps(coarse)) is coarse
+    # the shim's temporary top-level module does not linger
+    assert "nnunet_stseg_trainer_shim" not in sys.modules
+
+
+def test_nnunet_without_discovery_does_not_find_them(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(RuntimeError, match="nnUNetTrainer_StSFine"):
+        recursive_find_trainer_class_by_name("nnUNetTrainer_StSFine")
+
+
+def _cli(*args: str) -> str:
+    env = dict(os.environ)
+    env.pop(ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-m", "nnunet_stseg.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_cli_env_prints_export_line_and_dir():
+    d = trainer_discovery_dir()
+    out = _cli("env").strip()
+    assert out == shell_export_line()
+    assert out.startswith(f"export {ENV_VAR}=")
+    assert d in out
+    # the line works in a shell and keeps existing entries
+    sh = subprocess.run(["bash", "-c", f'{out}; printf %s "${ENV_VAR}"'], stdout=subprocess.PIPE, text=True,
+                        env={"PATH": os.environ.get("PATH", ""), ENV_VAR: "/x/y"}, check=True)
+    assert sh.stdout == f"{d}{os.pathsep}/x/y"
+    sh = subprocess.run(["bash", "-c", f'{out}; printf %s "${ENV_VAR}"'], stdout=subprocess.PIPE, text=True,
+                        env={"PATH": os.environ.get("PATH", "")}, check=True)
+    assert sh.stdout == d
+    out_dir = _cli("env", "--dir").strip()
+    assert out_dir == d
+    assert (Path(out_dir) / "nnunet_stseg_trainer_shim.py").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# precision / recall
+# ----------------------------------------------------------------------------------------------
+
+def _m(tp, fp, fn, tn=1000):
+    dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else float("nan")
+    iou = tp / (tp + fp + fn) if (tp + fp + fn) > 0 else float("nan")
+    return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn,
+            "n_pred": tp + fp, "n_ref": tp + fn}
+
+
+def _summary() -> dict:
+    cases = [
+        {"1": _m(8, 2, 0), "2": _m(3, 1, 1)},
+        {"1": _m(0, 0, 5), "2": _m(6, 0, 2)},   # label 1: nothing predicted -> precision undefined
+        {"1": _m(4, 4, 4), "2": _m(0, 0, 0)},   # label 2: empty everywhere -> both undefined
+    ]
+    per_case = [{"metrics": m, "prediction_file": f"/p/c{i}.nii.gz", "reference_file": f"/r/c{i}.nii.gz"}
+                for i, m in enumerate(cases)]
+    mean = {lab: {k: float("nan") for k in ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")}
+            for lab in ("1", "2")}
+    return {"foreground_mean": {"Dice": 0.5, "IoU": 0.4}, "mean": mean, "metric_per_case": per_case}
+
+
+def test_add_precision_recall_exact_values(tmp_path):
+    f = tmp_path / "summary.json"
+    with open(f, "w") as fh:
+        json.dump(_summary(), fh, indent=4)
+    out = add_precision_recall(str(f))
+    pc = out["metric_per_case"]
+    assert pc[0]["metrics"]["1"]["Precision"] == pytest.approx(0.8)
+    assert pc[0]["metrics"]["1"]["Recall"] == pytest.approx(1.0)
+    assert pc[0]["metrics"]["2"]["Precision"] == pytest.approx(0.75)
+    assert pc[0]["metrics"]["2"]["Recall"] == pytest.approx(0.75)
+    assert math.isnan(pc[1]["metrics"]["1"]["Precision"])
+    assert pc[1]["metrics"]["1"]["Recall"] == pytest.approx(0.0)
+    assert pc[1]["metrics"]["2"]["Precision"] == pytest.approx(1.0)
+    assert pc[1]["metrics"]["2"]["Recall"] == pytest.approx(0.75)
+    assert pc[2]["metrics"]["1"]["Precision"] == pytest.approx(0.5)
+    assert pc[2]["metrics"]["1"]["Recall"] == pytest.approx(0.5)
+    assert math.isnan(pc[2]["metrics"]["2"]["Precision"])
+    assert math.isnan(pc[2]["metrics"]["2"]["Recall"])
+    # nanmean over cases per label
+    assert out["mean"]["1"]["Precision"] == pytest.approx((0.8 + 0.5) / 2)
+    assert out["mean"]["1"]["Recall"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert out["mean"]["2"]["Precision"] == pytest.approx((0.75 + 1.0) / 2)
+    assert out["mean"]["2"]["Recall"] == pytest.approx((0.75 + 0.75) / 2)
+    # foreground mean: over labels
+    assert out["foreground_mean"]["Precision"] == pytest.approx(((0.8 + 0.5) / 2 + 0.875) / 2)
+    assert out["foreground_mean"]["Recall"] == pytest.approx((0.5 + 0.75) / 2)
+    # existing metrics untouched
+    assert out["foreground_mean"]["Dice"] == 0.5
+    assert pc[0]["metrics"]["1"]["TP"] == 8
+    assert pc[0]["prediction_file"] == "/p/c0.nii.gz"
+    # the file holds what was returned and nothing is left behind
+    with open(f) as fh:
+        on_disk = json.load(fh)
+    assert json.dumps(on_disk, sort_keys=True) == json.dumps(out, sort_keys=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    # idempotent: running again gives the same numbers
+    again = add_precision_recall(str(f))
+    assert json.dumps(again, sort_keys=True) == json.dumps(out, sort_keys=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_add_precision_recall_all_undefined_is_nan(tmp_path):
+    s = _summary()
+    for case in s["metric_per_case"]:
+        case["metrics"]["1"] = _m(0, 0, 3)
+        case["metrics"]["2"] = _m(0, 0, 0)
+    f = tmp_path / "summary.json"
+    with open(f, "w") as fh:
+        json.dump(s, fh)
+    out = add_precision_recall(str(f))
+    assert math.isnan(out["mean"]["1"]["Precision"])
+    assert out["mean"]["1"]["Recall"] == 0.0
+    assert math.isnan(out["mean"]["2"]["Precision"]) and math.isnan(out["mean"]["2"]["Recall"])
+    assert math.isnan(out["foreground_mean"]["Precision"])
+    assert out["foreground_mean"]["Recall"] == 0.0
+    with open(f) as fh:
+        assert math.isnan(json.load(fh)["foreground_mean"]["Precision"])
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_write_json_atomic_leaves_no_temp_file_on_error(tmp_path):
+    f = tmp_path / "x.json"
+    write_json_atomic({"a": 1}, str(f))
+    with pytest.raises(TypeError):
+        write_json_atomic({"a": object()}, str(f))
+    with open(f) as fh:
+        assert json.load(fh) == {"a": 1}  # the old file survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule overrides
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
+def test_env_int_rejects_non_positive_integers(monkeypatch, value):
+    from nnunet_stseg.trainers.sts_trainers import _env_int
+
+    monkeypatch.setenv("STSEG_NUM_EPOCHS", value)
+    with pytest.raises(ValueError, match="STSEG_NUM_EPOCHS"):
+        _env_int("STSEG_NUM_EPOCHS")
+
+
+def test_env_int_unset_and_valid(monkeypatch):
+    from nnunet_stseg.trainers.sts_trainers import _env_int
+
+    monkeypatch.delenv("STSEG_ITERS_PER_EPOCH", raising=False)
+    assert _env_int("STSEG_ITERS_PER_EPOCH") is None
+    monkeypatch.setenv("STSEG_ITERS_PER_EPOCH", "")
+    assert _env_int("STSEG_ITERS_PER_EPOCH") is None
+    monkeypatch.setenv("STSEG_ITERS_PER_EPOCH", "12")
+    assert _env_int("STSEG_ITERS_PER_EPOCH") == 12

@@ -1,0 +1,159 @@
+"""End to end through the STOCK nnU-Net commands on tiny generated datasets (CPU, minutes).
+
+plan (nnunet-stseg plan) -> nnUNetv2_train coarse + fine -> nnUNetv2_predict, then check the
+outputs' files and geometry against the inputs, the fold validation summaries (whole-cascade
+Dice, precision, recall), nnU-Net's prediction flags and the errors for missing pieces.
+Accuracy is not asserted: a few dozen CPU iterations do not make a model.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_stseg.demo import _bin, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def _geometry(img: sitk.Image) -> tuple:
+    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+def _predict(res, out: Path, *extra: str, config=None, trainer="nnUNetTrainer_StSFine", folds=("0",),
+             command="nnUNetv2_predict", check=True) -> subprocess.CompletedProcess:
+    cmd = [_bin(command), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d",
+           res.dataset_folder.name.split("_")[0][len("Dataset"):], "-c", config or res.fine_config, "-tr", trainer,
+           "-f", *folds, "-device", "cpu", *extra]
+    proc = subprocess.run(cmd, env=res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    return proc
+
+
+def _assert_outputs_match_inputs(res, out: Path, labels: set[int]) -> None:
+    inputs = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+    assert inputs
+    for f in inputs:
+        case = f.name[: -len("_0000.nii.gz")]
+        pred_file = out / f"{case}.nii.gz"
+        assert pred_file.is_file(), f"missing prediction {pred_file}"
+        img, pred = sitk.ReadImage(str(f)), sitk.ReadImage(str(pred_file))
+        assert _geometry(pred) == _geometry(img), f"{pred_file}: geometry differs from its input"
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= labels
+
+
+@pytest.fixture(scope="module")
+def pipeline_2d(tmp_path_factory):
+    return run_pipeline(tmp_path_factory.mktemp("sts2d"), dim=2, size=32, features=8, epochs=3, iters=20,
+                        n_train=6, n_test=2, folds=(0, 1), dataset_id=995, baseline=False,
+                        predict_flags=("--save_probabilities", "-npp", "1", "-nps", "1"))
+
+
+def test_2d_outputs_geometry_and_probabilities(pipeline_2d):
+    res = pipeline_2d
+    out = res.predictions["cascade"]
+    _assert_outputs_match_inputs(res, out, {0, 1})
+    for f in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
+        case = f.name[: -len("_0000.nii.gz")]
+        probs = np.load(out / f"{case}.npz")["probabilities"]
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        img = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        assert probs.shape == (2, 1, *img.shape)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+        # the exported segmentation is the argmax of the exported probabilities
+        assert np.array_equal(np.argmax(probs, 0)[0], seg)
+        with open(out / f"{case}.pkl", "rb") as fh:
+            assert isinstance(pickle.load(fh), dict)
+
+
+def test_2d_fold_validation_reports_cascade_metrics(pipeline_2d):
+    res = pipeline_2d
+    import json
+
+    for fold in (0, 1):
+        fold_dir = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
+                    f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / f"fold_{fold}")
+        summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+        for key in ("Dice", "IoU", "Precision", "Recall"):
+            assert key in summary["foreground_mean"]
+        assert summary["metric_per_case"], "no validation case was scored"
+        log = "".join(p.read_text() for p in fold_dir.glob("training_log_*.txt"))
+        assert "Cascade validation complete" in log and "cascade validation" in log
+    m = res.metrics["cascade"]
+    assert {"Dice", "Precision", "Recall"} <= set(m)
+
+
+def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
+    res = pipeline_2d
+    a, b = tmp_path / "stock", tmp_path / "own"
+    _predict(res, a, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"))
+    _predict(res, b, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"), command="nnunet-stseg-predict")
+    for f in sorted(a.glob("*.nii.gz")):
+        x = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        y = sitk.GetArrayFromImage(sitk.ReadImage(str(b / f.name)))
+        assert np.array_equal(x, y), f"{f.name}: our command and nnUNetv2_predict disagree"
+
+
+def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
+    res = pipeline_2d
+    out = tmp_path / "parts"
+    cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+    _predict(res, out, "--disable_tta", "-num_parts", "2", "-part_id", "0")
+    first = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert 0 < len(first) < len(cases), "part 0 of 2 should predict a strict subset"
+    _predict(res, out, "--disable_tta", "-num_parts", "2", "-part_id", "1")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [c + ".nii.gz" for c in cases]
+    _assert_outputs_match_inputs(res, out, {0, 1})
+
+    # --continue_prediction redoes only what is missing
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    removed = out / f"{cases[0]}.nii.gz"
+    removed.unlink()
+    proc = _predict(res, out, "--disable_tta", "--continue_prediction")
+    assert removed.is_file()
+    for name, t in mtimes.items():
+        if name != removed.name:
+            assert (out / name).stat().st_mtime_ns == t, f"{name} was predicted again"
+    assert proc.stdout.count("object(s) cropped") + proc.stdout.count("fallback") == 1
+
+
+def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path):
+    res = pipeline_2d
+    coarse = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
+              f"nnUNetTrainer_StSCoarse__nnUNetPlans__{res.coarse_config}")
+    hidden = coarse.with_name(coarse.name + "_hidden")
+    fold1, fold1_hidden = coarse / "fold_1", coarse / "fold_1_hidden"
+    try:
+        os.rename(fold1, fold1_hidden)
+        proc = _predict(res, tmp_path / "a", "--disable_tta", folds=("0", "1"), check=False)
+        assert proc.returncode != 0
+        assert "fold_1" in proc.stdout and "nnUNetv2_train" in proc.stdout and res.coarse_config in proc.stdout
+        os.rename(fold1_hidden, fold1)
+        os.rename(coarse, hidden)
+        proc = _predict(res, tmp_path / "b", "--disable_tta", check=False)
+        assert proc.returncode != 0
+        assert str(coarse) in proc.stdout and "-tr nnUNetTrainer_StSCoarse" in proc.stdout
+    finally:
+        if fold1_hidden.exists():
+            os.rename(fold1_hidden, fold1)
+        if hidden.exists():
+            os.rename(hidden, coarse)
+
+
+@pytest.mark.parametrize("pipeline_dim", [3, 2])
+def test_3d_data_end_to_end(tmp_path, pipeline_dim):
+    """3D (anisotropic, oblique direction) data through the 3d pipeline and through the 2d
+    pipeline slice by slice. 'whole' fallback so the fine network runs even when the barely
+    trained coarse model finds nothing."""
+    res = run_pipeline(tmp_path, dim=3, size=32, features=8, epochs=2, iters=10, n_train=5, n_test=1,
+                       fallback="whole", dataset_id=996, baseline=False, pipeline_dim=pipeline_dim)
+    _assert_outputs_match_inputs(res, res.predictions["cascade"], {0, 1})
+    log = (res.workdir / "logs" / "predict_cascade.log").read_text()
+    assert "object(s) cropped" in log or "fallback 'whole'" in log
+    assert {"Dice", "Precision", "Recall"} <= set(res.metrics["cascade"])
