@@ -1,0 +1,185 @@
+"""StSPredictor on real nnU-Net plans with stand-in networks whose output is known.
+
+The coarse stage is replaced by a given probability map and the fine network by an "identity"
+that returns its input (one-hot or region maps) as logits. Then the whole predictor path
+(components, boxes, batched crops, fine batches, paste-back, fusion, logits for nnU-Net's export)
+must reproduce the label map exactly: with crops upsampled by >= 2 (boxes <= S/2 per axis),
+linear interpolation of a one-hot map and back keeps every voxel's argmax (each voxel keeps
+>= (3/4)^2 > 1/2 of its own class in 2D).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_stseg.config import fine_config_name
+
+
+class IdentityNet(torch.nn.Module):
+    """Returns logits whose softmax (or sigmoid) is the input; counts its calls."""
+
+    def __init__(self, multilabel: bool):
+        super().__init__()
+        self.multilabel = multilabel
+        self.calls = 0
+        self.crops_seen = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.crops_seen += x.shape[0]
+        p = x.clamp(1e-6, 1 - 1e-6)
+        return torch.log(p) - torch.log1p(-p) if self.multilabel else torch.log(p)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A 2D and a 3D generated dataset (2 classes), planned at S=64, not preprocessed."""
+    root = tmp_path_factory.mktemp("pred")
+    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA")}
+    os.environ.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pp"),
+                       "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "1"})
+    from nnunet_stseg.cli import plan_and_preprocess
+    from nnunet_stseg.synthetic import make_synthetic_dataset
+
+    out = {}
+    try:
+        for did, dim in ((975, 2), (976, 3)):
+            ds = make_synthetic_dataset(root / "raw", did, f"Pred{dim}D", dim=dim, n_train=3, n_test=1,
+                                        num_classes=2, objects_per_image=(2, 3), seed=dim)
+            plan_and_preprocess(did, 64, base_features=4, num_processes=1, preprocess=False)
+            out[dim] = ds
+        yield root, out
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: bool = False,
+               fallback: str | None = None, min_object_size: float | None = None):
+    import json
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.predictor import StSPredictor
+
+    plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
+    sts = plans["configurations"][config]["sts"]
+    if fallback:
+        sts["fallback"] = fallback
+    if min_object_size is not None:
+        sts["crop"]["min_object_size"] = min_object_size
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    if regions:
+        dataset_json["labels"] = {"background": 0, "any_object": [1, 2], "class_2": 2}
+        dataset_json["regions_class_order"] = [1, 2]
+    pm = PlansManager(plans)
+    lm = pm.get_label_manager(dataset_json)
+    net = IdentityNet(lm.has_regions)
+
+    class Oracle(StSPredictor):
+        def coarse_probabilities(self, data):
+            return coarse_probs(lm, labels)
+
+    p = Oracle(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.manual_initialization(net, pm, pm.get_configuration(config), None, dataset_json, "nnUNetTrainer_StSFine", None)
+    p.coarse = object()  # the oracle stands in for the coarse model
+    return p, lm, net
+
+
+def one_hot(labels: np.ndarray, k: int = 3) -> torch.Tensor:
+    return torch.from_numpy(np.stack([labels == c for c in range(k)]).astype(np.float32))
+
+
+def region_maps(labels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack([labels > 0, labels == 2]).astype(np.float32))
+
+
+def coarse_probs(lm, labels):
+    return region_maps(labels) if lm.has_regions else one_hot(labels)
+
+
+def _label_volume(ds: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    f = sorted((ds / "labelsTr").glob("*.nii.gz"))[-1]  # the last case has objects
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.int64)
+    return arr[None] if arr.ndim == 2 else arr  # nnU-Net's (z, y, x); 2D images get z = 1
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_identity_fine_model_reproduces_the_mask_2d(planned, regions):
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    assert set(np.unique(labels)) >= {0, 1} and labels.max() <= 2
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), labels, regions=regions)
+    data = region_maps(labels) if regions else one_hot(labels)
+    logits = p.predict_logits_from_preprocessed_data(data)
+    assert logits.shape == (data.shape[0], *labels.shape)
+    seg = lm.convert_logits_to_segmentation(logits).numpy()
+    assert np.array_equal(seg, labels)
+    n_objects = p.last_timings["n_boxes"]
+    assert n_objects >= 2 and net.crops_seen == n_objects and p.last_timings["fallback"] is None
+
+
+def test_identity_reproduces_the_mask_2d_stage_on_3d_volume(planned):
+    """The 2d pipeline on a 3D volume: per-slice components, one-slice boxes."""
+    root, ds = planned
+    labels = _label_volume(ds[3])
+    p, lm, net = _predictor(root, ds[3], fine_config_name("2d", 64), labels, min_object_size=1)
+    logits = p.predict_logits_from_preprocessed_data(one_hot(labels))
+    seg = lm.convert_logits_to_segmentation(logits).numpy()
+    assert np.array_equal(seg, labels)
+    slices_with_objects = sum(int((labels[z] > 0).any()) for z in range(labels.shape[0]))
+    assert p.last_timings["n_boxes"] >= slices_with_objects
+
+
+def test_3d_stage_multiclass_keeps_objects_and_background(planned):
+    """3D crops here are downsampled (boxes > S is possible), so only bounds are asserted."""
+    root, ds = planned
+    labels = _label_volume(ds[3])
+    p, lm, net = _predictor(root, ds[3], fine_config_name("3d", 64), labels)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    for c in (1, 2):
+        if (labels == c).any():
+            inter = ((seg == c) & (labels == c)).sum()
+            dice = 2 * inter / ((seg == c).sum() + (labels == c).sum())
+            assert dice > 0.95, f"class {c}: Dice {dice}"
+    assert not seg[labels == 0].any() or ((seg > 0) & (labels == 0)).sum() < 0.01 * (labels == 0).sum()
+
+
+def test_small_components_are_dropped_and_stay_background(planned):
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    speckled = labels.copy()
+    free = np.argwhere(labels[0] == 0)
+    y, x = free[len(free) // 2]
+    speckled[0, y, x] = 1  # a one-pixel component in the coarse mask only
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), speckled)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert p.last_timings["n_dropped"] >= 1
+    assert seg[0, y, x] == 0
+
+
+@pytest.mark.parametrize("fallback", ["coarse", "whole"])
+def test_no_component_fallbacks(planned, fallback, capsys):
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    empty = np.zeros_like(labels)
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), empty, fallback=fallback)
+    logits = p.predict_logits_from_preprocessed_data(one_hot(labels))
+    assert logits.shape == (3, *labels.shape)
+    assert p.last_timings["fallback"] == fallback
+    assert f"fallback '{fallback}'" in capsys.readouterr().out
+    if fallback == "coarse":
+        assert net.calls == 0
+        assert not lm.convert_logits_to_segmentation(logits).numpy().any()
+    else:
+        assert net.crops_seen == 1  # the whole (single-slice) image as one crop
+        assert lm.convert_logits_to_segmentation(logits).numpy().any()
