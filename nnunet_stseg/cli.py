@@ -42,16 +42,7 @@ def plan_and_preprocess(dataset_id: int, input_size: int, dims: Sequence[str] | 
     planner = nnUNetPlannerStS(dataset_id, input_size=input_size, dims=dims, base_features=base_features,
                                max_features=max_features, batch_size=batch_size, crop_overrides=crop_overrides,
                                fallback=fallback, gpu_memory_target_in_gb=gpu_memory_target)
-    # nnU-Net 2.8's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (a common
-    # CPU setting meaning "augment in-process"); plan with 1 and restore the user's value.
-    saved = os.environ.get("nnUNet_n_proc_DA")
-    if saved is not None and saved.strip() == "0":
-        os.environ["nnUNet_n_proc_DA"] = "1"
-    try:
-        plans = planner.plan_experiment()
-    finally:
-        if saved is not None:
-            os.environ["nnUNet_n_proc_DA"] = saved
+    plans = planner.plan_experiment()
     added = planner.sts_configurations
     if preprocess:
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets

@@ -102,7 +102,8 @@ def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> 
 def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8, epochs: int = 4, iters: int = 25,
                  n_train: int = 8, n_test: int = 3, seed: int = 0, fallback: str = "coarse", device: str = "cpu",
                  folds: tuple[int, ...] = (0,), predict_flags: tuple[str, ...] = ("--disable_tta",),
-                 dataset_id: int = 990, baseline: bool = True, pipeline_dim: int | None = None) -> PipelineResult:
+                 dataset_id: int = 990, baseline: bool = True, pipeline_dim: int | None = None,
+                 num_classes: int = 1) -> PipelineResult:
     """Generate -> plan -> train coarse and fine (stock nnUNetv2_train) -> predict (stock
     nnUNetv2_predict) -> evaluate on the test images. ``pipeline_dim`` (default: ``dim``) picks
     the 2d or 3d pipeline; 2 on 3D data runs the 2D stages slice by slice. Returns what was made."""
@@ -115,7 +116,7 @@ def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8,
     logs.mkdir(exist_ok=True)
     name = f"StSDemo{dim}D"
     ds_folder = make_synthetic_dataset(env["nnUNet_raw"], dataset_id, name, dim=dim, n_train=n_train, n_test=n_test,
-                                       seed=seed)
+                                       seed=seed, num_classes=num_classes)
     dims = f"{pipeline_dim or dim}d"
     coarse_c, fine_c = coarse_config_name(dims, size), fine_config_name(dims, size)
     res = PipelineResult(workdir, ds_folder, env, coarse_c, fine_c)

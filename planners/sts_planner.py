@@ -15,6 +15,7 @@ standard configurations:
 """
 from __future__ import annotations
 
+import os
 from copy import deepcopy
 from typing import Sequence
 
@@ -81,8 +82,9 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, input_size: 
 
         arch = planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
         if list(arch["patch_size"]) != [s] * nd:
-            raise ValueError(f"nnU-Net plans a {arch['patch_size']} patch for S={s}; choose S divisible by 16 "
-                             f"(e.g. 32, 48, 64, 128) so the fine patch is exactly S per axis")
+            raise ValueError(f"nnU-Net turns S={s} into a {list(arch['patch_size'])} patch (the patch must stay "
+                             f"divisible at every pooling step), so crops could not be exactly S per axis; choose "
+                             f"an S that nnU-Net keeps, e.g. {int(arch['patch_size'][-1])} or 32, 48, 64, 128")
         fine = deepcopy(base)
         fine["patch_size"] = [s] * nd
         fine["architecture"] = deepcopy(arch["architecture"])
@@ -120,8 +122,17 @@ class nnUNetPlannerStS(ExperimentPlanner):
         self.sts_configurations: list[str] = []
 
     def plan_experiment(self):
-        plans = super().plan_experiment()
-        self.sts_configurations = add_sts_configurations(self, plans, **self.sts_kwargs)
+        # nnU-Net 2.8's VRAM estimate calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
+        # (a common CPU setting meaning "augment in-process"): plan with 1, restore the user's value.
+        saved = os.environ.get("nnUNet_n_proc_DA")
+        if saved is not None and saved.strip() == "0":
+            os.environ["nnUNet_n_proc_DA"] = "1"
+        try:
+            plans = super().plan_experiment()
+            self.sts_configurations = add_sts_configurations(self, plans, **self.sts_kwargs)
+        finally:
+            if saved is not None:
+                os.environ["nnUNet_n_proc_DA"] = saved
         self.plans = plans
         self.save_plans(plans)
         return plans

@@ -148,12 +148,12 @@ def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path):
 
 @pytest.mark.parametrize("pipeline_dim", [3, 2])
 def test_3d_data_end_to_end(tmp_path, pipeline_dim):
-    """3D (anisotropic, oblique direction) data through the 3d pipeline and through the 2d
-    pipeline slice by slice. 'whole' fallback so the fine network runs even when the barely
-    trained coarse model finds nothing."""
+    """3D (anisotropic, oblique direction), two-class data through the 3d pipeline and through
+    the 2d pipeline slice by slice. 'whole' fallback so the fine network runs even when the
+    barely trained coarse model finds nothing."""
     res = run_pipeline(tmp_path, dim=3, size=32, features=8, epochs=2, iters=10, n_train=5, n_test=1,
-                       fallback="whole", dataset_id=996, baseline=False, pipeline_dim=pipeline_dim)
-    _assert_outputs_match_inputs(res, res.predictions["cascade"], {0, 1})
+                       fallback="whole", dataset_id=996, baseline=False, pipeline_dim=pipeline_dim, num_classes=2)
+    _assert_outputs_match_inputs(res, res.predictions["cascade"], {0, 1, 2})
     log = (res.workdir / "logs" / "predict_cascade.log").read_text()
     assert "object(s) cropped" in log or "fallback 'whole'" in log
     assert {"Dice", "Precision", "Recall"} <= set(res.metrics["cascade"])

@@ -298,3 +298,12 @@ def test_from_configuration_rejects_broken_blocks(planned_2d):
     # the original plans were not modified by parsing
     assert "future_key" not in good["sts"]
     assert os.path.isfile(planned_2d.plans_file)
+
+
+def test_planner_works_with_in_process_augmentation_setting(planned_2d, monkeypatch):
+    """nnUNet_n_proc_DA=0 crashes nnU-Net 2.8's own planner; ours plans and restores the value."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    planner = nnUNetPlannerStS(planned_2d.dataset_id, input_size=S, base_features=planned_2d.features)
+    plans = planner.plan_experiment()
+    assert os.environ["nnUNet_n_proc_DA"] == "0"
+    assert {"2d_sts_coarse_32", "2d_sts_fine_32"} <= set(plans["configurations"])
