@@ -93,6 +93,12 @@ class StSPredictor(nnUNetPredictor):
                 folds = nnUNetPredictor.auto_detect_available_folds(model_dir, checkpoint_name)
             self.attach_coarse(folds, checkpoint_name)
 
+    def _clock(self) -> float:
+        """Wall clock after the device finished its queued work (stage timings on GPUs)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _log(self, msg: str) -> None:
         print(f"[nnunet-stseg] {msg}", flush=True)
 
@@ -153,14 +159,13 @@ class StSPredictor(nnUNetPredictor):
         self._ensure_coarse()
         lm = self.label_manager
         multilabel = lm.has_regions
-        timings = {}
-        t0 = time.perf_counter()
+        t0 = self._clock()
 
         # 1. coarse pass on the downsampled case, probabilities back on the full-resolution grid
         coarse_probs = self.coarse_probabilities(data)
         shape = tuple(data.shape[1:])
         foreground = lm.convert_probabilities_to_segmentation(coarse_probs) > 0
-        t1 = time.perf_counter()
+        t1 = self._clock()
 
         # 2. boxes from connected components
         crop = sts.crop
@@ -172,6 +177,10 @@ class StSPredictor(nnUNetPredictor):
                       f"fallback '{fallback}' ("
                       f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
             if fallback == "coarse":
+                # components below the size rule are noise here as on the normal path: background
+                coarse_probs[:, foreground] = 0.0
+                if not multilabel:
+                    coarse_probs[0, foreground] = 1.0
                 self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_boxes": 0,
                                      "n_dropped": n_dropped, "fallback": fallback}
                 return probabilities_to_logits(coarse_probs, multilabel).cpu()
@@ -185,19 +194,19 @@ class StSPredictor(nnUNetPredictor):
         two_d = len(self.configuration_manager.patch_size) == 2
         if two_d:
             crops = crops[:, :, 0]
-        t2 = time.perf_counter()
+        t2 = self._clock()
 
         # 3. fine pass on all crops
         fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
         probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
         if two_d:
             probs = probs[:, :, None]
-        t3 = time.perf_counter()
+        t3 = self._clock()
 
         # 4. paste back and fuse
         fused, _ = fuse_crops(probs, boxes, shape, multilabel=multilabel, mode="linear")
         logits = probabilities_to_logits(fused, multilabel).cpu()
-        t4 = time.perf_counter()
+        t4 = self._clock()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": (t2 - t1) + (t4 - t3), "fine_s": t3 - t2,
                              "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}
         return logits

@@ -183,3 +183,16 @@ def test_no_component_fallbacks(planned, fallback, capsys):
     else:
         assert net.crops_seen == 1  # the whole (single-slice) image as one crop
         assert lm.convert_logits_to_segmentation(logits).numpy().any()
+
+
+def test_coarse_fallback_removes_components_below_the_size_rule(planned):
+    """Only a 2x2 speckle in the coarse mask: it is dropped by the size rule, so the 'coarse'
+    fallback must not bring it back."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    speckle = np.zeros_like(labels)
+    speckle[0, 10:12, 10:12] = 1
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), speckle, fallback="coarse")
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert p.last_timings == {**p.last_timings, "n_boxes": 0, "n_dropped": 1, "fallback": "coarse"}
+    assert not seg.any()
