@@ -38,6 +38,8 @@ class StSConfig:
     - ``fallback``: what a case with no usable coarse component gets: ``coarse`` (the coarse
       prediction, i.e. background) or ``whole`` (the fine network on the whole image/slices).
     - ``crops_per_batch``: crops per fine forward pass at inference.
+    - ``max_crops``: crops per case before intersecting boxes are merged and, if still too many,
+      only the largest are kept (a guard against speckled coarse masks; logged).
     """
 
     role: Literal["coarse", "fine"]
@@ -47,12 +49,14 @@ class StSConfig:
     crop: CropParams | None = None
     fallback: str = "coarse"
     crops_per_batch: int = 16
+    max_crops: int = 64
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
              "coarse_configuration": self.coarse_configuration, "coarse_trainer": self.coarse_trainer,
-             "fallback": self.fallback, "crops_per_batch": int(self.crops_per_batch)}
+             "fallback": self.fallback, "crops_per_batch": int(self.crops_per_batch),
+             "max_crops": int(self.max_crops)}
         if self.crop is not None:
             d["crop"] = self.crop.to_dict()
         d.update(self.extra)
@@ -68,11 +72,14 @@ class StSConfig:
                 f"Run `nnunet-stseg plan -d DATASET -s SIZE` first and train with the configurations it prints.")
         block = dict(block)
         crop = block.pop("crop", None)
-        known = {"role", "input_size", "coarse_configuration", "coarse_trainer", "fallback", "crops_per_batch"}
+        known = {"role", "input_size", "coarse_configuration", "coarse_trainer", "fallback", "crops_per_batch",
+                 "max_crops"}
         extra = {k: block.pop(k) for k in list(block) if k not in known}
         cfg = cls(crop=CropParams.from_dict(crop) if crop is not None else None, extra=extra, **block)
         if cfg.fallback not in FALLBACKS:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
+        if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
+            raise ValueError(f"{where}: sts.max_crops and sts.crops_per_batch must be >= 1")
         if cfg.role == "fine" and cfg.crop is None:
             raise ValueError(f"{where}: fine configuration without sts.crop parameters")
         return cfg

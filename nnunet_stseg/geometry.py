@@ -195,6 +195,52 @@ def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
     return fit_to_image(centre, size, mask.shape), int((~keep).sum())
 
 
+def merge_overlapping_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Replace every group of intersecting boxes by their union (repeated until no two boxes
+    intersect). Used only when a case has more crops than ``max_crops``: clusters of speckle
+    components then become one crop each."""
+    boxes = np.asarray(boxes, dtype=np.int64)
+    merged = True
+    while merged and len(boxes) > 1:
+        merged = False
+        lo, hi = boxes[:, :, 0], boxes[:, :, 1]
+        inter = np.all((np.minimum(hi[:, None], hi[None]) - np.maximum(lo[:, None], lo[None])) > 0, axis=2)
+        np.fill_diagonal(inter, False)
+        if inter.any():
+            merged = True
+            _, groups = connected_groups(inter)
+            boxes = np.stack([np.stack([lo[groups == g].min(0), hi[groups == g].max(0)], axis=-1)
+                              for g in range(groups.max() + 1)])
+    return boxes
+
+
+def connected_groups(adjacency: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of a boolean adjacency matrix (scipy.sparse.csgraph)."""
+    from scipy.sparse.csgraph import connected_components
+
+    return connected_components(adjacency, directed=False)
+
+
+def limit_crops(boxes: np.ndarray, max_crops: int) -> tuple[np.ndarray, dict]:
+    """Bound the number of crops per case. Up to ``max_crops`` boxes pass unchanged. Beyond that,
+    intersecting boxes are merged into their union; if still too many, only the ``max_crops``
+    largest boxes (by volume) are kept. Returns the boxes and what was done, for the log."""
+    n_in = len(boxes)
+    info = {"boxes_in": n_in, "merged_into": n_in, "discarded": 0}
+    if max_crops < 1:
+        raise ValueError(f"max_crops must be >= 1, got {max_crops}")
+    if n_in <= max_crops:
+        return boxes, info
+    boxes = merge_overlapping_boxes(boxes)
+    info["merged_into"] = len(boxes)
+    if len(boxes) > max_crops:
+        volume = np.prod(boxes[:, :, 1] - boxes[:, :, 0], axis=1)
+        keep = np.sort(np.argsort(-volume, kind="stable")[:max_crops])
+        info["discarded"] = len(boxes) - max_crops
+        boxes = boxes[keep]
+    return boxes, info
+
+
 def whole_image_boxes(image_shape: Sequence[int], active: Sequence[bool]) -> np.ndarray:
     """Boxes covering the whole image: one box if every axis is active, else one per index of the
     inactive axes (e.g. one per slice for a 2D stage on a 3D volume)."""

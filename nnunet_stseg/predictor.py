@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg.config import StSConfig
-from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, probabilities_to_logits,
-                                   whole_image_boxes)
+from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, limit_crops,
+                                   probabilities_to_logits, whole_image_boxes)
 
 
 def coarse_model_folder(results_root: str, dataset_name: str, plans_name: str, sts: StSConfig) -> str:
@@ -186,8 +186,12 @@ class StSPredictor(nnUNetPredictor):
                 return probabilities_to_logits(coarse_probs, multilabel).cpu()
             boxes = whole_image_boxes(shape, crop.active)
         else:
+            boxes, limited = limit_crops(boxes, sts.max_crops)
             self._log(f"{len(boxes)} object(s) cropped" + (f", {n_dropped} component(s) below "
-                                                             f"{crop.min_object_size} voxels dropped" if n_dropped else ""))
+                                                             f"{crop.min_object_size} voxels dropped" if n_dropped else "")
+                      + (f"; {limited['boxes_in']} boxes exceeded max_crops={sts.max_crops}: intersecting boxes "
+                         f"merged into {limited['merged_into']}, {limited['discarded']} smallest discarded"
+                         if limited["boxes_in"] > sts.max_crops else ""))
         del coarse_probs, foreground
         image = data.to(self.device).float()
         crops = crop_and_resample(image, boxes, crop.patch_size, "linear")

@@ -1136,3 +1136,68 @@ def test_probabilities_to_logits_clamps_extremes():
     np.testing.assert_allclose(soft.numpy(), p.numpy(), atol=1e-5)
     sig = torch.sigmoid(probabilities_to_logits(p, multilabel=True))
     np.testing.assert_allclose(sig.numpy(), p.numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# crop limit for speckled coarse masks
+# ----------------------------------------------------------------------------------------------
+
+from nnunet_stseg.geometry import limit_crops, merge_overlapping_boxes  # noqa: E402
+
+
+@st.composite
+def _box_sets(draw):
+    shape = (draw(st.integers(1, 3)), draw(st.integers(8, 40)), draw(st.integers(8, 40)))
+    n = draw(st.integers(0, 25))
+    boxes = []
+    for _ in range(n):
+        box = []
+        for extent in shape:
+            a = draw(st.integers(0, extent - 1))
+            b = draw(st.integers(a + 1, extent))
+            box.append([a, b])
+        boxes.append(box)
+    return np.array(boxes, dtype=np.int64).reshape(n, 3, 2)
+
+
+def _contains(outer, inner) -> bool:
+    return bool(np.all(outer[:, 0] <= inner[:, 0]) and np.all(outer[:, 1] >= inner[:, 1]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_box_sets())
+def test_merge_overlapping_boxes_property(boxes):
+    merged = merge_overlapping_boxes(boxes)
+    assert len(merged) <= len(boxes)
+    for b in boxes:  # nothing is lost: every input box lies inside one output box
+        assert any(_contains(m, b) for m in merged)
+    for i in range(len(merged)):  # no two outputs intersect
+        for j in range(i + 1, len(merged)):
+            lo = np.maximum(merged[i][:, 0], merged[j][:, 0])
+            hi = np.minimum(merged[i][:, 1], merged[j][:, 1])
+            assert not np.all(hi > lo)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_box_sets(), st.integers(1, 10))
+def test_limit_crops_property(boxes, max_crops):
+    out, info = limit_crops(boxes, max_crops)
+    assert len(out) <= max_crops
+    if len(boxes) <= max_crops:
+        assert np.array_equal(out, boxes) and info["discarded"] == 0
+    else:
+        assert info["boxes_in"] == len(boxes)
+        assert len(out) == min(info["merged_into"], max_crops)
+        assert info["discarded"] == info["merged_into"] - len(out)
+
+
+def test_limit_crops_hand_built():
+    b = np.array([[[0, 1], [0, 10], [0, 10]], [[0, 1], [5, 15], [5, 15]], [[0, 1], [14, 20], [14, 20]],
+                  [[0, 1], [30, 34], [30, 34]]])
+    out, info = limit_crops(b, 3)
+    assert out.tolist() == [[[0, 1], [0, 20], [0, 20]], [[0, 1], [30, 34], [30, 34]]]
+    assert info == {"boxes_in": 4, "merged_into": 2, "discarded": 0}
+    out, info = limit_crops(b, 1)
+    assert out.tolist() == [[[0, 1], [0, 20], [0, 20]]] and info["discarded"] == 1
+    with pytest.raises(ValueError, match="max_crops"):
+        limit_crops(b, 0)

@@ -157,3 +157,77 @@ def test_3d_data_end_to_end(tmp_path, pipeline_dim):
     log = (res.workdir / "logs" / "predict_cascade.log").read_text()
     assert "object(s) cropped" in log or "fallback 'whole'" in log
     assert {"Dice", "Precision", "Recall"} <= set(res.metrics["cascade"])
+
+
+def _ddp_validation_worker(rank: int, world: int, env: dict, dataset_id: str, config: str, port: int) -> None:
+    """One rank: our fine trainer under torch.distributed (gloo, CPU) runs its cascade validation
+    and draws crops. nnU-Net's own launcher hard-codes NCCL/CUDA, so the trainer is set up by hand
+    the way run_ddp does, with DDP on CPU."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from nnunetv2.run.run_training import get_trainer_from_args
+
+        trainer = get_trainer_from_args(dataset_id, config, 0, "nnUNetTrainer_StSFine", "nnUNetPlans",
+                                        device=torch.device("cpu"))
+        assert trainer.is_ddp and trainer.local_rank == rank
+        trainer.device = torch.device("cpu")  # nnU-Net forces cuda under DDP
+        trainer.is_ddp = False
+        trainer.initialize()
+        trainer.is_ddp = True
+        trainer.network = DDP(trainer.network)
+        trainer.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+        trainer.perform_actual_validation()
+
+        # each rank's crop sampler draws its own crops (no state shared through rank 0)
+        import numpy as np
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        from nnunet_stseg.trainers.sts_trainers import StSCropDataLoader
+
+        np.random.seed(None)  # what each spawned rank / augmentation worker starts from
+        ds = infer_dataset_class(trainer.preprocessed_dataset_folder)(trainer.preprocessed_dataset_folder)
+        dl = StSCropDataLoader(ds, 4, trainer.configuration_manager.patch_size,
+                               trainer.configuration_manager.patch_size, trainer.label_manager, trainer.sts.crop,
+                               trainer._spacing3())
+        batch = dl.generate_train_batch()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, batch["data"].numpy().tobytes())
+        if rank == 0:
+            with open(os.path.join(trainer.output_folder, "ddp_test.json"), "w") as f:
+                json.dump({"batches_differ": gathered[0] != gathered[1]}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_cascade_validation_on_cpu_gloo(pipeline_2d):
+    import json
+    import shutil
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    res = pipeline_2d
+    fold_dir = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
+                f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_0")
+    before = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    shutil.rmtree(fold_dir / "validation")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dataset_id = res.dataset_folder.name.split("_")[0][len("Dataset"):]
+    tmp.spawn(_ddp_validation_worker, args=(2, res.env, dataset_id, res.fine_config, port), nprocs=2, join=True)
+    after = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    cases = lambda s: sorted(c["prediction_file"].rsplit("/", 1)[-1] for c in s["metric_per_case"])
+    assert cases(after) == cases(before), "the two ranks together must validate every case once"
+    assert "Precision" in after["foreground_mean"]
+    assert after["foreground_mean"]["Dice"] == pytest.approx(before["foreground_mean"]["Dice"], abs=1e-6)
+    assert json.loads((fold_dir / "ddp_test.json").read_text())["batches_differ"]

@@ -196,3 +196,19 @@ def test_coarse_fallback_removes_components_below_the_size_rule(planned):
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
     assert p.last_timings == {**p.last_timings, "n_boxes": 0, "n_dropped": 1, "fallback": "coarse"}
     assert not seg.any()
+
+
+def test_speckled_coarse_mask_is_capped_and_logged(planned, capsys):
+    """Hundreds of coarse components: crops are bounded by max_crops and the log says why."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    speckle = np.zeros_like(labels)
+    speckle[0, ::7, ::7] = 1  # a grid of isolated pixels...
+    speckle = np.maximum(speckle, np.roll(speckle, 1, axis=1))
+    speckle = np.maximum(speckle, np.roll(speckle, 1, axis=2))  # ...grown to 2x2
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), speckle, min_object_size=1)
+    p._sts_config().max_crops = 10
+    p.predict_logits_from_preprocessed_data(one_hot(labels))
+    out = capsys.readouterr().out
+    assert p.last_timings["n_boxes"] <= 10 and net.crops_seen == p.last_timings["n_boxes"]
+    assert "exceeded max_crops=10" in out
