@@ -17,6 +17,14 @@ DEFAULT_FINE_TRAINER = "nnUNetTrainer_StSFine"
 FALLBACKS = ("coarse", "whole")
 
 
+def grid_spacing3(spacing) -> list[float]:
+    """Spacing of a configuration's preprocessed grid on all 3 axes of nnU-Net's (z, y, x) data.
+    A 2D configuration has 2 values; its slice axis is inactive in every crop computation, so the
+    value used for it (1) never matters."""
+    sp = [float(v) for v in spacing]
+    return sp if len(sp) == 3 else [1.0] + sp
+
+
 def coarse_config_name(dim: str, size: int) -> str:
     """Name of the coarse configuration, e.g. ``3d_sts_coarse_64``."""
     return f"{dim}_sts_coarse_{int(size)}"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
-from nnunet_stseg.env import trainer_discovery_dir
+from nnunet_stseg.env import with_trainer_discovery
 
 
 @dataclass
@@ -51,14 +51,11 @@ def _bin(name: str) -> str:
 def pipeline_env(workdir: Path, epochs: int, iters: int, val_iters: int = 2) -> dict:
     """Environment for the stock commands: nnU-Net folders under ``workdir``, our trainers
     discoverable, CPU-friendly settings and the short schedule."""
-    env = dict(os.environ)
-    ext = trainer_discovery_dir()
+    env = with_trainer_discovery(dict(os.environ))
     env.update({
         "nnUNet_raw": str(workdir / "nnUNet_raw"),
         "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
         "nnUNet_results": str(workdir / "nnUNet_results"),
-        "nnUNet_extTrainer": os.pathsep.join([ext] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep)
-                                                       if p and p != ext]),
         "nnUNet_compile": env.get("nnUNet_compile", "f"),
         "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0"),
         "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "1"),

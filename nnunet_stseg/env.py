@@ -24,14 +24,19 @@ def trainer_discovery_dir() -> str:
     return str(Path(ext.__file__).resolve().parent)
 
 
+def with_trainer_discovery(env: dict) -> dict:
+    """``env`` with our shim folder first in ``nnUNet_extTrainer`` (other entries kept, no
+    duplicate); for the environment of child processes."""
+    d = trainer_discovery_dir()
+    current = [p for p in env.get(ENV_VAR, "").split(os.pathsep) if p and p != d]
+    return {**env, ENV_VAR: os.pathsep.join([d] + current)}
+
+
 def ensure_trainer_discovery() -> str:
     """Add our shim folder to ``nnUNet_extTrainer`` in this process (idempotent). nnU-Net reads
     the variable lazily, so this works as long as it runs before the trainer lookup."""
-    d = trainer_discovery_dir()
-    current = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    if d not in current:
-        os.environ[ENV_VAR] = os.pathsep.join([d] + current)
-    return d
+    os.environ[ENV_VAR] = with_trainer_discovery(dict(os.environ))[ENV_VAR]
+    return trainer_discovery_dir()
 
 
 def shell_export_line() -> str:

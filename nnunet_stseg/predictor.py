@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_stseg.config import StSConfig
+from nnunet_stseg.config import StSConfig, grid_spacing3
 from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, limit_crops,
                                    probabilities_to_logits, whole_image_boxes)
 
@@ -106,10 +106,7 @@ class StSPredictor(nnUNetPredictor):
     # the cascade
     # ------------------------------------------------------------------------------------------
     def _fine_spacing3(self) -> list[float]:
-        """Spacing of the preprocessed grid in 3 axes; for a 2D stage the slice axis is inactive,
-        so its value is irrelevant and set to 1."""
-        sp = list(self.configuration_manager.spacing)
-        return sp if len(sp) == 3 else [1.0] + sp
+        return grid_spacing3(self.configuration_manager.spacing)
 
     def _coarse_input(self, data: torch.Tensor) -> np.ndarray:
         """The fine-grid case resampled to the coarse configuration's grid with the coarse

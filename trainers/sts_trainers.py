@@ -32,7 +32,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from threadpoolctl import threadpool_limits
 from torch import distributed as dist
 
-from nnunet_stseg.config import StSConfig
+from nnunet_stseg.config import StSConfig, grid_spacing3
 from nnunet_stseg.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
                                    square_and_pad, whole_image_boxes)
 from nnunet_stseg.metrics import add_precision_recall
@@ -192,8 +192,7 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
                                                         num_output_channels, enable_deep_supervision)
 
     def _spacing3(self) -> list[float]:
-        sp = list(self.configuration_manager.spacing)
-        return sp if len(sp) == 3 else [1.0] + sp
+        return grid_spacing3(self.configuration_manager.spacing)
 
     def get_dataloaders(self):
         if self.dataset_class is None:
