@@ -90,7 +90,13 @@ def test_2d_fold_validation_reports_cascade_metrics(pipeline_2d):
 
 
 def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
+    """Also: two runs on the same inputs give identical outputs, and inputs are never modified."""
+    import hashlib
+
     res = pipeline_2d
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                      for p in (res.dataset_folder / "imagesTs").iterdir()}
+    inputs_before = digest()
     a, b = tmp_path / "stock", tmp_path / "own"
     _predict(res, a, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"))
     _predict(res, b, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"), command="nnunet-stseg-predict")
@@ -98,6 +104,7 @@ def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
         x = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         y = sitk.GetArrayFromImage(sitk.ReadImage(str(b / f.name)))
         assert np.array_equal(x, y), f"{f.name}: our command and nnUNetv2_predict disagree"
+    assert digest() == inputs_before
 
 
 def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
