@@ -2,6 +2,11 @@
 
     nnunet-stseg-benchmark                          # prints a markdown table
     nnunet-stseg-benchmark --out docs/benchmarks/inference_cpu.md
+    nnunet-stseg-benchmark --scaling --plot docs/benchmarks/scaling_cpu.png --out docs/benchmarks/scaling_cpu.md
+
+``--scaling`` instead times the cascade next to nnU-Net's own ``2d`` sliding-window prediction
+of the same preprocessed image, against the number of objects (1 to 50 at 512 x 512) and against
+the image size (256 to 2048 at 5 objects), and draws both curves.
 
 What is measured: one generated case per dimensionality (objects placed at random), nnU-Net
 preprocessing through the planned fine configuration, then the cascade stages as the predictor
@@ -22,6 +27,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,19 +44,21 @@ def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, f
         queue.put({"error": repr(e)})
 
 
-def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
+def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
+    """Generate one case, plan it, preprocess it for the fine configuration and build the
+    cascade (random-weight planned networks, oracle coarse mask) and nnU-Net's standard predictor
+    for the same image. Returns everything the measurements need."""
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="stseg_bench_"))
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[v] = str(work / v)
     os.environ.setdefault("nnUNet_compile", "f")
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from nnunet_stseg.cli import plan_and_preprocess
     from nnunet_stseg.config import coarse_config_name, fine_config_name
@@ -69,22 +77,21 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     lm = plans_manager.get_label_manager(dataset_json)
     fine_cm = plans_manager.get_configuration(fine_config_name(kind, size))
     coarse_cm = plans_manager.get_configuration(coarse_config_name(kind, size))
+    standard_cm = plans_manager.get_configuration("3d_fullres" if dim == 3 else "2d")
 
-    def net(cm):
+    def predictor(cls, cm, trainer_name):
         n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
-        return nnUNetTrainer.build_network_architecture(plans_manager, cm, n_in, lm.num_segmentation_heads, False)
+        network = nnUNetTrainer.build_network_architecture(plans_manager, cm, n_in, lm.num_segmentation_heads, False)
+        p = cls(use_mirroring=tta, device=torch.device("cpu"), allow_tqdm=False)
+        p.manual_initialization(network, plans_manager, cm, [network.state_dict()], dataset_json, trainer_name,
+                                tuple(range(dim)))
+        return p
 
-    device = torch.device("cpu")
-    mirror = tuple(range(dim))
-    coarse = nnUNetPredictor(use_mirroring=tta, device=device, allow_tqdm=False)
-    coarse_net = net(coarse_cm)
-    coarse.manual_initialization(coarse_net, plans_manager, coarse_cm, [coarse_net.state_dict()], dataset_json,
-                                 "nnUNetTrainer", mirror)
     test_img = sorted((ds / "imagesTs").glob("*.nii.gz"))
     gt_file = ds / "labelsTs" / test_img[0].name.replace("_0000.nii.gz", ".nii.gz")
-    pre = DefaultPreprocessor(verbose=False)
     t0 = time.perf_counter()
-    data, seg, props = pre.run_case([str(test_img[0])], str(gt_file), plans_manager, fine_cm, dataset_json)
+    data, seg, props = DefaultPreprocessor(verbose=False).run_case([str(test_img[0])], str(gt_file), plans_manager,
+                                                                   fine_cm, dataset_json)
     t_pre = time.perf_counter() - t0
     gt = torch.from_numpy(seg[0].astype(np.int64))
 
@@ -93,31 +100,66 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
             super().coarse_probabilities(x)  # run and time the real coarse pass, then use the truth
             return torch.stack([(gt == 0), (gt > 0)]).float()
 
-    fine = OraclePredictor(use_mirroring=tta, device=device, allow_tqdm=False)
-    fine.manual_initialization(net(fine_cm), plans_manager, fine_cm, None, dataset_json, "nnUNetTrainer_StSFine",
-                               mirror)
-    fine.coarse = coarse
-    fine._log = lambda msg: None
-    x = torch.from_numpy(np.ascontiguousarray(data))
-    fine.predict_logits_from_preprocessed_data(x)  # warm-up (allocator, thread pools)
+    cascade = predictor(OraclePredictor, fine_cm, "nnUNetTrainer_StSFine")
+    cascade.coarse = predictor(nnUNetPredictor, coarse_cm, "nnUNetTrainer")
+    cascade._log = lambda msg: None
+    return {"work": work, "plans_manager": plans_manager, "dataset_json": dataset_json, "fine_cm": fine_cm,
+            "coarse_cm": coarse_cm, "standard_cm": standard_cm, "cascade": cascade,
+            "standard": predictor(nnUNetPredictor, standard_cm, "nnUNetTrainer"),
+            "data": torch.from_numpy(np.ascontiguousarray(data)), "props": props, "t_pre": t_pre}
+
+
+def _timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Best wall time of ``repeats`` calls after one warm-up call (allocator, thread pools)."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    ctx = _setup(kind, shape, n_objects, size, features, tta, seed)
+    cascade, x = ctx["cascade"], ctx["data"]
+    t_cascade, logits = _timed(lambda: cascade.predict_logits_from_preprocessed_data(x))
+    timings = dict(cascade.last_timings)
     t0 = time.perf_counter()
-    logits = fine.predict_logits_from_preprocessed_data(x)
-    t_cascade = time.perf_counter() - t0
-    timings = dict(fine.last_timings)
-    t0 = time.perf_counter()
-    export_prediction_from_logits(logits, props, fine_cm, plans_manager, dataset_json, str(work / "out"), False)
+    export_prediction_from_logits(logits, ctx["props"], ctx["fine_cm"], ctx["plans_manager"], ctx["dataset_json"],
+                                  str(ctx["work"] / "out"), False)
     t_export = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = timings["coarse_s"] + timings["geometry_s"] + timings["fine_s"] + t_export
     return {"case": kind, "image": "x".join(str(s) for s in shape), "grid": "x".join(str(s) for s in x.shape[1:]),
-            "objects": n_objects, "crops": timings["n_boxes"], "preprocess_s": t_pre,
+            "objects": n_objects, "crops": timings["n_boxes"], "preprocess_s": ctx["t_pre"],
             "coarse_s": timings["coarse_s"], "geometry_s": timings["geometry_s"], "fine_s": timings["fine_s"],
             "export_s": t_export, "total_s": total, "geometry_share": timings["geometry_s"] / total,
             "cascade_s": t_cascade, "peak_rss_mb": peak_mb,
-            "fine_patch": "x".join(str(s) for s in fine_cm.patch_size),
-            "coarse_patch": "x".join(str(s) for s in coarse_cm.patch_size),
-            "features": plans_manager.get_configuration(fine_config_name(kind, size)).network_arch_init_kwargs[
-                "features_per_stage"][0]}
+            "fine_patch": "x".join(str(s) for s in ctx["fine_cm"].patch_size),
+            "coarse_patch": "x".join(str(s) for s in ctx["coarse_cm"].patch_size),
+            "features": ctx["fine_cm"].network_arch_init_kwargs["features_per_stage"][0]}
+
+
+def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
+    """Cascade vs nnU-Net's standard 2d sliding window on the same preprocessed image."""
+    ctx = _setup("2d", shape, n_objects, size, features, tta, seed)
+    x = ctx["data"]
+    t_cascade, _ = _timed(lambda: ctx["cascade"].predict_logits_from_preprocessed_data(x), repeats=2)
+    t_standard, _ = _timed(lambda: ctx["standard"].predict_logits_from_preprocessed_data(x), repeats=2)
+    return {"image": int(shape[0]), "objects": n_objects, "crops": ctx["cascade"].last_timings["n_boxes"],
+            "cascade_s": t_cascade, "standard_s": t_standard,
+            "standard_patch": "x".join(str(s) for s in ctx["standard_cm"].patch_size),
+            "standard_width": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
+
+
+def _scaling_worker(args, queue) -> None:
+    try:
+        queue.put(_scaling_point(*args))
+    except BaseException as e:
+        queue.put({"error": repr(e)})
 
 
 def machine_line() -> str:
@@ -133,6 +175,79 @@ def machine_line() -> str:
             f"Python {platform.python_version()}")
 
 
+def _in_fresh_process(target, args) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, q) if target is _case_worker else (args, q))
+    proc.start()
+    r = q.get()
+    proc.join()
+    if "error" in r:
+        raise SystemExit(f"benchmark point {args} failed: {r['error']}")
+    return r
+
+
+def _write_atomic(path: Path, text: str | None = None, figure=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp_" + path.name)
+    if figure is not None:
+        figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    else:
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def scaling(args, cmd: str) -> str:
+    """Cascade vs nnU-Net's sliding window: time against object count and against image size."""
+    rows_objects = [_in_fresh_process(_scaling_worker, ((args.scaling_size,) * 2, n, args.size, args.features,
+                                                        args.tta, args.seed)) for n in args.objects_list]
+    rows_sizes = [_in_fresh_process(_scaling_worker, ((side,) * 2, args.scaling_objects, args.size, args.features,
+                                                      args.tta, args.seed)) for side in args.sizes]
+    for r in rows_objects + rows_sizes:
+        print(r, flush=True)
+    lines = [
+        "# Inference time: cascade vs nnU-Net's sliding window (CPU)", "",
+        f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+        f"Budget: 2D generated images, S = {args.size}, TTA {'on' if args.tta else 'off'}, random-weight planned "
+        f"networks (nnU-Net's default width unless --features), oracle coarse mask (so crops = objects placed), "
+        f"best of 2 timed runs after a warm-up; nnU-Net preprocessing and export excluded. 'standard' = nnU-Net's "
+        f"planned `2d` configuration predicting the same preprocessed image with its sliding window.", "",
+        f"## Versus objects per image ({args.scaling_size} x {args.scaling_size})", "",
+        "| objects placed | crops | cascade s | standard 2d s | standard patch |", "|---|---|---|---|---|"]
+    lines += [f"| {r['objects']} | {r['crops']} | {r['cascade_s']:.3f} | {r['standard_s']:.3f} | "
+              f"{r['standard_patch']} |" for r in rows_objects]
+    lines += ["", f"## Versus image size ({args.scaling_objects} objects)", "",
+              "| image | crops | cascade s | standard 2d s | standard patch |", "|---|---|---|---|---|"]
+    lines += [f"| {r['image']}x{r['image']} | {r['crops']} | {r['cascade_s']:.3f} | {r['standard_s']:.3f} | "
+              f"{r['standard_patch']} |" for r in rows_sizes]
+    if args.plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot([r["crops"] for r in rows_objects], [r["cascade_s"] for r in rows_objects], "o-", label="cascade")
+        a.plot([r["crops"] for r in rows_objects], [r["standard_s"] for r in rows_objects], "s--",
+               label="nnU-Net 2d sliding window")
+        a.set(xlabel="objects (crops) per image", ylabel="seconds per image",
+              title=f"{args.scaling_size}x{args.scaling_size}, S={args.size}")
+        b.loglog([r["image"] for r in rows_sizes], [r["cascade_s"] for r in rows_sizes], "o-", label="cascade")
+        b.loglog([r["image"] for r in rows_sizes], [r["standard_s"] for r in rows_sizes], "s--",
+                 label="nnU-Net 2d sliding window")
+        b.set(xlabel="image side (pixels)", ylabel="seconds per image",
+              title=f"{args.scaling_objects} objects, S={args.size}")
+        for ax in (a, b):
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle("CPU inference time (2 cores), random-weight networks", fontsize=10)
+        fig.tight_layout()
+        _write_atomic(args.plot, figure=fig)
+        plt.close(fig)
+        lines += ["", f"![scaling plot]({args.plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="nnunet-stseg-benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,27 +259,36 @@ def main(argv=None) -> None:
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead: cascade vs nnU-Net sliding window against object count and image size (2D)")
+    p.add_argument("--objects_list", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50])
+    p.add_argument("--scaling_size", type=int, default=512, help="image side for the object sweep")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--scaling_objects", type=int, default=5, help="objects for the size sweep")
+    p.add_argument("--plot", type=Path, default=None, help="with --scaling: write the plot (PNG) here")
     args = p.parse_args(argv)
+    cmd = ("nnunet-stseg-benchmark " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.scaling:
+        report = scaling(args, cmd)
+    else:
+        report = per_stage(args, cmd)
+    print("\n" + report)
+    if args.out is not None:
+        _write_atomic(args.out, report)
 
+
+def per_stage(args, cmd: str) -> str:
+    """Per-stage cost of one 2D and one 3D case, each in a fresh process (its own peak RSS)."""
     rows = []
-    ctx = mp.get_context("spawn")
     for kind, shape in (("2d", tuple(args.shape2d)), ("3d", tuple(args.shape3d))):
-        q = ctx.Queue()
-        proc = ctx.Process(target=_case_worker, args=(kind, shape, args.objects, args.size, args.features, args.tta,
-                                                      args.seed, q))
-        proc.start()
-        r = q.get()
-        proc.join()
-        if "error" in r:
-            raise SystemExit(f"benchmark case {kind} failed: {r['error']}")
+        r = _in_fresh_process(_case_worker, (kind, shape, args.objects, args.size, args.features, args.tta,
+                                             args.seed))
         rows.append(r)
         print(f"{kind}: {r}", flush=True)
-
-    cmd = "nnunet-stseg-benchmark " + " ".join(argv if argv is not None else os.sys.argv[1:])
     lines = [
         "# Cascade inference cost per stage (CPU)",
         "",
-        f"Command: `{cmd.strip()}`  ",
+        f"Command: `{cmd}`  ",
         f"Machine: {machine_line()}  ",
         f"Budget: one case per row, S = {args.size}, TTA {'on' if args.tta else 'off'}, "
         f"{args.objects} objects per case, random-weight planned networks with an oracle coarse mask "
@@ -181,13 +305,7 @@ def main(argv=None) -> None:
                      f"{100 * r['geometry_share']:.1f}% | {r['peak_rss_mb']:.0f} |")
     lines += ["", "total = coarse + geometry + fine + export (nnU-Net preprocessing not included); geometry = "
               "connected components, boxes, batched crop resampling, paste-back and fusion."]
-    report = "\n".join(lines) + "\n"
-    print("\n" + report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(".tmp_" + args.out.name)
-        tmp.write_text(report)
-        os.replace(tmp, args.out)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

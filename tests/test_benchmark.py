@@ -1,0 +1,35 @@
+"""Tiny smoke runs of the benchmark command: it must run end to end and write its report and
+plot atomically. The figures themselves are not asserted (speed is measured, not tested)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from nnunet_stseg.benchmark import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_per_stage_report(tmp_path, capsys):
+    out = tmp_path / "per_stage.md"
+    main(["-s", "32", "--features", "4", "--objects", "2", "--shape2d", "96", "96", "--shape3d", "16", "48", "48",
+          "--out", str(out)])
+    text = out.read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| 2d ") or l.startswith("| 3d ")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[3]) >= 1, "the oracle coarse mask must give at least one crop"
+        assert re.fullmatch(r"\d+\.\d%", cells[12])
+    assert "Machine:" in text and not list(tmp_path.glob(".tmp_*"))
+
+
+def test_scaling_report_and_plot(tmp_path):
+    out, plot = tmp_path / "scaling.md", tmp_path / "scaling.png"
+    main(["--scaling", "-s", "32", "--features", "4", "--objects_list", "1", "3", "--scaling_size", "96",
+          "--sizes", "64", "128", "--scaling_objects", "2", "--plot", str(plot), "--out", str(out)])
+    text = out.read_text()
+    assert text.count("\n| ") >= 2 + 2 + 2  # two header rows + four data rows
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".tmp_*"))
