@@ -27,9 +27,11 @@ def test_per_stage_report(tmp_path, capsys):
 
 def test_scaling_report_and_plot(tmp_path):
     out, plot = tmp_path / "scaling.md", tmp_path / "scaling.png"
-    main(["--scaling", "-s", "32", "--features", "4", "--objects_list", "1", "3", "--scaling_size", "96",
-          "--sizes", "64", "128", "--scaling_objects", "2", "--plot", str(plot), "--out", str(out)])
+    main(["--scaling", "-s", "32", "--features", "4", "--objects_list", "3", "--scaling_size", "96",
+          "--sizes", "64", "--scaling_objects", "2", "--plot", str(plot), "--out", str(out)])
     text = out.read_text()
-    assert text.count("\n| ") >= 2 + 2 + 2  # two header rows + four data rows
+    data_rows = [l for l in text.splitlines() if re.match(r"\| \d", l)]
+    assert len(data_rows) == 2  # one point per sweep
+    assert data_rows[0].startswith("| 3 | 3 |"), "3 objects placed -> 3 crops with the oracle mask"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".tmp_*"))
