@@ -1,0 +1,50 @@
+"""Smoke run of the Kvasir experiment command on 30 real images with a 5-iteration budget:
+it must run through the stock nnU-Net commands, score both arms on the test split, print the
+published numbers beside ours, draw its plot, and resume without retraining."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nnunet_stseg.experiment_kvasir import PUBLISHED, main, per_image_stats
+
+KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")]
+
+
+def test_experiment_smoke_and_resume(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report.md"
+    args = ["--workdir", str(work), "--src", str(KVASIR), "--sizes", "32", "--features", "4", "--epochs", "1",
+            "--iters", "5", "--limit", "30", "--out", str(out)]
+    main(args)
+    results = json.loads((work / "results.json").read_text())
+    assert results["budget"]["n_test"] == 3
+    for arm in ("baseline", "cascade"):
+        r = results["sizes"]["32"][arm]
+        assert r["n"] == 3 and 0 <= r["Dice"][0] <= 100 and r["ms_per_image"] > 0 and r["peak_rss_mb"] > 0
+    text = out.read_text()
+    assert "| 32 | baseline (published) | 72.41 |" in text and "| 32 | cascade (published) | 76.47 |" in text
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
+    assert len(checkpoints) == 2
+    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    main(args)  # resumes: predictions and scores again, no retraining
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+
+
+def test_published_table_matches_the_paper_digest():
+    # ../shared/docs/methods.md section 1 (Kvasir-SEG rows of Table A1)
+    assert PUBLISHED["baseline"][64][0] == 81.76 and PUBLISHED["cascade"][64][0] == 83.82
+    assert PUBLISHED["baseline"][128][3] == 88.93 and PUBLISHED["cascade"][48][3] == 85.76
+
+
+def test_per_image_stats(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"metric_per_case": [
+        {"metrics": {"1": {"Dice": 0.5, "IoU": 0.25, "Precision": 1.0, "Recall": 0.5}}},
+        {"metrics": {"1": {"Dice": 1.0, "IoU": 1.0, "Precision": 1.0, "Recall": 1.0}}}]}))
+    s = per_image_stats(f)
+    assert s["n"] == 2 and s["Dice"] == (75.0, 25.0) and s["Precision"] == (100.0, 0.0)
