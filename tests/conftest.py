@@ -9,7 +9,6 @@ Dataset ids 981 (2D) and 982 (3D) are reserved for these fixtures; other modules
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,16 +34,10 @@ def nnunet_dirs(tmp_path_factory):
         d.mkdir(parents=True, exist_ok=True)
     new = {"nnUNet_raw": str(dirs.raw), "nnUNet_preprocessed": str(dirs.preprocessed),
            "nnUNet_results": str(dirs.results), **_ENV_FIXED}
-    saved = {k: os.environ.get(k) for k in new}
-    os.environ.update(new)
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # restores the environment at session end
+        for k, v in new.items():
+            mp.setenv(k, v)
         yield dirs
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _plan(dirs, dataset_id: int, dim: int) -> SimpleNamespace:

@@ -9,7 +9,6 @@ linear interpolation of a one-hot map and back keeps every voxel's argmax (each 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +38,20 @@ class IdentityNet(torch.nn.Module):
 def planned(tmp_path_factory):
     """A 2D and a 3D generated dataset (2 classes), planned at S=64, not preprocessed."""
     root = tmp_path_factory.mktemp("pred")
-    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA")}
-    os.environ.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pp"),
-                       "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "1"})
     from nnunet_stseg.cli import plan_and_preprocess
     from nnunet_stseg.synthetic import make_synthetic_dataset
 
-    out = {}
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pp", "nnUNet_results": root / "res",
+                     "nnUNet_n_proc_DA": "1"}.items():
+            mp.setenv(k, str(v))
+        out = {}
         for did, dim in ((975, 2), (976, 3)):
             ds = make_synthetic_dataset(root / "raw", did, f"Pred{dim}D", dim=dim, n_train=3, n_test=1,
                                         num_classes=2, objects_per_image=(2, 3), seed=dim)
             plan_and_preprocess(did, 64, base_features=4, num_processes=1, preprocess=False)
             out[dim] = ds
         yield root, out
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: bool = False,

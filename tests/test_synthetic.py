@@ -165,7 +165,7 @@ def test_num_classes_2(tmp_path):
     pairs = _case_pairs(folder)
     assert not _read(pairs[0][1])[1].any()
     for img_path, lbl_path in pairs[1:]:
-        arr, lab = _read(img_path)[1], _read(lbl_path)[1]
+        lab = _read(lbl_path)[1]
         vals = set(np.unique(lab).tolist())
         assert vals <= {0, 1, 2} and vals - {0}
         seen |= vals
