@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,21 +67,31 @@ def pipeline_env(workdir: Path, epochs: int, iters: int, val_iters: int = 2) -> 
     return env
 
 
-def run(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> float:
-    """Run a command, print it first; on failure show the tail of its output. Returns seconds."""
+def run_measured(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> tuple[float, float]:
+    """Run a command, print it first; on failure show the tail of its output. Returns the wall
+    seconds and the peak RSS in MB of its largest process (from ``wait4`` on that child)."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if log is not None:
-        log.write_text(proc.stdout)
+    with (open(log, "w+") if log is not None else tempfile.TemporaryFile("w+")) as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
+        tail = "\n".join(text.splitlines()[-40:])
         raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
     if not quiet:
-        for line in proc.stdout.splitlines():
+        for line in text.splitlines():
             if "[nnunet-stseg]" in line or "Mean Validation Dice" in line:
                 print("   " + line)
-    return time.perf_counter() - t0
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> float:
+    """:func:`run_measured` when only the seconds matter."""
+    return run_measured(cmd, env, log, quiet)[0]
 
 
 def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> dict:

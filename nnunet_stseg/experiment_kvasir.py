@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
-from nnunet_stseg.demo import _bin, evaluate, pipeline_env, run
+from nnunet_stseg.demo import _bin, evaluate, pipeline_env, run, run_measured
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -89,11 +88,9 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                         env, logs / f"train_{arm}_{s}.log")
                 train_log.write_text(json.dumps({"seconds": t}))
             out = workdir / f"pred_{arm}_{s}"
-            t0 = time.perf_counter()
-            peak = run_measured([_bin("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(out), "-d",
-                                 str(dataset_id), "-c", config, "-tr", trainer, "-f", "0", "-device", device,
-                                 "--disable_tta"], env, logs / f"predict_{arm}_{s}.log")
-            seconds = time.perf_counter() - t0
+            seconds, peak = run_measured([_bin("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(out),
+                                          "-d", str(dataset_id), "-c", config, "-tr", trainer, "-f", "0", "-device",
+                                          device, "--disable_tta"], env, logs / f"predict_{arm}_{s}.log")
             evaluate(out, ds / "labelsTs", dataset_json, out / "summary_test.json")
             row[arm] = {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
                         "peak_rss_mb": peak, "train_s": json.loads(train_log.read_text())["seconds"]
@@ -101,21 +98,6 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         results["sizes"][s] = row
         (workdir / "results.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def run_measured(cmd: list[str], env: dict, log: Path) -> float:
-    """Run a command (output to ``log``) and return the peak RSS in MB of its largest process."""
-    import subprocess
-
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    return usage.ru_maxrss / 1024
 
 
 def report(results: dict, cmd: str) -> str:

@@ -36,7 +36,7 @@ from nnunet_stseg.config import StSConfig, grid_spacing3
 from nnunet_stseg.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
                                    square_and_pad, whole_image_boxes)
 from nnunet_stseg.metrics import add_precision_recall
-from nnunet_stseg.predictor import StSPredictor, adopt_predictor, coarse_model_folder
+from nnunet_stseg.predictor import StSPredictor, adopt_predictor, coarse_model_folder, missing_coarse_message
 
 
 def _env_int(name: str) -> int | None:
@@ -228,13 +228,11 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
         return gen_tr, gen_val
 
     def on_train_start(self):
-        coarse_fold = os.path.join(self.coarse_folder(), f"fold_{self.fold}")
-        if not os.path.isdir(coarse_fold):
-            self.print_to_log_file(f"WARNING: the coarse model {coarse_fold} does not exist yet. Training the fine "
-                                   f"stage works without it, but its final validation runs the whole cascade and "
-                                   f"needs it: nnUNetv2_train {self.plans_manager.dataset_name} "
-                                   f"{self.sts.coarse_configuration} {self.fold} -tr {self.sts.coarse_trainer}",
-                                   also_print_to_console=True)
+        if not os.path.isdir(os.path.join(self.coarse_folder(), f"fold_{self.fold}")):
+            message = missing_coarse_message(self.coarse_folder(), self.plans_manager.dataset_name,
+                                             self.plans_manager.plans_name, self.sts, self.fold)
+            self.print_to_log_file(f"WARNING: {message}. Training the fine stage works without it; its final "
+                                   f"validation runs the whole cascade and needs it.", also_print_to_console=True)
         super().on_train_start()
 
     def coarse_folder(self) -> str:
