@@ -8,6 +8,11 @@
 of the same preprocessed image, against the number of objects (1 to 50 at 512 x 512) and against
 the image size (256 to 2048 at 5 objects), and draws both curves.
 
+``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
+counts, each in a fresh process, to show what bounds the peak memory of a prediction:
+
+    nnunet-stseg-benchmark --memory --out docs/benchmarks/memory_cpu.md
+
 What is measured: one generated case per dimensionality (objects placed at random), nnU-Net
 preprocessing through the planned fine configuration, then the cascade stages as the predictor
 runs them: coarse pass (downsampling + coarse network + probabilities back on the full grid),
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from nnunet_stseg.atomic import write_atomic
 
 
 def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, features: int | None, tta: bool,
@@ -120,24 +127,53 @@ def _timed(fn, repeats: int = 1) -> tuple[float, object]:
     return best, out
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB; nan elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) so that the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     ctx = _setup(kind, shape, n_objects, size, features, tta, seed)
     cascade, x = ctx["cascade"], ctx["data"]
+    rss_before = _status_mb("VmRSS")
+    # Read the process's peak before the reset: the kernel's ru_maxrss follows the reset VmHWM afterwards.
+    peak_before_reset_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reset = _reset_peak_rss()
     t_cascade, logits = _timed(lambda: cascade.predict_logits_from_preprocessed_data(x))
     timings = dict(cascade.last_timings)
     t0 = time.perf_counter()
     export_prediction_from_logits(logits, ctx["props"], ctx["fine_cm"], ctx["plans_manager"], ctx["dataset_json"],
                                   str(ctx["work"] / "out"), False)
     t_export = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_predict_mb = _status_mb("VmHWM") if reset else float("nan")
+    peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  peak_predict_mb if reset else 0.0)
     total = timings["coarse_s"] + timings["geometry_s"] + timings["fine_s"] + t_export
     return {"case": kind, "image": "x".join(str(s) for s in shape), "grid": "x".join(str(s) for s in x.shape[1:]),
             "objects": n_objects, "crops": timings["n_boxes"], "preprocess_s": ctx["t_pre"],
             "coarse_s": timings["coarse_s"], "geometry_s": timings["geometry_s"], "fine_s": timings["fine_s"],
             "export_s": t_export, "total_s": total, "geometry_share": timings["geometry_s"] / total,
-            "cascade_s": t_cascade, "peak_rss_mb": peak_mb,
+            "cascade_s": t_cascade, "peak_rss_mb": peak_mb, "rss_before_mb": rss_before,
+            "peak_predict_mb": peak_predict_mb,
             "fine_patch": "x".join(str(s) for s in ctx["fine_cm"].patch_size),
             "coarse_patch": "x".join(str(s) for s in ctx["coarse_cm"].patch_size),
             "features": ctx["fine_cm"].network_arch_init_kwargs["features_per_stage"][0]}
@@ -187,16 +223,6 @@ def _in_fresh_process(target, args) -> dict:
     return r
 
 
-def _write_atomic(path: Path, text: str | None = None, figure=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp_" + path.name)
-    if figure is not None:
-        figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    else:
-        tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def scaling(args, cmd: str) -> str:
     """Cascade vs nnU-Net's sliding window: time against object count and against image size."""
     rows_objects = [_in_fresh_process(_scaling_worker, ((args.scaling_size,) * 2, n, args.size, args.features,
@@ -242,7 +268,7 @@ def scaling(args, cmd: str) -> str:
             ax.legend()
         fig.suptitle("CPU inference time (2 cores), random-weight networks", fontsize=10)
         fig.tight_layout()
-        _write_atomic(args.plot, figure=fig)
+        write_atomic(args.plot, figure=fig)
         plt.close(fig)
         lines += ["", f"![scaling plot]({args.plot.name})"]
     return "\n".join(lines) + "\n"
@@ -266,15 +292,51 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--scaling_objects", type=int, default=5, help="objects for the size sweep")
     p.add_argument("--plot", type=Path, default=None, help="with --scaling: write the plot (PNG) here")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
+    p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
+    p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
     args = p.parse_args(argv)
     cmd = ("nnunet-stseg-benchmark " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.scaling:
         report = scaling(args, cmd)
+    elif args.memory:
+        report = memory(args, cmd)
     else:
         report = per_stage(args, cmd)
     print("\n" + report)
     if args.out is not None:
-        _write_atomic(args.out, report)
+        write_atomic(args.out, report)
+
+
+def memory(args, cmd: str) -> str:
+    """Peak RSS of the whole cascade (preprocessed case in, nnU-Net export out) on a large volume."""
+    shape = tuple(args.memory_shape)
+    rows = []
+    for n in args.memory_objects:
+        r = _in_fresh_process(_case_worker, ("3d", shape, n, args.size, args.features, args.tta, args.seed))
+        rows.append(r)
+        print(r, flush=True)
+    voxels = int(np.prod(shape))
+    lines = [
+        "# Peak memory of a large 3D prediction (CPU)", "",
+        f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+        f"Budget: one generated {'x'.join(map(str, shape))} volume per row ({voxels / 1e6:.0f} M voxels, "
+        f"{4 * voxels / 2 ** 30:.1f} GiB as float32), S = {args.size}, TTA {'on' if args.tta else 'off'}, "
+        "random-weight planned networks with an oracle coarse mask; each row in a fresh process. 'before' = "
+        "resident memory once the preprocessed case is loaded (torch, the networks, the case); 'peak during "
+        "prediction' = peak resident memory (VmHWM, reset just before) over the cascade (run twice: a warm-up, "
+        "then the timed run) and nnU-Net's export of that case; 'peak of the process' also covers generating, "
+        "planning and preprocessing the case.", "",
+        "| objects | crops | coarse s | geometry s | fine s | export s | before MiB | peak during prediction MiB "
+        "| peak during prediction / float32 volume | peak of the process MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
+                     f"{r['fine_s']:.1f} | {r['export_s']:.1f} | {r['rss_before_mb']:.0f} | "
+                     f"{r['peak_predict_mb']:.0f} | {r['peak_predict_mb'] * 2 ** 20 / (4 * voxels):.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def per_stage(args, cmd: str) -> str:

@@ -15,6 +15,12 @@ from typing import Sequence
 from nnunet_stseg.env import ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
 
 
+def _trainer_for(sts: dict) -> str:
+    from nnunet_stseg.config import DEFAULT_FINE_TRAINER, DEFAULT_POLAR_TRAINER
+
+    return {"coarse": sts["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER}[sts["role"]]
+
+
 def _complete_preprocessed(folder: str, identifiers: Sequence[str]) -> bool:
     return os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, f"{i}.pkl")) for i in identifiers)
 
@@ -23,7 +29,9 @@ def plan_and_preprocess(dataset_id: int, input_size: int, dims: Sequence[str] | 
                         base_features: int | None = None, max_features: int | None = None,
                         batch_size: int | None = None, num_processes: int = 2, preprocess: bool = True,
                         verify_dataset_integrity: bool = False, crop_overrides: dict | None = None,
-                        fallback: str = "coarse", gpu_memory_target: float = 8.0) -> list[str]:
+                        fallback: str = "coarse", gpu_memory_target: float = 8.0,
+                        depth_channel: bool = False, polar: bool = False,
+                        polar_overrides: dict | None = None) -> list[str]:
     """Fingerprint (reused if present), plan with :class:`nnUNetPlannerStS`, preprocess our
     configurations. Preprocessing of a fine configuration is skipped when its shared
     full-resolution data (``3d_fullres``/``2d``) is already complete. Returns the names added."""
@@ -41,16 +49,21 @@ def plan_and_preprocess(dataset_id: int, input_size: int, dims: Sequence[str] | 
                                 clean=not os.path.isfile(fingerprint), verbose=False)
     planner = nnUNetPlannerStS(dataset_id, input_size=input_size, dims=dims, base_features=base_features,
                                max_features=max_features, batch_size=batch_size, crop_overrides=crop_overrides,
-                               fallback=fallback, gpu_memory_target_in_gb=gpu_memory_target)
+                               fallback=fallback, depth_channel=depth_channel, polar=polar,
+                               polar_overrides=polar_overrides, gpu_memory_target_in_gb=gpu_memory_target)
     plans = planner.plan_experiment()
     added = planner.sts_configurations
     if preprocess:
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
         ids = list(get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json))
-        todo = []
+        todo, identifiers = [], set()
         for c in added:
-            folder = os.path.join(str(nnUNet_preprocessed), name, plans["configurations"][c]["data_identifier"])
-            if "_sts_fine_" in c and _complete_preprocessed(folder, ids):
+            identifier = plans["configurations"][c]["data_identifier"]
+            folder = os.path.join(str(nnUNet_preprocessed), name, identifier)
+            if identifier in identifiers:  # the polar configuration shares the 2d fine one's data
+                continue
+            identifiers.add(identifier)
+            if ("_sts_fine_" in c or "_sts_polar_" in c) and _complete_preprocessed(folder, ids):
                 print(f"[nnunet-stseg] {c}: full-resolution data already preprocessed in {folder}, reused")
                 continue
             todo.append(c)
@@ -62,11 +75,11 @@ def plan_and_preprocess(dataset_id: int, input_size: int, dims: Sequence[str] | 
     print(f"  {shell_export_line()}")
     for c in added:
         sts = plans["configurations"][c]["sts"]
-        tr = sts["coarse_trainer"] if sts["role"] == "coarse" else "nnUNetTrainer_StSFine"
-        print(f"  nnUNetv2_train {dataset_id} {c} F -tr {tr}")
+        print(f"  nnUNetv2_train {dataset_id} {c} F -tr {_trainer_for(sts)}")
     for c in added:
-        if "_sts_fine_" in c:
-            print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr nnUNetTrainer_StSFine -f F")
+        sts = plans["configurations"][c]["sts"]
+        if sts["role"] != "coarse":
+            print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr {_trainer_for(sts)} -f F")
     return added
 
 
@@ -87,6 +100,12 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fallback", choices=("coarse", "whole"), default="coarse",
                         help="cases without any coarse component: keep the coarse prediction or run the fine "
                              "network on the whole image")
+    parser.add_argument("--depth", action="store_true",
+                        help="2d pipelines get the depth channel (normalised slice depth; 3D datasets only)")
+    parser.add_argument("--polar", action="store_true",
+                        help="also add the 2d polar configuration 2d_sts_polar_S (origins from the coarse model)")
+    parser.add_argument("--fusion_high", type=float, default=None,
+                        help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--verify_dataset_integrity", action="store_true")
@@ -102,7 +121,8 @@ def _run_plan(args: argparse.Namespace) -> None:
     for d in args.dataset:
         plan_and_preprocess(d, args.input_size, args.dims, args.features, args.max_features, args.batch_size,
                             args.num_processes, not args.no_pp, args.verify_dataset_integrity, crop, args.fallback,
-                            args.gpu_memory_target)
+                            args.gpu_memory_target, args.depth, args.polar,
+                            {"fusion_high": args.fusion_high} if args.fusion_high is not None else None)
 
 
 def plan_entry(argv: Sequence[str] | None = None) -> None:

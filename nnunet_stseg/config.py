@@ -6,15 +6,21 @@ copied with them into each results folder: training and prediction read the same
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from nnunet_stseg.geometry import CropParams
+from nnunet_stseg.geometry import CropParams, checked_fields
 
 STS_KEY = "sts"
 DEFAULT_COARSE_TRAINER = "nnUNetTrainer_StSCoarse"
 DEFAULT_FINE_TRAINER = "nnUNetTrainer_StSFine"
+DEFAULT_POLAR_TRAINER = "nnUNetTrainer_StSPolar"
+DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
 FALLBACKS = ("coarse", "whole")
+ORIGIN_SOURCES = ("coarse", "heatmap")
+ORIGIN_SOURCE_ENV = "STSEG_POLAR_ORIGINS"
+# overrides sts.polar.max_origins at prediction time (e.g. 1 for data with one object per slice)
+MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
 
 
 def grid_spacing3(spacing) -> list[float]:
@@ -35,6 +41,101 @@ def fine_config_name(dim: str, size: int) -> str:
     return f"{dim}_sts_fine_{int(size)}"
 
 
+def polar_config_name(size: int) -> str:
+    """Name of the polar configuration (2D only), e.g. ``2d_sts_polar_64``."""
+    return f"2d_sts_polar_{int(size)}"
+
+
+@dataclass
+class PolarParams:
+    """Parameters of the polar stage (methods.md section 3), stored as ``sts.polar``.
+
+    - ``polar_shape``: (angles, radii) samples of the polar image = the polar network's patch.
+    - ``origin_source``: where inference origins come from: ``coarse`` = centroids of the
+      connected components of the coarse model's mask (per slice); ``heatmap`` = peaks of the
+      centre-point model (``nnUNetTrainer_StSCentre`` on the coarse configuration). The
+      environment variable ``STSEG_POLAR_ORIGINS`` overrides it at prediction time.
+    - ``centre_shift_probability`` / ``centre_shift_fraction``: training centre augmentation, with
+      this probability shift y and x by a uniform value in +-fraction * min(H, W) (0.3, 0.05).
+    - ``fusion_low`` / ``fusion_high``: hysteresis thresholds t1, t2 of the multi-object fusion.
+    - ``min_object_size``: coarse components narrower than this (pixels, along y or x) give no
+      origin (the 5-pixel rule of the cascade).
+    - ``max_origins``: origins per slice; more (a speckled coarse mask) keeps the largest
+      components, with a log line.
+    - ``seam_padding_fraction``: at inference the polar image gets this fraction of its angles
+      as wrap-around context on each side of the angle axis (rounded up to the network's stride),
+      so the network sees across the seam at angle 0; 0 switches it off (0.125).
+    """
+
+    polar_shape: tuple[int, int]
+    origin_source: str = "coarse"
+    centre_shift_probability: float = 0.3
+    centre_shift_fraction: float = 0.05
+    fusion_low: float = 0.0
+    fusion_high: float = 0.4
+    min_object_size: float = 5.0
+    max_origins: int = 32
+    seam_padding_fraction: float = 0.125
+
+    def __post_init__(self) -> None:
+        self.polar_shape = tuple(int(v) for v in self.polar_shape)
+        if len(self.polar_shape) != 2 or min(self.polar_shape) < 8:
+            raise ValueError(f"polar_shape must be (angles, radii), each >= 8, got {self.polar_shape}")
+        if self.origin_source not in ORIGIN_SOURCES:
+            raise ValueError(f"origin_source must be one of {ORIGIN_SOURCES}, got {self.origin_source!r}")
+        if not 0 <= self.centre_shift_probability <= 1 or not 0 <= self.centre_shift_fraction <= 0.5:
+            raise ValueError("centre_shift_probability must be in [0, 1] and centre_shift_fraction in [0, 0.5]")
+        if not 0 <= self.fusion_low <= self.fusion_high <= 1:
+            raise ValueError(f"need 0 <= fusion_low <= fusion_high <= 1, got {self.fusion_low}, {self.fusion_high}")
+        if int(self.max_origins) < 1 or self.min_object_size < 0:
+            raise ValueError("max_origins must be >= 1 and min_object_size >= 0")
+        if not 0 <= self.seam_padding_fraction <= 0.5:
+            raise ValueError(f"seam_padding_fraction must be in [0, 0.5], got {self.seam_padding_fraction}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["polar_shape"] = list(self.polar_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolarParams":
+        return cls(**checked_fields(cls, d, "polar"))
+
+
+@dataclass
+class CentreParams:
+    """Centre-point heatmap model (origin source B), stored as ``sts.centre`` of the 2d coarse
+    configuration when planned with ``--polar``. Lengths in pixels of the coarse grid.
+
+    - ``sigma``: standard deviation of the Gaussian per object; default from the dataset's
+      objects (:func:`nnunet_stseg.centres.default_sigma` of ``median_object_radius``).
+    - ``peak_threshold``: a local maximum of the predicted heatmap is an origin from this value.
+    - ``min_distance``: peaks closer than this are one peak (default: ``sigma``).
+    - ``median_object_radius`` / ``objects_measured``: what the default was chosen from.
+    """
+
+    sigma: float
+    peak_threshold: float = 0.5
+    min_distance: float | None = None
+    median_object_radius: float | None = None
+    objects_measured: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0 or not 0 < self.peak_threshold < 1:
+            raise ValueError(f"centre parameters need sigma > 0 and 0 < peak_threshold < 1, got {self}")
+
+    @property
+    def peak_distance(self) -> int:
+        return max(1, int(round(self.min_distance if self.min_distance is not None else self.sigma)))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CentreParams":
+        return cls(**checked_fields(cls, d, "centre"))
+
+
 @dataclass
 class StSConfig:
     """Parameters of one segment-then-segment pipeline (stored in the fine configuration).
@@ -48,9 +149,11 @@ class StSConfig:
     - ``crops_per_batch``: crops per fine forward pass at inference.
     - ``max_crops``: crops per case before intersecting boxes are merged and, if still too many,
       only the largest are kept (a guard against speckled coarse masks; logged).
+    - ``polar``: :class:`PolarParams` of a polar configuration (role ``polar``).
+    - ``centre``: :class:`CentreParams` of the centre-point model (on a 2d coarse configuration).
     """
 
-    role: Literal["coarse", "fine"]
+    role: Literal["coarse", "fine", "polar"]
     input_size: int
     coarse_configuration: str
     coarse_trainer: str = DEFAULT_COARSE_TRAINER
@@ -58,6 +161,8 @@ class StSConfig:
     fallback: str = "coarse"
     crops_per_batch: int = 16
     max_crops: int = 64
+    polar: PolarParams | None = None
+    centre: CentreParams | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -67,6 +172,10 @@ class StSConfig:
              "max_crops": int(self.max_crops)}
         if self.crop is not None:
             d["crop"] = self.crop.to_dict()
+        if self.polar is not None:
+            d["polar"] = self.polar.to_dict()
+        if self.centre is not None:
+            d["centre"] = self.centre.to_dict()
         d.update(self.extra)
         return d
 
@@ -80,14 +189,20 @@ class StSConfig:
                 f"Run `nnunet-stseg plan -d DATASET -s SIZE` first and train with the configurations it prints.")
         block = dict(block)
         crop = block.pop("crop", None)
+        polar = block.pop("polar", None)
+        centre = block.pop("centre", None)
         known = {"role", "input_size", "coarse_configuration", "coarse_trainer", "fallback", "crops_per_batch",
                  "max_crops"}
         extra = {k: block.pop(k) for k in list(block) if k not in known}
-        cfg = cls(crop=CropParams.from_dict(crop) if crop is not None else None, extra=extra, **block)
+        cfg = cls(crop=CropParams.from_dict(crop) if crop is not None else None,
+                  polar=PolarParams.from_dict(polar) if polar is not None else None,
+                  centre=CentreParams.from_dict(centre) if centre is not None else None, extra=extra, **block)
         if cfg.fallback not in FALLBACKS:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
         if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
             raise ValueError(f"{where}: sts.max_crops and sts.crops_per_batch must be >= 1")
         if cfg.role == "fine" and cfg.crop is None:
             raise ValueError(f"{where}: fine configuration without sts.crop parameters")
+        if cfg.role == "polar" and cfg.polar is None:
+            raise ValueError(f"{where}: polar configuration without sts.polar parameters")
         return cfg

@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
+from nnunet_stseg.atomic import write_atomic
+from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER,
+                                 DEFAULT_POLAR_TRAINER, ORIGIN_SOURCE_ENV, coarse_config_name, fine_config_name,
+                                 polar_config_name)
 from nnunet_stseg.env import with_trainer_discovery
 
 
@@ -111,10 +114,14 @@ def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8,
                  n_train: int = 8, n_test: int = 3, seed: int = 0, fallback: str = "coarse", device: str = "cpu",
                  folds: tuple[int, ...] = (0,), predict_flags: tuple[str, ...] = ("--disable_tta",),
                  dataset_id: int = 990, baseline: bool = True, pipeline_dim: int | None = None,
-                 num_classes: int = 1) -> PipelineResult:
+                 num_classes: int = 1, depth: bool = False, polar: bool = False, fine: bool = True,
+                 centre: bool = False) -> PipelineResult:
     """Generate -> plan -> train coarse and fine (stock nnUNetv2_train) -> predict (stock
     nnUNetv2_predict) -> evaluate on the test images. ``pipeline_dim`` (default: ``dim``) picks
-    the 2d or 3d pipeline; 2 on 3D data runs the 2D stages slice by slice. Returns what was made."""
+    the 2d or 3d pipeline; 2 on 3D data runs the 2D stages slice by slice; ``depth`` plans them with
+    the depth channel; ``polar`` adds the polar stage (2d pipelines) as arm ``polar`` (origins from
+    the coarse model) and, with ``centre``, the centre-point model and arm ``polar_heatmap``;
+    ``fine=False`` skips the cascade's fine stage. Returns what was made."""
     from nnunet_stseg.synthetic import make_synthetic_dataset
 
     workdir = Path(workdir).resolve()
@@ -129,24 +136,37 @@ def run_pipeline(workdir: Path, dim: int = 2, size: int = 32, features: int = 8,
     coarse_c, fine_c = coarse_config_name(dims, size), fine_config_name(dims, size)
     res = PipelineResult(workdir, ds_folder, env, coarse_c, fine_c)
     res.seconds["plan"] = run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(size), "--dims", dims,
-                               "--features", str(features), "--fallback", fallback, "-np", "1"], env,
+                               "--features", str(features), "--fallback", fallback, "-np", "1",
+                               *(["--depth"] if depth else []), *(["--polar"] if polar else [])], env,
                               logs / "plan.log")
     for f in folds:
         res.seconds[f"train_coarse_{f}"] = run([_bin("nnUNetv2_train"), str(dataset_id), coarse_c, str(f), "-tr",
                                                 DEFAULT_COARSE_TRAINER, "-device", device], env,
                                                logs / f"train_coarse_{f}.log")
-        res.seconds[f"train_fine_{f}"] = run([_bin("nnUNetv2_train"), str(dataset_id), fine_c, str(f), "-tr",
-                                              DEFAULT_FINE_TRAINER, "-device", device], env,
-                                             logs / f"train_fine_{f}.log")
+        if fine:
+            res.seconds[f"train_fine_{f}"] = run([_bin("nnUNetv2_train"), str(dataset_id), fine_c, str(f), "-tr",
+                                                  DEFAULT_FINE_TRAINER, "-device", device], env,
+                                                 logs / f"train_fine_{f}.log")
+        if polar and centre:
+            res.seconds[f"train_centre_{f}"] = run([_bin("nnUNetv2_train"), str(dataset_id), coarse_c, str(f), "-tr",
+                                                    DEFAULT_CENTRE_TRAINER, "-device", device], env,
+                                                   logs / f"train_centre_{f}.log")
+        if polar:
+            res.seconds[f"train_polar_{f}"] = run([_bin("nnUNetv2_train"), str(dataset_id), polar_config_name(size),
+                                                   str(f), "-tr", DEFAULT_POLAR_TRAINER, "-device", device], env,
+                                                  logs / f"train_polar_{f}.log")
     fold_args = ["-f", *[str(f) for f in folds]]
-    arms = [("cascade", fine_c, DEFAULT_FINE_TRAINER)] + ([("coarse", coarse_c, DEFAULT_COARSE_TRAINER)]
-                                                           if baseline else [])
+    arms = (([("cascade", fine_c, DEFAULT_FINE_TRAINER)] if fine else [])
+            + ([("polar", polar_config_name(size), DEFAULT_POLAR_TRAINER)] if polar else [])
+            + ([("polar_heatmap", polar_config_name(size), DEFAULT_POLAR_TRAINER)] if polar and centre else [])
+            + ([("coarse", coarse_c, DEFAULT_COARSE_TRAINER)] if baseline else []))
     dataset_json = json.loads((ds_folder / "dataset.json").read_text())
     for arm, config, trainer in arms:
         out = workdir / f"predictions_{arm}"
+        arm_env = {**env, ORIGIN_SOURCE_ENV: "heatmap" if arm == "polar_heatmap" else "coarse"}
         res.seconds[f"predict_{arm}"] = run([_bin("nnUNetv2_predict"), "-i", str(ds_folder / "imagesTs"), "-o",
                                              str(out), "-d", str(dataset_id), "-c", config, "-tr", trainer,
-                                             *fold_args, "-device", device, *predict_flags], env,
+                                             *fold_args, "-device", device, *predict_flags], arm_env,
                                             logs / f"predict_{arm}.log")
         res.predictions[arm] = out
         res.metrics[arm] = evaluate(out, ds_folder / "labelsTs", dataset_json, out / "summary_test.json")
@@ -192,10 +212,8 @@ def save_overlay(res: PipelineResult, path: Path) -> Path:
                 ax.set_title("zoom on the objects", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(".tmp_" + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    write_atomic(path, figure=fig, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -14,18 +14,28 @@ RSS of the prediction command, training time. Published U-Net/StS numbers (seed 
 are printed beside ours, marked as published. Everything runs through the stock nnU-Net commands
 and is resumable: finished trainings and predictions are kept (re-run the same command).
 
+Experiment 2 of issue 5, ``--native``: Kvasir-SEG at its original resolution (332-1920 px wide,
+same seeded split), segment-then-segment at each S (default 64 and 128) vs nnU-Net's standard 2d
+configuration (its planned patch and sliding window, narrowed to the same width: ``2d_w<width>``),
+every network trained with the same width, batch size (``--batch_size``, default 8) and schedule;
+scored at native resolution:
+
+    nnunet-stseg-experiment-kvasir --native --sizes 64 128 --workdir work_dirs/kvasir_native \
+        --out docs/benchmarks/kvasir_native.md
+
 The default budget (``--epochs 20 --iters 100``, width 16) is sized for a 2-core CPU run of a few
 hours; GPU users should pass nnU-Net's schedule (``--epochs 1000 --iters 250``) and ``-device cuda``.
+Each report has example overlays (lowest, median and highest DSC of the cascade) beside it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
 from nnunet_stseg.demo import _bin, evaluate, pipeline_env, run, run_measured
 
@@ -37,6 +47,10 @@ PUBLISHED = {
                 96: (85.25, 77.89, 86.01, 89.90), 128: (81.36, 74.58, 82.49, 85.23)},
 }
 METRICS = ("Dice", "IoU", "Precision", "Recall")
+
+
+def _shared_data() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def per_image_stats(summary_file: Path) -> dict:
@@ -51,14 +65,15 @@ def per_image_stats(summary_file: Path) -> dict:
 
 
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, device: str = "cpu",
-                   dataset_id: int = 720, seed: int = 0, limit: int | None = None, src: Path | None = None) -> dict:
+                   dataset_id: int = 720, seed: int = 0, limit: int | None = None, src: Path | None = None,
+                   batch_size: int | None = None) -> dict:
     from nnunet_stseg.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    src = Path(src) if src else Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
+    src = Path(src) if src else _shared_data() / "kvasir-seg"
     raw = Path(env["nnUNet_raw"])
     ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     if ds_dirs:
@@ -68,36 +83,146 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         ds = convert_kvasir(src, raw, dataset_id, size=256, seed=seed, ids=ids)
     dataset_json = json.loads((ds / "dataset.json").read_text())
     n_test = len(list((ds / "imagesTs").glob("*.png")))
-    results = {"sizes": {}, "budget": {"features": features, "epochs": epochs, "iters": iters, "device": device,
-                                       "seed": seed, "dataset": ds.name, "n_test": n_test}}
+    results = {"sizes": {}, "dataset_folder": str(ds),
+               "budget": {"features": features, "epochs": epochs, "iters": iters, "device": device,
+                          "seed": seed, "dataset": ds.name, "n_test": n_test, "batch_size": {}}}
     for s in sizes:
         coarse_c, fine_c = coarse_config_name("2d", s), fine_config_name("2d", s)
         pp_plans = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
         planned = pp_plans.is_file() and coarse_c in json.loads(pp_plans.read_text())["configurations"]
         if not planned:
             run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(s), "--dims", "2d", "--features",
-                 str(features), "-np", "2"], env, logs / f"plan_{s}.log")
+                 str(features), "-np", "2", *(["--batch_size", str(batch_size)] if batch_size else [])],
+                env, logs / f"plan_{s}.log")
         install_split(ds, Path(env["nnUNet_preprocessed"]) / ds.name)
+        configurations = json.loads(pp_plans.read_text())["configurations"]
+        results["budget"]["batch_size"][s] = {c: configurations[c]["batch_size"] for c in (coarse_c, fine_c)}
         row = {}
         for arm, config, trainer in (("baseline", coarse_c, DEFAULT_COARSE_TRAINER),
                                      ("cascade", fine_c, DEFAULT_FINE_TRAINER)):
             fold_dir = Path(env["nnUNet_results"]) / ds.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
             train_log = logs / f"train_{arm}_{s}.json"
-            if not (fold_dir / "checkpoint_final.pth").is_file():
-                t = run([_bin("nnUNetv2_train"), str(dataset_id), config, "0", "-tr", trainer, "-device", device],
-                        env, logs / f"train_{arm}_{s}.log")
-                train_log.write_text(json.dumps({"seconds": t}))
-            out = workdir / f"pred_{arm}_{s}"
-            seconds, peak = run_measured([_bin("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(out),
-                                          "-d", str(dataset_id), "-c", config, "-tr", trainer, "-f", "0", "-device",
-                                          device, "--disable_tta"], env, logs / f"predict_{arm}_{s}.log")
-            evaluate(out, ds / "labelsTs", dataset_json, out / "summary_test.json")
-            row[arm] = {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
-                        "peak_rss_mb": peak, "train_s": json.loads(train_log.read_text())["seconds"]
-                        if train_log.is_file() else float("nan")}
+            _train(dataset_id, config, trainer, device, env, fold_dir, logs / f"train_{arm}_{s}.log", train_log)
+            row[arm] = _predict_and_score(ds, workdir / f"pred_{arm}_{s}", dataset_id, config, trainer, device, env,
+                                          logs / f"predict_{arm}_{s}.log", dataset_json, n_test, train_log)
         results["sizes"][s] = row
-        (workdir / "results.json").write_text(json.dumps(results, indent=1))
+        write_json_atomic(results, workdir / "results.json", indent=1)
     return results
+
+
+def _predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, trainer: str, device: str, env: dict,
+                       log: Path, dataset_json: dict, n_test: int, train_log: Path) -> dict:
+    """Predict the test images with the stock ``nnUNetv2_predict`` (TTA off), score them with
+    nnU-Net's metrics; timing and peak RSS of the whole command."""
+    seconds, peak = run_measured([_bin("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(out), "-d",
+                                  str(dataset_id), "-c", config, "-tr", trainer, "-f", "0", "-device", device,
+                                  "--disable_tta"], env, log)
+    evaluate(out, ds / "labelsTs", dataset_json, out / "summary_test.json")
+    return {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
+            "peak_rss_mb": peak, "prediction": str(out),
+            "train_s": json.loads(train_log.read_text())["seconds"] if train_log.is_file() else float("nan")}
+
+
+def _train(dataset_id: int, config: str, trainer: str, device: str, env: dict, fold_dir: Path, log: Path,
+           train_log: Path) -> None:
+    """Train fold 0 unless finished; an interrupted run resumes with ``--c``."""
+    if (fold_dir / "checkpoint_final.pth").is_file():
+        return
+    resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
+    t = run([_bin("nnUNetv2_train"), str(dataset_id), config, "0", "-tr", trainer, "-device", device, *resume],
+            env, log)
+    write_json_atomic({"seconds": t}, train_log)
+
+
+def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int,
+                          batch_size: int = 8, device: str = "cpu", dataset_id: int = 721, seed: int = 0,
+                          limit: int | None = None, src: Path | None = None) -> dict:
+    """Issue 5, experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
+    Kvasir-SEG at native resolution, same width, batch size and schedule for every network."""
+    from nnunet_stseg.experiment_depth import add_narrow_2d, set_batch_size
+    from nnunet_stseg.kvasir import convert_kvasir, install_split, kvasir_ids
+
+    workdir = Path(workdir).resolve()
+    env = pipeline_env(workdir, epochs, iters)
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    src = Path(src) if src else _shared_data() / "kvasir-seg"
+    raw = Path(env["nnUNet_raw"])
+    ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
+    ds = ds_dirs[0] if ds_dirs else convert_kvasir(src, raw, dataset_id, size=None, seed=seed,
+                                                   ids=kvasir_ids(src)[:limit] if limit else None)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    n_test = len(list((ds / "imagesTs").glob("*.png")))
+    pp = Path(env["nnUNet_preprocessed"]) / ds.name
+    plans_file = pp / "nnUNetPlans.json"
+    for s in sizes:
+        if not (plans_file.is_file() and fine_config_name("2d", s) in json.loads(plans_file.read_text())["configurations"]):
+            run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(s), "--dims", "2d", "--features",
+                 str(features), "--batch_size", str(batch_size), "-np", "2"], env, logs / f"plan_{s}.log")
+    install_split(ds, pp)
+    standard = add_narrow_2d(plans_file, features)
+    cfg = set_batch_size(plans_file, standard, batch_size)
+    results = {"arms": {}, "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
+                                      "device": device, "seed": seed, "dataset": ds.name, "n_test": n_test,
+                                      "standard_patch": list(cfg["patch_size"])}}
+    arms = [("nnunet_2d", standard, standard, DEFAULT_COARSE_TRAINER)]
+    for s in sizes:
+        arms += [(f"coarse_{s}", coarse_config_name("2d", s), coarse_config_name("2d", s), DEFAULT_COARSE_TRAINER),
+                 (f"cascade_{s}", coarse_config_name("2d", s), fine_config_name("2d", s), DEFAULT_FINE_TRAINER)]
+    for arm, coarse_config, config, trainer in arms:
+        fold_dir = Path(env["nnUNet_results"]) / ds.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
+        _train(dataset_id, config, trainer, device, env, fold_dir, logs / f"train_{config}.log",
+               logs / f"train_{config}.json")
+    for arm, coarse_config, config, trainer in arms:
+        if arm.startswith("coarse_"):
+            continue  # trained as the cascade's first stage; experiment 1 scores it as an arm of its own
+        r = _predict_and_score(ds, workdir / f"pred_{arm}", dataset_id, config, trainer, device, env,
+                               logs / f"predict_{arm}.log", dataset_json, n_test, logs / f"train_{config}.json")
+        if arm.startswith("cascade_"):  # training time of the whole cascade = coarse + fine
+            coarse_log = logs / f"train_{coarse_config}.json"
+            if coarse_log.is_file():
+                r["train_s"] += json.loads(coarse_log.read_text())["seconds"]
+        results["arms"][arm] = r
+        write_json_atomic(results, workdir / "results.json", indent=1)
+    return results
+
+
+def report_native(results: dict, cmd: str) -> str:
+    from nnunet_stseg.benchmark import machine_line
+
+    b = results["budget"]
+    lines = ["# Kvasir-SEG at native resolution: segment-then-segment vs nnU-Net's standard 2d", "",
+             f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+             f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
+             f"iterations, device {b['device']} (the cascade trains two networks: coarse and fine); split seed "
+             f"{b['seed']} (80/10/10), {b['n_test']} test images scored at their native resolution. nnU-Net 2d = "
+             f"its planned configuration (patch {' x '.join(map(str, b['standard_patch']))}, sliding window) "
+             f"narrowed to the same width.", "",
+             "| arm | DSC % | IoU % | precision % | recall % | ms / image | peak RSS MB | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, r in results["arms"].items():
+        cells = " | ".join(f"{r[m][0]:.2f} ± {r[m][1]:.2f}" for m in METRICS)
+        lines.append(f"| {arm.replace('_', ' S = ') if arm.startswith('cascade') else 'nnU-Net 2d'} | {cells} | "
+                     f"{r['ms_per_image']:.0f} | {r['peak_rss_mb']:.0f} | {r['train_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: Path) -> Path | None:
+    """Overlays of the test images with the lowest, median and highest DSC of ``ranked_by``."""
+    from skimage.io import imread
+
+    from nnunet_stseg.overlays import overlay_grid, pick_cases
+
+    if not all((folder / "summary_test.json").is_file() for folder in predictions.values()):
+        return None
+    dice = {arm: {Path(c["prediction_file"]).name[:-len(".png")]: next(iter(c["metrics"].values()))["Dice"]
+                  for c in json.loads((folder / "summary_test.json").read_text())["metric_per_case"]}
+            for arm, folder in predictions.items()}
+    rows = [(case, imread(str(ds / "imagesTs" / f"{case}_0000.png")), imread(str(ds / "labelsTs" / f"{case}.png")) > 0,
+             {arm: (imread(str(folder / f"{case}.png")) > 0, f"DSC {dice[arm][case]:.3f}")
+              for arm, folder in predictions.items()})
+            for case in pick_cases(dice[ranked_by])]
+    return overlay_grid(rows, path) if rows else None
 
 
 def report(results: dict, cmd: str) -> str:
@@ -107,7 +232,10 @@ def report(results: dict, cmd: str) -> str:
     lines = ["# Kvasir-SEG: segment-then-segment vs downscaled baseline", "",
              f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
              f"Budget per arm: width {b['features']}, {b['epochs']} x {b['iters']} iterations, device {b['device']}; "
-             f"split seed {b['seed']} (80/10/10), {b['n_test']} test images scored at 256 x 256.", "",
+             f"split seed {b['seed']} (80/10/10), {b['n_test']} test images scored at 256 x 256."
+             + (" Batch size (baseline / fine) per S: " + ", ".join(
+                 f"{s}: {' / '.join(str(v) for v in bs.values())}" for s, bs in b["batch_size"].items())
+                if b.get("batch_size") else ""), "",
              "| S | arm | DSC % | IoU % | precision % | recall % | ms / image | peak RSS MB | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
@@ -142,10 +270,8 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(".tmp_" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomic(path, figure=fig, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -153,30 +279,55 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-kvasir", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("work_dirs/kvasir"))
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="default work_dirs/kvasir (work_dirs/kvasir_native with --native)")
     p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 64, 128])
+    p.add_argument("--native", action="store_true",
+                   help="experiment 2: native resolution, cascade at each S vs nnU-Net's standard 2d")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes S (default 32 48 64 128; "
+                                                                      "64 128 with --native)")
     p.add_argument("--features", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="batch size of every network (default: the plan's; 8 with --native)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
     p.add_argument("-device", "--device", default="cpu")
-    p.add_argument("--out", type=Path, default=None, help="markdown report (a PNG plot is written beside it)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="markdown report (its plot and example overlays are written beside it)")
     args = p.parse_args(argv)
     cmd = ("nnunet-stseg-experiment-kvasir " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    results = run_experiment(args.workdir, args.sizes, args.features, args.epochs, args.iters, args.device,
-                             seed=args.seed, limit=args.limit, src=args.src)
-    text = report(results, cmd)
+    workdir = args.workdir or Path("work_dirs/kvasir_native" if args.native else "work_dirs/kvasir")
+    if args.native:
+        sizes = args.sizes or [64, 128]
+        results = run_native_experiment(workdir, sizes, args.features, args.epochs, args.iters,
+                                        args.batch_size or 8, args.device, seed=args.seed, limit=args.limit,
+                                        src=args.src)
+        text = report_native(results, cmd)
+        predictions = {arm: Path(r["prediction"]) for arm, r in results["arms"].items()}
+        ranked_by = f"cascade_{sizes[0]}"
+        ds = next((Path(workdir).resolve() / "nnUNet_raw").glob("Dataset721_*"))
+    else:
+        sizes = args.sizes or [32, 48, 64, 128]
+        results = run_experiment(workdir, sizes, args.features, args.epochs, args.iters, args.device,
+                                 seed=args.seed, limit=args.limit, src=args.src, batch_size=args.batch_size)
+        text = report(results, cmd)
+        s = 64 if 64 in sizes else sizes[0]
+        predictions = {f"{arm} S = {s}": Path(results["sizes"][s][arm]["prediction"]) for arm in ("baseline", "cascade")}
+        ranked_by = f"cascade S = {s}"
+        ds = Path(results["dataset_folder"])
     print(text)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        plot_path = args.out.with_suffix(".png")
-        plot(results, plot_path)
-        text += f"\n![DSC and recall versus S]({plot_path.name})\n"
-        tmp = args.out.with_name(".tmp_" + args.out.name)
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        if not args.native:
+            plot_path = args.out.with_suffix(".png")
+            plot(results, plot_path)
+            text += f"\n![DSC and recall versus S]({plot_path.name})\n"
+        examples = plot_examples(ds, predictions, ranked_by, args.out.with_name(args.out.stem + "_examples.png"))
+        if examples is not None:
+            text += (f"\nTest images with the lowest, median and highest DSC of {ranked_by} (ground truth green, "
+                     f"prediction red):\n\n![examples]({examples.name})\n")
+        write_atomic(args.out, text)
 
 
 if __name__ == "__main__":

@@ -73,13 +73,20 @@ class CropParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CropParams":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown crop parameters {sorted(unknown)}; known: {sorted(known)}")
+        d = checked_fields(cls, d, "crop")
         if "patch_size" not in d:
             raise ValueError("crop parameters need 'patch_size'")
         return cls(**d)
+
+
+def checked_fields(cls, d: dict, what: str) -> dict:
+    """``d`` if all its keys are fields of the dataclass ``cls``, else a clear error naming the
+    unknown ones (a typo in a plans file must not be ignored silently)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(known)}")
+    return dict(d)
 
 
 # ----------------------------------------------------------------------------------------------

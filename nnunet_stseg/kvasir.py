@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunet_stseg.atomic import write_json_atomic
+
 SPLIT_FILE = "stseg_split.json"
 
 
@@ -110,9 +112,7 @@ def convert_kvasir(src: str | Path, raw_root: str | Path, dataset_id: int = 720,
                           overwrite_image_reader_writer="NaturalImage2DIO",
                           description=f"Kvasir-SEG, {'resized to %dx%d' % (size, size) if size else 'native size'}, "
                                       f"seeded split (seed {seed}) in {SPLIT_FILE}")
-    tmp = out / f".tmp_{SPLIT_FILE}"
-    tmp.write_text(json.dumps({"seed": seed, **split}, indent=1))
-    os.replace(tmp, out / SPLIT_FILE)
+    write_json_atomic({"seed": seed, **split}, out / SPLIT_FILE, indent=1)
     return out
 
 
@@ -120,10 +120,7 @@ def install_split(raw_dataset_folder: str | Path, preprocessed_dataset_folder: s
     """Make nnU-Net's fold 0 the converter's train/validation split (``splits_final.json``)."""
     split = json.loads((Path(raw_dataset_folder) / SPLIT_FILE).read_text())
     target = Path(preprocessed_dataset_folder) / "splits_final.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".tmp_splits_final.json")
-    tmp.write_text(json.dumps([{"train": split["train"], "val": split["val"]}], indent=1))
-    os.replace(tmp, target)
+    write_json_atomic([{"train": split["train"], "val": split["val"]}], target, indent=1)
     return target
 
 

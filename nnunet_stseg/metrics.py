@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
+
+from nnunet_stseg.atomic import write_json_atomic
+
+__all__ = ["add_precision_recall", "write_json_atomic"]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -41,17 +43,3 @@ def add_precision_recall(summary_file: str) -> dict:
         summary["foreground_mean"][name] = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
     write_json_atomic(summary, summary_file)
     return summary
-
-
-def write_json_atomic(obj, path: str) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4, sort_keys=False, allow_nan=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -7,22 +7,36 @@ re-insertion, transpose, writer), ``--save_probabilities``, ``-num_parts``/``-pa
 ``--continue_prediction`` all keep working unchanged.
 
 The stock ``nnUNetv2_predict`` always builds a plain ``nnUNetPredictor``. When it loads a model
-trained with our fine trainer, nnU-Net calls that trainer's ``build_network_architecture`` from
+trained with one of our trainers, nnU-Net calls that trainer's ``build_network_architecture`` from
 ``initialize_from_trained_model_folder``; the trainer then calls :func:`adopt_predictor`, which
-turns that one predictor into an :class:`StSPredictor` (a guarded dispatch: other trainers and
-other predictors are untouched).
+turns that one predictor into an :class:`StSPredictor` (fine stage of the cascade) or a
+:class:`PluginPredictor` (our other models). A guarded dispatch: other trainers and other
+predictors are untouched.
+
+:class:`PluginPredictor` swaps its configuration and plans managers for ours
+(:mod:`nnunet_stseg.inference_io`): the preprocessor checks the input and, for depth models,
+appends the depth channel right after nnU-Net's own preprocessing (which records the cropping box
+the depth needs); segmentations are written atomically. Every nnU-Net inference path creates its
+preprocessor and writer from these managers (worker processes, ``-npp 0 -nps 0``, numpy-array
+inputs), so they all agree with training without re-implementing any of them.
 """
 from __future__ import annotations
 
+import os
 import time
 from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg.config import StSConfig, grid_spacing3
+from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
+from nnunet_stseg.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
+                                       PluginPlansManager, remove_partial_folder)
+from nnunet_stseg.metrics import write_json_atomic
 from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, limit_crops,
                                    probabilities_to_logits, whole_image_boxes)
 
@@ -39,12 +53,139 @@ def missing_coarse_message(folder: str, dataset_name: str, plans_name: str, sts:
             f"-tr {sts.coarse_trainer} -p {plans_name}")
 
 
-class StSPredictor(nnUNetPredictor):
+class PluginPredictor(nnUNetPredictor):
+    """nnU-Net's predictor as our trainers' models get it (see the module docstring):
+
+    - preprocessing by :class:`CheckedPreprocessor` (input checks; the depth channel when
+      ``depth_channel`` is set);
+    - a case that fails (unreadable, truncated, wrong channels, NaN/Inf) is reported in one line
+      naming its files and skipped; the rest of the batch is predicted; at the end the failures are
+      written to ``nnunet_stseg_failed_cases.json`` in the output folder and the call raises
+      :class:`BatchIncomplete` (a non-zero exit for the command);
+    - segmentations written atomically (:class:`AtomicReaderWriter`)."""
+
+    depth_channel: bool = False
+
+    @property
+    def configuration_manager(self):
+        return self.__dict__.get("_configuration_manager")
+
+    @configuration_manager.setter
+    def configuration_manager(self, value) -> None:
+        if value is not None:
+            configuration = dict(value.configuration)
+            if self.depth_channel:
+                configuration[DEPTH_KEY] = True
+            else:
+                configuration.pop(DEPTH_KEY, None)
+            value = PluginConfigurationManager(configuration)
+        self.__dict__["_configuration_manager"] = value
+
+    @property
+    def plans_manager(self):
+        return self.__dict__.get("_plans_manager")
+
+    @plans_manager.setter
+    def plans_manager(self, value) -> None:
+        if value is not None and not isinstance(value, PluginPlansManager):
+            value = PluginPlansManager(value.plans)
+        self.__dict__["_plans_manager"] = value
+
+    def enable_depth_channel(self, enabled: bool = True) -> None:
+        """Switch the depth channel on (or off) for the configuration set now or later."""
+        self.depth_channel = bool(enabled)
+        if self.configuration_manager is not None:
+            self.configuration_manager = self.configuration_manager
+
+    def n_image_channels(self) -> int:
+        """Channels of the image itself (the dataset's), without the depth channel."""
+        names = self.dataset_json.get("channel_names", self.dataset_json.get("modality"))
+        return len(names)
+
+    # ------------------------------------------------------------------------------------------
+    # a bad case does not take the batch down
+    # ------------------------------------------------------------------------------------------
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = default_num_processes):
+        failures: list[dict] = []
+        output_folders: set[str] = set()
+
+        def usable_cases():
+            for item in data_iterator:
+                if item.get("ofile"):
+                    output_folders.add(os.path.dirname(os.path.abspath(item["ofile"])))
+                properties = item.get("data_properties")
+                if isinstance(properties, dict) and ERROR_KEY in properties:
+                    failures.append({"output": item.get("ofile"), "error": properties[ERROR_KEY]})
+                    continue
+                yield item
+
+        try:
+            result = super().predict_from_data_iterator(usable_cases(), save_probabilities,
+                                                        num_processes_segmentation_export)
+        finally:
+            for folder in output_folders:  # every export has finished (or failed) here
+                remove_partial_folder(folder)
+        self._report_failures(failures)
+        return result
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
+        """nnU-Net's sequential path (``-npp 0 -nps 0``), one case at a time so that a failing case
+        is reported and skipped like in the worker path."""
+        cases, outputs, _ = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        outputs = outputs if outputs is not None else [None] * len(cases)
+        self.configuration_manager.on_error = "raise"
+        failures, returned = [], []
+        try:
+            for files, ofile in zip(cases, outputs):
+                try:
+                    returned += super().predict_from_files_sequential(
+                        [files], [ofile] if ofile is not None else None, save_probabilities, True,
+                        folder_with_segs_from_prev_stage) or []
+                except CaseError as e:
+                    print(f"[nnunet-stseg] ERROR {e} (case skipped, the rest of the batch goes on)", flush=True)
+                    failures.append({"output": ofile, "error": str(e)})
+        finally:
+            self.configuration_manager.on_error = "mark"
+            for folder in {os.path.dirname(os.path.abspath(o)) for o in outputs if o}:
+                remove_partial_folder(folder)
+        self._report_failures(failures)
+        return returned
+
+    def _report_failures(self, failures: list[dict]) -> None:
+        folders = {os.path.dirname(os.path.abspath(f["output"])) for f in failures if f["output"]}
+        for folder in folders:
+            write_json_atomic({"failed_cases": [f for f in failures if f["output"] and
+                                                os.path.dirname(os.path.abspath(f["output"])) == folder]},
+                              os.path.join(folder, FAILED_CASES_FILE))
+        if failures:
+            lines = "\n".join(f"  {f['error']}" for f in failures)
+            raise BatchIncomplete(f"{len(failures)} case(s) could not be predicted (all other cases were written; "
+                                  f"list in {FAILED_CASES_FILE}):\n{lines}")
+
+
+class BatchIncomplete(RuntimeError):
+    """Some cases of a batch failed; the others were predicted and written."""
+
+
+def add_depth_to_case(data, properties: dict):
+    """A preprocessed case (C, Z, ...) with its depth channel, as the depth predictor's preprocessing
+    makes it (for code that feeds preprocessed training data to a predictor)."""
+    case = data if isinstance(data, torch.Tensor) else np.asarray(data[:])
+    return append_depth_channel(case, depths_from_properties(case.shape[1], properties))
+
+
+class StSPredictor(PluginPredictor):
     """nnU-Net predictor that runs coarse model -> boxes -> fine crops -> fusion per case."""
 
     coarse: nnUNetPredictor | None = None
     sts: StSConfig | None = None
     last_timings: dict | None = None
+    sts_role = "fine"  # the configuration role this predictor runs
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -53,8 +194,9 @@ class StSPredictor(nnUNetPredictor):
         if self.sts is None:
             sts = StSConfig.from_configuration(self.configuration_manager.configuration,
                                                "the fine model's configuration")
-            if sts.role != "fine":
-                raise ValueError(f"configuration has sts.role={sts.role!r}; predict with the fine configuration")
+            if sts.role != self.sts_role:
+                raise ValueError(f"configuration has sts.role={sts.role!r}; {self.__class__.__name__} predicts "
+                                 f"with the {self.sts_role} configuration")
             self.sts = sts
         return self.sts
 
@@ -80,18 +222,25 @@ class StSPredictor(nnUNetPredictor):
                                  perform_everything_on_device=self.perform_everything_on_device,
                                  device=self.device, verbose=False, allow_tqdm=False)
         coarse.initialize_from_trained_model_folder(coarse_folder, folds, checkpoint_name)
+        if getattr(coarse, "depth_channel", False) and not self.depth_channel:
+            raise ValueError(f"the coarse model {coarse_folder} uses a depth channel but the fine model does not; "
+                             f"plan both with `nnunet-stseg plan --depth` (or neither) and retrain")
         self.coarse = coarse
         self._log(f"coarse model: {coarse_folder} folds {folds}")
 
+    def _model_source(self) -> tuple[list, str]:
+        """Folds and checkpoint name of the model nnU-Net loaded (for the companion models)."""
+        source = getattr(self, "_sts_source", None)
+        if source is None:
+            raise RuntimeError(f"{self.__class__.__name__} has no coarse model: call attach_coarse() first")
+        model_dir, folds, checkpoint_name = source
+        if folds is None:
+            folds = nnUNetPredictor.auto_detect_available_folds(model_dir, checkpoint_name)
+        return folds, checkpoint_name
+
     def _ensure_coarse(self) -> None:
         if self.coarse is None:
-            source = getattr(self, "_sts_source", None)
-            if source is None:
-                raise RuntimeError("StSPredictor has no coarse model: call attach_coarse() first")
-            model_dir, folds, checkpoint_name = source
-            if folds is None:
-                folds = nnUNetPredictor.auto_detect_available_folds(model_dir, checkpoint_name)
-            self.attach_coarse(folds, checkpoint_name)
+            self.attach_coarse(*self._model_source())
 
     def _clock(self) -> float:
         """Wall clock after the device finished its queued work (stage timings on GPUs)."""
@@ -108,10 +257,15 @@ class StSPredictor(nnUNetPredictor):
     def _fine_spacing3(self) -> list[float]:
         return grid_spacing3(self.configuration_manager.spacing)
 
-    def _coarse_input(self, data: torch.Tensor) -> np.ndarray:
-        """The fine-grid case resampled to the coarse configuration's grid with the coarse
-        configuration's own nnU-Net resampling function (the one its training data went through)."""
-        cm = self.coarse.configuration_manager
+    def _coarse_input(self, data: torch.Tensor, model: nnUNetPredictor | None = None) -> np.ndarray:
+        """The fine-grid case resampled to the grid of the coarse configuration (of ``model``,
+        default the coarse model) with that configuration's own nnU-Net resampling function (the
+        one its training data went through). The depth channel (last) goes along only if that
+        model uses one too."""
+        model = model if model is not None else self.coarse
+        if self.depth_channel and not getattr(model, "depth_channel", False):
+            data = data[:self.n_image_channels()]
+        cm = model.configuration_manager
         fine_sp = np.array(self._fine_spacing3())
         coarse_sp = list(cm.spacing)
         coarse_sp = np.array(coarse_sp if len(coarse_sp) == 3 else [fine_sp[0]] + coarse_sp)
@@ -213,25 +367,38 @@ class StSPredictor(nnUNetPredictor):
         return logits
 
 
-def adopt_predictor(caller_frame) -> None:
-    """Called from our fine trainer's ``build_network_architecture``: if nnU-Net's
-    ``initialize_from_trained_model_folder`` is the caller, turn that predictor into an
-    :class:`StSPredictor` and remember the model folder and folds so the coarse model of the same
-    folds is loaded on first use. Anything else calling is left alone."""
+def loading_frame(caller_frame):
+    """The frame of nnU-Net's ``initialize_from_trained_model_folder`` up the stack from
+    ``caller_frame`` (an nnU-Net predictor loading a model), or None."""
     frame = caller_frame
     while frame is not None and frame.f_code.co_name != "initialize_from_trained_model_folder":
         frame = frame.f_back
+    if frame is None or not isinstance(frame.f_locals.get("self"), nnUNetPredictor):
+        return None
+    return frame
+
+
+def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bool = False) -> None:
+    """Called from our trainers' ``build_network_architecture``: if nnU-Net's
+    ``initialize_from_trained_model_folder`` is the caller, turn that predictor into
+    ``predictor_class`` (default :class:`PluginPredictor`; for a subclass of :class:`StSPredictor`
+    remember the model folder and folds so the coarse model of the same folds is loaded on first
+    use), with the depth channel if ``depth``. Anything else calling is left alone."""
+    frame = loading_frame(caller_frame)
     if frame is None:
         return
     predictor = frame.f_locals.get("self")
-    if not isinstance(predictor, nnUNetPredictor):
+    target = predictor_class or PluginPredictor
+    if type(predictor) is not target:
+        predictor.__class__ = target
+    predictor.depth_channel = bool(depth)
+    if not issubclass(target, StSPredictor):
         return
-    if not isinstance(predictor, StSPredictor):
-        predictor.__class__ = StSPredictor
     predictor.coarse = None
     predictor.sts = None
     predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
                              frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
 
 
-__all__ = ["StSPredictor", "adopt_predictor", "coarse_model_folder"]
+__all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "add_depth_to_case", "adopt_predictor", "loading_frame",
+           "coarse_model_folder"]

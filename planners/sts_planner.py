@@ -12,6 +12,11 @@ standard configurations:
   of ``3d_fullres`` / ``2d`` (same ``data_identifier``: crops are cut from the full-resolution
   grid at training time) and gets a network planned for an isotropic S patch, because crops are
   squared in millimetres and therefore isotropic once resampled.
+- ``2d_sts_polar_<S>`` (with ``polar=True``, 2d only): the polar stage. Like the 2d fine
+  configuration it shares the full-resolution ``2d`` data and has a network planned for an S x S
+  patch; its input is the S x S polar image (angles x radii) around one object. The 2d coarse
+  configuration then also gets ``sts.centre``: the centre-point heatmap's sigma, chosen from the
+  median size of the training labels' objects (read once at planning).
 """
 from __future__ import annotations
 
@@ -22,8 +27,11 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_stseg.config import (DEFAULT_COARSE_TRAINER, StSConfig, coarse_config_name, fine_config_name)
+from nnunet_stseg.centres import default_sigma, equivalent_radii
+from nnunet_stseg.config import (DEFAULT_COARSE_TRAINER, CentreParams, PolarParams, StSConfig, coarse_config_name,
+                                 fine_config_name, polar_config_name)
 from nnunet_stseg.geometry import CropParams
+from nnunet_stseg.depth import DEPTH_KEY, check_depth_applicable
 
 
 def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[float], size: int
@@ -33,6 +41,28 @@ def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[fl
     median_shape = np.asarray(median_shape, dtype=float)
     factor = np.maximum(1.0, median_shape / size)
     return [float(s) for s in spacing * factor], [int(min(size, round(m))) for m in median_shape / factor]
+
+
+def median_object_radius_2d(planner: ExperimentPlanner, transpose_forward: Sequence[int]) -> tuple[float, int]:
+    """Median equivalent radius (pixels of the full-resolution grid) of the 2D objects of the
+    training labels (8-connected components of each slice's foreground, in nnU-Net's transposed
+    axis order, so slices are what the 2d configurations see), and how many objects there were."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from tqdm import tqdm
+
+    cases = get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json)
+    first = next(iter(cases.values()))
+    reader = determine_reader_writer_from_dataset_json(planner.dataset_json, first["images"][0])()
+    radii = []
+    for case in tqdm(cases.values(), desc="object sizes for the centre heatmap", unit="case"):
+        seg, _ = reader.read_seg(case["label"])
+        seg = seg[0].transpose(tuple(int(a) for a in transpose_forward))
+        radii.append(equivalent_radii(seg > 0))
+    radii = np.concatenate(radii) if radii else np.zeros(0)
+    if len(radii) == 0:
+        return float("nan"), 0
+    return float(np.median(radii)), int(len(radii))
 
 
 def _set_width(config: dict, base_features: int | None, max_features: int | None) -> None:
@@ -48,9 +78,13 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, input_size: 
                            dims: Sequence[str] | None = None, base_features: int | None = None,
                            max_features: int | None = None, batch_size: int | None = None,
                            coarse_trainer: str = DEFAULT_COARSE_TRAINER, crop_overrides: dict | None = None,
-                           fallback: str = "coarse") -> list[str]:
+                           fallback: str = "coarse", depth_channel: bool = False, polar: bool = False,
+                           polar_overrides: dict | None = None) -> list[str]:
     """Add coarse + fine configurations for every requested dimensionality to ``plans`` (in
-    place). Returns the names added. ``crop_overrides`` sets :class:`CropParams` fields."""
+    place). Returns the names added. ``crop_overrides`` sets :class:`CropParams` fields;
+    ``depth_channel`` switches the depth channel on for the 2d configurations (3D ones have none);
+    ``polar`` adds the 2d polar configuration (``polar_overrides`` sets :class:`PolarParams`
+    fields)."""
     s = int(input_size)
     if s < 8:
         raise ValueError(f"input size S must be >= 8, got {s}")
@@ -98,9 +132,34 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, input_size: 
         crop = CropParams(patch_size=crop_patch, **(crop_overrides or {}))
         coarse["sts"] = StSConfig("coarse", s, coarse_name, coarse_trainer).to_dict()
         fine["sts"] = StSConfig("fine", s, coarse_name, coarse_trainer, crop=crop, fallback=fallback).to_dict()
+        if depth_channel and d == "2d":
+            check_depth_applicable(fine["patch_size"], plans.get("original_median_shape_after_transp", [1]),
+                                   f"--depth for dataset {plans['dataset_name']}")
+            coarse[DEPTH_KEY] = fine[DEPTH_KEY] = True
         configs[coarse_name] = coarse
         configs[fine_name] = fine
         added += [coarse_name, fine_name]
+        if polar and d == "2d":
+            radius, n_objects = median_object_radius_2d(planner, plans["transpose_forward"])
+            if n_objects == 0:
+                raise ValueError(f"dataset {plans['dataset_name']} has no foreground objects in its training labels; "
+                                 f"the polar stage needs some")
+            factor = float(np.mean(np.asarray(c_spacing[-2:]) / np.asarray(spacing[-2:])))
+            coarse_radius = radius / factor
+            coarse["sts"]["centre"] = CentreParams(sigma=round(default_sigma(coarse_radius), 3),
+                                                   median_object_radius=round(coarse_radius, 3),
+                                                   objects_measured=n_objects).to_dict()
+            polar_cfg = deepcopy(fine)
+            params = PolarParams(**{"polar_shape": (s, s), **(polar_overrides or {})})
+            if tuple(params.polar_shape) != (s, s):
+                raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
+                                 f"{list(params.polar_shape)} would not match it")
+            polar_cfg["sts"] = StSConfig("polar", s, coarse_name, coarse_trainer, fallback="coarse",
+                                         polar=params).to_dict()
+            configs[polar_config_name(s)] = polar_cfg
+            added.append(polar_config_name(s))
+    if polar and "2d" not in dims:
+        raise ValueError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
     return added
 
 
@@ -114,11 +173,13 @@ class nnUNetPlannerStS(ExperimentPlanner):
     def __init__(self, dataset_name_or_id, input_size: int = 64, dims: Sequence[str] | None = None,
                  base_features: int | None = None, max_features: int | None = None,
                  batch_size: int | None = None, coarse_trainer: str = DEFAULT_COARSE_TRAINER,
-                 crop_overrides: dict | None = None, fallback: str = "coarse", **kwargs):
+                 crop_overrides: dict | None = None, fallback: str = "coarse", depth_channel: bool = False,
+                 polar: bool = False, polar_overrides: dict | None = None, **kwargs):
         super().__init__(dataset_name_or_id, **kwargs)
         self.sts_kwargs = dict(input_size=input_size, dims=dims, base_features=base_features,
                                max_features=max_features, batch_size=batch_size, coarse_trainer=coarse_trainer,
-                               crop_overrides=crop_overrides, fallback=fallback)
+                               crop_overrides=crop_overrides, fallback=fallback, depth_channel=depth_channel,
+                               polar=polar, polar_overrides=polar_overrides)
         self.sts_configurations: list[str] = []
 
     def plan_experiment(self):

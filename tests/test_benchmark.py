@@ -35,3 +35,15 @@ def test_scaling_report_and_plot(tmp_path):
     assert data_rows[0].startswith("| 3 | 3 |"), "3 objects placed -> 3 crops with the oracle mask"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_memory_report(tmp_path):
+    out = tmp_path / "memory.md"
+    main(["--memory", "-s", "32", "--features", "4", "--memory_shape", "16", "48", "48", "--memory_objects", "1", "3",
+          "--out", str(out)])
+    rows = [l for l in out.read_text().splitlines() if re.match(r"\| \d", l)]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "3"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        before, during, process = float(cells[6]), float(cells[7]), float(cells[9])
+        assert 0 < before <= process and 0 < during <= process

@@ -200,6 +200,32 @@ def test_write_json_atomic_leaves_no_temp_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_write_atomic_figure_failure_keeps_the_old_file(tmp_path):
+    """A figure that fails while being saved (a kill mid-write looks the same to a reader) leaves
+    the previous PNG in place and no temporary file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_stseg.atomic import write_atomic
+
+    fig = plt.figure()
+    target = write_atomic(tmp_path / "plots" / "p.png", figure=fig)
+    before = target.read_bytes()
+    assert before[:4] == b"\x89PNG"
+
+    class Broken:
+        def savefig(self, path, **kwargs):
+            Path(path).write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, figure=Broken())
+    assert target.read_bytes() == before and [p.name for p in target.parent.iterdir()] == ["p.png"]
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # schedule overrides
 # ----------------------------------------------------------------------------------------------

@@ -28,11 +28,40 @@ def test_experiment_smoke_and_resume(tmp_path):
     text = out.read_text()
     assert "| 32 | baseline (published) | 72.41 |" in text and "| 32 | cascade (published) | 76.47 |" in text
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report_examples.png").read_bytes()[:4] == b"\x89PNG" and "![examples]" in text
+    assert "Batch size (baseline / fine) per S: 32:" in text
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
     assert len(checkpoints) == 2
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
     main(args)  # resumes: predictions and scores again, no retraining
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+
+
+def test_native_experiment_smoke(tmp_path):
+    """Experiment 2: native resolution, the cascade vs nnU-Net's planned 2d narrowed to the same
+    width and batch; predictions keep each image's own size."""
+    from skimage.io import imread
+
+    work, out = tmp_path / "work", tmp_path / "native.md"
+    main(["--native", "--workdir", str(work), "--src", str(KVASIR), "--sizes", "32", "--features", "4",
+          "--batch_size", "2", "--epochs", "1", "--iters", "3", "--limit", "30", "--out", str(out)])
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["arms"]) == {"nnunet_2d", "cascade_32"} and results["budget"]["batch_size"] == 2
+    plans = json.loads(next((work / "nnUNet_preprocessed").glob("Dataset721_*/nnUNetPlans.json")).read_text())
+    standard = plans["configurations"]["2d_w4"]
+    assert standard["batch_size"] == 2 and standard["patch_size"] == plans["configurations"]["2d"]["patch_size"]
+    assert standard["architecture"]["arch_kwargs"]["features_per_stage"][0] == 4
+    ds = next((work / "nnUNet_raw").glob("Dataset721_*"))
+    sizes = {imread(str(f)).shape[:2] for f in (ds / "imagesTs").glob("*.png")}
+    assert len(sizes) > 1 or max(max(sz) for sz in sizes) > 256, "native resolution, not resized"
+    for arm, r in results["arms"].items():
+        assert r["n"] == 3 and 0 <= r["Dice"][0] <= 100 and r["ms_per_image"] > 0 and r["train_s"] > 0
+        for img in (ds / "imagesTs").glob("*.png"):
+            pred = imread(str(Path(r["prediction"]) / img.name.replace("_0000", "")))
+            assert pred.shape == imread(str(img)).shape[:2], arm
+    text = out.read_text()
+    assert "| nnU-Net 2d |" in text and "| cascade S = 32 |" in text and "batch 2" in text
+    assert (tmp_path / "native_examples.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_published_table_matches_the_paper_digest():

@@ -14,24 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stand_ins import IdentityNet, nnunet_folders
 
 from nnunet_stseg.config import fine_config_name
-
-
-class IdentityNet(torch.nn.Module):
-    """Returns logits whose softmax (or sigmoid) is the input; counts its calls."""
-
-    def __init__(self, multilabel: bool):
-        super().__init__()
-        self.multilabel = multilabel
-        self.calls = 0
-        self.crops_seen = 0
-
-    def forward(self, x):
-        self.calls += 1
-        self.crops_seen += x.shape[0]
-        p = x.clamp(1e-6, 1 - 1e-6)
-        return torch.log(p) - torch.log1p(-p) if self.multilabel else torch.log(p)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +27,8 @@ def planned(tmp_path_factory):
     from nnunet_stseg.synthetic import make_synthetic_dataset
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pp", "nnUNet_results": root / "res",
-                     "nnUNet_n_proc_DA": "1"}.items():
-            mp.setenv(k, str(v))
+        for k, v in nnunet_folders(root, "1").items():
+            mp.setenv(k, v)
         out = {}
         for did, dim in ((975, 2), (976, 3)):
             ds = make_synthetic_dataset(root / "raw", did, f"Pred{dim}D", dim=dim, n_train=3, n_test=1,

@@ -8,35 +8,33 @@
 
 CPU-sized schedules without new classes: the environment variables ``STSEG_NUM_EPOCHS``,
 ``STSEG_ITERS_PER_EPOCH`` and ``STSEG_VAL_ITERS`` override nnU-Net's 1000 x 250 / 50 (the value
-used is written to the training log).
+used is written to the training log); ``STSEG_SAVE_EVERY`` overrides how often (epochs) the
+resumable ``checkpoint_latest.pth`` is written (nnU-Net: 50).
 """
 from __future__ import annotations
 
 import os
-import sys
 from os.path import join
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from threadpoolctl import threadpool_limits
 from torch import distributed as dist
 
 from nnunet_stseg.config import StSConfig, grid_spacing3
+from nnunet_stseg.depth import append_depth_channel, depths_from_properties
+from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin, loader_ingredients, start_augmenters
 from nnunet_stseg.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
                                    square_and_pad, whole_image_boxes)
 from nnunet_stseg.metrics import add_precision_recall
-from nnunet_stseg.predictor import StSPredictor, adopt_predictor, coarse_model_folder, missing_coarse_message
+from nnunet_stseg.predictor import StSPredictor, add_depth_to_case, coarse_model_folder, missing_coarse_message
 
 
 def _env_int(name: str) -> int | None:
@@ -53,23 +51,33 @@ def _env_int(name: str) -> int | None:
 
 
 class _StSScheduleMixin:
-    """Applies the STSEG_* schedule overrides after nnU-Net's own __init__."""
+    """Applies the STSEG_* schedule overrides after nnU-Net's own __init__, and writes checkpoints
+    atomically (an interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
 
     def _apply_schedule_overrides(self) -> None:
         for env, attr in (("STSEG_NUM_EPOCHS", "num_epochs"), ("STSEG_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
-                          ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch")):
+                          ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch"), ("STSEG_SAVE_EVERY", "save_every")):
             v = _env_int(env)
             if v is not None:
                 setattr(self, attr, v)
 
+    def save_checkpoint(self, filename: str) -> None:
+        folder, name = os.path.split(filename)
+        tmp = os.path.join(folder, f".tmp_{name}")
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):  # nnU-Net saves on rank 0 only, unless checkpointing is disabled
+            os.replace(tmp, filename)
 
-class nnUNetTrainer_StSCoarse(_StSScheduleMixin, nnUNetTrainer):
-    """Coarse stage: nnU-Net's trainer on the downsampled whole image."""
+
+class nnUNetTrainer_StSCoarse(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetTrainer):
+    """Coarse stage: nnU-Net's trainer on the downsampled whole image (with the depth channel if
+    the configuration asks for it)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._apply_schedule_overrides()
+        self._check_depth_channel()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
@@ -77,7 +85,75 @@ class nnUNetTrainer_StSCoarse(_StSScheduleMixin, nnUNetTrainer):
             add_precision_recall(join(self.output_folder, "validation", "summary.json"))
 
 
-class StSCropDataLoader(nnUNetDataLoader):
+class nnUNetTrainer_Depth(nnUNetTrainer_StSCoarse):
+    """nnU-Net's 2d configuration on 3D scans with the depth channel: every slice gets one extra
+    input channel holding its normalised depth in the whole scan (0 first slice, 1 last). Run it on
+    any 2D configuration of a 3D dataset (``2d``, ``2d_sts_coarse_<S>``); prediction with the stock
+    ``nnUNetv2_predict -tr nnUNetTrainer_Depth`` adds the same channel."""
+
+    depth_channel_default = True
+
+
+class ResampledSampleLoader(nnUNetDataLoader):
+    """nnU-Net's data loader whose samples are made by resampling (a crop, a polar image) rather
+    than cut as patches: subclasses implement :meth:`make_sample`; batching, nnU-Net's transforms
+    and the depth channel (appended after the transforms, never normalised or augmented) are here.
+
+    Randomness comes from numpy's global generator like nnU-Net's own loader, so every DDP rank
+    and every augmentation worker draws differently."""
+
+    def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, transforms=None,
+                 depth_channel: bool = False):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=0.0, transforms=transforms)
+        self.depth_channel = depth_channel
+        self.ignore_label = label_manager.ignore_label
+
+    def foreground(self, seg) -> np.ndarray:
+        """Foreground of a case's segmentation (1, *spatial) without the ignore label."""
+        s = np.asarray(seg[0])
+        fg = s > 0
+        if self.ignore_label is not None:
+            fg &= s != self.ignore_label
+        return fg
+
+    def make_sample(self, key: str, data, seg, properties, rng: np.random.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Image (C, *patch) float32, label (1, *patch) int16 (patch as ``self.patch_size``, 3
+        axes for 2D configurations too) and the slice index the sample comes from."""
+        raise NotImplementedError
+
+    def generate_train_batch(self):
+        keys = self.get_indices()
+        rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
+        data_all = seg_all = None
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(keys):
+                data, seg, _, properties = self._data.load_case(key)
+                img, lab, slice_index = self.make_sample(key, data, seg, properties, rng)
+                if self.patch_size_was_2d:
+                    img, lab = img[:, 0], lab[:, 0]
+                if self.transforms is not None:
+                    out = self.transforms(image=img, segmentation=lab)
+                    img, lab = out["image"], out["segmentation"]
+                if self.depth_channel:  # after the transforms: never normalised or augmented
+                    img = append_depth_channel(img, depths_from_properties(data.shape[1], properties)[slice_index])
+                if data_all is None:
+                    data_all = torch.empty((self.batch_size, *img.shape), dtype=torch.float32)
+                data_all[j] = img
+                if isinstance(lab, list):
+                    if seg_all is None:
+                        seg_all = [torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in lab]
+                    for s_idx, s in enumerate(lab):
+                        seg_all[s_idx][j] = s
+                else:
+                    if seg_all is None:
+                        seg_all = torch.empty((self.batch_size, *lab.shape), dtype=lab.dtype)
+                    seg_all[j] = lab
+        return {"data": data_all, "target": seg_all, "keys": keys}
+
+
+class StSCropDataLoader(ResampledSampleLoader):
     """Samples one fine-stage crop per batch element.
 
     For each case: pick ONE ground-truth connected component at random (a case without
@@ -86,29 +162,21 @@ class StSCropDataLoader(nnUNetDataLoader):
     the loader's patch. The loader's patch may be larger than the network patch (nnU-Net's
     rotation margin); the box is then enlarged about its centre so that nnU-Net's spatial
     augmentation, which keeps the central ``final_patch_size``, ends on exactly the box.
-
-    Randomness comes from numpy's global generator like nnU-Net's own loader, so every DDP rank
-    and every augmentation worker draws differently; component boxes are cached per process (no
-    state held by one rank only)."""
+    Component boxes are cached per process (no state held by one rank only)."""
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, crop: CropParams,
-                 spacing3: list[float], transforms=None):
-        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
-                         oversample_foreground_percent=0.0, transforms=transforms)
+                 spacing3: list[float], transforms=None, depth_channel: bool = False):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, transforms=transforms,
+                         depth_channel=depth_channel)
         self.crop = crop
         self.spacing3 = np.asarray(spacing3, dtype=float)
-        self.ignore_label = label_manager.ignore_label
         self._box_cache: dict[str, np.ndarray] = {}
         # self.patch_size / final_patch_size are 3-axis here (nnU-Net prepends 1 for 2D)
         self.enlarge = np.asarray(self.patch_size, dtype=float) / np.asarray(self.final_patch_size, dtype=float)
 
     def _gt_boxes(self, key: str, seg) -> np.ndarray:
         if key not in self._box_cache:
-            s = np.asarray(seg[0])
-            fg = s > 0
-            if self.ignore_label is not None:
-                fg &= s != self.ignore_label
-            self._box_cache[key] = component_boxes(fg, self.crop.active)[1]
+            self._box_cache[key] = component_boxes(self.foreground(seg), self.crop.active)[1]
         return self._box_cache[key]
 
     def sample_box(self, key: str, shape: tuple[int, ...], seg, rng: np.random.Generator) -> np.ndarray:
@@ -131,101 +199,56 @@ class StSCropDataLoader(nnUNetDataLoader):
         region = np.asarray(arr[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))])
         return region, box - lo[:, None]
 
-    def generate_train_batch(self):
-        keys = self.get_indices()
-        rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
-        data_all = seg_all = None
-        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
-            for j, key in enumerate(keys):
-                data, seg, _, _ = self._data.load_case(key)
-                shape = tuple(data.shape[1:])
-                box = self.sample_box(key, shape, seg, rng)[0].astype(float)
-                centre = box.mean(axis=1)
-                half = (box[:, 1] - box[:, 0]) * self.enlarge / 2
-                box = np.stack([centre - half, centre + half], axis=1)
-                img_region, rbox = self._read_region(data, box, shape)
-                seg_region, _ = self._read_region(seg, box, shape)
-                img = crop_and_resample(torch.from_numpy(img_region.astype(np.float32)), rbox[None],
-                                        self.patch_size, "linear", padding_mode="zeros")[0]
-                lab = crop_and_resample(torch.from_numpy(seg_region.astype(np.float32)), rbox[None],
-                                        self.patch_size, "nearest", padding_mode="zeros")[0]
-                lab = lab.round().to(torch.int16)
-                if self.patch_size_was_2d:
-                    img, lab = img[:, 0], lab[:, 0]
-                if self.transforms is not None:
-                    out = self.transforms(image=img, segmentation=lab)
-                    img, lab = out["image"], out["segmentation"]
-                if data_all is None:
-                    data_all = torch.empty((self.batch_size, *img.shape), dtype=torch.float32)
-                data_all[j] = img
-                if isinstance(lab, list):
-                    if seg_all is None:
-                        seg_all = [torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in lab]
-                    for s_idx, s in enumerate(lab):
-                        seg_all[s_idx][j] = s
-                else:
-                    if seg_all is None:
-                        seg_all = torch.empty((self.batch_size, *lab.shape), dtype=lab.dtype)
-                    seg_all[j] = lab
-        return {"data": data_all, "target": seg_all, "keys": keys}
+    def make_sample(self, key, data, seg, properties, rng):
+        shape = tuple(data.shape[1:])
+        box = self.sample_box(key, shape, seg, rng)[0].astype(float)
+        slice_index = int(np.floor(box[0, 0]))
+        centre = box.mean(axis=1)
+        half = (box[:, 1] - box[:, 0]) * self.enlarge / 2
+        box = np.stack([centre - half, centre + half], axis=1)
+        img_region, rbox = self._read_region(data, box, shape)
+        seg_region, _ = self._read_region(seg, box, shape)
+        img = crop_and_resample(torch.from_numpy(img_region.astype(np.float32)), rbox[None],
+                                self.patch_size, "linear", padding_mode="zeros")[0]
+        lab = crop_and_resample(torch.from_numpy(seg_region.astype(np.float32)), rbox[None],
+                                self.patch_size, "nearest", padding_mode="zeros")[0]
+        return img, lab.round().to(torch.int16), slice_index
 
 
-class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
+class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetTrainer):
     """Fine stage: trains on ground-truth component crops, validates the whole cascade."""
+
+    predictor_class = StSPredictor
+    sts_role = "fine"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.sts = StSConfig.from_configuration(self.configuration_manager.configuration,
                                                 f"configuration '{configuration}'")
-        if self.sts.role != "fine":
-            raise ValueError(f"{self.__class__.__name__} trains the fine configuration; '{configuration}' is the "
-                             f"{self.sts.role} one (train it with {self.sts.coarse_trainer})")
+        if self.sts.role != self.sts_role:
+            hint = (f"train it with {self.sts.coarse_trainer}" if self.sts.role == "coarse" else
+                    "train it with nnUNetTrainer_StSFine" if self.sts.role == "fine" else
+                    "train it with nnUNetTrainer_StSPolar")
+            raise ValueError(f"{self.__class__.__name__} trains the {self.sts_role} configuration; '{configuration}' "
+                             f"is the {self.sts.role} one ({hint})")
         self._apply_schedule_overrides()
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        # nnU-Net's predictor calls this while loading our model: turn it into the cascade predictor
-        adopt_predictor(sys._getframe(1))
-        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        num_output_channels, enable_deep_supervision)
+        self._check_depth_channel()
 
     def _spacing3(self) -> list[float]:
         return grid_spacing3(self.configuration_manager.spacing)
 
     def get_dataloaders(self):
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        parts = loader_ingredients(self)
         patch = self.configuration_manager.patch_size
-        ds_scales = self._get_deep_supervision_scales()
-        rotation, dummy_2d, initial_patch, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        lm = self.label_manager
-        label_kwargs = dict(is_cascaded=False, foreground_labels=lm.foreground_labels,
-                            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
-        tr_transforms = self.get_training_transforms(patch, rotation, ds_scales, mirror_axes, dummy_2d,
-                                                     use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
-                                                     **label_kwargs)
-        val_transforms = self.get_validation_transforms(ds_scales, **label_kwargs)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = StSCropDataLoader(dataset_tr, self.batch_size, initial_patch, patch, lm, self.sts.crop,
-                                  self._spacing3(), transforms=tr_transforms)
-        dl_val = StSCropDataLoader(dataset_val, self.batch_size, patch, patch, lm, self.sts.crop,
-                                   self._spacing3(), transforms=val_transforms)
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            gen_tr = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None, num_processes=n_proc,
-                                                  num_cached=max(6, n_proc // 2), seeds=None, pin_memory=pin,
-                                                  wait_time=0.002)
-            gen_val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None,
-                                                   num_processes=max(1, n_proc // 2),
-                                                   num_cached=max(3, n_proc // 4), seeds=None, pin_memory=pin,
-                                                   wait_time=0.002)
-        next(gen_tr), next(gen_val)
-        return gen_tr, gen_val
+        depth = self.uses_depth_channel(self.configuration_manager)
+        dl_tr = StSCropDataLoader(parts["dataset_tr"], self.batch_size, parts["initial_patch"], patch,
+                                  self.label_manager, self.sts.crop, self._spacing3(),
+                                  transforms=parts["tr_transforms"], depth_channel=depth)
+        dl_val = StSCropDataLoader(parts["dataset_val"], self.batch_size, patch, patch, self.label_manager,
+                                   self.sts.crop, self._spacing3(), transforms=parts["val_transforms"],
+                                   depth_channel=depth)
+        return start_augmenters(self, dl_tr, dl_val)
 
     def on_train_start(self):
         if not os.path.isdir(os.path.join(self.coarse_folder(), f"fold_{self.fold}")):
@@ -244,9 +267,11 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
         validation cases and score it against the full-resolution ground truth."""
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        predictor = StSPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+        predictor = self.predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                  perform_everything_on_device=True, device=self.device, verbose=False,
                                  allow_tqdm=False)
+        depth = self.uses_depth_channel(self.configuration_manager)
+        predictor.enable_depth_channel(depth)
         predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
                                         self.dataset_json, self.__class__.__name__,
                                         self.inference_allowed_mirroring_axes)
@@ -267,7 +292,8 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
         dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
         for k in dataset_val.identifiers:
             data, _, _, properties = dataset_val.load_case(k)
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data[:])))
+            data = add_depth_to_case(data, properties) if depth else np.asarray(data[:])
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
             export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
                                           self.dataset_json, join(out_dir, k), save_probabilities)
             self.print_to_log_file(f"cascade validation {k}: {predictor.last_timings}")
@@ -282,11 +308,12 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, nnUNetTrainer):
                 lm.ignore_label, chill=True, num_processes=default_num_processes)
             metrics = add_precision_recall(join(out_dir, "summary.json"))
             fm = metrics["foreground_mean"]
-            self.print_to_log_file("Cascade validation complete (coarse fold model + fine crops)",
+            self.print_to_log_file(f"Cascade validation complete (coarse fold model + {self.sts_role} stage)",
                                    also_print_to_console=True)
             self.print_to_log_file(f"Mean Validation Dice: {fm['Dice']:.4f}, precision {fm['Precision']:.4f}, "
                                    f"recall {fm['Recall']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
 
 
-__all__ = ["nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSFine", "StSCropDataLoader"]
+__all__ = ["nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSFine", "nnUNetTrainer_Depth", "StSCropDataLoader",
+           "ResampledSampleLoader"]

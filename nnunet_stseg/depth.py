@@ -1,0 +1,89 @@
+"""Depth channel for 2D networks on 3D scans (methods.md section 4): pure functions, no nnU-Net.
+
+A 2D network sees one slice and does not know where in the body it lies. The depth channel is one
+extra input channel whose every pixel is the slice's normalised position in the WHOLE original
+scan: 0 for the first slice, 1 for the last, ``index / (n_slices - 1)``.
+
+"Slice" and "first" follow nnU-Net's preprocessing: nnU-Net transposes each case so that its
+slice axis comes first (``transpose_forward``; the axis with the coarsest spacing), crops it to
+the non-zero region (``bbox_used_for_cropping``, recorded with ``shape_before_cropping`` in the
+case's properties) and, for the 2d configuration, resamples only in-plane. Index 0 is the first
+slice along that axis in the array the image reader returned (for NIfTI/SimpleITK: voxel index
+k = 0 of the file's slice axis). The scan's direction matrix is NOT used: a scan stored in the
+opposite slice order gets reversed depths, exactly as its slices reach the network in the
+opposite order; nnU-Net does not reorient either.
+
+A scan with a single slice has no depth axis; it gets 0.5 (the middle), and callers log it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DEPTH_KEY = "depth_channel"
+SINGLE_SLICE_DEPTH = 0.5
+
+
+def slice_depths(n_slices: int, shape_before_cropping: Sequence[int],
+                 bbox_used_for_cropping: Sequence[Sequence[int]]) -> np.ndarray:
+    """Normalised depth (float64, ``n_slices`` values) of every slice of a preprocessed case.
+
+    ``n_slices`` is the length of the preprocessed case's first axis; the two properties are
+    nnU-Net's (first axis = slice axis after transposition). If the slice axis was resampled
+    (``n_slices`` differs from the cropped extent), slice centres are mapped linearly."""
+    total = int(shape_before_cropping[0])
+    lo, hi = (int(v) for v in bbox_used_for_cropping[0])
+    n = int(n_slices)
+    if n < 1 or total < 1 or not 0 <= lo < hi <= total:
+        raise ValueError(f"inconsistent slice geometry: {n} preprocessed slices, cropping box {lo}:{hi} "
+                         f"of a scan with {total} slices")
+    if total == 1:
+        return np.full(n, SINGLE_SLICE_DEPTH)
+    index = lo + (np.arange(n) + 0.5) * ((hi - lo) / n) - 0.5
+    return np.clip(index / (total - 1), 0.0, 1.0)
+
+
+def depths_from_properties(n_slices: int, properties: dict) -> np.ndarray:
+    """:func:`slice_depths` from an nnU-Net properties dict, with an error naming what is missing."""
+    missing = [k for k in ("shape_before_cropping", "bbox_used_for_cropping") if k not in properties]
+    if missing:
+        raise KeyError(f"the depth channel needs nnU-Net's preprocessing properties {missing}; "
+                       f"they are written by nnU-Net's preprocessor (re-run nnUNetv2_preprocess)")
+    return slice_depths(n_slices, properties["shape_before_cropping"], properties["bbox_used_for_cropping"])
+
+
+def append_depth_channel(image, depth):
+    """``image`` (C, *spatial) with one more channel holding ``depth``.
+
+    ``depth`` is a scalar (one slice: every pixel gets it) or one value per index of the first
+    spatial axis (a stack of slices). Works on numpy arrays and on torch tensors on any device;
+    the result has the image's type, dtype and device."""
+    if isinstance(image, torch.Tensor):
+        d = torch.as_tensor(np.asarray(depth, dtype=np.float64), dtype=image.dtype, device=image.device)
+        view = (1, -1) + (1,) * (image.ndim - 2) if d.ndim == 1 else (1,) * image.ndim
+        channel = d.reshape(view).expand(1, *image.shape[1:])
+        return torch.cat([image, channel], dim=0)
+    image = np.asarray(image)
+    d = np.asarray(depth, dtype=image.dtype if image.dtype.kind == "f" else np.float32)
+    view = (1, -1) + (1,) * (image.ndim - 2) if d.ndim == 1 else (1,) * image.ndim
+    channel = np.broadcast_to(d.reshape(view), (1, *image.shape[1:]))
+    return np.concatenate([image, channel.astype(np.result_type(image, d), copy=False)], axis=0)
+
+
+def check_depth_applicable(patch_size: Sequence[int], median_shape: Sequence[float], where: str) -> None:
+    """Raise a clear error where a depth channel has no meaning: 3D patches (the depth would vary
+    inside the patch) and 2D datasets (every case is a single slice)."""
+    if len(patch_size) != 2:
+        raise ValueError(f"{where}: the depth channel is for 2D networks on 3D scans; this configuration has a "
+                         f"{len(patch_size)}D patch {list(patch_size)}. Use nnU-Net's '2d' configuration "
+                         f"(or a 2d_sts_* one).")
+    if len(median_shape) < 3 or float(median_shape[0]) <= 1:
+        raise ValueError(f"{where}: this dataset is 2D (its cases have a single slice, median shape "
+                         f"{[float(v) for v in median_shape]}), so a depth channel carries no information. "
+                         f"Train it without the depth channel (nnUNetTrainer or nnUNetTrainer_StSCoarse).")
+
+
+__all__ = ["DEPTH_KEY", "SINGLE_SLICE_DEPTH", "slice_depths", "depths_from_properties", "append_depth_channel",
+           "check_depth_applicable"]

@@ -1,0 +1,261 @@
+"""Experiment: does the depth channel help a 2D network on cardiac CT? (issue 4 evidence)
+
+    nnunet-stseg-experiment-depth --workdir work_dirs/depth --out docs/benchmarks/depth_cardiacfat.md
+
+Data: the Cardiac Fat CT dataset in nnU-Net raw format (``../shared/data/nnUNet_raw/
+Dataset701_CardiacFatCT``; read in place, nothing is copied), per-patient K-fold cross-validation
+(default 2 folds, patients shuffled with ``--seed``; written as nnU-Net's ``splits_final.json``).
+Two input settings, each trained with and without the depth channel (four arms, same width,
+batch size and schedule):
+- ``128``: slices downscaled to 128 x 128 (the published setting; our ``2d_sts_coarse_128``
+  configuration; nnU-Net's export resamples the output back to 512 x 512 for scoring);
+- ``planned``: nnU-Net's planned 2d configuration (its patch, full resolution), narrowed to the
+  same width (a derived configuration ``2d_w<width>`` in the plans).
+Without depth: ``nnUNetTrainer_StSCoarse`` (nnU-Net's trainer plus our schedule variables); with
+depth: ``nnUNetTrainer_Depth`` (the same plus the channel).
+Scoring uses nnU-Net's own fold validation (every patient predicted once, by the model that did not
+train on it, at the original resolution): per patient, pericardium (region {1, 2}) DSC, IoU,
+precision, recall and EAT (label 2 = the dataset's adipose-inside-pericardium label) DSC, mean +- sd
+over patients; per-slice EAT pixel counts against the ground truth over every slice: Pearson r,
+Bland-Altman bias and 95 % limits, and a Bland-Altman plot. Resumable (re-run the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.demo import _bin, pipeline_env, run
+
+DATASET_ID = 701
+SETTINGS = ("128", "planned")
+ARMS = (("plain", "nnUNetTrainer_StSCoarse"), ("depth", "nnUNetTrainer_Depth"))
+PUBLISHED = {"pericardium_dsc": 0.9264, "pericardium_iou": 0.8819, "eat_dsc": 0.8646, "eat_count_r": 0.886}
+
+
+def _shared_raw() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "nnUNet_raw"
+
+
+def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict]:
+    """nnU-Net ``splits_final.json`` content: patients shuffled with ``seed``, dealt into folds."""
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    folds = [sorted(str(c) for c in order[f::n_folds]) for f in range(n_folds)]
+    return [{"train": sorted(c for g, fold in enumerate(folds) if g != f for c in fold), "val": folds[f]}
+            for f in range(n_folds)]
+
+
+def add_narrow_2d(plans_file: Path, features: int) -> str:
+    """Add ``2d_w<features>`` to the plans: nnU-Net's planned 2d configuration (same patch, same
+    preprocessed data) with a narrower U-Net. Returns its name."""
+    from nnunet_stseg.planners.sts_planner import _set_width
+
+    plans = json.loads(plans_file.read_text())
+    name = f"2d_w{features}"
+    if name not in plans["configurations"]:
+        cfg = deepcopy(plans["configurations"]["2d"])
+        _set_width(cfg, features, None)
+        plans["configurations"][name] = cfg
+        write_json_atomic(plans, plans_file, indent=1)
+    return name
+
+
+def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dict:
+    """Give a configuration the experiment's batch size; returns the configuration."""
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"][configuration]
+    if cfg["batch_size"] != int(batch_size):
+        cfg["batch_size"] = int(batch_size)
+        write_json_atomic(plans, plans_file, indent=1)
+    return cfg
+
+
+def case_scores(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """Pericardium (labels 1 and 2) and EAT (label 2) overlap scores of one patient, and the
+    per-slice EAT pixel counts (slice axis first)."""
+    out = {}
+    for name, p, g in (("pericardium", pred > 0, gt > 0), ("eat", pred == 2, gt == 2)):
+        tp, fp, fn = float((p & g).sum()), float((p & ~g).sum()), float((~p & g).sum())
+        out[name] = {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+                     "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+                     "Precision": tp / (tp + fp) if tp + fp else float("nan"),
+                     "Recall": tp / (tp + fn) if tp + fn else float("nan")}
+    out["eat_counts"] = {"pred": (pred == 2).reshape(pred.shape[0], -1).sum(1).tolist(),
+                         "gt": (gt == 2).reshape(gt.shape[0], -1).sum(1).tolist()}
+    return out
+
+
+def score_arm(validation_folders: list[Path], labels_folder: Path) -> dict:
+    """Scores of one arm over the validation predictions of all folds."""
+    import SimpleITK as sitk
+
+    cases = {}
+    for folder in validation_folders:
+        for f in sorted(folder.glob("*.nii.gz")):
+            pred = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            gt = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_folder / f.name)))
+            cases[f.name[:-len(".nii.gz")]] = case_scores(pred, gt)
+    summary = {"n_patients": len(cases), "cases": cases}
+    for region in ("pericardium", "eat"):
+        for m in ("Dice", "IoU", "Precision", "Recall"):
+            v = np.array([c[region][m] for c in cases.values()], dtype=float)
+            summary[f"{region}_{m}"] = (float(np.nanmean(v)), float(np.nanstd(v)))
+    pred_counts = np.concatenate([c["eat_counts"]["pred"] for c in cases.values()]).astype(float)
+    gt_counts = np.concatenate([c["eat_counts"]["gt"] for c in cases.values()]).astype(float)
+    diff = pred_counts - gt_counts
+    summary["n_slices"] = int(len(diff))
+    summary["eat_count_pearson_r"] = float(np.corrcoef(pred_counts, gt_counts)[0, 1]) if len(diff) > 1 else float("nan")
+    summary["eat_count_bias"] = float(diff.mean())
+    summary["eat_count_loa"] = (float(diff.mean() - 1.96 * diff.std(ddof=1)), float(diff.mean() + 1.96 * diff.std(ddof=1)))
+    return summary
+
+
+def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, iters: int, folds: int, seed: int,
+                   settings: tuple[str, ...] = SETTINGS, device: str = "cpu", raw: Path | None = None,
+                   command: str = "") -> dict:
+    workdir = Path(workdir).resolve()
+    raw = Path(raw) if raw else _shared_raw()
+    ds_raw = next(iter(sorted(raw.glob(f"Dataset{DATASET_ID}_*"))), None) if raw.is_dir() else None
+    if ds_raw is None:
+        raise SystemExit(f"Cardiac Fat CT dataset (Dataset{DATASET_ID}_*) not found under {raw}; pass --raw")
+    env = pipeline_env(workdir, epochs, iters)
+    env["nnUNet_raw"] = str(raw)  # read in place
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pp = Path(env["nnUNet_preprocessed"]) / ds_raw.name
+    plans_file = pp / "nnUNetPlans.json"
+    if not plans_file.is_file() or "2d_sts_coarse_128" not in json.loads(plans_file.read_text())["configurations"]:
+        run([_bin("nnunet-stseg"), "plan", "-d", str(DATASET_ID), "-s", "128", "--dims", "2d", "--features",
+             str(features), "-np", "2"], env, logs / "plan.log")
+    narrow = add_narrow_2d(plans_file, features)
+    case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds_raw / "labelsTr").glob("*.nii.gz"))
+    write_json_atomic(per_patient_split(case_ids, folds, seed), pp / "splits_final.json", indent=1)
+    config_of = {"128": "2d_sts_coarse_128", "planned": narrow}
+    results_file = workdir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results["split"] = {"folds": folds, "seed": seed, "n_patients": len(case_ids)}
+    results.setdefault("arms", {})
+    for setting in settings:
+        config = config_of[setting]
+        cfg = set_batch_size(plans_file, config, batch_size)
+        budget = {"features": int(cfg["architecture"]["arch_kwargs"]["features_per_stage"][0]),
+                  "batch_size": int(batch_size), "patch": list(cfg["patch_size"]), "epochs": epochs, "iters": iters,
+                  "device": device}
+        for arm, trainer in ARMS:
+            key = f"{setting}/{arm}"
+            model = Path(env["nnUNet_results"]) / ds_raw.name / f"{trainer}__nnUNetPlans__{config}"
+            seconds = results["arms"].get(key, {}).get("train_s", {})
+            for f in range(folds):
+                if (model / f"fold_{f}" / "checkpoint_final.pth").is_file() and \
+                        (model / f"fold_{f}" / "validation" / "summary.json").is_file():
+                    continue
+                resume = ["--c"] if (model / f"fold_{f}" / "checkpoint_latest.pth").is_file() else []
+                t0 = time.perf_counter()
+                run([_bin("nnUNetv2_train"), str(DATASET_ID), config, str(f), "-tr", trainer, "-device", device,
+                     *resume], env, logs / f"train_{setting}_{arm}_{f}.log")
+                seconds[str(f)] = time.perf_counter() - t0
+            scores = score_arm([model / f"fold_{f}" / "validation" for f in range(folds)], ds_raw / "labelsTr")
+            results["arms"][key] = {"configuration": config, "trainer": trainer, "budget": budget, "command": command,
+                                    "train_s": seconds, **scores}
+            write_json_atomic(results, results_file, indent=1)
+    return results
+
+
+def report(results: dict, cmd: str) -> str:
+    from nnunet_stseg.benchmark import machine_line
+
+    split = results.get("split") or results["budget"]
+    lines = ["# Depth channel on Cardiac Fat CT (2D networks on 3D scans)", "",
+             "Commands (each adds its rows; the last one printed this file):  ",
+             *[f"`{c}`  " for c in dict.fromkeys(r.get("command") or cmd for r in results["arms"].values())],
+             f"Machine: {machine_line()}  ",
+             f"{split['folds']}-fold per-patient cross-validation of {split['n_patients']} patients (split seed "
+             f"{split['seed']}); every patient scored once, by the fold model that did not train on it, at 512 x 512 "
+             f"(mean ± sd over patients). With and without depth share the budget of their row group (U-Net base "
+             f"width, batch, epochs x iterations per fold). EAT = label 2 of the dataset (adipose inside the "
+             f"pericardium, as labelled), not recomputed from the predicted pericardium.", "",
+             "| input | depth | budget | pericardium DSC | IoU | precision | recall | EAT DSC | EAT count r | "
+             "EAT bias px/slice (95 % LoA) | train s (all folds) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["arms"].items():
+        setting, arm = key.split("/")
+        size = "128 x 128" if setting == "128" else f"planned 2d ({r['configuration']})"
+        b = r.get("budget") or results["budget"]
+        budget = (f"width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']}, "
+                  f"{b.get('device', 'cpu')}")
+        cells = " | ".join(f"{r[f'pericardium_{m}'][0]:.3f} ± {r[f'pericardium_{m}'][1]:.3f}"
+                           for m in ("Dice", "IoU", "Precision", "Recall"))
+        lo, hi = r["eat_count_loa"]
+        lines.append(f"| {size} | {'yes' if arm == 'depth' else 'no'} | {budget} | {cells} | "
+                     f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f} | {r['eat_count_pearson_r']:.3f} | "
+                     f"{r['eat_count_bias']:.0f} ({lo:.0f}, {hi:.0f}) | {sum(r['train_s'].values()):.0f} |")
+    lines.append(f"| 128 x 128 (published, other split) | yes | full training | {PUBLISHED['pericardium_dsc']:.3f} | "
+                 f"{PUBLISHED['pericardium_iou']:.3f} | | | {PUBLISHED['eat_dsc']:.3f} | {PUBLISHED['eat_count_r']:.3f} "
+                 f"| | |")
+    return "\n".join(lines) + "\n"
+
+
+def bland_altman_plot(results: dict, path: Path) -> None:
+    """Per-slice EAT pixel counts: Bland-Altman (difference vs mean) for every arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results["arms"].items())
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.8), sharey=True, squeeze=False)
+    for ax, (key, r) in zip(axes[0], arms):
+        pred = np.concatenate([c["eat_counts"]["pred"] for c in r["cases"].values()]).astype(float)
+        gt = np.concatenate([c["eat_counts"]["gt"] for c in r["cases"].values()]).astype(float)
+        mean, diff = (pred + gt) / 2, pred - gt
+        ax.scatter(mean, diff, s=4, alpha=0.4)
+        lo, hi = r["eat_count_loa"]
+        for y, style in ((r["eat_count_bias"], "-"), (lo, "--"), (hi, "--")):
+            ax.axhline(y, color="k", linestyle=style, linewidth=0.8)
+        ax.set(title=f"{key}: bias {r['eat_count_bias']:.0f}, r {r['eat_count_pearson_r']:.2f}",
+               xlabel="mean of predicted and true EAT pixels per slice")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("predicted - true EAT pixels per slice")
+    fig.tight_layout()
+    write_atomic(path, figure=fig, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    import sys
+
+    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-depth", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("work_dirs/depth"))
+    p.add_argument("--raw", type=Path, default=None, help="nnU-Net raw folder holding Dataset701 "
+                                                          "(default ../shared/data/nnUNet_raw)")
+    p.add_argument("--features", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    p.add_argument("-device", "--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="markdown report (a Bland-Altman PNG is written beside it)")
+    args = p.parse_args(argv)
+    cmd = ("nnunet-stseg-experiment-depth " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    results = run_experiment(args.workdir, args.features, args.batch_size, args.epochs, args.iters, args.folds,
+                             args.seed, tuple(args.settings), args.device, args.raw, cmd)
+    text = report(results, cmd)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        png = args.out.with_name(args.out.stem + "_bland_altman.png")
+        bland_altman_plot(results, png)
+        text += f"\n![Bland-Altman of per-slice EAT pixel counts]({png.name})\n"
+        write_atomic(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Experiment: Cartesian nnU-Net at input size S vs the polar stage with coarse-centroid origins vs
+the polar stage with heatmap origins (issue 3 evidence).
+
+    nnunet-stseg-experiment-polar --dataset cardiac --workdir work_dirs/polar_cardiac \\
+        --out docs/benchmarks/polar_cardiacfat.md
+    nnunet-stseg-experiment-polar --dataset kvasir --size 64 --workdir work_dirs/polar_kvasir \\
+        --out docs/benchmarks/polar_kvasir.md
+
+Three arms with the same width, batch size and schedule per network, all trained and run with the
+stock nnU-Net commands:
+- ``cartesian``: ``nnUNetTrainer_StSCoarse`` on ``2d_sts_coarse_S`` (the whole slice downscaled to
+  S; nnU-Net's export resamples its output to the original grid);
+- ``polar_coarse``: ``nnUNetTrainer_StSPolar`` on ``2d_sts_polar_S``, origins = centroids of that
+  Cartesian model's components (``STSEG_POLAR_ORIGINS=coarse``);
+- ``polar_coarse_max1``: the same with at most one origin per slice, the largest component's
+  (``STSEG_POLAR_MAX_ORIGINS=1``; for data with one object per slice, stray coarse fragments then
+  give no polar view of their own);
+- ``polar_heatmap``: the same polar model, origins = peaks of ``nnUNetTrainer_StSCentre`` trained on
+  ``2d_sts_coarse_S`` (``STSEG_POLAR_ORIGINS=heatmap``); slices with coarse foreground but no peak
+  keep the Cartesian prediction.
+
+Data and scoring (always in Cartesian space against the original labels, every image counts):
+- ``cardiac``: Cardiac Fat CT read in place from ``../shared/data/nnUNet_raw``; per-patient K-fold
+  cross-validation (``splits_final.json``), each patient predicted by the fold model that did not
+  train on it, at 512 x 512; pericardium (labels 1 + 2) DSC/IoU/precision/recall and EAT (label 2)
+  DSC per patient, mean +- sd over patients;
+- ``kvasir``: Kvasir-SEG resized to 256 x 256, the paper's seeded 80/10/10 split (fold 0 = train/val),
+  scored on the test images; polyp DSC/IoU/precision/recall per image, mean +- sd.
+Inference time = wall time of each ``nnUNetv2_predict`` call divided by its images (model loading
+included). Resumable: finished trainings and predictions are
+kept (re-run the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
+                                 MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, coarse_config_name, polar_config_name)
+from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured
+
+ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap")
+CARDIAC_ID, KVASIR_ID = 701, 720
+# methods.md section 3, U-Net DSC Cartesian -> polar with model-predicted centres (other data splits)
+PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
+             "kvasir": "CVC-ClinicDB polyps DSC 0.8315 -> 0.9374 (thesis; Kvasir itself not reported)"}
+
+
+def _shared_data() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """DSC, IoU, precision, recall of two binary masks (empty vs empty counts as a perfect 1)."""
+    tp, fp, fn = float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & gt).sum())
+    return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+            "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+            "Precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "Recall": tp / (tp + fn) if tp + fn else float("nan")}
+
+
+def _read(path: Path) -> np.ndarray:
+    if path.suffix == ".png":
+        from skimage.io import imread
+
+        return np.asarray(imread(str(path)))
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]]) -> dict:
+    """Per-case overlap of every region (name -> labels) and its mean +- sd over cases."""
+    cases = {}
+    for f in sorted(pred_dir.glob(f"*{file_ending}")):
+        pred, gt = _read(f), _read(gt_dir / f.name)
+        cases[f.name[:-len(file_ending)]] = {name: overlap(np.isin(pred, labels), np.isin(gt, labels))
+                                             for name, labels in regions.items()}
+    summary = {"n_cases": len(cases), "cases": cases}
+    for name in regions:
+        for m in ("Dice", "IoU", "Precision", "Recall"):
+            v = np.array([c[name][m] for c in cases.values()], dtype=float)
+            with warnings.catch_warnings():  # precision of cases with an empty prediction is NaN, by design
+                warnings.simplefilter("ignore", RuntimeWarning)
+                summary[f"{name}_{m}"] = ((float(np.nanmean(v)), float(np.nanstd(v))) if len(v)
+                                          else (np.nan, np.nan))
+    return summary
+
+
+def _prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int) -> tuple[Path, list[tuple[int, list[Path]]]]:
+    """Raw dataset read in place, per-patient split; returns the dataset and per fold the images
+    of its validation patients."""
+    from nnunet_stseg.experiment_depth import per_patient_split
+
+    raw = _shared_data() / "nnUNet_raw"
+    ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_ID}_*"))), None) if raw.is_dir() else None
+    if ds is None:
+        raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_ID}_*) not found under {raw}")
+    env["nnUNet_raw"] = str(raw)
+    case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))
+    splits = per_patient_split(case_ids, folds, seed)
+    pp = Path(env["nnUNet_preprocessed"]) / ds.name
+    pp.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(splits, pp / "splits_final.json", indent=1)
+    evals = []
+    for f, split in enumerate(splits):
+        folder = workdir / "inputs" / f"fold_{f}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in split["val"]:
+            for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz"):
+                link = folder / img.name
+                if not link.exists():
+                    link.symlink_to(img)
+        evals.append((f, sorted(folder.glob("*.nii.gz"))))
+    return ds, evals
+
+
+def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = None
+                    ) -> tuple[Path, list[tuple[int, list[Path]]]]:
+    from nnunet_stseg.kvasir import convert_kvasir, kvasir_ids
+
+    src = _shared_data() / "kvasir-seg"
+    if not (src / "images").is_dir():
+        raise SystemExit(f"Kvasir-SEG not found at {src}")
+    raw = Path(env["nnUNet_raw"])
+    found = sorted(raw.glob(f"Dataset{KVASIR_ID}_*")) if raw.is_dir() else []
+    ids = kvasir_ids(src)[:limit] if limit else None
+    ds = found[0] if found else convert_kvasir(src, raw, KVASIR_ID, size=256, seed=seed, ids=ids)
+    return ds, [(0, sorted((ds / "imagesTs").glob("*.png")))]
+
+
+def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_size: int, epochs: int, iters: int,
+                   folds: int, seed: int, device: str = "cpu", command: str = "", limit: int | None = None,
+                   redo_predictions: bool = False) -> dict:
+    workdir = Path(workdir).resolve()
+    env = pipeline_env(workdir, epochs, iters)
+    env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", "1")
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if dataset == "cardiac":
+        ds, evals = _prepare_cardiac(workdir, env, folds, seed)
+        did, gt_dir, regions = CARDIAC_ID, ds / "labelsTr", {"pericardium": (1, 2), "eat": (2,)}
+    else:
+        ds, evals = _prepare_kvasir(workdir, env, seed, limit)
+        did, gt_dir, regions = KVASIR_ID, ds / "labelsTs", {"polyp": (1,)}
+    file_ending = json.loads((ds / "dataset.json").read_text())["file_ending"]
+    coarse_c, polar_c = coarse_config_name("2d", size), polar_config_name(size)
+    pp = Path(env["nnUNet_preprocessed"]) / ds.name
+    plans_file = pp / "nnUNetPlans.json"
+    if not plans_file.is_file() or polar_c not in json.loads(plans_file.read_text())["configurations"]:
+        run([_bin("nnunet-stseg"), "plan", "-d", str(did), "-s", str(size), "--dims", "2d", "--features",
+             str(features), "--batch_size", str(batch_size), "--polar", "-np", "2"], env, logs / "plan.log")
+    if dataset == "kvasir":
+        from nnunet_stseg.kvasir import install_split
+
+        install_split(ds, pp)
+    results_file = workdir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results.update({"dataset": dataset, "size": size, "command": command,
+                    "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
+                               "device": device, "folds": [f for f, _ in evals], "seed": seed}})
+    train_s = results.setdefault("train_s", {})
+    networks = (("cartesian", coarse_c, DEFAULT_COARSE_TRAINER), ("centre", coarse_c, DEFAULT_CENTRE_TRAINER),
+                ("polar", polar_c, DEFAULT_POLAR_TRAINER))
+    for f, _ in evals:
+        for name, config, trainer in networks:
+            fold_dir = Path(env["nnUNet_results"]) / ds.name / f"{trainer}__nnUNetPlans__{config}" / f"fold_{f}"
+            if (fold_dir / "checkpoint_final.pth").is_file():
+                continue
+            resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
+            t0 = time.perf_counter()
+            run([_bin("nnUNetv2_train"), str(did), config, str(f), "-tr", trainer, "-device", device, *resume],
+                env, logs / f"train_{name}_{f}.log")
+            train_s[f"{name}/{f}"] = time.perf_counter() - t0
+            write_json_atomic(results, results_file, indent=1)
+    centre_model = Path(env["nnUNet_results"]) / ds.name / f"{DEFAULT_CENTRE_TRAINER}__nnUNetPlans__{coarse_c}"
+    results["centre_validation"] = {}
+    for f, _ in evals:
+        summary = centre_model / f"fold_{f}" / "validation" / "summary_centres.json"
+        if summary.is_file():
+            v = json.loads(summary.read_text())
+            results["centre_validation"][str(f)] = {k: v.get(k) for k in ("precision", "recall", "f1",
+                                                                          "median_distance_px", "sigma_px")}
+    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, "coarse", None),
+                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", None),
+                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "1"),
+                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", None)}
+    if redo_predictions:  # e.g. after a predictor change: the trained models are kept
+        shutil.rmtree(workdir / "predictions", ignore_errors=True)
+        for key in ("inference_s", "arms", "origins"):
+            results.pop(key, None)
+    infer = results.setdefault("inference_s", {})
+    for arm, (config, trainer, source, max_origins) in arm_runs.items():
+        out = workdir / "predictions" / arm
+        for f, images in evals:
+            key = f"{arm}/{f}"
+            cases = {p.name[:-len("_0000" + file_ending)] for p in images}
+            if key in infer and all((out / f"{c}{file_ending}").is_file() for c in cases):
+                continue
+            seconds, _ = run_measured([_bin("nnUNetv2_predict"), "-i", str(images[0].parent), "-o", str(out), "-d",
+                                       str(did), "-c", config, "-tr", trainer, "-f", str(f), "-device", device,
+                                       "--disable_tta", "-npp", "1", "-nps", "1"],
+                                      {**env, ORIGIN_SOURCE_ENV: source, MAX_ORIGINS_ENV: max_origins or ""},
+                                      logs / f"predict_{arm}_{f}.log")
+            infer[key] = {"seconds": seconds, "images": len(images),
+                          "slices": _count_slices(images) if dataset == "cardiac" else len(images)}
+            write_json_atomic(results, results_file, indent=1)
+        if arm != "cartesian":
+            results.setdefault("origins", {})[arm] = origin_counts(
+                [logs / f"predict_{arm}_{f}.log" for f, _ in evals])
+        results.setdefault("arms", {})[arm] = score_folder(out, gt_dir, file_ending, regions)
+        write_json_atomic(results, results_file, indent=1)
+    results["files"] = {"gt_dir": str(gt_dir), "file_ending": file_ending,
+                        "image_dirs": sorted({str(p.parent) for _, images in evals for p in images})}
+    return results
+
+
+def plot_examples(results: dict, workdir: Path, path: Path, n: int = 3) -> Path | None:
+    """Overlays of the cases with the lowest, median and highest polar (coarse origins) DSC: image,
+    ground truth and each arm's prediction; for CT the slice with the most pericardium."""
+    from nnunet_stseg.overlays import overlay_grid, pick_cases
+
+    arms = [a for a in ARMS if a in results.get("arms", {})]
+    files = results.get("files")
+    if not arms or not files:
+        return None
+    region, labels = (("pericardium", (1, 2)) if results["dataset"] == "cardiac" else ("polyp", (1,)))
+    ranked_by = "polar_coarse" if "polar_coarse" in arms else arms[0]
+    picks = pick_cases({c: v[region]["Dice"] for c, v in results["arms"][ranked_by]["cases"].items()}, n)
+    if not picks:
+        return None
+    ending, rows = files["file_ending"], []
+    for case in picks:
+        image_file = next(Path(d) / f"{case}_0000{ending}" for d in files["image_dirs"]
+                          if (Path(d) / f"{case}_0000{ending}").exists())
+        img, gt = _read(image_file), np.isin(_read(Path(files["gt_dir"]) / f"{case}{ending}"), labels)
+        preds = {a: np.isin(_read(Path(workdir) / "predictions" / a / f"{case}{ending}"), labels) for a in arms}
+        title = case
+        if results["dataset"] == "cardiac":  # (Z, H, W): the slice with the most pericardium
+            z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
+            img, gt, preds, title = img[z], gt[z], {a: v[z] for a, v in preds.items()}, f"{case} slice {z}"
+        rows.append((title, img, gt, {a: (p, f"{region} DSC {results['arms'][a]['cases'][case][region]['Dice']:.3f}")
+                                      for a, p in preds.items()}))
+    return overlay_grid(rows, path)
+
+
+def origin_counts(logs: list[Path]) -> dict:
+    """Origins, images (slices) with at least one origin, and slices that kept the Cartesian
+    prediction for lack of a heatmap peak, summed from the polar predictor's log lines."""
+    import re
+
+    total = {"origins": 0, "slices_with_origin": 0, "kept_coarse": 0, "no_origin_cases": 0}
+    for log in logs:
+        text = log.read_text() if log.is_file() else ""
+        for n, z, _, kept in re.findall(r"(\d+) origin\(s\) \(\w+\) in (\d+) slice\(s\)(; (\d+) slice)?", text):
+            total["origins"] += int(n)
+            total["slices_with_origin"] += int(z)
+            total["kept_coarse"] += int(kept or 0)
+        total["no_origin_cases"] += text.count("no origin (")
+    return total
+
+
+def _count_slices(images: list[Path]) -> int:
+    import SimpleITK as sitk
+
+    return int(sum(sitk.ReadImage(str(p)).GetSize()[2] for p in images))
+
+
+def report(results: dict, examples: str | None = None) -> str:
+    from nnunet_stseg.benchmark import machine_line
+
+    b, dataset = results["budget"], results["dataset"]
+    regions = ("pericardium", "eat") if dataset == "cardiac" else ("polyp",)
+    what = ("Cardiac Fat CT, per-patient cross-validation, each patient predicted by the fold model that did not "
+            "train on it, scored at 512 x 512 (mean ± sd over patients)" if dataset == "cardiac" else
+            "Kvasir-SEG at 256 x 256, seeded 80/10/10 split, fold 0 trained, scored on the test images "
+            "(mean ± sd over images)")
+    lines = [f"# Polar stage vs Cartesian nnU-Net at S = {results['size']} ({dataset})", "",
+             f"Command: `{results['command']}`  ", f"Machine: {machine_line()}  ",
+             f"Budget per network (Cartesian, centre-point, polar; each fold): U-Net base width {b['features']}, "
+             f"batch {b['batch_size']}, {b['epochs']} x {b['iters']} iterations, device {b['device']}; folds "
+             f"{b['folds']}, split seed {b['seed']}.  ",
+             f"{what}. Every image counts: an image without origin keeps the Cartesian (coarse) prediction. "
+             "Inference: wall time of `nnUNetv2_predict` (TTA off, model loading included) per image"
+             + (" and per slice" if dataset == "cardiac" else "") + ".", ""]
+    head = " | ".join(f"{r} {m}" for r in regions for m in (("DSC", "IoU", "precision", "recall")
+                                                                if r != "eat" else ("DSC",)))
+    lines += [f"| arm | {head} | s per image{' | ms per slice' if dataset == 'cardiac' else ''} |",
+              "|---" * (2 + len(head.split(" | ")) + (dataset == "cardiac")) + "|"]
+    for arm in ARMS:
+        r = results.get("arms", {}).get(arm)
+        if r is None:
+            continue
+        cells = []
+        for region in regions:
+            for m in (("Dice", "IoU", "Precision", "Recall") if region != "eat" else ("Dice",)):
+                mean, sd = r[f"{region}_{m}"]
+                cells.append(f"{mean:.3f} ± {sd:.3f}")
+        runs = [v for k, v in results["inference_s"].items() if k.startswith(arm + "/")]
+        secs = sum(v["seconds"] for v in runs)
+        per_image = secs / max(1, sum(v["images"] for v in runs))
+        timing = f"{per_image:.2f}" + (f" | {1000 * secs / max(1, sum(v['slices'] for v in runs)):.0f}"
+                                        if dataset == "cardiac" else "")
+        lines.append(f"| {arm} | {' | '.join(cells)} | {timing} |")
+    origins = results.get("origins", {})
+    if origins:
+        lines += ["", "Origins (summed over the evaluated images): " + "; ".join(
+            f"{arm} {o['origins']} in {o['slices_with_origin']} {'slices' if dataset == 'cardiac' else 'images'}"
+            f" ({o['origins'] / max(1, o['slices_with_origin']):.2f} per {'slice' if dataset == 'cardiac' else 'image'}"
+            + (f", {o['kept_coarse']} slices without a peak kept the Cartesian prediction" if o["kept_coarse"] else "")
+            + (f", {o['no_origin_cases']} cases without any origin" if o["no_origin_cases"] else "") + ")"
+            for arm, o in origins.items()) + "."]
+    centre = results.get("centre_validation") or {}
+    if centre:
+        lines += ["", "Centre-point model on its fold's validation cases (a heatmap peak >= 0.5 inside a "
+                  "ground-truth object detects it): " + "; ".join(
+                      f"fold {f}: precision {v['precision']:.2f}, recall {v['recall']:.2f}, F1 {v['f1']:.2f}, "
+                      f"sigma {v['sigma_px']:.1f} px" for f, v in centre.items()) + "."]
+    lines += ["", "Arms: `cartesian` = nnU-Net on the whole image downscaled to S; `polar_coarse` = polar "
+              "stage, one origin per component of the Cartesian model's mask; `polar_coarse_max1` = the same, "
+              "only the largest component per slice (`STSEG_POLAR_MAX_ORIGINS=1`); `polar_heatmap` = origins "
+              "from the centre-point heatmap model.", ""]
+    train = results.get("train_s", {})
+    lines += ["", "Training time (s, all folds): " + ", ".join(
+        f"{name} {sum(v for k, v in train.items() if k.startswith(name + '/')):.0f}"
+        for name in ("cartesian", "centre", "polar")) + ".  ",
+        f"Published (other data and splits, full training): {PUBLISHED[dataset]}."]
+    lines.append("Polar round-trip Dice of these masks (no network): [polar_round_trip.md](polar_round_trip.md).")
+    if examples:
+        lines += ["", f"Cases with the lowest, median and highest DSC of polar_coarse (ground truth green, "
+                  f"prediction red): ![examples]({examples})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-polar", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("cardiac", "kvasir"), default="cardiac")
+    p.add_argument("--workdir", type=Path, default=None, help="default work_dirs/polar_<dataset>")
+    p.add_argument("-s", "--size", type=int, default=128, help="S: Cartesian input size and polar image size (128)")
+    p.add_argument("--features", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--folds", type=int, default=2, help="cardiac: per-patient folds (kvasir: the paper's split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="kvasir: first N images only (smoke runs)")
+    p.add_argument("-device", "--device", default="cpu")
+    p.add_argument("--redo_predictions", action="store_true",
+                   help="predict and score again with the trained models (after a change of the predictor)")
+    p.add_argument("--out", type=Path, default=None, help="markdown report")
+    args = p.parse_args(argv)
+    cmd = ("nnunet-stseg-experiment-polar " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    workdir = args.workdir or Path(f"work_dirs/polar_{args.dataset}")
+    results = run_experiment(args.dataset, workdir, args.size, args.features, args.batch_size, args.epochs,
+                             args.iters, args.folds, args.seed, args.device, cmd, args.limit, args.redo_predictions)
+    figure = None
+    if args.out is not None:
+        figure = plot_examples(results, workdir, args.out.with_name(args.out.stem + "_examples.png"))
+    text = report(results, figure.name if figure else None)
+    print(text)
+    if args.out is not None:
+        write_atomic(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

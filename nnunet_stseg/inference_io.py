@@ -1,0 +1,186 @@
+"""What our predictors change in nnU-Net's inference input and output, as drop-in nnU-Net parts.
+
+- :class:`CheckedPreprocessor`: nnU-Net's ``DefaultPreprocessor`` with input checks (channel
+  count, non-finite intensities) and, optionally, the depth channel appended after nnU-Net's
+  preprocessing. A case that cannot be read or fails a check gives ONE line naming its files; in
+  nnU-Net's worker processes the case is then replaced by a marker that the predictor skips, so
+  the rest of the batch goes on (nnU-Net would stop the whole batch).
+- :class:`AtomicReaderWriter`: the plans' image reader/writer, but segmentations are written to a
+  temporary file and renamed into place, so an interrupted run never leaves a half-written file
+  that looks finished (``--continue_prediction`` skips every file that exists).
+- :class:`PluginConfigurationManager` / :class:`PluginPlansManager`: the same configuration and
+  plans; they only hand nnU-Net the two classes above. Both pickle by module path, so nnU-Net's
+  spawned preprocessing and export workers use them too.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import zlib
+
+import numpy as np
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
+
+ERROR_KEY = "nnunet_stseg_error"
+PARTIAL_DIR = ".nnunet_stseg_partial"
+FAILED_CASES_FILE = "nnunet_stseg_failed_cases.json"
+
+
+class CaseError(ValueError):
+    """One input case cannot be predicted; the message is one line naming its files."""
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = f"{type(error).__name__}: {text}" if not isinstance(error, CaseError) else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_file_complete(path: str) -> None:
+    """Raise :class:`CaseError` if a gzip file is truncated or corrupt, or a NIfTI file holds fewer
+    bytes than its header announces. ITK's NIfTI reader does not notice either: it returns the
+    missing voxels as zeros. Costs one extra decompression of the file."""
+    lower = str(path).lower()
+    if not lower.endswith((".gz", ".nii")):
+        return
+    opener = gzip.open if lower.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            size = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 24), b""))
+    except (EOFError, OSError, zlib.error) as e:
+        raise CaseError(f"truncated or corrupt file ({one_line(e)})") from e
+    if lower.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        try:
+            header = nibabel.load(path).header
+            expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * \
+                header.get_data_dtype().itemsize
+        except Exception:  # header unreadable: the image reader says why
+            return
+        if size < expected:
+            raise CaseError(f"truncated file: {size} bytes of image data, the NIfTI header announces {expected}")
+
+
+class CheckedPreprocessor(DefaultPreprocessor):
+    """nnU-Net's default preprocessing with input checks and the optional depth channel.
+
+    ``on_error``: ``"raise"`` raises :class:`CaseError`; ``"mark"`` prints the error and returns a
+    marker case (properties hold ``ERROR_KEY``) for the predictor to skip."""
+
+    def __init__(self, verbose: bool = True, on_error: str = "raise", depth_channel: bool = False):
+        super().__init__(verbose=verbose)
+        self.on_error = on_error
+        self.depth_channel = depth_channel
+
+    def run_case(self, image_files, seg_file, plans_manager, configuration_manager, dataset_json):
+        try:
+            for f in image_files:
+                check_file_complete(f)
+            return super().run_case(image_files, seg_file, plans_manager, configuration_manager, dataset_json)
+        except Exception as e:  # any failure of this one case: unreadable, truncated, failed checks
+            message = f"{', '.join(os.fspath(f) for f in image_files)}: {one_line(e)}"
+            if self.on_error == "raise":
+                raise CaseError(message) from e
+            print(f"[nnunet-stseg] ERROR {message} (case skipped, the rest of the batch goes on)", flush=True)
+            n = len(configuration_manager.normalization_schemes) + int(self.depth_channel)
+            return np.zeros((n, 1, 1, 1), np.float32), None, {ERROR_KEY: message}
+
+    def run_case_npy(self, data, seg, properties, plans_manager, configuration_manager, dataset_json):
+        # nnU-Net's readers give a 2D image a dummy first spacing of 999 x its largest in-plane spacing;
+        # a 2D dataset's cases have 1 slice
+        spacing = [float(v) for v in properties.get("spacing", [1.0])]
+        input_is_2d = len(spacing) == 3 and spacing[0] >= 998 * max(spacing[1:])
+        model_is_2d = float(plans_manager.plans.get("original_median_shape_after_transp", [2])[0]) <= 1
+        if input_is_2d and not model_is_2d:
+            raise CaseError("is a 2D image; this model was trained on 3D volumes (a one-slice volume must be "
+                            "stored as 3D)")
+        if model_is_2d and not input_is_2d:
+            raise CaseError(f"is a 3D volume ({data.shape[1]} slice(s)); this model was trained on 2D images")
+        expected = len(configuration_manager.normalization_schemes)
+        if data.shape[0] != expected:
+            raise CaseError(f"has {data.shape[0]} channel(s), the model expects {expected} "
+                            f"(files _0000 to _{expected - 1:04d})")
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise CaseError(f"contains {int(finite.size - finite.sum())} NaN/Inf voxel(s); fix or mask them first")
+        del finite
+        data, seg, properties = super().run_case_npy(data, seg, properties, plans_manager, configuration_manager,
+                                                     dataset_json)
+        if self.depth_channel:
+            if int(properties["shape_before_cropping"][0]) == 1:
+                print("[nnunet-stseg] WARNING: this scan has a single slice; its depth channel is 0.5 (the middle)",
+                      flush=True)
+            data = append_depth_channel(data, depths_from_properties(data.shape[1], properties))
+        return data, seg, properties
+
+
+class PluginConfigurationManager(ConfigurationManager):
+    """The same configuration; its preprocessor is :class:`CheckedPreprocessor`."""
+
+    on_error = "mark"
+
+    @property
+    def preprocessor_class(self):
+        depth = bool(self.configuration.get(DEPTH_KEY, False))
+        if self.preprocessor_name != "DefaultPreprocessor":
+            if depth:
+                raise ValueError(f"the depth channel is added on top of nnU-Net's DefaultPreprocessor; this "
+                                 f"configuration uses {self.preprocessor_name!r}")
+            return super().preprocessor_class
+        return functools.partial(CheckedPreprocessor, on_error=self.on_error, depth_channel=depth)
+
+
+class AtomicReaderWriter(BaseReaderWriter):
+    """The plans' reader/writer (by name); ``write_seg`` goes through a temporary file in a hidden
+    sub-folder of the output folder (same file system, same file ending), then ``os.replace``."""
+
+    def __init__(self, inner_name: str):
+        self.inner = recursive_find_reader_writer_by_name(inner_name)()
+
+    def read_images(self, image_fnames):
+        return self.inner.read_images(image_fnames)
+
+    def read_seg(self, seg_fname):
+        return self.inner.read_seg(seg_fname)
+
+    def write_seg(self, seg, output_fname: str, properties: dict) -> None:
+        folder, name = os.path.split(os.path.abspath(output_fname))
+        partial_dir = os.path.join(folder, PARTIAL_DIR)
+        os.makedirs(partial_dir, exist_ok=True)
+        tmp = os.path.join(partial_dir, f"{os.getpid()}_{name}")
+        try:
+            self.inner.write_seg(seg, tmp, properties)
+            os.replace(tmp, output_fname)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        # The folder stays: other export workers may be between makedirs and their own write.
+        # The predictor removes it (when empty) once every export has finished.
+
+
+def remove_partial_folder(output_folder: str) -> None:
+    """Remove the hidden temporary-write folder of ``output_folder`` if it is empty (it is not
+    when a writer was killed mid-write; its content is then a partial file, never a result)."""
+    try:
+        os.rmdir(os.path.join(output_folder, PARTIAL_DIR))
+    except OSError:
+        pass
+
+
+class PluginPlansManager(PlansManager):
+    """The same plans; segmentations are written atomically (:class:`AtomicReaderWriter`)."""
+
+    @property
+    def image_reader_writer_class(self):
+        return functools.partial(AtomicReaderWriter, self.plans["image_reader_writer"])
+
+
+__all__ = ["ERROR_KEY", "PARTIAL_DIR", "FAILED_CASES_FILE", "CaseError", "CheckedPreprocessor",
+           "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line"]

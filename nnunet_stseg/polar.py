@@ -1,0 +1,293 @@
+"""Polar-transform geometry: origins, polar resampling, inverse mapping, multi-object fusion.
+
+Pure functions with no nnU-Net imports, on torch tensors (any device) or numpy arrays.
+
+Conventions (used by training, inference and tests alike):
+
+- Images are (C, H, W); pixel ``(y, x)`` has its centre at integer coordinates, the image covers
+  ``[-0.5, H - 0.5] x [-0.5, W - 0.5]``. An origin is ``(y, x)`` in those coordinates
+  (fractional allowed); a 3D volume (C, Z, H, W) is handled slice by slice with origins
+  ``(z, y, x)``, ``z`` an integer slice index.
+- A polar image is (C, A, R): row ``i`` is the angle ``theta_i = theta0 + 2 pi i / A`` (angle
+  measured from the +x axis towards +y), column ``j`` the radius ``r_j = j * radius / (R - 1)``,
+  linear in radius, so column 0 is the origin itself and the last column reaches ``radius``.
+- ``radius`` = distance from the origin to the farthest image CORNER (not half the diagonal as
+  the reference code had): no pixel of the image is ever outside the polar image, wherever the
+  origin lies.
+- Rotation about the origin is a cyclic shift along the angle axis (``theta0``); a Cartesian
+  mirror across a line through the origin is a flip of the angle axis. A flip of the radius axis
+  has no Cartesian meaning (it would move the origin to the border).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def _as_tensor(x) -> tuple[torch.Tensor, bool]:
+    was_numpy = not isinstance(x, torch.Tensor)
+    return torch.as_tensor(np.ascontiguousarray(x) if was_numpy else x), was_numpy
+
+
+def farthest_corner_distance(origins, image_shape: Sequence[int]) -> np.ndarray:
+    """Distance (pixels) from each origin (N, 2) ``(y, x)`` to the farthest corner of an image of
+    ``image_shape`` (H, W): the polar radius that keeps every pixel inside the polar image."""
+    o = np.asarray(origins, dtype=np.float64).reshape(-1, 2)
+    h, w = float(image_shape[0]), float(image_shape[1])
+    corners = np.array([[-0.5, -0.5], [-0.5, w - 0.5], [h - 0.5, -0.5], [h - 0.5, w - 0.5]])
+    d = np.sqrt(((o[:, None, :] - corners[None]) ** 2).sum(-1))
+    return d.max(axis=1)
+
+
+def _polar_sampling_grid(origins: torch.Tensor, radius: torch.Tensor, theta0: torch.Tensor,
+                         polar_shape: tuple[int, int], image_shape: tuple[int, int]) -> torch.Tensor:
+    """grid_sample grid (N, A, R, 2) of the Cartesian points of every polar sample."""
+    a, r = polar_shape
+    h, w = image_shape
+    dev = origins.device
+    theta = theta0[:, None] + torch.arange(a, device=dev, dtype=torch.float64)[None] * (2 * math.pi / a)  # (N, A)
+    rad = radius[:, None] * torch.arange(r, device=dev, dtype=torch.float64)[None] / max(r - 1, 1)  # (N, R)
+    y = origins[:, 0, None, None] + rad[:, None, :] * torch.sin(theta)[:, :, None]
+    x = origins[:, 1, None, None] + rad[:, None, :] * torch.cos(theta)[:, :, None]
+    gx = (2 * x + 1) / w - 1
+    gy = (2 * y + 1) / h - 1
+    return torch.stack([gx, gy], dim=-1).to(torch.float32)
+
+
+def _broadcast(values, n: int, default: float, dev) -> torch.Tensor:
+    if values is None:
+        return torch.full((n,), float(default), dtype=torch.float64, device=dev)
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, torch.Tensor) else values,
+                        dtype=torch.float64, device=dev).reshape(-1)
+    return t.expand(n).clone() if t.numel() == 1 else t
+
+
+def to_polar(image, origins, polar_shape: Sequence[int], mode: str = "linear", radius=None, theta0=None,
+             padding_mode: str = "border"):
+    """Polar images of ``image`` around each origin, in ONE grid_sample call.
+
+    ``image``: (C, H, W) with origins (N, 2) ``(y, x)``, or (C, Z, H, W) with origins (N, 3)
+    ``(z, y, x)`` (each origin reads its own slice). ``radius`` (N,) defaults to the farthest
+    corner distance; ``theta0`` (N,) is the angle of row 0 (rotation augmentation), default 0.
+    Polar samples beyond the image edge repeat the edge pixel (``padding_mode='border'``) so that
+    pixels on the image border map back undiluted (with zeros they would read a mix of image and
+    padding, and objects touching the border would lose their edge pixels).
+    Returns (N, C, A, R) float32 on the image's device (numpy in -> numpy out) and the radii used
+    (numpy, N)."""
+    img, was_numpy = _as_tensor(image)
+    img = img.float()
+    a, r = (int(v) for v in polar_shape)
+    if a < 2 or r < 2:
+        raise ValueError(f"polar_shape needs >= 2 angles and >= 2 radii, got {tuple(polar_shape)}")
+    o = np.asarray(origins, dtype=np.float64).reshape(len(origins) if len(origins) else 0, -1)
+    if img.ndim == 4:
+        if o.shape[1] != 3:
+            raise ValueError(f"a (C, Z, H, W) volume needs origins (N, 3) as (z, y, x), got shape {o.shape}")
+        z = o[:, 0].astype(np.int64)
+        if len(z) and (z.min() < 0 or z.max() >= img.shape[1]):
+            raise ValueError(f"origin slice indices {sorted(set(z.tolist()))} outside 0..{img.shape[1] - 1}")
+        planes = img[:, torch.as_tensor(z, device=img.device)].transpose(0, 1)  # (N, C, H, W)
+        o = o[:, 1:]
+    elif img.ndim == 3:
+        if o.shape[1] != 2:
+            raise ValueError(f"a (C, H, W) image needs origins (N, 2) as (y, x), got shape {o.shape}")
+        planes = img[None].expand(len(o), *img.shape)
+    else:
+        raise ValueError(f"image must be (C, H, W) or (C, Z, H, W), got shape {tuple(img.shape)}")
+    hw = tuple(int(s) for s in planes.shape[-2:])
+    n = len(o)
+    if radius is None:
+        radius = farthest_corner_distance(o, hw)
+    dev = img.device
+    rad = _broadcast(radius, n, 0.0, dev)
+    th = _broadcast(theta0, n, 0.0, dev)
+    if n == 0:
+        out = img.new_zeros((0, img.shape[0], a, r))
+    else:
+        grid = _polar_sampling_grid(torch.as_tensor(o, device=dev), rad, th, (a, r), hw)
+        out = F.grid_sample(planes, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=False)
+    radii = rad.cpu().numpy()
+    return (out.cpu().numpy() if was_numpy else out), radii
+
+
+def from_polar(polar, origins, image_shape: Sequence[int], radius, theta0=None, mode: str = "linear"):
+    """Inverse of :func:`to_polar`: (N, K, A, R) polar maps back onto (N, K, H, W) Cartesian maps
+    around their origins (N, 2) ``(y, x)`` (for a volume pass the in-plane part of the origins).
+    The angle axis is periodic: it is padded cyclically so that interpolation across
+    ``2 pi -> 0`` is continuous. ``radius``/``theta0`` must be those used by :func:`to_polar`."""
+    p, was_numpy = _as_tensor(polar)
+    p = p.float()
+    n, k, a, r = p.shape
+    o = torch.as_tensor(np.asarray(origins, dtype=np.float64).reshape(n, -1)[:, -2:], device=p.device)
+    h, w = (int(s) for s in image_shape)
+    rad = _broadcast(radius, n, 0.0, p.device)
+    th = _broadcast(theta0, n, 0.0, p.device)
+    if n == 0:
+        out = p.new_zeros((0, k, h, w))
+        return out.cpu().numpy() if was_numpy else out
+    yy = torch.arange(h, device=p.device, dtype=torch.float64)[None, :, None] - o[:, 0, None, None]
+    xx = torch.arange(w, device=p.device, dtype=torch.float64)[None, None, :] - o[:, 1, None, None]
+    dist = torch.sqrt(yy ** 2 + xx ** 2)  # (N, H, W)
+    ang = torch.remainder(torch.atan2(yy.expand(n, h, w), xx.expand(n, h, w)) - th[:, None, None], 2 * math.pi)
+    row = ang / (2 * math.pi) * a + 1.0  # +1: one cyclic row padded above
+    col = dist / torch.clamp(rad, min=1e-12)[:, None, None] * (r - 1)
+    padded = torch.cat([p[:, :, -1:], p, p[:, :, :1]], dim=2)  # (N, K, A + 2, R)
+    gy = 2 * row / (a + 1) - 1
+    gx = 2 * col / (r - 1) - 1
+    grid = torch.stack([gx, gy], dim=-1).to(torch.float32)
+    out = F.grid_sample(padded, grid, mode=_MODES[mode], padding_mode="border", align_corners=True)
+    return out.cpu().numpy() if was_numpy else out
+
+
+# ----------------------------------------------------------------------------------------------
+# origins
+# ----------------------------------------------------------------------------------------------
+
+def angle_seam_padding(n_angles: int, fraction: float, stride: int = 1) -> int:
+    """Rows of wrap-around context added on each side of the angle axis at inference: about
+    ``fraction`` x ``n_angles``, rounded up to a multiple of the network's total stride along that
+    axis (so the padded image is still a valid input size); 0 when ``fraction`` is 0."""
+    if fraction <= 0:
+        return 0
+    stride = max(1, int(stride))
+    return int(math.ceil(fraction * n_angles / stride) * stride)
+
+
+def wrap_angles(polar, pad: int):
+    """(..., A, R) -> (..., A + 2 pad, R): the last ``pad`` angles before the first and the first
+    ``pad`` after the last. The angle axis is periodic; a network that sees only [0, 2 pi) has no
+    context across the seam at angle 0 and predicts a radial step there."""
+    if pad == 0:
+        return polar
+    if pad > polar.shape[-2]:
+        raise ValueError(f"seam padding {pad} exceeds the {polar.shape[-2]} angles")
+    if isinstance(polar, torch.Tensor):
+        return torch.cat([polar[..., -pad:, :], polar, polar[..., :pad, :]], dim=-2)
+    return np.concatenate([polar[..., -pad:, :], polar, polar[..., :pad, :]], axis=-2)
+
+
+def unwrap_angles(padded, pad: int):
+    """Inverse of :func:`wrap_angles`: drop the ``pad`` context rows on each side."""
+    return padded if pad == 0 else padded[..., pad:padded.shape[-2] - pad, :]
+
+
+def component_centroids(mask, min_size: float = 0.0, max_per_slice: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of mass of the connected components of a binary mask (H, W), or of each slice of a
+    (Z, H, W) mask (components never connect across slices), 8-connectivity in-plane.
+
+    Components whose bounding box is narrower than ``min_size`` pixels along y or x are skipped
+    (the cascade's 5-pixel rule); with ``max_per_slice`` only the largest components of a slice
+    are kept. Returns ``(centroids, areas)``: (N, 2) ``(y, x)`` or (N, 3) ``(z, y, x)`` float64 and
+    (N,) pixel counts, slice by slice."""
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
+    if m.ndim == 3:
+        cents, areas = [], []
+        for z in range(m.shape[0]):
+            c, a = component_centroids(m[z], min_size, max_per_slice)
+            cents.append(np.concatenate([np.full((len(c), 1), z, dtype=np.float64), c], axis=1))
+            areas.append(a)
+        return np.concatenate(cents), np.concatenate(areas)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2D or 3D, got shape {m.shape}")
+    labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    index = np.arange(1, n + 1)
+    cents = np.array(ndimage.center_of_mass(m, labels, index), dtype=np.float64).reshape(n, 2)
+    areas = np.asarray(ndimage.sum_labels(m, labels, index), dtype=np.int64)
+    extents = np.array([[sl.stop - sl.start for sl in obj] for obj in ndimage.find_objects(labels)])
+    keep = np.all(extents >= min_size, axis=1)
+    cents, areas = cents[keep], areas[keep]
+    if max_per_slice is not None and len(areas) > max_per_slice:
+        largest = np.sort(np.argsort(-areas, kind="stable")[:max_per_slice])
+        cents, areas = cents[largest], areas[largest]
+    return cents, areas
+
+
+def shift_origin(origin: np.ndarray, image_shape: Sequence[int], rng: np.random.Generator,
+                 probability: float = 0.3, fraction: float = 0.05) -> np.ndarray:
+    """Training-time centre augmentation: with ``probability``, shift y and x each by a uniform
+    value in ``+-fraction * min(H, W)``; the result stays inside the image. Drawn anew for every
+    sample (the reference code froze it once per dataset in one branch)."""
+    o = np.asarray(origin, dtype=np.float64).copy()
+    h, w = image_shape[-2:]
+    if rng.random() < probability:
+        amp = fraction * min(h, w)
+        o[-2:] += rng.uniform(-amp, amp, size=2)
+    o[-2] = np.clip(o[-2], 0, h - 1)
+    o[-1] = np.clip(o[-1], 0, w - 1)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion of several polar predictions of one image
+# ----------------------------------------------------------------------------------------------
+
+def origin_component_weights(masks, origins) -> np.ndarray:
+    """Weight maps for binary predictions (N, H, W), one per origin (N, 2): 2 on the connected
+    component of prediction i that contains origin i (the object that polar transform centred),
+    1 on every other predicted component, 0 on background. An origin that falls on background of
+    its own prediction gives that prediction weight 1 everywhere it predicts foreground."""
+    m = np.asarray(masks).astype(bool)
+    o = np.rint(np.asarray(origins, dtype=np.float64).reshape(len(m), -1)[:, -2:]).astype(int)
+    weights = m.astype(np.float32)
+    for i in range(len(m)):
+        y = int(np.clip(o[i, 0], 0, m.shape[1] - 1))
+        x = int(np.clip(o[i, 1], 0, m.shape[2] - 1))
+        if not m[i, y, x]:
+            continue
+        labels, _ = ndimage.label(m[i], structure=np.ones((3, 3), bool))
+        weights[i][labels == labels[y, x]] = 2.0
+    return weights
+
+
+def hysteresis_fusion(score, low: float = 0.0, high: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise a summed weight map (H, W) to [0, 1] by its maximum, then hysteresis: a
+    connected region of pixels ``> low`` is kept only if some pixel in it is ``> high``
+    (scikit-image's ``apply_hysteresis_threshold``). Returns the mask and the normalised map."""
+    from skimage.filters import apply_hysteresis_threshold
+
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+    score = np.asarray(score, dtype=np.float32)
+    top = float(score.max()) if score.size else 0.0
+    if top <= 0:
+        return np.zeros(score.shape, bool), np.zeros(score.shape, np.float32)
+    score = score / top
+    return apply_hysteresis_threshold(score, low, high), score
+
+
+def fuse_polar_predictions(masks, origins, low: float = 0.0, high: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """The multi-object fusion of the polar method for binary predictions (N, H, W), one per
+    origin, already in Cartesian space: weighted sum (:func:`origin_component_weights`), then
+    :func:`hysteresis_fusion`. A region predicted by one polar view only, off its origin, scores
+    1 / max and is dropped when that is <= high. Returns the final mask and the normalised map."""
+    m = np.asarray(masks).astype(bool)
+    if m.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {m.shape}")
+    score = origin_component_weights(m, origins).sum(axis=0) if len(m) else np.zeros(m.shape[1:], np.float32)
+    return hysteresis_fusion(score, low, high)
+
+
+def round_trip_dice(mask, origin, polar_shape: Sequence[int]) -> float:
+    """Dice of a binary mask (H, W) against itself after Cartesian -> polar -> Cartesian
+    (nearest neighbour both ways) around ``origin``: how much a polar resolution loses."""
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
+    o = np.asarray(origin, dtype=np.float64).reshape(1, 2)
+    polar, radius = to_polar(m, o, polar_shape, mode="nearest")
+    back = from_polar(polar, o, m.shape[-2:], radius, mode="nearest")[0, 0] > 0.5
+    ref = m[0] > 0.5
+    denom = int(ref.sum()) + int(back.sum())
+    return 1.0 if denom == 0 else 2.0 * int((ref & back).sum()) / denom
+
+
+__all__ = ["farthest_corner_distance", "to_polar", "from_polar", "angle_seam_padding", "wrap_angles",
+           "unwrap_angles", "component_centroids", "shift_origin", "origin_component_weights", "hysteresis_fusion", "fuse_polar_predictions", "round_trip_dice"]

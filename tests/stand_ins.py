@@ -1,0 +1,28 @@
+"""Helpers shared by tests: stand-in networks whose output is known, nnU-Net folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def nnunet_folders(root: Path, n_proc_da: str = "0") -> dict[str, str]:
+    """nnU-Net's environment for a test's own raw/preprocessed/results folders under ``root``."""
+    return {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pp"),
+            "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": n_proc_da}
+
+
+class IdentityNet(torch.nn.Module):
+    """Returns logits whose softmax (or sigmoid) is the input; counts its calls and inputs."""
+
+    def __init__(self, multilabel: bool):
+        super().__init__()
+        self.multilabel = multilabel
+        self.calls = 0
+        self.crops_seen = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.crops_seen += x.shape[0]
+        p = x.clamp(1e-6, 1 - 1e-6)
+        return torch.log(p) - torch.log1p(-p) if self.multilabel else torch.log(p)

@@ -1,0 +1,87 @@
+"""Centre-point heatmaps (origin source B of the polar stage): targets, peaks, detection scoring,
+the sigma chosen from the dataset's objects, and the trainer's loss on nnU-Net's targets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_stseg.centres import (default_sigma, equivalent_radii, gaussian_heatmap, heatmap_peaks, heatmap_targets,
+                                  match_peaks_to_objects)
+from nnunet_stseg.config import CentreParams
+
+
+def _disc(shape, centre, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r ** 2
+
+
+def test_heatmap_target_peaks_at_each_centroid_with_the_given_sigma():
+    mask = _disc((64, 80), (20, 20), 6) | _disc((64, 80), (40, 60), 9)
+    heat = heatmap_targets(torch.from_numpy(mask)[None, None], sigma=3.0)
+    assert heat.shape == (1, 1, 64, 80)
+    h = heat[0, 0].numpy()
+    assert h[20, 20] == pytest.approx(1.0) and h[40, 60] == pytest.approx(1.0)
+    assert h[20, 23] == pytest.approx(np.exp(-9 / 18), rel=1e-5), "one sigma away: exp(-1/2)"
+    assert h.max() <= 1.0 and h[0, 79] < 1e-6
+    # maximum, not sum: two overlapping Gaussians keep 1 as their peaks
+    close = gaussian_heatmap([[10, 10], [10, 13]], (20, 30), sigma=3.0)
+    assert close.max().item() == pytest.approx(1.0)
+    assert not heatmap_targets(torch.zeros(2, 1, 8, 8, dtype=torch.bool), 2.0).any()
+
+
+def test_peaks_are_found_separated_and_ordered():
+    heat = gaussian_heatmap([[20, 20], [40, 60], [10, 70]], (64, 80), sigma=3.0).numpy()
+    heat[10, 70] = 0.4  # a weak third peak below the threshold
+    heat = np.where(np.hypot(*np.mgrid[:64, :80] - np.array([10, 70])[:, None, None]) < 5, heat * 0.4, heat)
+    peaks = heatmap_peaks(heat, min_distance=3, threshold=0.5)
+    assert sorted(map(tuple, peaks.astype(int).tolist())) == [(20, 20), (40, 60)]
+    assert len(heatmap_peaks(heat, min_distance=3, threshold=0.3)) == 3
+    assert len(heatmap_peaks(heat, min_distance=3, threshold=0.3, max_peaks=1)) == 1
+    assert heatmap_peaks(np.zeros((5, 5)), 1).shape == (0, 2)
+    with pytest.raises(ValueError, match="2D"):
+        heatmap_peaks(np.zeros((2, 5, 5)), 1)
+
+
+def test_detection_scoring_peak_inside_the_object():
+    mask = _disc((50, 50), (15, 15), 5) | _disc((50, 50), (35, 35), 5)
+    m = match_peaks_to_objects([[15, 16], [16, 15], [45, 5]], mask)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 2, 1), "second peak in the same object and one on background are FPs"
+    assert m["distances"] == [pytest.approx(1.0)]
+    assert match_peaks_to_objects(np.zeros((0, 2)), np.zeros((5, 5))) == {"tp": 0, "fp": 0, "fn": 0, "distances": []}
+
+
+def test_sigma_follows_object_size():
+    small = _disc((100, 100), (50, 50), 4)
+    large = _disc((100, 100), (50, 50), 40)
+    r_small, r_large = equivalent_radii(small)[0], equivalent_radii(large)[0]
+    assert r_small == pytest.approx(4, rel=0.1) and r_large == pytest.approx(40, rel=0.02)
+    assert default_sigma(r_large) == pytest.approx(0.2 * r_large)
+    assert default_sigma(r_small) == 1.0 and default_sigma(2.0) == 1.0, "never below one pixel"
+    vol = np.stack([small, large])
+    assert len(equivalent_radii(vol)) == 2, "objects are counted per slice"
+    with pytest.raises(ValueError):
+        CentreParams(sigma=0)
+    assert CentreParams(sigma=3.6).peak_distance == 4 and CentreParams(sigma=3, min_distance=7).peak_distance == 7
+
+
+def test_loss_uses_the_augmented_target_for_labels_and_regions():
+    from nnunet_stseg.trainers.centre_trainer import HeatmapMSELoss, target_foreground
+
+    labels = torch.zeros(2, 1, 32, 32)
+    labels[0, 0, 5:12, 5:12] = 2
+    labels[1, 0, 20:28, 3:9] = 1
+    labels[1, 0, 0:3, 0:3] = 9  # ignore label
+    fg = target_foreground(labels, has_regions=False, ignore_label=9)
+    assert fg[0].sum() == 49 and fg[1].sum() == 48
+    regions = torch.stack([labels[:, 0] > 0, labels[:, 0] == 2, labels[:, 0] == 9], dim=1).float()
+    assert torch.equal(target_foreground(regions, has_regions=True, ignore_label=9)[0], fg[0])
+    loss = HeatmapMSELoss(2.0, has_regions=False, ignore_label=9)
+    perfect = heatmap_targets(fg, 2.0)
+    assert loss(perfect, labels).item() == pytest.approx(0.0, abs=1e-7)
+    # relative to the heatmap's energy: predicting zeros costs O(1), not the tiny plain MSE
+    zeros = loss(torch.zeros_like(perfect), labels).item()
+    assert zeros == pytest.approx(perfect.pow(2).sum().item() / (perfect.pow(2).sum().item() + 0.01 * perfect.numel()))
+    assert zeros > 0.5 > torch.nn.functional.mse_loss(torch.zeros_like(perfect), perfect).item() * 10
+    empty = torch.zeros_like(labels)
+    assert loss(torch.full_like(perfect, 0.1), empty).item() == pytest.approx(0.01 / 0.01), "no objects: same scale"

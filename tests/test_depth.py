@@ -1,0 +1,225 @@
+"""Depth channel: pure functions, values after nnU-Net's transposition and cropping, the data
+loaders (after nnU-Net's transforms), the network's input channels, and the errors.
+
+The fixture dataset stores its slice axis LAST in numpy order (SimpleITK spacing x = 3 mm, the
+coarsest), so nnU-Net transposes it first, and has empty slabs at both ends of that axis, so
+nnU-Net's crop to the non-zero region removes slices: the preprocessed slice index is neither the
+file's axis nor its index. Every slice's intensity is its original index + 1, which lets a test
+read back which original slice a sample came from.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_stseg.depth import (SINGLE_SLICE_DEPTH, append_depth_channel, check_depth_applicable,
+                                depths_from_properties, slice_depths)
+
+N_SLICES, EMPTY_BEFORE, EMPTY_AFTER = 14, 2, 3  # slice axis = numpy axis 2
+DEPTH_DATASET_ID = 977
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+# ----------------------------------------------------------------------------------------------
+def test_slice_depths_whole_scan_and_cropped():
+    np.testing.assert_allclose(slice_depths(5, (5, 10, 10), [[0, 5], [0, 10], [0, 10]]), [0, .25, .5, .75, 1])
+    # 3 slices kept of 9 (cropped 4:7): their positions in the whole scan, not 0..1 of the crop
+    np.testing.assert_allclose(slice_depths(3, (9, 4, 4), [[4, 7], [0, 4], [0, 4]]), [4 / 8, 5 / 8, 6 / 8])
+
+
+def test_slice_depths_resampled_axis_maps_slice_centres():
+    # 4 cropped slices resampled to 2: centres of slice pairs (0,1) and (2,3) of a 4-slice scan
+    np.testing.assert_allclose(slice_depths(2, (4,), [[0, 4]]), [0.5 / 3, 2.5 / 3])
+
+
+def test_slice_depths_single_slice_and_inconsistent_geometry():
+    assert slice_depths(1, (1, 8, 8), [[0, 1], [0, 8], [0, 8]]).tolist() == [SINGLE_SLICE_DEPTH]
+    with pytest.raises(ValueError, match="inconsistent slice geometry"):
+        slice_depths(3, (4,), [[2, 6]])
+    with pytest.raises(KeyError, match="bbox_used_for_cropping"):
+        depths_from_properties(3, {"shape_before_cropping": (3, 4, 4)})
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_append_depth_channel_per_slice_and_scalar(kind):
+    image = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    depths = np.array([0.0, 0.5, 1.0])
+    x = torch.from_numpy(image) if kind == "torch" else image
+    out = append_depth_channel(x, depths)
+    assert type(out) is type(x) and out.shape == (3, 3, 4, 5) and out.dtype == x.dtype
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out[:2], image)  # image channels untouched
+    for z, d in enumerate(depths):
+        assert np.all(out[2, z] == np.float32(d))
+    one = np.asarray(append_depth_channel(x[:, 0], 0.25))  # one 2D slice (C, Y, X)
+    assert one.shape == (3, 4, 5) and np.all(one[2] == np.float32(0.25))
+
+
+def test_check_depth_applicable_errors():
+    check_depth_applicable([64, 64], [40, 512, 512], "ok")
+    with pytest.raises(ValueError, match="2D networks on 3D scans.*3D patch"):
+        check_depth_applicable([32, 64, 64], [40, 512, 512], "cfg")
+    with pytest.raises(ValueError, match="dataset is 2D"):
+        check_depth_applicable([64, 64], [1, 512, 512], "cfg")
+
+
+# ----------------------------------------------------------------------------------------------
+# a transposed, cropped 3D dataset
+# ----------------------------------------------------------------------------------------------
+def _write_case(folder: Path, case: str, rng: np.random.Generator, with_label: bool) -> None:
+    shape = (24, 32, N_SLICES)  # numpy (z, y, x); x is the slice axis (3 mm)
+    img = np.zeros(shape, np.float32)
+    for x in range(EMPTY_BEFORE, N_SLICES - EMPTY_AFTER):
+        img[:, :, x] = x + 1  # constant per slice = original index + 1
+    lab = np.zeros(shape, np.uint8)
+    cz, cy = rng.integers(8, 16), rng.integers(8, 24)
+    lab[cz - 4:cz + 4, cy - 5:cy + 5, EMPTY_BEFORE + 1:N_SLICES - EMPTY_AFTER - 1] = 1
+    for arr, path in ((img, folder / "imagesTr" / f"{case}_0000.nii.gz"), (lab, folder / "labelsTr" / f"{case}.nii.gz")):
+        im = sitk.GetImageFromArray(arr)
+        im.SetSpacing((3.0, 0.8, 0.8))
+        im.SetOrigin((10.0, -5.0, 3.0))
+        sitk.WriteImage(im, str(path))
+        if not with_label:
+            break
+
+
+@pytest.fixture(scope="module")
+def depth_dataset(nnunet_dirs):
+    from nnunet_stseg.cli import plan_and_preprocess
+
+    folder = Path(nnunet_dirs.raw) / f"Dataset{DEPTH_DATASET_ID}_DepthAxis"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    cases = [f"depth_{i:03d}" for i in range(5)]  # nnU-Net splits 5 folds
+    for c in cases:
+        _write_case(folder, c, rng, True)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "object": 1}, "numTraining": len(cases),
+        "file_ending": ".nii.gz", "name": "DepthAxis"}))
+    plan_and_preprocess(DEPTH_DATASET_ID, 32, dims=["2d"], base_features=4, num_processes=1, depth_channel=True,
+                        polar=True)
+    pp = Path(nnunet_dirs.preprocessed) / folder.name
+    plans = json.loads((pp / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pp / "dataset.json").read_text())
+    return SimpleNamespace(folder=folder, cases=cases, plans=plans, dataset_json=dataset_json, preprocessed=pp)
+
+
+def test_fixture_is_transposed_and_cropped(depth_dataset):
+    assert depth_dataset.plans["transpose_forward"][0] == 2  # the file's last axis is the slice axis
+
+
+def test_depth_values_after_nnunet_transposition_and_cropping(depth_dataset):
+    """The preprocessor used at inference: slice i of the preprocessed case is original slice
+    i + EMPTY_BEFORE of a N_SLICES-slice scan, so its depth is (i + EMPTY_BEFORE) / (N_SLICES - 1)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.inference_io import PluginConfigurationManager
+
+    pm = PlansManager(depth_dataset.plans)
+    cm = PluginConfigurationManager({**pm.get_configuration("2d").configuration, "depth_channel": True})
+    pre = cm.preprocessor_class(verbose=False)
+    data, _, props = pre.run_case([str(depth_dataset.folder / "imagesTr" / f"{depth_dataset.cases[0]}_0000.nii.gz")],
+                                  None, pm, cm, depth_dataset.dataset_json)
+    kept = N_SLICES - EMPTY_BEFORE - EMPTY_AFTER
+    assert data.shape[0] == 2 and data.shape[1] == kept
+    expected = (np.arange(kept) + EMPTY_BEFORE) / (N_SLICES - 1)
+    for i in range(kept):
+        assert np.all(data[1, i] == np.float32(expected[i])), f"slice {i}"
+    # the image channel is nnU-Net's normalised image, slice order preserved (intensity = index + 1)
+    per_slice = data[0].reshape(kept, -1).mean(1)
+    assert np.all(np.diff(per_slice) > 0)
+    np.testing.assert_array_equal(data[1, :, 0, 0], expected.astype(np.float32))
+
+
+def _trainer(plans: dict, configuration: str, dataset_json: dict, cls_name: str = "nnUNetTrainer_Depth"):
+    from nnunet_stseg.trainers import polar_trainer, sts_trainers
+
+    cls = getattr(sts_trainers, cls_name, None) or getattr(polar_trainer, cls_name)
+    plans = {**plans, "continue_training": False}  # what nnUNetv2_train adds before building a trainer
+    return cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_trainer_network_and_loaders_carry_depth_after_transforms(depth_dataset):
+    trainer = _trainer(depth_dataset.plans, "2d", depth_dataset.dataset_json)
+    trainer.initialize()
+    first_conv = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 2
+    gen_tr, gen_val = trainer.get_dataloaders()
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder)
+    depth_sets, slice_values = {}, {}
+    for key in ds.identifiers:
+        data, _, _, props = ds.load_case(key)
+        depth_sets[key] = depths_from_properties(data.shape[1], props).astype(np.float32)
+        slice_values[key] = np.asarray(data[0]).reshape(data.shape[1], -1).mean(1)
+
+    # validation loader (no intensity augmentation): recover the sample's slice from its intensity
+    batch = next(gen_val)
+    assert batch["data"].shape[1] == 2
+    for sample, key in zip(batch["data"].numpy(), batch["keys"]):
+        d = sample[1]
+        assert np.all(d == d.flat[0])
+        s = int(np.argmin(np.abs(slice_values[key] - np.median(sample[0]))))
+        assert d.flat[0] == depth_sets[key][s]
+
+    # training loader: nnU-Net's spatial + intensity augmentation ran; the channel is untouched
+    for _ in range(3):
+        batch = next(gen_tr)
+        for sample, key in zip(batch["data"].numpy(), batch["keys"]):
+            d = sample[1]
+            assert np.all(d == d.flat[0]), "depth channel not constant after spatial augmentation"
+            assert d.flat[0] in depth_sets[key], "depth channel changed by augmentation"
+
+
+def test_cascade_fine_loader_carries_depth(depth_dataset):
+    trainer = _trainer(depth_dataset.plans, "2d_sts_fine_32", depth_dataset.dataset_json, "nnUNetTrainer_StSFine")
+    assert trainer.uses_depth_channel(trainer.configuration_manager)  # set by plan --depth
+    trainer.initialize()
+    _, gen_val = trainer.get_dataloaders()
+    batch = next(gen_val)
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder)
+    for sample, key in zip(batch["data"].numpy(), batch["keys"]):
+        data, _, _, props = ds.load_case(key)
+        assert np.all(sample[1] == sample[1].flat[0])
+        assert sample[1].flat[0] in depths_from_properties(data.shape[1], props).astype(np.float32)
+
+
+def test_polar_stage_composes_with_the_depth_channel(depth_dataset):
+    """plan --depth --polar: the polar network gets the extra channel and every polar sample
+    carries the depth of the slice it was cut from, after nnU-Net's transforms."""
+    trainer = _trainer(depth_dataset.plans, "2d_sts_polar_32", depth_dataset.dataset_json, "nnUNetTrainer_StSPolar")
+    assert trainer.uses_depth_channel(trainer.configuration_manager)
+    trainer.initialize()
+    first_conv = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 2
+    gen_tr, gen_val = trainer.get_dataloaders()
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder)
+    for gen in (gen_val, gen_tr):
+        batch = next(gen)
+        assert batch["data"].shape[1:] == (2, 32, 32)
+        for sample, key in zip(batch["data"].numpy(), batch["keys"]):
+            data, _, _, props = ds.load_case(key)
+            assert np.all(sample[1] == sample[1].flat[0])
+            assert sample[1].flat[0] in depths_from_properties(data.shape[1], props).astype(np.float32)
+
+
+def test_plain_coarse_trainer_has_no_depth_unless_configured(depth_dataset):
+    trainer = _trainer(depth_dataset.plans, "2d", depth_dataset.dataset_json, "nnUNetTrainer_StSCoarse")
+    assert not trainer.uses_depth_channel(trainer.configuration_manager)
+    trainer = _trainer(depth_dataset.plans, "2d_sts_coarse_32", depth_dataset.dataset_json,
+                       "nnUNetTrainer_StSCoarse")
+    assert trainer.uses_depth_channel(trainer.configuration_manager)
+
+
+def test_depth_trainer_refuses_2d_datasets_and_3d_configurations(planned_2d, planned_3d):
+    with pytest.raises(ValueError, match="dataset is 2D"):
+        _trainer(planned_2d.plans, "2d", planned_2d.dataset_json)
+    with pytest.raises(ValueError, match="2D networks on 3D scans"):
+        _trainer(planned_3d.plans, "3d_fullres", planned_3d.dataset_json)

@@ -1,0 +1,87 @@
+"""Depth channel end to end through the STOCK nnU-Net commands on a tiny generated 3D dataset.
+
+- ``nnunet-stseg plan --depth``: the 2d segment-then-segment pipeline (coarse and fine) with the
+  depth channel, trained with the usual trainers (the configuration switches it on), predicted
+  with ``nnUNetv2_predict`` through nnU-Net's worker processes AND its sequential path
+  (``-npp 0 -nps 0``): both add the channel, so the outputs are identical.
+- ``nnUNetv2_train D 2d F -tr nnUNetTrainer_Depth`` on nnU-Net's own 2d configuration, then
+  ``nnUNetv2_predict -tr nnUNetTrainer_Depth``.
+Accuracy is not asserted (a few CPU iterations).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_stseg.demo import _bin, run, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def _input_channels(checkpoint: Path) -> int:
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    first = next(v for k, v in weights.items() if k.endswith("weight") and v.ndim == 4)
+    return int(first.shape[1])
+
+
+def _same_geometry_and_values(a: Path, b: Path) -> None:
+    files = sorted(p.name for p in a.glob("*.nii.gz"))
+    assert files and files == sorted(p.name for p in b.glob("*.nii.gz"))
+    for name in files:
+        ia, ib = sitk.ReadImage(str(a / name)), sitk.ReadImage(str(b / name))
+        assert (ia.GetSize(), ia.GetSpacing(), ia.GetOrigin(), ia.GetDirection()) == \
+               (ib.GetSize(), ib.GetSpacing(), ib.GetOrigin(), ib.GetDirection())
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def depth_pipeline(tmp_path_factory):
+    return run_pipeline(tmp_path_factory.mktemp("depth"), dim=3, size=32, features=8, epochs=2, iters=10,
+                        n_train=5, n_test=2, fallback="whole", dataset_id=978, baseline=True, pipeline_dim=2,
+                        depth=True)
+
+
+def test_cascade_with_depth_channel_through_stock_commands(depth_pipeline):
+    res = depth_pipeline
+    results = Path(res.env["nnUNet_results"]) / res.dataset_folder.name
+    for trainer, config in (("nnUNetTrainer_StSCoarse", res.coarse_config), ("nnUNetTrainer_StSFine", res.fine_config)):
+        folder = results / f"{trainer}__nnUNetPlans__{config}"
+        assert _input_channels(folder / "fold_0" / "checkpoint_final.pth") == 2  # image + depth
+        assert "depth channel: ON" in next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    for arm in ("cascade", "coarse"):
+        inputs = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+        for f in inputs:
+            pred = sitk.ReadImage(str(res.predictions[arm] / f.name.replace("_0000", "")))
+            img = sitk.ReadImage(str(f))
+            assert (pred.GetSize(), pred.GetSpacing(), pred.GetOrigin(), pred.GetDirection()) == \
+                   (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+    # nnU-Net's sequential path (no worker processes) adds the same channel: identical outputs
+    out = res.workdir / "predictions_sequential"
+    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d", "978",
+         "-c", res.fine_config, "-tr", "nnUNetTrainer_StSFine", "-f", "0", "-device", "cpu", "--disable_tta",
+         "-npp", "0", "-nps", "0"], res.env, res.workdir / "logs" / "predict_sequential.log")
+    _same_geometry_and_values(res.predictions["cascade"], out)
+
+
+def test_depth_trainer_on_nnunet_2d_configuration(depth_pipeline):
+    res = depth_pipeline
+    env = {**res.env, "STSEG_NUM_EPOCHS": "1", "STSEG_ITERS_PER_EPOCH": "3", "STSEG_VAL_ITERS": "1"}
+    logs = res.workdir / "logs"
+    run([_bin("nnUNetv2_train"), "978", "2d", "0", "-tr", "nnUNetTrainer_Depth", "-device", "cpu"], env,
+        logs / "train_depth_2d.log")
+    folder = Path(env["nnUNet_results"]) / res.dataset_folder.name / "nnUNetTrainer_Depth__nnUNetPlans__2d"
+    assert _input_channels(folder / "fold_0" / "checkpoint_final.pth") == 2
+    assert (folder / "fold_0" / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with depth
+    out = res.workdir / "predictions_depth_2d"
+    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d", "978",
+         "-c", "2d", "-tr", "nnUNetTrainer_Depth", "-f", "0", "-device", "cpu", "--disable_tta"], env,
+        logs / "predict_depth_2d.log")
+    for f in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
+        pred, img = sitk.ReadImage(str(out / f.name.replace("_0000", ""))), sitk.ReadImage(str(f))
+        assert (pred.GetSize(), pred.GetSpacing(), pred.GetOrigin(), pred.GetDirection()) == \
+               (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())

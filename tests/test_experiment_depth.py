@@ -1,0 +1,53 @@
+"""The depth experiment's split and scoring (the training runs are not in the tests)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_stseg.experiment_depth import case_scores, per_patient_split, score_arm
+
+
+def test_per_patient_split_is_a_seeded_partition():
+    ids = [f"p{i:02d}" for i in range(16)]
+    split = per_patient_split(ids, 2, seed=0)
+    assert len(split) == 2
+    vals = [set(f["val"]) for f in split]
+    assert vals[0].isdisjoint(vals[1]) and vals[0] | vals[1] == set(ids) and len(vals[0]) == 8
+    for f in split:
+        assert set(f["train"]) == set(ids) - set(f["val"])
+    assert per_patient_split(ids, 2, seed=0) == split
+    assert per_patient_split(ids, 2, seed=1) != split
+
+
+def test_case_scores_on_a_known_example():
+    gt = np.zeros((2, 4, 4), np.uint8)
+    gt[0, :2, :2] = 1
+    gt[0, 0, 0] = 2  # EAT: 1 pixel on slice 0
+    pred = np.zeros_like(gt)
+    pred[0, :2, :3] = 1  # pericardium: 6 predicted, 4 true, 4 overlap
+    pred[0, 0, 0] = pred[0, 0, 1] = 2  # EAT: 2 predicted, 1 true
+    s = case_scores(pred, gt)
+    assert s["pericardium"]["Dice"] == pytest.approx(2 * 4 / (6 + 4))
+    assert s["pericardium"]["Precision"] == pytest.approx(4 / 6) and s["pericardium"]["Recall"] == 1.0
+    assert s["eat"]["Dice"] == pytest.approx(2 * 1 / 3)
+    assert s["eat_counts"] == {"pred": [2, 0], "gt": [1, 0]}
+
+
+def test_score_arm_pearson_and_bias(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        gt = np.zeros((5, 8, 8), np.uint8)
+        for z in range(5):
+            gt[z].flat[: rng.integers(0, 20)] = 2
+        pred = gt.copy()
+        pred[:, 7, :2] = 2  # two extra EAT pixels on every slice
+        sitk.WriteImage(sitk.GetImageFromArray(gt), str(gt_dir / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(pred), str(pred_dir / f"{case}.nii.gz"))
+    r = score_arm([pred_dir], gt_dir)
+    assert r["n_patients"] == 2 and r["n_slices"] == 10
+    assert r["eat_count_bias"] == pytest.approx(2.0)
+    assert r["eat_count_pearson_r"] == pytest.approx(1.0)
+    assert r["eat_count_loa"][0] == pytest.approx(2.0) and r["eat_count_loa"][1] == pytest.approx(2.0)

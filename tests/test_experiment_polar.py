@@ -1,0 +1,110 @@
+"""The polar experiment's scoring and report, and a smoke run through the stock nnU-Net commands on
+30 real Kvasir images (skipped when the data is absent)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_stseg.experiment_polar import ARMS, main, origin_counts, overlap, plot_examples, report, score_folder
+
+KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
+
+
+def test_overlap_on_a_known_example():
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True
+    pred = np.zeros_like(gt)
+    pred[:2, :3] = True
+    o = overlap(pred, gt)
+    assert o["Dice"] == pytest.approx(0.8) and o["IoU"] == pytest.approx(4 / 6)
+    assert o["Precision"] == pytest.approx(4 / 6) and o["Recall"] == 1.0
+    assert overlap(np.zeros_like(gt), np.zeros_like(gt))["Dice"] == 1.0, "empty vs empty is perfect"
+    assert np.isnan(overlap(np.zeros_like(gt), gt)["Precision"])
+
+
+def test_origin_counts_from_the_predictor_log(tmp_path):
+    log = tmp_path / "predict.log"
+    log.write_text("[nnunet-stseg] 5 origin(s) (coarse) in 4 slice(s)\n"
+                   "[nnunet-stseg] 3 origin(s) (heatmap) in 3 slice(s); 2 slice(s) with coarse foreground but no "
+                   "heatmap peak keep the coarse prediction\n"
+                   "[nnunet-stseg] no origin (no heatmap peak): coarse prediction kept\n")
+    assert origin_counts([log, tmp_path / "missing.log"]) == {"origins": 8, "slices_with_origin": 7,
+                                                              "kept_coarse": 2, "no_origin_cases": 1}
+
+
+def test_score_folder_regions_and_report(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    gt = np.zeros((2, 6, 6), np.uint8)
+    gt[:, 1:4, 1:4] = 1
+    gt[:, 2, 2] = 2
+    pred = gt.copy()
+    pred[:, 2, 2] = 1  # EAT missed, pericardium (1 + 2) perfect
+    for case in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(gt), str(gt_dir / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(pred), str(pred_dir / f"{case}.nii.gz"))
+    r = score_folder(pred_dir, gt_dir, ".nii.gz", {"pericardium": (1, 2), "eat": (2,)})
+    assert r["n_cases"] == 2 and r["pericardium_Dice"] == (1.0, 0.0) and r["eat_Dice"] == (0.0, 0.0)
+    results = {"dataset": "cardiac", "size": 128, "command": "cmd", "arms": {arm: r for arm in ARMS},
+               "budget": {"features": 16, "batch_size": 8, "epochs": 1, "iters": 2, "device": "cpu", "folds": [0],
+                          "seed": 0},
+               "inference_s": {f"{arm}/0": {"seconds": 10.0, "images": 2, "slices": 4} for arm in ARMS},
+               "train_s": {"cartesian/0": 5.0, "centre/0": 6.0, "polar/0": 7.0}}
+    results["origins"] = {"polar_coarse": {"origins": 6, "slices_with_origin": 4, "kept_coarse": 0,
+                                           "no_origin_cases": 0}}
+    results["centre_validation"] = {"0": {"precision": float("nan"), "recall": 0.0, "f1": 0.0,
+                                          "median_distance_px": float("nan"), "sigma_px": 2.3}}
+    text = report(results)
+    assert "polar_coarse 6 in 4 slices (1.50 per slice)" in text
+    assert "fold 0: precision nan, recall 0.00, F1 0.00, sigma 2.3 px" in text
+    assert "| polar_heatmap | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 5.00 | 2500 |" \
+        in text
+    assert "cartesian 5, centre 6, polar 7" in text and "Published" in text and "examples" not in text
+
+    # example overlays: images next to the predictions of every arm, the report links the picture
+    images = tmp_path / "inputs"
+    images.mkdir()
+    for arm in ARMS:
+        (tmp_path / "predictions" / arm).mkdir(parents=True)
+        for case in ("a", "b"):
+            (tmp_path / "predictions" / arm / f"{case}.nii.gz").symlink_to(pred_dir / f"{case}.nii.gz")
+    for case in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=gt.shape)),
+                        str(images / f"{case}_0000.nii.gz"))
+    results["files"] = {"gt_dir": str(gt_dir), "file_ending": ".nii.gz", "image_dirs": [str(images)]}
+    figure = plot_examples(results, tmp_path, tmp_path / "docs" / "report_examples.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG" and not list(figure.parent.glob(".tmp_*"))
+    assert "![examples](report_examples.png)" in report(results, figure.name)
+    assert plot_examples({**results, "files": None}, tmp_path, tmp_path / "none.png") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
+def test_experiment_smoke_on_kvasir(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report.md"
+    args = ["--dataset", "kvasir", "--workdir", str(work), "--size", "32", "--features", "4", "--batch_size", "4",
+            "--epochs", "1", "--iters", "3", "--limit", "30", "--out", str(out)]
+    main(args)
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["arms"]) == set(ARMS)
+    for arm in ARMS:
+        assert results["arms"][arm]["n_cases"] == 3 and 0 <= results["arms"][arm]["polyp_Dice"][0] <= 1
+    assert (work / "logs" / "predict_polar_heatmap_0.log").read_text().count("centre-point model") == 1
+    text = out.read_text()
+    assert all(f"| {arm} |" in text for arm in ARMS) and (tmp_path / "report_examples.png").is_file()
+    checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
+    assert len(checkpoints) == 3
+    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    main(args)  # resumable: nothing is retrained
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    predictions = sorted((work / "predictions").rglob("*.png"))
+    before = {p: p.stat().st_mtime_ns for p in predictions}
+    main(args + ["--redo_predictions"])  # predicted again with the same models
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert sorted((work / "predictions").rglob("*.png")) == predictions
+    assert all(p.stat().st_mtime_ns != t for p, t in before.items())
+    assert set(json.loads((work / "results.json").read_text())["arms"]) == set(ARMS)

@@ -1,0 +1,509 @@
+"""Polar stage (issue 3): the pure geometry (round trips, origins, fusion), the training sampler,
+the predictor with a stand-in network whose output is known, and the stock CLIs end to end."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from stand_ins import IdentityNet, nnunet_folders
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from nnunet_stseg.centres import default_sigma, equivalent_radii
+from nnunet_stseg.config import MAX_ORIGINS_ENV, PolarParams, StSConfig, polar_config_name
+from nnunet_stseg.polar import (angle_seam_padding, component_centroids, farthest_corner_distance, from_polar,
+                                fuse_polar_predictions, hysteresis_fusion, origin_component_weights, round_trip_dice,
+                                shift_origin, to_polar, unwrap_angles, wrap_angles)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def _ellipse(shape, centre, axes, angle=0.0):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    y, x = yy - centre[0], xx - centre[1]
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = c * x + s * y, -s * x + c * y
+    return (u / axes[1]) ** 2 + (v / axes[0]) ** 2 <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, mask, origin", [
+    ("disc", _ellipse((200, 256), (100, 128), (50, 50)), (100, 128)),
+    ("ellipse", _ellipse((200, 256), (90, 140), (30, 70), 0.6), (90, 140)),
+    ("off-centre", _ellipse((200, 256), (40, 210), (25, 35)), (40, 210)),
+    ("touching the border", _ellipse((200, 256), (0, 100), (30, 40)), (10, 100)),
+    ("origin at the image corner", _ellipse((200, 256), (0, 0), (50, 50)), (0, 0)),
+])
+def test_round_trip_keeps_shapes(name, mask, origin):
+    assert round_trip_dice(mask, origin, (256, 256)) >= 0.99, name
+    assert round_trip_dice(mask, origin, (512, 512)) >= 0.998, name
+    if name != "disc":  # a centred disc is radially symmetric: few angles suffice for it
+        assert round_trip_dice(mask, origin, (16, 16)) < 0.98, "too few samples must lose detail"
+
+
+def test_radius_reaches_the_farthest_corner_so_no_pixel_is_lost():
+    shape = (60, 90)
+    for origin in [(0.0, 0.0), (59.0, 89.0), (30.0, 10.0), (-0.5, 45.0)]:
+        ones = torch.ones(1, *shape)
+        for mode in ("nearest", "linear"):
+            polar, radius = to_polar(ones, np.array([origin]), (256, 256), mode=mode)
+            back = from_polar(polar, np.array([origin]), shape, radius, mode=mode)
+            assert torch.allclose(back, torch.ones_like(back)), f"pixels lost for origin {origin} ({mode})"
+        corners = np.array([[-0.5, -0.5], [-0.5, 89.5], [59.5, -0.5], [59.5, 89.5]])
+        assert radius[0] == pytest.approx(np.max(np.hypot(*(corners - origin).T)))
+    # half the diagonal (the reference code's radius) would not reach the far corner of an off-centre origin
+    assert farthest_corner_distance([[0, 0]], shape)[0] > math.hypot(*shape) / 2
+
+
+def test_polar_layout_rows_are_angles_columns_are_radii():
+    img = torch.zeros(1, 101, 101)
+    img[0, 50, 50:] = 1.0  # a ray along +x from the centre
+    polar, radius = to_polar(img, np.array([[50.0, 50.0]]), (64, 200), mode="nearest")
+    row_sums = polar[0, 0].sum(dim=1)
+    assert int(row_sums.argmax()) == 0, "angle 0 (row 0) points along +x"
+    col = torch.nonzero(polar[0, 0, 0])[:, 0]
+    assert col.min() == 0  # column 0 is the origin itself
+    # rotation = cyclic shift of the angle axis
+    rotated, _ = to_polar(img, np.array([[50.0, 50.0]]), (64, 200), mode="nearest", theta0=-2 * math.pi * 5 / 64)
+    assert torch.equal(rotated[0, 0, 5], polar[0, 0, 0])
+
+
+def test_angle_axis_is_periodic_when_mapping_back():
+    """A polar map constant along angles must come back without a seam at 2 pi -> 0."""
+    a, r = 16, 32
+    polar = torch.linspace(0, 1, r).expand(1, 1, a, r).clone()
+    back = from_polar(polar, np.array([[20.0, 20.0]]), (41, 41), radius=[30.0], mode="linear")[0, 0]
+    yy, xx = np.mgrid[:41, :41]
+    expected = np.clip(np.hypot(yy - 20, xx - 20) / 30.0, 0, 1)
+    assert np.abs(back.numpy() - expected).max() < 1e-4
+
+
+def test_seam_padding_is_a_multiple_of_the_stride_and_wraps_the_angles():
+    assert angle_seam_padding(128, 0.125, 32) == 32 and angle_seam_padding(128, 0.125, 1) == 16
+    assert angle_seam_padding(128, 0.0, 32) == 0 and angle_seam_padding(64, 0.1, 4) == 8
+    x = np.arange(6 * 3).reshape(1, 6, 3)
+    w = wrap_angles(x, 2)
+    assert w.shape == (1, 10, 3) and (w[0, :2] == x[0, 4:]).all() and (w[0, -2:] == x[0, :2]).all()
+    assert (unwrap_angles(w, 2) == x).all() and wrap_angles(x, 0) is x
+    with pytest.raises(ValueError, match="exceeds the 6 angles"):
+        wrap_angles(x, 7)
+
+
+def test_wrapped_angles_give_the_network_context_across_the_seam():
+    """A network with zero padding along the angles (a 3-row mean here) sees an edge at the seam
+    and predicts a step there; with wrap-around context its output is seamless."""
+    polar = torch.ones(2, 1, 16, 8)
+
+    def net(t):
+        return F.avg_pool2d(F.pad(t, (0, 0, 1, 1)), (3, 1), stride=1)
+
+    assert net(polar)[..., 0, :].max() < 0.7  # the seam artefact
+    pad = angle_seam_padding(16, 0.125, 4)
+    assert torch.allclose(unwrap_angles(net(wrap_angles(polar, pad)), pad), polar)
+
+
+def test_numpy_in_numpy_out_and_volume_slices():
+    vol = np.zeros((2, 3, 40, 50), np.float32)  # (C, Z, H, W)
+    vol[:, 1, 10:20, 10:20] = 1
+    vol[:, 2, 25:35, 30:45] = 1
+    origins = np.array([[1, 15, 15], [2, 30, 37]], float)
+    polar, radius = to_polar(vol, origins, (128, 128), mode="nearest")
+    assert isinstance(polar, np.ndarray) and polar.shape == (2, 2, 128, 128)
+    back = from_polar(polar, origins, (40, 50), radius, mode="nearest")
+    assert _dice(back[0, 0] > 0.5, vol[0, 1] > 0) > 0.97 and _dice(back[1, 1] > 0.5, vol[1, 2] > 0) > 0.97
+    with pytest.raises(ValueError, match="origins"):
+        to_polar(vol, origins[:, 1:], (64, 64))
+    with pytest.raises(ValueError, match="outside"):
+        to_polar(vol, np.array([[3, 5, 5]], float), (64, 64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(cy=st.floats(5, 90), cx=st.floats(5, 120), ay=st.floats(6, 30), ax=st.floats(6, 30),
+       angle=st.floats(0, math.pi))
+def test_round_trip_of_random_ellipses(cy, cx, ay, ax, angle):
+    mask = _ellipse((96, 128), (cy, cx), (ay, ax), angle)
+    if mask.sum() < 50:
+        return
+    origin = np.argwhere(mask).mean(axis=0)
+    assert round_trip_dice(mask, origin, (256, 256)) >= 0.98
+
+
+def test_component_centroids_and_size_rule():
+    m = np.zeros((2, 30, 30), bool)
+    m[0, 2:10, 2:12] = True
+    m[0, 20:22, 20:28] = True  # 2 px tall: below a 5-px rule
+    m[1, 5:15, 5:15] = True
+    cents, areas = component_centroids(m)
+    assert cents.tolist() == [[0, 5.5, 6.5], [0, 20.5, 23.5], [1, 9.5, 9.5]] and areas.tolist() == [80, 16, 100]
+    cents, _ = component_centroids(m, min_size=5)
+    assert cents.tolist() == [[0, 5.5, 6.5], [1, 9.5, 9.5]]
+    cents, _ = component_centroids(m[0], max_per_slice=1)
+    assert cents.tolist() == [[5.5, 6.5]]
+    assert component_centroids(np.zeros((4, 4), bool))[0].shape == (0, 2)
+
+
+def test_centre_shift_is_bounded_and_resampled():
+    rng = np.random.default_rng(0)
+    origin = np.array([3.0, 50.0, 60.0])
+    shifts = np.array([shift_origin(origin, (100, 200), rng) - origin for _ in range(2000)])
+    moved = np.any(shifts != 0, axis=1)
+    assert 0.25 < moved.mean() < 0.35, "p = 0.3"
+    assert np.all(shifts[:, 0] == 0), "the slice never changes"
+    assert np.abs(shifts[:, 1:]).max() <= 0.05 * 100 + 1e-9
+    assert len({tuple(s) for s in shifts[moved]}) == moved.sum(), "drawn anew every time"
+    edge = shift_origin(np.array([0.0, 0.0]), (10, 10), np.random.default_rng(1), probability=1.0, fraction=0.5)
+    assert 0 <= edge[0] <= 9 and 0 <= edge[1] <= 9
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion
+# ----------------------------------------------------------------------------------------------
+
+def test_weights_two_on_the_component_holding_the_origin():
+    masks = np.zeros((2, 10, 20), bool)
+    masks[0, 1:4, 1:4] = masks[0, 6:9, 12:18] = True
+    masks[1, 6:9, 12:18] = True
+    w = origin_component_weights(masks, np.array([[2, 2], [0, 0]]))
+    assert np.all(w[0, 1:4, 1:4] == 2) and np.all(w[0, 6:9, 12:18] == 1)
+    assert np.all(w[1, 6:9, 12:18] == 1), "origin on background: weight 1 everywhere predicted"
+    assert w[0].sum() == 2 * 9 + 18 and np.all(w[:, 0, :] == 0)
+
+
+def test_hysteresis_fusion_drops_a_false_positive_seen_by_one_view_only():
+    """Two objects, two polar views; view 0 also predicts a spurious blob far from both origins."""
+    h, w = 40, 60
+    a, b = _ellipse((h, w), (10, 10), (5, 5)), _ellipse((h, w), (28, 45), (6, 6))
+    spurious = _ellipse((h, w), (32, 8), (3, 3))
+    views = np.stack([a | b | spurious, a | b])
+    origins = np.array([[10, 10], [28, 45]])
+    fused, score = fuse_polar_predictions(views, origins, low=0.0, high=0.4)
+    # a: 2 + 1 = 3, b: 1 + 2 = 3, spurious: 1 -> 1/3 normalised, below t2 = 0.4
+    assert score.max() == 1.0 and np.isclose(score[spurious].max(), 1 / 3)
+    assert np.array_equal(fused, a | b)
+    fused_low, _ = fuse_polar_predictions(views, origins, low=0.0, high=0.3)
+    assert np.array_equal(fused_low, a | b | spurious), "a lower t2 keeps it"
+    # a region touching a confident one is kept whole: hysteresis, not a plain threshold
+    views2 = np.stack([a | b, a | b])
+    views2[1] |= _ellipse((h, w), (10, 16), (3, 3))  # grows object a in view 1 only
+    fused2, score2 = fuse_polar_predictions(views2, origins)
+    assert fused2[10, 18] and score2[10, 18] < 0.4
+    assert not fuse_polar_predictions(np.zeros((1, 5, 5), bool), [[2, 2]])[0].any()
+    with pytest.raises(ValueError, match="low"):
+        hysteresis_fusion(np.ones((3, 3)), 0.5, 0.4)
+
+
+def test_polar_params_validation_and_round_trip_in_the_sts_block():
+    p = PolarParams((64, 64), fusion_high=0.5)
+    cfg = StSConfig("polar", 64, "2d_sts_coarse_64", polar=p)
+    back = StSConfig.from_configuration({"sts": json.loads(json.dumps(cfg.to_dict()))})
+    assert back.polar == p and back.role == "polar"
+    with pytest.raises(ValueError, match="fusion_low"):
+        PolarParams((64, 64), fusion_low=0.5, fusion_high=0.4)
+    with pytest.raises(ValueError, match="origin_source"):
+        PolarParams((64, 64), origin_source="magic")
+    with pytest.raises(ValueError, match="unknown polar parameters"):
+        PolarParams.from_dict({"polar_shape": [64, 64], "sd": 8})
+    with pytest.raises(ValueError, match="without sts.polar"):
+        StSConfig.from_configuration({"sts": {"role": "polar", "input_size": 64, "coarse_configuration": "c"}})
+
+
+# ----------------------------------------------------------------------------------------------
+# planner, sampler and predictor on real nnU-Net plans
+# ----------------------------------------------------------------------------------------------
+
+DATASET_ID = 983
+S = 64
+
+
+@pytest.fixture(scope="module")
+def planned_polar(tmp_path_factory):
+    """A generated 2D dataset with 2 classes, planned with --polar at S = 64 and preprocessed."""
+    root = tmp_path_factory.mktemp("polar")
+    from nnunet_stseg.cli import plan_and_preprocess
+    from nnunet_stseg.synthetic import make_synthetic_dataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in nnunet_folders(root, "0").items():
+            mp.setenv(k, v)
+        ds = make_synthetic_dataset(root / "raw", DATASET_ID, "Polar2D", dim=2, n_train=4, n_test=1,
+                                    num_classes=2, objects_per_image=(2, 3), seed=3)
+        added = plan_and_preprocess(DATASET_ID, S, base_features=4, num_processes=1, polar=True)
+        yield root, ds, added
+
+
+def test_planner_adds_the_polar_configuration(planned_polar):
+    root, ds, added = planned_polar
+    assert added == ["2d_sts_coarse_64", "2d_sts_fine_64", polar_config_name(S)]
+    plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
+    cfg = plans["configurations"][polar_config_name(S)]
+    assert cfg["patch_size"] == [S, S]
+    assert cfg["data_identifier"] == plans["configurations"]["2d"]["data_identifier"], "shares the 2d data"
+    sts = StSConfig.from_configuration(cfg)
+    assert sts.role == "polar" and sts.coarse_configuration == "2d_sts_coarse_64"
+    assert sts.polar.polar_shape == (S, S) and sts.polar.fusion_high == 0.4
+    # the centre heatmap's sigma comes from the training objects, measured on the coarse grid
+    coarse = StSConfig.from_configuration(plans["configurations"]["2d_sts_coarse_64"])
+    radii = np.concatenate([equivalent_radii(_read(f) > 0) for f in sorted((ds / "labelsTr").glob("*.nii.gz"))])
+    factor = np.mean(np.array(plans["configurations"]["2d_sts_coarse_64"]["spacing"])
+                     / np.array(plans["configurations"]["2d"]["spacing"]))
+    assert coarse.centre.objects_measured == len(radii) > 0
+    assert coarse.centre.median_object_radius == pytest.approx(np.median(radii) / factor, abs=1e-3)
+    assert coarse.centre.sigma == pytest.approx(default_sigma(np.median(radii) / factor), abs=1e-3)
+
+
+def _read(path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _trainer(root, ds, configuration):
+    from nnunet_stseg.trainers.polar_trainer import nnUNetTrainer_StSPolar
+
+    plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # what nnUNetv2_train adds before building a trainer
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    return nnUNetTrainer_StSPolar(plans, configuration, 0, dataset_json, torch.device("cpu"))
+
+
+def test_polar_sampler_centres_objects_and_rotates(planned_polar, monkeypatch):
+    root, ds, _ = planned_polar
+    for k, v in nnunet_folders(root).items():
+        monkeypatch.setenv(k, v)
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_stseg.trainers.polar_trainer import PolarSampleLoader
+
+    trainer = _trainer(root, ds, polar_config_name(S))
+    rot, dummy, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror == (0,) and trainer.inference_allowed_mirroring_axes == (0,) and list(initial) == [S, S]
+    transforms = trainer.get_training_transforms(np.array([S, S]), rot, None, mirror, False)
+    spatial = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"]
+    assert spatial and all(t.p_rotation == 0 and t.p_scaling == 0 for t in spatial)
+
+    folder = root / "pp" / ds.name / trainer.configuration_manager.data_identifier
+    dataset = infer_dataset_class(str(folder))(str(folder))
+    params = trainer.sts.polar
+    plain = PolarSampleLoader(dataset, 4, (S, S), (S, S), trainer.label_manager, params, augment=False)
+    keys = [k for k in dataset.identifiers if (dataset.load_case(k)[1][0] > 0).any()]
+    rng = np.random.default_rng(0)
+    for key in keys:
+        data, seg, _, props = dataset.load_case(key)
+        img, lab, z = plain.make_sample(key, data, seg, props, rng)
+        assert img.shape == (data.shape[0], 1, S, S) and lab.shape == (1, 1, S, S) and lab.dtype == torch.int16
+        # the origin is a component's centroid: the first radius column is inside that object for every angle
+        assert torch.all(lab[0, 0, :, 0] > 0)
+        # and the label maps back onto one ground-truth object
+        origin = plain.sample_origin(key, seg, np.random.default_rng(1))[0]
+        radius = farthest_corner_distance(origin[None, 1:], seg.shape[2:])
+        back = from_polar(lab.float()[:, 0][None], origin[None, 1:], seg.shape[2:], radius, mode="nearest")[0, 0]
+        assert back.sum() > 0
+    # augmentation: different start angles and shifted centres across draws, same object set
+    aug = PolarSampleLoader(dataset, 4, (S, S), (S, S), trainer.label_manager, params, augment=True)
+    draws = [aug.sample_origin(keys[0], dataset.load_case(keys[0])[1], np.random.default_rng(i)) for i in range(50)]
+    assert len({round(t, 6) for _, t in draws}) == 50
+    centroids = aug.gt_origins(keys[0], dataset.load_case(keys[0])[1])
+    shifted = [o for o, _ in draws if not any(np.allclose(o, c) for c in centroids)]
+    assert 5 <= len(shifted) <= 30
+    # an image without foreground: random origin, empty label
+    empty_key = next(k for k in dataset.identifiers if not (dataset.load_case(k)[1][0] > 0).any())
+    data, seg, _, props = dataset.load_case(empty_key)
+    _, lab, _ = plain.make_sample(empty_key, data, seg, props, rng)
+    assert not lab.any()
+
+
+def _labels(ds: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    f = sorted((ds / "labelsTr").glob("*.nii.gz"))[-1]
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.int64)[None]
+
+
+def _polar_predictor(root, ds, labels, coarse_labels, regions: bool, polar_shape=(256, 256)):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.polar_predictor import PolarPredictor
+
+    plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
+    plans["configurations"][polar_config_name(S)]["sts"]["polar"]["polar_shape"] = list(polar_shape)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    if regions:
+        dataset_json["labels"] = {"background": 0, "any_object": [1, 2], "class_2": 2}
+        dataset_json["regions_class_order"] = [1, 2]
+    pm = PlansManager(plans)
+    lm = pm.get_label_manager(dataset_json)
+    net = IdentityNet(lm.has_regions)
+
+    def maps(lab):
+        if lm.has_regions:
+            return torch.from_numpy(np.stack([lab > 0, lab == 2]).astype(np.float32))
+        return torch.from_numpy(np.stack([lab == c for c in range(3)]).astype(np.float32))
+
+    class Oracle(PolarPredictor):
+        def coarse_probabilities(self, data):
+            return maps(coarse_labels)
+
+    p = Oracle(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.manual_initialization(net, pm, pm.get_configuration(polar_config_name(S)), None, dataset_json,
+                            "nnUNetTrainer_StSPolar", None)
+    p.coarse = object()
+    return p, lm, net, maps(labels)
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_identity_polar_model_reproduces_the_labels(planned_polar, regions, capsys):
+    """Image = the one-hot label map, polar network = identity: the predictor (origins, batched
+    polar transforms, inverse mapping, fusion, logits) must give the labels back up to the polar
+    round trip; a spurious coarse component far from every object adds a view that predicts the
+    real objects off its origin only, which the fusion must not turn into a false positive."""
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    n_objects = len(component_centroids(labels[0] > 0)[0])
+    assert n_objects >= 2
+    p, lm, net, data = _polar_predictor(root, ds, labels, labels, regions)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert seg.shape == labels.shape
+    for c in (1, 2):
+        assert _dice(seg == c, labels == c) >= 0.95, f"class {c}"
+    assert p.last_timings["n_origins"] == n_objects and net.calls == 1
+    assert f"{n_objects} origin(s) (coarse)" in capsys.readouterr().out
+
+    coarse = labels.copy()
+    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(far), far.shape)  # the background pixel farthest from objects and border
+    assert far[y, x] > 8
+    coarse[0, y - 4:y + 4, x - 4:x + 4] = 1  # a false positive of the coarse model
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert p.last_timings["n_origins"] == n_objects + 1
+    assert _dice(seg > 0, labels > 0) >= 0.95
+
+
+def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeypatch):
+    """STSEG_POLAR_MAX_ORIGINS=1 (one object per slice): only the largest coarse component gives a
+    polar view; a bad value is a clear error."""
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    cents, areas = component_centroids(labels[0] > 0)
+    assert len(cents) >= 2
+    monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
+    p, lm, net, data = _polar_predictor(root, ds, labels, labels, regions=False)
+    p.predict_logits_from_preprocessed_data(data)
+    assert p.last_timings["n_origins"] == 1
+    assert np.allclose(p.origins(labels > 0)[0, 1:], cents[np.argmax(areas)])
+    for bad in ("0", "two"):
+        monkeypatch.setenv(MAX_ORIGINS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{MAX_ORIGINS_ENV}={bad!r}: expected a whole number >= 1"):
+            p.max_origins()
+
+
+def test_no_origin_keeps_the_coarse_prediction(planned_polar, capsys):
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    coarse = np.zeros_like(labels)
+    coarse[0, 5:7, 5:20] = 1  # 2 px tall: below the 5-px rule, no origin
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert not seg.any() and net.calls == 0
+    assert p.last_timings["fallback"] == "coarse"
+    assert "no origin" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# the stock CLIs end to end
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_polar_pipeline_through_the_stock_clis(tmp_path):
+    """Coarse, centre-point and polar models trained with the stock nnUNetv2_train; the polar
+    model predicted with the stock nnUNetv2_predict, origins from the coarse model and from the
+    heatmap; outputs keep the input geometry; validations ran in Cartesian space."""
+    import SimpleITK as sitk
+
+    from nnunet_stseg.demo import run_pipeline
+
+    res = run_pipeline(tmp_path, dim=2, size=S, features=4, epochs=4, iters=25, n_train=6, n_test=2,
+                       dataset_id=984, polar=True, fine=False, centre=True)
+    assert set(res.predictions) == {"polar", "polar_heatmap", "coarse"}
+    for img in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
+        ref = sitk.ReadImage(str(img))
+        for arm in ("polar", "polar_heatmap"):
+            out = sitk.ReadImage(str(res.predictions[arm] / img.name.replace("_0000", "")))
+            assert out.GetSize() == ref.GetSize() and out.GetSpacing() == ref.GetSpacing()
+            assert out.GetOrigin() == ref.GetOrigin() and out.GetDirection() == ref.GetDirection()
+    results = res.workdir / "nnUNet_results" / res.dataset_folder.name
+    fold = results / f"nnUNetTrainer_StSPolar__nnUNetPlans__{polar_config_name(S)}" / "fold_0"
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert "Precision" in summary["foreground_mean"], "the whole pipeline was validated in Cartesian space"
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "polar augmentation" in log and "Cascade validation complete (coarse fold model + polar stage)" in log
+    # a 100-iteration coarse model may find nothing in a test image; then the documented fallback
+    # (coarse prediction kept, logged) must be what happened, never a silent empty output
+    coarse_log = (res.workdir / "logs" / "predict_polar.log").read_text()
+    assert "origin(s) (coarse)" in coarse_log or "no origin (empty coarse mask" in coarse_log
+    heat_log = (res.workdir / "logs" / "predict_polar_heatmap.log").read_text()
+    assert "centre-point model" in heat_log and ("origin(s) (heatmap)" in heat_log or "no heatmap peak" in heat_log)
+    centre = json.loads((results / "nnUNetTrainer_StSCentre__nnUNetPlans__2d_sts_coarse_64" / "fold_0" / "validation"
+                         / "summary_centres.json").read_text())
+    assert {"precision", "recall", "f1", "median_distance_px"} <= set(centre) and centre["tp"] + centre["fn"] > 0
+    # the centre model alone is not a segmentation model: a clear error, not a garbage export
+    import subprocess
+
+    from nnunet_stseg.demo import _bin
+
+    proc = subprocess.run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o",
+                           str(tmp_path / "centre_out"), "-d", "984", "-c", "2d_sts_coarse_64", "-tr",
+                           "nnUNetTrainer_StSCentre", "-f", "0", "-device", "cpu"], env=res.env, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "predicts object centres" in proc.stdout + proc.stderr
+    assert "STSEG_POLAR_ORIGINS=heatmap" in proc.stdout + proc.stderr
+
+
+def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkeypatch, capsys):
+    """STSEG_POLAR_ORIGINS=heatmap: origins come from the centre model's peaks; with no peak the
+    coarse prediction is kept as it is (every image counts), tiny components included."""
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    coarse = labels.copy()
+    coarse[0, 2:4, 2:12] = 1  # a 2-px component: no origin from it either way
+    monkeypatch.setenv("STSEG_POLAR_ORIGINS", "heatmap")
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
+    p.centre = object()  # stands in for the centre model; its peaks are given below
+    p.heatmap_origins = lambda data: np.zeros((0, 3))
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert np.array_equal(seg, coarse) and net.calls == 0
+    assert "no origin (no heatmap peak): coarse prediction kept" in capsys.readouterr().out
+
+    centroids = component_centroids(labels[0] > 0)[0]
+    p.heatmap_origins = lambda data: np.concatenate([np.zeros((len(centroids), 1)), centroids], axis=1)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert p.last_timings["n_origins"] == len(centroids) and net.calls == 1
+    assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[0, 2:4, 2:12].any()
+    assert "origin(s) (heatmap)" in capsys.readouterr().out
+    monkeypatch.setenv("STSEG_POLAR_ORIGINS", "magic")
+    with pytest.raises(ValueError, match="STSEG_POLAR_ORIGINS='magic'"):
+        p.predict_logits_from_preprocessed_data(data)
+
+
+def test_missing_centre_model_is_a_clear_error(planned_polar, tmp_path):
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    p, _, _, _ = _polar_predictor(root, ds, labels, labels, regions=False)
+    missing = tmp_path / "nnUNetTrainer_StSCentre__nnUNetPlans__2d_sts_coarse_64"
+    with pytest.raises(FileNotFoundError) as e:
+        p.attach_centre([0], centre_folder=str(missing))
+    text = str(e.value)
+    assert str(missing) in text and "fold_0" in text
+    assert "nnUNetv2_train" in text and "-tr nnUNetTrainer_StSCentre" in text and "STSEG_POLAR_ORIGINS=coarse" in text

@@ -1,0 +1,322 @@
+"""Reliability of prediction with our models (issue 6): bad inputs do not take the batch down,
+outputs are written atomically, an interrupted prediction resumes with nnU-Net's
+``--continue_prediction`` without redoing or corrupting finished cases.
+
+One tiny 2D pipeline (stock nnUNetv2_train, a few CPU iterations) serves every test; accuracy is
+irrelevant here.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_stseg.demo import _bin, run_pipeline
+from nnunet_stseg.inference_io import FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, remove_partial_folder
+
+DATASET_ID = 979
+
+
+def test_atomic_writer_leaves_nothing_when_the_write_fails(tmp_path):
+    seg = np.zeros((1, 4, 5), np.uint8)
+    props = {"sitk_stuff": {"spacing": (1.0, 1.0), "origin": (0.0, 0.0), "direction": (1.0, 0.0, 0.0, 1.0)},
+             "spacing": [999.0, 1.0, 1.0]}
+    rw = AtomicReaderWriter("SimpleITKIO")
+    target = tmp_path / "case.nii.gz"
+    rw.write_seg(seg, str(target), props)
+    assert target.is_file() and not any((tmp_path / PARTIAL_DIR).iterdir())
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(target))).shape == (4, 5)
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_write(seg, fname, properties):
+        Path(fname).write_bytes(b"half a file")  # what a crash mid-write leaves
+        raise Boom("disk full")
+
+    rw.inner.write_seg = failing_write
+    other = tmp_path / "other.nii.gz"
+    with pytest.raises(Boom):
+        rw.write_seg(seg, str(other), props)
+    assert not other.exists(), "a half-written file took the final name"
+    assert not any((tmp_path / PARTIAL_DIR).iterdir())
+    remove_partial_folder(str(tmp_path))
+    assert not (tmp_path / PARTIAL_DIR).exists()
+
+
+def test_atomic_writers_of_parallel_workers_do_not_pull_the_folder_away(tmp_path):
+    """Export workers write concurrently: one finishing must not remove the temporary folder
+    another one is about to write into (a race seen with nnU-Net's export pool on PNG output)."""
+    seg = np.zeros((1, 4, 5), np.uint8)
+    props = {"sitk_stuff": {"spacing": (1.0, 1.0), "origin": (0.0, 0.0), "direction": (1.0, 0.0, 0.0, 1.0)},
+             "spacing": [999.0, 1.0, 1.0]}
+    first, second = AtomicReaderWriter("SimpleITKIO"), AtomicReaderWriter("SimpleITKIO")
+    inner_write = first.inner.write_seg
+
+    def write_after_the_other_worker_finished(seg, fname, properties):
+        # worker 1 has made the folder; worker 2 writes a whole case before worker 1 opens its file
+        second.write_seg(seg, str(tmp_path / "b.nii.gz"), properties)
+        inner_write(seg, fname, properties)
+
+    first.inner.write_seg = write_after_the_other_worker_finished
+    first.write_seg(seg, str(tmp_path / "a.nii.gz"), props)
+    assert (tmp_path / "a.nii.gz").is_file() and (tmp_path / "b.nii.gz").is_file()
+
+
+def test_checked_preprocessor_refuses_non_finite_and_wrong_channels(planned_2d):
+    """Readers other than ITK's NIfTI reader (and numpy inputs) hand NaN/Inf over as they are."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.inference_io import CaseError, CheckedPreprocessor
+
+    pm = PlansManager(planned_2d.plans)
+    cm = pm.get_configuration("2d")
+    pre = CheckedPreprocessor(verbose=False)
+    good = np.ones((1, 1, 16, 16), np.float32)
+    props = {"spacing": [999.0, 1.0, 1.0]}
+    data, _, _ = pre.run_case_npy(good.copy(), None, dict(props), pm, cm, planned_2d.dataset_json)
+    assert data.shape[0] == 1
+    bad = good.copy()
+    bad[0, 0, 2, 3], bad[0, 0, 5, 5] = np.nan, np.inf
+    with pytest.raises(CaseError, match="2 NaN/Inf voxel"):
+        pre.run_case_npy(bad, None, dict(props), pm, cm, planned_2d.dataset_json)
+    with pytest.raises(CaseError, match="has 2 channel"):
+        pre.run_case_npy(np.ones((2, 1, 16, 16), np.float32), None, dict(props), pm, cm, planned_2d.dataset_json)
+
+
+def test_truncated_nifti_is_detected(tmp_path):
+    from nnunet_stseg.inference_io import CaseError, check_file_complete
+
+    arr = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
+    for name in ("a.nii.gz", "a.nii"):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / name))
+        check_file_complete(str(tmp_path / name))
+        data = (tmp_path / name).read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(CaseError, match="truncated"):
+            check_file_complete(str(cut))
+    # what the check protects against: ITK reads the truncated file without complaint
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cut_a.nii"))).shape == arr.shape
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return run_pipeline(tmp_path_factory.mktemp("reliability"), dim=2, size=32, features=8, epochs=1, iters=3,
+                        n_train=5, n_test=3, dataset_id=DATASET_ID, baseline=True, fallback="whole")
+
+
+def _predict(res, inp: Path, out: Path, *extra: str, trainer="nnUNetTrainer_StSFine", config=None,
+             background=False):
+    cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", res.dataset_folder.name.split("_")[0][len("Dataset"):], "-c",
+           config or res.fine_config, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *extra]
+    if background:  # output to a file: a full pipe would block the process
+        with open(out.parent / f"{out.name}.log", "w") as log:
+            return subprocess.Popen(cmd, env=res.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.run(cmd, env=res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _bad_batch(res, folder: Path) -> dict[str, str]:
+    """The generated test images plus three bad cases; returns bad case -> expected message part."""
+    folder.mkdir()
+    good = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    src = good[0]
+    # truncated gzip (a copy interrupted half way)
+    data = src.read_bytes()
+    (folder / "bad_truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    # NaN intensities: ITK's NIfTI reader itself turns them into 0 (documented), so this case is predicted
+    img = sitk.ReadImage(str(src), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(img)
+    arr[3, 4] = np.nan
+    nan_img = sitk.GetImageFromArray(arr)
+    nan_img.CopyInformation(img)
+    sitk.WriteImage(nan_img, str(folder / "nan_read_as_zero_0000.nii.gz"))
+    # two channels for a one-channel model
+    shutil.copy(src, folder / "bad_channels_0000.nii.gz")
+    shutil.copy(src, folder / "bad_channels_0001.nii.gz")
+    # a 3D volume for a model trained on 2D images
+    vol = sitk.GetImageFromArray(np.ones((5, 16, 16), np.float32))
+    sitk.WriteImage(vol, str(folder / "bad_3d_volume_0000.nii.gz"))
+    return {"bad_truncated": "truncated", "bad_channels": "2 channel(s)", "bad_3d_volume": "trained on 2D images"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [("-npp", "1", "-nps", "1"), ("-npp", "0", "-nps", "0")],
+                         ids=["worker_processes", "sequential"])
+def test_bad_inputs_are_reported_and_the_batch_goes_on(pipeline, tmp_path, mode):
+    bad = _bad_batch(pipeline, tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _predict(pipeline, tmp_path / "in", out, *mode)
+    assert proc.returncode != 0, "a batch with failed cases must not exit 0"
+    good = sorted([f.name.replace("_0000", "") for f in (pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz")]
+                  + ["nan_read_as_zero.nii.gz"])
+    written = sorted(f.name for f in out.glob("*.nii.gz"))
+    assert written == good, proc.stdout[-3000:]
+    assert not (out / PARTIAL_DIR).exists(), "the temporary-write folder was left behind"
+    report = json.loads((out / FAILED_CASES_FILE).read_text())["failed_cases"]
+    assert sorted(Path(r["output"]).name for r in report) == sorted(bad)
+    for case, part in bad.items():
+        line = next(r["error"] for r in report if Path(r["output"]).name == case)
+        assert f"{case}_0000.nii.gz" in line and part in line and "\n" not in line
+        assert any(l.startswith("[nnunet-stseg] ERROR") and case in l for l in proc.stdout.splitlines())
+    assert "3 case(s) could not be predicted" in proc.stdout
+
+
+@pytest.mark.slow
+def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, tmp_path):
+    """Kill nnUNetv2_predict (SIGKILL, the whole process group) once some outputs exist, then
+    resume with --continue_prediction: finished cases are not redone, every file equals the
+    uninterrupted run's, nothing half-written is left under a final name."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    src = sorted((pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+    for i in range(12):
+        shutil.copy(src[i % len(src)], inp / f"case_{i:03d}_0000.nii.gz")
+    ref = tmp_path / "ref"
+    flags = ("-npp", "1", "-nps", "1")
+    assert _predict(pipeline, inp, ref, *flags, trainer="nnUNetTrainer_StSCoarse",
+                    config=pipeline.coarse_config).returncode == 0
+    out = tmp_path / "out"
+    proc = _predict(pipeline, inp, out, *flags, trainer="nnUNetTrainer_StSCoarse", config=pipeline.coarse_config,
+                    background=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("*.nii.gz"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.nii.gz")}
+    assert 0 < len(done_before) < 12, "the kill should land mid-batch"
+    for name in done_before:  # every file under a final name is complete
+        with gzip.open(out / name) as f:
+            f.read()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(ref / name))))
+    resumed = _predict(pipeline, inp, out, *flags, "--continue_prediction", trainer="nnUNetTrainer_StSCoarse",
+                       config=pipeline.coarse_config)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"That's {12 - len(done_before)} cases" in resumed.stdout
+    for name, mtime in done_before.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} was redone"
+    assert sorted(f.name for f in out.glob("*.nii.gz")) == sorted(f.name for f in ref.glob("*.nii.gz"))
+    assert not (out / PARTIAL_DIR).exists()
+    for f in ref.glob("*.nii.gz"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f.name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
+
+
+@pytest.fixture(scope="module")
+def pipeline_3d(tmp_path_factory):
+    return run_pipeline(tmp_path_factory.mktemp("reliability3d"), dim=3, size=32, features=8, epochs=1, iters=3,
+                        n_train=5, n_test=1, dataset_id=DATASET_ID + 1, baseline=False, fallback="whole")
+
+
+def _write(arr: np.ndarray, path: Path, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> None:
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    if direction is not None:
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+
+
+def _odd_volumes(folder: Path) -> dict[str, str]:
+    """Odd but valid 3D inputs; returns case -> the behaviour we expect ("predicted")."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 0.3, (24, 64, 64))
+    vol[10:14, 20:30, 20:30] = 2.0
+    oblique = (0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0)
+    cases = {
+        "one_slice": (vol[11:12], (0.9, 0.9, 2.5), None),
+        "smaller_than_S": (vol[10:14, 20:28, 20:28], (0.9, 0.9, 2.5), None),
+        "all_zeros": (np.zeros((24, 64, 64)), (0.9, 0.9, 2.5), None),
+        "oblique": (vol, (0.9, 0.9, 2.5), oblique),
+        "extreme_anisotropy": (vol[:, ::2, ::2], (0.3, 0.3, 12.0), None),
+        "object_on_every_border": (np.full((24, 64, 64), 2.0), (0.9, 0.9, 2.5), None),
+    }
+    for name, (arr, spacing, direction) in cases.items():
+        _write(arr, folder / f"{name}_0000.nii.gz", spacing, (5.0, -3.0, 7.0), direction)
+    return {name: "predicted" for name in cases}
+
+
+@pytest.mark.slow
+def test_odd_3d_volumes_are_predicted_with_their_geometry(pipeline_3d, tmp_path):
+    cases = _odd_volumes(tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _predict(pipeline_3d, tmp_path / "in", out, "-npp", "1", "-nps", "1")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for name in cases:
+        img = sitk.ReadImage(str(tmp_path / "in" / f"{name}_0000.nii.gz"))
+        pred = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert pred.GetSize() == img.GetSize(), name
+        # NIfTI stores an oblique direction as a float32 quaternion: a write/read round trip moves it ~1e-7
+        for a, b in ((pred.GetSpacing(), img.GetSpacing()), (pred.GetOrigin(), img.GetOrigin()),
+                     (pred.GetDirection(), img.GetDirection())):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
+    zeros = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "all_zeros.nii.gz")))
+    assert zeros.max() <= 1
+    assert not (out / FAILED_CASES_FILE).exists()
+
+
+@pytest.mark.slow
+def test_2d_image_given_to_a_3d_model_is_a_clear_error(pipeline_3d, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = sorted((pipeline_3d.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))[0]
+    shutil.copy(good, inp / good.name)
+    img2d = sitk.GetImageFromArray(np.ones((32, 32), np.float32))
+    sitk.WriteImage(img2d, str(inp / "flat_2d_0000.nii.gz"))
+    out = tmp_path / "out"
+    proc = _predict(pipeline_3d, inp, out, "-npp", "1", "-nps", "1")
+    assert proc.returncode != 0
+    assert (out / good.name.replace("_0000", "")).is_file()
+    report = json.loads((out / FAILED_CASES_FILE).read_text())["failed_cases"]
+    assert [Path(r["output"]).name for r in report] == ["flat_2d"]
+    assert "flat_2d_0000.nii.gz: is a 2D image; this model was trained on 3D volumes" in report[0]["error"]
+
+
+@pytest.mark.slow
+def test_interrupted_fine_training_resumes_with_c(pipeline):
+    """Kill nnUNetv2_train (our fine trainer, its own crop loader) after its first resumable
+    checkpoint, then resume with --c: training continues from the checkpoint's epoch (not from 0),
+    finishes, and no temporary or truncated checkpoint is left."""
+    res = pipeline
+    env = {**res.env, "STSEG_NUM_EPOCHS": "12", "STSEG_ITERS_PER_EPOCH": "2", "STSEG_VAL_ITERS": "1",
+           "STSEG_SAVE_EVERY": "1"}
+    did = res.dataset_folder.name.split("_")[0][len("Dataset"):]
+    cmd = [_bin("nnUNetv2_train"), did, res.fine_config, "1", "-tr", "nnUNetTrainer_StSFine", "-device", "cpu"]
+    fold = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
+        f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_1"
+    with open(res.workdir / "train_interrupted.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (fold / "checkpoint_latest.pth").is_file() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it get into the next epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    start_epoch = latest["current_epoch"]
+    assert 1 <= start_epoch < 12 and not (fold / "checkpoint_final.pth").exists()
+    resumed = subprocess.run(cmd + ["--c"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    logs = sorted(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
+    epochs = [int(line.split("Epoch ")[1]) for line in logs[-1].read_text().splitlines()
+              if ": Epoch " in line and line.split("Epoch ")[1].strip().isdigit()]
+    assert epochs and epochs[0] >= start_epoch, f"resumed at epoch {epochs[:1]}, checkpoint had {start_epoch}"
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 12
+    assert not list(fold.glob(".tmp_*"))

@@ -1,0 +1,198 @@
+"""Depth channel in nnU-Net training: one mixin for all of our trainers (methods.md section 4).
+
+The channel is switched on by the trainer class (``depth_channel_default``, e.g.
+``nnUNetTrainer_Depth``) or by ``"depth_channel": true`` in the configuration (``nnunet-stseg plan
+--depth`` sets it on the 2d segment-then-segment configurations), so variants compose without a
+class per combination.
+
+Training never stores the channel: the preprocessed data stays nnU-Net's (shared with the other
+configurations). The data loader appends it to every sample AFTER nnU-Net's transforms, so
+intensity normalisation and intensity augmentation never touch it, and a spatial augmentation of
+a 2D slice (rotation, scaling, elastic, mirroring: all in-plane) cannot change a constant channel.
+Its value is the depth of the slice the loader picked (see :mod:`nnunet_stseg.depth`).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, check_depth_applicable, depths_from_properties
+from nnunet_stseg.predictor import adopt_predictor
+
+
+class _CaseRecorder:
+    """Wraps an nnU-Net dataset; remembers the depths of the slices of the case loaded last (the
+    loader loads one case, picks its patch, then transforms it)."""
+
+    def __init__(self, dataset):
+        self._dataset = dataset
+        self.depths: np.ndarray | None = None
+        self.slice_index = 0
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self._dataset.load_case(identifier)
+        self.depths = depths_from_properties(data.shape[1], properties)
+        self.slice_index = 0
+        return data, seg, seg_prev, properties
+
+    def current_depth(self) -> float:
+        return float(self.depths[int(np.clip(self.slice_index, 0, len(self.depths) - 1))])
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_dataset":  # pickling looks these up before __dict__ is set
+            raise AttributeError(name)
+        return getattr(self._dataset, name)
+
+
+class _AddDepthAfterTransforms:
+    """nnU-Net's transforms, then the depth of the recorded slice as the last image channel."""
+
+    def __init__(self, transforms, recorder: _CaseRecorder):
+        self.transforms = transforms
+        self.recorder = recorder
+
+    def __call__(self, **sample):
+        if self.transforms is not None:
+            sample = self.transforms(**sample)
+        sample["image"] = append_depth_channel(sample["image"], self.recorder.current_depth())
+        return sample
+
+
+class DepthChannelDataLoader(nnUNetDataLoader):
+    """nnU-Net's 2D data loader (2D patches from 3D cases) whose samples get the depth channel."""
+
+    def __init__(self, data, *args, transforms=None, **kwargs):
+        recorder = _CaseRecorder(data)
+        super().__init__(recorder, *args, transforms=_AddDepthAfterTransforms(transforms, recorder), **kwargs)
+        self.recorder = recorder
+
+    def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose: bool = False):
+        lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        self.recorder.slice_index = int(lbs[0])  # 2D patch of a 3D case: one slice, the first axis
+        return lbs, ubs
+
+
+@functools.cache
+def dataset_with_depth_channel(dataset_class: type) -> type:
+    """A subclass of an nnU-Net dataset class whose ``load_case`` returns the case with its depth
+    channel (for nnU-Net's own final validation, which predicts whole preprocessed cases)."""
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = dataset_class.load_case(self, identifier)
+        data = np.asarray(data[:])
+        return append_depth_channel(data, depths_from_properties(data.shape[1], properties)), seg, seg_prev, properties
+
+    return type(f"{dataset_class.__name__}WithDepth", (dataset_class,), {"load_case": load_case})
+
+
+def start_augmenters(trainer: nnUNetTrainer, dl_tr, dl_val):
+    """Wrap our data loaders in nnU-Net's augmenter processes as nnU-Net does for its own loaders
+    (``nnUNet_n_proc_DA`` workers; 0 = in-process) and start them."""
+    n_proc = get_allowed_n_proc_DA()
+    if n_proc == 0:
+        gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+    else:
+        pin = trainer.device.type == "cuda"
+        gen_tr = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None, num_processes=n_proc,
+                                              num_cached=max(6, n_proc // 2), seeds=None, pin_memory=pin,
+                                              wait_time=0.002)
+        gen_val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None, num_processes=max(1, n_proc // 2),
+                                               num_cached=max(3, n_proc // 4), seeds=None, pin_memory=pin,
+                                               wait_time=0.002)
+    next(gen_tr), next(gen_val)
+    return gen_tr, gen_val
+
+
+def loader_ingredients(trainer: nnUNetTrainer) -> dict:
+    """What nnU-Net's ``get_dataloaders`` builds before its loaders: transforms (nnU-Net's own
+    methods), patch sizes and the train/val datasets of the fold."""
+    if trainer.dataset_class is None:
+        trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    patch = trainer.configuration_manager.patch_size
+    ds_scales = trainer._get_deep_supervision_scales()
+    rotation, dummy_2d, initial_patch, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    lm = trainer.label_manager
+    label_kwargs = dict(is_cascaded=trainer.is_cascaded, foreground_labels=lm.foreground_labels,
+                        regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+    tr_transforms = trainer.get_training_transforms(patch, rotation, ds_scales, mirror_axes, dummy_2d,
+                                                    use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm,
+                                                    **label_kwargs)
+    val_transforms = trainer.get_validation_transforms(ds_scales, **label_kwargs)
+    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
+    return dict(patch=patch, initial_patch=initial_patch, tr_transforms=tr_transforms, val_transforms=val_transforms,
+                dataset_tr=dataset_tr, dataset_val=dataset_val)
+
+
+class DepthChannelTrainerMixin:
+    """Adds the depth channel to a trainer when the class or the configuration asks for it.
+
+    - network: one more input channel (``build_network_architecture``, also used by nnU-Net's
+      predictor, which then appends the channel in its preprocessing: see
+      :class:`nnunet_stseg.predictor.PluginPredictor`);
+    - training: :class:`DepthChannelDataLoader` (channel added after the transforms);
+    - final validation: nnU-Net's own, on cases with the channel appended.
+    """
+
+    depth_channel_default: bool = False
+    predictor_class: type | None = None  # what nnU-Net's predictor becomes for our model (None: PluginPredictor)
+
+    @classmethod
+    def uses_depth_channel(cls, configuration_manager) -> bool:
+        return bool(cls.depth_channel_default or configuration_manager.configuration.get(DEPTH_KEY, False))
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True):
+        depth = cls.uses_depth_channel(configuration_manager)
+        # nnU-Net's predictor calls this while loading our model: give it our prediction behaviour
+        adopt_predictor(sys._getframe(1), cls.predictor_class, depth=depth)
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager,
+                                                        num_input_channels + int(depth), num_output_channels,
+                                                        enable_deep_supervision)
+
+    def _check_depth_channel(self) -> None:
+        """Called at the end of __init__: refuse configurations where depth has no meaning."""
+        if self.uses_depth_channel(self.configuration_manager):
+            plans = self.plans_manager.plans
+            check_depth_applicable(self.configuration_manager.patch_size,
+                                   plans.get("original_median_shape_after_transp", [1]),
+                                   f"{self.__class__.__name__} on configuration '{self.configuration_name}' of "
+                                   f"{self.plans_manager.dataset_name}")
+            self.print_to_log_file("depth channel: ON (one extra input channel, normalised slice depth)")
+
+    def get_dataloaders(self):
+        if not self.uses_depth_channel(self.configuration_manager):
+            return super().get_dataloaders()
+        parts = loader_ingredients(self)
+        common = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
+                      pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
+        patch = self.configuration_manager.patch_size
+        dl_tr = DepthChannelDataLoader(parts["dataset_tr"], self.batch_size, parts["initial_patch"], patch,
+                                       self.label_manager, transforms=parts["tr_transforms"], **common)
+        dl_val = DepthChannelDataLoader(parts["dataset_val"], self.batch_size, patch, patch, self.label_manager,
+                                        transforms=parts["val_transforms"], **common)
+        return start_augmenters(self, dl_tr, dl_val)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not self.uses_depth_channel(self.configuration_manager):
+            return super().perform_actual_validation(save_probabilities)
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        plain = self.dataset_class
+        self.dataset_class = dataset_with_depth_channel(plain)
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = plain
+
+
+__all__ = ["DepthChannelTrainerMixin", "DepthChannelDataLoader", "dataset_with_depth_channel", "start_augmenters",
+           "loader_ingredients"]
