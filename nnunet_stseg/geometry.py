@@ -375,10 +375,25 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     return fused, covered
 
 
-def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 1e-6) -> torch.Tensor:
+def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 1e-6,
+                            inplace: bool = False) -> torch.Tensor:
     """Logits whose softmax (or sigmoid) gives back ``probs`` (renormalised for softmax), so that
-    nnU-Net's own export applies its usual nonlinearity to fused probabilities."""
-    p = probs.clamp(eps, 1 - eps)
+    nnU-Net's own export applies its usual nonlinearity to fused probabilities. ``inplace``
+    overwrites ``probs`` (no second K x volume array on large volumes)."""
+    p = probs.clamp_(eps, 1 - eps) if inplace else probs.clamp(eps, 1 - eps)
     if multilabel:
-        return torch.log(p) - torch.log1p(-p)
-    return torch.log(p)
+        log_not_p = torch.log1p(-p)
+        return p.log_().sub_(log_not_p)
+    return p.log_()
+
+
+def foreground_from_probabilities(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Bool mask of the voxels nnU-Net's segmentation would label as foreground, without its
+    int64 argmax volume: softmax (channel 0 = background): some foreground channel beats the
+    background strictly (argmax takes the first of tied maxima); sigmoid/regions: some region's
+    probability is above 0.5 (nnU-Net's region threshold)."""
+    if multilabel:
+        return (probs > 0.5).any(0)
+    if probs.shape[0] == 1:
+        return torch.zeros(probs.shape[1:], dtype=torch.bool, device=probs.device)
+    return probs[1:].amax(0) > probs[0]

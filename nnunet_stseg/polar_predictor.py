@@ -31,7 +31,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_stseg.centres import heatmap_peaks
 from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, ORIGIN_SOURCES,
                                  CentreParams)
-from nnunet_stseg.geometry import probabilities_to_logits
+from nnunet_stseg.geometry import foreground_from_probabilities, probabilities_to_logits
 from nnunet_stseg.polar import (angle_seam_padding, component_centroids, from_polar, hysteresis_fusion,
                                 origin_component_weights, to_polar, unwrap_angles, wrap_angles)
 from nnunet_stseg.predictor import StSPredictor
@@ -141,8 +141,7 @@ class PolarPredictor(StSPredictor):
         t0 = self._clock()
 
         probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the device
-        foreground = (lm.convert_probabilities_to_segmentation(probs) > 0)
-        foreground = foreground.cpu().numpy() if isinstance(foreground, torch.Tensor) else np.asarray(foreground)
+        foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
         if source == "heatmap":
             if self.centre is None:
@@ -170,7 +169,7 @@ class PolarPredictor(StSPredictor):
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
-            return probabilities_to_logits(probs, multilabel).cpu()
+            return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self._log(f"{len(origins)} origin(s) ({source}) in {len(z_with)} slice(s)"
                   + (f"; {kept_coarse} slice(s) with coarse foreground but no heatmap peak keep the coarse "
                      f"prediction" if kept_coarse else ""))
@@ -219,7 +218,7 @@ class PolarPredictor(StSPredictor):
                 fused[1:] = torch.where(mask, fg, torch.zeros_like(fg))
             probs[:, z] = fused
         geometry_s += self._clock() - td
-        logits = probabilities_to_logits(probs, multilabel).cpu()
+        logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": geometry_s, "fine_s": fine_s,
                              "n_origins": int(len(origins)), "fallback": None}
         return logits

@@ -37,8 +37,8 @@ from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_prop
 from nnunet_stseg.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
                                        PluginPlansManager, remove_partial_folder)
 from nnunet_stseg.metrics import write_json_atomic
-from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, fuse_crops, limit_crops,
-                                   probabilities_to_logits, whole_image_boxes)
+from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, fuse_crops,
+                                   limit_crops, probabilities_to_logits, whole_image_boxes)
 
 
 def coarse_model_folder(results_root: str, dataset_name: str, plans_name: str, sts: StSConfig) -> str:
@@ -315,7 +315,7 @@ class StSPredictor(PluginPredictor):
         # 1. coarse pass on the downsampled case, probabilities back on the full-resolution grid
         coarse_probs = self.coarse_probabilities(data)
         shape = tuple(data.shape[1:])
-        foreground = lm.convert_probabilities_to_segmentation(coarse_probs) > 0
+        foreground = foreground_from_probabilities(coarse_probs, multilabel)
         t1 = self._clock()
 
         # 2. boxes from connected components
@@ -334,7 +334,7 @@ class StSPredictor(PluginPredictor):
                     coarse_probs[0, foreground] = 1.0
                 self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_boxes": 0,
                                      "n_dropped": n_dropped, "fallback": fallback}
-                return probabilities_to_logits(coarse_probs, multilabel).cpu()
+                return probabilities_to_logits(coarse_probs, multilabel, inplace=True).cpu()
             boxes = whole_image_boxes(shape, crop.active)
         else:
             boxes, limited = limit_crops(boxes, sts.max_crops)
@@ -360,7 +360,7 @@ class StSPredictor(PluginPredictor):
 
         # 4. paste back and fuse
         fused, _ = fuse_crops(probs, boxes, shape, multilabel=multilabel, mode="linear")
-        logits = probabilities_to_logits(fused, multilabel).cpu()
+        logits = probabilities_to_logits(fused, multilabel, inplace=True).cpu()
         t4 = self._clock()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": (t2 - t1) + (t4 - t3), "fine_s": t3 - t2,
                              "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from nnunet_stseg.geometry import (
+    foreground_from_probabilities,
     CropParams,
     boxes_from_mask,
     component_boxes,
@@ -1136,6 +1137,37 @@ def test_probabilities_to_logits_clamps_extremes():
     np.testing.assert_allclose(soft.numpy(), p.numpy(), atol=1e-5)
     sig = torch.sigmoid(probabilities_to_logits(p, multilabel=True))
     np.testing.assert_allclose(sig.numpy(), p.numpy(), atol=1e-5)
+
+
+def test_probabilities_to_logits_inplace_matches_and_overwrites():
+    for ml in (False, True):
+        p = torch.tensor([[0.2, 0.9, 1e-9], [0.8, 0.1, 1.0]])
+        expected = probabilities_to_logits(p, multilabel=ml)
+        assert p[0, 0] == pytest.approx(0.2)  # the default leaves its input alone
+        out = probabilities_to_logits(p, multilabel=ml, inplace=True)
+        assert out.data_ptr() == p.data_ptr()
+        torch.testing.assert_close(out, expected)
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 4), ties=st.booleans())
+def test_foreground_from_probabilities_matches_nnunet_segmentation(seed, k, ties):
+    """Same foreground as nnU-Net's LabelManager: argmax > 0 (first of tied maxima wins) for
+    softmax outputs, any region above 0.5 for sigmoid outputs."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(k, 6, 7, generator=g)
+    if ties:  # quantised values make exact ties between background and foreground channels common
+        p = (p * 3).round() / 3
+    if k >= 2:  # softmax outputs have background + at least one class
+        softmax = LabelManager({"background": 0, **{f"c{i}": i for i in range(1, k)}}, regions_class_order=None)
+        expected = softmax.convert_probabilities_to_segmentation(p.clone()) > 0
+        torch.testing.assert_close(foreground_from_probabilities(p, multilabel=False), expected)
+    regions = LabelManager({"background": 0, **{f"r{i}": (i, k + 1) for i in range(1, k + 1)}},
+                           regions_class_order=list(range(1, k + 1)))
+    expected = regions.convert_probabilities_to_segmentation(p) > 0
+    torch.testing.assert_close(foreground_from_probabilities(p, multilabel=True), expected)
 
 
 # ----------------------------------------------------------------------------------------------
