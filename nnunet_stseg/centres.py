@@ -58,9 +58,11 @@ def heatmap_targets(foreground: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.stack(maps)[:, None]
 
 
-def heatmap_peaks(heatmap, min_distance: int, threshold: float = 0.5, max_peaks: int | None = None) -> np.ndarray:
+def heatmap_peaks(heatmap, min_distance: int, threshold: float | None = 0.5,
+                  max_peaks: int | None = None) -> np.ndarray:
     """Peaks (N, 2) ``(y, x)`` float64 of a 2D heatmap, strongest first: local maxima
-    ``>= threshold`` at least ``min_distance`` pixels apart."""
+    ``>= threshold`` at least ``min_distance`` pixels apart. ``threshold=None``: every local
+    maximum (with ``max_peaks=1`` the argmax; nothing only for a constant map)."""
     from skimage.feature import peak_local_max
 
     h = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else heatmap, dtype=np.float32)

@@ -21,6 +21,9 @@ ORIGIN_SOURCES = ("coarse", "heatmap")
 ORIGIN_SOURCE_ENV = "STSEG_POLAR_ORIGINS"
 # overrides sts.polar.max_origins at prediction time (e.g. 1 for data with one object per slice)
 MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
+# overrides sts.centre.peak_threshold at prediction time; 0 = no threshold (with MAX_ORIGINS_ENV=1:
+# the heatmap's maximum, the paper's argmax rule)
+PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
 
 
 def grid_spacing3(spacing) -> list[float]:

@@ -17,7 +17,9 @@ stock nnU-Net commands:
   give no polar view of their own);
 - ``polar_heatmap``: the same polar model, origins = peaks of ``nnUNetTrainer_StSCentre`` trained on
   ``2d_sts_coarse_S`` (``STSEG_POLAR_ORIGINS=heatmap``); slices with coarse foreground but no peak
-  keep the Cartesian prediction.
+  keep the Cartesian prediction;
+- ``polar_heatmap_argmax``: the same, one origin per slice at the heatmap's maximum whatever its
+  value (``STSEG_POLAR_MAX_ORIGINS=1 STSEG_POLAR_PEAK_THRESHOLD=0``, the paper's argmax rule).
 
 Data and scoring (always in Cartesian space against the original labels, every image counts):
 - ``cardiac``: Cardiac Fat CT read in place from ``../shared/data/nnUNet_raw``; per-patient K-fold
@@ -45,10 +47,11 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
-                                 MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, coarse_config_name, polar_config_name)
+                                 MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV, coarse_config_name,
+                                 polar_config_name)
 from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured
 
-ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap")
+ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
 CARDIAC_ID, KVASIR_ID = 701, 720
 # methods.md section 3, U-Net DSC Cartesian -> polar with model-predicted centres (other data splits)
 PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
@@ -190,16 +193,18 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
             v = json.loads(summary.read_text())
             results["centre_validation"][str(f)] = {k: v.get(k) for k in ("precision", "recall", "f1",
                                                                           "median_distance_px", "sigma_px")}
-    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, "coarse", None),
-                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", None),
-                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "1"),
-                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", None)}
+    # arm: configuration, trainer, origin source, max origins per slice, peak threshold override
+    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, "coarse", "", ""),
+                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "", ""),
+                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "1", ""),
+                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", "", ""),
+                "polar_heatmap_argmax": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", "1", "0")}
     if redo_predictions:  # e.g. after a predictor change: the trained models are kept
         shutil.rmtree(workdir / "predictions", ignore_errors=True)
         for key in ("inference_s", "arms", "origins"):
             results.pop(key, None)
     infer = results.setdefault("inference_s", {})
-    for arm, (config, trainer, source, max_origins) in arm_runs.items():
+    for arm, (config, trainer, source, max_origins, peak_threshold) in arm_runs.items():
         out = workdir / "predictions" / arm
         for f, images in evals:
             key = f"{arm}/{f}"
@@ -209,7 +214,8 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
             seconds, _ = run_measured([_bin("nnUNetv2_predict"), "-i", str(images[0].parent), "-o", str(out), "-d",
                                        str(did), "-c", config, "-tr", trainer, "-f", str(f), "-device", device,
                                        "--disable_tta", "-npp", "1", "-nps", "1"],
-                                      {**env, ORIGIN_SOURCE_ENV: source, MAX_ORIGINS_ENV: max_origins or ""},
+                                      {**env, ORIGIN_SOURCE_ENV: source, MAX_ORIGINS_ENV: max_origins,
+                                       PEAK_THRESHOLD_ENV: peak_threshold},
                                       logs / f"predict_{arm}_{f}.log")
             infer[key] = {"seconds": seconds, "images": len(images),
                           "slices": _count_slices(images) if dataset == "cardiac" else len(images)}
@@ -328,7 +334,9 @@ def report(results: dict, examples: str | None = None) -> str:
     lines += ["", "Arms: `cartesian` = nnU-Net on the whole image downscaled to S; `polar_coarse` = polar "
               "stage, one origin per component of the Cartesian model's mask; `polar_coarse_max1` = the same, "
               "only the largest component per slice (`STSEG_POLAR_MAX_ORIGINS=1`); `polar_heatmap` = origins "
-              "from the centre-point heatmap model.", ""]
+              "from the centre-point heatmap model (its peaks >= the planned threshold); `polar_heatmap_argmax` = "
+              "one origin per slice at the heatmap's maximum whatever its value (`STSEG_POLAR_MAX_ORIGINS=1 "
+              "STSEG_POLAR_PEAK_THRESHOLD=0`, the paper's argmax rule).", ""]
     train = results.get("train_s", {})
     lines += ["", "Training time (s, all folds): " + ", ".join(
         f"{name} {sum(v for k, v in train.items() if k.startswith(name + '/')):.0f}"

@@ -30,7 +30,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg.centres import heatmap_peaks
 from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, ORIGIN_SOURCES,
-                                 CentreParams)
+                                 PEAK_THRESHOLD_ENV, CentreParams)
 from nnunet_stseg.geometry import foreground_from_probabilities, probabilities_to_logits
 from nnunet_stseg.polar import (angle_seam_padding, component_centroids, from_polar, hysteresis_fusion,
                                 origin_component_weights, to_polar, unwrap_angles, wrap_angles)
@@ -66,6 +66,22 @@ class PolarPredictor(StSPredictor):
         if value < 1:
             raise ValueError(f"{MAX_ORIGINS_ENV}={raw!r}: expected a whole number >= 1 (origins per slice)")
         return value
+
+    def peak_threshold(self) -> float | None:
+        """Heatmap value from which a local maximum is an origin: the centre model's
+        ``sts.centre.peak_threshold`` unless ``STSEG_POLAR_PEAK_THRESHOLD`` says otherwise; 0 means
+        no threshold (None), so that with ``STSEG_POLAR_MAX_ORIGINS=1`` every slice gets the
+        heatmap's maximum (the paper's argmax rule, for data with one object per image)."""
+        raw = os.environ.get(PEAK_THRESHOLD_ENV, "").strip()
+        if not raw:
+            return float(self.centre_params.peak_threshold)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < 1:
+            raise ValueError(f"{PEAK_THRESHOLD_ENV}={raw!r}: expected a number in [0, 1) (0 = no threshold)")
+        return value if value > 0 else None
 
     def _angle_stride(self) -> int:
         """Total stride of the polar network along the angle axis (input sizes must be multiples)."""
@@ -107,6 +123,7 @@ class PolarPredictor(StSPredictor):
         centre.initialize_from_trained_model_folder(folder, list(folds) if folds is not None else None, checkpoint_name)
         self.centre_params = CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"])
         self.centre = centre
+        self.peak_threshold()  # a bad override fails before the first case, not in the middle of a batch
         self._log(f"centre-point model: {folder} folds {folds}")
 
     def origins(self, foreground: np.ndarray) -> np.ndarray:
@@ -118,14 +135,14 @@ class PolarPredictor(StSPredictor):
     def heatmap_origins(self, data: torch.Tensor) -> np.ndarray:
         """(N, 3) ``(z, y, x)`` origins on the full-resolution grid: peaks of the centre model's
         heatmap on the coarse grid, slice by slice, mapped with the half-pixel convention."""
-        cp, limit = self.centre_params, self.max_origins()
+        cp, limit, threshold = self.centre_params, self.max_origins(), self.peak_threshold()
         centre_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data, self.centre)))
         heat = self.centre.predict_logits_from_preprocessed_data(centre_in)[0].float().cpu().numpy()
         full = np.asarray(data.shape[2:], dtype=float)
         scale = full / np.asarray(heat.shape[1:], dtype=float)
         out = []
         for z in range(heat.shape[0]):
-            peaks = heatmap_peaks(heat[z], cp.peak_distance, cp.peak_threshold, max_peaks=limit)
+            peaks = heatmap_peaks(heat[z], cp.peak_distance, threshold, max_peaks=limit)
             if len(peaks):
                 yx = np.clip((peaks + 0.5) * scale - 0.5, 0, full - 1)
                 out.append(np.concatenate([np.full((len(yx), 1), z, dtype=float), yx], axis=1))

@@ -497,6 +497,43 @@ def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkey
         p.predict_logits_from_preprocessed_data(data)
 
 
+def test_peak_threshold_override_gives_the_papers_argmax_rule(planned_polar, monkeypatch):
+    """A weak heatmap (peaks far below the plans' 0.5) gives no origin by default;
+    STSEG_POLAR_PEAK_THRESHOLD lowers the threshold, 0 removes it, and with
+    STSEG_POLAR_MAX_ORIGINS=1 each slice gets its maximum (the paper's argmax); bad values are
+    clear errors."""
+    from nnunet_stseg.centres import gaussian_heatmap
+    from nnunet_stseg.config import MAX_ORIGINS_ENV, PEAK_THRESHOLD_ENV, CentreParams
+
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    p, _, _, data = _polar_predictor(root, ds, labels, labels, regions=False)
+    shape = tuple(data.shape[2:])
+    strong, weak = (shape[0] * 0.3, shape[1] * 0.3), (shape[0] * 0.7, shape[1] * 0.6)
+    heat = (0.1 * gaussian_heatmap(np.array([strong]), shape, 2.0)
+            + 0.06 * gaussian_heatmap(np.array([weak]), shape, 2.0))[None].expand(1, data.shape[1], *shape)
+
+    class WeakCentre:  # same grid as the polar stage: the heatmap is read as it is
+        configuration_manager = p.configuration_manager
+
+        def predict_logits_from_preprocessed_data(self, x):
+            return heat.clone()
+
+    p.centre, p.centre_params = WeakCentre(), CentreParams(sigma=2.0)
+    assert len(p.heatmap_origins(data)) == 0
+    monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0.05")
+    assert len(p.heatmap_origins(data)) == 2 * data.shape[1]
+    monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0")
+    monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
+    origins = p.heatmap_origins(data)
+    assert len(origins) == data.shape[1]
+    np.testing.assert_allclose(origins[:, 1:], np.tile(np.round(strong), (data.shape[1], 1)), atol=1)
+    for bad in ("1", "-0.1", "half"):
+        monkeypatch.setenv(PEAK_THRESHOLD_ENV, bad)
+        with pytest.raises(ValueError, match=f"{PEAK_THRESHOLD_ENV}={bad!r}: expected a number in"):
+            p.heatmap_origins(data)
+
+
 def test_missing_centre_model_is_a_clear_error(planned_polar, tmp_path):
     root, ds, _ = planned_polar
     labels = _labels(ds)
