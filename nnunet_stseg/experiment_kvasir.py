@@ -12,7 +12,9 @@ as mean +- sd over images, inference ms per image (wall time of the whole ``nnUN
 over the test set divided by the number of images: model loading and start-up included), peak
 RSS of the prediction command, training time. Published U-Net/StS numbers (seed 002, Table A1)
 are printed beside ours, marked as published. Everything runs through the stock nnU-Net commands
-and is resumable: finished trainings and predictions are kept (re-run the same command).
+and is resumable: finished trainings are kept (re-run the same command; the test predictions and
+scores are made again). ``--report_only`` rebuilds the report, plot and overlays from the work
+folder's ``results.json`` without training or predicting.
 
 Experiment 2 of issue 5, ``--native``: Kvasir-SEG at its original resolution (332-1920 px wide,
 same seeded split), segment-then-segment at each S (default 64 and 128) vs nnU-Net's standard 2d
@@ -225,6 +227,37 @@ def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: 
     return overlay_grid(rows, path) if rows else None
 
 
+MISSED_DICE = 0.1
+
+
+def per_case_dice(summary_file: Path) -> dict[str, float]:
+    """Foreground Dice of every test image, keyed by file name."""
+    return {Path(c["prediction_file"]).name: next(iter(c["metrics"].values()))["Dice"]
+            for c in json.loads(Path(summary_file).read_text())["metric_per_case"]}
+
+
+def miss_breakdown(results: dict) -> list[str]:
+    """Where the cascade gains and where it cannot: the cascade's coarse stage IS the baseline model at
+    the same S, so an image the baseline misses (DSC < 0.1) gets no useful crop. Splitting the test
+    images by that tells a detection limit from a refinement limit."""
+    lines = ["| S | images the baseline misses (DSC < 0.1) | baseline DSC % on the rest | cascade DSC % on the rest "
+             "| cascade DSC % on the missed |", "|---|---|---|---|---|"]
+    for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
+        files = [Path(row[arm]["prediction"]) / "summary_test.json" for arm in ("baseline", "cascade")]
+        if not all(f.is_file() for f in files):
+            return []
+        base, casc = (per_case_dice(f) for f in files)
+        cases = sorted(base)
+        b = np.array([base[c] for c in cases])
+        c = np.array([casc[c] for c in cases])
+        missed = b < MISSED_DICE
+        on_missed = f"{100 * c[missed].mean():.2f}" if missed.any() else "-"
+        lines.append(f"| {s} | {int(missed.sum())} of {len(cases)} | {100 * b[~missed].mean():.2f} | "
+                     f"{100 * c[~missed].mean():.2f} | {on_missed} |")
+    return ["", "Detection vs refinement (the cascade's coarse stage is the baseline model of the same S):", "",
+            *lines]
+
+
 def report(results: dict, cmd: str) -> str:
     from nnunet_stseg.benchmark import machine_line
 
@@ -247,6 +280,7 @@ def report(results: dict, cmd: str) -> str:
             pub = PUBLISHED[arm].get(int(s))
             if pub:
                 lines.append(f"| {s} | {arm} (published) | " + " | ".join(f"{v:.2f}" for v in pub) + " | | | |")
+    lines += miss_breakdown(results)
     return "\n".join(lines) + "\n"
 
 
@@ -296,23 +330,38 @@ def main(argv=None) -> None:
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown report (its plot and example overlays are written beside it)")
+    p.add_argument("--report_only", action="store_true",
+                   help="rebuild the report from the work folder's results.json (no training, no prediction)")
     args = p.parse_args(argv)
     cmd = ("nnunet-stseg-experiment-kvasir " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     workdir = args.workdir or Path("work_dirs/kvasir_native" if args.native else "work_dirs/kvasir")
-    if args.native:
-        sizes = args.sizes or [64, 128]
-        results = run_native_experiment(workdir, sizes, args.features, args.epochs, args.iters,
+    results_file = Path(workdir).resolve() / "results.json"
+    if args.report_only:
+        if not results_file.is_file():
+            p.error(f"--report_only: {results_file} does not exist; run the experiment first")
+        results = json.loads(results_file.read_text())
+        cmd = results.get("command", cmd)
+    elif args.native:
+        results = run_native_experiment(workdir, args.sizes or [64, 128], args.features, args.epochs, args.iters,
                                         args.batch_size or 8, args.device, seed=args.seed, limit=args.limit,
                                         src=args.src)
+    else:
+        results = run_experiment(workdir, args.sizes or [32, 48, 64, 128], args.features, args.epochs, args.iters,
+                                 args.device, seed=args.seed, limit=args.limit, src=args.src,
+                                 batch_size=args.batch_size)
+    if not args.report_only:
+        results["command"] = cmd
+        write_json_atomic(results, results_file, indent=1)
+    if args.native:
         text = report_native(results, cmd)
         predictions = {arm: Path(r["prediction"]) for arm, r in results["arms"].items()}
-        ranked_by = f"cascade_{sizes[0]}"
+        ranked_by = next(arm for arm in results["arms"] if arm.startswith("cascade"))
         ds = next((Path(workdir).resolve() / "nnUNet_raw").glob("Dataset721_*"))
     else:
-        sizes = args.sizes or [32, 48, 64, 128]
-        results = run_experiment(workdir, sizes, args.features, args.epochs, args.iters, args.device,
-                                 seed=args.seed, limit=args.limit, src=args.src, batch_size=args.batch_size)
+        # JSON turns the size keys into strings
+        results["sizes"] = {int(s): row for s, row in results["sizes"].items()}
         text = report(results, cmd)
+        sizes = sorted(results["sizes"])
         s = 64 if 64 in sizes else sizes[0]
         predictions = {f"{arm} S = {s}": Path(results["sizes"][s][arm]["prediction"]) for arm in ("baseline", "cascade")}
         ranked_by = f"cascade S = {s}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_stseg.experiment_kvasir import PUBLISHED, main, per_image_stats
+from nnunet_stseg.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 pytestmark = [pytest.mark.slow,
@@ -35,6 +35,14 @@ def test_experiment_smoke_and_resume(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
     main(args)  # resumes: predictions and scores again, no retraining
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    text = out.read_text()
+    # the report rebuilt from results.json alone: same table, the command that made the results
+    again = tmp_path / "again.md"
+    main(["--workdir", str(work), "--report_only", "--out", str(again)])
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == table
+    assert f"Command: `nnunet-stseg-experiment-kvasir {' '.join(args)}`" in again.read_text()
+    assert "images the baseline misses" in text
 
 
 def test_native_experiment_smoke(tmp_path):
@@ -77,3 +85,25 @@ def test_per_image_stats(tmp_path):
         {"metrics": {"1": {"Dice": 1.0, "IoU": 1.0, "Precision": 1.0, "Recall": 1.0}}}]}))
     s = per_image_stats(f)
     assert s["n"] == 2 and s["Dice"] == (75.0, 25.0) and s["Precision"] == (100.0, 0.0)
+
+
+def _summary(folder: Path, dice: dict[str, float]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary_test.json").write_text(json.dumps({"metric_per_case": [
+        {"prediction_file": str(folder / name), "metrics": {"1": {"Dice": d}}} for name, d in dice.items()]}))
+
+
+def test_miss_breakdown_splits_images_by_the_baseline_detection(tmp_path):
+    _summary(tmp_path / "b", {"a.png": 0.0, "b.png": 0.8, "c.png": 0.6})
+    _summary(tmp_path / "c", {"a.png": 0.05, "b.png": 0.9, "c.png": 0.7})
+    results = {"sizes": {32: {"baseline": {"prediction": str(tmp_path / "b")},
+                              "cascade": {"prediction": str(tmp_path / "c")}}}}
+    assert miss_breakdown(results)[-1] == "| 32 | 1 of 3 | 70.00 | 80.00 | 5.00 |"
+    results["sizes"][32]["cascade"]["prediction"] = str(tmp_path / "missing")
+    assert miss_breakdown(results) == []
+
+
+def test_report_only_needs_a_finished_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(tmp_path), "--report_only"])
+    assert "results.json does not exist" in capsys.readouterr().err
