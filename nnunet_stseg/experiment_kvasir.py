@@ -217,8 +217,7 @@ def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: 
 
     if not all((folder / "summary_test.json").is_file() for folder in predictions.values()):
         return None
-    dice = {arm: {Path(c["prediction_file"]).name[:-len(".png")]: next(iter(c["metrics"].values()))["Dice"]
-                  for c in json.loads((folder / "summary_test.json").read_text())["metric_per_case"]}
+    dice = {arm: {name[:-len(".png")]: d for name, d in per_case_dice(folder / "summary_test.json").items()}
             for arm, folder in predictions.items()}
     rows = [(case, imread(str(ds / "imagesTs" / f"{case}_0000.png")), imread(str(ds / "labelsTs" / f"{case}.png")) > 0,
              {arm: (imread(str(folder / f"{case}.png")) > 0, f"DSC {dice[arm][case]:.3f}")
@@ -341,6 +340,7 @@ def main(argv=None) -> None:
             p.error(f"--report_only: {results_file} does not exist; run the experiment first")
         results = json.loads(results_file.read_text())
         cmd = results.get("command", cmd)
+        args.native = "arms" in results  # the native experiment's results have arms, not sizes
     elif args.native:
         results = run_native_experiment(workdir, args.sizes or [64, 128], args.features, args.epochs, args.iters,
                                         args.batch_size or 8, args.device, seed=args.seed, limit=args.limit,

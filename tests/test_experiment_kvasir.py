@@ -70,6 +70,9 @@ def test_native_experiment_smoke(tmp_path):
     text = out.read_text()
     assert "| nnU-Net 2d |" in text and "| cascade S = 32 |" in text and "batch 2" in text
     assert (tmp_path / "native_examples.png").read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again.md"  # --report_only recognises the native results without --native
+    main(["--workdir", str(work), "--report_only", "--out", str(again)])
+    assert again.read_text().splitlines()[:12] == text.splitlines()[:12]
 
 
 def test_published_table_matches_the_paper_digest():
