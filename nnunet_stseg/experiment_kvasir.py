@@ -284,7 +284,8 @@ def report(results: dict, cmd: str) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """DSC and recall versus S for both arms, ours and published (the paper's Figure 2)."""
+    """DSC and recall versus S for both arms, ours and published (the paper's Figure 2); the size
+    keys of ``results["sizes"]`` are ints."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,8 +295,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, idx in ((axes[0], "Dice", 0), (axes[1], "Recall", 3)):
         for arm, style in (("baseline", "s--"), ("cascade", "o-")):
-            ax.plot(sizes, [results["sizes"][str(s) if str(s) in results["sizes"] else s][arm][metric][0]
-                            for s in sizes], style, label=f"{arm} (ours)")
+            ax.plot(sizes, [results["sizes"][s][arm][metric][0] for s in sizes], style, label=f"{arm} (ours)")
             pub = [(s, PUBLISHED[arm][s][idx]) for s in sizes if s in PUBLISHED[arm]]
             if pub:
                 ax.plot(*zip(*pub), style, alpha=0.4, label=f"{arm} (published)")
@@ -335,13 +335,14 @@ def main(argv=None) -> None:
     cmd = ("nnunet-stseg-experiment-kvasir " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     workdir = args.workdir or Path("work_dirs/kvasir_native" if args.native else "work_dirs/kvasir")
     results_file = Path(workdir).resolve() / "results.json"
+    native = args.native
     if args.report_only:
         if not results_file.is_file():
             p.error(f"--report_only: {results_file} does not exist; run the experiment first")
         results = json.loads(results_file.read_text())
         cmd = results.get("command", cmd)
-        args.native = "arms" in results  # the native experiment's results have arms, not sizes
-    elif args.native:
+        native = "arms" in results  # the native experiment's results have arms, not sizes
+    elif native:
         results = run_native_experiment(workdir, args.sizes or [64, 128], args.features, args.epochs, args.iters,
                                         args.batch_size or 8, args.device, seed=args.seed, limit=args.limit,
                                         src=args.src)
@@ -352,7 +353,7 @@ def main(argv=None) -> None:
     if not args.report_only:
         results["command"] = cmd
         write_json_atomic(results, results_file, indent=1)
-    if args.native:
+    if native:
         text = report_native(results, cmd)
         predictions = {arm: Path(r["prediction"]) for arm, r in results["arms"].items()}
         ranked_by = next(arm for arm in results["arms"] if arm.startswith("cascade"))
@@ -368,7 +369,7 @@ def main(argv=None) -> None:
         ds = Path(results["dataset_folder"])
     print(text)
     if args.out is not None:
-        if not args.native:
+        if not native:
             plot_path = args.out.with_suffix(".png")
             plot(results, plot_path)
             text += f"\n![DSC and recall versus S]({plot_path.name})\n"

@@ -37,6 +37,21 @@ from nnunet_stseg.polar import (angle_seam_padding, component_centroids, from_po
 from nnunet_stseg.predictor import StSPredictor
 
 
+def _env_override(name: str, parse, valid, expected: str):
+    """The value of environment variable ``name`` parsed with ``parse``, None when unset or empty;
+    a clear error naming the variable when it does not parse or is not ``valid``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"{name}={raw!r}: expected {expected}")
+    return value
+
+
 class PolarPredictor(StSPredictor):
     """nnU-Net predictor that runs coarse model -> origins -> polar network -> fusion per case."""
 
@@ -56,31 +71,18 @@ class PolarPredictor(StSPredictor):
         """Origins per slice: the plans' ``sts.polar.max_origins`` unless ``STSEG_POLAR_MAX_ORIGINS``
         says otherwise (1 suits data with one object per slice: a stray coarse fragment then gives
         no polar view of its own)."""
-        raw = os.environ.get(MAX_ORIGINS_ENV, "").strip()
-        if not raw:
-            return int(self._sts_config().polar.max_origins)
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"{MAX_ORIGINS_ENV}={raw!r}: expected a whole number >= 1 (origins per slice)")
-        return value
+        value = _env_override(MAX_ORIGINS_ENV, int, lambda v: v >= 1, "a whole number >= 1 (origins per slice)")
+        return int(self._sts_config().polar.max_origins) if value is None else value
 
     def peak_threshold(self) -> float | None:
         """Heatmap value from which a local maximum is an origin: the centre model's
         ``sts.centre.peak_threshold`` unless ``STSEG_POLAR_PEAK_THRESHOLD`` says otherwise; 0 means
         no threshold (None), so that with ``STSEG_POLAR_MAX_ORIGINS=1`` every slice gets the
         heatmap's maximum (the paper's argmax rule, for data with one object per image)."""
-        raw = os.environ.get(PEAK_THRESHOLD_ENV, "").strip()
-        if not raw:
+        value = _env_override(PEAK_THRESHOLD_ENV, float, lambda v: 0 <= v < 1,
+                              "a number in [0, 1) (0 = no threshold)")
+        if value is None:
             return float(self.centre_params.peak_threshold)
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not 0 <= value < 1:
-            raise ValueError(f"{PEAK_THRESHOLD_ENV}={raw!r}: expected a number in [0, 1) (0 = no threshold)")
         return value if value > 0 else None
 
     def _angle_stride(self) -> int:
