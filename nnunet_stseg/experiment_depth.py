@@ -50,15 +50,15 @@ def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict
             for f in range(n_folds)]
 
 
-def add_narrow_2d(plans_file: Path, features: int) -> str:
-    """Add ``2d_w<features>`` to the plans: nnU-Net's planned 2d configuration (same patch, same
-    preprocessed data) with a narrower U-Net. Returns its name."""
+def add_narrow(plans_file: Path, features: int, base: str = "2d") -> str:
+    """Add ``<base>_w<features>`` to the plans: nnU-Net's planned configuration ``base`` (same
+    patch, same preprocessed data) with a narrower U-Net. Returns its name."""
     from nnunet_stseg.planners.sts_planner import _set_width
 
     plans = json.loads(plans_file.read_text())
-    name = f"2d_w{features}"
+    name = f"{base}_w{features}"
     if name not in plans["configurations"]:
-        cfg = deepcopy(plans["configurations"]["2d"])
+        cfg = deepcopy(plans["configurations"][base])
         _set_width(cfg, features, None)
         plans["configurations"][name] = cfg
         write_json_atomic(plans, plans_file, indent=1)
@@ -132,7 +132,7 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
     if not plans_file.is_file() or "2d_sts_coarse_128" not in json.loads(plans_file.read_text())["configurations"]:
         run([_bin("nnunet-stseg"), "plan", "-d", str(DATASET_ID), "-s", "128", "--dims", "2d", "--features",
              str(features), "-np", "2"], env, logs / "plan.log")
-    narrow = add_narrow_2d(plans_file, features)
+    narrow = add_narrow(plans_file, features)
     case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds_raw / "labelsTr").glob("*.nii.gz"))
     write_json_atomic(per_patient_split(case_ids, folds, seed), pp / "splits_final.json", indent=1)
     config_of = {"128": "2d_sts_coarse_128", "planned": narrow}

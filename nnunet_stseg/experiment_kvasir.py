@@ -141,7 +141,7 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                           limit: int | None = None, src: Path | None = None) -> dict:
     """Issue 5, experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
     Kvasir-SEG at native resolution, same width, batch size and schedule for every network."""
-    from nnunet_stseg.experiment_depth import add_narrow_2d, set_batch_size
+    from nnunet_stseg.experiment_depth import add_narrow, set_batch_size
     from nnunet_stseg.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
@@ -162,7 +162,7 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
             run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(s), "--dims", "2d", "--features",
                  str(features), "--batch_size", str(batch_size), "-np", "2"], env, logs / f"plan_{s}.log")
     install_split(ds, pp)
-    standard = add_narrow_2d(plans_file, features)
+    standard = add_narrow(plans_file, features)
     cfg = set_batch_size(plans_file, standard, batch_size)
     results = {"arms": {}, "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
                                       "device": device, "seed": seed, "dataset": ds.name, "n_test": n_test,

@@ -99,16 +99,25 @@ def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[s
     return summary
 
 
-def _prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int) -> tuple[Path, list[tuple[int, list[Path]]]]:
+def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Path | None = None,
+                    limit: int | None = None) -> tuple[Path, list[tuple[int, list[Path]]]]:
     """Raw dataset read in place, per-patient split; returns the dataset and per fold the images
-    of its validation patients."""
+    of its validation patients. ``dataset``: another raw 3D dataset folder (default: the shared
+    Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs)."""
     from nnunet_stseg.experiment_depth import per_patient_split
 
-    raw = _shared_data() / "nnUNet_raw"
-    ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_ID}_*"))), None) if raw.is_dir() else None
-    if ds is None:
-        raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_ID}_*) not found under {raw}")
-    env["nnUNet_raw"] = str(raw)
+    if dataset is None:
+        raw = _shared_data() / "nnUNet_raw"
+        ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_ID}_*"))), None) if raw.is_dir() else None
+        if ds is None:
+            raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_ID}_*) not found under {raw}")
+    else:
+        ds = Path(dataset).resolve()
+        if not (ds / "dataset.json").is_file() or not (ds / "labelsTr").is_dir():
+            raise SystemExit(f"{ds} is not an nnU-Net raw dataset folder (dataset.json and labelsTr/ expected)")
+    if limit:
+        ds = linked_subset(ds, Path(workdir).resolve() / "nnUNet_raw", limit)
+    env["nnUNet_raw"] = str(ds.parent)
     case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))
     splits = per_patient_split(case_ids, folds, seed)
     pp = Path(env["nnUNet_preprocessed"]) / ds.name
@@ -125,6 +134,23 @@ def _prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int) -> tuple[P
                     link.symlink_to(img)
         evals.append((f, sorted(folder.glob("*.nii.gz"))))
     return ds, evals
+
+
+def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
+    """The first ``n`` training cases of a raw dataset as symbolic links in ``raw_root`` (same
+    folder name, ``dataset.json`` with ``numTraining`` = n): a small real dataset for smoke runs."""
+    target = raw_root / ds.name
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))[:n]
+    for sub in ("imagesTr", "labelsTr"):
+        (target / sub).mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        for src in [ds / "labelsTr" / f"{case}.nii.gz", *sorted((ds / "imagesTr").glob(f"{case}_*.nii.gz"))]:
+            link = target / src.parent.name / src.name
+            if not link.exists():
+                link.symlink_to(src)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    write_json_atomic({**dataset_json, "numTraining": len(cases)}, target / "dataset.json", indent=1)
+    return target
 
 
 def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = None
@@ -150,7 +176,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if dataset == "cardiac":
-        ds, evals = _prepare_cardiac(workdir, env, folds, seed)
+        ds, evals = prepare_cardiac(workdir, env, folds, seed)
         did, gt_dir, regions = CARDIAC_ID, ds / "labelsTr", {"pericardium": (1, 2), "eat": (2,)}
     else:
         ds, evals = _prepare_kvasir(workdir, env, seed, limit)
@@ -230,17 +256,19 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     return results
 
 
-def plot_examples(results: dict, workdir: Path, path: Path, n: int = 3) -> Path | None:
-    """Overlays of the cases with the lowest, median and highest polar (coarse origins) DSC: image,
-    ground truth and each arm's prediction; for CT the slice with the most pericardium."""
+def plot_examples(results: dict, workdir: Path, path: Path, n: int = 3, arms: tuple[str, ...] = ARMS,
+                  ranked_by: str = "polar_coarse") -> Path | None:
+    """Overlays of the cases with the lowest, median and highest DSC of ``ranked_by`` (default the
+    polar stage with coarse origins): image, ground truth and each arm's prediction (read from
+    ``workdir/predictions/<arm>``); for CT the slice with the most pericardium."""
     from nnunet_stseg.overlays import overlay_grid, pick_cases
 
-    arms = [a for a in ARMS if a in results.get("arms", {})]
+    arms = [a for a in arms if a in results.get("arms", {})]
     files = results.get("files")
     if not arms or not files:
         return None
     region, labels = (("pericardium", (1, 2)) if results["dataset"] == "cardiac" else ("polyp", (1,)))
-    ranked_by = "polar_coarse" if "polar_coarse" in arms else arms[0]
+    ranked_by = ranked_by if ranked_by in arms else arms[0]
     picks = pick_cases({c: v[region]["Dice"] for c, v in results["arms"][ranked_by]["cases"].items()}, n)
     if not picks:
         return None

@@ -248,3 +248,32 @@ def test_env_int_unset_and_valid(monkeypatch):
     assert _env_int("STSEG_ITERS_PER_EPOCH") is None
     monkeypatch.setenv("STSEG_ITERS_PER_EPOCH", "12")
     assert _env_int("STSEG_ITERS_PER_EPOCH") == 12
+
+
+def test_skip_validation_switch(monkeypatch):
+    """STSEG_SKIP_VALIDATION=1 replaces the final validation by a log line; 0/unset keep it;
+    anything else is an error naming the variable."""
+    from nnunet_stseg.trainers.sts_trainers import _StSScheduleMixin
+
+    class Trainer(_StSScheduleMixin):
+        def __init__(self):
+            self.logged = []
+
+        def print_to_log_file(self, *args):
+            self.logged.append(" ".join(map(str, args)))
+
+        def perform_actual_validation(self, save_probabilities=False):
+            return "validated"
+
+    for value in ("", "0"):
+        monkeypatch.setenv("STSEG_SKIP_VALIDATION", value)
+        t = Trainer()
+        t._apply_schedule_overrides()
+        assert t.perform_actual_validation() == "validated"
+    monkeypatch.setenv("STSEG_SKIP_VALIDATION", "1")
+    t = Trainer()
+    t._apply_schedule_overrides()
+    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[0]
+    monkeypatch.setenv("STSEG_SKIP_VALIDATION", "yes")
+    with pytest.raises(ValueError, match="STSEG_SKIP_VALIDATION must be 0 or 1"):
+        Trainer()._apply_schedule_overrides()

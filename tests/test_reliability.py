@@ -311,8 +311,11 @@ def test_interrupted_fine_training_resumes_with_c(pipeline):
     latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     start_epoch = latest["current_epoch"]
     assert 1 <= start_epoch < 12 and not (fold / "checkpoint_final.pth").exists()
-    resumed = subprocess.run(cmd + ["--c"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    resumed = subprocess.run(cmd + ["--c"], env={**env, "STSEG_SKIP_VALIDATION": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "final validation skipped (STSEG_SKIP_VALIDATION=1)" in resumed.stdout
+    assert not (fold / "validation" / "summary.json").exists()
     logs = sorted(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
     epochs = [int(line.split("Epoch ")[1]) for line in logs[-1].read_text().splitlines()
               if ": Epoch " in line and line.split("Epoch ")[1].strip().isdigit()]

@@ -9,7 +9,10 @@
 CPU-sized schedules without new classes: the environment variables ``STSEG_NUM_EPOCHS``,
 ``STSEG_ITERS_PER_EPOCH`` and ``STSEG_VAL_ITERS`` override nnU-Net's 1000 x 250 / 50 (the value
 used is written to the training log); ``STSEG_SAVE_EVERY`` overrides how often (epochs) the
-resumable ``checkpoint_latest.pth`` is written (nnU-Net: 50).
+resumable ``checkpoint_latest.pth`` is written (nnU-Net: 50). ``STSEG_SKIP_VALIDATION=1`` skips the
+final validation after training (for experiments that predict the held-out cases themselves: a 3D
+validation with nnU-Net's mirroring is 8 sliding-window passes per case, hours on a CPU); run
+``nnUNetv2_train ... --val`` without it to make the validation later.
 """
 from __future__ import annotations
 
@@ -60,6 +63,15 @@ class _StSScheduleMixin:
             v = _env_int(env)
             if v is not None:
                 setattr(self, attr, v)
+        skip = os.environ.get("STSEG_SKIP_VALIDATION", "")
+        if skip not in ("", "0", "1"):
+            raise ValueError(f"environment variable STSEG_SKIP_VALIDATION must be 0 or 1, got {skip!r}")
+        if skip == "1":  # an instance attribute: shadows every subclass's validation, ours and nnU-Net's
+            self.perform_actual_validation = self._skipped_validation
+
+    def _skipped_validation(self, save_probabilities: bool = False) -> None:
+        self.print_to_log_file("final validation skipped (STSEG_SKIP_VALIDATION=1); run nnUNetv2_train with "
+                               "--val and without that variable to make it")
 
     def save_checkpoint(self, filename: str) -> None:
         folder, name = os.path.split(filename)

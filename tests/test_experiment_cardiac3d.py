@@ -1,0 +1,129 @@
+"""The 3D Cardiac experiment (issue 5, experiment 3): its arithmetic and report on hand-made
+results, the linked patient subset, and a smoke run of the whole command through the stock
+nnU-Net CLIs on a generated 3D dataset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_stseg.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
+from nnunet_stseg.experiment_polar import linked_subset
+
+
+def _results(size: int = 64) -> dict:
+    full, coarse, cascade = arm_names(size)
+
+    def scores(dsc: float, eat: float) -> dict:
+        out = {f"pericardium_{m}": (dsc, 0.01) for m in ("Dice", "IoU", "Precision", "Recall")}
+        return {**out, "eat_Dice": (eat, 0.02), "n_cases": 2, "cases": {}}
+
+    return {
+        "size": size, "command": "cmd", "dataset": "Dataset701_X",
+        "budget": {"features": 8, "batch_size": 2, "epochs": 1, "iters": 2, "device": "cpu", "folds": [0, 1],
+                   "seed": 0},
+        "patients": {"0": ["a"], "1": ["b"]}, "volume_shapes": [[36, 512, 512], [43, 512, 512]],
+        "networks": {"3d_fullres_w8": {"patch_size": [24, 320, 256], "spacing": [3.0, 1.0, 1.0]},
+                     "3d_sts_coarse_64": {"patch_size": [48, 64, 64], "spacing": [3.0, 8.0, 8.0]},
+                     "3d_sts_fine_64": {"patch_size": [64, 64, 64], "spacing": [3.0, 1.0, 1.0]}},
+        "arm_configs": {full: {"configuration": "3d_fullres_w8", "trained": ["3d_fullres_w8"]},
+                        coarse: {"configuration": "3d_sts_coarse_64", "trained": ["3d_sts_coarse_64"]},
+                        cascade: {"configuration": "3d_sts_fine_64",
+                                  "trained": ["3d_sts_coarse_64", "3d_sts_fine_64"]}},
+        "train_s": {"3d_fullres_w8/0": 100.0, "3d_fullres_w8/1": 110.0, "3d_sts_coarse_64/0": 10.0,
+                    "3d_sts_coarse_64/1": 12.0, "3d_sts_fine_64/0": 20.0, "3d_sts_fine_64/1": 22.0},
+        "inference": {f"{full}/0": {"seconds": 60.0, "volumes": 1, "peak_rss_mb": 3000.0},
+                      f"{full}/1": {"seconds": 40.0, "volumes": 1, "peak_rss_mb": 3500.0},
+                      f"{coarse}/0": {"seconds": 4.0, "volumes": 1, "peak_rss_mb": 1000.0},
+                      f"{coarse}/1": {"seconds": 6.0, "volumes": 1, "peak_rss_mb": 1100.0},
+                      f"{cascade}/0": {"seconds": 8.0, "volumes": 1, "peak_rss_mb": 2000.0},
+                      f"{cascade}/1": {"seconds": 12.0, "volumes": 1, "peak_rss_mb": 1900.0}},
+        "arms": {full: scores(0.80, 0.30), coarse: scores(0.70, 0.10), cascade: scores(0.75, 0.20)},
+    }
+
+
+def test_arm_summary_counts_every_network_and_fold_of_an_arm():
+    r = _results()
+    full, coarse, cascade = arm_names(64)
+    assert arm_summary(r, full) == {"s_per_volume": 50.0, "peak_rss_mb": 3500.0, "train_s": 210.0}
+    assert arm_summary(r, coarse)["train_s"] == 22.0
+    cas = arm_summary(r, cascade)
+    assert cas == {"s_per_volume": 10.0, "peak_rss_mb": 2000.0, "train_s": 64.0}, "cascade = coarse + fine"
+
+
+def test_report_rows_and_findings():
+    r = _results()
+    text = report(r)
+    assert ("| cascade_64 | whole volume at 3 x 8 x 8 mm (patch 48 x 64 x 64) + crops at 64 x 64 x 64 | "
+            "0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | 0.200 ± 0.020 | 10.0 | 2000 | 64 |"
+            in text)
+    assert "| nnunet_3d_fullres | sliding window, patch 24 x 320 x 256 at 3 x 1 x 1 mm |" in text
+    assert "36-43 slices of 512 x 512" in text and "2-fold per-patient cross-validation of 2 patients" in text
+    (line,) = findings(r)
+    assert "3d at S: pericardium DSC +5.0 points, EAT +10.0" in line
+    assert "3d_fullres: pericardium -5.0 points, EAT -10.0, inference 5.0 x faster" in line
+    assert "peak memory 2000 vs 3500 MB, training 64 vs 210 s" in line
+    del r["arms"]["nnunet_3d_fullres"]
+    assert findings(r) == [] and "| nnunet_3d_fullres |" not in report(r)
+
+
+def test_linked_subset_takes_the_first_patients(tmp_path):
+    ds = tmp_path / "src" / "Dataset777_Y"
+    for sub in ("imagesTr", "labelsTr"):
+        (ds / sub).mkdir(parents=True)
+    for case in ("c", "a", "b"):
+        (ds / "labelsTr" / f"{case}.nii.gz").write_bytes(b"l")
+        (ds / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"i")
+    (ds / "dataset.json").write_text(json.dumps({"numTraining": 3, "file_ending": ".nii.gz"}))
+    sub = linked_subset(ds, tmp_path / "raw", 2)
+    assert sub == tmp_path / "raw" / "Dataset777_Y"
+    assert sorted(p.name for p in (sub / "labelsTr").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert (sub / "imagesTr" / "a_0000.nii.gz").resolve() == ds / "imagesTr" / "a_0000.nii.gz"
+    assert json.loads((sub / "dataset.json").read_text())["numTraining"] == 2
+    assert linked_subset(ds, tmp_path / "raw", 2) == sub, "a second call (a resumed run) is harmless"
+
+
+def test_bad_dataset_folder_and_report_only_without_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="is not an nnU-Net raw dataset folder"):
+        main(["--workdir", str(tmp_path / "w"), "--dataset", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--report_only needs a finished run"):
+        main(["--workdir", str(tmp_path / "w"), "--report_only"])
+
+
+@pytest.mark.slow
+def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
+    """The whole command at a toy budget: three arms trained with nnUNetv2_train, predicted with
+    nnUNetv2_predict per fold, scored per patient against labels 1+2 and 2; the predictions keep
+    the input geometry; a re-run retrains nothing; --report_only rebuilds the same report."""
+    from nnunet_stseg.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=993, name="Heart3D", dim=3, n_train=6, n_test=0,
+                                shape=(20, 40, 40), num_classes=2, spacing=(1.0, 1.0, 2.5), empty_cases=0)
+    work, out = tmp_path / "work", tmp_path / "docs" / "report.md"
+    out.parent.mkdir()
+    args = ["--workdir", str(work), "--dataset", str(ds), "--size", "16", "--features", "4", "--batch_size", "2",
+            "--epochs", "1", "--iters", "2", "--limit", "4", "--out", str(out)]
+    main(args)
+    results = json.loads((work / "results.json").read_text())
+    arms = arm_names(16)
+    assert set(results["arms"]) == set(arms) and results["patients"] and sum(map(len, results["patients"].values())) == 4
+    for arm in arms:
+        assert results["arms"][arm]["n_cases"] == 4 and 0 <= results["arms"][arm]["pericardium_Dice"][0] <= 1
+        case = next(iter(sorted((work / "predictions" / arm).glob("*.nii.gz"))))
+        pred, ref = sitk.ReadImage(str(case)), sitk.ReadImage(str(ds / "labelsTr" / case.name))
+        assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
+        assert np.allclose(pred.GetOrigin(), ref.GetOrigin())
+    assert results["networks"]["3d_fullres_w4"]["features_per_stage"][0] == 4
+    logs = sorted((work / "nnUNet_results").rglob("training_log_*.txt"))
+    assert len(logs) == 6 and all("final validation skipped" in p.read_text() for p in logs)
+    text = out.read_text()
+    assert all(f"| {arm} |" in text for arm in arms) and (out.parent / "report_examples.png").is_file()
+    checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
+    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    main(args)  # resumable: nothing retrained, nothing predicted again
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    rebuilt = tmp_path / "docs" / "rebuilt.md"
+    main(["--workdir", str(work), "--report_only", "--out", str(rebuilt)])
+    assert rebuilt.read_text().split("| arm |")[1] == out.read_text().split("| arm |")[1]
