@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
 from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured
+from nnunet_stseg.experiment_polar import print_report
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 
@@ -253,13 +254,7 @@ def main(argv=None) -> None:
         cmd = ("nnunet-stseg-experiment-cardiac3d " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         results = run_experiment(args.workdir, args.size, args.features, args.batch_size, args.epochs, args.iters,
                                  args.folds, args.seed, args.device, cmd, args.dataset, args.limit)
-    figure = None
-    if args.out is not None:
-        figure = plot_examples(results, args.workdir, args.out.with_name(args.out.stem + "_examples.png"))
-    text = report(results, figure.name if figure else None)
-    print(text)
-    if args.out is not None:
-        write_atomic(args.out, text)
+    print_report(results, args.out, lambda png: plot_examples(results, args.workdir, png), report)
 
 
 if __name__ == "__main__":

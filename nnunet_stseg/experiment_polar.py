@@ -399,13 +399,17 @@ def main(argv=None) -> None:
     workdir = args.workdir or Path(f"work_dirs/polar_{args.dataset}")
     results = run_experiment(args.dataset, workdir, args.size, args.features, args.batch_size, args.epochs,
                              args.iters, args.folds, args.seed, args.device, cmd, args.limit, args.redo_predictions)
-    figure = None
-    if args.out is not None:
-        figure = plot_examples(results, workdir, args.out.with_name(args.out.stem + "_examples.png"))
-    text = report(results, figure.name if figure else None)
+    print_report(results, args.out, lambda png: plot_examples(results, workdir, png), report)
+
+
+def print_report(results: dict, out: Path | None, plot, render) -> None:
+    """Print the report ``render(results, figure name)``; with ``out``, also draw the example
+    figure ``plot(<out stem>_examples.png)`` beside it and write both (atomically)."""
+    figure = plot(out.with_name(out.stem + "_examples.png")) if out is not None else None
+    text = render(results, figure.name if figure else None)
     print(text)
-    if args.out is not None:
-        write_atomic(args.out, text)
+    if out is not None:
+        write_atomic(out, text)
 
 
 if __name__ == "__main__":
