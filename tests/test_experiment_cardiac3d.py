@@ -126,4 +126,9 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
     rebuilt = tmp_path / "docs" / "rebuilt.md"
     main(["--workdir", str(work), "--report_only", "--out", str(rebuilt)])
-    assert rebuilt.read_text().split("| arm |")[1] == out.read_text().split("| arm |")[1]
+    def table_and_reading(path):
+        return path.read_text().split("| arm |")[1].split("![examples]")[0]
+
+    assert table_and_reading(rebuilt) == table_and_reading(out)
+    assert "![examples](rebuilt_examples.png)" in rebuilt.read_text(), "the overlays sit beside the rebuilt report"
+    assert (out.parent / "rebuilt_examples.png").is_file()
