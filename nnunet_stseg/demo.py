@@ -97,6 +97,21 @@ def run(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False)
     return run_measured(cmd, env, log, quiet)[0]
 
 
+def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, env: dict, log: Path,
+               need_validation: bool = False) -> float | None:
+    """Train one fold with the stock ``nnUNetv2_train`` unless it is finished, so that a re-run
+    experiment resumes where it stopped: an interrupted training continues with ``--c``; with
+    ``need_validation``, a finished one without its validation gets only ``--val``. Returns the
+    wall seconds, or None when there was nothing to do."""
+    fold_dir = Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{config}" / f"fold_{fold}"
+    finished = (fold_dir / "checkpoint_final.pth").is_file()
+    if finished and not (need_validation and not (fold_dir / "validation" / "summary.json").is_file()):
+        return None
+    extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
+    return run([_bin("nnUNetv2_train"), dataset, config, str(fold), "-tr", trainer, "-device", device, *extra],
+               env, log)
+
+
 def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> dict:
     """nnU-Net's own metrics plus precision/recall; returns the foreground mean."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder

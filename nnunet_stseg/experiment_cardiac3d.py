@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
-from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured
+from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured, train_fold
 from nnunet_stseg.experiment_polar import print_report
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
@@ -90,15 +89,10 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
     networks = ((coarse_c, DEFAULT_COARSE_TRAINER), (fine_c, DEFAULT_FINE_TRAINER), (fullres_c, DEFAULT_COARSE_TRAINER))
     for config, trainer in networks:
         for f, _ in evals:
-            fold_dir = Path(env["nnUNet_results"]) / ds.name / f"{trainer}__nnUNetPlans__{config}" / f"fold_{f}"
-            if (fold_dir / "checkpoint_final.pth").is_file():
-                continue
-            resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
-            t0 = time.perf_counter()
-            run([_bin("nnUNetv2_train"), str(did), config, str(f), "-tr", trainer, "-device", device, *resume],
-                env, logs / f"train_{config}_{f}.log")
-            train_s[f"{config}/{f}"] = train_s.get(f"{config}/{f}", 0.0) + time.perf_counter() - t0
-            write_json_atomic(results, results_file, indent=1)
+            seconds = train_fold(ds.name, config, f, trainer, device, env, logs / f"train_{config}_{f}.log")
+            if seconds is not None:
+                train_s[f"{config}/{f}"] = train_s.get(f"{config}/{f}", 0.0) + seconds
+                write_json_atomic(results, results_file, indent=1)
     fullres_arm, coarse_arm, cascade_arm = arm_names(size)
     arm_runs = {fullres_arm: (fullres_c, DEFAULT_COARSE_TRAINER, [fullres_c]),
                 coarse_arm: (coarse_c, DEFAULT_COARSE_TRAINER, [coarse_c]),

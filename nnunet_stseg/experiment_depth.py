@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.demo import _bin, pipeline_env, run
+from nnunet_stseg.demo import _bin, pipeline_env, run, train_fold
 
 DATASET_ID = 701
 SETTINGS = ("128", "planned")
@@ -150,15 +149,11 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
             key = f"{setting}/{arm}"
             model = Path(env["nnUNet_results"]) / ds_raw.name / f"{trainer}__nnUNetPlans__{config}"
             seconds = results["arms"].get(key, {}).get("train_s", {})
-            for f in range(folds):
-                if (model / f"fold_{f}" / "checkpoint_final.pth").is_file() and \
-                        (model / f"fold_{f}" / "validation" / "summary.json").is_file():
-                    continue
-                resume = ["--c"] if (model / f"fold_{f}" / "checkpoint_latest.pth").is_file() else []
-                t0 = time.perf_counter()
-                run([_bin("nnUNetv2_train"), str(DATASET_ID), config, str(f), "-tr", trainer, "-device", device,
-                     *resume], env, logs / f"train_{setting}_{arm}_{f}.log")
-                seconds[str(f)] = time.perf_counter() - t0
+            for f in range(folds):  # the arm is scored on nnU-Net's validation of each fold
+                t = train_fold(ds_raw.name, config, f, trainer, device, env, logs / f"train_{setting}_{arm}_{f}.log",
+                               need_validation=True)
+                if t is not None:
+                    seconds[str(f)] = t
             scores = score_arm([model / f"fold_{f}" / "validation" for f in range(folds)], ds_raw / "labelsTr")
             results["arms"][key] = {"configuration": config, "trainer": trainer, "budget": budget, "command": command,
                                     "train_s": seconds, **scores}

@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
                                  MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV, coarse_config_name,
                                  polar_config_name)
-from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured
+from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured, train_fold
 
 ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
 CARDIAC_ID, KVASIR_ID = 701, 720
@@ -202,15 +201,10 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
                 ("polar", polar_c, DEFAULT_POLAR_TRAINER))
     for f, _ in evals:
         for name, config, trainer in networks:
-            fold_dir = Path(env["nnUNet_results"]) / ds.name / f"{trainer}__nnUNetPlans__{config}" / f"fold_{f}"
-            if (fold_dir / "checkpoint_final.pth").is_file():
-                continue
-            resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
-            t0 = time.perf_counter()
-            run([_bin("nnUNetv2_train"), str(did), config, str(f), "-tr", trainer, "-device", device, *resume],
-                env, logs / f"train_{name}_{f}.log")
-            train_s[f"{name}/{f}"] = time.perf_counter() - t0
-            write_json_atomic(results, results_file, indent=1)
+            seconds = train_fold(ds.name, config, f, trainer, device, env, logs / f"train_{name}_{f}.log")
+            if seconds is not None:
+                train_s[f"{name}/{f}"] = seconds
+                write_json_atomic(results, results_file, indent=1)
     centre_model = Path(env["nnUNet_results"]) / ds.name / f"{DEFAULT_CENTRE_TRAINER}__nnUNetPlans__{coarse_c}"
     results["centre_validation"] = {}
     for f, _ in evals:

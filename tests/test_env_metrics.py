@@ -277,3 +277,31 @@ def test_skip_validation_switch(monkeypatch):
     monkeypatch.setenv("STSEG_SKIP_VALIDATION", "yes")
     with pytest.raises(ValueError, match="STSEG_SKIP_VALIDATION must be 0 or 1"):
         Trainer()._apply_schedule_overrides()
+
+
+def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):
+    """The experiments' resume rule: nothing when finished, --c after an interruption, --val when
+    only the validation is missing (not a retraining from scratch), a plain start otherwise."""
+    import nnunet_stseg.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda cmd, env, log=None, quiet=False: calls.append(cmd[1:]) or 1.5)
+    env = {"nnUNet_results": str(tmp_path)}
+    fold = tmp_path / "Dataset001_X" / "Tr__nnUNetPlans__2d" / "fold_0"
+
+    def train(**kw):
+        calls.clear()
+        seconds = demo.train_fold("Dataset001_X", "2d", 0, "Tr", "cpu", env, tmp_path / "log.txt", **kw)
+        return seconds, calls[0][-1] if calls else None
+
+    assert train() == (1.5, "cpu")
+    assert calls[0][:5] == ["Dataset001_X", "2d", "0", "-tr", "Tr"]
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_bytes(b"")
+    assert train() == (1.5, "--c")
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    assert train() == (None, None)
+    assert train(need_validation=True) == (1.5, "--val")
+    (fold / "validation").mkdir()
+    (fold / "validation" / "summary.json").write_text("{}")
+    assert train(need_validation=True) == (None, None)
