@@ -165,16 +165,15 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                  str(features), "--batch_size", str(batch_size), "-np", "2"], env, logs / f"plan_{s}.log")
     install_split(ds, pp)
     standard = add_narrow(plans_file, features)
-    cfg = set_batch_size(plans_file, standard, batch_size)
-    results = {"arms": {}, "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
-                                      "device": device, "seed": seed, "dataset": ds.name, "n_test": n_test,
-                                      "standard_patch": list(cfg["patch_size"])}}
     arms = [("nnunet_2d", standard, standard, DEFAULT_COARSE_TRAINER)]
     for s in sizes:
         arms += [(f"coarse_{s}", coarse_config_name("2d", s), coarse_config_name("2d", s), DEFAULT_COARSE_TRAINER),
                  (f"cascade_{s}", coarse_config_name("2d", s), fine_config_name("2d", s), DEFAULT_FINE_TRAINER)]
-    for _, _, config, _ in arms:  # the plan's batch size may come from an earlier run's --batch_size
-        set_batch_size(plans_file, config, batch_size)
+    # every network gets this run's batch size (the plan's may come from an earlier run's --batch_size)
+    configs = {config: set_batch_size(plans_file, config, batch_size) for _, _, config, _ in arms}
+    results = {"arms": {}, "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
+                                      "device": device, "seed": seed, "dataset": ds.name, "n_test": n_test,
+                                      "standard_patch": list(configs[standard]["patch_size"])}}
     # cheap networks first: an interrupted run already has every cascade; nnU-Net 2d at its planned
     # patch is by far the slowest network to train on a CPU
     for arm, coarse_config, config, trainer in arms[1:] + arms[:1]:
