@@ -279,6 +279,51 @@ def test_skip_validation_switch(monkeypatch):
         Trainer()._apply_schedule_overrides()
 
 
+def test_validation_mirroring_switch(monkeypatch):
+    """STSEG_VAL_MIRRORING=0 runs the class's own validation with the mirroring axes off and puts
+    them back afterwards (also when the validation fails); 1/unset leave them; anything else is an
+    error naming the variable; STSEG_SKIP_VALIDATION=1 still wins."""
+    from nnunet_stseg.trainers.sts_trainers import _StSScheduleMixin
+
+    class Trainer(_StSScheduleMixin):
+        fail = False
+
+        def __init__(self):
+            self.logged, self.inference_allowed_mirroring_axes = [], (0, 1)
+
+        def print_to_log_file(self, *args):
+            self.logged.append(" ".join(map(str, args)))
+
+        def perform_actual_validation(self, save_probabilities=False):
+            if self.fail:
+                raise RuntimeError("validation failed")
+            return self.inference_allowed_mirroring_axes
+
+    monkeypatch.delenv("STSEG_SKIP_VALIDATION", raising=False)
+    for value in ("", "1"):
+        monkeypatch.setenv("STSEG_VAL_MIRRORING", value)
+        t = Trainer()
+        t._apply_schedule_overrides()
+        assert t.perform_actual_validation() == (0, 1)
+    monkeypatch.setenv("STSEG_VAL_MIRRORING", "0")
+    t = Trainer()
+    t._apply_schedule_overrides()
+    assert t.perform_actual_validation() is None
+    assert t.inference_allowed_mirroring_axes == (0, 1) and "without mirroring" in t.logged[0]
+    t.fail = True
+    with pytest.raises(RuntimeError, match="validation failed"):
+        t.perform_actual_validation()
+    assert t.inference_allowed_mirroring_axes == (0, 1)
+    monkeypatch.setenv("STSEG_SKIP_VALIDATION", "1")
+    t = Trainer()
+    t._apply_schedule_overrides()
+    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[0]
+    monkeypatch.delenv("STSEG_SKIP_VALIDATION")
+    monkeypatch.setenv("STSEG_VAL_MIRRORING", "no")
+    with pytest.raises(ValueError, match="STSEG_VAL_MIRRORING must be 0 or 1"):
+        Trainer()._apply_schedule_overrides()
+
+
 def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):
     """The experiments' resume rule: nothing when finished, --c after an interruption, --val when
     only the validation is missing (not a retraining from scratch), a plain start otherwise."""

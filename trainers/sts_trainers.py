@@ -12,7 +12,9 @@ used is written to the training log); ``STSEG_SAVE_EVERY`` overrides how often (
 resumable ``checkpoint_latest.pth`` is written (nnU-Net: 50). ``STSEG_SKIP_VALIDATION=1`` skips the
 final validation after training (for experiments that predict the held-out cases themselves: a 3D
 validation with nnU-Net's mirroring is 8 sliding-window passes per case, hours on a CPU); run
-``nnUNetv2_train ... --val`` without it to make the validation later.
+``nnUNetv2_train ... --val`` without it to make the validation later. ``STSEG_VAL_MIRRORING=0`` makes
+the final validation without mirroring (what ``nnUNetv2_predict --disable_tta`` does for
+prediction: one network pass per window instead of 2^d); the checkpoint keeps its mirroring axes for prediction.
 """
 from __future__ import annotations
 
@@ -66,12 +68,29 @@ class _StSScheduleMixin:
         skip = os.environ.get("STSEG_SKIP_VALIDATION", "")
         if skip not in ("", "0", "1"):
             raise ValueError(f"environment variable STSEG_SKIP_VALIDATION must be 0 or 1, got {skip!r}")
-        if skip == "1":  # an instance attribute: shadows every subclass's validation, ours and nnU-Net's
+        mirroring = os.environ.get("STSEG_VAL_MIRRORING", "")
+        if mirroring not in ("", "0", "1"):
+            raise ValueError(f"environment variable STSEG_VAL_MIRRORING must be 0 or 1, got {mirroring!r}")
+        # instance attributes: they shadow every subclass's validation, ours and nnU-Net's
+        if skip == "1":
             self.perform_actual_validation = self._skipped_validation
+        elif mirroring == "0":
+            self.perform_actual_validation = self._validation_without_mirroring
 
     def _skipped_validation(self, save_probabilities: bool = False) -> None:
         self.print_to_log_file("final validation skipped (STSEG_SKIP_VALIDATION=1); run nnUNetv2_train with "
                                "--val and without that variable to make it")
+
+    def _validation_without_mirroring(self, save_probabilities: bool = False):
+        """The class's own final validation with the mirroring axes switched off for its duration
+        (every validation of ours and nnU-Net's hands them to its predictor)."""
+        self.print_to_log_file("final validation without mirroring (STSEG_VAL_MIRRORING=0)")
+        axes = self.inference_allowed_mirroring_axes
+        self.inference_allowed_mirroring_axes = None
+        try:
+            return type(self).perform_actual_validation(self, save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
 
     def save_checkpoint(self, filename: str) -> None:
         folder, name = os.path.split(filename)
