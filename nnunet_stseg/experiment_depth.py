@@ -164,6 +164,15 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
     return results
 
 
+def _pearson_cell(arm: dict) -> str:
+    """Pearson r of the per-slice EAT counts; undefined when an arm predicts no EAT at all."""
+    r = arm["eat_count_pearson_r"]
+    if np.isfinite(r):
+        return f"{r:.3f}"
+    no_eat = not any(sum(c["eat_counts"]["pred"]) for c in arm["cases"].values())
+    return "undefined (no EAT predicted)" if no_eat else "undefined (constant counts)"
+
+
 def report(results: dict, cmd: str) -> str:
     from nnunet_stseg.benchmark import machine_line
 
@@ -190,7 +199,7 @@ def report(results: dict, cmd: str) -> str:
                            for m in ("Dice", "IoU", "Precision", "Recall"))
         lo, hi = r["eat_count_loa"]
         lines.append(f"| {size} | {'yes' if arm == 'depth' else 'no'} | {budget} | {cells} | "
-                     f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f} | {r['eat_count_pearson_r']:.3f} | "
+                     f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f} | {_pearson_cell(r)} | "
                      f"{r['eat_count_bias']:.0f} ({lo:.0f}, {hi:.0f}) | {sum(r['train_s'].values()):.0f} |")
     lines.append(f"| 128 x 128 (published, other split) | yes | full training | {PUBLISHED['pericardium_dsc']:.3f} | "
                  f"{PUBLISHED['pericardium_iou']:.3f} | | | {PUBLISHED['eat_dsc']:.3f} | {PUBLISHED['eat_count_r']:.3f} "

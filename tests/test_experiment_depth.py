@@ -88,3 +88,24 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
     main(args)  # resumable: nothing retrained
     assert len(checkpoints) == 4 and [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+
+
+def test_report_says_why_the_eat_correlation_is_undefined():
+    from nnunet_stseg.experiment_depth import report
+
+    def arm(pred_counts, r):
+        scores = {f"{reg}_{m}": (0.5, 0.1) for reg in ("pericardium", "eat") for m in ("Dice", "IoU", "Precision",
+                                                                                       "Recall")}
+        return {**scores, "configuration": "2d_w16", "train_s": {"0": 10.0}, "eat_count_pearson_r": r,
+                "eat_count_bias": -3.0, "eat_count_loa": (-5.0, -1.0), "command": "cmd",
+                "budget": {"features": 16, "batch_size": 2, "epochs": 1, "iters": 2, "val_mirroring": False},
+                "cases": {"a": {"eat_counts": {"pred": pred_counts, "gt": [1, 5]}}}}
+
+    results = {"split": {"folds": 2, "seed": 0, "n_patients": 2},
+               "arms": {"planned/plain": arm([0, 0], float("nan")), "planned/depth": arm([2, 2], float("nan")),
+                        "128/depth": arm([1, 4], 0.987)}}
+    rows = report(results, "cmd").splitlines()
+    plain, depth, small = (next(line for line in rows if line.startswith(prefix)) for prefix in
+                           ("| planned 2d (2d_w16) | no |", "| planned 2d (2d_w16) | yes |", "| 128 x 128 | yes |"))
+    assert "| undefined (no EAT predicted) |" in plain and "| undefined (constant counts) |" in depth
+    assert "| 0.987 |" in small and "scored without mirroring" in plain
