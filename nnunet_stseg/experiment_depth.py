@@ -224,8 +224,8 @@ def bland_altman_plot(results: dict, path: Path) -> None:
         lo, hi = r["eat_count_loa"]
         for y, style in ((r["eat_count_bias"], "-"), (lo, "--"), (hi, "--")):
             ax.axhline(y, color="k", linestyle=style, linewidth=0.8)
-        ax.set(title=f"{key}: bias {r['eat_count_bias']:.0f}, r {r['eat_count_pearson_r']:.2f}",
-               xlabel="mean of predicted and true EAT pixels per slice")
+        ax.set_title(f"{key}\nbias {r['eat_count_bias']:.0f} px/slice\nr {_pearson_cell(r)}", fontsize=10)
+        ax.set(xlabel="mean of predicted and true EAT pixels per slice")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("predicted - true EAT pixels per slice")
     fig.tight_layout()

@@ -12,9 +12,10 @@ used is written to the training log); ``STSEG_SAVE_EVERY`` overrides how often (
 resumable ``checkpoint_latest.pth`` is written (nnU-Net: 50). ``STSEG_SKIP_VALIDATION=1`` skips the
 final validation after training (for experiments that predict the held-out cases themselves: a 3D
 validation with nnU-Net's mirroring is 8 sliding-window passes per case, hours on a CPU); run
-``nnUNetv2_train ... --val`` without it to make the validation later. ``STSEG_VAL_MIRRORING=0`` makes
-the final validation without mirroring (what ``nnUNetv2_predict --disable_tta`` does for
-prediction: one network pass per window instead of 2^d); the checkpoint keeps its mirroring axes for prediction.
+``nnUNetv2_train ... --val`` without it to make the validation later. ``STSEG_VAL_MIRRORING=0``
+makes the final validation without mirroring (what ``nnUNetv2_predict --disable_tta`` does for
+prediction: one network pass per window instead of 2^d); the checkpoint keeps its mirroring axes,
+so later predictions still mirror.
 """
 from __future__ import annotations
 
