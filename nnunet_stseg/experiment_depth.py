@@ -151,12 +151,15 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
         for arm, trainer in ARMS:
             key = f"{setting}/{arm}"
             model = Path(env["nnUNet_results"]) / ds_raw.name / f"{trainer}__nnUNetPlans__{config}"
-            seconds = results["arms"].get(key, {}).get("train_s", {})
+            # written after every fold, so an interrupted run keeps the seconds of the folds it finished
+            seconds = results.setdefault("train_s", {}).setdefault(
+                key, dict(results["arms"].get(key, {}).get("train_s", {})))
             for f in range(folds):  # the arm is scored on nnU-Net's validation of each fold
                 t = train_fold(ds_raw.name, config, f, trainer, device, env, logs / f"train_{setting}_{arm}_{f}.log",
                                need_validation=True)
-                if t is not None:
-                    seconds[str(f)] = t
+                if t is not None:  # a resumed fold (--c, --val) adds its seconds to the earlier run's
+                    seconds[str(f)] = seconds.get(str(f), 0.0) + t
+                    write_json_atomic(results, results_file, indent=1)
             scores = score_arm([model / f"fold_{f}" / "validation" for f in range(folds)], ds_raw / "labelsTr")
             results["arms"][key] = {"configuration": config, "trainer": trainer, "budget": budget, "command": command,
                                     "train_s": seconds, **scores}

@@ -56,6 +56,14 @@ def _env_int(name: str) -> int | None:
     return v
 
 
+def _env_switch(name: str) -> str:
+    """An on/off environment variable: "0", "1" or "" (unset); anything else is an error naming it."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
+    return value
+
+
 class _StSScheduleMixin:
     """Applies the STSEG_* schedule overrides after nnU-Net's own __init__, and writes checkpoints
     atomically (an interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
@@ -66,12 +74,7 @@ class _StSScheduleMixin:
             v = _env_int(env)
             if v is not None:
                 setattr(self, attr, v)
-        skip = os.environ.get("STSEG_SKIP_VALIDATION", "")
-        if skip not in ("", "0", "1"):
-            raise ValueError(f"environment variable STSEG_SKIP_VALIDATION must be 0 or 1, got {skip!r}")
-        mirroring = os.environ.get("STSEG_VAL_MIRRORING", "")
-        if mirroring not in ("", "0", "1"):
-            raise ValueError(f"environment variable STSEG_VAL_MIRRORING must be 0 or 1, got {mirroring!r}")
+        skip, mirroring = _env_switch("STSEG_SKIP_VALIDATION"), _env_switch("STSEG_VAL_MIRRORING")
         # instance attributes: they shadow every subclass's validation, ours and nnU-Net's
         if skip == "1":
             self.perform_actual_validation = self._skipped_validation
