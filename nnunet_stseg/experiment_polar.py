@@ -203,7 +203,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
         for name, config, trainer in networks:
             seconds = train_fold(ds.name, config, f, trainer, device, env, logs / f"train_{name}_{f}.log")
             if seconds is not None:
-                train_s[f"{name}/{f}"] = seconds
+                train_s[f"{name}/{f}"] = train_s.get(f"{name}/{f}", 0.0) + seconds  # a resumed fold adds
                 write_json_atomic(results, results_file, indent=1)
     centre_model = Path(env["nnUNet_results"]) / ds.name / f"{DEFAULT_CENTRE_TRAINER}__nnUNetPlans__{coarse_c}"
     results["centre_validation"] = {}
