@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import socket
 import zlib
 
 import numpy as np
@@ -154,7 +155,7 @@ class AtomicReaderWriter(BaseReaderWriter):
         folder, name = os.path.split(os.path.abspath(output_fname))
         partial_dir = os.path.join(folder, PARTIAL_DIR)
         os.makedirs(partial_dir, exist_ok=True)
-        tmp = os.path.join(partial_dir, f"{os.getpid()}_{name}")
+        tmp = os.path.join(partial_dir, f"{_writer_tag()}{os.getpid()}_{name}")
         try:
             self.inner.write_seg(seg, tmp, properties)
             os.replace(tmp, output_fname)
@@ -165,11 +166,43 @@ class AtomicReaderWriter(BaseReaderWriter):
         # The predictor removes it (when empty) once every export has finished.
 
 
-def remove_partial_folder(output_folder: str) -> None:
-    """Remove the hidden temporary-write folder of ``output_folder`` if it is empty (it is not
-    when a writer was killed mid-write; its content is then a partial file, never a result)."""
+def _writer_tag() -> str:
+    """Prefix of a temporary name before the writer's process id: the host, so that a later run
+    only ever judges the liveness of writers on its own machine (output folders can be shared)."""
+    return f"{socket.gethostname().replace('_', '-')}_"
+
+
+def _process_is_gone(pid: int) -> bool:
     try:
-        os.rmdir(os.path.join(output_folder, PARTIAL_DIR))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def remove_partial_folder(output_folder: str) -> None:
+    """Remove the hidden temporary-write folder of ``output_folder``, with the temporaries of
+    writers on this host whose process no longer exists (a run killed mid-write; such a file is
+    never a result, the case is redone by ``--continue_prediction``). Temporaries of live writers,
+    e.g. another ``-part`` writing into the same folder, or of other hosts are left, and so is
+    the folder then."""
+    partial_dir = os.path.join(output_folder, PARTIAL_DIR)
+    tag = _writer_tag()
+    try:
+        names = os.listdir(partial_dir)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(tag):].split("_", 1)[0] if name.startswith(tag) else ""
+        if pid.isdigit() and _process_is_gone(int(pid)):
+            try:
+                os.remove(os.path.join(partial_dir, name))
+            except OSError:
+                pass
+    try:
+        os.rmdir(partial_dir)
     except OSError:
         pass
 

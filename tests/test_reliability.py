@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_stseg.demo import _bin, run_pipeline
-from nnunet_stseg.inference_io import FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, remove_partial_folder
+from nnunet_stseg.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
+                                       remove_partial_folder)
 
 DATASET_ID = 979
 
@@ -70,6 +72,29 @@ def test_atomic_writers_of_parallel_workers_do_not_pull_the_folder_away(tmp_path
     first.inner.write_seg = write_after_the_other_worker_finished
     first.write_seg(seg, str(tmp_path / "a.nii.gz"), props)
     assert (tmp_path / "a.nii.gz").is_file() and (tmp_path / "b.nii.gz").is_file()
+
+
+def test_leftovers_of_killed_writers_are_removed_and_live_writers_kept(tmp_path):
+    """A writer killed mid-write leaves its temporary behind; the end of a later run removes it
+    (the failure CI met: the folder stayed after a resumed run). A live writer's temporary (e.g.
+    another -part writing into the same folder) and another host's are kept, and so the folder."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    partial = tmp_path / PARTIAL_DIR
+    partial.mkdir()
+    tag = _writer_tag()
+    killed = partial / f"{tag}{dead.pid}_case_003.nii.gz"
+    live = partial / f"{tag}{os.getpid()}_case_004.nii.gz"
+    elsewhere = partial / f"other-host_{dead.pid}_case_005.nii.gz"
+    for f in (killed, live, elsewhere):
+        f.write_bytes(b"half a file")
+    remove_partial_folder(str(tmp_path))
+    assert not killed.exists() and live.exists() and elsewhere.exists()
+    live.unlink()
+    elsewhere.unlink()
+    killed.write_bytes(b"half a file")
+    remove_partial_folder(str(tmp_path))
+    assert not partial.exists()
 
 
 def test_checked_preprocessor_refuses_non_finite_and_wrong_channels(planned_2d):
