@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_stseg.experiment_depth import case_scores, per_patient_split, score_arm
+from nnunet_stseg.experiment_depth import adipose_window, case_scores, per_patient_split, score_arm
 
 
 def test_per_patient_split_is_a_seeded_partition():
@@ -32,6 +32,39 @@ def test_case_scores_on_a_known_example():
     assert s["pericardium"]["Precision"] == pytest.approx(4 / 6) and s["pericardium"]["Recall"] == 1.0
     assert s["eat"]["Dice"] == pytest.approx(2 * 1 / 3)
     assert s["eat_counts"] == {"pred": [2, 0], "gt": [1, 0]}
+
+
+def test_adipose_window_recovers_the_band_that_makes_the_label():
+    """EAT drawn as the pericardium pixels of intensity 40..60 (plus lung-dark pixels outside the
+    pericardium that the rule must ignore): the window search finds exactly [40, 60]."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for _ in range(3):
+        image = rng.integers(0, 256, size=(4, 16, 16)).astype(np.uint8)
+        label = np.zeros_like(image)
+        label[:, 2:14, 2:14] = 1
+        label[(label == 1) & (image >= 40) & (image <= 60)] = 2
+        images.append(image)
+        labels.append(label)
+    w = adipose_window(images, labels)
+    assert w["window"] == [40, 60] and w["train_dice"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no EAT"):
+        adipose_window(images, [np.where(lab == 2, 1, lab) for lab in labels])
+
+
+def test_case_scores_by_the_adipose_rule():
+    gt = np.zeros((2, 4, 4), np.uint8)
+    gt[0, :2, :2] = 1
+    gt[0, 0, 0] = 2
+    image = np.full(gt.shape, 200.0)
+    image[0, 0, :2] = 50.0  # adipose-dark: the true EAT pixel and its right neighbour
+    pred = np.zeros_like(gt)
+    pred[0, :2, :3] = 1  # pericardium (no EAT label predicted): covers both dark pixels
+    s = case_scores(pred, gt, image, [0, 100])
+    assert s["eat"]["Dice"] == 0.0 and s["eat_counts"]["pred"] == [0, 0]
+    assert s["eat_rule"]["Dice"] == pytest.approx(2 * 1 / 3) and s["eat_rule_counts"]["pred"] == [2, 0]
+    assert s["eat_rule_true_pericardium"]["Dice"] == pytest.approx(2 * 1 / 3)  # (0,1) is inside the true one too
+    assert "eat_rule" not in case_scores(pred, gt)
 
 
 def test_score_arm_pearson_and_bias(tmp_path):
@@ -83,6 +116,11 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
     assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
     text = out.read_text()
     assert "| planned 2d (2d_w4) | yes | width 4, batch 2, 1 x 2, cpu, scored without mirroring |" in text
+    # EAT by the adipose rule: a window per fold from its training patients (label 2 objects are brighter)
+    assert len(results["adipose_windows"]) == 2 and all(w["train_dice"] > 0.9 for w in results["adipose_windows"])
+    assert "## EAT as adipose inside the predicted pericardium" in text
+    assert all(0 <= arm["eat_rule_Dice"][0] <= 1 and arm["eat_rule_true_pericardium_Dice"][0] > 0.8
+               for arm in results["arms"].values())
     assert (out.parent / "depth_bland_altman.png").is_file()
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
@@ -109,3 +147,25 @@ def test_report_says_why_the_eat_correlation_is_undefined():
                            ("| planned 2d (2d_w16) | no |", "| planned 2d (2d_w16) | yes |", "| 128 x 128 | yes |"))
     assert "| undefined (no EAT predicted) |" in plain and "| undefined (constant counts) |" in depth
     assert "| 0.987 |" in small and "scored without mirroring" in plain
+
+
+def test_report_table_of_eat_by_the_adipose_rule():
+    from nnunet_stseg.experiment_depth import report
+
+    regions = ("pericardium", "eat", "eat_rule", "eat_rule_true_pericardium")
+    arm = {**{f"{reg}_{m}": (0.25, 0.05) for reg in regions for m in ("Dice", "IoU", "Precision", "Recall")},
+           "eat_rule_true_pericardium_Dice": (0.41, 0.12), "configuration": "2d_w16", "train_s": {"0": 1.0},
+           "eat_count_pearson_r": 0.1, "eat_count_bias": -3.0, "eat_count_loa": (-5.0, -1.0),
+           "eat_rule_count_pearson_r": 0.418, "eat_rule_count_bias": -1622.4, "eat_rule_count_loa": (-12904.0, 9661.0),
+           "budget": {"features": 16, "batch_size": 2, "epochs": 1, "iters": 2},
+           "cases": {"a": {"eat_counts": {"pred": [1, 2], "gt": [1, 5]},
+                           "eat_rule_counts": {"pred": [3, 2], "gt": [1, 5]}}}}
+    results = {"split": {"folds": 2, "seed": 0, "n_patients": 2}, "arms": {"planned/depth": arm},
+               "adipose_windows": [{"window": [0, 168], "train_dice": 0.426}, {"window": [0, 161], "train_dice": 0.428}]}
+    text = report(results, "cmd")
+    assert "fold 0 [0, 168] (training DSC 0.426); fold 1 [0, 161] (training DSC 0.428)" in text
+    assert ("| planned 2d (2d_w16) | yes | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.418 | "
+            "-1622 (-12904, 9661) | 0.410 ± 0.120 |") in text
+    skipped = report({**results, "adipose_windows": None,
+                      "adipose_rule_skipped": "no pericardium or no EAT (label 2) in the training patients"}, "cmd")
+    assert "## EAT as adipose" not in skipped and "not scored (no pericardium or no EAT (label 2)" in skipped
