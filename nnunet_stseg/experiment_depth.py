@@ -34,6 +34,7 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.demo import _bin, pipeline_env, run, train_fold
+from nnunet_stseg.metrics import overlap
 
 DATASET_ID = 701
 SETTINGS = ("128", "planned")
@@ -76,14 +77,6 @@ def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dic
         cfg["batch_size"] = int(batch_size)
         write_json_atomic(plans, plans_file, indent=1)
     return cfg
-
-
-def _overlap(p: np.ndarray, g: np.ndarray) -> dict:
-    tp, fp, fn = float((p & g).sum()), float((p & ~g).sum()), float((~p & g).sum())
-    return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
-            "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
-            "Precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "Recall": tp / (tp + fn) if tp + fn else float("nan")}
 
 
 def _slice_counts(mask: np.ndarray) -> list[int]:
@@ -129,12 +122,12 @@ def case_scores(pred: np.ndarray, gt: np.ndarray, image: np.ndarray | None = Non
     per-slice EAT pixel counts (slice axis first). With the image and an adipose window, also EAT
     by the rule (``eat_rule``: the window inside the predicted pericardium, against label 2) and,
     as its ceiling, the same rule inside the true pericardium (``eat_rule_true_pericardium``)."""
-    out = {"pericardium": _overlap(pred > 0, gt > 0), "eat": _overlap(pred == 2, gt == 2),
+    out = {"pericardium": overlap(pred > 0, gt > 0), "eat": overlap(pred == 2, gt == 2),
            "eat_counts": {"pred": _slice_counts(pred == 2), "gt": _slice_counts(gt == 2)}}
     if image is not None and window is not None:
         rule = apply_adipose_window(pred > 0, image, window)
-        out["eat_rule"] = _overlap(rule, gt == 2)
-        out["eat_rule_true_pericardium"] = _overlap(apply_adipose_window(gt > 0, image, window), gt == 2)
+        out["eat_rule"] = overlap(rule, gt == 2)
+        out["eat_rule_true_pericardium"] = overlap(apply_adipose_window(gt > 0, image, window), gt == 2)
         out["eat_rule_counts"] = {"pred": _slice_counts(rule), "gt": out["eat_counts"]["gt"]}
     return out
 

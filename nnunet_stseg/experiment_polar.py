@@ -49,6 +49,7 @@ from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER,
                                  MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV, coarse_config_name,
                                  polar_config_name)
 from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured, train_fold
+from nnunet_stseg.metrics import overlap
 
 ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
 CARDIAC_ID, KVASIR_ID = 701, 720
@@ -59,15 +60,6 @@ PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
 
 def _shared_data() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """DSC, IoU, precision, recall of two binary masks (empty vs empty counts as a perfect 1)."""
-    tp, fp, fn = float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & gt).sum())
-    return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
-            "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
-            "Precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "Recall": tp / (tp + fn) if tp + fn else float("nan")}
 
 
 def _read(path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Precision and recall next to nnU-Net's Dice in a ``summary.json``.
+"""Precision and recall next to nnU-Net's Dice in a ``summary.json``; overlap of two masks.
 
 nnU-Net's ``compute_metrics_on_folder`` already stores TP, FP and FN per case and label; we derive
 precision = TP / (TP + FP) and recall = TP / (TP + FN) (NaN when undefined, e.g. precision of an
@@ -14,11 +14,20 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_json_atomic
 
-__all__ = ["add_precision_recall", "write_json_atomic"]
+__all__ = ["add_precision_recall", "overlap", "write_json_atomic"]
 
 
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else math.nan
+
+
+def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """DSC, IoU, precision, recall of two binary masks (empty vs empty counts as a perfect 1; the
+    same conventions as nnU-Net's Dice and :func:`add_precision_recall`)."""
+    tp, fp, fn = float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & gt).sum())
+    return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+            "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+            "Precision": _ratio(tp, tp + fp), "Recall": _ratio(tp, tp + fn)}
 
 
 def add_precision_recall(summary_file: str) -> dict:
