@@ -79,6 +79,12 @@ def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dic
     return cfg
 
 
+def _read_array(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
 def _slice_counts(mask: np.ndarray) -> list[int]:
     return mask.reshape(mask.shape[0], -1).sum(1).tolist()
 
@@ -149,18 +155,13 @@ def _count_agreement(cases: dict, counts_key: str) -> dict:
 def score_arm(validation_folders: list[Path], labels_folder: Path, images_folder: Path | None = None,
               windows: list[list[int]] | None = None) -> dict:
     """Scores of one arm over the validation predictions of all folds; ``windows[f]`` is fold f's
-    adipose window (with ``images_folder``, EAT is also scored by the rule)."""
-    import SimpleITK as sitk
-
-    def read(path: Path) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
+    adipose window; given windows, EAT is also scored by the rule on the images of ``images_folder``."""
     cases = {}
     for f, folder in enumerate(validation_folders):
         for p in sorted(folder.glob("*.nii.gz")):
             case = p.name[:-len(".nii.gz")]
-            image = read(images_folder / f"{case}_0000.nii.gz") if windows is not None else None
-            cases[case] = case_scores(read(p), read(labels_folder / p.name), image,
+            image = _read_array(images_folder / f"{case}_0000.nii.gz") if windows is not None else None
+            cases[case] = case_scores(_read_array(p), _read_array(labels_folder / p.name), image,
                                       windows[f] if windows is not None else None)
     regions = ["pericardium", "eat"] + (["eat_rule", "eat_rule_true_pericardium"] if windows is not None else [])
     summary = {"n_patients": len(cases), "cases": cases,
@@ -178,13 +179,8 @@ def score_arm(validation_folders: list[Path], labels_folder: Path, images_folder
 def adipose_windows(split: list[dict], images_folder: Path, labels_folder: Path) -> list[dict]:
     """Each fold's adipose window, chosen on its training patients only (ValueError when a fold's
     training patients have no EAT)."""
-    import SimpleITK as sitk
-
-    def read(path: Path) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-    return [adipose_window([read(images_folder / f"{c}_0000.nii.gz") for c in fold["train"]],
-                           [read(labels_folder / f"{c}.nii.gz") for c in fold["train"]]) for fold in split]
+    return [adipose_window([_read_array(images_folder / f"{c}_0000.nii.gz") for c in fold["train"]],
+                           [_read_array(labels_folder / f"{c}.nii.gz") for c in fold["train"]]) for fold in split]
 
 
 def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, iters: int, folds: int, seed: int,
@@ -297,7 +293,8 @@ def report(results: dict, cmd: str) -> str:
     windows = results.get("adipose_windows")
     ruled = {k: r for k, r in results["arms"].items() if "eat_rule_Dice" in r}
     if results.get("adipose_rule_skipped"):
-        lines += ["", f"EAT as adipose inside the predicted pericardium: not scored ({results['adipose_rule_skipped']})."]
+        lines += ["", "EAT as adipose inside the predicted pericardium: not scored "
+                      f"({results['adipose_rule_skipped']})."]
     elif windows and ruled:
         lines += ["", "## EAT as adipose inside the predicted pericardium (the published definition)", "",
                   "These images are 8-bit, not Hounsfield units, so the adipose intensity window is learned: for "

@@ -22,8 +22,9 @@ def _ratio(num: float, den: float) -> float:
 
 
 def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """DSC, IoU, precision, recall of two binary masks (empty vs empty counts as a perfect 1; the
-    same conventions as nnU-Net's Dice and :func:`add_precision_recall`)."""
+    """DSC, IoU, precision, recall of two binary masks. Empty vs empty counts as a perfect 1 (every
+    patient counts in a mean; nnU-Net's Dice is NaN there); precision and recall are NaN when
+    undefined, as in :func:`add_precision_recall`."""
     tp, fp, fn = float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & gt).sum())
     return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
             "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
