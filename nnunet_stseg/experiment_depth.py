@@ -328,8 +328,7 @@ def bland_altman_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = list(results["arms"].items())
-    rows = [("eat", "label 2")] + ([("eat_rule", "adipose rule")] if all("eat_rule_counts" in next(iter(
-        r["cases"].values())) for _, r in arms) else [])
+    rows = [("eat", "label 2")] + ([("eat_rule", "adipose rule")] if all("eat_rule_Dice" in r for _, r in arms) else [])
     fig, axes = plt.subplots(len(rows), len(arms), figsize=(4.2 * len(arms), 3.8 * len(rows)), sharey="row",
                              squeeze=False)
     for (region, title), row in zip(rows, axes):
