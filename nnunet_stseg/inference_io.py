@@ -69,11 +69,17 @@ def check_file_complete(path: str) -> None:
             raise CaseError(f"truncated file: {size} bytes of image data, the NIfTI header announces {expected}")
 
 
+def report_case_error(message: str) -> None:
+    """The one line a skipped case gets, printed by the main process (in order with its output)."""
+    print(f"[nnunet-stseg] ERROR {message} (case skipped, the rest of the batch goes on)", flush=True)
+
+
 class CheckedPreprocessor(DefaultPreprocessor):
     """nnU-Net's default preprocessing with input checks and the optional depth channel.
 
-    ``on_error``: ``"raise"`` raises :class:`CaseError`; ``"mark"`` prints the error and returns a
-    marker case (properties hold ``ERROR_KEY``) for the predictor to skip."""
+    ``on_error``: ``"raise"`` raises :class:`CaseError`; ``"mark"`` returns a marker case (properties
+    hold ``ERROR_KEY``) that the predictor reports and skips. The worker does not print: its line
+    could land in the middle of the main process's progress bar (same terminal or log file)."""
 
     def __init__(self, verbose: bool = True, on_error: str = "raise", depth_channel: bool = False):
         super().__init__(verbose=verbose)
@@ -89,7 +95,6 @@ class CheckedPreprocessor(DefaultPreprocessor):
             message = f"{', '.join(os.fspath(f) for f in image_files)}: {one_line(e)}"
             if self.on_error == "raise":
                 raise CaseError(message) from e
-            print(f"[nnunet-stseg] ERROR {message} (case skipped, the rest of the batch goes on)", flush=True)
             n = len(configuration_manager.normalization_schemes) + int(self.depth_channel)
             return np.zeros((n, 1, 1, 1), np.float32), None, {ERROR_KEY: message}
 
@@ -215,5 +220,5 @@ class PluginPlansManager(PlansManager):
         return functools.partial(AtomicReaderWriter, self.plans["image_reader_writer"])
 
 
-__all__ = ["ERROR_KEY", "PARTIAL_DIR", "FAILED_CASES_FILE", "CaseError", "CheckedPreprocessor",
+__all__ = ["ERROR_KEY", "report_case_error", "PARTIAL_DIR", "FAILED_CASES_FILE", "CaseError", "CheckedPreprocessor",
            "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line"]

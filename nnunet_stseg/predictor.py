@@ -35,7 +35,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_stseg.config import StSConfig, grid_spacing3
 from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
 from nnunet_stseg.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
-                                       PluginPlansManager, remove_partial_folder)
+                                       PluginPlansManager, remove_partial_folder, report_case_error)
 from nnunet_stseg.metrics import write_json_atomic
 from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, fuse_crops,
                                    limit_crops, probabilities_to_logits, whole_image_boxes)
@@ -116,6 +116,7 @@ class PluginPredictor(nnUNetPredictor):
                     output_folders.add(os.path.dirname(os.path.abspath(item["ofile"])))
                 properties = item.get("data_properties")
                 if isinstance(properties, dict) and ERROR_KEY in properties:
+                    report_case_error(properties[ERROR_KEY])
                     failures.append({"output": item.get("ofile"), "error": properties[ERROR_KEY]})
                     continue
                 yield item
@@ -147,7 +148,7 @@ class PluginPredictor(nnUNetPredictor):
                         [files], [ofile] if ofile is not None else None, save_probabilities, True,
                         folder_with_segs_from_prev_stage) or []
                 except CaseError as e:
-                    print(f"[nnunet-stseg] ERROR {e} (case skipped, the rest of the batch goes on)", flush=True)
+                    report_case_error(str(e))
                     failures.append({"output": ofile, "error": str(e)})
         finally:
             self.configuration_manager.on_error = "mark"

@@ -194,7 +194,9 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(pipeline, tmp_path, mode)
     for case, part in bad.items():
         line = next(r["error"] for r in report if Path(r["output"]).name == case)
         assert f"{case}_0000.nii.gz" in line and part in line and "\n" not in line
-        assert any(l.startswith("[nnunet-stseg] ERROR") and case in l for l in proc.stdout.splitlines())
+        # printed by the main process, so never inside another line (e.g. a progress bar)
+        assert any(l.startswith("[nnunet-stseg] ERROR") and case in l for l in proc.stdout.splitlines()), \
+            proc.stdout[-3000:]
     assert "3 case(s) could not be predicted" in proc.stdout
 
 
