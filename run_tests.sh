@@ -8,14 +8,15 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 export nnUNet_compile="${nnUNet_compile:-f}"
-# Test files run in STSEG_TEST_WORKERS parallel processes (default 2; 1 = one process): most tests
-# are end-to-end runs of the nnU-Net commands on tiny networks, dominated by single-threaded
-# start-up and data handling. One torch thread per process then, so that the workers do not
-# oversubscribe the cores. --durations lists the slowest tests at the end.
+# Tests run in STSEG_TEST_WORKERS parallel processes (default 2; 1 = one process), one torch
+# thread each so that the workers do not oversubscribe the cores. tests/conftest.py puts every
+# test in an xdist group (the users of one set of trained models run in one worker, which builds
+# them once) and orders the groups so that the two expensive builds start first, one per worker.
+# --durations lists the slowest tests at the end.
 WORKERS="${STSEG_TEST_WORKERS:-2}"
 PARALLEL=()
 if [ "$WORKERS" -gt 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  PARALLEL=(-n "$WORKERS" --dist loadfile)
+  PARALLEL=(-n "$WORKERS" --dist loadgroup --no-loadscope-reorder)
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 ${PARALLEL[@]+"${PARALLEL[@]}"} "$@"

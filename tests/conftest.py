@@ -4,15 +4,113 @@ nnU-Net v2 reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` l
 ``paths`` module wraps ``os.environ``), so setting them in this process before the first use is
 enough. The previous environment is restored when the session ends.
 
-Dataset ids 981 (2D) and 982 (3D) are reserved for these fixtures; other modules use 990-999.
+Dataset ids 981 (2D) and 982 (3D) are reserved for these fixtures, 985/986 for the trained
+models of ``trained_models.py``; other modules use 970-999.
+
+Scheduling (``run_tests.sh``: ``--dist loadgroup --no-loadscope-reorder``): every test is put in
+an xdist group, and a group runs whole on one worker. The trained 2D models are built by the
+first test of ``test_integration_cli.py`` (group ``trained_2d``), the 3D ones by the first of
+``test_depth_cli.py`` (``trained_3d``): these two groups start first, one per worker, so the two
+builds run at the same time. Other modules' users of a trained set form groups of their own
+(``trained_2d:<module>``), which run on whichever worker is free next (the set is built by then;
+the file lock of :func:`build_once` makes a worker wait only if it is not). Then the real depth
+experiment, the benchmark smoke tests, the users of ``planned_2d``/``planned_3d`` (``planned``),
+and one group per module for the rest (what ``--dist loadfile`` did).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from stand_ins import fork_instead_of_spawn
+
+# groups that start first, in this order (a name ending in ':' matches every group it begins)
+_FIRST_GROUPS = ("trained_2d", "trained_3d", "trained_2d:", "trained_3d:", "test_experiment_depth", "test_benchmark",
+                 "planned")
+_HOME = {"trained_2d": "test_integration_cli", "trained_3d": "test_depth_cli"}
+
+
+def _group(item: pytest.Item) -> str:
+    names = set(getattr(item, "fixturenames", ()))
+    module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else "other"
+    for fixture, home in _HOME.items():
+        if fixture in names:
+            return fixture if module == home else f"{fixture}:{module}"
+    if names & {"planned_2d", "planned_3d"}:
+        return "planned"
+    return module
+
+
+def _rank(group: str) -> int:
+    for i, first in enumerate(_FIRST_GROUPS):
+        if group == first or (first.endswith(":") and group.startswith(first)):
+            return i
+    return len(_FIRST_GROUPS)
+
+
+def pytest_itemcollected(item):
+    """Every test gets its xdist group (see the module docstring) as it is collected, before any
+    pytest_collection_modifyitems hook: xdist's worker reads the marks in its own."""
+    item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The expensive groups first (their first test decides where a group starts)."""
+    items.sort(key=lambda item: _rank(_group(item)))  # stable: the rest keeps its order
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (pytest's base temp of the run), or
+    ``STSEG_TEST_MODELS`` when set: then the trained models are kept between runs (for the
+    edit-test loop; delete the folder after changing a trainer, planner or predictor)."""
+    if os.environ.get("STSEG_TEST_MODELS"):
+        root = Path(os.environ["STSEG_TEST_MODELS"]).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build) -> dict:
+    """``build(folder)`` (returning a JSON-able dict) runs once per test run, whichever worker asks
+    first, behind a file lock; later callers get its result, or its error without building again."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder, done, failed = root / name, root / f"{name}.json", root / f"{name}.error"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.is_file():
+            raise RuntimeError(f"building {name} failed earlier in this run:\n{failed.read_text()}")
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                result = build(folder)
+            except BaseException:
+                failed.write_text(traceback.format_exc())
+                raise
+            done.write_text(json.dumps(result))
+        return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_2d(tmp_path_factory):
+    """2D models trained with the stock CLIs (see ``trained_models.build_2d``); read-only."""
+    import trained_models as tm
+
+    return tm.from_json(build_once(tmp_path_factory, "trained_2d", lambda f: tm.to_json(tm.build_2d(f))))
+
+
+@pytest.fixture(scope="session")
+def trained_3d(tmp_path_factory):
+    """3D models trained with the stock CLIs (see ``trained_models.build_3d``); read-only."""
+    import trained_models as tm
+
+    return tm.from_json(build_once(tmp_path_factory, "trained_3d", lambda f: tm.to_json(tm.build_3d(f))))
 
 PLAN_SIZE = 32
 PLAN_FEATURES = 8
@@ -45,7 +143,8 @@ def _plan(dirs, dataset_id: int, dim: int) -> SimpleNamespace:
     from nnunet_stseg.synthetic import make_synthetic_dataset
 
     raw_folder = make_synthetic_dataset(dirs.raw, dataset_id=dataset_id, dim=dim, n_train=5, n_test=1)
-    added = plan_and_preprocess(dataset_id, PLAN_SIZE, base_features=PLAN_FEATURES, num_processes=1)
+    with fork_instead_of_spawn():
+        added = plan_and_preprocess(dataset_id, PLAN_SIZE, base_features=PLAN_FEATURES, num_processes=1)
     name = raw_folder.name
     pp = Path(dirs.preprocessed) / name
     with open(pp / "nnUNetPlans.json") as f:

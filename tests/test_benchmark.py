@@ -1,14 +1,25 @@
 """Tiny smoke runs of the benchmark command: it must run end to end and write its report and
-plot atomically. The figures themselves are not asserted (speed is measured, not tested)."""
+plot atomically. The figures themselves are not asserted (speed is measured, not tested).
+
+The command measures every point in a fresh spawned process (its own peak RSS), and nnU-Net's
+planning inside it spawns its own pool: each spawn imports torch and nnU-Net again. Here they
+fork instead (``stand_ins.fork_instead_of_spawn``): the same code runs, without the imports."""
 from __future__ import annotations
 
 import re
 
 import pytest
+from stand_ins import fork_instead_of_spawn
 
 from nnunet_stseg.benchmark import main
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _fork():
+    with fork_instead_of_spawn():
+        yield
 
 
 def test_per_stage_report(tmp_path, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from stand_ins import fork_instead_of_spawn
 
 from nnunet_stseg.depth import (SINGLE_SLICE_DEPTH, append_depth_channel, check_depth_applicable,
                                 depths_from_properties, slice_depths)
@@ -104,8 +105,9 @@ def depth_dataset(nnunet_dirs):
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MR"}, "labels": {"background": 0, "object": 1}, "numTraining": len(cases),
         "file_ending": ".nii.gz", "name": "DepthAxis"}))
-    plan_and_preprocess(DEPTH_DATASET_ID, 32, dims=["2d"], base_features=4, num_processes=1, depth_channel=True,
-                        polar=True)
+    with fork_instead_of_spawn():
+        plan_and_preprocess(DEPTH_DATASET_ID, 32, dims=["2d"], base_features=4, num_processes=1, depth_channel=True,
+                            polar=True)
     pp = Path(nnunet_dirs.preprocessed) / folder.name
     plans = json.loads((pp / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((pp / "dataset.json").read_text())

@@ -1,4 +1,5 @@
-"""Depth channel end to end through the STOCK nnU-Net commands on a tiny generated 3D dataset.
+"""Depth channel end to end through the STOCK nnU-Net commands on a tiny generated 3D dataset
+(the shared models of ``trained_models.py``, trained once per run).
 
 - ``nnunet-stseg plan --depth``: the 2d segment-then-segment pipeline (coarse and fine) with the
   depth channel, trained with the usual trainers (the configuration switches it on), predicted
@@ -17,7 +18,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_stseg.demo import _bin, run, run_pipeline
+from trained_models import model_folder
+
+from nnunet_stseg.demo import _bin, run
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +42,21 @@ def _same_geometry_and_values(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def depth_pipeline(tmp_path_factory):
-    return run_pipeline(tmp_path_factory.mktemp("depth"), dim=3, size=32, features=8, epochs=2, iters=10,
-                        n_train=5, n_test=2, fallback="whole", dataset_id=978, baseline=True, pipeline_dim=2,
-                        depth=True)
+def depth_pipeline(trained_3d):
+    """The shared 3D models: the 2d cascade planned with --depth (arms ``cascade_2d_depth``,
+    predicted through nnU-Net's worker processes, and ``coarse_2d_depth``) and
+    ``nnUNetTrainer_Depth`` on nnU-Net's 2d configuration (arm ``depth_2d``)."""
+    return trained_3d
 
 
-def test_cascade_with_depth_channel_through_stock_commands(depth_pipeline):
+def test_cascade_with_depth_channel_through_stock_commands(depth_pipeline, tmp_path):
     res = depth_pipeline
-    results = Path(res.env["nnUNet_results"]) / res.dataset_folder.name
-    for trainer, config in (("nnUNetTrainer_StSCoarse", res.coarse_config), ("nnUNetTrainer_StSFine", res.fine_config)):
-        folder = results / f"{trainer}__nnUNetPlans__{config}"
+    for trainer, config in (("nnUNetTrainer_StSCoarse", res.coarse_config_2d),
+                            ("nnUNetTrainer_StSFine", res.fine_config_2d)):
+        folder = model_folder(res, trainer, config)
         assert _input_channels(folder / "fold_0" / "checkpoint_final.pth") == 2  # image + depth
         assert "depth channel: ON" in next((folder / "fold_0").glob("training_log_*.txt")).read_text()
-    for arm in ("cascade", "coarse"):
+    for arm in ("cascade_2d_depth", "coarse_2d_depth"):
         inputs = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
         for f in inputs:
             pred = sitk.ReadImage(str(res.predictions[arm] / f.name.replace("_0000", "")))
@@ -61,26 +65,19 @@ def test_cascade_with_depth_channel_through_stock_commands(depth_pipeline):
                    (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
     # nnU-Net's sequential path (no worker processes) adds the same channel: identical outputs
-    out = res.workdir / "predictions_sequential"
-    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d", "978",
-         "-c", res.fine_config, "-tr", "nnUNetTrainer_StSFine", "-f", "0", "-device", "cpu", "--disable_tta",
-         "-npp", "0", "-nps", "0"], res.env, res.workdir / "logs" / "predict_sequential.log")
-    _same_geometry_and_values(res.predictions["cascade"], out)
+    out = tmp_path / "predictions_sequential"
+    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d",
+         str(res.dataset_id), "-c", res.fine_config_2d, "-tr", "nnUNetTrainer_StSFine", "-f", "0", "-device", "cpu",
+         "--disable_tta", "-npp", "0", "-nps", "0"], res.env, tmp_path / "predict_sequential.log")
+    _same_geometry_and_values(res.predictions["cascade_2d_depth"], out)
 
 
 def test_depth_trainer_on_nnunet_2d_configuration(depth_pipeline):
     res = depth_pipeline
-    env = {**res.env, "STSEG_NUM_EPOCHS": "1", "STSEG_ITERS_PER_EPOCH": "3", "STSEG_VAL_ITERS": "1"}
-    logs = res.workdir / "logs"
-    run([_bin("nnUNetv2_train"), "978", "2d", "0", "-tr", "nnUNetTrainer_Depth", "-device", "cpu"], env,
-        logs / "train_depth_2d.log")
-    folder = Path(env["nnUNet_results"]) / res.dataset_folder.name / "nnUNetTrainer_Depth__nnUNetPlans__2d"
+    folder = model_folder(res, "nnUNetTrainer_Depth", "2d")
     assert _input_channels(folder / "fold_0" / "checkpoint_final.pth") == 2
     assert (folder / "fold_0" / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with depth
-    out = res.workdir / "predictions_depth_2d"
-    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d", "978",
-         "-c", "2d", "-tr", "nnUNetTrainer_Depth", "-f", "0", "-device", "cpu", "--disable_tta"], env,
-        logs / "predict_depth_2d.log")
+    out = res.predictions["depth_2d"]
     for f in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
         pred, img = sitk.ReadImage(str(out / f.name.replace("_0000", ""))), sitk.ReadImage(str(f))
         assert (pred.GetSize(), pred.GetSpacing(), pred.GetOrigin(), pred.GetDirection()) == \

@@ -1,6 +1,7 @@
 """The 3D Cardiac experiment (issue 5, experiment 3): its arithmetic and report on hand-made
-results, the linked patient subset, and a smoke run of the whole command through the stock
-nnU-Net CLIs on a generated 3D dataset."""
+results, the linked patient subset, and a smoke run of the whole command on a generated 3D
+dataset, its nnU-Net subprocesses replaced by ``fake_nnunet.FakeNNUNet`` (orchestration: arms,
+folds, resume, ``--report_only``; the real commands are checked in the trained-model tests)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from fake_nnunet import FakeNNUNet
 
+import nnunet_stseg.experiment_cardiac3d as experiment
 from nnunet_stseg.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
 from nnunet_stseg.experiment_polar import linked_subset
 
@@ -92,12 +95,15 @@ def test_bad_dataset_folder_and_report_only_without_a_run(tmp_path):
         main(["--workdir", str(tmp_path / "w"), "--report_only"])
 
 
-@pytest.mark.slow
-def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
-    """The whole command at a toy budget: three arms trained with nnUNetv2_train, predicted with
-    nnUNetv2_predict per fold, scored per patient against labels 1+2 and 2; the predictions keep
-    the input geometry; a re-run retrains nothing; --report_only rebuilds the same report."""
+@pytest.mark.slow  # plans a generated 3D dataset in-process
+def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
+    """The whole command at a toy budget: three arms trained with nnUNetv2_train (without their
+    final validation), predicted with nnUNetv2_predict per fold, scored per patient against labels
+    1+2 and 2; the predictions keep the input geometry; a re-run retrains nothing; --report_only
+    rebuilds the same report."""
     from nnunet_stseg.synthetic import make_synthetic_dataset
+
+    fake = FakeNNUNet().install(monkeypatch, experiment)
 
     ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=993, name="Heart3D", dim=3, n_train=6, n_test=0,
                                 shape=(20, 40, 40), num_classes=2, spacing=(1.0, 1.0, 2.5), empty_cases=0)
@@ -116,14 +122,19 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
         assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
         assert np.allclose(pred.GetOrigin(), ref.GetOrigin())
     assert results["networks"]["3d_fullres_w4"]["features_per_stage"][0] == 4
-    logs = sorted((work / "nnUNet_results").rglob("training_log_*.txt"))
-    assert len(logs) == 6 and all("final validation skipped" in p.read_text() for p in logs)
+    trainings = fake.of("nnUNetv2_train")  # 3 networks x 2 folds, none with its final validation
+    assert len(trainings) == 6 and all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in trainings)
+    assert sorted({(c.args[1], c.args[2]) for c in trainings}) == sorted(
+        (config, fold) for config in ("3d_fullres_w4", "3d_sts_coarse_16", "3d_sts_fine_16") for fold in ("0", "1"))
+    assert len(fake.of("nnUNetv2_predict")) == 6  # 3 arms x 2 folds
     text = out.read_text()
     assert all(f"| {arm} |" in text for arm in arms) and (out.parent / "report_examples.png").is_file()
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    fake.calls.clear()
     main(args)  # resumable: nothing retrained, nothing predicted again
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert not fake.of("nnUNetv2_train") and not fake.of("nnUNetv2_predict")
     rebuilt = tmp_path / "docs" / "rebuilt.md"
     main(["--workdir", str(work), "--report_only", "--out", str(rebuilt)])
     def table_and_reading(path):

@@ -1,21 +1,26 @@
-"""Smoke run of the Kvasir experiment command on 30 real images with a 5-iteration budget:
-it must run through the stock nnU-Net commands, score both arms on the test split, print the
-published numbers beside ours, draw its plot, and resume without retraining."""
+"""Smoke runs of the Kvasir experiment command on 30 real images: it must convert and plan them,
+train and predict every arm (the nnU-Net subprocesses replaced by ``fake_nnunet.FakeNNUNet``: this
+checks orchestration; the real commands are checked in the trained-model tests), score both arms
+on the test split, print the published numbers beside ours, draw its plot, and resume without
+retraining."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+from fake_nnunet import FakeNNUNet
 
+import nnunet_stseg.experiment_kvasir as experiment
 from nnunet_stseg.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")]
+pytestmark = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
 
 
-def test_experiment_smoke_and_resume(tmp_path):
+@pytest.mark.slow  # converts and plans 30 real images (in-process, about 40 s)
+def test_experiment_smoke_and_resume(tmp_path, monkeypatch):
+    fake = FakeNNUNet().install(monkeypatch, experiment)
     work, out = tmp_path / "work", tmp_path / "report.md"
     args = ["--workdir", str(work), "--src", str(KVASIR), "--sizes", "32", "--features", "4", "--epochs", "1",
             "--iters", "5", "--limit", "30", "--out", str(out)]
@@ -32,9 +37,14 @@ def test_experiment_smoke_and_resume(tmp_path):
     assert "Batch size (baseline / fine) per S: 32:" in text
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
     assert len(checkpoints) == 2
+    trained = sorted((c.args[1], c.args[c.args.index("-tr") + 1]) for c in fake.of("nnUNetv2_train"))
+    assert trained == [("2d_sts_coarse_32", "nnUNetTrainer_StSCoarse"), ("2d_sts_fine_32", "nnUNetTrainer_StSFine")]
+    assert len(fake.of("nnUNetv2_predict")) == 2
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    fake.calls.clear()
     main(args)  # resumes: predictions and scores again, no retraining
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert not fake.of("nnUNetv2_train") and not fake.of("nnunet-stseg")
     text = out.read_text()
     # the report rebuilt from results.json alone: same table, the command that made the results
     again = tmp_path / "again.md"
@@ -45,10 +55,13 @@ def test_experiment_smoke_and_resume(tmp_path):
     assert "images the baseline misses" in text
 
 
-def test_native_experiment_smoke(tmp_path):
+@pytest.mark.slow
+def test_native_experiment_smoke(tmp_path, monkeypatch):
     """Experiment 2: native resolution, the cascade vs nnU-Net's planned 2d narrowed to the same
     width and batch; predictions keep each image's own size."""
     from skimage.io import imread
+
+    fake = FakeNNUNet().install(monkeypatch, experiment)
 
     work, out = tmp_path / "work", tmp_path / "native.md"
     main(["--native", "--workdir", str(work), "--src", str(KVASIR), "--sizes", "32", "--features", "4",
@@ -69,6 +82,9 @@ def test_native_experiment_smoke(tmp_path):
             assert pred.shape == imread(str(img)).shape[:2], arm
     text = out.read_text()
     assert "| nnU-Net 2d |" in text and "| cascade S = 32 |" in text and "batch 2" in text
+    trained = sorted((c.args[1], c.args[c.args.index("-tr") + 1]) for c in fake.of("nnUNetv2_train"))
+    assert ("2d_w4", "nnUNetTrainer_StSCoarse") in trained and ("2d_sts_fine_32", "nnUNetTrainer_StSFine") in trained
+    assert all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in fake.of("nnUNetv2_train"))
     assert (tmp_path / "native_examples.png").read_bytes()[:4] == b"\x89PNG"
     again = tmp_path / "again.md"  # --report_only recognises the native results without --native
     main(["--workdir", str(work), "--report_only", "--out", str(again)])

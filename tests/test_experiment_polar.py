@@ -1,5 +1,7 @@
-"""The polar experiment's scoring and report, and a smoke run through the stock nnU-Net commands on
-30 real Kvasir images (skipped when the data is absent)."""
+"""The polar experiment's scoring and report, and a smoke run on 30 real Kvasir images (skipped
+when the data is absent), its nnU-Net subprocesses replaced by ``fake_nnunet.FakeNNUNet``
+(orchestration: networks, arms and their origin settings, resume, ``--redo_predictions``; the real
+commands are checked in the trained-model tests)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from fake_nnunet import FakeNNUNet
 
+import nnunet_stseg.experiment_polar as experiment
+from nnunet_stseg.config import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
 from nnunet_stseg.experiment_polar import ARMS, main, origin_counts, overlap, plot_examples, report, score_folder
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
@@ -82,9 +87,10 @@ def test_score_folder_regions_and_report(tmp_path):
     assert plot_examples({**results, "files": None}, tmp_path, tmp_path / "none.png") is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts and plans 30 real images (in-process, about 35 s)
 @pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
-def test_experiment_smoke_on_kvasir(tmp_path):
+def test_experiment_smoke_on_kvasir(tmp_path, monkeypatch):
+    fake = FakeNNUNet().install(monkeypatch, experiment)
     work, out = tmp_path / "work", tmp_path / "report.md"
     args = ["--dataset", "kvasir", "--workdir", str(work), "--size", "32", "--features", "4", "--batch_size", "4",
             "--epochs", "1", "--iters", "3", "--limit", "30", "--out", str(out)]
@@ -93,14 +99,25 @@ def test_experiment_smoke_on_kvasir(tmp_path):
     assert set(results["arms"]) == set(ARMS)
     for arm in ARMS:
         assert results["arms"][arm]["n_cases"] == 3 and 0 <= results["arms"][arm]["polyp_Dice"][0] <= 1
-    assert (work / "logs" / "predict_polar_heatmap_0.log").read_text().count("centre-point model") == 1
+    # each arm's origin settings reach its nnUNetv2_predict (the centre-point model loaded once per
+    # heatmap run is checked on real models: test_polar.py::test_polar_pipeline_through_the_stock_clis)
+    settings = {c.args[c.args.index("-o") + 1].rsplit("/", 1)[-1]:
+                (c.env[ORIGIN_SOURCE_ENV], c.env[MAX_ORIGINS_ENV], c.env[PEAK_THRESHOLD_ENV])
+                for c in fake.of("nnUNetv2_predict")}
+    assert settings == {"cartesian": ("coarse", "", ""), "polar_coarse": ("coarse", "", ""),
+                        "polar_coarse_max1": ("coarse", "1", ""), "polar_heatmap": ("heatmap", "", ""),
+                        "polar_heatmap_argmax": ("heatmap", "1", "0")}
+    assert sorted(c.args[c.args.index("-tr") + 1] for c in fake.of("nnUNetv2_train")) == \
+        ["nnUNetTrainer_StSCentre", "nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSPolar"]
     text = out.read_text()
     assert all(f"| {arm} |" in text for arm in ARMS) and (tmp_path / "report_examples.png").is_file()
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))
     assert len(checkpoints) == 3
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    fake.calls.clear()
     main(args)  # resumable: nothing is retrained
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert not fake.of("nnUNetv2_train") and not fake.of("nnUNetv2_predict")
     predictions = sorted((work / "predictions").rglob("*.png"))
     before = {p: p.stat().st_mtime_ns for p in predictions}
     main(args + ["--redo_predictions"])  # predicted again with the same models

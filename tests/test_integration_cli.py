@@ -1,22 +1,26 @@
 """End to end through the STOCK nnU-Net commands on tiny generated datasets (CPU, minutes).
 
-plan (nnunet-stseg plan) -> nnUNetv2_train coarse + fine -> nnUNetv2_predict, then check the
-outputs' files and geometry against the inputs, the fold validation summaries (whole-cascade
-Dice, precision, recall), nnU-Net's prediction flags and the errors for missing pieces.
-Accuracy is not asserted: a few dozen CPU iterations do not make a model.
+plan (nnunet-stseg plan) -> nnUNetv2_train coarse + fine -> nnUNetv2_predict (the shared models
+of ``trained_models.py``, trained once per run), then check the outputs' files and geometry
+against the inputs, the fold validation summaries (whole-cascade Dice, precision, recall),
+nnU-Net's prediction flags and the errors for missing pieces. Accuracy is not asserted: a few CPU
+iterations do not make a model.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder
 
-from nnunet_stseg.demo import _bin, run_pipeline
+from nnunet_stseg.demo import _bin
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +30,18 @@ def _geometry(img: sitk.Image) -> tuple:
 
 
 def _predict(res, out: Path, *extra: str, config=None, trainer="nnUNetTrainer_StSFine", folds=("0",),
-             command="nnUNetv2_predict", check=True) -> subprocess.CompletedProcess:
-    cmd = [_bin(command), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d",
-           res.dataset_folder.name.split("_")[0][len("Dataset"):], "-c", config or res.fine_config, "-tr", trainer,
-           "-f", *folds, "-device", "cpu", *extra]
-    proc = subprocess.run(cmd, env=res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             command="nnUNetv2_predict", check=True, env=None) -> subprocess.CompletedProcess:
+    cmd = [_bin(command), *_predict_args(res, out, *extra, config=config, trainer=trainer, folds=folds)]
+    proc = subprocess.run(cmd, env=env or res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
     return proc
+
+
+def _predict_args(res, out: Path, *extra: str, config=None, trainer="nnUNetTrainer_StSFine",
+                  folds=("0",)) -> list[str]:
+    return ["-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d", str(res.dataset_id), "-c",
+            config or res.fine_config, "-tr", trainer, "-f", *folds, "-device", "cpu", *extra]
 
 
 def _assert_outputs_match_inputs(res, out: Path, labels: set[int]) -> None:
@@ -49,10 +57,9 @@ def _assert_outputs_match_inputs(res, out: Path, labels: set[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_2d(tmp_path_factory):
-    return run_pipeline(tmp_path_factory.mktemp("sts2d"), dim=2, size=32, features=8, epochs=3, iters=20,
-                        n_train=6, n_test=2, folds=(0, 1), dataset_id=995, baseline=False,
-                        predict_flags=("--save_probabilities", "-npp", "1", "-nps", "1"))
+def pipeline_2d(trained_2d):
+    """The shared 2D models: cascade predicted with folds 0+1, TTA, --save_probabilities, workers."""
+    return trained_2d
 
 
 def test_2d_outputs_geometry_and_probabilities(pipeline_2d):
@@ -77,8 +84,7 @@ def test_2d_fold_validation_reports_cascade_metrics(pipeline_2d):
     import json
 
     for fold in (0, 1):
-        fold_dir = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
-                    f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / f"fold_{fold}")
+        fold_dir = model_folder(res, "nnUNetTrainer_StSFine", res.fine_config) / f"fold_{fold}"
         summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
         for key in ("Dice", "IoU", "Precision", "Recall"):
             assert key in summary["foreground_mean"]
@@ -109,12 +115,12 @@ def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
 
 def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
     res = pipeline_2d
-    out = tmp_path / "parts"
+    out = tmp_path / "parts"  # worker path (one worker each): nnU-Net's sequential path ignores -num_parts
     cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
-    _predict(res, out, "--disable_tta", "-num_parts", "2", "-part_id", "0")
+    _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "0")
     first = sorted(p.name for p in out.glob("*.nii.gz"))
     assert 0 < len(first) < len(cases), "part 0 of 2 should predict a strict subset"
-    _predict(res, out, "--disable_tta", "-num_parts", "2", "-part_id", "1")
+    _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "1")
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [c + ".nii.gz" for c in cases]
     _assert_outputs_match_inputs(res, out, {0, 1})
 
@@ -122,7 +128,7 @@ def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     removed = out / f"{cases[0]}.nii.gz"
     removed.unlink()
-    proc = _predict(res, out, "--disable_tta", "--continue_prediction")
+    proc = _predict(res, out, "--disable_tta", *ONE_WORKER, "--continue_prediction")
     assert removed.is_file()
     for name, t in mtimes.items():
         if name != removed.name:
@@ -130,40 +136,40 @@ def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
     assert proc.stdout.count("object(s) cropped") + proc.stdout.count("fallback") == 1
 
 
-def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path):
+def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path, monkeypatch):
+    """A missing coarse fold (in-process, through nnU-Net's own predict entry point) and a missing
+    coarse model folder (the stock CLI: non-zero exit, the message on its output), on a copy of
+    the trained models."""
+    from nnunet_stseg.cli import predict_entry
+
     res = pipeline_2d
-    coarse = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
-              f"nnUNetTrainer_StSCoarse__nnUNetPlans__{res.coarse_config}")
-    hidden = coarse.with_name(coarse.name + "_hidden")
-    fold1, fold1_hidden = coarse / "fold_1", coarse / "fold_1_hidden"
-    try:
-        os.rename(fold1, fold1_hidden)
-        proc = _predict(res, tmp_path / "a", "--disable_tta", folds=("0", "1"), check=False)
-        assert proc.returncode != 0
-        assert "fold_1" in proc.stdout and "nnUNetv2_train" in proc.stdout and res.coarse_config in proc.stdout
-        os.rename(fold1_hidden, fold1)
-        os.rename(coarse, hidden)
-        proc = _predict(res, tmp_path / "b", "--disable_tta", check=False)
-        assert proc.returncode != 0
-        assert str(coarse) in proc.stdout and "-tr nnUNetTrainer_StSCoarse" in proc.stdout
-    finally:
-        if fold1_hidden.exists():
-            os.rename(fold1_hidden, fold1)
-        if hidden.exists():
-            os.rename(hidden, coarse)
+    env = copy_results(res, tmp_path)
+    coarse = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
+        f"nnUNetTrainer_StSCoarse__nnUNetPlans__{res.coarse_config}"
+    shutil.rmtree(coarse / "fold_1")
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(FileNotFoundError) as e:
+        predict_entry(_predict_args(res, tmp_path / "a", "--disable_tta", *NO_WORKERS, folds=("0", "1")))
+    assert "fold_1" in str(e.value) and "nnUNetv2_train" in str(e.value) and res.coarse_config in str(e.value)
+    assert not list((tmp_path / "a").glob("*.nii.gz"))
+    shutil.rmtree(coarse)
+    proc = _predict(res, tmp_path / "b", "--disable_tta", check=False, env=env)
+    assert proc.returncode != 0
+    assert str(coarse) in proc.stdout and "-tr nnUNetTrainer_StSCoarse" in proc.stdout
 
 
-@pytest.mark.parametrize("pipeline_dim", [3, 2])
-def test_3d_data_end_to_end(tmp_path, pipeline_dim):
+@pytest.mark.parametrize("arm", ["cascade", "cascade_2d_depth"], ids=["3d_pipeline", "2d_pipeline_with_depth"])
+def test_3d_data_end_to_end(trained_3d, arm):
     """3D (anisotropic, oblique direction), two-class data through the 3d pipeline and through
-    the 2d pipeline slice by slice. 'whole' fallback so the fine network runs even when the
-    barely trained coarse model finds nothing."""
-    res = run_pipeline(tmp_path, dim=3, size=32, features=8, epochs=2, iters=10, n_train=5, n_test=1,
-                       fallback="whole", dataset_id=996, baseline=False, pipeline_dim=pipeline_dim, num_classes=2)
-    _assert_outputs_match_inputs(res, res.predictions["cascade"], {0, 1, 2})
-    log = (res.workdir / "logs" / "predict_cascade.log").read_text()
+    the 2d pipeline slice by slice (with the depth channel). 'whole' fallback so the fine network
+    runs even when the barely trained coarse model finds nothing."""
+    res = trained_3d
+    _assert_outputs_match_inputs(res, res.predictions[arm], {0, 1, 2})
+    log = (res.workdir / "logs" / f"predict_{arm}.log").read_text()
     assert "object(s) cropped" in log or "fallback 'whole'" in log
-    assert {"Dice", "Precision", "Recall"} <= set(res.metrics["cascade"])
+    assert {"Dice", "Precision", "Recall"} <= set(res.metrics[arm])
 
 
 def _ddp_validation_worker(rank: int, world: int, env: dict, dataset_id: str, config: str, port: int) -> None:
@@ -215,7 +221,7 @@ def _ddp_validation_worker(rank: int, world: int, env: dict, dataset_id: str, co
         dist.destroy_process_group()
 
 
-def test_ddp_cascade_validation_on_cpu_gloo(pipeline_2d):
+def test_ddp_cascade_validation_on_cpu_gloo(pipeline_2d, tmp_path):
     import json
     import shutil
     import socket
@@ -223,15 +229,15 @@ def test_ddp_cascade_validation_on_cpu_gloo(pipeline_2d):
     import torch.multiprocessing as tmp
 
     res = pipeline_2d
-    fold_dir = (Path(res.env["nnUNet_results"]) / res.dataset_folder.name /
-                f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_0")
+    env = copy_results(res, tmp_path)  # the validation is redone in place
+    fold_dir = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
+        f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_0"
     before = json.loads((fold_dir / "validation" / "summary.json").read_text())
     shutil.rmtree(fold_dir / "validation")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dataset_id = res.dataset_folder.name.split("_")[0][len("Dataset"):]
-    tmp.spawn(_ddp_validation_worker, args=(2, res.env, dataset_id, res.fine_config, port), nprocs=2, join=True)
+    tmp.spawn(_ddp_validation_worker, args=(2, env, str(res.dataset_id), res.fine_config, port), nprocs=2, join=True)
     after = json.loads((fold_dir / "validation" / "summary.json").read_text())
     cases = lambda s: sorted(c["prediction_file"].rsplit("/", 1)[-1] for c in s["metric_per_case"])
     assert cases(after) == cases(before), "the two ranks together must validate every case once"

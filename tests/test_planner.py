@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from stand_ins import fork_instead_of_spawn
 
 from nnunet_stseg.cli import plan_and_preprocess
 from nnunet_stseg.config import StSConfig, coarse_config_name, fine_config_name
@@ -249,7 +250,8 @@ def test_rerun_keeps_standard_configurations_and_reuses_fine_data(planned_2d, ca
     fine_folder = planned_2d.preprocessed_folder / planned_2d.plans["configurations"]["2d"]["data_identifier"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in fine_folder.iterdir()}
     capsys.readouterr()
-    added = plan_and_preprocess(planned_2d.dataset_id, S, base_features=planned_2d.features, num_processes=1)
+    with fork_instead_of_spawn():
+        added = plan_and_preprocess(planned_2d.dataset_id, S, base_features=planned_2d.features, num_processes=1)
     out = capsys.readouterr().out
     assert added == planned_2d.added
     assert "reused" in out

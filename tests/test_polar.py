@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from stand_ins import IdentityNet, nnunet_folders
+from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -239,7 +240,8 @@ def planned_polar(tmp_path_factory):
             mp.setenv(k, v)
         ds = make_synthetic_dataset(root / "raw", DATASET_ID, "Polar2D", dim=2, n_train=4, n_test=1,
                                     num_classes=2, objects_per_image=(2, 3), seed=3)
-        added = plan_and_preprocess(DATASET_ID, S, base_features=4, num_processes=1, polar=True)
+        with fork_instead_of_spawn():
+            added = plan_and_preprocess(DATASET_ID, S, base_features=4, num_processes=1, polar=True)
         yield root, ds, added
 
 
@@ -426,49 +428,50 @@ def test_no_origin_keeps_the_coarse_prediction(planned_polar, capsys):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_polar_pipeline_through_the_stock_clis(tmp_path):
+def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch):
     """Coarse, centre-point and polar models trained with the stock nnUNetv2_train; the polar
     model predicted with the stock nnUNetv2_predict, origins from the coarse model and from the
-    heatmap; outputs keep the input geometry; validations ran in Cartesian space."""
+    heatmap; outputs keep the input geometry; validations ran in Cartesian space (the shared
+    models of ``trained_models.py``)."""
     import SimpleITK as sitk
+    from trained_models import NO_WORKERS, model_folder
 
-    from nnunet_stseg.demo import run_pipeline
+    from nnunet_stseg.cli import predict_entry
 
-    res = run_pipeline(tmp_path, dim=2, size=S, features=4, epochs=4, iters=25, n_train=6, n_test=2,
-                       dataset_id=984, polar=True, fine=False, centre=True)
-    assert set(res.predictions) == {"polar", "polar_heatmap", "coarse"}
+    res = trained_2d
+    assert {"polar", "polar_heatmap"} <= set(res.predictions)
     for img in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
         ref = sitk.ReadImage(str(img))
         for arm in ("polar", "polar_heatmap"):
             out = sitk.ReadImage(str(res.predictions[arm] / img.name.replace("_0000", "")))
             assert out.GetSize() == ref.GetSize() and out.GetSpacing() == ref.GetSpacing()
             assert out.GetOrigin() == ref.GetOrigin() and out.GetDirection() == ref.GetDirection()
-    results = res.workdir / "nnUNet_results" / res.dataset_folder.name
-    fold = results / f"nnUNetTrainer_StSPolar__nnUNetPlans__{polar_config_name(S)}" / "fold_0"
+    fold = model_folder(res, "nnUNetTrainer_StSPolar", res.polar_config) / "fold_0"
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert "Precision" in summary["foreground_mean"], "the whole pipeline was validated in Cartesian space"
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "polar augmentation" in log and "Cascade validation complete (coarse fold model + polar stage)" in log
-    # a 100-iteration coarse model may find nothing in a test image; then the documented fallback
+    # a barely trained coarse model may find nothing in a test image; then the documented fallback
     # (coarse prediction kept, logged) must be what happened, never a silent empty output
     coarse_log = (res.workdir / "logs" / "predict_polar.log").read_text()
     assert "origin(s) (coarse)" in coarse_log or "no origin (empty coarse mask" in coarse_log
     heat_log = (res.workdir / "logs" / "predict_polar_heatmap.log").read_text()
-    assert "centre-point model" in heat_log and ("origin(s) (heatmap)" in heat_log or "no heatmap peak" in heat_log)
-    centre = json.loads((results / "nnUNetTrainer_StSCentre__nnUNetPlans__2d_sts_coarse_64" / "fold_0" / "validation"
+    assert heat_log.count("centre-point model") == 1, "the centre-point model is loaded once per run"
+    assert "origin(s) (heatmap)" in heat_log or "no heatmap peak" in heat_log
+    centre = json.loads((model_folder(res, "nnUNetTrainer_StSCentre", res.coarse_config) / "fold_0" / "validation"
                          / "summary_centres.json").read_text())
     assert {"precision", "recall", "f1", "median_distance_px"} <= set(centre) and centre["tp"] + centre["fn"] > 0
     # the centre model alone is not a segmentation model: a clear error, not a garbage export
-    import subprocess
-
-    from nnunet_stseg.demo import _bin
-
-    proc = subprocess.run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o",
-                           str(tmp_path / "centre_out"), "-d", "984", "-c", "2d_sts_coarse_64", "-tr",
-                           "nnUNetTrainer_StSCentre", "-f", "0", "-device", "cpu"], env=res.env, capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "predicts object centres" in proc.stdout + proc.stderr
-    assert "STSEG_POLAR_ORIGINS=heatmap" in proc.stdout + proc.stderr
+    # (nnU-Net's own predict entry point, in this process)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, res.env[k])
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(ValueError, match="predicts object centres") as e:
+        predict_entry(["-i", str(res.dataset_folder / "imagesTs"), "-o", str(tmp_path / "centre_out"), "-d",
+                       str(res.dataset_id), "-c", res.coarse_config, "-tr", "nnUNetTrainer_StSCentre", "-f", "0",
+                       "-device", "cpu", *NO_WORKERS])
+    assert "STSEG_POLAR_ORIGINS=heatmap" in str(e.value)
+    assert not list((tmp_path / "centre_out").glob("*.nii.gz"))
 
 
 def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkeypatch, capsys):

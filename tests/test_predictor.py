@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stand_ins import IdentityNet, nnunet_folders
+from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 
 from nnunet_stseg.config import fine_config_name
 
@@ -33,7 +33,8 @@ def planned(tmp_path_factory):
         for did, dim in ((975, 2), (976, 3)):
             ds = make_synthetic_dataset(root / "raw", did, f"Pred{dim}D", dim=dim, n_train=3, n_test=1,
                                         num_classes=2, objects_per_image=(2, 3), seed=dim)
-            plan_and_preprocess(did, 64, base_features=4, num_processes=1, preprocess=False)
+            with fork_instead_of_spawn():
+                plan_and_preprocess(did, 64, base_features=4, num_processes=1, preprocess=False)
             out[dim] = ds
         yield root, out
 

@@ -2,8 +2,8 @@
 outputs are written atomically, an interrupted prediction resumes with nnU-Net's
 ``--continue_prediction`` without redoing or corrupting finished cases.
 
-One tiny 2D pipeline (stock nnUNetv2_train, a few CPU iterations) serves every test; accuracy is
-irrelevant here.
+The shared tiny models (``trained_models.py``: stock nnUNetv2_train, a few CPU iterations) serve
+every test; accuracy is irrelevant here.
 """
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_stseg.demo import _bin, run_pipeline
+from trained_models import NO_WORKERS
+
+from nnunet_stseg.demo import _bin
 from nnunet_stseg.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
                                        remove_partial_folder)
-
-DATASET_ID = 979
-
 
 def test_atomic_writer_leaves_nothing_when_the_write_fails(tmp_path):
     seg = np.zeros((1, 4, 5), np.uint8)
@@ -135,14 +134,14 @@ def test_truncated_nifti_is_detected(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return run_pipeline(tmp_path_factory.mktemp("reliability"), dim=2, size=32, features=8, epochs=1, iters=3,
-                        n_train=5, n_test=3, dataset_id=DATASET_ID, baseline=True, fallback="whole")
+def pipeline(trained_2d):
+    """The shared 2D models (one class, 'whole' fallback, 3 test images)."""
+    return trained_2d
 
 
 def _predict(res, inp: Path, out: Path, *extra: str, trainer="nnUNetTrainer_StSFine", config=None,
              background=False):
-    cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", res.dataset_folder.name.split("_")[0][len("Dataset"):], "-c",
+    cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", str(res.dataset_id), "-c",
            config or res.fine_config, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *extra]
     if background:  # output to a file: a full pipe would block the process
         with open(out.parent / f"{out.name}.log", "w") as log:
@@ -210,9 +209,9 @@ def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, 
     src = sorted((pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
     for i in range(12):
         shutil.copy(src[i % len(src)], inp / f"case_{i:03d}_0000.nii.gz")
-    ref = tmp_path / "ref"
+    ref = tmp_path / "ref"  # uninterrupted, in nnU-Net's sequential path (the same outputs, cheaper)
     flags = ("-npp", "1", "-nps", "1")
-    assert _predict(pipeline, inp, ref, *flags, trainer="nnUNetTrainer_StSCoarse",
+    assert _predict(pipeline, inp, ref, *NO_WORKERS, trainer="nnUNetTrainer_StSCoarse",
                     config=pipeline.coarse_config).returncode == 0
     out = tmp_path / "out"
     proc = _predict(pipeline, inp, out, *flags, trainer="nnUNetTrainer_StSCoarse", config=pipeline.coarse_config,
@@ -243,9 +242,9 @@ def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, 
 
 
 @pytest.fixture(scope="module")
-def pipeline_3d(tmp_path_factory):
-    return run_pipeline(tmp_path_factory.mktemp("reliability3d"), dim=3, size=32, features=8, epochs=1, iters=3,
-                        n_train=5, n_test=1, dataset_id=DATASET_ID + 1, baseline=False, fallback="whole")
+def pipeline_3d(trained_3d):
+    """The shared 3D models (two classes, 'whole' fallback); ``fine_config`` is the 3d cascade."""
+    return trained_3d
 
 
 def _write(arr: np.ndarray, path: Path, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> None:
@@ -292,7 +291,7 @@ def test_odd_3d_volumes_are_predicted_with_their_geometry(pipeline_3d, tmp_path)
                      (pred.GetDirection(), img.GetDirection())):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
     zeros = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "all_zeros.nii.gz")))
-    assert zeros.max() <= 1
+    assert zeros.min() >= 0 and zeros.max() <= 2  # a label map of the two-class model
     assert not (out / FAILED_CASES_FILE).exists()
 
 
@@ -314,18 +313,19 @@ def test_2d_image_given_to_a_3d_model_is_a_clear_error(pipeline_3d, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_fine_training_resumes_with_c(pipeline):
+def test_interrupted_fine_training_resumes_with_c(pipeline, tmp_path):
     """Kill nnUNetv2_train (our fine trainer, its own crop loader) after its first resumable
     checkpoint, then resume with --c: training continues from the checkpoint's epoch (not from 0),
-    finishes, and no temporary or truncated checkpoint is left."""
+    finishes, and no temporary or truncated checkpoint is left. (Into a results folder of its own:
+    the shared models stay as they are.)"""
     res = pipeline
     env = {**res.env, "STSEG_NUM_EPOCHS": "12", "STSEG_ITERS_PER_EPOCH": "2", "STSEG_VAL_ITERS": "1",
-           "STSEG_SAVE_EVERY": "1"}
-    did = res.dataset_folder.name.split("_")[0][len("Dataset"):]
-    cmd = [_bin("nnUNetv2_train"), did, res.fine_config, "1", "-tr", "nnUNetTrainer_StSFine", "-device", "cpu"]
+           "STSEG_SAVE_EVERY": "1", "nnUNet_results": str(tmp_path / "results")}
+    cmd = [_bin("nnUNetv2_train"), str(res.dataset_id), res.fine_config, "1", "-tr", "nnUNetTrainer_StSFine",
+           "-device", "cpu"]
     fold = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
         f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_1"
-    with open(res.workdir / "train_interrupted.log", "w") as log:
+    with open(tmp_path / "train_interrupted.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (fold / "checkpoint_latest.pth").is_file() and proc.poll() is None:

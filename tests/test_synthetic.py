@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from stand_ins import fork_instead_of_spawn
 
 from nnunet_stseg.synthetic import main, make_synthetic_dataset
 
@@ -121,7 +122,8 @@ def test_nnunet_verify_dataset_integrity(dataset):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     _, folder = dataset
-    verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
+    with fork_instead_of_spawn():
+        verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
 
 
 def test_nnunet_reader_geometry(dataset):
@@ -174,7 +176,8 @@ def test_num_classes_2(tmp_path):
     imgs = np.concatenate([_read(p)[1].ravel() for p, _ in pairs])
     labs = np.concatenate([_read(p)[1].ravel() for _, p in pairs])
     assert imgs[labs == 2].mean() - imgs[labs == 1].mean() > 0.5
-    verify_dataset_integrity(str(folder), num_processes=1)
+    with fork_instead_of_spawn():
+        verify_dataset_integrity(str(folder), num_processes=1)
 
 
 def test_overrides(tmp_path):

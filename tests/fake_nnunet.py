@@ -1,0 +1,126 @@
+"""A stand-in for the nnU-Net subprocesses of the experiment commands, in the style of nnU-Net's
+own dummy-trainer tests: the experiment smoke tests check orchestration (which arms and folds run,
+what is resumed, what the report says), not training. The real commands are checked elsewhere:
+every trainer family through the stock CLIs in ``trained_models.py``, and one experiment
+(``test_experiment_depth.py``) end to end for real.
+
+- ``nnunet-stseg plan ...`` runs for real, in this process (the experiments read the plans).
+- ``nnUNetv2_train D C F -tr T`` writes what a finished training leaves: ``checkpoint_final.pth``
+  and a training log in ``nnUNet_results/<dataset>/<T>__nnUNetPlans__<C>/fold_F``.
+- ``nnUNetv2_predict -i IN -o OUT ...`` writes, for every case in IN, a segmentation with the
+  case's geometry (channel 0 above its mean) through nnU-Net's reader/writer for the file ending.
+
+Every call is recorded (command and environment) in ``calls``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Call:
+    tool: str
+    args: list[str]
+    env: dict
+
+
+def _dataset_folder(root: str, dataset: str) -> str:
+    if not dataset.isdigit():
+        return dataset
+    matches = sorted(p.name for p in Path(root).glob(f"Dataset{int(dataset):03d}_*"))
+    if not matches:
+        raise FileNotFoundError(f"no dataset {dataset} under {root}")
+    return matches[0]
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class FakeNNUNet:
+    """Call it like ``nnunet_stseg.demo.run_measured``; :meth:`install` puts it in place."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+
+    def install(self, monkeypatch, *modules) -> "FakeNNUNet":
+        import multiprocessing
+
+        import nnunet_stseg.demo as demo
+
+        for module in (demo, *modules):
+            if hasattr(module, "run_measured"):
+                monkeypatch.setattr(module, "run_measured", self)
+        # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of
+        # spawning its worker pool: see stand_ins.fork_instead_of_spawn
+        real = multiprocessing.get_context
+        monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: real("fork"))
+        return self
+
+    def of(self, tool: str) -> list[Call]:
+        return [c for c in self.calls if c.tool == tool]
+
+    def __call__(self, cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        tool = Path(cmd[0]).name
+        args = [str(a) for a in cmd[1:]]
+        self.calls.append(Call(tool, args, dict(env)))
+        if tool == "nnunet-stseg":
+            from nnunet_stseg.cli import main
+
+            with _environment(env):
+                main(args)
+            text = "planned in-process\n"
+        elif tool == "nnUNetv2_train":
+            text = self._train(args, env)
+        elif tool == "nnUNetv2_predict":
+            text = self._predict(args)
+        else:
+            raise ValueError(f"FakeNNUNet does not know {tool}")
+        if log is not None:
+            Path(log).write_text(f"$ {' '.join(cmd)}\n{text}")
+        return time.perf_counter() - t0 + 1e-3, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    @staticmethod
+    def _train(args: list[str], env: dict) -> str:
+        import torch
+
+        dataset, config, fold = args[0], args[1], args[2]
+        trainer = args[args.index("-tr") + 1]
+        name = _dataset_folder(env["nnUNet_preprocessed"], dataset)
+        folder = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__{config}" / f"fold_{fold}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"fake": True, "args": args}, folder / "checkpoint_final.pth")
+        text = f"fake training {' '.join(args)}\n"
+        (folder / "training_log_fake.txt").write_text(text)
+        return text
+
+    @staticmethod
+    def _predict(args: list[str]) -> str:
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+        inp, out = Path(args[args.index("-i") + 1]), Path(args[args.index("-o") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        firsts = sorted(p for p in inp.iterdir() if "_0000." in p.name)
+        for first in firsts:
+            case, ending = first.name.split("_0000", 1)
+            files = sorted(str(p) for p in inp.glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))
+            rw = determine_reader_writer_from_file_ending(ending, files[0], verbose=False)()
+            data, props = rw.read_images(files)
+            rw.write_seg((data[0] > data[0].mean()).astype(np.uint8), str(out / f"{case}{ending}"), props)
+        return f"fake prediction of {len(firsts)} case(s)\n"
