@@ -4,7 +4,8 @@ what is resumed, what the report says), not training. The real commands are chec
 every trainer family through the stock CLIs in ``trained_models.py``, and one experiment
 (``test_experiment_depth.py``) end to end for real.
 
-- ``nnunet-stseg plan ...`` runs for real, in this process (the experiments read the plans).
+- ``nnunet-stseg plan ...`` runs for real, in this process (the experiments read the plans),
+  without preprocessing (no fake training reads data).
 - ``nnUNetv2_train D C F -tr T`` writes what a finished training leaves: ``checkpoint_final.pth``
   and a training log in ``nnUNet_results/<dataset>/<T>__nnUNetPlans__<C>/fold_F``.
 - ``nnUNetv2_predict -i IN -o OUT ...`` writes, for every case in IN, a segmentation with the
@@ -84,7 +85,7 @@ class FakeNNUNet:
             from nnunet_stseg.cli import main
 
             with _environment(env):
-                main(args)
+                main([*args, "--no_pp"])  # a fake training reads no preprocessed data
             text = "planned in-process\n"
         elif tool == "nnUNetv2_train":
             text = self._train(args, env)

@@ -155,7 +155,7 @@ def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path, monkeypatc
     assert "fold_1" in str(e.value) and "nnUNetv2_train" in str(e.value) and res.coarse_config in str(e.value)
     assert not list((tmp_path / "a").glob("*.nii.gz"))
     shutil.rmtree(coarse)
-    proc = _predict(res, tmp_path / "b", "--disable_tta", check=False, env=env)
+    proc = _predict(res, tmp_path / "b", "--disable_tta", *NO_WORKERS, check=False, env=env)
     assert proc.returncode != 0
     assert str(coarse) in proc.stdout and "-tr nnUNetTrainer_StSCoarse" in proc.stdout
 

@@ -208,7 +208,10 @@ def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, 
     inp.mkdir()
     src = sorted((pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
     for i in range(12):
-        shutil.copy(src[i % len(src)], inp / f"case_{i:03d}_0000.nii.gz")
+        # the test images tiled 4 x 4: the export worker, which starts after the network has
+        # predicted every case, then needs long enough per case for the kill to land mid-batch
+        img = sitk.ReadImage(str(src[i % len(src)]))
+        sitk.WriteImage(sitk.Tile([img] * 16, (4, 4)), str(inp / f"case_{i:03d}_0000.nii.gz"))
     ref = tmp_path / "ref"  # uninterrupted, in nnU-Net's sequential path (the same outputs, cheaper)
     flags = ("-npp", "1", "-nps", "1")
     assert _predict(pipeline, inp, ref, *NO_WORKERS, trainer="nnUNetTrainer_StSCoarse",
@@ -218,7 +221,7 @@ def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, 
                     background=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("*.nii.gz"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.nii.gz")}
@@ -304,7 +307,7 @@ def test_2d_image_given_to_a_3d_model_is_a_clear_error(pipeline_3d, tmp_path):
     img2d = sitk.GetImageFromArray(np.ones((32, 32), np.float32))
     sitk.WriteImage(img2d, str(inp / "flat_2d_0000.nii.gz"))
     out = tmp_path / "out"
-    proc = _predict(pipeline_3d, inp, out, "-npp", "1", "-nps", "1")
+    proc = _predict(pipeline_3d, inp, out, *NO_WORKERS)  # the worker path: test_odd_3d_volumes_...
     assert proc.returncode != 0
     assert (out / good.name.replace("_0000", "")).is_file()
     report = json.loads((out / FAILED_CASES_FILE).read_text())["failed_cases"]
