@@ -6,7 +6,7 @@ nnU-Net commands (``nnUNetv2_train``, ``nnUNetv2_predict``), exactly as a user w
 
 Every command is printed before it runs. The result is a table (coarse network alone vs the
 cascade, scored on the held-out test images) and an overlay picture ``overlay.png``.
-:func:`run_pipeline` is also what the integration tests drive, with a smaller budget.
+The tests train their shared models with the same helpers (`tests/trained_models.py`).
 """
 from __future__ import annotations
 
