@@ -82,16 +82,21 @@ def build_once(tmp_path_factory, name: str, build) -> dict:
     from filelock import FileLock
 
     root = shared_root(tmp_path_factory)
+    base = tmp_path_factory.getbasetemp()
+    this_run = str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
     folder, done, failed = root / name, root / f"{name}.json", root / f"{name}.error"
     with FileLock(str(root / f"{name}.lock")):
         if failed.is_file():
-            raise RuntimeError(f"building {name} failed earlier in this run:\n{failed.read_text()}")
+            run, _, error = failed.read_text().partition("\n")
+            if run == this_run:
+                raise RuntimeError(f"building {name} failed earlier in this run:\n{error}")
+            failed.unlink()  # a kept folder (STSEG_TEST_MODELS): an earlier run's failure is retried
         if not done.is_file():
             shutil.rmtree(folder, ignore_errors=True)
             try:
                 result = build(folder)
             except BaseException:
-                failed.write_text(traceback.format_exc())
+                failed.write_text(f"{this_run}\n{traceback.format_exc()}")
                 raise
             done.write_text(json.dumps(result))
         return json.loads(done.read_text())
@@ -111,6 +116,7 @@ def trained_3d(tmp_path_factory):
     import trained_models as tm
 
     return tm.from_json(build_once(tmp_path_factory, "trained_3d", lambda f: tm.to_json(tm.build_3d(f))))
+
 
 PLAN_SIZE = 32
 PLAN_FEATURES = 8
