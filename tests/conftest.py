@@ -72,6 +72,11 @@ def shared_root(tmp_path_factory) -> Path:
         root = Path(os.environ["STSEG_TEST_MODELS"]).resolve()
         root.mkdir(parents=True, exist_ok=True)
         return root
+    return _run_temp(tmp_path_factory)
+
+
+def _run_temp(tmp_path_factory) -> Path:
+    """pytest's base temp of this run, the same in every xdist worker."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
@@ -81,9 +86,7 @@ def build_once(tmp_path_factory, name: str, build) -> dict:
     first, behind a file lock; later callers get its result, or its error without building again."""
     from filelock import FileLock
 
-    root = shared_root(tmp_path_factory)
-    base = tmp_path_factory.getbasetemp()
-    this_run = str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+    root, this_run = shared_root(tmp_path_factory), str(_run_temp(tmp_path_factory))
     folder, done, failed = root / name, root / f"{name}.json", root / f"{name}.error"
     with FileLock(str(root / f"{name}.lock")):
         if failed.is_file():

@@ -62,6 +62,8 @@ class FakeNNUNet:
     def install(self, monkeypatch, *modules) -> "FakeNNUNet":
         import multiprocessing
 
+        from stand_ins import fork_context
+
         import nnunet_stseg.demo as demo
 
         for module in (demo, *modules):
@@ -69,8 +71,7 @@ class FakeNNUNet:
                 monkeypatch.setattr(module, "run_measured", self)
         # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of
         # spawning its worker pool: see stand_ins.fork_instead_of_spawn
-        real = multiprocessing.get_context
-        monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: real("fork"))
+        monkeypatch.setattr(multiprocessing, "get_context", fork_context)
         return self
 
     def of(self, tool: str) -> list[Call]:

@@ -8,17 +8,24 @@ from pathlib import Path
 import torch
 
 
+_REAL_GET_CONTEXT = multiprocessing.get_context
+
+
+def fork_context(method=None):
+    """Stands in for ``multiprocessing.get_context``: always the 'fork' context."""
+    return _REAL_GET_CONTEXT("fork")
+
+
 @contextmanager
 def fork_instead_of_spawn():
     """nnU-Net's fingerprint extraction and preprocessing start their worker pools with 'spawn':
     each worker imports torch and nnU-Net again (seconds per pool on 2 cores). In a test process
     that plans in-process, 'fork' gives the same results without the imports."""
-    real = multiprocessing.get_context
-    multiprocessing.get_context = lambda method=None: real("fork")
+    multiprocessing.get_context = fork_context
     try:
         yield
     finally:
-        multiprocessing.get_context = real
+        multiprocessing.get_context = _REAL_GET_CONTEXT
 
 
 def nnunet_folders(root: Path, n_proc_da: str = "0") -> dict[str, str]:
