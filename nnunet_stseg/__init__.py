@@ -1,9 +1,12 @@
 """nnunet-stseg: segment-then-segment methods for nnU-Net v2.
 
-Geometry (:mod:`nnunet_stseg.geometry`) has no nnU-Net imports; trainers, planners and the
-predictor are thin adapters around it. Importing this package does not import nnU-Net.
+Layers (README "Layout", docs/design.md "Layout and layers"): the method core
+(:mod:`nnunet_stseg.core`, pure numpy/torch, no nnU-Net), the nnU-Net adapters
+(:mod:`nnunet_stseg.adapters`, ``nnunet_stseg.trainers``, ``nnunet_stseg.planners``), datasets
+(:mod:`nnunet_stseg.data`) and the commands (:mod:`nnunet_stseg.commands`); settings from the
+environment in :mod:`nnunet_stseg.settings`. Importing this package does not import nnU-Net.
 """
-from nnunet_stseg.env import ensure_trainer_discovery, trainer_discovery_dir
+from nnunet_stseg.adapters.discovery import ensure_trainer_discovery, trainer_discovery_dir
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ensure_trainer_discovery", "trainer_discovery_dir", "__version__"]

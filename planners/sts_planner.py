@@ -27,11 +27,11 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_stseg.centres import default_sigma, equivalent_radii
-from nnunet_stseg.config import (DEFAULT_COARSE_TRAINER, CentreParams, PolarParams, StSConfig, coarse_config_name,
-                                 fine_config_name, polar_config_name)
-from nnunet_stseg.geometry import CropParams
-from nnunet_stseg.depth import DEPTH_KEY, check_depth_applicable
+from nnunet_stseg.adapters.config import (CentreParams, PlanOptions, PolarParams, StSConfig, coarse_config_name,
+                                          fine_config_name, polar_config_name)
+from nnunet_stseg.core.centres import default_sigma, equivalent_radii
+from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
+from nnunet_stseg.core.geometry import CropParams
 
 
 def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[float], size: int
@@ -65,7 +65,7 @@ def median_object_radius_2d(planner: ExperimentPlanner, transpose_forward: Seque
     return float(np.median(radii)), int(len(radii))
 
 
-def _set_width(config: dict, base_features: int | None, max_features: int | None) -> None:
+def set_width(config: dict, base_features: int | None, max_features: int | None) -> None:
     kwargs = config["architecture"]["arch_kwargs"]
     n = kwargs["n_stages"]
     current = list(kwargs["features_per_stage"])
@@ -74,93 +74,95 @@ def _set_width(config: dict, base_features: int | None, max_features: int | None
     kwargs["features_per_stage"] = [int(min(top, base * 2 ** i)) for i in range(n)]
 
 
-def add_sts_configurations(planner: ExperimentPlanner, plans: dict, input_size: int,
-                           dims: Sequence[str] | None = None, base_features: int | None = None,
-                           max_features: int | None = None, batch_size: int | None = None,
-                           coarse_trainer: str = DEFAULT_COARSE_TRAINER, crop_overrides: dict | None = None,
-                           fallback: str = "coarse", depth_channel: bool = False, polar: bool = False,
-                           polar_overrides: dict | None = None) -> list[str]:
-    """Add coarse + fine configurations for every requested dimensionality to ``plans`` (in
-    place). Returns the names added. ``crop_overrides`` sets :class:`CropParams` fields;
-    ``depth_channel`` switches the depth channel on for the 2d configurations (3D ones have none);
-    ``polar`` adds the 2d polar configuration (``polar_overrides`` sets :class:`PolarParams`
-    fields)."""
-    s = int(input_size)
-    if s < 8:
-        raise ValueError(f"input size S must be >= 8, got {s}")
-    configs = plans["configurations"]
-    available = [d for d, base in (("2d", "2d"), ("3d", "3d_fullres")) if base in configs]
-    dims = list(dims) if dims else available
+def _check_dims(plans: dict, dims: Sequence[str], available: Sequence[str]) -> None:
     for d in dims:
-        if d not in ("2d", "3d"):
-            raise ValueError(f"unknown dimensionality {d!r}; use 2d and/or 3d")
         if d not in available:
             raise ValueError(f"dataset {plans['dataset_name']} has no {'3d_fullres' if d == '3d' else d} "
                              f"configuration, so it cannot get a {d} segment-then-segment pipeline "
                              f"(3d needs 3D images)")
-    added = []
+
+
+def _cascade_pair(planner: ExperimentPlanner, base: dict, coarse_name: str, options: PlanOptions
+                  ) -> tuple[dict, dict, list[float]]:
+    """The coarse and fine configurations of one dimensionality (without their ``sts`` blocks) and
+    the coarse grid's spacing. Raises when nnU-Net would not keep S as the fine patch."""
+    s, nd = int(options.input_size), len(base["patch_size"])
     n_train = planner.dataset_json["numTraining"]
+    spacing, median = base["spacing"], base["median_image_size_in_voxels"]
+    c_spacing, c_median = coarse_spacing_and_shape(spacing, median, s)
+    coarse = planner.get_plans_for_configuration(c_spacing, c_median, planner.generate_data_identifier(coarse_name),
+                                                 float(np.prod(c_median, dtype=np.float64) * n_train), {})
+    coarse["batch_dice"] = base.get("batch_dice", False)
+    approx_voxels = float(np.prod(median, dtype=np.float64) * n_train)
+    arch = planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
+    if list(arch["patch_size"]) != [s] * nd:
+        raise ValueError(f"nnU-Net turns S={s} into a {list(arch['patch_size'])} patch (the patch must stay "
+                         f"divisible at every pooling step), so crops could not be exactly S per axis; choose "
+                         f"an S that nnU-Net keeps, e.g. {int(arch['patch_size'][-1])} or 32, 48, 64, 128")
+    fine = deepcopy(base)
+    fine["patch_size"] = [s] * nd
+    fine["architecture"] = deepcopy(arch["architecture"])
+    fine["batch_size"] = arch["batch_size"]
+    for cfg in (coarse, fine):
+        set_width(cfg, options.base_features, options.max_features)
+        if options.batch_size is not None:
+            cfg["batch_size"] = int(options.batch_size)
+    return coarse, fine, c_spacing
+
+
+def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, fine: dict, c_spacing: list[float],
+                         options: PlanOptions) -> dict:
+    """The 2d polar configuration (a copy of the 2d fine one with a ``polar`` block); also writes
+    the centre-point model's ``sts.centre`` into ``coarse``, sigma from the training objects."""
+    s = int(options.input_size)
+    radius, n_objects = median_object_radius_2d(planner, plans["transpose_forward"])
+    if n_objects == 0:
+        raise ValueError(f"dataset {plans['dataset_name']} has no foreground objects in its training labels; "
+                         f"the polar stage needs some")
+    factor = float(np.mean(np.asarray(c_spacing[-2:]) / np.asarray(fine["spacing"][-2:])))
+    coarse_radius = radius / factor
+    coarse["sts"]["centre"] = CentreParams(sigma=round(default_sigma(coarse_radius), 3),
+                                           median_object_radius=round(coarse_radius, 3),
+                                           objects_measured=n_objects).to_dict()
+    params = PolarParams(**{"polar_shape": (s, s), **options.polar_params})
+    if tuple(params.polar_shape) != (s, s):
+        raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
+                         f"{list(params.polar_shape)} would not match it")
+    polar_cfg = deepcopy(fine)
+    polar_cfg["sts"] = StSConfig("polar", s, coarse["sts"]["coarse_configuration"], options.coarse_trainer,
+                                 fallback="coarse", polar=params).to_dict()
+    return polar_cfg
+
+
+def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: PlanOptions) -> list[str]:
+    """Add the configurations ``options`` asks for to ``plans`` (in place): coarse + fine for every
+    dimensionality, the depth channel on the 2d ones, the 2d polar configuration. Returns the names
+    added. Nothing is added when any of them cannot be planned."""
+    s = int(options.input_size)
+    configs = plans["configurations"]
+    available = [d for d, base in (("2d", "2d"), ("3d", "3d_fullres")) if base in configs]
+    dims = list(options.dims) if options.dims else available
+    _check_dims(plans, dims, available)
+    if options.polar and "2d" not in dims:
+        raise ValueError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
+    new: dict[str, dict] = {}
     for d in dims:
-        base_name = "3d_fullres" if d == "3d" else "2d"
-        base = configs[base_name]
-        nd = len(base["patch_size"])
-        spacing = base["spacing"]
-        median = base["median_image_size_in_voxels"]
-        approx_voxels = float(np.prod(median, dtype=np.float64) * n_train)
-
+        base = configs["3d_fullres" if d == "3d" else "2d"]
         coarse_name, fine_name = coarse_config_name(d, s), fine_config_name(d, s)
-        c_spacing, c_median = coarse_spacing_and_shape(spacing, median, s)
-        coarse = planner.get_plans_for_configuration(c_spacing, c_median, planner.generate_data_identifier(coarse_name),
-                                                     float(np.prod(c_median, dtype=np.float64) * n_train), {})
-        coarse["batch_dice"] = base.get("batch_dice", False)
-
-        arch = planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
-        if list(arch["patch_size"]) != [s] * nd:
-            raise ValueError(f"nnU-Net turns S={s} into a {list(arch['patch_size'])} patch (the patch must stay "
-                             f"divisible at every pooling step), so crops could not be exactly S per axis; choose "
-                             f"an S that nnU-Net keeps, e.g. {int(arch['patch_size'][-1])} or 32, 48, 64, 128")
-        fine = deepcopy(base)
-        fine["patch_size"] = [s] * nd
-        fine["architecture"] = deepcopy(arch["architecture"])
-        fine["batch_size"] = arch["batch_size"]
-        for cfg in (coarse, fine):
-            _set_width(cfg, base_features, max_features)
-            if batch_size is not None:
-                cfg["batch_size"] = int(batch_size)
-
-        crop_patch = (s,) * 3 if nd == 3 else (1, s, s)
-        crop = CropParams(patch_size=crop_patch, **(crop_overrides or {}))
-        coarse["sts"] = StSConfig("coarse", s, coarse_name, coarse_trainer).to_dict()
-        fine["sts"] = StSConfig("fine", s, coarse_name, coarse_trainer, crop=crop, fallback=fallback).to_dict()
-        if depth_channel and d == "2d":
+        coarse, fine, c_spacing = _cascade_pair(planner, base, coarse_name, options)
+        crop = CropParams(patch_size=(s,) * 3 if len(base["patch_size"]) == 3 else (1, s, s), **options.crop)
+        coarse["sts"] = StSConfig("coarse", s, coarse_name, options.coarse_trainer).to_dict()
+        fine["sts"] = StSConfig("fine", s, coarse_name, options.coarse_trainer, crop=crop,
+                                fallback=options.fallback).to_dict()
+        if options.depth_channel and d == "2d":
             check_depth_applicable(fine["patch_size"], plans.get("original_median_shape_after_transp", [1]),
                                    f"--depth for dataset {plans['dataset_name']}")
             coarse[DEPTH_KEY] = fine[DEPTH_KEY] = True
-        configs[coarse_name] = coarse
-        configs[fine_name] = fine
-        added += [coarse_name, fine_name]
-        if polar and d == "2d":
-            radius, n_objects = median_object_radius_2d(planner, plans["transpose_forward"])
-            if n_objects == 0:
-                raise ValueError(f"dataset {plans['dataset_name']} has no foreground objects in its training labels; "
-                                 f"the polar stage needs some")
-            factor = float(np.mean(np.asarray(c_spacing[-2:]) / np.asarray(spacing[-2:])))
-            coarse_radius = radius / factor
-            coarse["sts"]["centre"] = CentreParams(sigma=round(default_sigma(coarse_radius), 3),
-                                                   median_object_radius=round(coarse_radius, 3),
-                                                   objects_measured=n_objects).to_dict()
-            polar_cfg = deepcopy(fine)
-            params = PolarParams(**{"polar_shape": (s, s), **(polar_overrides or {})})
-            if tuple(params.polar_shape) != (s, s):
-                raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
-                                 f"{list(params.polar_shape)} would not match it")
-            polar_cfg["sts"] = StSConfig("polar", s, coarse_name, coarse_trainer, fallback="coarse",
-                                         polar=params).to_dict()
-            configs[polar_config_name(s)] = polar_cfg
-            added.append(polar_config_name(s))
-    if polar and "2d" not in dims:
-        raise ValueError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
-    return added
+        new[coarse_name], new[fine_name] = coarse, fine
+        if options.polar and d == "2d":
+            new[polar_config_name(s)] = _polar_configuration(planner, plans, coarse, fine, c_spacing, options)
+    configs.update(new)
+    return list(new)
 
 
 class nnUNetPlannerStS(ExperimentPlanner):
@@ -170,16 +172,9 @@ class nnUNetPlannerStS(ExperimentPlanner):
     are untouched), then adds ours and saves the plans again. Existing custom configurations in
     the plans file are kept, as nnU-Net does."""
 
-    def __init__(self, dataset_name_or_id, input_size: int = 64, dims: Sequence[str] | None = None,
-                 base_features: int | None = None, max_features: int | None = None,
-                 batch_size: int | None = None, coarse_trainer: str = DEFAULT_COARSE_TRAINER,
-                 crop_overrides: dict | None = None, fallback: str = "coarse", depth_channel: bool = False,
-                 polar: bool = False, polar_overrides: dict | None = None, **kwargs):
+    def __init__(self, dataset_name_or_id, options: PlanOptions | None = None, **kwargs):
         super().__init__(dataset_name_or_id, **kwargs)
-        self.sts_kwargs = dict(input_size=input_size, dims=dims, base_features=base_features,
-                               max_features=max_features, batch_size=batch_size, coarse_trainer=coarse_trainer,
-                               crop_overrides=crop_overrides, fallback=fallback, depth_channel=depth_channel,
-                               polar=polar, polar_overrides=polar_overrides)
+        self.sts_options = options if options is not None else PlanOptions()
         self.sts_configurations: list[str] = []
 
     def plan_experiment(self):
@@ -190,7 +185,7 @@ class nnUNetPlannerStS(ExperimentPlanner):
             os.environ["nnUNet_n_proc_DA"] = "1"
         try:
             plans = super().plan_experiment()
-            self.sts_configurations = add_sts_configurations(self, plans, **self.sts_kwargs)
+            self.sts_configurations = add_sts_configurations(self, plans, self.sts_options)
         finally:
             if saved is not None:
                 os.environ["nnUNet_n_proc_DA"] = saved

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from stand_ins import fork_instead_of_spawn
 
 # groups that start first, in this order (a name ending in ':' matches every group it begins)
@@ -148,12 +149,14 @@ def nnunet_dirs(tmp_path_factory):
 
 
 def _plan(dirs, dataset_id: int, dim: int) -> SimpleNamespace:
-    from nnunet_stseg.cli import plan_and_preprocess
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.adapters.config import PlanOptions
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     raw_folder = make_synthetic_dataset(dirs.raw, dataset_id=dataset_id, dim=dim, n_train=5, n_test=1)
     with fork_instead_of_spawn():
-        added = plan_and_preprocess(dataset_id, PLAN_SIZE, base_features=PLAN_FEATURES, num_processes=1)
+        added = plan_and_preprocess(dataset_id, PlanOptions(input_size=PLAN_SIZE, base_features=PLAN_FEATURES),
+                                    num_processes=1)
     name = raw_folder.name
     pp = Path(dirs.preprocessed) / name
     with open(pp / "nnUNetPlans.json") as f:

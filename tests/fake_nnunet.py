@@ -54,7 +54,7 @@ def _environment(env: dict):
 
 
 class FakeNNUNet:
-    """Call it like ``nnunet_stseg.demo.run_measured``; :meth:`install` puts it in place."""
+    """Call it like ``nnunet_stseg.commands.runner.run_measured``; :meth:`install` puts it in place."""
 
     def __init__(self):
         self.calls: list[Call] = []
@@ -62,11 +62,11 @@ class FakeNNUNet:
     def install(self, monkeypatch, *modules) -> "FakeNNUNet":
         import multiprocessing
 
+        import nnunet_stseg.commands.runner as runner
+
         from stand_ins import fork_context
 
-        import nnunet_stseg.demo as demo
-
-        for module in (demo, *modules):
+        for module in (runner, *modules):
             if hasattr(module, "run_measured"):
                 monkeypatch.setattr(module, "run_measured", self)
         # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of
@@ -83,7 +83,7 @@ class FakeNNUNet:
         args = [str(a) for a in cmd[1:]]
         self.calls.append(Call(tool, args, dict(env)))
         if tool == "nnunet-stseg":
-            from nnunet_stseg.cli import main
+            from nnunet_stseg.commands.cli import main
 
             with _environment(env):
                 main([*args, "--no_pp"])  # a fake training reads no preprocessed data

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-
 _REAL_GET_CONTEXT = multiprocessing.get_context
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from stand_ins import fork_instead_of_spawn
 
-from nnunet_stseg.benchmark import main
+from nnunet_stseg.commands.benchmark import main
+
+from stand_ins import fork_instead_of_spawn
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_stseg.centres import (default_sigma, equivalent_radii, gaussian_heatmap, heatmap_peaks, heatmap_targets,
-                                  match_peaks_to_objects)
-from nnunet_stseg.config import CentreParams
+from nnunet_stseg.adapters.config import CentreParams
+from nnunet_stseg.core.centres import (default_sigma, equivalent_radii, gaussian_heatmap, heatmap_peaks,
+                                       heatmap_targets, match_peaks_to_objects)
 
 
 def _disc(shape, centre, r):

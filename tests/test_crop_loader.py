@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_stseg.config import StSConfig
-from nnunet_stseg.geometry import component_boxes, crop_and_resample
+from nnunet_stseg.adapters.config import StSConfig
+from nnunet_stseg.core.geometry import component_boxes, crop_and_resample
 from nnunet_stseg.trainers.sts_trainers import StSCropDataLoader
 
 SEEDS = range(6)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnunet_stseg.geometry import CropParams, boxes_from_mask, crop_and_resample, fuse_crops
+from nnunet_stseg.core.fusion import fuse_crops
+from nnunet_stseg.core.geometry import CropParams, boxes_from_mask, crop_and_resample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-smoke"
 CT_SM, SEG, CT_BIG = DATA / "example_ct_sm.nii.gz", DATA / "example_seg.nii.gz", DATA / "example_ct.nii.gz"

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from stand_ins import fork_instead_of_spawn
 
-from nnunet_stseg.depth import (SINGLE_SLICE_DEPTH, append_depth_channel, check_depth_applicable,
-                                depths_from_properties, slice_depths)
+from nnunet_stseg.core.depth import (SINGLE_SLICE_DEPTH, append_depth_channel, check_depth_applicable,
+                                     depths_from_properties, slice_depths)
+
+from stand_ins import fork_instead_of_spawn
 
 N_SLICES, EMPTY_BEFORE, EMPTY_AFTER = 14, 2, 3  # slice axis = numpy axis 2
 DEPTH_DATASET_ID = 977
@@ -93,7 +94,8 @@ def _write_case(folder: Path, case: str, rng: np.random.Generator, with_label: b
 
 @pytest.fixture(scope="module")
 def depth_dataset(nnunet_dirs):
-    from nnunet_stseg.cli import plan_and_preprocess
+    from nnunet_stseg.adapters.config import PlanOptions
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     folder = Path(nnunet_dirs.raw) / f"Dataset{DEPTH_DATASET_ID}_DepthAxis"
     for sub in ("imagesTr", "labelsTr"):
@@ -106,8 +108,8 @@ def depth_dataset(nnunet_dirs):
         "channel_names": {"0": "MR"}, "labels": {"background": 0, "object": 1}, "numTraining": len(cases),
         "file_ending": ".nii.gz", "name": "DepthAxis"}))
     with fork_instead_of_spawn():
-        plan_and_preprocess(DEPTH_DATASET_ID, 32, dims=["2d"], base_features=4, num_processes=1, depth_channel=True,
-                            polar=True)
+        options = PlanOptions(input_size=32, dims=["2d"], base_features=4, depth_channel=True, polar=True)
+        plan_and_preprocess(DEPTH_DATASET_ID, options, num_processes=1)
     pp = Path(nnunet_dirs.preprocessed) / folder.name
     plans = json.loads((pp / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((pp / "dataset.json").read_text())
@@ -123,7 +125,7 @@ def test_depth_values_after_nnunet_transposition_and_cropping(depth_dataset):
     i + EMPTY_BEFORE of a N_SLICES-slice scan, so its depth is (i + EMPTY_BEFORE) / (N_SLICES - 1)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.inference_io import PluginConfigurationManager
+    from nnunet_stseg.adapters.inference_io import PluginConfigurationManager
 
     pm = PlansManager(depth_dataset.plans)
     cm = PluginConfigurationManager({**pm.get_configuration("2d").configuration, "depth_channel": True})

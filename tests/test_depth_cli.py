@@ -18,9 +18,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from trained_models import model_folder
+from nnunet_stseg.commands.runner import predict_command_line, run
 
-from nnunet_stseg.demo import _bin, run
+from trained_models import model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +66,9 @@ def test_cascade_with_depth_channel_through_stock_commands(depth_pipeline, tmp_p
 
     # nnU-Net's sequential path (no worker processes) adds the same channel: identical outputs
     out = tmp_path / "predictions_sequential"
-    run([_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d",
-         str(res.dataset_id), "-c", res.fine_config_2d, "-tr", "nnUNetTrainer_StSFine", "-f", "0", "-device", "cpu",
-         "--disable_tta", "-npp", "0", "-nps", "0"], res.env, tmp_path / "predict_sequential.log")
+    run(predict_command_line(res.dataset_folder / "imagesTs", out, res.dataset_id, res.fine_config_2d,
+                             "nnUNetTrainer_StSFine", [0], "cpu", "--disable_tta", "-npp", "0", "-nps", "0"),
+        res.env, tmp_path / "predict_sequential.log")
     _same_geometry_and_values(res.predictions["cascade_2d_depth"], out)
 
 

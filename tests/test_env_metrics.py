@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_stseg.env import ENV_VAR, ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
-from nnunet_stseg.metrics import add_precision_recall, write_json_atomic
+from nnunet_stseg.adapters.discovery import ENV_VAR, ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
+from nnunet_stseg.atomic import write_json_atomic
+from nnunet_stseg.core.metrics import add_precision_recall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_nnunet_without_discovery_does_not_find_them(monkeypatch):
 def _cli(*args: str) -> str:
     env = dict(os.environ)
     env.pop(ENV_VAR, None)
-    proc = subprocess.run([sys.executable, "-m", "nnunet_stseg.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "nnunet_stseg.commands.cli", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -230,26 +231,6 @@ def test_write_atomic_figure_failure_keeps_the_old_file(tmp_path):
 # schedule overrides
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
-def test_env_int_rejects_non_positive_integers(monkeypatch, value):
-    from nnunet_stseg.trainers.sts_trainers import _env_int
-
-    monkeypatch.setenv("STSEG_NUM_EPOCHS", value)
-    with pytest.raises(ValueError, match="STSEG_NUM_EPOCHS"):
-        _env_int("STSEG_NUM_EPOCHS")
-
-
-def test_env_int_unset_and_valid(monkeypatch):
-    from nnunet_stseg.trainers.sts_trainers import _env_int
-
-    monkeypatch.delenv("STSEG_ITERS_PER_EPOCH", raising=False)
-    assert _env_int("STSEG_ITERS_PER_EPOCH") is None
-    monkeypatch.setenv("STSEG_ITERS_PER_EPOCH", "")
-    assert _env_int("STSEG_ITERS_PER_EPOCH") is None
-    monkeypatch.setenv("STSEG_ITERS_PER_EPOCH", "12")
-    assert _env_int("STSEG_ITERS_PER_EPOCH") == 12
-
-
 def test_skip_validation_switch(monkeypatch):
     """STSEG_SKIP_VALIDATION=1 replaces the final validation by a log line; 0/unset keep it;
     anything else is an error naming the variable."""
@@ -273,9 +254,10 @@ def test_skip_validation_switch(monkeypatch):
     monkeypatch.setenv("STSEG_SKIP_VALIDATION", "1")
     t = Trainer()
     t._apply_schedule_overrides()
-    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[0]
+    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[-1]
+    assert t.logged[0] == "nnunet-stseg settings from the environment: STSEG_SKIP_VALIDATION=1"
     monkeypatch.setenv("STSEG_SKIP_VALIDATION", "yes")
-    with pytest.raises(ValueError, match="STSEG_SKIP_VALIDATION must be 0 or 1"):
+    with pytest.raises(ValueError, match="STSEG_SKIP_VALIDATION='yes': expected 0 or 1"):
         Trainer()._apply_schedule_overrides()
 
 
@@ -309,7 +291,7 @@ def test_validation_mirroring_switch(monkeypatch):
     t = Trainer()
     t._apply_schedule_overrides()
     assert t.perform_actual_validation() is None
-    assert t.inference_allowed_mirroring_axes == (0, 1) and "without mirroring" in t.logged[0]
+    assert t.inference_allowed_mirroring_axes == (0, 1) and "without mirroring" in t.logged[-1]
     t.fail = True
     with pytest.raises(RuntimeError, match="validation failed"):
         t.perform_actual_validation()
@@ -317,26 +299,26 @@ def test_validation_mirroring_switch(monkeypatch):
     monkeypatch.setenv("STSEG_SKIP_VALIDATION", "1")
     t = Trainer()
     t._apply_schedule_overrides()
-    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[0]
+    assert t.perform_actual_validation() is None and "final validation skipped" in t.logged[-1]
     monkeypatch.delenv("STSEG_SKIP_VALIDATION")
     monkeypatch.setenv("STSEG_VAL_MIRRORING", "no")
-    with pytest.raises(ValueError, match="STSEG_VAL_MIRRORING must be 0 or 1"):
+    with pytest.raises(ValueError, match="STSEG_VAL_MIRRORING='no': expected 0 or 1"):
         Trainer()._apply_schedule_overrides()
 
 
 def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):
     """The experiments' resume rule: nothing when finished, --c after an interruption, --val when
     only the validation is missing (not a retraining from scratch), a plain start otherwise."""
-    import nnunet_stseg.demo as demo
+    import nnunet_stseg.commands.runner as runner
 
     calls = []
-    monkeypatch.setattr(demo, "run", lambda cmd, env, log=None, quiet=False: calls.append(cmd[1:]) or 1.5)
+    monkeypatch.setattr(runner, "run", lambda cmd, env, log=None, quiet=False: calls.append(cmd[1:]) or 1.5)
     env = {"nnUNet_results": str(tmp_path)}
     fold = tmp_path / "Dataset001_X" / "Tr__nnUNetPlans__2d" / "fold_0"
 
     def train(**kw):
         calls.clear()
-        seconds = demo.train_fold("Dataset001_X", "2d", 0, "Tr", "cpu", env, tmp_path / "log.txt", **kw)
+        seconds = runner.train_fold("Dataset001_X", "2d", 0, "Tr", "cpu", env, tmp_path / "log.txt", **kw)
         return seconds, calls[0][-1] if calls else None
 
     assert train() == (1.5, "cpu")

@@ -9,11 +9,12 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from fake_nnunet import FakeNNUNet
 
-import nnunet_stseg.experiment_cardiac3d as experiment
-from nnunet_stseg.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
-from nnunet_stseg.experiment_polar import linked_subset
+import nnunet_stseg.commands.experiment_cardiac3d as experiment
+from nnunet_stseg.commands.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
+from nnunet_stseg.commands.runner import linked_subset
+
+from fake_nnunet import FakeNNUNet
 
 
 def _results(size: int = 64) -> dict:
@@ -101,7 +102,7 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
     final validation), predicted with nnUNetv2_predict per fold, scored per patient against labels
     1+2 and 2; the predictions keep the input geometry; a re-run retrains nothing; --report_only
     rebuilds the same report."""
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
 
     fake = FakeNNUNet().install(monkeypatch, experiment)
 

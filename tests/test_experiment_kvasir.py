@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_nnunet import FakeNNUNet
 
-import nnunet_stseg.experiment_kvasir as experiment
-from nnunet_stseg.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
+import nnunet_stseg.commands.experiment_kvasir as experiment
+from nnunet_stseg.commands.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
+
+from fake_nnunet import FakeNNUNet
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 pytestmark = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
@@ -51,7 +52,7 @@ def test_experiment_smoke_and_resume(tmp_path, monkeypatch):
     main(["--workdir", str(work), "--report_only", "--out", str(again)])
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == table
-    assert f"Command: `nnunet-stseg-experiment-kvasir {' '.join(args)}`" in again.read_text()
+    assert f"Command: `nnunet-stseg experiment-kvasir {' '.join(args)}`" in again.read_text()
     assert "images the baseline misses" in text
 
 
@@ -129,7 +130,7 @@ def test_report_only_needs_a_finished_run(tmp_path, capsys):
 
 
 def test_native_findings_compare_each_cascade_with_nnunet_2d():
-    from nnunet_stseg.experiment_kvasir import native_findings, report_native
+    from nnunet_stseg.commands.experiment_kvasir import native_findings, report_native
 
     def arm(dice, recall, ms, train):
         return {"Dice": (dice, 10.0), "IoU": (dice - 10, 10.0), "Precision": (dice, 5.0), "Recall": (recall, 5.0),

@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from fake_nnunet import FakeNNUNet
 
-import nnunet_stseg.experiment_polar as experiment
-from nnunet_stseg.config import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
-from nnunet_stseg.experiment_polar import ARMS, main, origin_counts, overlap, plot_examples, report, score_folder
+import nnunet_stseg.commands.experiment_polar as experiment
+from nnunet_stseg.commands.experiment_polar import ARMS, main, origin_counts, report
+from nnunet_stseg.commands.reports import example_overlays, score_folder
+from nnunet_stseg.core.metrics import overlap
+from nnunet_stseg.settings import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
+
+from fake_nnunet import FakeNNUNet
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 
@@ -81,10 +84,10 @@ def test_score_folder_regions_and_report(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=gt.shape)),
                         str(images / f"{case}_0000.nii.gz"))
     results["files"] = {"gt_dir": str(gt_dir), "file_ending": ".nii.gz", "image_dirs": [str(images)]}
-    figure = plot_examples(results, tmp_path, tmp_path / "docs" / "report_examples.png")
+    figure = example_overlays(results, tmp_path, tmp_path / "docs" / "report_examples.png", arms=ARMS)
     assert figure.read_bytes()[:4] == b"\x89PNG" and not list(figure.parent.glob(".tmp_*"))
     assert "![examples](report_examples.png)" in report(results, figure.name)
-    assert plot_examples({**results, "files": None}, tmp_path, tmp_path / "none.png") is None
+    assert example_overlays({**results, "files": None}, tmp_path, tmp_path / "none.png", arms=ARMS) is None
 
 
 @pytest.mark.slow  # converts and plans 30 real images (in-process, about 35 s)

@@ -1,4 +1,4 @@
-"""Tests for nnunet_stseg.geometry: boxes, crops, resampling and fusion.
+"""Tests for nnunet_stseg.core.geometry: boxes, crops, resampling and fusion.
 
 Unit tests pin hand-checked numbers; hypothesis properties check the invariants the rest of the
 plugin relies on (boxes inside the image, kept objects covered, nearest crop -> paste is the
@@ -19,22 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from nnunet_stseg.geometry import (
-    foreground_from_probabilities,
-    CropParams,
-    boxes_from_mask,
-    component_boxes,
-    connectivity_structure,
-    crop_and_resample,
-    fit_to_image,
-    fuse_crops,
-    jitter,
-    keep_large_enough,
-    probabilities_to_logits,
-    resample_crop_to_box,
-    square_and_pad,
-    whole_image_boxes,
-)
+from nnunet_stseg.core.fusion import fuse_crops
+from nnunet_stseg.core.geometry import (CropParams, boxes_from_mask, component_boxes, connectivity_structure,
+                                        crop_and_resample, fit_to_image, foreground_from_probabilities, jitter,
+                                        keep_large_enough, probabilities_to_logits, resample_crop_to_box,
+                                        square_and_pad, whole_image_boxes)
 
 PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -1174,7 +1163,7 @@ def test_foreground_from_probabilities_matches_nnunet_segmentation(seed, k, ties
 # crop limit for speckled coarse masks
 # ----------------------------------------------------------------------------------------------
 
-from nnunet_stseg.geometry import limit_crops, merge_overlapping_boxes  # noqa: E402
+from nnunet_stseg.core.geometry import limit_crops, merge_overlapping_boxes  # noqa: E402
 
 
 @st.composite

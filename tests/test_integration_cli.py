@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder
 
-from nnunet_stseg.demo import _bin
+from nnunet_stseg.commands.runner import find_command
+
+from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,9 @@ def _geometry(img: sitk.Image) -> tuple:
 
 def _predict(res, out: Path, *extra: str, config=None, trainer="nnUNetTrainer_StSFine", folds=("0",),
              command="nnUNetv2_predict", check=True, env=None) -> subprocess.CompletedProcess:
-    cmd = [_bin(command), *_predict_args(res, out, *extra, config=config, trainer=trainer, folds=folds)]
+    program, *subcommand = command.split()
+    cmd = [find_command(program), *subcommand,
+           *_predict_args(res, out, *extra, config=config, trainer=trainer, folds=folds)]
     proc = subprocess.run(cmd, env=env or res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
@@ -105,7 +108,7 @@ def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
     inputs_before = digest()
     a, b = tmp_path / "stock", tmp_path / "own"
     _predict(res, a, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"))
-    _predict(res, b, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"), command="nnunet-stseg-predict")
+    _predict(res, b, "--disable_tta", "-npp", "0", "-nps", "0", folds=("0", "1"), command="nnunet-stseg predict")
     for f in sorted(a.glob("*.nii.gz")):
         x = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         y = sitk.GetArrayFromImage(sitk.ReadImage(str(b / f.name)))
@@ -140,7 +143,7 @@ def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path, monkeypatc
     """A missing coarse fold (in-process, through nnU-Net's own predict entry point) and a missing
     coarse model folder (the stock CLI: non-zero exit, the message on its output), on a copy of
     the trained models."""
-    from nnunet_stseg.cli import predict_entry
+    from nnunet_stseg.commands.cli import predict_entry
 
     res = pipeline_2d
     env = copy_results(res, tmp_path)

@@ -11,11 +11,12 @@ import os
 
 import numpy as np
 import pytest
-from stand_ins import fork_instead_of_spawn
 
-from nnunet_stseg.cli import plan_and_preprocess
-from nnunet_stseg.config import StSConfig, coarse_config_name, fine_config_name
+from nnunet_stseg.adapters.config import PlanOptions, StSConfig, coarse_config_name, fine_config_name
+from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 from nnunet_stseg.planners.sts_planner import add_sts_configurations, coarse_spacing_and_shape, nnUNetPlannerStS
+
+from stand_ins import fork_instead_of_spawn
 
 S = 32
 
@@ -198,7 +199,7 @@ def test_3d_coarse_keeps_thin_axis(planned_3d):
 def planner_2d(planned_2d, monkeypatch):
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
-    return nnUNetPlannerStS(planned_2d.dataset_id, input_size=S)
+    return nnUNetPlannerStS(planned_2d.dataset_id, options=PlanOptions(input_size=S))
 
 
 def _base_plans(planned) -> dict:
@@ -211,7 +212,7 @@ def _base_plans(planned) -> dict:
 
 def test_add_sts_configurations_reproduces_saved_plans(planned_2d, planner_2d):
     plans = _base_plans(planned_2d)
-    added = add_sts_configurations(planner_2d, plans, S, base_features=planned_2d.features)
+    added = add_sts_configurations(planner_2d, plans, PlanOptions(input_size=S, base_features=planned_2d.features))
     assert added == ["2d_sts_coarse_32", "2d_sts_fine_32"]
     saved = planned_2d.plans["configurations"]
     for name in added:
@@ -221,29 +222,29 @@ def test_add_sts_configurations_reproduces_saved_plans(planned_2d, planner_2d):
 def test_3d_pipeline_on_2d_dataset_raises(planned_2d, planner_2d):
     plans = _base_plans(planned_2d)
     with pytest.raises(ValueError, match="3d"):
-        add_sts_configurations(planner_2d, plans, S, dims=["3d"])
+        add_sts_configurations(planner_2d, plans, PlanOptions(input_size=S, dims=["3d"]))
     assert not any("_sts_" in c for c in plans["configurations"])
 
 
 def test_unknown_dimensionality_raises(planned_2d, planner_2d):
     with pytest.raises(ValueError, match="dimensionality"):
-        add_sts_configurations(planner_2d, _base_plans(planned_2d), S, dims=["4d"])
+        PlanOptions(input_size=S, dims=["4d"])
 
 
 def test_size_not_plannable_as_exact_patch_raises(planned_2d, planner_2d):
     # nnU-Net rounds a 36 patch up to 40 (a multiple of 2**num_pool); 40 itself is fine
     plans = _base_plans(planned_2d)
     with pytest.raises(ValueError, match="divisible"):
-        add_sts_configurations(planner_2d, plans, 36)
+        add_sts_configurations(planner_2d, plans, PlanOptions(input_size=36))
     assert not any("_sts_" in c for c in plans["configurations"])
-    added = add_sts_configurations(planner_2d, _base_plans(planned_2d), 40)
+    added = add_sts_configurations(planner_2d, _base_plans(planned_2d), PlanOptions(input_size=40))
     assert added == ["2d_sts_coarse_40", "2d_sts_fine_40"]
 
 
 @pytest.mark.parametrize("size", [0, 4, 7])
 def test_size_below_8_raises(planned_2d, planner_2d, size):
     with pytest.raises(ValueError, match=">= 8"):
-        add_sts_configurations(planner_2d, _base_plans(planned_2d), size)
+        PlanOptions(input_size=size)
 
 
 def test_rerun_keeps_standard_configurations_and_reuses_fine_data(planned_2d, capsys):
@@ -251,7 +252,8 @@ def test_rerun_keeps_standard_configurations_and_reuses_fine_data(planned_2d, ca
     mtimes = {p.name: p.stat().st_mtime_ns for p in fine_folder.iterdir()}
     capsys.readouterr()
     with fork_instead_of_spawn():
-        added = plan_and_preprocess(planned_2d.dataset_id, S, base_features=planned_2d.features, num_processes=1)
+        added = plan_and_preprocess(planned_2d.dataset_id, PlanOptions(input_size=S, base_features=planned_2d.features),
+                                    num_processes=1)
     out = capsys.readouterr().out
     assert added == planned_2d.added
     assert "reused" in out
@@ -291,21 +293,26 @@ def test_from_configuration_rejects_broken_blocks(planned_2d):
     unknown["sts"]["crop"]["wobble"] = 1
     with pytest.raises(ValueError, match="wobble"):
         StSConfig.from_configuration(unknown)
-    # unknown top-level keys are kept as extras (forward compatible), not an error
-    extra = copy.deepcopy(good)
-    extra["sts"]["future_key"] = 3
-    cfg = StSConfig.from_configuration(extra)
-    assert cfg.extra == {"future_key": 3}
-    assert cfg.to_dict()["future_key"] == 3
-    # the original plans were not modified by parsing
-    assert "future_key" not in good["sts"]
+    # a typo in the top level of the block is an error naming the key and where it is
+    typo = copy.deepcopy(good)
+    typo["sts"]["max_crop"] = 3
+    with pytest.raises(ValueError, match=r"configuration '2d_sts_fine_32': unknown key\(s\) \['max_crop'\]"):
+        StSConfig.from_configuration(typo, "configuration '2d_sts_fine_32'")
+    bad_role = copy.deepcopy(good)
+    bad_role["sts"]["role"] = "finer"
+    with pytest.raises(ValueError, match="sts.role must be one of"):
+        StSConfig.from_configuration(bad_role)
+    # the original plans were not modified by parsing, and still parse
+    assert "max_crop" not in good["sts"]
+    assert StSConfig.from_configuration(good).to_dict() == good["sts"]
     assert os.path.isfile(planned_2d.plans_file)
 
 
 def test_planner_works_with_in_process_augmentation_setting(planned_2d, monkeypatch):
     """nnUNet_n_proc_DA=0 crashes nnU-Net 2.8's own planner; ours plans and restores the value."""
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    planner = nnUNetPlannerStS(planned_2d.dataset_id, input_size=S, base_features=planned_2d.features)
+    planner = nnUNetPlannerStS(planned_2d.dataset_id,
+                               options=PlanOptions(input_size=S, base_features=planned_2d.features))
     plans = planner.plan_experiment()
     assert os.environ["nnUNet_n_proc_DA"] == "0"
     assert {"2d_sts_coarse_32", "2d_sts_fine_32"} <= set(plans["configurations"])

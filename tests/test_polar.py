@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from nnunet_stseg.centres import default_sigma, equivalent_radii
-from nnunet_stseg.config import MAX_ORIGINS_ENV, PolarParams, StSConfig, polar_config_name
-from nnunet_stseg.polar import (angle_seam_padding, component_centroids, farthest_corner_distance, from_polar,
-                                fuse_polar_predictions, hysteresis_fusion, origin_component_weights, round_trip_dice,
-                                shift_origin, to_polar, unwrap_angles, wrap_angles)
+from nnunet_stseg.adapters.config import PlanOptions, PolarParams, StSConfig, polar_config_name
+from nnunet_stseg.core.centres import default_sigma, equivalent_radii
+from nnunet_stseg.core.fusion import fuse_polar_predictions, hysteresis_fusion, origin_component_weights
+from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, farthest_corner_distance, from_polar,
+                                     round_trip_dice, shift_origin, to_polar, unwrap_angles, wrap_angles)
+from nnunet_stseg.settings import MAX_ORIGINS_ENV
+
+from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -232,8 +234,8 @@ S = 64
 def planned_polar(tmp_path_factory):
     """A generated 2D dataset with 2 classes, planned with --polar at S = 64 and preprocessed."""
     root = tmp_path_factory.mktemp("polar")
-    from nnunet_stseg.cli import plan_and_preprocess
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in nnunet_folders(root, "0").items():
@@ -241,7 +243,8 @@ def planned_polar(tmp_path_factory):
         ds = make_synthetic_dataset(root / "raw", DATASET_ID, "Polar2D", dim=2, n_train=4, n_test=1,
                                     num_classes=2, objects_per_image=(2, 3), seed=3)
         with fork_instead_of_spawn():
-            added = plan_and_preprocess(DATASET_ID, S, base_features=4, num_processes=1, polar=True)
+            added = plan_and_preprocess(DATASET_ID, PlanOptions(input_size=S, base_features=4, polar=True),
+                                        num_processes=1)
         yield root, ds, added
 
 
@@ -336,7 +339,7 @@ def _labels(ds: Path) -> np.ndarray:
 def _polar_predictor(root, ds, labels, coarse_labels, regions: bool, polar_shape=(256, 256)):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.polar_predictor import PolarPredictor
+    from nnunet_stseg.adapters.polar_predictor import PolarPredictor
 
     plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
     plans["configurations"][polar_config_name(S)]["sts"]["polar"]["polar_shape"] = list(polar_shape)
@@ -405,8 +408,12 @@ def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeyp
     p.predict_logits_from_preprocessed_data(data)
     assert p.last_timings["n_origins"] == 1
     assert np.allclose(p.origins(labels > 0)[0, 1:], cents[np.argmax(areas)])
+    assert p.applied_overrides == {"sts.polar.max_origins": {"plans": 32, "used": 1}}
+    monkeypatch.setenv(MAX_ORIGINS_ENV, "3")
+    assert p.max_origins() == 1, "overrides are applied once, when the model's configuration is read"
     for bad in ("0", "two"):
         monkeypatch.setenv(MAX_ORIGINS_ENV, bad)
+        p.sts = None  # read the configuration again, as loading a model does
         with pytest.raises(ValueError, match=f"{MAX_ORIGINS_ENV}={bad!r}: expected a whole number >= 1"):
             p.max_origins()
 
@@ -434,9 +441,10 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
     heatmap; outputs keep the input geometry; validations ran in Cartesian space (the shared
     models of ``trained_models.py``)."""
     import SimpleITK as sitk
-    from trained_models import NO_WORKERS, model_folder
 
-    from nnunet_stseg.cli import predict_entry
+    from nnunet_stseg.commands.cli import predict_entry
+
+    from trained_models import NO_WORKERS, model_folder
 
     res = trained_2d
     assert {"polar", "polar_heatmap"} <= set(res.predictions)
@@ -456,6 +464,13 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
     coarse_log = (res.workdir / "logs" / "predict_polar.log").read_text()
     assert "origin(s) (coarse)" in coarse_log or "no origin (empty coarse mask" in coarse_log
     heat_log = (res.workdir / "logs" / "predict_polar_heatmap.log").read_text()
+    # STSEG_POLAR_ORIGINS=heatmap replaced a plan value: logged and recorded next to the predictions;
+    # =coarse is the plans' own value: nothing to record
+    assert "plan values overridden by the environment: sts.polar.origin_source coarse -> heatmap" in heat_log
+    record = json.loads((res.predictions["polar_heatmap"] / "nnunet_stseg_overrides.json").read_text())
+    assert record == {"plan_overrides": {"sts.polar.origin_source": {"plans": "coarse", "used": "heatmap"}},
+                      "variables": {"STSEG_POLAR_ORIGINS": "heatmap"}}
+    assert not (res.predictions["polar"] / "nnunet_stseg_overrides.json").exists()
     assert heat_log.count("centre-point model") == 1, "the centre-point model is loaded once per run"
     assert "origin(s) (heatmap)" in heat_log or "no heatmap peak" in heat_log
     centre = json.loads((model_folder(res, "nnUNetTrainer_StSCentre", res.coarse_config) / "fold_0" / "validation"
@@ -496,6 +511,7 @@ def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkey
     assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[0, 2:4, 2:12].any()
     assert "origin(s) (heatmap)" in capsys.readouterr().out
     monkeypatch.setenv("STSEG_POLAR_ORIGINS", "magic")
+    p.sts = None  # the configuration is read again (as when a model is loaded): the bad value is refused
     with pytest.raises(ValueError, match="STSEG_POLAR_ORIGINS='magic'"):
         p.predict_logits_from_preprocessed_data(data)
 
@@ -505,8 +521,9 @@ def test_peak_threshold_override_gives_the_papers_argmax_rule(planned_polar, mon
     STSEG_POLAR_PEAK_THRESHOLD lowers the threshold, 0 removes it, and with
     STSEG_POLAR_MAX_ORIGINS=1 each slice gets its maximum (the paper's argmax); bad values are
     clear errors."""
-    from nnunet_stseg.centres import gaussian_heatmap
-    from nnunet_stseg.config import MAX_ORIGINS_ENV, PEAK_THRESHOLD_ENV, CentreParams
+    from nnunet_stseg.adapters.config import CentreParams
+    from nnunet_stseg.core.centres import gaussian_heatmap
+    from nnunet_stseg.settings import MAX_ORIGINS_ENV, PEAK_THRESHOLD_ENV
 
     root, ds, _ = planned_polar
     labels = _labels(ds)
@@ -522,19 +539,27 @@ def test_peak_threshold_override_gives_the_papers_argmax_rule(planned_polar, mon
         def predict_logits_from_preprocessed_data(self, x):
             return heat.clone()
 
-    p.centre, p.centre_params = WeakCentre(), CentreParams(sigma=2.0)
+    def set_up():  # what loading the model and its centre model does: read the plans, apply overrides
+        p.sts = None
+        p.centre = WeakCentre()
+        p.set_centre_params(CentreParams(sigma=2.0))
+
+    set_up()
     assert len(p.heatmap_origins(data)) == 0
     monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0.05")
+    set_up()
     assert len(p.heatmap_origins(data)) == 2 * data.shape[1]
+    assert p.applied_overrides["sts.centre.peak_threshold"] == {"plans": 0.5, "used": 0.05}
     monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0")
     monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
+    set_up()
     origins = p.heatmap_origins(data)
     assert len(origins) == data.shape[1]
     np.testing.assert_allclose(origins[:, 1:], np.tile(np.round(strong), (data.shape[1], 1)), atol=1)
     for bad in ("1", "-0.1", "half"):
         monkeypatch.setenv(PEAK_THRESHOLD_ENV, bad)
         with pytest.raises(ValueError, match=f"{PEAK_THRESHOLD_ENV}={bad!r}: expected a number in"):
-            p.heatmap_origins(data)
+            set_up()
 
 
 def test_missing_centre_model_is_a_clear_error(planned_polar, tmp_path):

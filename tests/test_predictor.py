@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 
-from nnunet_stseg.config import fine_config_name
+from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
+
+from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A 2D and a 3D generated dataset (2 classes), planned at S=64, not preprocessed."""
     root = tmp_path_factory.mktemp("pred")
-    from nnunet_stseg.cli import plan_and_preprocess
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in nnunet_folders(root, "1").items():
@@ -34,7 +35,7 @@ def planned(tmp_path_factory):
             ds = make_synthetic_dataset(root / "raw", did, f"Pred{dim}D", dim=dim, n_train=3, n_test=1,
                                         num_classes=2, objects_per_image=(2, 3), seed=dim)
             with fork_instead_of_spawn():
-                plan_and_preprocess(did, 64, base_features=4, num_processes=1, preprocess=False)
+                plan_and_preprocess(did, PlanOptions(input_size=64, base_features=4), num_processes=1, preprocess=False)
             out[dim] = ds
         yield root, out
 
@@ -45,7 +46,7 @@ def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: b
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.predictor import StSPredictor
+    from nnunet_stseg.adapters.predictor import StSPredictor
 
     plans = json.loads((root / "pp" / ds.name / "nnUNetPlans.json").read_text())
     sts = plans["configurations"][config]["sts"]

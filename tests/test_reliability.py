@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_stseg.adapters.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
+                                                remove_partial_folder)
+from nnunet_stseg.commands.runner import find_command
+
 from trained_models import NO_WORKERS
 
-from nnunet_stseg.demo import _bin
-from nnunet_stseg.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
-                                       remove_partial_folder)
 
 def test_atomic_writer_leaves_nothing_when_the_write_fails(tmp_path):
     seg = np.zeros((1, 4, 5), np.uint8)
@@ -100,7 +101,7 @@ def test_checked_preprocessor_refuses_non_finite_and_wrong_channels(planned_2d):
     """Readers other than ITK's NIfTI reader (and numpy inputs) hand NaN/Inf over as they are."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.inference_io import CaseError, CheckedPreprocessor
+    from nnunet_stseg.adapters.inference_io import CaseError, CheckedPreprocessor
 
     pm = PlansManager(planned_2d.plans)
     cm = pm.get_configuration("2d")
@@ -118,7 +119,7 @@ def test_checked_preprocessor_refuses_non_finite_and_wrong_channels(planned_2d):
 
 
 def test_truncated_nifti_is_detected(tmp_path):
-    from nnunet_stseg.inference_io import CaseError, check_file_complete
+    from nnunet_stseg.adapters.inference_io import CaseError, check_file_complete
 
     arr = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
     for name in ("a.nii.gz", "a.nii"):
@@ -141,7 +142,7 @@ def pipeline(trained_2d):
 
 def _predict(res, inp: Path, out: Path, *extra: str, trainer="nnUNetTrainer_StSFine", config=None,
              background=False):
-    cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", str(res.dataset_id), "-c",
+    cmd = [find_command("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", str(res.dataset_id), "-c",
            config or res.fine_config, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *extra]
     if background:  # output to a file: a full pipe would block the process
         with open(out.parent / f"{out.name}.log", "w") as log:
@@ -324,7 +325,7 @@ def test_interrupted_fine_training_resumes_with_c(pipeline, tmp_path):
     res = pipeline
     env = {**res.env, "STSEG_NUM_EPOCHS": "12", "STSEG_ITERS_PER_EPOCH": "2", "STSEG_VAL_ITERS": "1",
            "STSEG_SAVE_EVERY": "1", "nnUNet_results": str(tmp_path / "results")}
-    cmd = [_bin("nnUNetv2_train"), str(res.dataset_id), res.fine_config, "1", "-tr", "nnUNetTrainer_StSFine",
+    cmd = [find_command("nnUNetv2_train"), str(res.dataset_id), res.fine_config, "1", "-tr", "nnUNetTrainer_StSFine",
            "-device", "cpu"]
     fold = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
         f"nnUNetTrainer_StSFine__nnUNetPlans__{res.fine_config}" / "fold_1"

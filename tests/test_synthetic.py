@@ -1,4 +1,4 @@
-"""Tests for nnunet_stseg.synthetic: the synthetic dataset is the fixture for every integration test, so it must be
+"""Tests for nnunet_stseg.data.synthetic: the synthetic dataset is the fixture for every integration test, so it must be
 nnU-Net-readable, deterministic, and really have the non-trivial geometry it promises."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from stand_ins import fork_instead_of_spawn
 
-from nnunet_stseg.synthetic import main, make_synthetic_dataset
+from nnunet_stseg.data.synthetic import main, make_synthetic_dataset
+
+from stand_ins import fork_instead_of_spawn
 
 N_TRAIN, N_TEST = 3, 1
 

@@ -21,12 +21,15 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from stand_ins import fork_instead_of_spawn
+from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER,
+                                          DEFAULT_POLAR_TRAINER, coarse_config_name, fine_config_name,
+                                          polar_config_name)
+from nnunet_stseg.adapters.results import model_folder as results_model_folder
+from nnunet_stseg.commands.runner import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
+                                          train_command_line)
+from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
 
-from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER,
-                                 DEFAULT_POLAR_TRAINER, ORIGIN_SOURCE_ENV, coarse_config_name, fine_config_name,
-                                 polar_config_name)
-from nnunet_stseg.demo import _bin, evaluate, pipeline_env, run
+from stand_ins import fork_instead_of_spawn
 
 EPOCHS, ITERS, VAL_ITERS = 1, 3, 1
 SIZE, FEATURES = 32, 8
@@ -38,7 +41,7 @@ ONE_WORKER = ("-npp", "1", "-nps", "1")
 
 def model_folder(res: SimpleNamespace, trainer: str, config: str) -> Path:
     """``nnUNet_results/<dataset>/<trainer>__nnUNetPlans__<config>`` of a built set."""
-    return Path(res.env["nnUNet_results"]) / res.dataset_folder.name / f"{trainer}__nnUNetPlans__{config}"
+    return results_model_folder(res.dataset_folder.name, trainer, config, results_root=res.env["nnUNet_results"])
 
 
 def copy_results(res: SimpleNamespace, root: Path) -> dict:
@@ -52,7 +55,7 @@ def copy_results(res: SimpleNamespace, root: Path) -> dict:
 def _train(res: SimpleNamespace, config: str, fold: int, trainer: str, validate: bool) -> None:
     env = res.env if validate else {**res.env, "STSEG_SKIP_VALIDATION": "1"}
     res.seconds[f"train_{trainer}_{config}_{fold}"] = run(
-        [_bin("nnUNetv2_train"), str(res.dataset_id), config, str(fold), "-tr", trainer, "-device", "cpu"], env,
+        train_command_line(res.dataset_id, config, fold, trainer), env,
         res.workdir / "logs" / f"train_{trainer}_{config}_{fold}.log")
 
 
@@ -60,15 +63,15 @@ def _predict(res: SimpleNamespace, arm: str, config: str, trainer: str, folds: t
              extra_env: dict | None = None) -> Path:
     out = res.workdir / f"predictions_{arm}"
     res.seconds[f"predict_{arm}"] = run(
-        [_bin("nnUNetv2_predict"), "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out), "-d",
-         str(res.dataset_id), "-c", config, "-tr", trainer, "-f", *map(str, folds), "-device", "cpu", *flags],
+        predict_command_line(res.dataset_folder / "imagesTs", out, res.dataset_id, config, trainer, folds, "cpu",
+                             *flags),
         {**res.env, **(extra_env or {})}, res.workdir / "logs" / f"predict_{arm}.log")
     res.predictions[arm] = out
     return out
 
 
 def _start(workdir: Path, dataset_id: int, dim: int, **dataset_kwargs) -> SimpleNamespace:
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
@@ -78,10 +81,9 @@ def _start(workdir: Path, dataset_id: int, dim: int, **dataset_kwargs) -> Simple
                            metrics={}, seconds={})
 
 
-def _plan(res: SimpleNamespace, *args: str) -> None:
-    res.seconds["plan"] = run([_bin("nnunet-stseg"), "plan", "-d", str(res.dataset_id), "-s", str(SIZE),
-                               "--features", str(FEATURES), "--fallback", "whole", "-np", "1", *args], res.env,
-                              res.workdir / "logs" / "plan.log")
+def _plan(res: SimpleNamespace, dims: tuple[str, ...], *flags: str) -> None:
+    res.seconds["plan"] = run(plan_command_line(res.dataset_id, SIZE, dims, FEATURES, "--fallback", "whole", *flags,
+                                                processes=1), res.env, res.workdir / "logs" / "plan.log")
 
 
 def _evaluate(res: SimpleNamespace, arm: str) -> None:
@@ -100,7 +102,7 @@ def build_2d(workdir: Path) -> SimpleNamespace:
     res = _start(workdir, DATASET_2D, 2, n_train=6, n_test=3, seed=0)
     res.coarse_config, res.fine_config = coarse_config_name("2d", SIZE), fine_config_name("2d", SIZE)
     res.polar_config = polar_config_name(SIZE)
-    _plan(res, "--dims", "2d", "--polar")
+    _plan(res, ("2d",), "--polar")
     for fold in (0, 1):
         _train(res, res.coarse_config, fold, DEFAULT_COARSE_TRAINER, validate=False)
         _train(res, res.fine_config, fold, DEFAULT_FINE_TRAINER, validate=True)
@@ -123,7 +125,7 @@ def build_3d(workdir: Path) -> SimpleNamespace:
     res = _start(workdir, DATASET_3D, 3, n_train=5, n_test=2, seed=0, num_classes=2)
     res.coarse_config, res.fine_config = coarse_config_name("3d", SIZE), fine_config_name("3d", SIZE)
     res.coarse_config_2d, res.fine_config_2d = coarse_config_name("2d", SIZE), fine_config_name("2d", SIZE)
-    _plan(res, "--dims", "2d", "3d", "--depth")
+    _plan(res, ("2d", "3d"), "--depth")
     for coarse, fine in ((res.coarse_config, res.fine_config), (res.coarse_config_2d, res.fine_config_2d)):
         _train(res, coarse, 0, DEFAULT_COARSE_TRAINER, validate=False)
         _train(res, fine, 0, DEFAULT_FINE_TRAINER, validate=True)

@@ -4,12 +4,12 @@ Trained with the stock ``nnUNetv2_train D 2d_sts_coarse_<S> F -tr nnUNetTrainer_
 same coarse configuration as the coarse model (whole image, downsampled): nnU-Net's U-Net with ONE
 output channel regressing a heatmap, squared-error loss relative to the heatmap's energy
 (:class:`HeatmapMSELoss`). The target is made from nnU-Net's augmented training
-target of each batch (:func:`nnunet_stseg.centres.heatmap_targets`), so every spatial augmentation
+target of each batch (:func:`nnunet_stseg.core.centres.heatmap_targets`), so every spatial augmentation
 moves the Gaussians with the objects; sigma comes from ``sts.centre`` in the plans (chosen from the
 dataset's object sizes by ``nnunet-stseg plan --polar``). No deep supervision.
 
 nnU-Net's online "pseudo Dice" of this trainer is the centre-detection F1 on the validation batches
-(a peak inside an object detects it; see :func:`nnunet_stseg.centres.match_peaks_to_objects`); its
+(a peak inside an object detects it; see :func:`nnunet_stseg.core.centres.match_peaks_to_objects`); its
 final validation writes ``validation/summary_centres.json`` (precision, recall, F1, distance of
 the detected peaks to the object centroids in pixels and mm) instead of segmentations.
 """
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from torch import distributed as dist
 
-from nnunet_stseg.centres import heatmap_peaks, heatmap_targets, match_peaks_to_objects
-from nnunet_stseg.config import CentreParams, StSConfig
-from nnunet_stseg.metrics import write_json_atomic
-from nnunet_stseg.predictor import add_depth_to_case, loading_frame
+from nnunet_stseg.adapters.config import CentreParams, StSConfig
+from nnunet_stseg.adapters.predictor import loading_frame
+from nnunet_stseg.atomic import write_json_atomic
+from nnunet_stseg.core.centres import heatmap_peaks, heatmap_targets, match_peaks_to_objects
+from nnunet_stseg.core.geometry import label_foreground
 from nnunet_stseg.trainers.sts_trainers import nnUNetTrainer_StSCoarse
+from nnunet_stseg.trainers.validation import gather_on_rank0, validation_cases, validation_predictor
 
 
 def target_foreground(target: torch.Tensor, has_regions: bool, ignore_label) -> torch.Tensor:
@@ -37,11 +38,7 @@ def target_foreground(target: torch.Tensor, has_regions: bool, ignore_label) -> 
     if has_regions:
         maps = target[:, :-1] if ignore_label is not None else target
         return (maps > 0).any(dim=1)
-    t = target[:, 0]
-    fg = t > 0
-    if ignore_label is not None:
-        fg &= t != ignore_label
-    return fg
+    return label_foreground(target[:, 0], ignore_label)
 
 
 class HeatmapMSELoss(torch.nn.Module):
@@ -125,28 +122,13 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Predict the heatmap of every validation case of the fold (nnU-Net's sliding window on the
         preprocessed coarse case), score the peaks slice by slice against the objects."""
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=True, device=self.device, verbose=False,
-                                    allow_tqdm=False)
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                        self.dataset_json, self.__class__.__name__, self.inference_allowed_mirroring_axes)
-        _, val_keys = self.do_split()
-        if self.is_ddp:
-            val_keys = val_keys[self.local_rank::dist.get_world_size()]
-        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
-        spacing = np.asarray(self.configuration_manager.spacing[-2:], dtype=float)
         depth = self.uses_depth_channel(self.configuration_manager)
+        predictor = validation_predictor(self, nnUNetPredictor)
+        spacing = np.asarray(self.configuration_manager.spacing[-2:], dtype=float)
         per_case = {}
-        for k in dataset_val.identifiers:
-            data, seg, _, properties = dataset_val.load_case(k)
-            data = add_depth_to_case(data, properties) if depth else np.asarray(data[:])
-            heat = predictor.predict_sliding_window_return_logits(torch.from_numpy(data))[0].float().cpu()
-            seg = np.asarray(seg[0])
-            fg = seg > 0
-            if self.label_manager.ignore_label is not None:
-                fg &= seg != self.label_manager.ignore_label
+        for k, data, seg, _ in validation_cases(self, depth):
+            heat = predictor.predict_sliding_window_return_logits(data)[0].float().cpu()
+            fg = label_foreground(seg[0], self.label_manager.ignore_label)
             counts = {"tp": 0, "fp": 0, "fn": 0, "distances": []}
             for z in range(fg.shape[0]):
                 m = match_peaks_to_objects(heatmap_peaks(heat[z], self.centre.peak_distance,
@@ -155,11 +137,8 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
                     counts[key] += m[key]
                 counts["distances"] += m["distances"]
             per_case[k] = counts
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, per_case)
-            per_case = {k: v for part in gathered for k, v in part.items()}
-        if self.local_rank == 0:
+        per_case = gather_on_rank0(self, per_case)
+        if per_case is not None:
             tp, fp, fn = (sum(c[key] for c in per_case.values()) for key in ("tp", "fp", "fn"))
             distances = np.array([d for c in per_case.values() for d in c["distances"]])
             summary = {

@@ -9,7 +9,7 @@ Training never stores the channel: the preprocessed data stays nnU-Net's (shared
 configurations). The data loader appends it to every sample AFTER nnU-Net's transforms, so
 intensity normalisation and intensity augmentation never touch it, and a spatial augmentation of
 a 2D slice (rotation, scaling, elastic, mirroring: all in-plane) cannot change a constant channel.
-Its value is the depth of the slice the loader picked (see :mod:`nnunet_stseg.depth`).
+Its value is the depth of the slice the loader picked (see :mod:`nnunet_stseg.core.depth`).
 """
 from __future__ import annotations
 
@@ -17,15 +17,13 @@ import functools
 import sys
 
 import numpy as np
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, check_depth_applicable, depths_from_properties
-from nnunet_stseg.predictor import adopt_predictor
+from nnunet_stseg.adapters.predictor import adopt_predictor
+from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, check_depth_applicable, depths_from_properties
+from nnunet_stseg.trainers.loaders import build_dataloaders
 
 
 class _CaseRecorder:
@@ -93,50 +91,12 @@ def dataset_with_depth_channel(dataset_class: type) -> type:
     return type(f"{dataset_class.__name__}WithDepth", (dataset_class,), {"load_case": load_case})
 
 
-def start_augmenters(trainer: nnUNetTrainer, dl_tr, dl_val):
-    """Wrap our data loaders in nnU-Net's augmenter processes as nnU-Net does for its own loaders
-    (``nnUNet_n_proc_DA`` workers; 0 = in-process) and start them."""
-    n_proc = get_allowed_n_proc_DA()
-    if n_proc == 0:
-        gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-    else:
-        pin = trainer.device.type == "cuda"
-        gen_tr = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None, num_processes=n_proc,
-                                              num_cached=max(6, n_proc // 2), seeds=None, pin_memory=pin,
-                                              wait_time=0.002)
-        gen_val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None, num_processes=max(1, n_proc // 2),
-                                               num_cached=max(3, n_proc // 4), seeds=None, pin_memory=pin,
-                                               wait_time=0.002)
-    next(gen_tr), next(gen_val)
-    return gen_tr, gen_val
-
-
-def loader_ingredients(trainer: nnUNetTrainer) -> dict:
-    """What nnU-Net's ``get_dataloaders`` builds before its loaders: transforms (nnU-Net's own
-    methods), patch sizes and the train/val datasets of the fold."""
-    if trainer.dataset_class is None:
-        trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
-    patch = trainer.configuration_manager.patch_size
-    ds_scales = trainer._get_deep_supervision_scales()
-    rotation, dummy_2d, initial_patch, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    lm = trainer.label_manager
-    label_kwargs = dict(is_cascaded=trainer.is_cascaded, foreground_labels=lm.foreground_labels,
-                        regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
-    tr_transforms = trainer.get_training_transforms(patch, rotation, ds_scales, mirror_axes, dummy_2d,
-                                                    use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm,
-                                                    **label_kwargs)
-    val_transforms = trainer.get_validation_transforms(ds_scales, **label_kwargs)
-    dataset_tr, dataset_val = trainer.get_tr_and_val_datasets()
-    return dict(patch=patch, initial_patch=initial_patch, tr_transforms=tr_transforms, val_transforms=val_transforms,
-                dataset_tr=dataset_tr, dataset_val=dataset_val)
-
-
 class DepthChannelTrainerMixin:
     """Adds the depth channel to a trainer when the class or the configuration asks for it.
 
     - network: one more input channel (``build_network_architecture``, also used by nnU-Net's
       predictor, which then appends the channel in its preprocessing: see
-      :class:`nnunet_stseg.predictor.PluginPredictor`);
+      :class:`nnunet_stseg.adapters.predictor.PluginPredictor`);
     - training: :class:`DepthChannelDataLoader` (channel added after the transforms);
     - final validation: nnU-Net's own, on cases with the channel appended.
     """
@@ -171,15 +131,10 @@ class DepthChannelTrainerMixin:
     def get_dataloaders(self):
         if not self.uses_depth_channel(self.configuration_manager):
             return super().get_dataloaders()
-        parts = loader_ingredients(self)
         common = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
                       pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
-        patch = self.configuration_manager.patch_size
-        dl_tr = DepthChannelDataLoader(parts["dataset_tr"], self.batch_size, parts["initial_patch"], patch,
-                                       self.label_manager, transforms=parts["tr_transforms"], **common)
-        dl_val = DepthChannelDataLoader(parts["dataset_val"], self.batch_size, patch, patch, self.label_manager,
-                                        transforms=parts["val_transforms"], **common)
-        return start_augmenters(self, dl_tr, dl_val)
+        return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: DepthChannelDataLoader(
+            dataset, self.batch_size, patch, final_patch, self.label_manager, transforms=transforms, **common))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not self.uses_depth_channel(self.configuration_manager):
@@ -194,5 +149,4 @@ class DepthChannelTrainerMixin:
             self.dataset_class = plain
 
 
-__all__ = ["DepthChannelTrainerMixin", "DepthChannelDataLoader", "dataset_with_depth_channel", "start_augmenters",
-           "loader_ingredients"]
+__all__ = ["DepthChannelTrainerMixin", "DepthChannelDataLoader", "dataset_with_depth_channel"]

@@ -2,7 +2,7 @@
 
 Trained with the stock ``nnUNetv2_train D 2d_sts_polar_<S> F -tr nnUNetTrainer_StSPolar`` on the
 polar configuration that ``nnunet-stseg plan --polar`` adds; predicts with the stock
-``nnUNetv2_predict ... -tr nnUNetTrainer_StSPolar`` (:class:`~nnunet_stseg.polar_predictor.PolarPredictor`,
+``nnUNetv2_predict ... -tr nnUNetTrainer_StSPolar`` (:class:`~nnunet_stseg.adapters.polar_predictor.PolarPredictor`,
 origins from the coarse model ``2d_sts_coarse_<S>`` of the same folds).
 
 Training samples: one polar image per batch element, around ONE ground-truth connected component
@@ -30,11 +30,11 @@ import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_stseg.config import PolarParams
-from nnunet_stseg.polar import component_centroids, shift_origin, to_polar
-from nnunet_stseg.polar_predictor import PolarPredictor
-from nnunet_stseg.trainers.depth_channel import loader_ingredients, start_augmenters
-from nnunet_stseg.trainers.sts_trainers import ResampledSampleLoader, nnUNetTrainer_StSFine
+from nnunet_stseg.adapters.config import PolarParams
+from nnunet_stseg.adapters.polar_predictor import PolarPredictor
+from nnunet_stseg.core.polar import component_centroids, shift_origin, to_polar
+from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
+from nnunet_stseg.trainers.sts_trainers import nnUNetTrainer_StSFine
 
 
 class PolarSampleLoader(ResampledSampleLoader):
@@ -115,15 +115,12 @@ class nnUNetTrainer_StSPolar(nnUNetTrainer_StSFine):
         return transforms
 
     def get_dataloaders(self):
-        parts = loader_ingredients(self)
-        patch = self.configuration_manager.patch_size
+        # the polar image is the patch itself (no rotation margin: rotation is the start angle)
         depth = self.uses_depth_channel(self.configuration_manager)
-        dl_tr = PolarSampleLoader(parts["dataset_tr"], self.batch_size, patch, patch, self.label_manager,
-                                  self.sts.polar, transforms=parts["tr_transforms"], depth_channel=depth, augment=True)
-        dl_val = PolarSampleLoader(parts["dataset_val"], self.batch_size, patch, patch, self.label_manager,
-                                   self.sts.polar, transforms=parts["val_transforms"], depth_channel=depth,
-                                   augment=False)
-        return start_augmenters(self, dl_tr, dl_val)
+        patch = self.configuration_manager.patch_size
+        return build_dataloaders(self, lambda dataset, _, __, transforms, train: PolarSampleLoader(
+            dataset, self.batch_size, patch, patch, self.label_manager, self.sts.polar, transforms=transforms,
+            depth_channel=depth, augment=train))
 
 
 __all__ = ["nnUNetTrainer_StSPolar", "PolarSampleLoader"]

@@ -28,40 +28,19 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.paths import nnUNet_results
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from threadpoolctl import threadpool_limits
 from torch import distributed as dist
 
-from nnunet_stseg.config import StSConfig, grid_spacing3
-from nnunet_stseg.depth import append_depth_channel, depths_from_properties
-from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin, loader_ingredients, start_augmenters
-from nnunet_stseg.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
-                                   square_and_pad, whole_image_boxes)
-from nnunet_stseg.metrics import add_precision_recall
-from nnunet_stseg.predictor import StSPredictor, add_depth_to_case, coarse_model_folder, missing_coarse_message
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        v = int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {value!r}") from None
-    if v < 1:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {value!r}")
-    return v
-
-
-def _env_switch(name: str) -> str:
-    """An on/off environment variable: "0", "1" or "" (unset); anything else is an error naming it."""
-    value = os.environ.get(name, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
-    return value
+from nnunet_stseg import settings
+from nnunet_stseg.adapters.config import StSConfig, grid_spacing3, trainer_for_role
+from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
+from nnunet_stseg.adapters.results import model_folder
+from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
+                                        square_and_pad, whole_image_boxes)
+from nnunet_stseg.core.metrics import add_precision_recall
+from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
+from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
+from nnunet_stseg.trainers.validation import validation_cases, validation_predictor
 
 
 class _StSScheduleMixin:
@@ -69,16 +48,20 @@ class _StSScheduleMixin:
     atomically (an interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
 
     def _apply_schedule_overrides(self) -> None:
-        for env, attr in (("STSEG_NUM_EPOCHS", "num_epochs"), ("STSEG_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
-                          ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch"), ("STSEG_SAVE_EVERY", "save_every")):
-            v = _env_int(env)
-            if v is not None:
-                setattr(self, attr, v)
-        skip, mirroring = _env_switch("STSEG_SKIP_VALIDATION"), _env_switch("STSEG_VAL_MIRRORING")
+        for value, attr in ((settings.num_epochs(), "num_epochs"),
+                            (settings.iters_per_epoch(), "num_iterations_per_epoch"),
+                            (settings.val_iters(), "num_val_iterations_per_epoch"),
+                            (settings.save_every(), "save_every")):
+            if value is not None:
+                setattr(self, attr, value)
+        used = settings.schedule_settings()
+        if used:
+            self.print_to_log_file("nnunet-stseg settings from the environment: " + ", ".join(
+                f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in used.items()))
         # instance attributes: they shadow every subclass's validation, ours and nnU-Net's
-        if skip == "1":
+        if settings.skip_validation():
             self.perform_actual_validation = self._skipped_validation
-        elif mirroring == "0":
+        elif not settings.validation_mirroring():
             self.perform_actual_validation = self._validation_without_mirroring
 
     def _skipped_validation(self, save_probabilities: bool = False) -> None:
@@ -127,65 +110,6 @@ class nnUNetTrainer_Depth(nnUNetTrainer_StSCoarse):
     ``nnUNetv2_predict -tr nnUNetTrainer_Depth`` adds the same channel."""
 
     depth_channel_default = True
-
-
-class ResampledSampleLoader(nnUNetDataLoader):
-    """nnU-Net's data loader whose samples are made by resampling (a crop, a polar image) rather
-    than cut as patches: subclasses implement :meth:`make_sample`; batching, nnU-Net's transforms
-    and the depth channel (appended after the transforms, never normalised or augmented) are here.
-
-    Randomness comes from numpy's global generator like nnU-Net's own loader, so every DDP rank
-    and every augmentation worker draws differently."""
-
-    def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, transforms=None,
-                 depth_channel: bool = False):
-        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
-                         oversample_foreground_percent=0.0, transforms=transforms)
-        self.depth_channel = depth_channel
-        self.ignore_label = label_manager.ignore_label
-
-    def foreground(self, seg) -> np.ndarray:
-        """Foreground of a case's segmentation (1, *spatial) without the ignore label."""
-        s = np.asarray(seg[0])
-        fg = s > 0
-        if self.ignore_label is not None:
-            fg &= s != self.ignore_label
-        return fg
-
-    def make_sample(self, key: str, data, seg, properties, rng: np.random.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Image (C, *patch) float32, label (1, *patch) int16 (patch as ``self.patch_size``, 3
-        axes for 2D configurations too) and the slice index the sample comes from."""
-        raise NotImplementedError
-
-    def generate_train_batch(self):
-        keys = self.get_indices()
-        rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
-        data_all = seg_all = None
-        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
-            for j, key in enumerate(keys):
-                data, seg, _, properties = self._data.load_case(key)
-                img, lab, slice_index = self.make_sample(key, data, seg, properties, rng)
-                if self.patch_size_was_2d:
-                    img, lab = img[:, 0], lab[:, 0]
-                if self.transforms is not None:
-                    out = self.transforms(image=img, segmentation=lab)
-                    img, lab = out["image"], out["segmentation"]
-                if self.depth_channel:  # after the transforms: never normalised or augmented
-                    img = append_depth_channel(img, depths_from_properties(data.shape[1], properties)[slice_index])
-                if data_all is None:
-                    data_all = torch.empty((self.batch_size, *img.shape), dtype=torch.float32)
-                data_all[j] = img
-                if isinstance(lab, list):
-                    if seg_all is None:
-                        seg_all = [torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in lab]
-                    for s_idx, s in enumerate(lab):
-                        seg_all[s_idx][j] = s
-                else:
-                    if seg_all is None:
-                        seg_all = torch.empty((self.batch_size, *lab.shape), dtype=lab.dtype)
-                    seg_all[j] = lab
-        return {"data": data_all, "target": seg_all, "keys": keys}
 
 
 class StSCropDataLoader(ResampledSampleLoader):
@@ -262,11 +186,8 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         self.sts = StSConfig.from_configuration(self.configuration_manager.configuration,
                                                 f"configuration '{configuration}'")
         if self.sts.role != self.sts_role:
-            hint = (f"train it with {self.sts.coarse_trainer}" if self.sts.role == "coarse" else
-                    "train it with nnUNetTrainer_StSFine" if self.sts.role == "fine" else
-                    "train it with nnUNetTrainer_StSPolar")
             raise ValueError(f"{self.__class__.__name__} trains the {self.sts_role} configuration; '{configuration}' "
-                             f"is the {self.sts.role} one ({hint})")
+                             f"is the {self.sts.role} one (train it with {trainer_for_role(self.sts)})")
         self._apply_schedule_overrides()
         self._check_depth_channel()
 
@@ -274,16 +195,10 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         return grid_spacing3(self.configuration_manager.spacing)
 
     def get_dataloaders(self):
-        parts = loader_ingredients(self)
-        patch = self.configuration_manager.patch_size
         depth = self.uses_depth_channel(self.configuration_manager)
-        dl_tr = StSCropDataLoader(parts["dataset_tr"], self.batch_size, parts["initial_patch"], patch,
-                                  self.label_manager, self.sts.crop, self._spacing3(),
-                                  transforms=parts["tr_transforms"], depth_channel=depth)
-        dl_val = StSCropDataLoader(parts["dataset_val"], self.batch_size, patch, patch, self.label_manager,
-                                   self.sts.crop, self._spacing3(), transforms=parts["val_transforms"],
-                                   depth_channel=depth)
-        return start_augmenters(self, dl_tr, dl_val)
+        return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: StSCropDataLoader(
+            dataset, self.batch_size, patch, final_patch, self.label_manager, self.sts.crop, self._spacing3(),
+            transforms=transforms, depth_channel=depth))
 
     def on_train_start(self):
         if not os.path.isdir(os.path.join(self.coarse_folder(), f"fold_{self.fold}")):
@@ -294,22 +209,14 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         super().on_train_start()
 
     def coarse_folder(self) -> str:
-        return coarse_model_folder(str(nnUNet_results), self.plans_manager.dataset_name,
-                                   self.plans_manager.plans_name, self.sts)
+        return str(model_folder(self.plans_manager.dataset_name, self.sts.coarse_trainer,
+                                self.sts.coarse_configuration, self.plans_manager.plans_name))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Run the whole cascade (coarse model of this fold -> crops -> this network) on the fold's
         validation cases and score it against the full-resolution ground truth."""
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
-        predictor = self.predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                 perform_everything_on_device=True, device=self.device, verbose=False,
-                                 allow_tqdm=False)
         depth = self.uses_depth_channel(self.configuration_manager)
-        predictor.enable_depth_channel(depth)
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                        self.dataset_json, self.__class__.__name__,
-                                        self.inference_allowed_mirroring_axes)
+        predictor = validation_predictor(self, self.predictor_class, depth)
         try:
             predictor.attach_coarse([self.fold])
         except FileNotFoundError as e:
@@ -321,14 +228,8 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
             return
         out_dir = join(self.output_folder, "validation")
         maybe_mkdir_p(out_dir)
-        _, val_keys = self.do_split()
-        if self.is_ddp:
-            val_keys = val_keys[self.local_rank::dist.get_world_size()]
-        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
-        for k in dataset_val.identifiers:
-            data, _, _, properties = dataset_val.load_case(k)
-            data = add_depth_to_case(data, properties) if depth else np.asarray(data[:])
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        for k, data, _, properties in validation_cases(self, depth):
+            logits = predictor.predict_logits_from_preprocessed_data(data)
             export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
                                           self.dataset_json, join(out_dir, k), save_probabilities)
             self.print_to_log_file(f"cascade validation {k}: {predictor.last_timings}")
@@ -336,13 +237,12 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
             dist.barrier()
         if self.local_rank == 0:
             lm = self.label_manager
-            metrics = compute_metrics_on_folder(
+            compute_metrics_on_folder(
                 join(self.preprocessed_dataset_folder_base, "gt_segmentations"), out_dir,
                 join(out_dir, "summary.json"), self.plans_manager.image_reader_writer_class(),
                 self.dataset_json["file_ending"], lm.foreground_regions if lm.has_regions else lm.foreground_labels,
                 lm.ignore_label, chill=True, num_processes=default_num_processes)
-            metrics = add_precision_recall(join(out_dir, "summary.json"))
-            fm = metrics["foreground_mean"]
+            fm = add_precision_recall(join(out_dir, "summary.json"))["foreground_mean"]
             self.print_to_log_file(f"Cascade validation complete (coarse fold model + {self.sts_role} stage)",
                                    also_print_to_console=True)
             self.print_to_log_file(f"Mean Validation Dice: {fm['Dice']:.4f}, precision {fm['Precision']:.4f}, "
@@ -350,5 +250,4 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         self.set_deep_supervision_enabled(True)
 
 
-__all__ = ["nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSFine", "nnUNetTrainer_Depth", "StSCropDataLoader",
-           "ResampledSampleLoader"]
+__all__ = ["nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSFine", "nnUNetTrainer_Depth", "StSCropDataLoader"]

@@ -1,1 +1,1 @@
-"""Folder to list in nnUNet_extTrainer; see nnunet_stseg.env."""
+"""Folder to list in nnUNet_extTrainer; see nnunet_stseg.adapters.discovery."""

@@ -1,9 +1,9 @@
 """Experiment: Cartesian nnU-Net at input size S vs the polar stage with coarse-centroid origins vs
 the polar stage with heatmap origins (issue 3 evidence).
 
-    nnunet-stseg-experiment-polar --dataset cardiac --workdir work_dirs/polar_cardiac \\
+    nnunet-stseg experiment-polar --dataset cardiac --workdir work_dirs/polar_cardiac \\
         --out docs/benchmarks/polar_cardiacfat.md
-    nnunet-stseg-experiment-polar --dataset kvasir --size 64 --workdir work_dirs/polar_kvasir \\
+    nnunet-stseg experiment-polar --dataset kvasir --size 64 --workdir work_dirs/polar_kvasir \\
         --out docs/benchmarks/polar_kvasir.md
 
 Three arms with the same width, batch size and schedule per network, all trained and run with the
@@ -34,121 +34,32 @@ kept (re-run the same command).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
-
-from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
-                                 MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV, coarse_config_name,
-                                 polar_config_name)
-from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured, train_fold
-from nnunet_stseg.metrics import overlap
+from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
+                                          coarse_config_name, polar_config_name)
+from nnunet_stseg.atomic import write_json_atomic
+from nnunet_stseg.commands.reports import example_overlays, print_report, score_folder
+from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
+                                          pipeline_env, plan_command_line, predict_command_line, prepare_cardiac,
+                                          report_header, run, run_measured, shared_data, train_fold)
+from nnunet_stseg.settings import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
 
 ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
-CARDIAC_ID, KVASIR_ID = 701, 720
+KVASIR_ID = 720
 # methods.md section 3, U-Net DSC Cartesian -> polar with model-predicted centres (other data splits)
 PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
              "kvasir": "CVC-ClinicDB polyps DSC 0.8315 -> 0.9374 (thesis; Kvasir itself not reported)"}
 
 
-def _shared_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _read(path: Path) -> np.ndarray:
-    if path.suffix == ".png":
-        from skimage.io import imread
-
-        return np.asarray(imread(str(path)))
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]]) -> dict:
-    """Per-case overlap of every region (name -> labels) and its mean +- sd over cases."""
-    cases = {}
-    for f in sorted(pred_dir.glob(f"*{file_ending}")):
-        pred, gt = _read(f), _read(gt_dir / f.name)
-        cases[f.name[:-len(file_ending)]] = {name: overlap(np.isin(pred, labels), np.isin(gt, labels))
-                                             for name, labels in regions.items()}
-    summary = {"n_cases": len(cases), "cases": cases}
-    for name in regions:
-        for m in ("Dice", "IoU", "Precision", "Recall"):
-            v = np.array([c[name][m] for c in cases.values()], dtype=float)
-            with warnings.catch_warnings():  # precision of cases with an empty prediction is NaN, by design
-                warnings.simplefilter("ignore", RuntimeWarning)
-                summary[f"{name}_{m}"] = ((float(np.nanmean(v)), float(np.nanstd(v))) if len(v)
-                                          else (np.nan, np.nan))
-    return summary
-
-
-def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Path | None = None,
-                    limit: int | None = None) -> tuple[Path, list[tuple[int, list[Path]]]]:
-    """Raw dataset read in place, per-patient split; returns the dataset and per fold the images
-    of its validation patients. ``dataset``: another raw 3D dataset folder (default: the shared
-    Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs)."""
-    from nnunet_stseg.experiment_depth import per_patient_split
-
-    if dataset is None:
-        raw = _shared_data() / "nnUNet_raw"
-        ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_ID}_*"))), None) if raw.is_dir() else None
-        if ds is None:
-            raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_ID}_*) not found under {raw}")
-    else:
-        ds = Path(dataset).resolve()
-        if not (ds / "dataset.json").is_file() or not (ds / "labelsTr").is_dir():
-            raise SystemExit(f"{ds} is not an nnU-Net raw dataset folder (dataset.json and labelsTr/ expected)")
-    if limit:
-        ds = linked_subset(ds, Path(workdir).resolve() / "nnUNet_raw", limit)
-    env["nnUNet_raw"] = str(ds.parent)
-    case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))
-    splits = per_patient_split(case_ids, folds, seed)
-    pp = Path(env["nnUNet_preprocessed"]) / ds.name
-    pp.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(splits, pp / "splits_final.json", indent=1)
-    evals = []
-    for f, split in enumerate(splits):
-        folder = workdir / "inputs" / f"fold_{f}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for case in split["val"]:
-            for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz"):
-                link = folder / img.name
-                if not link.exists():
-                    link.symlink_to(img)
-        evals.append((f, sorted(folder.glob("*.nii.gz"))))
-    return ds, evals
-
-
-def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
-    """The first ``n`` training cases of a raw dataset as symbolic links in ``raw_root`` (same
-    folder name, ``dataset.json`` with ``numTraining`` = n): a small real dataset for smoke runs."""
-    target = raw_root / ds.name
-    cases = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))[:n]
-    for sub in ("imagesTr", "labelsTr"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        for src in [ds / "labelsTr" / f"{case}.nii.gz", *sorted((ds / "imagesTr").glob(f"{case}_*.nii.gz"))]:
-            link = target / src.parent.name / src.name
-            if not link.exists():
-                link.symlink_to(src)
-    dataset_json = json.loads((ds / "dataset.json").read_text())
-    write_json_atomic({**dataset_json, "numTraining": len(cases)}, target / "dataset.json", indent=1)
-    return target
-
-
 def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = None
                     ) -> tuple[Path, list[tuple[int, list[Path]]]]:
-    from nnunet_stseg.kvasir import convert_kvasir, kvasir_ids
+    from nnunet_stseg.data.kvasir import convert_kvasir, kvasir_ids
 
-    src = _shared_data() / "kvasir-seg"
+    src = shared_data() / "kvasir-seg"
     if not (src / "images").is_dir():
         raise SystemExit(f"Kvasir-SEG not found at {src}")
     raw = Path(env["nnUNet_raw"])
@@ -168,7 +79,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     logs.mkdir(parents=True, exist_ok=True)
     if dataset == "cardiac":
         ds, evals = prepare_cardiac(workdir, env, folds, seed)
-        did, gt_dir, regions = CARDIAC_ID, ds / "labelsTr", {"pericardium": (1, 2), "eat": (2,)}
+        did, gt_dir, regions = CARDIAC_FAT_ID, ds / "labelsTr", {"pericardium": (1, 2), "eat": (2,)}
     else:
         ds, evals = _prepare_kvasir(workdir, env, seed, limit)
         did, gt_dir, regions = KVASIR_ID, ds / "labelsTs", {"polyp": (1,)}
@@ -177,10 +88,10 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     pp = Path(env["nnUNet_preprocessed"]) / ds.name
     plans_file = pp / "nnUNetPlans.json"
     if not plans_file.is_file() or polar_c not in json.loads(plans_file.read_text())["configurations"]:
-        run([_bin("nnunet-stseg"), "plan", "-d", str(did), "-s", str(size), "--dims", "2d", "--features",
-             str(features), "--batch_size", str(batch_size), "--polar", "-np", "2"], env, logs / "plan.log")
+        run(plan_command_line(did, size, ("2d",), features, "--polar", batch_size=batch_size), env,
+            logs / "plan.log")
     if dataset == "kvasir":
-        from nnunet_stseg.kvasir import install_split
+        from nnunet_stseg.data.kvasir import install_split
 
         install_split(ds, pp)
     results_file = workdir / "results.json"
@@ -223,9 +134,8 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
             cases = {p.name[:-len("_0000" + file_ending)] for p in images}
             if key in infer and all((out / f"{c}{file_ending}").is_file() for c in cases):
                 continue
-            seconds, _ = run_measured([_bin("nnUNetv2_predict"), "-i", str(images[0].parent), "-o", str(out), "-d",
-                                       str(did), "-c", config, "-tr", trainer, "-f", str(f), "-device", device,
-                                       "--disable_tta", "-npp", "1", "-nps", "1"],
+            seconds, _ = run_measured(predict_command_line(images[0].parent, out, did, config, trainer, [f], device,
+                                                            "--disable_tta", "-npp", "1", "-nps", "1"),
                                       {**env, ORIGIN_SOURCE_ENV: source, MAX_ORIGINS_ENV: max_origins,
                                        PEAK_THRESHOLD_ENV: peak_threshold},
                                       logs / f"predict_{arm}_{f}.log")
@@ -240,37 +150,6 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     results["files"] = {"gt_dir": str(gt_dir), "file_ending": file_ending,
                         "image_dirs": sorted({str(p.parent) for _, images in evals for p in images})}
     return results
-
-
-def plot_examples(results: dict, workdir: Path, path: Path, n: int = 3, arms: tuple[str, ...] = ARMS,
-                  ranked_by: str = "polar_coarse") -> Path | None:
-    """Overlays of the cases with the lowest, median and highest DSC of ``ranked_by`` (default the
-    polar stage with coarse origins): image, ground truth and each arm's prediction (read from
-    ``workdir/predictions/<arm>``); for CT the slice with the most pericardium."""
-    from nnunet_stseg.overlays import overlay_grid, pick_cases
-
-    arms = [a for a in arms if a in results.get("arms", {})]
-    files = results.get("files")
-    if not arms or not files:
-        return None
-    region, labels = (("pericardium", (1, 2)) if results["dataset"] == "cardiac" else ("polyp", (1,)))
-    ranked_by = ranked_by if ranked_by in arms else arms[0]
-    picks = pick_cases({c: v[region]["Dice"] for c, v in results["arms"][ranked_by]["cases"].items()}, n)
-    if not picks:
-        return None
-    ending, rows = files["file_ending"], []
-    for case in picks:
-        image_file = next(Path(d) / f"{case}_0000{ending}" for d in files["image_dirs"]
-                          if (Path(d) / f"{case}_0000{ending}").exists())
-        img, gt = _read(image_file), np.isin(_read(Path(files["gt_dir"]) / f"{case}{ending}"), labels)
-        preds = {a: np.isin(_read(Path(workdir) / "predictions" / a / f"{case}{ending}"), labels) for a in arms}
-        title = case
-        if results["dataset"] == "cardiac":  # (Z, H, W): the slice with the most pericardium
-            z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
-            img, gt, preds, title = img[z], gt[z], {a: v[z] for a, v in preds.items()}, f"{case} slice {z}"
-        rows.append((title, img, gt, {a: (p, f"{region} DSC {results['arms'][a]['cases'][case][region]['Dice']:.3f}")
-                                      for a, p in preds.items()}))
-    return overlay_grid(rows, path)
 
 
 def origin_counts(logs: list[Path]) -> dict:
@@ -296,16 +175,14 @@ def _count_slices(images: list[Path]) -> int:
 
 
 def report(results: dict, examples: str | None = None) -> str:
-    from nnunet_stseg.benchmark import machine_line
-
     b, dataset = results["budget"], results["dataset"]
     regions = ("pericardium", "eat") if dataset == "cardiac" else ("polyp",)
     what = ("Cardiac Fat CT, per-patient cross-validation, each patient predicted by the fold model that did not "
             "train on it, scored at 512 x 512 (mean ± sd over patients)" if dataset == "cardiac" else
             "Kvasir-SEG at 256 x 256, seeded 80/10/10 split, fold 0 trained, scored on the test images "
             "(mean ± sd over images)")
-    lines = [f"# Polar stage vs Cartesian nnU-Net at S = {results['size']} ({dataset})", "",
-             f"Command: `{results['command']}`  ", f"Machine: {machine_line()}  ",
+    lines = [*report_header(f"Polar stage vs Cartesian nnU-Net at S = {results['size']} ({dataset})",
+                            results["command"]),
              f"Budget per network (Cartesian, centre-point, polar; each fold): U-Net base width {b['features']}, "
              f"batch {b['batch_size']}, {b['epochs']} x {b['iters']} iterations, device {b['device']}; folds "
              f"{b['folds']}, split seed {b['seed']}.  ",
@@ -364,38 +241,22 @@ def report(results: dict, examples: str | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-polar", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("experiment-polar", __doc__)
     p.add_argument("--dataset", choices=("cardiac", "kvasir"), default="cardiac")
     p.add_argument("--workdir", type=Path, default=None, help="default work_dirs/polar_<dataset>")
     p.add_argument("-s", "--size", type=int, default=128, help="S: Cartesian input size and polar image size (128)")
-    p.add_argument("--features", type=int, default=16)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--folds", type=int, default=2, help="cardiac: per-patient folds (kvasir: the paper's split)")
-    p.add_argument("--seed", type=int, default=0)
+    add_budget_arguments(p, features=16, batch_size=8, epochs=10, iters=50, folds=2,
+                         helps={"folds": "cardiac: per-patient folds, 2 (kvasir: the paper's split)"})
     p.add_argument("--limit", type=int, default=None, help="kvasir: first N images only (smoke runs)")
-    p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--redo_predictions", action="store_true",
                    help="predict and score again with the trained models (after a change of the predictor)")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
     args = p.parse_args(argv)
-    cmd = ("nnunet-stseg-experiment-polar " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = command_line(p, argv)
     workdir = args.workdir or Path(f"work_dirs/polar_{args.dataset}")
     results = run_experiment(args.dataset, workdir, args.size, args.features, args.batch_size, args.epochs,
                              args.iters, args.folds, args.seed, args.device, cmd, args.limit, args.redo_predictions)
-    print_report(results, args.out, lambda png: plot_examples(results, workdir, png), report)
-
-
-def print_report(results: dict, out: Path | None, plot, render) -> None:
-    """Print the report ``render(results, figure name)``; with ``out``, also draw the example
-    figure ``plot(<out stem>_examples.png)`` beside it and write both (atomically)."""
-    figure = plot(out.with_name(out.stem + "_examples.png")) if out is not None else None
-    text = render(results, figure.name if figure else None)
-    print(text)
-    if out is not None:
-        write_atomic(out, text)
+    print_report(results, args.out, lambda png: example_overlays(results, workdir, png, arms=ARMS), report)
 
 
 if __name__ == "__main__":

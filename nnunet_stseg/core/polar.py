@@ -38,7 +38,11 @@ def _as_tensor(x) -> tuple[torch.Tensor, bool]:
 
 def farthest_corner_distance(origins, image_shape: Sequence[int]) -> np.ndarray:
     """Distance (pixels) from each origin (N, 2) ``(y, x)`` to the farthest corner of an image of
-    ``image_shape`` (H, W): the polar radius that keeps every pixel inside the polar image."""
+    ``image_shape`` (H, W): the polar radius that keeps every pixel inside the polar image.
+
+    >>> farthest_corner_distance(np.array([[0.0, 0.0], [1.5, 1.5]]), (4, 4)).round(3).tolist()
+    [4.95, 2.828]
+    """
     o = np.asarray(origins, dtype=np.float64).reshape(-1, 2)
     h, w = float(image_shape[0]), float(image_shape[1])
     corners = np.array([[-0.5, -0.5], [-0.5, w - 0.5], [h - 0.5, -0.5], [h - 0.5, w - 0.5]])
@@ -80,7 +84,13 @@ def to_polar(image, origins, polar_shape: Sequence[int], mode: str = "linear", r
     pixels on the image border map back undiluted (with zeros they would read a mix of image and
     padding, and objects touching the border would lose their edge pixels).
     Returns (N, C, A, R) float32 on the image's device (numpy in -> numpy out) and the radii used
-    (numpy, N)."""
+    (numpy, N).
+
+    >>> image = torch.ones((1, 9, 9))  # (C, H, W)
+    >>> polar, radius = to_polar(image, np.array([[4.0, 4.0]]), (16, 8))
+    >>> polar.shape, radius.round(3).tolist()  # (N, C, angles, radii), per origin
+    (torch.Size([1, 1, 16, 8]), [6.364])
+    """
     img, was_numpy = _as_tensor(image)
     img = img.float()
     a, r = (int(v) for v in polar_shape)
@@ -121,7 +131,14 @@ def from_polar(polar, origins, image_shape: Sequence[int], radius, theta0=None, 
     """Inverse of :func:`to_polar`: (N, K, A, R) polar maps back onto (N, K, H, W) Cartesian maps
     around their origins (N, 2) ``(y, x)`` (for a volume pass the in-plane part of the origins).
     The angle axis is periodic: it is padded cyclically so that interpolation across
-    ``2 pi -> 0`` is continuous. ``radius``/``theta0`` must be those used by :func:`to_polar`."""
+    ``2 pi -> 0`` is continuous. ``radius``/``theta0`` must be those used by :func:`to_polar`.
+
+    >>> mask = torch.zeros((1, 9, 9)); mask[0, 2:7, 2:7] = 1
+    >>> polar, radius = to_polar(mask, np.array([[4.0, 4.0]]), (64, 32), "nearest")
+    >>> back = from_polar(polar, np.array([[4.0, 4.0]]), (9, 9), radius, mode="nearest")
+    >>> back.shape, bool(back[0, 0].eq(mask[0]).all())
+    (torch.Size([1, 1, 9, 9]), True)
+    """
     p, was_numpy = _as_tensor(polar)
     p = p.float()
     n, k, a, r = p.shape
@@ -153,7 +170,11 @@ def from_polar(polar, origins, image_shape: Sequence[int], radius, theta0=None, 
 def angle_seam_padding(n_angles: int, fraction: float, stride: int = 1) -> int:
     """Rows of wrap-around context added on each side of the angle axis at inference: about
     ``fraction`` x ``n_angles``, rounded up to a multiple of the network's total stride along that
-    axis (so the padded image is still a valid input size); 0 when ``fraction`` is 0."""
+    axis (so the padded image is still a valid input size); 0 when ``fraction`` is 0.
+
+    >>> angle_seam_padding(128, 0.125, stride=32), angle_seam_padding(128, 0.0)
+    (32, 0)
+    """
     if fraction <= 0:
         return 0
     stride = max(1, int(stride))
@@ -163,7 +184,12 @@ def angle_seam_padding(n_angles: int, fraction: float, stride: int = 1) -> int:
 def wrap_angles(polar, pad: int):
     """(..., A, R) -> (..., A + 2 pad, R): the last ``pad`` angles before the first and the first
     ``pad`` after the last. The angle axis is periodic; a network that sees only [0, 2 pi) has no
-    context across the seam at angle 0 and predicts a radial step there."""
+    context across the seam at angle 0 and predicts a radial step there.
+
+    >>> polar = torch.arange(4.0).reshape(1, 1, 4, 1)  # (N, C, A, R)
+    >>> wrap_angles(polar, 1)[0, 0, :, 0].tolist()
+    [3.0, 0.0, 1.0, 2.0, 3.0, 0.0]
+    """
     if pad == 0:
         return polar
     if pad > polar.shape[-2]:
@@ -174,7 +200,12 @@ def wrap_angles(polar, pad: int):
 
 
 def unwrap_angles(padded, pad: int):
-    """Inverse of :func:`wrap_angles`: drop the ``pad`` context rows on each side."""
+    """Inverse of :func:`wrap_angles`: drop the ``pad`` context rows on each side.
+
+    >>> padded = torch.tensor([3.0, 0.0, 1.0, 2.0, 3.0, 0.0]).reshape(1, 1, 6, 1)
+    >>> unwrap_angles(padded, 1)[0, 0, :, 0].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
     return padded if pad == 0 else padded[..., pad:padded.shape[-2] - pad, :]
 
 
@@ -186,7 +217,14 @@ def component_centroids(mask, min_size: float = 0.0, max_per_slice: int | None =
     Components whose bounding box is narrower than ``min_size`` pixels along y or x are skipped
     (the cascade's 5-pixel rule); with ``max_per_slice`` only the largest components of a slice
     are kept. Returns ``(centroids, areas)``: (N, 2) ``(y, x)`` or (N, 3) ``(z, y, x)`` float64 and
-    (N,) pixel counts, slice by slice."""
+    (N,) pixel counts, slice by slice.
+
+    >>> mask = np.zeros((6, 6), bool); mask[1:3, 1:3] = True; mask[4, 4] = True
+    >>> [a.tolist() for a in component_centroids(mask)]  # centroids (N, 2) and areas (N,)
+    [[[1.5, 1.5], [4.0, 4.0]], [4, 1]]
+    >>> component_centroids(mask, min_size=2)[0].tolist()  # the 1-px component gives no origin
+    [[1.5, 1.5]]
+    """
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
     if m.ndim == 3:
         cents, areas = [], []
@@ -216,7 +254,12 @@ def shift_origin(origin: np.ndarray, image_shape: Sequence[int], rng: np.random.
                  probability: float = 0.3, fraction: float = 0.05) -> np.ndarray:
     """Training-time centre augmentation: with ``probability``, shift y and x each by a uniform
     value in ``+-fraction * min(H, W)``; the result stays inside the image. Drawn anew for every
-    sample (the reference code froze it once per dataset in one branch)."""
+    sample (the reference code froze it once per dataset in one branch).
+
+    >>> o = shift_origin(np.array([5.0, 5.0]), (10, 10), np.random.default_rng(0), probability=1.0, fraction=0.1)
+    >>> bool(np.all(np.abs(o - 5) <= 1))  # moved by at most 0.1 x min(H, W)
+    True
+    """
     o = np.asarray(origin, dtype=np.float64).copy()
     h, w = image_shape[-2:]
     if rng.random() < probability:
@@ -227,59 +270,14 @@ def shift_origin(origin: np.ndarray, image_shape: Sequence[int], rng: np.random.
     return o
 
 
-# ----------------------------------------------------------------------------------------------
-# fusion of several polar predictions of one image
-# ----------------------------------------------------------------------------------------------
-
-def origin_component_weights(masks, origins) -> np.ndarray:
-    """Weight maps for binary predictions (N, H, W), one per origin (N, 2): 2 on the connected
-    component of prediction i that contains origin i (the object that polar transform centred),
-    1 on every other predicted component, 0 on background. An origin that falls on background of
-    its own prediction gives that prediction weight 1 everywhere it predicts foreground."""
-    m = np.asarray(masks).astype(bool)
-    o = np.rint(np.asarray(origins, dtype=np.float64).reshape(len(m), -1)[:, -2:]).astype(int)
-    weights = m.astype(np.float32)
-    for i in range(len(m)):
-        y = int(np.clip(o[i, 0], 0, m.shape[1] - 1))
-        x = int(np.clip(o[i, 1], 0, m.shape[2] - 1))
-        if not m[i, y, x]:
-            continue
-        labels, _ = ndimage.label(m[i], structure=np.ones((3, 3), bool))
-        weights[i][labels == labels[y, x]] = 2.0
-    return weights
-
-
-def hysteresis_fusion(score, low: float = 0.0, high: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise a summed weight map (H, W) to [0, 1] by its maximum, then hysteresis: a
-    connected region of pixels ``> low`` is kept only if some pixel in it is ``> high``
-    (scikit-image's ``apply_hysteresis_threshold``). Returns the mask and the normalised map."""
-    from skimage.filters import apply_hysteresis_threshold
-
-    if not 0 <= low <= high <= 1:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    score = np.asarray(score, dtype=np.float32)
-    top = float(score.max()) if score.size else 0.0
-    if top <= 0:
-        return np.zeros(score.shape, bool), np.zeros(score.shape, np.float32)
-    score = score / top
-    return apply_hysteresis_threshold(score, low, high), score
-
-
-def fuse_polar_predictions(masks, origins, low: float = 0.0, high: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
-    """The multi-object fusion of the polar method for binary predictions (N, H, W), one per
-    origin, already in Cartesian space: weighted sum (:func:`origin_component_weights`), then
-    :func:`hysteresis_fusion`. A region predicted by one polar view only, off its origin, scores
-    1 / max and is dropped when that is <= high. Returns the final mask and the normalised map."""
-    m = np.asarray(masks).astype(bool)
-    if m.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got shape {m.shape}")
-    score = origin_component_weights(m, origins).sum(axis=0) if len(m) else np.zeros(m.shape[1:], np.float32)
-    return hysteresis_fusion(score, low, high)
-
-
 def round_trip_dice(mask, origin, polar_shape: Sequence[int]) -> float:
     """Dice of a binary mask (H, W) against itself after Cartesian -> polar -> Cartesian
-    (nearest neighbour both ways) around ``origin``: how much a polar resolution loses."""
+    (nearest neighbour both ways) around ``origin``: how much a polar resolution loses.
+
+    >>> mask = np.zeros((32, 32)); mask[8:24, 10:20] = 1
+    >>> round(round_trip_dice(mask, (16.0, 15.0), (64, 64)), 3)
+    1.0
+    """
     m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
     o = np.asarray(origin, dtype=np.float64).reshape(1, 2)
     polar, radius = to_polar(m, o, polar_shape, mode="nearest")
@@ -290,4 +288,4 @@ def round_trip_dice(mask, origin, polar_shape: Sequence[int]) -> float:
 
 
 __all__ = ["farthest_corner_distance", "to_polar", "from_polar", "angle_seam_padding", "wrap_angles",
-           "unwrap_angles", "component_centroids", "shift_origin", "origin_component_weights", "hysteresis_fusion", "fuse_polar_predictions", "round_trip_dice"]
+           "unwrap_angles", "component_centroids", "shift_origin", "round_trip_dice"]

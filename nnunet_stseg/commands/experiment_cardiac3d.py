@@ -1,7 +1,7 @@
 """Experiment 3 of issue 5: 3D segment-then-segment vs nnU-Net 3d_fullres and nnU-Net 3d at S on
 the Cardiac Fat CT dataset (pericardium and EAT), per-patient cross-validation, same budget.
 
-    nnunet-stseg-experiment-cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
+    nnunet-stseg experiment-cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
         --out docs/benchmarks/cardiac3d.md
 
 Three arms, every network with the same U-Net base width, batch size and schedule, all trained
@@ -27,15 +27,16 @@ figure from ``results.json``. The default budget is sized for a 2-core CPU; GPU 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
+                                          fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
-from nnunet_stseg.demo import _bin, pipeline_env, run, run_measured, train_fold
-from nnunet_stseg.experiment_polar import print_report
+from nnunet_stseg.commands.reports import example_overlays, print_report, score_folder
+from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
+                                          plan_command_line, predict_command_line, prepare_cardiac, report_header, run,
+                                          run_measured, train_fold)
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 
@@ -57,8 +58,7 @@ def _voxels(images: list[Path]) -> list[list[int]]:
 def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epochs: int, iters: int, folds: int,
                    seed: int, device: str = "cpu", command: str = "", dataset: Path | None = None,
                    limit: int | None = None) -> dict:
-    from nnunet_stseg.experiment_depth import add_narrow, set_batch_size
-    from nnunet_stseg.experiment_polar import prepare_cardiac, score_folder
+    from nnunet_stseg.commands.runner import add_narrow, set_batch_size
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
@@ -70,8 +70,7 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
     coarse_c, fine_c = coarse_config_name("3d", size), fine_config_name("3d", size)
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
     if not plans_file.is_file() or fine_c not in json.loads(plans_file.read_text())["configurations"]:
-        run([_bin("nnunet-stseg"), "plan", "-d", str(did), "-s", str(size), "--dims", "3d", "--features",
-             str(features), "--batch_size", str(batch_size), "-np", "2"], env, logs / "plan.log")
+        run(plan_command_line(did, size, ("3d",), features, batch_size=batch_size), env, logs / "plan.log")
     fullres_c = add_narrow(plans_file, features, base="3d_fullres")
     configs = {c: set_batch_size(plans_file, c, batch_size) for c in (fullres_c, coarse_c, fine_c)}
     results_file = workdir / "results.json"
@@ -108,9 +107,8 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
             cases = [p.name[:-len("_0000.nii.gz")] for p in images]
             if key in infer and all((out / f"{c}.nii.gz").is_file() for c in cases):
                 continue
-            seconds, rss = run_measured([_bin("nnUNetv2_predict"), "-i", str(images[0].parent), "-o", str(out), "-d",
-                                         str(did), "-c", config, "-tr", trainer, "-f", str(f), "-device", device,
-                                         "--disable_tta", "-npp", "1", "-nps", "1"], env,
+            seconds, rss = run_measured(predict_command_line(images[0].parent, out, did, config, trainer, [f], device,
+                                                              "--disable_tta", "-npp", "1", "-nps", "1"), env,
                                         logs / f"predict_{arm}_{f}.log")
             infer[key] = {"seconds": seconds, "volumes": len(images), "peak_rss_mb": rss}
             write_json_atomic(results, results_file, indent=1)
@@ -149,14 +147,12 @@ def _input_line(results: dict, arm: str) -> str:
 
 
 def report(results: dict, examples: str | None = None) -> str:
-    from nnunet_stseg.benchmark import machine_line
-
     b, size = results["budget"], results["size"]
     fullres_arm, coarse_arm, cascade_arm = arm_names(size)
     n_patients = sum(len(v) for v in results["patients"].values())
     shapes = results.get("volume_shapes") or []
-    lines = [f"# 3D segment-then-segment vs nnU-Net 3d_fullres and 3d at S = {size} ({results['dataset']})", "",
-             f"Command: `{results['command']}`  ", f"Machine: {machine_line()}  ",
+    lines = [*report_header(f"3D segment-then-segment vs nnU-Net 3d_fullres and 3d at S = {size} "
+                            f"({results['dataset']})", results["command"]),
              f"Budget per network and fold: U-Net base width {b['features']}, batch {b['batch_size']}, "
              f"{b['epochs']} x {b['iters']} iterations, device {b['device']}; {len(b['folds'])}-fold per-patient "
              f"cross-validation of {n_patients} patients (split seed {b['seed']}), every patient predicted by the "
@@ -214,27 +210,18 @@ def findings(results: dict) -> list[str]:
 
 
 def plot_examples(results: dict, workdir: Path, path: Path) -> Path | None:
-    from nnunet_stseg.experiment_polar import plot_examples as overlays
-
     arms = arm_names(results["size"])
-    return overlays({**results, "dataset": "cardiac"}, workdir, path, arms=arms, ranked_by=arms[2])
+    return example_overlays({**results, "dataset": "cardiac"}, workdir, path, arms=arms, ranked_by=arms[2])
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-cardiac3d", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("experiment-cardiac3d", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/cardiac3d"))
     p.add_argument("-s", "--size", type=int, default=64, help="S: coarse volume and fine crop size per axis (64)")
-    p.add_argument("--features", type=int, default=8, help="U-Net base width of every network (8)")
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--folds", type=int, default=2, help="per-patient folds (2)")
-    p.add_argument("--seed", type=int, default=0)
+    add_budget_arguments(p, features=8, batch_size=2, epochs=8, iters=15, folds=2)
     p.add_argument("--dataset", type=Path, default=None,
                    help="raw 3D dataset folder (default ../shared/data/nnUNet_raw/Dataset701_CardiacFatCT)")
     p.add_argument("--limit", type=int, default=None, help="first N patients only (smoke runs)")
-    p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--report_only", action="store_true",
                    help="rebuild the report and figure from the work folder's results.json")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
@@ -245,7 +232,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--report_only needs a finished run: {results_file} has no results")
         results = json.loads(results_file.read_text())
     else:
-        cmd = ("nnunet-stseg-experiment-cardiac3d " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        cmd = command_line(p, argv)
         results = run_experiment(args.workdir, args.size, args.features, args.batch_size, args.epochs, args.iters,
                                  args.folds, args.seed, args.device, cmd, args.dataset, args.limit)
     print_report(results, args.out, lambda png: plot_examples(results, args.workdir, png), report)

@@ -81,7 +81,15 @@ class CropParams:
 
 def checked_fields(cls, d: dict, what: str) -> dict:
     """``d`` if all its keys are fields of the dataclass ``cls``, else a clear error naming the
-    unknown ones (a typo in a plans file must not be ignored silently)."""
+    unknown ones (a typo in a plans file must not be ignored silently).
+
+    >>> checked_fields(CropParams, {"margin_min": 2}, "crop")
+    {'margin_min': 2}
+    >>> checked_fields(CropParams, {"margin": 2}, "crop")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown crop parameters ['margin']; known: ['jitter_box_fraction', ...]
+    """
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -99,8 +107,26 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def label_foreground(labels, ignore_label: int | None = None):
+    """Foreground of a label map (numpy or torch, any shape): label > 0 and not the ignore label
+    (nnU-Net's ``ignore`` label marks unannotated voxels, neither object nor background).
+
+    >>> label_foreground(np.array([0, 1, 2, 3]), ignore_label=3)
+    array([False,  True,  True, False])
+    """
+    fg = labels > 0
+    if ignore_label is not None:
+        fg &= labels != ignore_label
+    return fg
+
+
 def connectivity_structure(active: Sequence[bool]) -> np.ndarray:
-    """Full (8/26-) connectivity among active axes and none along inactive ones."""
+    """Full (8/26-) connectivity among active axes and none along inactive ones.
+
+    >>> s = connectivity_structure([False, True, True])  # a 2D stage on (Z, Y, X): no link across slices
+    >>> s.shape, int(s.sum()), bool(s[0].any())
+    ((3, 3, 3), 9, False)
+    """
     active = np.asarray(active, dtype=bool)
     ndim = len(active)
     structure = ndimage.generate_binary_structure(ndim, ndim)
@@ -114,7 +140,13 @@ def component_boxes(mask, active: Sequence[bool]) -> tuple[np.ndarray, np.ndarra
     """Connected components of a binary mask and their bounding boxes.
 
     Returns ``(labels, boxes)``: the label image (0 = background, component i has label i + 1)
-    and an int64 array (N, ndim, 2) of ``[start, stop)`` per axis."""
+    and an int64 array (N, ndim, 2) of ``[start, stop)`` per axis.
+
+    >>> mask = np.zeros((1, 6, 8), bool); mask[0, 1:3, 1:4] = True; mask[0, 4:6, 6] = True
+    >>> labels, boxes = component_boxes(mask, [False, True, True])
+    >>> boxes.tolist()  # (N, ndim, [start, stop))
+    [[[0, 1], [1, 3], [1, 4]], [[0, 1], [4, 6], [6, 7]]]
+    """
     mask = _as_numpy(mask).astype(bool)
     if mask.ndim != len(active):
         raise ValueError(f"mask has {mask.ndim} axes but {len(active)} axis flags were given")
@@ -131,7 +163,13 @@ def _min_active_spacing(spacing: np.ndarray, active: np.ndarray) -> float:
 def keep_large_enough(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> np.ndarray:
     """Boolean mask of boxes whose extent reaches ``min_object_size`` along every active axis
     (measured in mm, threshold = min_object_size * finest active spacing). Applied before
-    padding so that it can fire at all (the reference code tested after padding)."""
+    padding so that it can fire at all (the reference code tested after padding).
+
+    >>> params = CropParams(patch_size=(1, 32, 32), min_object_size=5)
+    >>> boxes = np.array([[[0, 1], [0, 10], [0, 6]], [[0, 1], [0, 3], [0, 20]]])
+    >>> keep_large_enough(boxes, [1.0, 1.0, 1.0], params)  # the second is 3 px high
+    array([ True, False])
+    """
     spacing = np.asarray(spacing, dtype=float)
     active = params.active
     if len(boxes) == 0:
@@ -143,7 +181,13 @@ def keep_large_enough(boxes: np.ndarray, spacing: Sequence[float], params: CropP
 
 def square_and_pad(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> tuple[np.ndarray, np.ndarray]:
     """Centres and sizes (float voxels, (N, ndim)) of boxes squared in physical units along the
-    active axes and padded by the context margin. Inactive axes keep the box's own extent."""
+    active axes and padded by the context margin. Inactive axes keep the box's own extent.
+
+    >>> params = CropParams(patch_size=(1, 32, 32), margin_fraction=0.125, margin_min=4)
+    >>> centre, size = square_and_pad(np.array([[[0, 1], [10, 30], [10, 20]]]), [3.0, 0.5, 0.5], params)
+    >>> centre.tolist(), size.tolist()  # 10 x 5 mm: squared to 10 mm, + max(12.5 %, 4 px) per side = 14 mm
+    ([[0.5, 20.0, 15.0]], [[1.0, 28.0, 28.0]])
+    """
     spacing = np.asarray(spacing, dtype=float)
     active = params.active
     boxes = np.asarray(boxes, dtype=float).reshape(-1, len(spacing), 2)
@@ -167,7 +211,14 @@ def jitter(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int], par
     """Uniform random integer jitter of centre and size along active axes (training only).
 
     Amplitude per axis: ``min(jitter_image_fraction * image_extent, jitter_box_fraction * size)``,
-    floored to whole voxels. Sizes stay >= 1 voxel."""
+    floored to whole voxels. Sizes stay >= 1 voxel.
+
+    >>> params = CropParams(patch_size=(1, 32, 32))
+    >>> c, s = jitter(np.array([[0.5, 50.0, 50.0]]), np.array([[1.0, 40.0, 40.0]]), (1, 256, 256), params,
+    ...               np.random.default_rng(0))
+    >>> bool(abs(c[0, 1] - 50) <= 10 and abs(s[0, 1] - 40) <= 10), float(c[0, 0]), float(s[0, 0])  # z untouched
+    (True, 0.5, 1.0)
+    """
     image_shape = np.asarray(image_shape, dtype=float)
     amp = np.floor(np.minimum(params.jitter_image_fraction * image_shape[None], params.jitter_box_fraction * size))
     amp = np.where(params.active[None], amp, 0).astype(np.int64)
@@ -179,7 +230,11 @@ def jitter(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int], par
 def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     """Integer boxes (N, ndim, 2) of the requested size, shifted (size kept) to lie inside the
     image; a box larger than the image along an axis is clamped to the whole axis. Never drops a
-    box (the reference code discarded boxes larger than the image, losing the object)."""
+    box (the reference code discarded boxes larger than the image, losing the object).
+
+    >>> fit_to_image(np.array([[2.0, 30.0]]), np.array([[8.0, 8.0]]), (40, 32)).tolist()  # shifted inside, size kept
+    [[[0, 8], [24, 32]]]
+    """
     image_shape = np.asarray(image_shape, dtype=np.int64)
     size_i = np.maximum(np.rint(size).astype(np.int64), 1)
     size_i = np.minimum(size_i, image_shape[None])
@@ -191,7 +246,13 @@ def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int
 def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
-    (jitter if ``rng``) -> fit to the image. Returns ``(boxes, n_dropped)``."""
+    (jitter if ``rng``) -> fit to the image. Returns ``(boxes, n_dropped)``.
+
+    >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
+    >>> boxes, n_dropped = boxes_from_mask(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
+    >>> boxes.tolist(), n_dropped  # one squared, padded box; the 2 x 2 speck is below the 5 px rule
+    ([[[0, 1], [11, 39], [16, 44]]], 1)
+    """
     mask = _as_numpy(mask)
     _, boxes = component_boxes(mask, params.active)
     keep = keep_large_enough(boxes, spacing, params)
@@ -205,7 +266,12 @@ def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
 def merge_overlapping_boxes(boxes: np.ndarray) -> np.ndarray:
     """Replace every group of intersecting boxes by their union (repeated until no two boxes
     intersect). Used only when a case has more crops than ``max_crops``: clusters of speckle
-    components then become one crop each."""
+    components then become one crop each.
+
+    >>> boxes = np.array([[[0, 4], [0, 4]], [[2, 6], [2, 6]], [[10, 12], [10, 12]]])
+    >>> merge_overlapping_boxes(boxes).tolist()
+    [[[0, 6], [0, 6]], [[10, 12], [10, 12]]]
+    """
     boxes = np.asarray(boxes, dtype=np.int64)
     merged = True
     while merged and len(boxes) > 1:
@@ -222,7 +288,12 @@ def merge_overlapping_boxes(boxes: np.ndarray) -> np.ndarray:
 
 
 def connected_groups(adjacency: np.ndarray) -> tuple[int, np.ndarray]:
-    """Connected components of a boolean adjacency matrix (scipy.sparse.csgraph)."""
+    """Connected components of a boolean adjacency matrix (scipy.sparse.csgraph).
+
+    >>> n, groups = connected_groups(np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], bool))
+    >>> n, groups.tolist()
+    (2, [0, 0, 1])
+    """
     from scipy.sparse.csgraph import connected_components
 
     return connected_components(adjacency, directed=False)
@@ -231,7 +302,13 @@ def connected_groups(adjacency: np.ndarray) -> tuple[int, np.ndarray]:
 def limit_crops(boxes: np.ndarray, max_crops: int) -> tuple[np.ndarray, dict]:
     """Bound the number of crops per case. Up to ``max_crops`` boxes pass unchanged. Beyond that,
     intersecting boxes are merged into their union; if still too many, only the ``max_crops``
-    largest boxes (by volume) are kept. Returns the boxes and what was done, for the log."""
+    largest boxes (by volume) are kept. Returns the boxes and what was done, for the log.
+
+    >>> boxes = np.array([[[0, 4], [0, 4]], [[2, 6], [2, 6]], [[10, 12], [10, 12]]])
+    >>> kept, info = limit_crops(boxes, max_crops=2)
+    >>> kept.tolist(), info
+    ([[[0, 6], [0, 6]], [[10, 12], [10, 12]]], {'boxes_in': 3, 'merged_into': 2, 'discarded': 0})
+    """
     n_in = len(boxes)
     info = {"boxes_in": n_in, "merged_into": n_in, "discarded": 0}
     if max_crops < 1:
@@ -250,7 +327,11 @@ def limit_crops(boxes: np.ndarray, max_crops: int) -> tuple[np.ndarray, dict]:
 
 def whole_image_boxes(image_shape: Sequence[int], active: Sequence[bool]) -> np.ndarray:
     """Boxes covering the whole image: one box if every axis is active, else one per index of the
-    inactive axes (e.g. one per slice for a 2D stage on a 3D volume)."""
+    inactive axes (e.g. one per slice for a 2D stage on a 3D volume).
+
+    >>> whole_image_boxes((2, 5, 6), [False, True, True]).tolist()  # one box per slice
+    [[[0, 1], [0, 5], [0, 6]], [[1, 2], [0, 5], [0, 6]]]
+    """
     image_shape = tuple(int(s) for s in image_shape)
     active = np.asarray(active, dtype=bool)
     inactive_ranges = [range(s) if not a else [None] for s, a in zip(image_shape, active)]
@@ -299,7 +380,13 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     grid_sample call (their grids are stacked along the first spatial axis of a batch of one), so
     there is no per-crop kernel launch or host round trip. Boxes may be fractional and may reach
     outside the image (``padding_mode`` 'zeros' or 'border' decides what is read there).
-    numpy in -> numpy out."""
+    numpy in -> numpy out.
+
+    >>> image = torch.arange(16.0).reshape(1, 1, 4, 4)  # (C, Z, Y, X)
+    >>> crops = crop_and_resample(image, np.array([[[0, 1], [0, 2], [2, 4]]]), (1, 4, 4), "nearest")
+    >>> crops.shape, crops[0, 0, 0, 0].tolist()  # (N, C, *out_size): the box's 2 x 2 pixels, each twice
+    (torch.Size([1, 1, 1, 4, 4]), [2.0, 2.0, 3.0, 3.0])
+    """
     was_numpy = not isinstance(image, torch.Tensor)
     img = torch.as_tensor(image)
     spatial = img.shape[1:]
@@ -323,7 +410,12 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
 
 def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linear") -> torch.Tensor:
     """Inverse of :func:`crop_and_resample` for one crop (K, *n): its values on the voxels of
-    ``box`` (K, *box_size), with the exact inverse coordinate mapping."""
+    ``box`` (K, *box_size), with the exact inverse coordinate mapping.
+
+    >>> crop = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (C, Z, Y, X) = (1, 1, 2, 2)
+    >>> resample_crop_to_box(crop, np.array([[0, 1], [0, 4], [0, 4]]), "nearest")[0, 0].tolist()
+    [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0], [3.0, 3.0, 4.0, 4.0], [3.0, 3.0, 4.0, 4.0]]
+    """
     ndim = crop.ndim - 1
     box = np.asarray(box, dtype=np.int64).reshape(ndim, 2)
     region = [int(box[d, 1] - box[d, 0]) for d in range(ndim)]
@@ -339,47 +431,16 @@ def _box_slices(box: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in box)
 
 
-def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
-               mode: str = "linear"):
-    """Paste per-crop probabilities (N, K, *n) back into an image of ``image_shape`` and fuse.
-
-    Softmax outputs (``multilabel=False``, channel 0 = background): foreground channels take the
-    max over crops and background the min, i.e. a voxel is foreground if ANY crop says so (the
-    paper's logical OR), and voxels outside every crop stay background (probability 1).
-    Sigmoid/region outputs (``multilabel=True``): every channel is the max over crops, 0 outside.
-    Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask."""
-    was_numpy = not isinstance(probs, torch.Tensor)
-    p = torch.as_tensor(probs)
-    k = p.shape[1]
-    image_shape = tuple(int(s) for s in image_shape)
-    boxes = np.asarray(boxes)
-    if len(boxes) and (not np.issubdtype(boxes.dtype, np.integer) or np.any(boxes[:, :, 0] < 0)
-                       or np.any(boxes[:, :, 1] > np.asarray(image_shape)) or np.any(boxes[:, :, 1] <= boxes[:, :, 0])):
-        raise ValueError("fuse_crops needs integer boxes inside the image (as fit_to_image returns), got "
-                         f"{boxes.tolist()} for image shape {image_shape}")
-    fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
-    covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device)
-    if not multilabel:
-        fused[0] = 1.0
-    for crop, box in zip(p, np.asarray(boxes, dtype=np.int64)):
-        sl = _box_slices(box)
-        pasted = resample_crop_to_box(crop, box, mode)
-        if multilabel:
-            fused[(slice(None), *sl)] = torch.maximum(fused[(slice(None), *sl)], pasted)
-        else:
-            fused[(slice(1, None), *sl)] = torch.maximum(fused[(slice(1, None), *sl)], pasted[1:])
-            fused[(0, *sl)] = torch.minimum(fused[(0, *sl)], pasted[0])
-        covered[sl] = True
-    if was_numpy:
-        return fused.cpu().numpy(), covered.cpu().numpy()
-    return fused, covered
-
-
 def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 1e-6,
                             inplace: bool = False) -> torch.Tensor:
     """Logits whose softmax (or sigmoid) gives back ``probs`` (renormalised for softmax), so that
     nnU-Net's own export applies its usual nonlinearity to fused probabilities. ``inplace``
-    overwrites ``probs`` (no second K x volume array on large volumes)."""
+    overwrites ``probs`` (no second K x volume array on large volumes).
+
+    >>> probs = torch.tensor([[0.25, 0.9], [0.75, 0.1]])  # (K, N): softmax channels
+    >>> probabilities_to_logits(probs, multilabel=False).softmax(0).allclose(probs)
+    True
+    """
     p = probs.clamp_(eps, 1 - eps) if inplace else probs.clamp(eps, 1 - eps)
     if multilabel:
         log_not_p = torch.log1p(-p)
@@ -391,7 +452,12 @@ def foreground_from_probabilities(probs: torch.Tensor, multilabel: bool) -> torc
     """Bool mask of the voxels nnU-Net's segmentation would label as foreground, without its
     int64 argmax volume: softmax (channel 0 = background): some foreground channel beats the
     background strictly (argmax takes the first of tied maxima); sigmoid/regions: some region's
-    probability is above 0.5 (nnU-Net's region threshold)."""
+    probability is above 0.5 (nnU-Net's region threshold).
+
+    >>> probs = torch.tensor([[0.7, 0.2, 0.5], [0.3, 0.8, 0.5]])  # (K, N), channel 0 background
+    >>> foreground_from_probabilities(probs, multilabel=False).tolist()  # a tie stays background
+    [False, True, False]
+    """
     if multilabel:
         return (probs > 0.5).any(0)
     if probs.shape[0] == 1:

@@ -1,6 +1,6 @@
 """Experiment: does the depth channel help a 2D network on cardiac CT? (issue 4 evidence)
 
-    nnunet-stseg-experiment-depth --workdir work_dirs/depth --out docs/benchmarks/depth_cardiacfat.md
+    nnunet-stseg experiment-depth --workdir work_dirs/depth --out docs/benchmarks/depth_cardiacfat.md
 
 Data: the Cardiac Fat CT dataset in nnU-Net raw format (``../shared/data/nnUNet_raw/
 Dataset701_CardiacFatCT``; read in place, nothing is copied), per-patient K-fold cross-validation
@@ -25,58 +25,21 @@ inside the predicted pericardium, with an intensity window learned on each fold'
 """
 from __future__ import annotations
 
-import argparse
 import json
-from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.demo import _bin, pipeline_env, run, train_fold
-from nnunet_stseg.metrics import overlap
+from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
+                                          per_patient_split, pipeline_env, plan_command_line, run, set_batch_size,
+                                          shared_data, train_fold)
+from nnunet_stseg.core.metrics import overlap
 
 DATASET_ID = 701
 SETTINGS = ("128", "planned")
 ARMS = (("plain", "nnUNetTrainer_StSCoarse"), ("depth", "nnUNetTrainer_Depth"))
 PUBLISHED = {"pericardium_dsc": 0.9264, "pericardium_iou": 0.8819, "eat_dsc": 0.8646, "eat_count_r": 0.886}
-
-
-def _shared_raw() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "nnUNet_raw"
-
-
-def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict]:
-    """nnU-Net ``splits_final.json`` content: patients shuffled with ``seed``, dealt into folds."""
-    order = np.random.default_rng(seed).permutation(sorted(case_ids))
-    folds = [sorted(str(c) for c in order[f::n_folds]) for f in range(n_folds)]
-    return [{"train": sorted(c for g, fold in enumerate(folds) if g != f for c in fold), "val": folds[f]}
-            for f in range(n_folds)]
-
-
-def add_narrow(plans_file: Path, features: int, base: str = "2d") -> str:
-    """Add ``<base>_w<features>`` to the plans: nnU-Net's planned configuration ``base`` (same
-    patch, same preprocessed data) with a narrower U-Net. Returns its name."""
-    from nnunet_stseg.planners.sts_planner import _set_width
-
-    plans = json.loads(plans_file.read_text())
-    name = f"{base}_w{features}"
-    if name not in plans["configurations"]:
-        cfg = deepcopy(plans["configurations"][base])
-        _set_width(cfg, features, None)
-        plans["configurations"][name] = cfg
-        write_json_atomic(plans, plans_file, indent=1)
-    return name
-
-
-def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dict:
-    """Give a configuration the experiment's batch size; returns the configuration."""
-    plans = json.loads(plans_file.read_text())
-    cfg = plans["configurations"][configuration]
-    if cfg["batch_size"] != int(batch_size):
-        cfg["batch_size"] = int(batch_size)
-        write_json_atomic(plans, plans_file, indent=1)
-    return cfg
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -187,7 +150,7 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
                    settings: tuple[str, ...] = SETTINGS, device: str = "cpu", raw: Path | None = None,
                    command: str = "", val_mirroring: bool = True) -> dict:
     workdir = Path(workdir).resolve()
-    raw = Path(raw) if raw else _shared_raw()
+    raw = Path(raw) if raw else shared_data() / "nnUNet_raw"
     ds_raw = next(iter(sorted(raw.glob(f"Dataset{DATASET_ID}_*"))), None) if raw.is_dir() else None
     if ds_raw is None:
         raise SystemExit(f"Cardiac Fat CT dataset (Dataset{DATASET_ID}_*) not found under {raw}; pass --raw")
@@ -199,8 +162,7 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
     pp = Path(env["nnUNet_preprocessed"]) / ds_raw.name
     plans_file = pp / "nnUNetPlans.json"
     if not plans_file.is_file() or "2d_sts_coarse_128" not in json.loads(plans_file.read_text())["configurations"]:
-        run([_bin("nnunet-stseg"), "plan", "-d", str(DATASET_ID), "-s", "128", "--dims", "2d", "--features",
-             str(features), "-np", "2"], env, logs / "plan.log")
+        run(plan_command_line(DATASET_ID, 128, ("2d",), features), env, logs / "plan.log")
     narrow = add_narrow(plans_file, features)
     case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds_raw / "labelsTr").glob("*.nii.gz"))
     split = per_patient_split(case_ids, folds, seed)
@@ -263,8 +225,6 @@ def _setting_cells(key: str, arm: dict) -> str:
 
 
 def report(results: dict, cmd: str) -> str:
-    from nnunet_stseg.benchmark import machine_line
-
     split = results.get("split") or results["budget"]
     lines = ["# Depth channel on Cardiac Fat CT (2D networks on 3D scans)", "",
              "Commands (each adds its rows; the last one printed this file):  ",
@@ -350,26 +310,17 @@ def bland_altman_plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    import sys
-
-    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-depth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("experiment-depth", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/depth"))
     p.add_argument("--raw", type=Path, default=None, help="nnU-Net raw folder holding Dataset701 "
                                                           "(default ../shared/data/nnUNet_raw)")
-    p.add_argument("--features", type=int, default=16)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--folds", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_budget_arguments(p, features=16, batch_size=8, epochs=10, iters=50, folds=2)
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--no_val_mirroring", action="store_true",
                    help="score with nnU-Net's validation without mirroring (STSEG_VAL_MIRRORING=0)")
     p.add_argument("--out", type=Path, default=None, help="markdown report (a Bland-Altman PNG is written beside it)")
     args = p.parse_args(argv)
-    cmd = ("nnunet-stseg-experiment-depth " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = command_line(p, argv)
     results = run_experiment(args.workdir, args.features, args.batch_size, args.epochs, args.iters, args.folds,
                              args.seed, tuple(args.settings), args.device, args.raw, cmd,
                              val_mirroring=not args.no_val_mirroring)

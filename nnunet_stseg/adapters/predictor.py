@@ -14,7 +14,7 @@ turns that one predictor into an :class:`StSPredictor` (fine stage of the cascad
 predictors are untouched.
 
 :class:`PluginPredictor` swaps its configuration and plans managers for ours
-(:mod:`nnunet_stseg.inference_io`): the preprocessor checks the input and, for depth models,
+(:mod:`nnunet_stseg.adapters.inference_io`): the preprocessor checks the input and, for depth models,
 appends the depth channel right after nnU-Net's own preprocessing (which records the cropping box
 the depth needs); segmentations are written atomically. Every nnU-Net inference path creates its
 preprocessor and writer from these managers (worker processes, ``-npp 0 -nps 0``, numpy-array
@@ -32,25 +32,29 @@ import torch.nn.functional as F
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_stseg.config import StSConfig, grid_spacing3
-from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
-from nnunet_stseg.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
-                                       PluginPlansManager, remove_partial_folder, report_case_error)
-from nnunet_stseg.metrics import write_json_atomic
-from nnunet_stseg.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, fuse_crops,
-                                   limit_crops, probabilities_to_logits, whole_image_boxes)
+from nnunet_stseg import settings
+from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
+from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
+                                                PluginPlansManager, remove_partial_folder, report_case_error)
+from nnunet_stseg.adapters.results import model_folder, train_command
+from nnunet_stseg.atomic import write_json_atomic
+from nnunet_stseg.core.depth import DEPTH_KEY
+from nnunet_stseg.core.fusion import fuse_crops
+from nnunet_stseg.core.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, limit_crops,
+                                        probabilities_to_logits, whole_image_boxes)
 
 
-def coarse_model_folder(results_root: str, dataset_name: str, plans_name: str, sts: StSConfig) -> str:
-    """Where the coarse model lives by convention (nnU-Net's results folder layout)."""
-    return join(results_root, dataset_name, f"{sts.coarse_trainer}__{plans_name}__{sts.coarse_configuration}")
+def missing_model_message(what: str, folder, dataset_name: str, plans_name: str, trainer: str, configuration: str,
+                          fold, hint: str = "") -> str:
+    """One style for every missing companion model: what is missing, where it was looked for, and
+    the stock command that trains it."""
+    return (f"{what} {folder}{'' if fold is None else f'/fold_{fold}'}, which does not exist. Train it with: "
+            f"{train_command(dataset_name, trainer, configuration, fold, plans_name)}{hint}")
 
 
-def missing_coarse_message(folder: str, dataset_name: str, plans_name: str, sts: StSConfig, fold) -> str:
-    return (f"segment-then-segment needs the coarse model {folder}"
-            f"{'' if fold is None else f'/fold_{fold}'}, which does not exist. Train it with: "
-            f"nnUNetv2_train {dataset_name} {sts.coarse_configuration} {fold if fold is not None else 'FOLD'} "
-            f"-tr {sts.coarse_trainer} -p {plans_name}")
+def missing_coarse_message(folder, dataset_name: str, plans_name: str, sts: StSConfig, fold) -> str:
+    return missing_model_message("segment-then-segment needs the coarse model", folder, dataset_name, plans_name,
+                                 sts.coarse_trainer, sts.coarse_configuration, fold)
 
 
 class PluginPredictor(nnUNetPredictor):
@@ -65,6 +69,28 @@ class PluginPredictor(nnUNetPredictor):
     - segmentations written atomically (:class:`AtomicReaderWriter`)."""
 
     depth_channel: bool = False
+    applied_overrides: dict | None = None  # plan key -> {"plans": value, "used": value}
+
+    def _record_overrides(self, changed: dict) -> None:
+        """Log plan values replaced by environment variables and keep them for the record that
+        is written next to the predictions (:data:`nnunet_stseg.settings.OVERRIDES_FILE`)."""
+        if not changed:
+            return
+        self.applied_overrides = {**(self.applied_overrides or {}), **changed}
+        print("[nnunet-stseg] plan values overridden by the environment: "
+              + ", ".join(f"{k} {v['plans']} -> {v['used']}" for k, v in changed.items()), flush=True)
+
+    def _write_overrides_record(self, folders) -> None:
+        """Next to the predictions: which plan values the environment replaced in this run (the
+        file is removed when nothing was replaced, so a stale record never describes a later run)."""
+        for folder in folders:
+            path = os.path.join(folder, settings.OVERRIDES_FILE)
+            if self.applied_overrides:
+                write_json_atomic({"plan_overrides": self.applied_overrides,
+                                   "variables": {s.name: os.environ.get(s.name) for s in settings.SETTINGS.values()
+                                                 if s.plan_key and os.environ.get(s.name)}}, path)
+            elif os.path.isfile(path):
+                os.remove(path)
 
     @property
     def configuration_manager(self):
@@ -127,6 +153,7 @@ class PluginPredictor(nnUNetPredictor):
         finally:
             for folder in output_folders:  # every export has finished (or failed) here
                 remove_partial_folder(folder)
+        self._write_overrides_record(output_folders)
         self._report_failures(failures)
         return result
 
@@ -154,6 +181,7 @@ class PluginPredictor(nnUNetPredictor):
             self.configuration_manager.on_error = "mark"
             for folder in {os.path.dirname(os.path.abspath(o)) for o in outputs if o}:
                 remove_partial_folder(folder)
+        self._write_overrides_record({os.path.dirname(os.path.abspath(o)) for o in outputs if o})
         self._report_failures(failures)
         return returned
 
@@ -173,13 +201,6 @@ class BatchIncomplete(RuntimeError):
     """Some cases of a batch failed; the others were predicted and written."""
 
 
-def add_depth_to_case(data, properties: dict):
-    """A preprocessed case (C, Z, ...) with its depth channel, as the depth predictor's preprocessing
-    makes it (for code that feeds preprocessed training data to a predictor)."""
-    case = data if isinstance(data, torch.Tensor) else np.asarray(data[:])
-    return append_depth_channel(case, depths_from_properties(case.shape[1], properties))
-
-
 class StSPredictor(PluginPredictor):
     """nnU-Net predictor that runs coarse model -> boxes -> fine crops -> fusion per case."""
 
@@ -192,25 +213,27 @@ class StSPredictor(PluginPredictor):
     # set-up
     # ------------------------------------------------------------------------------------------
     def _sts_config(self) -> StSConfig:
+        """The configuration's ``sts`` block with the environment's plan overrides applied, read
+        once per loaded model (the overrides are logged and recorded in :attr:`applied_overrides`)."""
         if self.sts is None:
             sts = StSConfig.from_configuration(self.configuration_manager.configuration,
-                                               "the fine model's configuration")
+                                               f"the {self.sts_role} model's configuration")
             if sts.role != self.sts_role:
                 raise ValueError(f"configuration has sts.role={sts.role!r}; {self.__class__.__name__} predicts "
                                  f"with the {self.sts_role} configuration")
+            sts, _, changed = apply_plan_overrides(sts, None, settings.plan_overrides())
             self.sts = sts
+            self._record_overrides(changed)
         return self.sts
 
     def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
                       coarse_folder: str | None = None) -> None:
         """Load the coarse model (same folds as the fine one) from ``coarse_folder`` or, by
         default, from its conventional folder in ``nnUNet_results``."""
-        from nnunetv2.paths import nnUNet_results
-
         sts = self._sts_config()
         ds, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
         if coarse_folder is None:
-            coarse_folder = coarse_model_folder(str(nnUNet_results), ds, plans, sts)
+            coarse_folder = str(model_folder(ds, sts.coarse_trainer, sts.coarse_configuration, plans))
         if not isdir(coarse_folder):
             raise FileNotFoundError(missing_coarse_message(coarse_folder, ds, plans, sts, None))
         folds = list(folds) if folds is not None else None
@@ -397,9 +420,10 @@ def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bo
         return
     predictor.coarse = None
     predictor.sts = None
+    predictor.applied_overrides = None
     predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
                              frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
 
 
-__all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "add_depth_to_case", "adopt_predictor", "loading_frame",
-           "coarse_model_folder"]
+__all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "adopt_predictor", "loading_frame",
+           "missing_model_message"]

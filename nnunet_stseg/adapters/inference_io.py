@@ -26,7 +26,7 @@ from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_stseg.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
+from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
 
 ERROR_KEY = "nnunet_stseg_error"
 PARTIAL_DIR = ".nnunet_stseg_partial"

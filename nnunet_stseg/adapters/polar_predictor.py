@@ -1,6 +1,6 @@
 """Polar-stage inference as an nnU-Net predictor (methods.md section 3 and 3b).
 
-:class:`PolarPredictor` is an :class:`~nnunet_stseg.predictor.StSPredictor` (same coarse model
+:class:`PolarPredictor` is an :class:`~nnunet_stseg.adapters.predictor.StSPredictor` (same coarse model
 by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabilities``,
 ``-num_parts``, ``--continue_prediction``, failure handling); only the per-case step differs:
 
@@ -21,69 +21,55 @@ by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabil
 """
 from __future__ import annotations
 
-import os
 from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_stseg.centres import heatmap_peaks
-from nnunet_stseg.config import (DEFAULT_CENTRE_TRAINER, MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, ORIGIN_SOURCES,
-                                 PEAK_THRESHOLD_ENV, CentreParams)
-from nnunet_stseg.geometry import foreground_from_probabilities, probabilities_to_logits
-from nnunet_stseg.polar import (angle_seam_padding, component_centroids, from_polar, hysteresis_fusion,
-                                origin_component_weights, to_polar, unwrap_angles, wrap_angles)
-from nnunet_stseg.predictor import StSPredictor
-
-
-def _env_override(name: str, parse, valid, expected: str):
-    """The value of environment variable ``name`` parsed with ``parse``, None when unset or empty;
-    a clear error naming the variable when it does not parse or is not ``valid``."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = parse(raw)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise ValueError(f"{name}={raw!r}: expected {expected}")
-    return value
+from nnunet_stseg import settings
+from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
+from nnunet_stseg.adapters.predictor import StSPredictor, missing_model_message
+from nnunet_stseg.adapters.results import model_folder
+from nnunet_stseg.core.centres import heatmap_peaks
+from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
+from nnunet_stseg.core.geometry import foreground_from_probabilities, probabilities_to_logits
+from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, from_polar, to_polar, unwrap_angles,
+                                     wrap_angles)
 
 
 class PolarPredictor(StSPredictor):
-    """nnU-Net predictor that runs coarse model -> origins -> polar network -> fusion per case."""
+    """nnU-Net predictor that runs coarse model -> origins -> polar network -> fusion per case.
+
+    The plans' ``sts.polar`` and ``sts.centre`` values may be replaced for a run by environment
+    variables (:func:`nnunet_stseg.settings.plan_overrides`); they are applied once when the model's
+    configuration is read (and the centre model loaded), logged, and recorded next to the
+    predictions."""
 
     sts_role = "polar"
     centre: nnUNetPredictor | None = None
     centre_params: CentreParams | None = None
 
     def origin_source(self) -> str:
-        """``coarse`` or ``heatmap``: the plans' ``sts.polar.origin_source`` unless the environment
-        variable ``STSEG_POLAR_ORIGINS`` says otherwise."""
-        source = os.environ.get(ORIGIN_SOURCE_ENV) or self._sts_config().polar.origin_source
-        if source not in ORIGIN_SOURCES:
-            raise ValueError(f"{ORIGIN_SOURCE_ENV}={source!r}: the polar origin source must be one of {ORIGIN_SOURCES}")
-        return source
+        """``coarse`` or ``heatmap`` (``sts.polar.origin_source``, or ``STSEG_POLAR_ORIGINS``)."""
+        return self._sts_config().polar.origin_source
 
     def max_origins(self) -> int:
-        """Origins per slice: the plans' ``sts.polar.max_origins`` unless ``STSEG_POLAR_MAX_ORIGINS``
-        says otherwise (1 suits data with one object per slice: a stray coarse fragment then gives
-        no polar view of its own)."""
-        value = _env_override(MAX_ORIGINS_ENV, int, lambda v: v >= 1, "a whole number >= 1 (origins per slice)")
-        return int(self._sts_config().polar.max_origins) if value is None else value
+        """Origins per slice (``sts.polar.max_origins``, or ``STSEG_POLAR_MAX_ORIGINS``; 1 suits data
+        with one object per slice: a stray coarse fragment then gives no polar view of its own)."""
+        return int(self._sts_config().polar.max_origins)
 
     def peak_threshold(self) -> float | None:
-        """Heatmap value from which a local maximum is an origin: the centre model's
-        ``sts.centre.peak_threshold`` unless ``STSEG_POLAR_PEAK_THRESHOLD`` says otherwise; 0 means
-        no threshold (None), so that with ``STSEG_POLAR_MAX_ORIGINS=1`` every slice gets the
-        heatmap's maximum (the paper's argmax rule, for data with one object per image)."""
-        value = _env_override(PEAK_THRESHOLD_ENV, float, lambda v: 0 <= v < 1,
-                              "a number in [0, 1) (0 = no threshold)")
-        if value is None:
-            return float(self.centre_params.peak_threshold)
+        """Heatmap value from which a local maximum is an origin (``sts.centre.peak_threshold`` of
+        the centre model, or ``STSEG_POLAR_PEAK_THRESHOLD``); 0 means no threshold (None), so that
+        with one origin per slice every slice gets the heatmap's maximum (the paper's argmax rule)."""
+        value = float(self.centre_params.peak_threshold)
         return value if value > 0 else None
+
+    def set_centre_params(self, params: CentreParams) -> None:
+        """The centre model's parameters with the environment's override applied (once, logged)."""
+        _, self.centre_params, changed = apply_plan_overrides(self._sts_config(), params, settings.plan_overrides())
+        self._record_overrides(changed)
 
     def _angle_stride(self) -> int:
         """Total stride of the polar network along the angle axis (input sizes must be multiples)."""
@@ -91,11 +77,8 @@ class PolarPredictor(StSPredictor):
         return int(np.prod([s if isinstance(s, int) else s[0] for s in strides]))
 
     def centre_model_folder(self) -> str:
-        from nnunetv2.paths import nnUNet_results
-
-        sts = self._sts_config()
-        return join(str(nnUNet_results), self.plans_manager.dataset_name,
-                    f"{DEFAULT_CENTRE_TRAINER}__{self.plans_manager.plans_name}__{sts.coarse_configuration}")
+        return str(model_folder(self.plans_manager.dataset_name, DEFAULT_CENTRE_TRAINER,
+                                self._sts_config().coarse_configuration, self.plans_manager.plans_name))
 
     def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
                       coarse_folder: str | None = None) -> None:
@@ -112,20 +95,18 @@ class PolarPredictor(StSPredictor):
         missing = [f for f in (folds or [])
                    if not isfile(join(folder, f"fold_{f}", checkpoint_name))] if isdir(folder) else list(folds or ["F"])
         if missing or not isdir(folder):
-            raise FileNotFoundError(
-                f"heatmap origins need the centre-point model {folder}/fold_{missing[0] if missing else 'F'}, which "
-                f"does not exist. Train it with: nnUNetv2_train {self.plans_manager.dataset_name} "
-                f"{sts.coarse_configuration} {missing[0] if missing else 'FOLD'} -tr {DEFAULT_CENTRE_TRAINER} -p "
-                f"{self.plans_manager.plans_name} (or predict with {ORIGIN_SOURCE_ENV}=coarse)")
+            raise FileNotFoundError(missing_model_message(
+                "heatmap origins need the centre-point model", folder, self.plans_manager.dataset_name,
+                self.plans_manager.plans_name, DEFAULT_CENTRE_TRAINER, sts.coarse_configuration,
+                missing[0] if missing else "F", " (or predict with STSEG_POLAR_ORIGINS=coarse)"))
         centre = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
                                  use_mirroring=self.use_mirroring,
                                  perform_everything_on_device=self.perform_everything_on_device,
                                  device=self.device, verbose=False, allow_tqdm=False)
         centre.stseg_centre_model = True  # the centre trainer refuses to be loaded for segmentation otherwise
         centre.initialize_from_trained_model_folder(folder, list(folds) if folds is not None else None, checkpoint_name)
-        self.centre_params = CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"])
+        self.set_centre_params(CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"]))
         self.centre = centre
-        self.peak_threshold()  # a bad override fails before the first case, not in the middle of a batch
         self._log(f"centre-point model: {folder} folds {folds}")
 
     def origins(self, foreground: np.ndarray) -> np.ndarray:
@@ -150,24 +131,57 @@ class PolarPredictor(StSPredictor):
                 out.append(np.concatenate([np.full((len(yx), 1), z, dtype=float), yx], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 3))
 
-    @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+    def _origins_for_case(self, data: torch.Tensor, foreground: np.ndarray) -> np.ndarray:
+        """(N, 3) origins of one case from the plans' (or the environment's) origin source."""
+        if self.origin_source() == "heatmap":
+            if self.centre is None:
+                self.attach_centre(*self._model_source())
+            return self.heatmap_origins(data)
+        return self.origins(foreground)
+
+    def _polar_passes(self, image: torch.Tensor, origins: np.ndarray, n_classes: int, multilabel: bool
+                      ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, float, float]:
+        """Every origin's polar prediction, back in Cartesian space, summed per slice into the fusion
+        terms of :func:`~nnunet_stseg.core.fusion.fuse_polar_slice`: score (Z, H, W) on the host,
+        class sums (K, Z, H, W) and weight sums (Z, H, W) on the device; plus the geometry and
+        network seconds. Origins go through the network in batches of ``crops_per_batch``."""
         sts = self._sts_config()
         pp = sts.polar
+        shape = tuple(image.shape[1:])
+        score = np.zeros(shape, np.float32)
+        class_sum = torch.zeros((n_classes, *shape), dtype=torch.float32, device=self.device)
+        weight_sum = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        geometry_s = network_s = 0.0
+        seam = angle_seam_padding(pp.polar_shape[0], pp.seam_padding_fraction, self._angle_stride())
+        for start in range(0, len(origins), sts.crops_per_batch):
+            chunk = origins[start:start + sts.crops_per_batch]
+            ta = self._clock()
+            polar, radii = to_polar(image, chunk, pp.polar_shape, "linear")
+            tb = self._clock()
+            logits = unwrap_angles(self._forward_fine(wrap_angles(polar, seam)), seam)
+            p = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            tc = self._clock()
+            cart = from_polar(p, chunk[:, 1:], shape[1:], radii, mode="linear")  # (n, K, H, W)
+            score_w, class_w = polar_fusion_weights(cart, chunk[:, 1:], multilabel)
+            for i, z in enumerate(chunk[:, 0].astype(int)):
+                score[z] += score_w[i]
+                class_sum[:, z] += class_w[i] * cart[i]
+                weight_sum[z] += class_w[i]
+            geometry_s += (tb - ta) + (self._clock() - tc)
+            network_s += tc - tb
+        return score, class_sum, weight_sum, geometry_s, network_s
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        pp = self._sts_config().polar
         self._ensure_coarse()
-        lm = self.label_manager
-        multilabel = lm.has_regions
+        multilabel = self.label_manager.has_regions
         t0 = self._clock()
 
         probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the device
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
-        if source == "heatmap":
-            if self.centre is None:
-                self.attach_centre(*self._model_source())
-            origins = self.heatmap_origins(data)
-        else:
-            origins = self.origins(foreground)
+        origins = self._origins_for_case(data, foreground)
         t1 = self._clock()
         z_with = sorted({int(z) for z in origins[:, 0]})
         # slices without any origin keep the coarse prediction; with coarse origins their components
@@ -193,49 +207,12 @@ class PolarPredictor(StSPredictor):
                   + (f"; {kept_coarse} slice(s) with coarse foreground but no heatmap peak keep the coarse "
                      f"prediction" if kept_coarse else ""))
 
-        shape = tuple(data.shape[1:])
-        image = data.to(self.device).float()
-        k = probs.shape[0]
-        score = np.zeros(shape, np.float32)
-        class_sum = torch.zeros((k, *shape), dtype=torch.float32, device=self.device)
-        weight_sum = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        geometry_s = fine_s = 0.0
-        seam = angle_seam_padding(pp.polar_shape[0], pp.seam_padding_fraction, self._angle_stride())
-        for start in range(0, len(origins), sts.crops_per_batch):
-            chunk = origins[start:start + sts.crops_per_batch]
-            ta = self._clock()
-            polar, radii = to_polar(image, chunk, pp.polar_shape, "linear")
-            tb = self._clock()
-            logits = unwrap_angles(self._forward_fine(wrap_angles(polar, seam)), seam)
-            p = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
-            tc = self._clock()
-            cart = from_polar(p, chunk[:, 1:], shape[1:], radii, mode="linear")  # (n, K, H, W)
-            predicted = (cart > 0.5).any(dim=1) if multilabel else cart.argmax(dim=1) > 0
-            weights = origin_component_weights(predicted.cpu().numpy(), chunk[:, 1:])
-            for i, z in enumerate(chunk[:, 0].astype(int)):
-                score[z] += weights[i]
-                w = torch.as_tensor(np.where(weights[i] == 2, 2.0, 1.0).astype(np.float32), device=self.device)
-                class_sum[:, z] += w * cart[i]
-                weight_sum[z] += w
-            geometry_s += (tb - ta) + (self._clock() - tc)
-            fine_s += tc - tb
-
+        score, class_sum, weight_sum, geometry_s, fine_s = self._polar_passes(
+            data.to(self.device).float(), origins, probs.shape[0], multilabel)
         td = self._clock()
         for z in z_with:
-            mask = torch.as_tensor(hysteresis_fusion(score[z], pp.fusion_low, pp.fusion_high)[0], device=self.device)
-            mean = class_sum[:, z] / weight_sum[z].clamp_min(1e-6)
-            if multilabel:
-                fused = torch.where(mask, mean, torch.zeros_like(mean))
-                # inside the fused mask at least one region must say foreground
-                top, idx = fused.max(dim=0)
-                lift = mask & (top <= 0.5)
-                fused.scatter_(0, idx[None], torch.where(lift, torch.full_like(top, 0.5 + 1e-3), top)[None])
-            else:
-                fg = mean[1:] / mean[1:].sum(dim=0, keepdim=True).clamp_min(1e-6)
-                fused = torch.zeros_like(mean)
-                fused[0] = (~mask).float()
-                fused[1:] = torch.where(mask, fg, torch.zeros_like(fg))
-            probs[:, z] = fused
+            probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,
+                                           pp.fusion_high)
         geometry_s += self._clock() - td
         logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": geometry_s, "fine_s": fine_s,

@@ -6,10 +6,10 @@ copied with them into each results folder: training and prediction read the same
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal, Sequence
 
-from nnunet_stseg.geometry import CropParams, checked_fields
+from nnunet_stseg.core.geometry import CropParams, checked_fields
 
 STS_KEY = "sts"
 DEFAULT_COARSE_TRAINER = "nnUNetTrainer_StSCoarse"
@@ -18,12 +18,7 @@ DEFAULT_POLAR_TRAINER = "nnUNetTrainer_StSPolar"
 DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
 FALLBACKS = ("coarse", "whole")
 ORIGIN_SOURCES = ("coarse", "heatmap")
-ORIGIN_SOURCE_ENV = "STSEG_POLAR_ORIGINS"
-# overrides sts.polar.max_origins at prediction time (e.g. 1 for data with one object per slice)
-MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
-# overrides sts.centre.peak_threshold at prediction time; 0 = no threshold (with MAX_ORIGINS_ENV=1:
-# the heatmap's maximum, the paper's argmax rule)
-PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
+ROLES = ("coarse", "fine", "polar")
 
 
 def grid_spacing3(spacing) -> list[float]:
@@ -111,8 +106,9 @@ class CentreParams:
     configuration when planned with ``--polar``. Lengths in pixels of the coarse grid.
 
     - ``sigma``: standard deviation of the Gaussian per object; default from the dataset's
-      objects (:func:`nnunet_stseg.centres.default_sigma` of ``median_object_radius``).
-    - ``peak_threshold``: a local maximum of the predicted heatmap is an origin from this value.
+      objects (:func:`nnunet_stseg.core.centres.default_sigma` of ``median_object_radius``).
+    - ``peak_threshold``: a local maximum of the predicted heatmap is an origin from this value
+      (0: every local maximum; with ``max_origins`` 1 the heatmap's maximum, the paper's argmax).
     - ``min_distance``: peaks closer than this are one peak (default: ``sigma``).
     - ``median_object_radius`` / ``objects_measured``: what the default was chosen from.
     """
@@ -124,8 +120,8 @@ class CentreParams:
     objects_measured: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0 or not 0 < self.peak_threshold < 1:
-            raise ValueError(f"centre parameters need sigma > 0 and 0 < peak_threshold < 1, got {self}")
+        if not self.sigma > 0 or not 0 <= self.peak_threshold < 1:
+            raise ValueError(f"centre parameters need sigma > 0 and 0 <= peak_threshold < 1, got {self}")
 
     @property
     def peak_distance(self) -> int:
@@ -146,7 +142,7 @@ class StSConfig:
     - ``input_size``: S, the fine (and coarse) network input size per axis.
     - ``coarse_configuration`` / ``coarse_trainer``: where the coarse model is found, by
       convention ``nnUNet_results/<dataset>/<coarse_trainer>__<plans>__<coarse_configuration>``.
-    - ``crop``: see :class:`nnunet_stseg.geometry.CropParams`.
+    - ``crop``: see :class:`nnunet_stseg.core.geometry.CropParams`.
     - ``fallback``: what a case with no usable coarse component gets: ``coarse`` (the coarse
       prediction, i.e. background) or ``whole`` (the fine network on the whole image/slices).
     - ``crops_per_batch``: crops per fine forward pass at inference.
@@ -166,7 +162,6 @@ class StSConfig:
     max_crops: int = 64
     polar: PolarParams | None = None
     centre: CentreParams | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
@@ -179,7 +174,6 @@ class StSConfig:
             d["polar"] = self.polar.to_dict()
         if self.centre is not None:
             d["centre"] = self.centre.to_dict()
-        d.update(self.extra)
         return d
 
     @classmethod
@@ -191,15 +185,18 @@ class StSConfig:
                 f"{where} has no '{STS_KEY}' block: it was not planned for segment-then-segment. "
                 f"Run `nnunet-stseg plan -d DATASET -s SIZE` first and train with the configurations it prints.")
         block = dict(block)
+        unknown = sorted(set(block) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} in its '{STS_KEY}' block (a typo?); known: "
+                             f"{sorted(f.name for f in fields(cls))}")
         crop = block.pop("crop", None)
         polar = block.pop("polar", None)
         centre = block.pop("centre", None)
-        known = {"role", "input_size", "coarse_configuration", "coarse_trainer", "fallback", "crops_per_batch",
-                 "max_crops"}
-        extra = {k: block.pop(k) for k in list(block) if k not in known}
+        if block.get("role") not in ROLES:
+            raise ValueError(f"{where}: sts.role must be one of {ROLES}, got {block.get('role')!r}")
         cfg = cls(crop=CropParams.from_dict(crop) if crop is not None else None,
                   polar=PolarParams.from_dict(polar) if polar is not None else None,
-                  centre=CentreParams.from_dict(centre) if centre is not None else None, extra=extra, **block)
+                  centre=CentreParams.from_dict(centre) if centre is not None else None, **block)
         if cfg.fallback not in FALLBACKS:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
         if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
@@ -209,3 +206,93 @@ class StSConfig:
         if cfg.role == "polar" and cfg.polar is None:
             raise ValueError(f"{where}: polar configuration without sts.polar parameters")
         return cfg
+
+
+def trainer_for_role(sts: StSConfig | dict) -> str:
+    """The trainer that trains (and whose name predicts) a configuration of ours, from its ``sts``
+    block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` -> ours."""
+    block = sts.to_dict() if isinstance(sts, StSConfig) else sts
+    return {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER}[block["role"]]
+
+
+def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides: dict[str, object]
+                         ) -> tuple[StSConfig, CentreParams | None, dict[str, dict]]:
+    """Plan values replaced by ``overrides`` (``{plan key: value}``, as
+    :func:`nnunet_stseg.settings.plan_overrides` returns them); keys that do not apply (a polar
+    key for a cascade) are ignored. Returns the new ``sts`` and ``centre`` and what changed,
+    ``{plan key: {"plans": old, "used": new}}``, for the log and the record next to the outputs.
+
+    >>> sts = StSConfig("polar", 64, "2d_sts_coarse_64", polar=PolarParams((64, 64)))
+    >>> new, _, changed = apply_plan_overrides(sts, None, {"sts.polar.max_origins": 1})
+    >>> new.polar.max_origins, changed
+    (1, {'sts.polar.max_origins': {'plans': 32, 'used': 1}})
+    """
+    changed: dict[str, dict] = {}
+    polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins"}
+    if sts.polar is not None:
+        updates = {polar_keys[k]: v for k, v in overrides.items() if k in polar_keys}
+        for k, v in overrides.items():
+            if k in polar_keys and getattr(sts.polar, polar_keys[k]) != v:
+                changed[k] = {"plans": getattr(sts.polar, polar_keys[k]), "used": v}
+        sts = replace(sts, polar=replace(sts.polar, **updates)) if updates else sts
+    threshold = overrides.get("sts.centre.peak_threshold")
+    if centre is not None and threshold is not None:
+        if centre.peak_threshold != threshold:
+            changed["sts.centre.peak_threshold"] = {"plans": centre.peak_threshold, "used": threshold}
+        centre = replace(centre, peak_threshold=float(threshold))
+    return sts, centre, changed
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """What ``nnunet-stseg plan`` decides about a dataset's plans, passed by keyword from the
+    command line to the planner (one typed object instead of positional arguments).
+
+    - ``input_size``: S; ``dims``: pipelines to add (``2d``, ``3d``; default: every one the
+      dataset has); ``base_features`` / ``max_features`` / ``batch_size``: network width and batch
+      (None = nnU-Net's plan); ``coarse_trainer``: recorded in the ``sts`` blocks;
+    - ``crop``: :class:`CropParams` fields to set (e.g. ``{"margin_fraction": 0.2}``);
+      ``fallback``: see :class:`StSConfig`; ``depth_channel``: 2d pipelines get the depth channel;
+    - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields.
+
+    >>> PlanOptions(input_size=32, crop={"margin_fraction": 0.2}).crop
+    {'margin_fraction': 0.2}
+    >>> PlanOptions(input_size=32, crop={"max_crop": 3})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown crop parameters ['max_crop']; known: ['jitter_box_fraction', ...]
+    """
+
+    input_size: int = 64
+    dims: tuple[str, ...] | None = None
+    base_features: int | None = None
+    max_features: int | None = None
+    batch_size: int | None = None
+    coarse_trainer: str = DEFAULT_COARSE_TRAINER
+    crop: dict = field(default_factory=dict)
+    fallback: str = "coarse"
+    depth_channel: bool = False
+    polar: bool = False
+    polar_params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if int(self.input_size) < 8:
+            raise ValueError(f"input size S must be >= 8, got {self.input_size}")
+        if self.dims is not None:
+            object.__setattr__(self, "dims", tuple(self.dims))
+            bad = [d for d in self.dims if d not in ("2d", "3d")]
+            if bad:
+                raise ValueError(f"unknown dimensionality {bad[0]!r}; use 2d and/or 3d")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        checked_fields(CropParams, self.crop, "crop")
+        checked_fields(PolarParams, self.polar_params, "polar")
+        for name in ("base_features", "max_features", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def plan_dims(options: PlanOptions, available: Sequence[str]) -> list[str]:
+    """The dimensionalities to plan: ``options.dims`` or every available one."""
+    return list(options.dims) if options.dims else list(available)

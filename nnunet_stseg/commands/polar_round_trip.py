@@ -1,17 +1,17 @@
 """How much a polar resolution P loses on real masks: Cartesian -> polar (P x P) -> Cartesian.
 
 For every object (one 8-connected component of a real mask, alone in a full-size image) the
-polar image is taken around the object's centroid (:func:`nnunet_stseg.polar.component_centroids`)
+polar image is taken around the object's centroid (:func:`nnunet_stseg.core.polar.component_centroids`)
 with ``polar_shape = (P, P)`` and radius = distance to the farthest image corner, nearest
-neighbour both ways (:func:`nnunet_stseg.polar.round_trip_dice`); the Dice of the mapped-back mask
+neighbour both ways (:func:`nnunet_stseg.core.polar.round_trip_dice`); the Dice of the mapped-back mask
 against the original is the round-trip Dice. This is the best the polar stage can do at that
 resolution: a perfect polar prediction still loses this much.
 
 Data (read in place): Cardiac Fat CT pericardium masks (``label > 0``, slice by slice) and
 Kvasir-SEG polyp masks at their original resolution (threshold 127)::
 
-    nnunet-stseg-polar-roundtrip                     # everything, writes docs/benchmarks/polar_round_trip.md
-    nnunet-stseg-polar-roundtrip --limit_kvasir 100 --sizes 64 256
+    nnunet-stseg polar-roundtrip                     # everything, writes docs/benchmarks/polar_round_trip.md
+    nnunet-stseg polar-roundtrip --limit_kvasir 100 --sizes 64 256
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.polar import component_centroids, round_trip_dice
+from nnunet_stseg.commands.runner import REPO_ROOT, machine_line, shared_data
+from nnunet_stseg.core.polar import component_centroids, round_trip_dice
 
-PROG = "nnunet-stseg-polar-roundtrip"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROG = "nnunet-stseg polar-roundtrip"
+DEFAULT_DATA = shared_data()
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks" / "polar_round_trip.md"
 CARDIAC_DIR = Path("nnUNet_raw") / "Dataset701_CardiacFatCT" / "labelsTr"
 KVASIR_DIR = Path("kvasir-seg") / "masks"
@@ -204,8 +204,6 @@ def dataset_section(key: str, result: dict, min_pixels: int, n_files: int) -> st
 
 def render_report(results: dict, args, cmd: str, wall_s: float, notes: Sequence[str]) -> str:
     """The whole markdown report."""
-    from nnunet_stseg.benchmark import machine_line
-
     head = ["# Polar round trip on real masks", "",
             "Each object (an 8-connected component, alone in a full-size mask) goes Cartesian -> polar "
             "(P angles x P radii, nearest) around its centroid -> Cartesian (nearest); the table gives the "
@@ -308,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if min(args.sizes) < 2:
         raise SystemExit(f"{PROG}: error: every polar size must be >= 2, got {args.sizes}")
     args.plot = args.plot or args.out.with_name("polar_round_trip.png")
-    cmd = shlex.join([PROG, *argv])
+    cmd = shlex.join([*PROG.split(), *argv])
     t0 = time.perf_counter()
     results = _run_all(args)
     if not results:

@@ -1,6 +1,6 @@
 """Experiment: segment-then-segment vs the downscaled baseline on Kvasir-SEG (the paper's protocol).
 
-    nnunet-stseg-experiment-kvasir --workdir work_dirs/kvasir --sizes 32 48 64 128
+    nnunet-stseg experiment-kvasir --workdir work_dirs/kvasir --sizes 32 48 64 128
 
 For every input size S, two arms with the same network width and training budget:
 - baseline: nnU-Net 2D on the image downscaled to S (the ``2d_sts_coarse_S`` configuration; nnU-Net's
@@ -22,7 +22,7 @@ configuration (its planned patch and sliding window, narrowed to the same width:
 every network trained with the same width, batch size (``--batch_size``, default 2) and schedule;
 scored at native resolution:
 
-    nnunet-stseg-experiment-kvasir --native --sizes 64 128 --workdir work_dirs/kvasir_native \
+    nnunet-stseg experiment-kvasir --native --sizes 64 128 --workdir work_dirs/kvasir_native \
         --out docs/benchmarks/kvasir_native.md
 
 The default budget (``--epochs 20 --iters 100``, width 16; ``--epochs 4 --iters 50 --batch_size 2``
@@ -34,15 +34,17 @@ Each report has example overlays (lowest, median and highest DSC of the cascade)
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
+                                          fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name
-from nnunet_stseg.demo import _bin, evaluate, pipeline_env, run, run_measured, train_fold
+from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, evaluate, pipeline_env,
+                                          plan_command_line, predict_command_line, report_header, run, run_measured,
+                                          shared_data, train_fold)
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -52,10 +54,6 @@ PUBLISHED = {
                 96: (85.25, 77.89, 86.01, 89.90), 128: (81.36, 74.58, 82.49, 85.23)},
 }
 METRICS = ("Dice", "IoU", "Precision", "Recall")
-
-
-def _shared_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def per_image_stats(summary_file: Path) -> dict:
@@ -72,13 +70,13 @@ def per_image_stats(summary_file: Path) -> dict:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, device: str = "cpu",
                    dataset_id: int = 720, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    batch_size: int | None = None) -> dict:
-    from nnunet_stseg.kvasir import convert_kvasir, install_split, kvasir_ids
+    from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    src = Path(src) if src else _shared_data() / "kvasir-seg"
+    src = Path(src) if src else shared_data() / "kvasir-seg"
     raw = Path(env["nnUNet_raw"])
     ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     if ds_dirs:
@@ -96,9 +94,8 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         pp_plans = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
         planned = pp_plans.is_file() and coarse_c in json.loads(pp_plans.read_text())["configurations"]
         if not planned:
-            run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(s), "--dims", "2d", "--features",
-                 str(features), "-np", "2", *(["--batch_size", str(batch_size)] if batch_size else [])],
-                env, logs / f"plan_{s}.log")
+            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
+                logs / f"plan_{s}.log")
         install_split(ds, Path(env["nnUNet_preprocessed"]) / ds.name)
         configurations = json.loads(pp_plans.read_text())["configurations"]
         results["budget"]["batch_size"][s] = {c: configurations[c]["batch_size"] for c in (coarse_c, fine_c)}
@@ -118,9 +115,8 @@ def _predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, traine
                        log: Path, dataset_json: dict, n_test: int, train_log: Path) -> dict:
     """Predict the test images with the stock ``nnUNetv2_predict`` (TTA off), score them with
     nnU-Net's metrics; timing and peak RSS of the whole command."""
-    seconds, peak = run_measured([_bin("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(out), "-d",
-                                  str(dataset_id), "-c", config, "-tr", trainer, "-f", "0", "-device", device,
-                                  "--disable_tta"], env, log)
+    seconds, peak = run_measured(predict_command_line(ds / "imagesTs", out, dataset_id, config, trainer, [0], device,
+                                                       "--disable_tta"), env, log)
     evaluate(out, ds / "labelsTs", dataset_json, out / "summary_test.json")
     return {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
             "peak_rss_mb": peak, "prediction": str(out),
@@ -140,8 +136,8 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                           limit: int | None = None, src: Path | None = None) -> dict:
     """Issue 5, experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
     Kvasir-SEG at native resolution, same width, batch size and schedule for every network."""
-    from nnunet_stseg.experiment_depth import add_narrow, set_batch_size
-    from nnunet_stseg.kvasir import convert_kvasir, install_split, kvasir_ids
+    from nnunet_stseg.commands.runner import add_narrow, set_batch_size
+    from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
@@ -150,7 +146,7 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
     env["STSEG_SKIP_VALIDATION"] = "1"
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    src = Path(src) if src else _shared_data() / "kvasir-seg"
+    src = Path(src) if src else shared_data() / "kvasir-seg"
     raw = Path(env["nnUNet_raw"])
     ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     ds = ds_dirs[0] if ds_dirs else convert_kvasir(src, raw, dataset_id, size=None, seed=seed,
@@ -161,8 +157,8 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
     plans_file = pp / "nnUNetPlans.json"
     for s in sizes:
         if not (plans_file.is_file() and fine_config_name("2d", s) in json.loads(plans_file.read_text())["configurations"]):
-            run([_bin("nnunet-stseg"), "plan", "-d", str(dataset_id), "-s", str(s), "--dims", "2d", "--features",
-                 str(features), "--batch_size", str(batch_size), "-np", "2"], env, logs / f"plan_{s}.log")
+            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
+                logs / f"plan_{s}.log")
     install_split(ds, pp)
     standard = add_narrow(plans_file, features)
     arms = [("nnunet_2d", standard, standard, DEFAULT_COARSE_TRAINER)]
@@ -194,11 +190,8 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
 
 
 def report_native(results: dict, cmd: str) -> str:
-    from nnunet_stseg.benchmark import machine_line
-
     b = results["budget"]
-    lines = ["# Kvasir-SEG at native resolution: segment-then-segment vs nnU-Net's standard 2d", "",
-             f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+    lines = [*report_header("Kvasir-SEG at native resolution: segment-then-segment vs nnU-Net's standard 2d", cmd),
              f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
              f"iterations, device {b['device']} (the cascade trains two networks: coarse and fine); split seed "
              f"{b['seed']} (80/10/10), {b['n_test']} test images scored at their native resolution. nnU-Net 2d = "
@@ -244,7 +237,7 @@ def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: 
     """Overlays of the test images with the lowest, median and highest DSC of ``ranked_by``."""
     from skimage.io import imread
 
-    from nnunet_stseg.overlays import overlay_grid, pick_cases
+    from nnunet_stseg.commands.reports import overlay_grid, pick_cases
 
     if not all((folder / "summary_test.json").is_file() for folder in predictions.values()):
         return None
@@ -289,11 +282,8 @@ def miss_breakdown(results: dict) -> list[str]:
 
 
 def report(results: dict, cmd: str) -> str:
-    from nnunet_stseg.benchmark import machine_line
-
     b = results["budget"]
-    lines = ["# Kvasir-SEG: segment-then-segment vs downscaled baseline", "",
-             f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+    lines = [*report_header("Kvasir-SEG: segment-then-segment vs downscaled baseline", cmd),
              f"Budget per arm: width {b['features']}, {b['epochs']} x {b['iters']} iterations, device {b['device']}; "
              f"split seed {b['seed']} (80/10/10), {b['n_test']} test images scored at 256 x 256."
              + (" Batch size (baseline / fine) per S: " + ", ".join(
@@ -339,10 +329,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    import sys
-
-    p = argparse.ArgumentParser(prog="nnunet-stseg-experiment-kvasir", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("experiment-kvasir", __doc__)
     p.add_argument("--workdir", type=Path, default=None,
                    help="default work_dirs/kvasir (work_dirs/kvasir_native with --native)")
     p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
@@ -350,14 +337,11 @@ def main(argv=None) -> None:
                    help="experiment 2: native resolution, cascade at each S vs nnU-Net's standard 2d")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes S (default 32 48 64 128; "
                                                                       "64 128 with --native)")
-    p.add_argument("--features", type=int, default=16)
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="batch size of every network (default: the plan's; 2 with --native)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every network (default 20; 4 with --native)")
-    p.add_argument("--iters", type=int, default=None, help="iterations per epoch (default 100; 50 with --native)")
-    p.add_argument("--seed", type=int, default=0)
+    add_budget_arguments(p, features=16, batch_size=None, epochs=None, iters=None,
+                         helps={"batch_size": "batch size of every network (default: the plan's; 2 with --native)",
+                                "epochs": "epochs of every network (default 20; 4 with --native)",
+                                "iters": "iterations per epoch (default 100; 50 with --native)"})
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
-    p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown report (its plot and example overlays are written beside it)")
     p.add_argument("--report_only", action="store_true",
@@ -366,7 +350,7 @@ def main(argv=None) -> None:
     # nnU-Net 2d at Kvasir's planned 640 x 640 patch: about 8.5 s per iteration at batch 2 on a 2-core CPU
     args.epochs = args.epochs or (4 if args.native else 20)
     args.iters = args.iters or (50 if args.native else 100)
-    cmd = ("nnunet-stseg-experiment-kvasir " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = command_line(p, argv)
     workdir = args.workdir or Path("work_dirs/kvasir_native" if args.native else "work_dirs/kvasir")
     results_file = Path(workdir).resolve() / "results.json"
     native = args.native

@@ -14,7 +14,7 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_json_atomic
 
-__all__ = ["add_precision_recall", "overlap", "write_json_atomic"]
+__all__ = ["add_precision_recall", "overlap"]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -24,7 +24,11 @@ def _ratio(num: float, den: float) -> float:
 def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
     """DSC, IoU, precision, recall of two binary masks. Empty vs empty counts as a perfect 1 (every
     patient counts in a mean; nnU-Net's Dice is NaN there); precision and recall are NaN when
-    undefined, as in :func:`add_precision_recall`."""
+    undefined, as in :func:`add_precision_recall`.
+
+    >>> overlap(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0]))
+    {'Dice': 0.5, 'IoU': 0.3333333333333333, 'Precision': 0.5, 'Recall': 0.5}
+    """
     tp, fp, fn = float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & gt).sum())
     return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
             "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
@@ -33,7 +37,17 @@ def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
 
 def add_precision_recall(summary_file: str) -> dict:
     """Add ``Precision`` and ``Recall`` per case, per label mean and foreground mean; returns
-    the updated summary."""
+    the updated summary.
+
+    >>> import json, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "summary.json")
+    >>> case = {"TP": 3, "FP": 1, "FN": 0, "TN": 10, "Dice": 0.857}
+    >>> summary = {"metric_per_case": [{"metrics": {"1": case}}], "mean": {"1": dict(case)}}
+    >>> with open(path, "w") as f:
+    ...     json.dump({**summary, "foreground_mean": dict(case)}, f)
+    >>> add_precision_recall(path)["foreground_mean"]["Precision"]
+    0.75
+    """
     with open(summary_file) as f:
         summary = json.load(f)
     per_label: dict[str, dict[str, list[float]]] = {}

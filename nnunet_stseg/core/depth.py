@@ -32,7 +32,11 @@ def slice_depths(n_slices: int, shape_before_cropping: Sequence[int],
 
     ``n_slices`` is the length of the preprocessed case's first axis; the two properties are
     nnU-Net's (first axis = slice axis after transposition). If the slice axis was resampled
-    (``n_slices`` differs from the cropped extent), slice centres are mapped linearly."""
+    (``n_slices`` differs from the cropped extent), slice centres are mapped linearly.
+
+    >>> slice_depths(3, (10, 64, 64), [[4, 7], [0, 64], [0, 64]]).round(3).tolist()  # slices 4..6 of 10
+    [0.444, 0.556, 0.667]
+    """
     total = int(shape_before_cropping[0])
     lo, hi = (int(v) for v in bbox_used_for_cropping[0])
     n = int(n_slices)
@@ -46,7 +50,12 @@ def slice_depths(n_slices: int, shape_before_cropping: Sequence[int],
 
 
 def depths_from_properties(n_slices: int, properties: dict) -> np.ndarray:
-    """:func:`slice_depths` from an nnU-Net properties dict, with an error naming what is missing."""
+    """:func:`slice_depths` from an nnU-Net properties dict, with an error naming what is missing.
+
+    >>> props = {"shape_before_cropping": (5, 8, 8), "bbox_used_for_cropping": [[0, 5], [0, 8], [0, 8]]}
+    >>> depths_from_properties(5, props).tolist()
+    [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
     missing = [k for k in ("shape_before_cropping", "bbox_used_for_cropping") if k not in properties]
     if missing:
         raise KeyError(f"the depth channel needs nnU-Net's preprocessing properties {missing}; "
@@ -59,7 +68,13 @@ def append_depth_channel(image, depth):
 
     ``depth`` is a scalar (one slice: every pixel gets it) or one value per index of the first
     spatial axis (a stack of slices). Works on numpy arrays and on torch tensors on any device;
-    the result has the image's type, dtype and device."""
+    the result has the image's type, dtype and device.
+
+    >>> image = np.zeros((1, 4, 4), np.float32)  # (C, H, W): one slice
+    >>> out = append_depth_channel(image, 0.25)
+    >>> out.shape, float(out[1].min()), float(out[1].max())
+    ((2, 4, 4), 0.25, 0.25)
+    """
     if isinstance(image, torch.Tensor):
         d = torch.as_tensor(np.asarray(depth, dtype=np.float64), dtype=image.dtype, device=image.device)
         view = (1, -1) + (1,) * (image.ndim - 2) if d.ndim == 1 else (1,) * image.ndim
@@ -74,7 +89,14 @@ def append_depth_channel(image, depth):
 
 def check_depth_applicable(patch_size: Sequence[int], median_shape: Sequence[float], where: str) -> None:
     """Raise a clear error where a depth channel has no meaning: 3D patches (the depth would vary
-    inside the patch) and 2D datasets (every case is a single slice)."""
+    inside the patch) and 2D datasets (every case is a single slice).
+
+    >>> check_depth_applicable([64, 64], [40, 512, 512], "2d")  # 3D scans, 2D patches: fine
+    >>> check_depth_applicable([64, 64], [1, 512, 512], "2d")
+    Traceback (most recent call last):
+    ...
+    ValueError: 2d: this dataset is 2D (its cases have a single slice, ...), so a depth channel carries no ...
+    """
     if len(patch_size) != 2:
         raise ValueError(f"{where}: the depth channel is for 2D networks on 3D scans; this configuration has a "
                          f"{len(patch_size)}D patch {list(patch_size)}. Use nnU-Net's '2d' configuration "

@@ -1,8 +1,8 @@
 """Inference cost of the segment-then-segment cascade, per stage, for a 2D and a 3D case.
 
-    nnunet-stseg-benchmark                          # prints a markdown table
-    nnunet-stseg-benchmark --out docs/benchmarks/inference_cpu.md
-    nnunet-stseg-benchmark --scaling --plot docs/benchmarks/scaling_cpu.png --out docs/benchmarks/scaling_cpu.md
+    nnunet-stseg benchmark                          # prints a markdown table
+    nnunet-stseg benchmark --out docs/benchmarks/inference_cpu.md
+    nnunet-stseg benchmark --scaling --plot docs/benchmarks/scaling_cpu.png --out docs/benchmarks/scaling_cpu.md
 
 ``--scaling`` instead times the cascade next to nnU-Net's own ``2d`` sliding-window prediction
 of the same preprocessed image, against the number of objects (1 to 50 at 512 x 512) and against
@@ -11,7 +11,7 @@ the image size (256 to 2048 at 5 objects), and draws both curves.
 ``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
 counts, each in a fresh process, to show what bounds the peak memory of a prediction:
 
-    nnunet-stseg-benchmark --memory --out docs/benchmarks/memory_cpu.md
+    nnunet-stseg benchmark --memory --out docs/benchmarks/memory_cpu.md
 
 What is measured: one generated case per dimensionality (objects placed at random), nnU-Net
 preprocessing through the planned fine configuration, then the cascade stages as the predictor
@@ -27,12 +27,9 @@ oracle mask makes the number of crops equal the number of objects.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
-import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ import numpy as np
 import torch
 
 from nnunet_stseg.atomic import write_atomic
+from nnunet_stseg.commands.runner import command_line, command_parser, report_header
 
 
 def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, features: int | None, tta: bool,
@@ -67,17 +65,18 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.cli import plan_and_preprocess
-    from nnunet_stseg.config import coarse_config_name, fine_config_name
-    from nnunet_stseg.predictor import StSPredictor
-    from nnunet_stseg.synthetic import make_synthetic_dataset
+    from nnunet_stseg.adapters.config import PlanOptions, coarse_config_name, fine_config_name
+    from nnunet_stseg.adapters.predictor import StSPredictor
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     dim = 2 if kind == "2d" else 3
     radius = (0.04 * min(shape), 0.08 * min(shape)) if dim == 2 else (0.06 * min(shape[1:]), 0.1 * min(shape[1:]))
     ds = make_synthetic_dataset(os.environ["nnUNet_raw"], 970, f"Bench{kind}", dim=dim, n_train=2, n_test=1,
                                 shape=tuple(shape), objects_per_image=(n_objects, n_objects), radius=radius,
                                 empty_cases=0, seed=seed)
-    plan_and_preprocess(970, size, dims=[kind], base_features=features, num_processes=1, preprocess=False)
+    plan_and_preprocess(970, PlanOptions(input_size=size, dims=(kind,), base_features=features), num_processes=1,
+                        preprocess=False)
     pp = Path(os.environ["nnUNet_preprocessed"]) / ds.name
     plans_manager = PlansManager(load_json(str(pp / "nnUNetPlans.json")))
     dataset_json = load_json(str(pp / "dataset.json"))
@@ -198,19 +197,6 @@ def _scaling_worker(args, queue) -> None:
         queue.put({"error": repr(e)})
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"{cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU used; torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
 def _in_fresh_process(target, args) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -232,8 +218,7 @@ def scaling(args, cmd: str) -> str:
     for r in rows_objects + rows_sizes:
         print(r, flush=True)
     lines = [
-        "# Inference time: cascade vs nnU-Net's sliding window (CPU)", "",
-        f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+        *report_header("Inference time: cascade vs nnU-Net's sliding window (CPU)", cmd),
         f"Budget: 2D generated images, S = {args.size}, TTA {'on' if args.tta else 'off'}, random-weight planned "
         f"networks (nnU-Net's default width unless --features), oracle coarse mask (so crops = objects placed), "
         f"best of 2 timed runs after a warm-up; nnU-Net preprocessing and export excluded. 'standard' = nnU-Net's "
@@ -275,8 +260,7 @@ def scaling(args, cmd: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="nnunet-stseg-benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("benchmark", __doc__)
     p.add_argument("-s", "--size", type=int, default=64, help="input size S (64)")
     p.add_argument("--features", type=int, default=None, help="base U-Net width (nnU-Net default 32)")
     p.add_argument("--objects", type=int, default=5, help="objects per case (5)")
@@ -297,7 +281,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
     p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
     args = p.parse_args(argv)
-    cmd = ("nnunet-stseg-benchmark " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = command_line(p, argv)
     if args.scaling:
         report = scaling(args, cmd)
     elif args.memory:
@@ -319,8 +303,7 @@ def memory(args, cmd: str) -> str:
         print(r, flush=True)
     voxels = int(np.prod(shape))
     lines = [
-        "# Peak memory of a large 3D prediction (CPU)", "",
-        f"Command: `{cmd}`  ", f"Machine: {machine_line()}  ",
+        *report_header("Peak memory of a large 3D prediction (CPU)", cmd),
         f"Budget: one generated {'x'.join(map(str, shape))} volume per row ({voxels / 1e6:.0f} M voxels, "
         f"{4 * voxels / 2 ** 30:.1f} GiB as float32), S = {args.size}, TTA {'on' if args.tta else 'off'}, "
         "random-weight planned networks with an oracle coarse mask; each row in a fresh process. 'before' = "
@@ -348,13 +331,10 @@ def per_stage(args, cmd: str) -> str:
         rows.append(r)
         print(f"{kind}: {r}", flush=True)
     lines = [
-        "# Cascade inference cost per stage (CPU)",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {machine_line()}  ",
+        *report_header("Cascade inference cost per stage (CPU)", cmd),
         f"Budget: one case per row, S = {args.size}, TTA {'on' if args.tta else 'off'}, "
         f"{args.objects} objects per case, random-weight planned networks with an oracle coarse mask "
-        "(see `nnunet_stseg/benchmark.py`).",
+        "(see `nnunet_stseg/commands/benchmark.py`).",
         "",
         "| case | image | preprocessed grid | crops | coarse patch | fine patch | width | coarse s | geometry s "
         "| fine s | export s | total s | geometry share | peak RSS MB |",

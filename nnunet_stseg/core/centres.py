@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nnunet_stseg.polar import component_centroids
+from nnunet_stseg.core.polar import component_centroids
 
 SIGMA_PER_RADIUS = 0.2  # default sigma = 0.2 x median equivalent object radius (8 px for ~40 px polyps at 256 px)
 
@@ -24,19 +24,33 @@ def default_sigma(median_object_radius: float, minimum: float = 1.0) -> float:
     """The heatmap's standard deviation (pixels of the grid it is predicted on) from the median
     equivalent radius of the dataset's objects on that grid: narrow enough that nearby objects
     keep separate peaks, wide enough to be learnt (the paper's fixed 8 px at 256 px suits ~40 px
-    polyps; objects much smaller or larger need their own)."""
+    polyps; objects much smaller or larger need their own).
+
+    >>> default_sigma(20.0), default_sigma(2.0)  # 0.2 x the median radius, at least 1 px
+    (4.0, 1.0)
+    """
     return float(max(minimum, SIGMA_PER_RADIUS * float(median_object_radius)))
 
 
 def equivalent_radii(mask) -> np.ndarray:
     """Equivalent radius sqrt(area / pi) of every 8-connected component of a 2D mask, or of each
-    slice of a 3D (Z, H, W) mask, in pixels."""
+    slice of a 3D (Z, H, W) mask, in pixels.
+
+    >>> mask = np.zeros((1, 20, 20), bool); mask[0, 2:12, 2:12] = True
+    >>> equivalent_radii(mask).round(3).tolist()  # sqrt(area / pi) per object
+    [5.642]
+    """
     _, areas = component_centroids(mask)
     return np.sqrt(np.asarray(areas, dtype=np.float64) / np.pi)
 
 
 def gaussian_heatmap(centres, shape: Sequence[int], sigma: float, device=None) -> torch.Tensor:
-    """(H, W) float32 map: max over centres (N, 2) ``(y, x)`` of exp(-d^2 / (2 sigma^2))."""
+    """(H, W) float32 map: max over centres (N, 2) ``(y, x)`` of exp(-d^2 / (2 sigma^2)).
+
+    >>> heat = gaussian_heatmap(np.array([[2.0, 3.0]]), (5, 7), sigma=1.0)
+    >>> heat.shape, float(heat[2, 3]), round(float(heat[2, 4]), 3)
+    (torch.Size([5, 7]), 1.0, 0.607)
+    """
     h, w = (int(s) for s in shape)
     out = torch.zeros((h, w), dtype=torch.float32, device=device)
     c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
@@ -51,7 +65,13 @@ def gaussian_heatmap(centres, shape: Sequence[int], sigma: float, device=None) -
 
 def heatmap_targets(foreground: torch.Tensor, sigma: float) -> torch.Tensor:
     """Heatmap targets (B, 1, H, W) for a batch of 2D foreground masks (B, 1, H, W) or (B, H, W)
-    (e.g. nnU-Net's augmented training targets), on the masks' device."""
+    (e.g. nnU-Net's augmented training targets), on the masks' device.
+
+    >>> fg = torch.zeros((1, 9, 9), dtype=torch.bool); fg[0, 3:6, 3:6] = True  # (B, H, W)
+    >>> t = heatmap_targets(fg, sigma=1.0)
+    >>> t.shape, float(t[0, 0, 4, 4])  # (B, 1, H, W), peak 1 at the object's centre
+    (torch.Size([1, 1, 9, 9]), 1.0)
+    """
     fg = foreground[:, 0] if foreground.ndim == 4 else foreground
     maps = [gaussian_heatmap(component_centroids(m.detach().cpu().numpy() > 0)[0], m.shape, sigma, fg.device)
             for m in fg]
@@ -62,7 +82,12 @@ def heatmap_peaks(heatmap, min_distance: int, threshold: float | None = 0.5,
                   max_peaks: int | None = None) -> np.ndarray:
     """Peaks (N, 2) ``(y, x)`` float64 of a 2D heatmap, strongest first: local maxima
     ``>= threshold`` at least ``min_distance`` pixels apart. ``threshold=None``: every local
-    maximum (with ``max_peaks=1`` the argmax; nothing only for a constant map)."""
+    maximum (with ``max_peaks=1`` the argmax; nothing only for a constant map).
+
+    >>> heat = np.zeros((9, 9)); heat[2, 2] = 0.9; heat[6, 6] = 0.3
+    >>> heatmap_peaks(heat, min_distance=2).tolist(), heatmap_peaks(heat, 2, threshold=None).tolist()
+    ([[2.0, 2.0]], [[2.0, 2.0], [6.0, 6.0]])
+    """
     from skimage.feature import peak_local_max
 
     h = np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else heatmap, dtype=np.float32)
@@ -77,7 +102,13 @@ def match_peaks_to_objects(peaks, mask) -> dict:
     """Score centre detection for one 2D slice: a peak inside a ground-truth component detects it
     (the polar origin then lies in the object); the first such peak per component is a true
     positive, every other peak a false positive, components without a peak false negatives.
-    Returns counts and the distances (pixels) of true-positive peaks to their component's centroid."""
+    Returns counts and the distances (pixels) of true-positive peaks to their component's centroid.
+
+    >>> mask = np.zeros((9, 9), bool); mask[1:4, 1:4] = True; mask[6:8, 6:8] = True
+    >>> m = match_peaks_to_objects(np.array([[2, 2], [0, 8]]), mask)
+    >>> m["tp"], m["fp"], m["fn"]
+    (1, 1, 1)
+    """
     m = np.asarray(mask).astype(bool)
     labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
     centroids = np.array(ndimage.center_of_mass(m, labels, range(1, n + 1))).reshape(n, 2) if n else np.zeros((0, 2))

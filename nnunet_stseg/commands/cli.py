@@ -1,0 +1,114 @@
+"""The ``nnunet-stseg`` command: one entry point, one subcommand per job
+(``nnunet-stseg <command> --help`` shows each command's options)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from nnunet_stseg.adapters.discovery import ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
+
+# subcommand -> (module whose main(argv) runs it, imported only when chosen; one-line help)
+DELEGATED = {
+    "demo": ("nnunet_stseg.commands.demo", "the whole pipeline on a small generated dataset, through the stock CLIs"),
+    "synthetic": ("nnunet_stseg.data.synthetic", "generate the ellipse dataset in nnU-Net's raw format"),
+    "kvasir": ("nnunet_stseg.data.kvasir", "convert Kvasir-SEG into nnU-Net's raw format"),
+    "benchmark": ("nnunet_stseg.commands.benchmark", "inference time per stage, scaling and memory benchmarks"),
+    "experiment-kvasir": ("nnunet_stseg.commands.experiment_kvasir",
+                          "Kvasir-SEG: cascade vs downscaled baseline per S; native resolution"),
+    "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),
+    "experiment-polar": ("nnunet_stseg.commands.experiment_polar", "the polar stage on Cardiac Fat CT or Kvasir-SEG"),
+    "experiment-cardiac3d": ("nnunet_stseg.commands.experiment_cardiac3d", "the 3D cascade on Cardiac Fat CT"),
+    "polar-roundtrip": ("nnunet_stseg.commands.polar_round_trip", "what a polar resolution loses on real masks"),
+}
+
+
+def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("-d", "--dataset", type=int, nargs="+", required=True, help="dataset id(s)")
+    parser.add_argument("-s", "--input_size", type=int, default=64, help="S: network input size per axis (64)")
+    parser.add_argument("--dims", nargs="+", choices=("2d", "3d"), default=None,
+                        help="pipelines to add (default: 2d, plus 3d for 3D datasets)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="base feature count of the U-Nets (nnU-Net default 32; e.g. 8 for CPU)")
+    parser.add_argument("--max_features", type=int, default=None, help="cap on features per stage")
+    parser.add_argument("--batch_size", type=int, default=None, help="override the planned batch size")
+    parser.add_argument("--margin_fraction", type=float, default=None, help="crop context per side (0.125)")
+    parser.add_argument("--margin_min", type=float, default=None, help="minimum context in voxels (4)")
+    parser.add_argument("--min_object_size", type=float, default=None, help="drop smaller components (5)")
+    parser.add_argument("--jitter_image_fraction", type=float, default=None, help="training jitter (0.0625)")
+    parser.add_argument("--jitter_box_fraction", type=float, default=None, help="training jitter cap (0.25)")
+    parser.add_argument("--fallback", choices=("coarse", "whole"), default="coarse",
+                        help="cases without any coarse component: keep the coarse prediction or run the fine "
+                             "network on the whole image")
+    parser.add_argument("--depth", action="store_true",
+                        help="2d pipelines get the depth channel (normalised slice depth; 3D datasets only)")
+    parser.add_argument("--polar", action="store_true",
+                        help="also add the 2d polar configuration 2d_sts_polar_S (origins from the coarse model)")
+    parser.add_argument("--fusion_high", type=float, default=None,
+                        help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
+    parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
+    parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    parser.add_argument("--verify_dataset_integrity", action="store_true")
+    parser.add_argument("-gpu_memory_target", type=float, default=8.0, help="as nnUNetv2_plan_experiment")
+    return parser
+
+
+def plan_options_from_args(args: argparse.Namespace):
+    """The :class:`~nnunet_stseg.adapters.config.PlanOptions` of ``nnunet-stseg plan``'s arguments."""
+    from nnunet_stseg.adapters.config import PlanOptions
+
+    crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size",
+                                          "jitter_image_fraction", "jitter_box_fraction")
+            if getattr(args, k) is not None}
+    polar = {"fusion_high": args.fusion_high} if args.fusion_high is not None else {}
+    return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
+                       max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
+                       depth_channel=args.depth, polar=args.polar, polar_params=polar)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
+
+    ensure_trainer_discovery()
+    options = plan_options_from_args(args)
+    for d in args.dataset:
+        plan_and_preprocess(d, options, num_processes=args.num_processes, preprocess=not args.no_pp,
+                            verify_dataset_integrity=args.verify_dataset_integrity,
+                            gpu_memory_target=args.gpu_memory_target)
+
+
+def predict_entry(argv: Sequence[str] | None = None) -> None:
+    """``nnunet-stseg predict``: nnU-Net's own ``nnUNetv2_predict`` (its parser, its flags) with
+    our trainers discoverable, so it runs the cascade for models trained with our fine trainer."""
+    ensure_trainer_discovery()
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+
+    sys.argv = ["nnunet-stseg predict", *(sys.argv[2:] if argv is None else argv)]
+    predict_entry_point()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        return predict_entry(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    parser = argparse.ArgumentParser(prog="nnunet-stseg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    env = sub.add_parser("env", help="print the shell line that lets the stock nnU-Net commands find our trainers")
+    env.add_argument("--dir", action="store_true", help="print only the folder")
+    _plan_parser(sub.add_parser("plan", help="plan and preprocess a dataset for segment-then-segment"))
+    sub.add_parser("predict", help="nnUNetv2_predict with our trainers discoverable (same flags)", add_help=False)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        print(trainer_discovery_dir() if args.dir else shell_export_line())
+    elif args.command == "plan":
+        _run_plan(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What the experiment reports share: reading predictions and labels, per-region scores over a
+folder, example overlays (one row per case, the image with the ground truth in green and one panel
+per arm with its prediction in red, so a reader sees what the numbers mean), and writing the
+report with its figure."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_stseg.atomic import write_atomic
+from nnunet_stseg.core.metrics import overlap
+
+
+def display_image(img: np.ndarray) -> np.ndarray:
+    """Greyscale scaled to the 1st-99th percentile for display; RGB (H, W, 3) uint8 unchanged."""
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        return img
+    lo, hi = np.percentile(img, (1, 99))
+    return np.clip((img.astype(np.float32) - lo) / max(float(hi - lo), 1e-6), 0, 1)
+
+
+def pick_cases(scores: dict[str, float], n: int = 3) -> list[str]:
+    """The cases with the lowest, median and highest score (``n`` spread evenly over the ranking)."""
+    ranked = sorted(scores, key=lambda c: (scores[c], c))
+    if not ranked:
+        return []
+    return list(dict.fromkeys(ranked[round(q * (len(ranked) - 1))] for q in np.linspace(0, 1, n)))
+
+
+def overlay_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, str]]]],
+                 path: Path, dpi: int = 90) -> Path:
+    """``rows``: (title, 2D image, ground-truth mask, {arm: (predicted mask, caption)}). Written
+    atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cols = 1 + max(len(r[3]) for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(3.2 * n_cols, 3.3 * len(rows)), squeeze=False)
+    for ax_row, (title, img, gt, preds) in zip(axes, rows):
+        shown = display_image(img)
+        panels = [(title, None, "")] + [(arm, pred, caption) for arm, (pred, caption) in preds.items()]
+        for ax, (name, pred, caption) in zip(ax_row, panels):
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+            if gt.any():
+                ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.8)
+            if pred is not None and pred.any():
+                ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(name + (f"\n{caption}" if caption else ""), fontsize=8)
+            ax.axis("off")
+        for ax in ax_row[len(panels):]:
+            ax.axis("off")
+    fig.tight_layout()
+    write_atomic(path, figure=fig, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image or label file as an array: PNG (scikit-image) or anything SimpleITK reads."""
+    if path.suffix == ".png":
+        from skimage.io import imread
+
+        return np.asarray(imread(str(path)))
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]]) -> dict:
+    """Per-case overlap of every region (name -> labels) and its mean +- sd over cases."""
+    cases = {}
+    for f in sorted(pred_dir.glob(f"*{file_ending}")):
+        pred, gt = read_image(f), read_image(gt_dir / f.name)
+        cases[f.name[:-len(file_ending)]] = {name: overlap(np.isin(pred, labels), np.isin(gt, labels))
+                                             for name, labels in regions.items()}
+    summary = {"n_cases": len(cases), "cases": cases}
+    for name in regions:
+        for m in ("Dice", "IoU", "Precision", "Recall"):
+            v = np.array([c[name][m] for c in cases.values()], dtype=float)
+            with warnings.catch_warnings():  # precision of cases with an empty prediction is NaN, by design
+                warnings.simplefilter("ignore", RuntimeWarning)
+                summary[f"{name}_{m}"] = ((float(np.nanmean(v)), float(np.nanstd(v))) if len(v)
+                                          else (np.nan, np.nan))
+    return summary
+
+
+def example_overlays(results: dict, workdir: Path, path: Path, *, arms: tuple[str, ...], n: int = 3,
+                  ranked_by: str = "polar_coarse") -> Path | None:
+    """Overlays of the cases with the lowest, median and highest DSC of ``ranked_by`` (default the
+    polar stage with coarse origins): image, ground truth and each arm's prediction (read from
+    ``workdir/predictions/<arm>``); for CT the slice with the most pericardium."""
+    arms = [a for a in arms if a in results.get("arms", {})]
+    files = results.get("files")
+    if not arms or not files:
+        return None
+    region, labels = (("pericardium", (1, 2)) if results["dataset"] == "cardiac" else ("polyp", (1,)))
+    ranked_by = ranked_by if ranked_by in arms else arms[0]
+    picks = pick_cases({c: v[region]["Dice"] for c, v in results["arms"][ranked_by]["cases"].items()}, n)
+    if not picks:
+        return None
+    ending, rows = files["file_ending"], []
+    for case in picks:
+        image_file = next(Path(d) / f"{case}_0000{ending}" for d in files["image_dirs"]
+                          if (Path(d) / f"{case}_0000{ending}").exists())
+        img, gt = read_image(image_file), np.isin(read_image(Path(files["gt_dir"]) / f"{case}{ending}"), labels)
+        preds = {a: np.isin(read_image(Path(workdir) / "predictions" / a / f"{case}{ending}"), labels) for a in arms}
+        title = case
+        if results["dataset"] == "cardiac":  # (Z, H, W): the slice with the most pericardium
+            z = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
+            img, gt, preds, title = img[z], gt[z], {a: v[z] for a, v in preds.items()}, f"{case} slice {z}"
+        rows.append((title, img, gt, {a: (p, f"{region} DSC {results['arms'][a]['cases'][case][region]['Dice']:.3f}")
+                                      for a, p in preds.items()}))
+    return overlay_grid(rows, path)
+
+
+def print_report(results: dict, out: Path | None, plot, render) -> None:
+    """Print the report ``render(results, figure name)``; with ``out``, also draw the example
+    figure ``plot(<out stem>_examples.png)`` beside it and write both (atomically)."""
+    figure = plot(out.with_name(out.stem + "_examples.png")) if out is not None else None
+    text = render(results, figure.name if figure else None)
+    print(text)
+    if out is not None:
+        write_atomic(out, text)

@@ -1,0 +1,284 @@
+"""What the commands share: running the stock nnU-Net commands as a user would (printed first,
+output logged, resumable training), their environment, scoring with nnU-Net's metrics, plans
+edits for narrow networks, per-patient splits, and the machine line every report carries.
+
+Experiments, the demo, the benchmarks and the tests' shared models all use these; a new
+experiment starts here instead of copying from another one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_stseg.adapters.discovery import with_trainer_discovery
+from nnunet_stseg.adapters.results import model_folder
+from nnunet_stseg.atomic import write_json_atomic
+
+# a source checkout: the repository, and the project's shared data next to it (../shared/data)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data() -> Path:
+    """``../shared/data`` next to the repository: where experiments and benchmarks find the real
+    datasets by default (each command also takes the folder as an option)."""
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+def command_parser(name: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of ``nnunet-stseg <name>`` (its docstring as the help text)."""
+    return argparse.ArgumentParser(prog=f"nnunet-stseg {name}", description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, *, features: int, batch_size: int | None, epochs: int | None,
+                         iters: int | None, folds: int | None = None, helps: dict[str, str] | None = None) -> None:
+    """The training budget every experiment takes, with its own defaults: ``--features``,
+    ``--batch_size``, ``--epochs``, ``--iters`` (per network), ``--folds`` (when given), ``--seed``
+    and ``-device``. ``helps`` replaces the help text of an option (by its name)."""
+    helps = {"features": "U-Net base width of every network", "batch_size": "batch size of every network",
+             "epochs": "epochs of every network", "iters": "training iterations per epoch",
+             "folds": "per-patient cross-validation folds", **(helps or {})}
+    for name, default in (("features", features), ("batch_size", batch_size), ("epochs", epochs), ("iters", iters),
+                          ("folds", folds)):
+        if name != "folds" or folds is not None:
+            parser.add_argument(f"--{name}", type=int, default=default,
+                                help=helps[name] + (f" ({default})" if default is not None and "(" not in helps[name]
+                                                    else ""))
+    parser.add_argument("--seed", type=int, default=0, help="split seed (0)")
+    parser.add_argument("-device", "--device", default="cpu", help="device of every nnU-Net command (cpu)")
+
+
+def command_line(parser: argparse.ArgumentParser, argv) -> str:
+    """The command as typed, for the report (``nnunet-stseg <name> <arguments>``)."""
+    return " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)]).strip()
+
+
+def find_command(name: str) -> str:
+    """A console script next to the running interpreter (the venv's), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"command {name} not found next to {sys.executable} or on PATH; is nnunetv2 installed?")
+    return found
+
+
+def pipeline_env(workdir: Path, epochs: int, iters: int, val_iters: int = 2) -> dict:
+    """Environment for the stock commands: nnU-Net folders under ``workdir``, our trainers
+    discoverable, CPU-friendly settings and the short schedule."""
+    env = with_trainer_discovery(dict(os.environ))
+    env.update({
+        "nnUNet_raw": str(workdir / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
+        "nnUNet_results": str(workdir / "nnUNet_results"),
+        "nnUNet_compile": env.get("nnUNet_compile", "f"),
+        "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0"),
+        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "1"),
+        "STSEG_NUM_EPOCHS": str(epochs),
+        "STSEG_ITERS_PER_EPOCH": str(iters),
+        "STSEG_VAL_ITERS": str(val_iters),
+    })
+    return env
+
+
+def run_measured(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> tuple[float, float]:
+    """Run a command, print it first; on failure show the tail of its output. Returns the wall
+    seconds and the peak RSS in MB of its largest process (from ``wait4`` on that child)."""
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.perf_counter()
+    with (open(log, "w+") if log is not None else tempfile.TemporaryFile("w+")) as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(text.splitlines()[-40:])
+        raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
+    if not quiet:
+        for line in text.splitlines():
+            if "[nnunet-stseg]" in line or "Mean Validation Dice" in line:
+                print("   " + line)
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> float:
+    """:func:`run_measured` when only the seconds matter."""
+    return run_measured(cmd, env, log, quiet)[0]
+
+
+def train_command_line(dataset, config: str, fold: int, trainer: str, device: str = "cpu", *flags: str) -> list[str]:
+    """The stock ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -device DEVICE [flags]``."""
+    return [find_command("nnUNetv2_train"), str(dataset), config, str(fold), "-tr", trainer, "-device", device, *flags]
+
+
+def plan_command_line(dataset, size: int, dims: tuple[str, ...], features: int, *flags: str,
+                      batch_size: int | None = None, processes: int = 2) -> list[str]:
+    """Our ``nnunet-stseg plan -d DATASET -s SIZE --dims ... --features F [--batch_size B] -np N [flags]``."""
+    return [find_command("nnunet-stseg"), "plan", "-d", str(dataset), "-s", str(size), "--dims", *dims,
+            "--features", str(features), *(["--batch_size", str(batch_size)] if batch_size else []),
+            "-np", str(processes), *flags]
+
+
+def predict_command_line(images, output, dataset, config: str, trainer: str, folds, device: str = "cpu",
+                         *flags: str) -> list[str]:
+    """The stock ``nnUNetv2_predict -i IMAGES -o OUTPUT -d DATASET -c CONFIG -tr TRAINER -f FOLDS
+    -device DEVICE [flags]``."""
+    return [find_command("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", str(dataset), "-c", config,
+            "-tr", trainer, "-f", *[str(f) for f in folds], "-device", device, *flags]
+
+
+def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, env: dict, log: Path,
+               need_validation: bool = False) -> float | None:
+    """Train one fold with the stock ``nnUNetv2_train`` unless it is finished, so that a re-run
+    experiment resumes where it stopped: an interrupted training continues with ``--c``; with
+    ``need_validation``, a finished one without its validation gets only ``--val``. Returns the
+    wall seconds, or None when there was nothing to do."""
+    fold_dir = model_folder(dataset, trainer, config, results_root=env["nnUNet_results"]) / f"fold_{fold}"
+    finished = (fold_dir / "checkpoint_final.pth").is_file()
+    if finished and not (need_validation and not (fold_dir / "validation" / "summary.json").is_file()):
+        return None
+    extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
+    return run(train_command_line(dataset, config, fold, trainer, device, *extra), env, log)
+
+
+def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> dict:
+    """nnU-Net's own metrics plus precision/recall; returns the foreground mean."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_stseg.core.metrics import add_precision_recall
+
+    labels = [v for k, v in dataset_json["labels"].items() if k != "background"]
+    compute_metrics_on_folder(str(gt_dir), str(pred_dir), str(output), SimpleITKIO(), dataset_json["file_ending"],
+                              labels, None, num_processes=1, chill=True)
+    return add_precision_recall(str(output))["foreground_mean"]
+
+
+def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict]:
+    """nnU-Net ``splits_final.json`` content: patients shuffled with ``seed``, dealt into folds."""
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    folds = [sorted(str(c) for c in order[f::n_folds]) for f in range(n_folds)]
+    return [{"train": sorted(c for g, fold in enumerate(folds) if g != f for c in fold), "val": folds[f]}
+            for f in range(n_folds)]
+
+
+def add_narrow(plans_file: Path, features: int, base: str = "2d") -> str:
+    """Add ``<base>_w<features>`` to the plans: nnU-Net's planned configuration ``base`` (same
+    patch, same preprocessed data) with a narrower U-Net. Returns its name."""
+    from nnunet_stseg.planners.sts_planner import set_width
+
+    plans = json.loads(plans_file.read_text())
+    name = f"{base}_w{features}"
+    if name not in plans["configurations"]:
+        cfg = deepcopy(plans["configurations"][base])
+        set_width(cfg, features, None)
+        plans["configurations"][name] = cfg
+        write_json_atomic(plans, plans_file, indent=1)
+    return name
+
+
+def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dict:
+    """Give a configuration the experiment's batch size; returns the configuration."""
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"][configuration]
+    if cfg["batch_size"] != int(batch_size):
+        cfg["batch_size"] = int(batch_size)
+        write_json_atomic(plans, plans_file, indent=1)
+    return cfg
+
+
+def report_header(title: str, command: str) -> list[str]:
+    """The first lines of every report: its title, the command that regenerates it and the
+    machine it ran on (markdown, two trailing spaces = line break)."""
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line()}  "]
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU used; torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+
+CARDIAC_FAT_ID = 701  # the shared Cardiac Fat CT dataset (../shared/data/nnUNet_raw/Dataset701_*)
+
+
+def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Path | None = None,
+                    limit: int | None = None) -> tuple[Path, list[tuple[int, list[Path]]]]:
+    """Raw dataset read in place, per-patient split; returns the dataset and per fold the images
+    of its validation patients. ``dataset``: another raw 3D dataset folder (default: the shared
+    Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs)."""
+    if dataset is None:
+        raw = shared_data() / "nnUNet_raw"
+        ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_FAT_ID}_*"))), None) if raw.is_dir() else None
+        if ds is None:
+            raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_FAT_ID}_*) not found under {raw}")
+    else:
+        ds = Path(dataset).resolve()
+        if not (ds / "dataset.json").is_file() or not (ds / "labelsTr").is_dir():
+            raise SystemExit(f"{ds} is not an nnU-Net raw dataset folder (dataset.json and labelsTr/ expected)")
+    if limit:
+        ds = linked_subset(ds, Path(workdir).resolve() / "nnUNet_raw", limit)
+    env["nnUNet_raw"] = str(ds.parent)
+    case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))
+    splits = per_patient_split(case_ids, folds, seed)
+    pp = Path(env["nnUNet_preprocessed"]) / ds.name
+    pp.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(splits, pp / "splits_final.json", indent=1)
+    evals = []
+    for f, split in enumerate(splits):
+        folder = workdir / "inputs" / f"fold_{f}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in split["val"]:
+            for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz"):
+                link = folder / img.name
+                if not link.exists():
+                    link.symlink_to(img)
+        evals.append((f, sorted(folder.glob("*.nii.gz"))))
+    return ds, evals
+
+
+def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
+    """The first ``n`` training cases of a raw dataset as symbolic links in ``raw_root`` (same
+    folder name, ``dataset.json`` with ``numTraining`` = n): a small real dataset for smoke runs."""
+    target = raw_root / ds.name
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))[:n]
+    for sub in ("imagesTr", "labelsTr"):
+        (target / sub).mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        for src in [ds / "labelsTr" / f"{case}.nii.gz", *sorted((ds / "imagesTr").glob(f"{case}_*.nii.gz"))]:
+            link = target / src.parent.name / src.name
+            if not link.exists():
+                link.symlink_to(src)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    write_json_atomic({**dataset_json, "numTraining": len(cases)}, target / "dataset.json", indent=1)
+    return target
+
+__all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
+           "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
+           "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
+           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "report_header"]

@@ -1,0 +1,152 @@
+"""Every environment variable nnunet-stseg reads, in one place, with typed accessors.
+
+In the spirit of MONAI's ``MONAIEnvVars``: one table (:data:`SETTINGS`) says what each variable
+means and which values it takes; one accessor per variable returns the typed value or None when
+unset or empty; anything else is a ``ValueError`` in one style,
+``environment variable NAME='raw': expected WHAT``. No other module reads ``STSEG_*`` variables.
+
+Two kinds:
+
+- **schedule** variables change how our trainers run (CPU-sized schedules, validation); the
+  trainer writes the values it used into its training log;
+- **plan overrides** replace a value stored in the plans for one prediction
+  (:func:`plan_overrides`); the predictor applies them once, logs them, and writes them next to
+  the predictions (``nnunet_stseg_overrides.json``) so the run can be reproduced.
+
+>>> import os
+>>> os.environ["STSEG_NUM_EPOCHS"] = "3"
+>>> num_epochs()
+3
+>>> os.environ["STSEG_NUM_EPOCHS"] = "three"
+>>> num_epochs()
+Traceback (most recent call last):
+...
+ValueError: environment variable STSEG_NUM_EPOCHS='three': expected a whole number >= 1
+>>> del os.environ["STSEG_NUM_EPOCHS"]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+OVERRIDES_FILE = "nnunet_stseg_overrides.json"
+# the plan overrides of the polar stage, by name (experiments set them for child processes)
+ORIGIN_SOURCE_ENV = "STSEG_POLAR_ORIGINS"
+MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
+PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, the values it takes, what it does, and (for plan
+    overrides) the plan key it replaces."""
+
+    name: str
+    expected: str
+    meaning: str
+    plan_key: str | None = None
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("STSEG_NUM_EPOCHS", "a whole number >= 1", "epochs of our trainers (nnU-Net: 1000)"),
+    Setting("STSEG_ITERS_PER_EPOCH", "a whole number >= 1", "training iterations per epoch (nnU-Net: 250)"),
+    Setting("STSEG_VAL_ITERS", "a whole number >= 1", "validation iterations per epoch (nnU-Net: 50)"),
+    Setting("STSEG_SAVE_EVERY", "a whole number >= 1", "epochs between checkpoint_latest.pth saves (nnU-Net: 50)"),
+    Setting("STSEG_SKIP_VALIDATION", "0 or 1", "1: skip the final validation after training"),
+    Setting("STSEG_VAL_MIRRORING", "0 or 1", "0: final validation without test-time mirroring"),
+    Setting("STSEG_POLAR_ORIGINS", "coarse or heatmap", "origin source of the polar stage at prediction",
+            "sts.polar.origin_source"),
+    Setting("STSEG_POLAR_MAX_ORIGINS", "a whole number >= 1", "polar origins per slice at prediction",
+            "sts.polar.max_origins"),
+    Setting("STSEG_POLAR_PEAK_THRESHOLD", "a number in [0, 1) (0 = no threshold)",
+            "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold"),
+)}
+
+
+def _read(name: str, parse: Callable[[str], object], valid: Callable[[object], bool]):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"environment variable {name}={raw!r}: expected {SETTINGS[name].expected}")
+    return value
+
+
+def _positive_int(name: str) -> int | None:
+    return _read(name, int, lambda v: v >= 1)
+
+
+def _switch(name: str) -> bool | None:
+    return _read(name, lambda raw: {"0": False, "1": True}[raw] if raw in ("0", "1") else None, lambda v: True)
+
+
+def num_epochs() -> int | None:
+    return _positive_int("STSEG_NUM_EPOCHS")
+
+
+def iters_per_epoch() -> int | None:
+    return _positive_int("STSEG_ITERS_PER_EPOCH")
+
+
+def val_iters() -> int | None:
+    return _positive_int("STSEG_VAL_ITERS")
+
+
+def save_every() -> int | None:
+    return _positive_int("STSEG_SAVE_EVERY")
+
+
+def skip_validation() -> bool:
+    return bool(_switch("STSEG_SKIP_VALIDATION"))
+
+
+def validation_mirroring() -> bool:
+    """False only when ``STSEG_VAL_MIRRORING=0``."""
+    return _switch("STSEG_VAL_MIRRORING") is not False
+
+
+def polar_origin_source() -> str | None:
+    return _read("STSEG_POLAR_ORIGINS", str, lambda v: v in ("coarse", "heatmap"))
+
+
+def polar_max_origins() -> int | None:
+    return _positive_int("STSEG_POLAR_MAX_ORIGINS")
+
+
+def polar_peak_threshold() -> float | None:
+    """The override of ``sts.centre.peak_threshold``; 0 means "no threshold"."""
+    return _read("STSEG_POLAR_PEAK_THRESHOLD", float, lambda v: 0 <= v < 1)
+
+
+def plan_overrides() -> dict[str, object]:
+    """The plan values that environment variables replace for this process, ``{plan key: value}``
+    (checked: a bad value raises before any work starts).
+
+    >>> import os
+    >>> os.environ["STSEG_POLAR_MAX_ORIGINS"] = "1"
+    >>> plan_overrides()
+    {'sts.polar.max_origins': 1}
+    >>> del os.environ["STSEG_POLAR_MAX_ORIGINS"]
+    """
+    values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
+              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold()}
+    return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
+
+
+def schedule_settings() -> dict[str, object]:
+    """The schedule variables that are set, ``{name: value}`` (checked), for training logs."""
+    values = {"STSEG_NUM_EPOCHS": num_epochs(), "STSEG_ITERS_PER_EPOCH": iters_per_epoch(),
+              "STSEG_VAL_ITERS": val_iters(), "STSEG_SAVE_EVERY": save_every(),
+              "STSEG_SKIP_VALIDATION": _switch("STSEG_SKIP_VALIDATION"),
+              "STSEG_VAL_MIRRORING": _switch("STSEG_VAL_MIRRORING")}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+__all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
+           "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
+           "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "plan_overrides", "schedule_settings"]

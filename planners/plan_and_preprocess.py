@@ -1,0 +1,64 @@
+"""``nnunet-stseg plan`` as a Python function: fingerprint, plan with our planner, preprocess."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from nnunet_stseg.adapters.config import PlanOptions, trainer_for_role
+from nnunet_stseg.adapters.discovery import shell_export_line
+
+
+def _complete_preprocessed(folder: str, identifiers: Sequence[str]) -> bool:
+    return os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, f"{i}.pkl")) for i in identifiers)
+
+
+def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes: int = 2, preprocess: bool = True,
+                        verify_dataset_integrity: bool = False, gpu_memory_target: float = 8.0) -> list[str]:
+    """Fingerprint (reused if present), plan with :class:`nnUNetPlannerStS` and ``options``,
+    preprocess our configurations. Preprocessing of a fine (or polar) configuration is skipped when
+    its shared full-resolution data (``3d_fullres``/``2d``) is already complete. Prints the stock
+    commands that train and predict them. Returns the names added."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunet_stseg.planners.sts_planner import nnUNetPlannerStS
+
+    name = maybe_convert_to_dataset_name(dataset_id)
+    fingerprint = os.path.join(str(nnUNet_preprocessed), name, "dataset_fingerprint.json")
+    extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
+                                check_dataset_integrity=verify_dataset_integrity,
+                                clean=not os.path.isfile(fingerprint), verbose=False)
+    planner = nnUNetPlannerStS(dataset_id, options=options, gpu_memory_target_in_gb=gpu_memory_target)
+    plans = planner.plan_experiment()
+    added = planner.sts_configurations
+    if preprocess:
+        ids = list(get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json))
+        todo, identifiers = [], set()
+        for c in added:
+            identifier = plans["configurations"][c]["data_identifier"]
+            folder = os.path.join(str(nnUNet_preprocessed), name, identifier)
+            if identifier in identifiers:  # the polar configuration shares the 2d fine one's data
+                continue
+            identifiers.add(identifier)
+            if plans["configurations"][c]["sts"]["role"] != "coarse" and _complete_preprocessed(folder, ids):
+                print(f"[nnunet-stseg] {c}: full-resolution data already preprocessed in {folder}, reused")
+                continue
+            todo.append(c)
+        if todo:
+            preprocess_dataset(dataset_id, planner.plans_identifier, todo, [num_processes] * len(todo))
+    print("\n[nnunet-stseg] configurations added to "
+          f"{os.path.join(str(nnUNet_preprocessed), name, planner.plans_identifier + '.json')}: {', '.join(added)}")
+    print("[nnunet-stseg] next steps (per fold F):")
+    print(f"  {shell_export_line()}")
+    for c in added:
+        print(f"  nnUNetv2_train {dataset_id} {c} F -tr {trainer_for_role(plans['configurations'][c]['sts'])}")
+    for c in added:
+        sts = plans["configurations"][c]["sts"]
+        if sts["role"] != "coarse":
+            print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr {trainer_for_role(sts)} -f F")
+    return added
+
+
+__all__ = ["plan_and_preprocess"]

@@ -1,0 +1,52 @@
+"""The one ``nnunet-stseg`` command: every subcommand answers --help under its own name, and the
+plan options travel from the command line into one typed PlanOptions by keyword."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nnunet_stseg.adapters.config import PlanOptions
+from nnunet_stseg.commands.cli import DELEGATED, _plan_parser, main, plan_options_from_args
+
+
+@pytest.mark.parametrize("name", sorted(DELEGATED) + ["plan", "env"])
+def test_every_subcommand_has_help_under_its_name(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: nnunet-stseg {name}")
+
+
+def test_unknown_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["experiment-foo"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _options(*argv: str) -> PlanOptions:
+    return plan_options_from_args(_plan_parser(argparse.ArgumentParser()).parse_args(["-d", "1", *argv]))
+
+
+def test_plan_options_from_the_command_line():
+    assert _options() == PlanOptions()
+    o = _options("-s", "48", "--dims", "2d", "--features", "8", "--max_features", "64", "--batch_size", "4",
+                 "--margin_fraction", "0.2", "--min_object_size", "3", "--fallback", "whole", "--depth", "--polar",
+                 "--fusion_high", "0.3")
+    assert o == PlanOptions(input_size=48, dims=("2d",), base_features=8, max_features=64, batch_size=4,
+                            crop={"margin_fraction": 0.2, "min_object_size": 3.0}, fallback="whole",
+                            depth_channel=True, polar=True, polar_params={"fusion_high": 0.3})
+
+
+@pytest.mark.parametrize("kwargs,message", [({"input_size": 4}, ">= 8"), ({"dims": ("4d",)}, "dimensionality"),
+                                            ({"fallback": "none"}, "fallback"), ({"crop": {"margin": 1}}, "margin"),
+                                            ({"polar_params": {"fusion_hi": 1}}, "fusion_hi"),
+                                            ({"batch_size": 0}, "batch_size")])
+def test_plan_options_refuse_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PlanOptions(**kwargs)
+
+
+def test_plan_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        PlanOptions(64, ("2d",))  # noqa

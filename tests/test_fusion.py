@@ -1,0 +1,98 @@
+"""The polar stage's fusion arithmetic (nnunet_stseg.core.fusion) on hand-built examples: which
+regions survive the hysteresis, which class wins inside the fused mask, region outputs, and that
+summing the terms batch by batch (as the predictor does) gives the same result."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_stseg.core.fusion import fuse_polar_probabilities, fuse_polar_slice, polar_fusion_weights
+
+
+def softmax_views(*foregrounds: np.ndarray, classes: list[int] | None = None, p: float = 0.9) -> torch.Tensor:
+    """(N, K, H, W) probabilities: view i says class ``classes[i]`` (default 1) with probability
+    ``p`` on its foreground pixels, background elsewhere; K = 3."""
+    n, shape = len(foregrounds), foregrounds[0].shape
+    out = torch.zeros((n, 3, *shape))
+    for i, fg in enumerate(foregrounds):
+        c = (classes or [1] * n)[i]
+        fg = torch.as_tensor(fg)
+        out[i, c] = torch.where(fg, p, 0.0)
+        out[i, 0] = 1 - out[i, c]
+    return out
+
+
+def strip(*ranges: tuple[int, int], width: int = 12) -> np.ndarray:
+    m = np.zeros((1, width), bool)
+    for a, b in ranges:
+        m[0, a:b] = True
+    return m
+
+
+def test_a_region_seen_by_one_view_off_its_origin_is_dropped():
+    # both views centre on the object at 1..4; view 1 also predicts 8..10 (off its own origin):
+    # object score 2 + 2 = 4, extra 1 -> normalised 0.25 <= 0.4
+    views = softmax_views(strip((1, 4)), strip((1, 4), (8, 10)))
+    fused = fuse_polar_probabilities(views, [[0, 2], [0, 2]], multilabel=False)
+    assert fused.argmax(0)[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert torch.allclose(fused.sum(0), torch.ones(1, 12)), "probabilities per pixel"
+
+
+def test_a_region_that_is_some_views_own_object_is_kept():
+    # view 1 is centred on the second object: A scores 2 (view 0) + 1 (view 1, off its origin) = 3,
+    # B scores 2 (view 1's own object) -> 2 / 3 > 0.4
+    views = softmax_views(strip((1, 4)), strip((1, 4), (8, 10)))
+    fused = fuse_polar_probabilities(views, [[0, 2], [0, 9]], multilabel=False)
+    assert fused.argmax(0)[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("high,kept", [(0.2, True), (0.3, False)])
+def test_the_hysteresis_threshold_decides(high, kept):
+    # the extra region scores 1 / 4 = 0.25 of the maximum
+    views = softmax_views(strip((1, 4)), strip((1, 4), (8, 10)))
+    fused = fuse_polar_probabilities(views, [[0, 2], [0, 2]], multilabel=False, high=high)
+    assert bool(fused.argmax(0)[0, 8]) is kept
+
+
+def test_the_class_inside_the_mask_is_the_weighted_mean():
+    # view 0 centred on the object says class 2, view 1 (origin elsewhere) says class 1 on it:
+    # weights 2 vs 1, so class 2 wins; equal weights would tie the probabilities
+    views = softmax_views(strip((1, 5)), strip((1, 5)), classes=[2, 1], p=0.8)
+    fused = fuse_polar_probabilities(views, [[0, 3], [0, 10]], multilabel=False)
+    assert fused.argmax(0)[0, 1:5].tolist() == [2, 2, 2, 2]
+    np.testing.assert_allclose(fused[2, 0, 1].item(), (2 * 0.8) / (2 * 0.8 + 1 * 0.8), rtol=1e-5)
+    assert fused[0, 0, 1].item() == 0.0 and fused[0, 0, 0].item() == 1.0, "background 0 inside, 1 outside"
+
+
+def test_region_outputs_keep_the_mean_and_lift_the_strongest_region():
+    # regions (sigmoid) R = 2: inside the object region 0 has mean 0.45 (below 0.5) and region 1
+    # 0.2; the fused mask says "object", so the strongest region is lifted just above 0.5
+    views = torch.zeros((2, 2, 1, 8))
+    views[:, 0, 0, 2:5] = torch.tensor([0.6, 0.3]).view(2, 1)
+    views[:, 1, 0, 2:5] = 0.2
+    score, class_weights = polar_fusion_weights(views, [[0, 3], [0, 3]], multilabel=True)
+    assert score[0, 0].tolist() == [0, 0, 2, 2, 2, 0, 0, 0] and score[1].sum() == 0, "view 1 predicts nothing > 0.5"
+    fused = fuse_polar_probabilities(views, [[0, 3], [0, 3]], multilabel=True)
+    assert torch.all(fused[0, 0, 2:5] > 0.5) and torch.allclose(fused[1, 0, 2:5], torch.full((3,), 0.2))
+    assert fused[:, 0, :2].abs().sum() == 0 and fused[:, 0, 5:].abs().sum() == 0, "0 outside the mask"
+
+
+def test_no_foreground_anywhere_is_background():
+    views = softmax_views(strip(), strip())
+    fused = fuse_polar_probabilities(views, [[0, 2], [0, 7]], multilabel=False)
+    assert fused[0].eq(1).all() and fused[1:].eq(0).all()
+
+
+def test_batchwise_sums_equal_the_one_call():
+    rng = np.random.default_rng(0)
+    views = softmax_views(*(rng.random((6, 6)) > 0.5 for _ in range(5)), classes=[1, 2, 1, 2, 1])
+    origins = rng.integers(0, 6, size=(5, 2)).astype(float)
+    one = fuse_polar_probabilities(views, origins, multilabel=False)
+    score, class_sum, weight_sum = np.zeros((6, 6), np.float32), torch.zeros((3, 6, 6)), torch.zeros((6, 6))
+    for batch in (slice(0, 2), slice(2, 5)):
+        s, w = polar_fusion_weights(views[batch], origins[batch], multilabel=False)
+        score += s.sum(0)
+        class_sum += (w[:, None] * views[batch]).sum(0)
+        weight_sum += w.sum(0)
+    assert torch.allclose(fuse_polar_slice(score, class_sum, weight_sum, multilabel=False), one)

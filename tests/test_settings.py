@@ -1,0 +1,94 @@
+"""One home for settings: every environment variable is read through nnunet_stseg.settings, has one
+error style, is documented, and plan overrides are applied once and recorded."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from nnunet_stseg import settings
+from nnunet_stseg.adapters.config import CentreParams, PolarParams, StSConfig, apply_plan_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": settings.iters_per_epoch,
+             "STSEG_VAL_ITERS": settings.val_iters, "STSEG_SAVE_EVERY": settings.save_every,
+             "STSEG_SKIP_VALIDATION": settings.skip_validation, "STSEG_VAL_MIRRORING": settings.validation_mirroring,
+             "STSEG_POLAR_ORIGINS": settings.polar_origin_source, "STSEG_POLAR_MAX_ORIGINS": settings.polar_max_origins,
+             "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold}
+GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
+        "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
+        "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
+        "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0)}
+BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
+       "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
+       "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
+       "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"]}
+
+
+def test_the_table_and_the_accessors_cover_the_same_variables():
+    assert set(ACCESSORS) == set(settings.SETTINGS) == set(GOOD) == set(BAD)
+
+
+@pytest.mark.parametrize("name", sorted(settings.SETTINGS))
+def test_every_setting_unset_valid_and_invalid(monkeypatch, name):
+    read = ACCESSORS[name]
+    monkeypatch.delenv(name, raising=False)
+    unset = read()
+    monkeypatch.setenv(name, "  ")
+    assert read() == unset, "empty means unset"
+    assert unset in (None, False, True)
+    raw, value = GOOD[name]
+    monkeypatch.setenv(name, raw)
+    assert read() == value
+    for bad in BAD[name]:
+        monkeypatch.setenv(name, bad)
+        expected = re.escape(f"environment variable {name}={bad!r}: expected {settings.SETTINGS[name].expected}")
+        with pytest.raises(ValueError, match=expected):
+            read()
+
+
+def test_no_module_reads_stseg_variables_but_settings():
+    """Every STSEG_* variable of the package is read in nnunet_stseg/settings.py only."""
+    offenders = []
+    for path in [*ROOT.joinpath("nnunet_stseg").rglob("*.py"), *ROOT.joinpath("trainers").rglob("*.py"),
+                 *ROOT.joinpath("planners").rglob("*.py")]:
+        if path.name == "settings.py":
+            continue
+        text = path.read_text()
+        if re.search(r"os\.environ(\.get)?\s*[\[(]\s*[\"']STSEG_|getenv\(\s*[\"']STSEG_", text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = ROOT.joinpath("README.md").read_text()
+    assert [name for name in settings.SETTINGS if f"`{name}" not in readme] == []
+
+
+def test_plan_overrides_are_checked_and_keyed_by_plan_value(monkeypatch):
+    for name in settings.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert settings.plan_overrides() == {}
+    monkeypatch.setenv("STSEG_POLAR_ORIGINS", "heatmap")
+    monkeypatch.setenv("STSEG_POLAR_PEAK_THRESHOLD", "0.1")
+    monkeypatch.setenv("STSEG_NUM_EPOCHS", "2")  # a schedule setting, not a plan override
+    assert settings.plan_overrides() == {"sts.polar.origin_source": "heatmap", "sts.centre.peak_threshold": 0.1}
+    assert settings.schedule_settings() == {"STSEG_NUM_EPOCHS": 2}
+    monkeypatch.setenv("STSEG_POLAR_MAX_ORIGINS", "many")
+    with pytest.raises(ValueError, match="STSEG_POLAR_MAX_ORIGINS"):
+        settings.plan_overrides()
+
+
+def test_apply_plan_overrides_reports_only_what_changed():
+    sts = StSConfig("polar", 32, "2d_sts_coarse_32", polar=PolarParams((32, 32)))
+    centre = CentreParams(sigma=2.0)
+    new, new_centre, changed = apply_plan_overrides(
+        sts, centre, {"sts.polar.origin_source": "coarse", "sts.polar.max_origins": 1,
+                      "sts.centre.peak_threshold": 0.0})
+    assert (new.polar.origin_source, new.polar.max_origins, new_centre.peak_threshold) == ("coarse", 1, 0.0)
+    assert changed == {"sts.polar.max_origins": {"plans": 32, "used": 1},
+                       "sts.centre.peak_threshold": {"plans": 0.5, "used": 0.0}}
+    assert sts.polar.max_origins == 32 and centre.peak_threshold == 0.5, "the inputs are not modified"
+    cascade = StSConfig("fine", 32, "2d_sts_coarse_32")
+    assert apply_plan_overrides(cascade, None, {"sts.polar.max_origins": 1}) == (cascade, None, {})

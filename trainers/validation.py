@@ -1,0 +1,66 @@
+"""The skeleton every final validation of ours shares: a predictor for the trained network, the
+fold's validation cases split over DDP ranks like nnU-Net's, each case loaded (with the depth
+channel when the model has one), and the per-rank results brought together on rank 0.
+
+A trainer's ``perform_actual_validation`` keeps only what it does with each case (export and score
+a segmentation; match heatmap peaks) and what it writes.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch import distributed as dist
+
+from nnunet_stseg.core.depth import append_depth_channel, depths_from_properties
+
+
+def add_depth_to_case(data, properties: dict):
+    """A preprocessed case (C, Z, ...) with its depth channel, as the depth predictor's preprocessing
+    makes it (for code that feeds preprocessed training data to a predictor)."""
+    case = data if isinstance(data, torch.Tensor) else np.asarray(data[:])
+    return append_depth_channel(case, depths_from_properties(case.shape[1], properties))
+
+
+def validation_predictor(trainer, predictor_class: type = nnUNetPredictor, depth: bool = False):
+    """A predictor of ``predictor_class`` holding the trainer's network in eval mode (deep
+    supervision off), nnU-Net's validation settings, the trainer's mirroring axes."""
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                allow_tqdm=False)
+    if hasattr(predictor, "enable_depth_channel"):
+        predictor.enable_depth_channel(depth)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def validation_cases(trainer, depth: bool = False) -> Iterator[tuple[str, torch.Tensor, np.ndarray, dict]]:
+    """This rank's share of the fold's validation cases (nnU-Net's DDP split), one at a time:
+    ``(key, data, seg, properties)`` with ``data`` a tensor (with the depth channel if ``depth``)."""
+    _, val_keys = trainer.do_split()
+    if trainer.is_ddp:
+        val_keys = val_keys[trainer.local_rank::dist.get_world_size()]
+    dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys)
+    for key in dataset_val.identifiers:
+        data, seg, _, properties = dataset_val.load_case(key)
+        data = add_depth_to_case(data, properties) if depth else np.asarray(data[:])
+        yield key, torch.as_tensor(data), np.asarray(seg), properties
+
+
+def gather_on_rank0(trainer, per_case: dict) -> dict | None:
+    """All ranks' ``per_case`` results merged on rank 0 (None on the other ranks); a barrier
+    without DDP is a no-op."""
+    if not trainer.is_ddp:
+        return per_case
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, per_case)
+    return {k: v for part in gathered for k, v in part.items()} if trainer.local_rank == 0 else None
+
+
+__all__ = ["add_depth_to_case", "validation_predictor", "validation_cases", "gather_on_rank0"]
