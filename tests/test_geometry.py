@@ -1222,3 +1222,36 @@ def test_limit_crops_hand_built():
     assert out.tolist() == [[[0, 1], [0, 20], [0, 20]]] and info["discarded"] == 1
     with pytest.raises(ValueError, match="max_crops"):
         limit_crops(b, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# devices without float64 (Apple's mps): every tensor the geometry makes is float32 or integer
+# ----------------------------------------------------------------------------------------------
+
+class _NoFloat64(torch.overrides.TorchFunctionMode):
+    """Fails on any torch call that returns a float64 tensor: on an mps device each would be an
+    error ("MPS framework doesn't support float64")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                raise AssertionError(f"{getattr(func, '__name__', func)} made a float64 tensor")
+        return out
+
+
+def test_grids_are_float32_for_devices_without_float64():
+    from nnunet_stseg.core.fusion import fuse_polar_probabilities
+    from nnunet_stseg.core.polar import from_polar, to_polar
+
+    image = torch.rand(2, 3, 40, 50)
+    boxes = np.array([[[1, 2], [3.5, 20.25], [10, 41]], [[0, 3], [0, 40], [0, 50]]])
+    with _NoFloat64():
+        crops = crop_and_resample(image, boxes, (1, 16, 16))
+        back = resample_crop_to_box(crops[0], np.array([[1, 2], [4, 20], [10, 41]]))
+        polar, radii = to_polar(image[:, 1], np.array([[20.5, 24.0], [3.0, 7.0]]), (32, 16), theta0=[0.3, 0.0])
+        cart = from_polar(polar.softmax(1), np.array([[20.5, 24.0], [3.0, 7.0]]), (40, 50), radii, theta0=[0.3, 0.0])
+        fused = fuse_polar_probabilities(cart, [[20.5, 24.0], [3.0, 7.0]], multilabel=False)
+    assert crops.dtype == back.dtype == polar.dtype == cart.dtype == fused.dtype == torch.float32
+    with pytest.raises(AssertionError, match="float64"), _NoFloat64():
+        torch.zeros(2, dtype=torch.float64)  # the check itself works

@@ -9,6 +9,8 @@ linear interpolation of a one-hot map and back keeps every voxel's argmax (each 
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
 
 from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
+from trained_models import model_folder
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +194,122 @@ def test_speckled_coarse_mask_is_capped_and_logged(planned, capsys):
     out = capsys.readouterr().out
     assert p.last_timings["n_boxes"] <= 10 and net.crops_seen == p.last_timings["n_boxes"]
     assert "exceeded max_crops=10" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# a predictor object that loads several models (issue 16): no stale state, user subclasses kept
+# ----------------------------------------------------------------------------------------------
+
+def _stock_copy_of(model: Path, root: Path) -> Path:
+    """The coarse model saved as if nnU-Net's own nnUNetTrainer had trained it (same network)."""
+    stock = root / model.name.replace("nnUNetTrainer_StSCoarse", "nnUNetTrainer")
+    shutil.copytree(model, stock)
+    checkpoint = stock / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["trainer_name"] = "nnUNetTrainer"
+    torch.save(state, checkpoint)
+    return stock
+
+
+@pytest.mark.slow
+def test_a_reused_predictor_drops_our_state_and_keeps_the_users_class(trained_2d, tmp_path, monkeypatch):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_stseg import trainer_discovery_dir
+    from nnunet_stseg.adapters.inference_io import PluginConfigurationManager
+    from nnunet_stseg.adapters.predictor import StSPredictor
+
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_discovery_dir())
+    res = trained_2d
+    fine = model_folder(res, "nnUNetTrainer_StSFine", res.fine_config)
+    coarse = model_folder(res, "nnUNetTrainer_StSCoarse", res.coarse_config)
+
+    class MyPredictor(nnUNetPredictor):  # a user's subclass with its own behaviour
+        def predict_from_files_sequential(self, *args, **kwargs):
+            self.user_calls = getattr(self, "user_calls", 0) + 1
+            return super().predict_from_files_sequential(*args, **kwargs)
+
+    p = MyPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False, verbose=False)
+    p.initialize_from_trained_model_folder(str(fine), (0,))
+    assert isinstance(p, StSPredictor) and isinstance(p, MyPredictor)
+    p.attach_coarse([0], coarse_folder=str(coarse))
+    image = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))[0]
+    out = tmp_path / "pred" / image.name.replace("_0000.nii.gz", "")
+    out.parent.mkdir()
+    p.predict_from_files_sequential([[str(image)]], [str(out)], False, True, None)
+    assert p.user_calls == 1, "the user's override ran under ours"
+    assert out.with_name(out.name + ".nii.gz").is_file() and p.last_timings is not None
+
+    p.initialize_from_trained_model_folder(str(_stock_copy_of(coarse, tmp_path)), (0,))
+    assert type(p) is MyPredictor, "a stock model runs with the user's own class"
+    assert not {"coarse", "sts", "last_timings", "_sts_source"} & set(vars(p))
+    assert not isinstance(p.configuration_manager, PluginConfigurationManager)
+    p.initialize_from_trained_model_folder(str(fine), (0,))
+    assert isinstance(p, StSPredictor) and p.coarse is None, "our model again: adopted afresh"
+
+
+def test_adopting_a_class_that_cannot_be_combined_is_one_clear_error():
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_stseg.adapters.predictor import PluginPredictor, StSPredictor, adopted_class
+
+    class Sealed(nnUNetPredictor):  # a user class that refuses subclasses
+        def __init_subclass__(cls, **kwargs):
+            raise TypeError("Sealed may not be subclassed")
+
+    assert adopted_class(StSPredictor, nnUNetPredictor) is StSPredictor
+    assert adopted_class(PluginPredictor, StSPredictor) is PluginPredictor, "one of ours is replaced"
+    with pytest.raises(TypeError, match="cannot be combined with the predictor class .*Sealed .*may not be"):
+        adopted_class(StSPredictor, Sealed)
+
+
+def test_managers_assigned_before_adoption_are_wrapped(planned):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.adapters.inference_io import PluginConfigurationManager, PluginPlansManager
+    from nnunet_stseg.adapters.predictor import PluginPredictor
+
+    root, datasets = planned
+    plans = PlansManager(str(root / "pp" / datasets[2].name / "nnUNetPlans.json"))
+    p = nnUNetPredictor(device=torch.device("cpu"))
+    p.plans_manager, p.configuration_manager = plans, plans.get_configuration("2d")  # nnU-Net's own order
+    p.__class__ = PluginPredictor
+    assert isinstance(p.configuration_manager, PluginConfigurationManager)
+    assert isinstance(p.plans_manager, PluginPlansManager)
+
+
+def test_validation_without_mirroring_reaches_the_coarse_model(planned, tmp_path, monkeypatch):
+    """STSEG_VAL_MIRRORING=0 takes the trainer's mirroring axes away for its final validation; the
+    coarse model that the cascade validation loads must not mirror either (it did)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import nnunet_stseg.adapters.predictor as predictor_module
+    from nnunet_stseg.adapters.predictor import StSPredictor
+    from nnunet_stseg.trainers.validation import validation_predictor
+
+    root, datasets = planned
+    ds = datasets[2]
+    plans = PlansManager(str(root / "pp" / ds.name / "nnUNetPlans.json"))
+    made = []
+
+    class RecordingPredictor:  # stands in for the coarse model's nnUNetPredictor
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def initialize_from_trained_model_folder(self, *args):
+            pass
+
+    monkeypatch.setattr(predictor_module, "nnUNetPredictor", RecordingPredictor)
+    (tmp_path / "coarse" / "fold_0").mkdir(parents=True)
+    (tmp_path / "coarse" / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    for axes, mirroring in ((None, False), ((0, 1), True)):
+        trainer = SimpleNamespace(network=torch.nn.Identity(), device=torch.device("cpu"), plans_manager=plans,
+                                  configuration_manager=plans.get_configuration(fine_config_name("2d", 64)),
+                                  dataset_json=json.loads((ds / "dataset.json").read_text()),
+                                  inference_allowed_mirroring_axes=axes, set_deep_supervision_enabled=lambda on: None)
+        p = validation_predictor(trainer, StSPredictor)
+        p.attach_coarse([0], coarse_folder=str(tmp_path / "coarse"))
+        assert p.use_mirroring is mirroring and made[-1]["use_mirroring"] is mirroring

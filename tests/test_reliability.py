@@ -55,6 +55,55 @@ def test_atomic_writer_leaves_nothing_when_the_write_fails(tmp_path):
     assert not (tmp_path / PARTIAL_DIR).exists()
 
 
+def _source_image(folder: Path, io_name: str, ending: str) -> Path:
+    """A small image in the format of one of nnU-Net's reader/writers, with a non-trivial spacing."""
+    arr = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 7).astype(np.uint8)
+    path = folder / f"img_0000{ending}"
+    if io_name == "NaturalImage2DIO":
+        from PIL import Image
+
+        Image.fromarray(arr[0]).save(path)
+    elif io_name == "Tiff3DIO":
+        import tifffile
+
+        tifffile.imwrite(path, arr, photometric="minisblack")
+        (folder / "img_0000.json").write_text(json.dumps({"spacing": [3.0, 0.5, 0.7]}))
+    else:
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((0.7, 0.5, 3.0))
+        img.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+        sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("io_name,ending", [("SimpleITKIO", ".nii.gz"), ("SimpleITKIO", ".nrrd"), ("SimpleITKIO", ".mha"),
+                                            ("SimpleITKIOWithReorient", ".nii.gz"), ("NibabelIO", ".nii.gz"),
+                                            ("NibabelIOWithReorient", ".nii.gz"), ("Tiff3DIO", ".tif"),
+                                            ("NaturalImage2DIO", ".png")])
+@pytest.mark.filterwarnings("ignore:<tifffile.TiffWriter.write> data with shape:DeprecationWarning")  # nnU-Net's writer
+def test_every_nnunet_writer_round_trips_through_the_atomic_writer(tmp_path, io_name, ending):
+    """The atomic writer must leave exactly what nnU-Net's own writer leaves, side files included
+    (Tiff3DIO writes the spacing into <stem>.json beside the image), and read back the same."""
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    inner = recursive_find_reader_writer_by_name(io_name)()
+    src = tmp_path / "src"
+    src.mkdir()
+    image, props = inner.read_images([str(_source_image(src, io_name, ending))])
+    seg = (image[0] > 2).astype(np.uint8)[None]
+    direct, atomic = tmp_path / "direct", tmp_path / "atomic"
+    direct.mkdir(), atomic.mkdir()
+    inner.write_seg(seg[0], str(direct / f"case{ending}"), props)
+    AtomicReaderWriter(io_name).write_seg(seg[0], str(atomic / f"case{ending}"), props)
+    remove_partial_folder(str(atomic))
+    assert sorted(p.name for p in atomic.iterdir()) == sorted(p.name for p in direct.iterdir())
+    expected, expected_props = inner.read_seg(str(direct / f"case{ending}"))
+    got, got_props = inner.read_seg(str(atomic / f"case{ending}"))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got_props["spacing"], expected_props["spacing"])
+    np.testing.assert_allclose(got_props["spacing"], props["spacing"])
+
+
 def test_atomic_writers_of_parallel_workers_do_not_pull_the_folder_away(tmp_path):
     """Export workers write concurrently: one finishing must not remove the temporary folder
     another one is about to write into (a race seen with nnU-Net's export pool on PNG output)."""
@@ -86,10 +135,12 @@ def test_leftovers_of_killed_writers_are_removed_and_live_writers_kept(tmp_path)
     killed = partial / f"{tag}{dead.pid}_case_003.nii.gz"
     live = partial / f"{tag}{os.getpid()}_case_004.nii.gz"
     elsewhere = partial / f"other-host_{dead.pid}_case_005.nii.gz"
-    for f in (killed, live, elsewhere):
+    killed_staging = partial / f"{tag}{dead.pid}_x1y2z3"  # a staging folder (the writer of 0.2)
+    killed_staging.mkdir()
+    for f in (killed, live, elsewhere, killed_staging / "case_006.tif", killed_staging / "case_006.json"):
         f.write_bytes(b"half a file")
     remove_partial_folder(str(tmp_path))
-    assert not killed.exists() and live.exists() and elsewhere.exists()
+    assert not killed.exists() and not killed_staging.exists() and live.exists() and elsewhere.exists()
     live.unlink()
     elsewhere.unlink()
     killed.write_bytes(b"half a file")

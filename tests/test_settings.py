@@ -92,3 +92,30 @@ def test_apply_plan_overrides_reports_only_what_changed():
     assert sts.polar.max_origins == 32 and centre.peak_threshold == 0.5, "the inputs are not modified"
     cascade = StSConfig("fine", 32, "2d_sts_coarse_32")
     assert apply_plan_overrides(cascade, None, {"sts.polar.max_origins": 1}) == (cascade, None, {})
+
+
+def test_the_overrides_record_next_to_the_predictions(tmp_path, monkeypatch):
+    """Written when plan values were replaced; removed by a later run that predicted without
+    overrides; left alone by a resumed run that had nothing to predict."""
+    import json
+
+    import torch
+
+    from nnunet_stseg.adapters.predictor import StSPredictor
+
+    monkeypatch.setenv("STSEG_POLAR_MAX_ORIGINS", "1")
+    record = tmp_path / settings.OVERRIDES_FILE
+    first = StSPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    first.sts = StSConfig("polar", 32, "2d_sts_coarse_32", polar=PolarParams((32, 32)))
+    first._record_overrides({"sts.polar.max_origins": {"plans": 32, "used": 1}})
+    first._write_overrides_record({str(tmp_path)})
+    assert json.loads(record.read_text()) == {"plan_overrides": {"sts.polar.max_origins": {"plans": 32, "used": 1}},
+                                              "variables": {"STSEG_POLAR_MAX_ORIGINS": "1"}}
+    monkeypatch.delenv("STSEG_POLAR_MAX_ORIGINS")
+    resumed = StSPredictor(device=torch.device("cpu"), allow_tqdm=False)  # nothing predicted: sts never read
+    resumed._write_overrides_record({str(tmp_path)})
+    assert record.is_file()
+    later = StSPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    later.sts = first.sts
+    later._write_overrides_record({str(tmp_path)})
+    assert not record.exists()

@@ -19,8 +19,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from threadpoolctl import threadpool_limits
 
+from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.core.depth import append_depth_channel, depths_from_properties
 from nnunet_stseg.core.geometry import label_foreground
+
+check_nnunet()  # our loaders and trainers subclass nnU-Net's: check its interface once, clearly
 
 
 def start_augmenters(trainer: nnUNetTrainer, dl_tr, dl_val):

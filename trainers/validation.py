@@ -26,10 +26,13 @@ def add_depth_to_case(data, properties: dict):
 
 def validation_predictor(trainer, predictor_class: type = nnUNetPredictor, depth: bool = False):
     """A predictor of ``predictor_class`` holding the trainer's network in eval mode (deep
-    supervision off), nnU-Net's validation settings, the trainer's mirroring axes."""
+    supervision off), nnU-Net's validation settings, the trainer's mirroring axes. Without axes
+    (``STSEG_VAL_MIRRORING=0``, or a trainer that never mirrors) mirroring is off for the whole
+    validation: the companion models our predictors load (coarse, centre) inherit the setting."""
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    predictor = predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+    mirroring = trainer.inference_allowed_mirroring_axes is not None
+    predictor = predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 allow_tqdm=False)
     if hasattr(predictor, "enable_depth_channel"):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import shutil
 import socket
+import tempfile
 import zlib
 
 import numpy as np
@@ -144,8 +146,11 @@ class PluginConfigurationManager(ConfigurationManager):
 
 
 class AtomicReaderWriter(BaseReaderWriter):
-    """The plans' reader/writer (by name); ``write_seg`` goes through a temporary file in a hidden
-    sub-folder of the output folder (same file system, same file ending), then ``os.replace``."""
+    """The plans' reader/writer (by name); ``write_seg`` writes into a private staging folder
+    inside a hidden sub-folder of the output folder (same file system, the final file name), then
+    moves everything the writer made there into the output folder with ``os.replace``: side files
+    first (nnU-Net's TIFF writer puts the spacing into ``<stem>.json`` beside the image), the
+    segmentation itself last, so a segmentation that exists always has its side files."""
 
     def __init__(self, inner_name: str):
         self.inner = recursive_find_reader_writer_by_name(inner_name)()
@@ -160,13 +165,16 @@ class AtomicReaderWriter(BaseReaderWriter):
         folder, name = os.path.split(os.path.abspath(output_fname))
         partial_dir = os.path.join(folder, PARTIAL_DIR)
         os.makedirs(partial_dir, exist_ok=True)
-        tmp = os.path.join(partial_dir, f"{_writer_tag()}{os.getpid()}_{name}")
+        staging = tempfile.mkdtemp(prefix=f"{_writer_tag()}{os.getpid()}_", dir=partial_dir)
         try:
-            self.inner.write_seg(seg, tmp, properties)
-            os.replace(tmp, output_fname)
+            self.inner.write_seg(seg, os.path.join(staging, name), properties)
+            made = sorted(os.listdir(staging), key=lambda f: f == name)  # the segmentation last
+            if name not in made:
+                raise RuntimeError(f"{type(self.inner).__name__}.write_seg did not write {name}")
+            for f in made:
+                os.replace(os.path.join(staging, f), os.path.join(folder, f))
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            shutil.rmtree(staging, ignore_errors=True)
         # The folder stays: other export workers may be between makedirs and their own write.
         # The predictor removes it (when empty) once every export has finished.
 
@@ -202,10 +210,14 @@ def remove_partial_folder(output_folder: str) -> None:
     for name in names:
         pid = name[len(tag):].split("_", 1)[0] if name.startswith(tag) else ""
         if pid.isdigit() and _process_is_gone(int(pid)):
-            try:
-                os.remove(os.path.join(partial_dir, name))
-            except OSError:
-                pass
+            path = os.path.join(partial_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
     try:
         os.rmdir(partial_dir)
     except OSError:

@@ -42,7 +42,7 @@ class PolarPredictor(StSPredictor):
     """nnU-Net predictor that runs coarse model -> origins -> polar network -> fusion per case.
 
     The plans' ``sts.polar`` and ``sts.centre`` values may be replaced for a run by environment
-    variables (:func:`nnunet_stseg.settings.plan_overrides`); they are applied once when the model's
+    variables (:func:`nnunet_stseg.settings.plan_overrides`); they are applied once, when the model's
     configuration is read (and the centre model loaded), logged, and recorded next to the
     predictions."""
 

@@ -22,6 +22,7 @@ inputs), so they all agree with training without re-implementing any of them.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from os.path import isdir, isfile, join
@@ -33,6 +34,7 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg import settings
+from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
                                                 PluginPlansManager, remove_partial_folder, report_case_error)
@@ -43,6 +45,7 @@ from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, limit_crops,
                                         probabilities_to_logits, whole_image_boxes)
 
+check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
 
 def missing_model_message(what: str, folder, dataset_name: str, plans_name: str, trainer: str, configuration: str,
                           fold, hint: str = "") -> str:
@@ -81,20 +84,42 @@ class PluginPredictor(nnUNetPredictor):
               + ", ".join(f"{k} {v['plans']} -> {v['used']}" for k, v in changed.items()), flush=True)
 
     def _write_overrides_record(self, folders) -> None:
-        """Next to the predictions: which plan values the environment replaced in this run (the
-        file is removed when nothing was replaced, so a stale record never describes a later run)."""
+        """Next to the predictions: which plan values the environment replaced in this run. A run
+        that predicted cases without any override removes an earlier run's record, so a stale record
+        never describes newer predictions; a resumed run with nothing left to predict leaves it."""
+        predicted = getattr(self, "sts", None) is not None  # the model's configuration was read for a case
         for folder in folders:
             path = os.path.join(folder, settings.OVERRIDES_FILE)
             if self.applied_overrides:
                 write_json_atomic({"plan_overrides": self.applied_overrides,
                                    "variables": {s.name: os.environ.get(s.name) for s in settings.SETTINGS.values()
                                                  if s.plan_key and os.environ.get(s.name)}}, path)
-            elif os.path.isfile(path):
+            elif predicted and os.path.isfile(path):
                 os.remove(path)
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """Loading another model starts from the predictor the user made: our state is dropped and
+        the instance gets its own class back (nnU-Net's, or the user's subclass) before nnU-Net
+        loads; a model of ours adopts it again while it loads, any other model runs as it would
+        have without us."""
+        original = self.__dict__.pop(_ORIGINAL_CLASS, nnUNetPredictor)
+        for attr in _PLUGIN_STATE:
+            self.__dict__.pop(attr, None)
+        self.__class__ = original
+        return original.initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
+                                                             checkpoint_name)
+
+    def _managed(self, name: str):
+        """The wrapped plans/configuration manager; one nnU-Net assigned as a plain attribute
+        before this predictor was adopted is wrapped now (the assignment order is nnU-Net's)."""
+        if self.__dict__.get(f"_{name}") is None and self.__dict__.get(name) is not None:
+            setattr(self, name, self.__dict__.pop(name))
+        return self.__dict__.get(f"_{name}")
 
     @property
     def configuration_manager(self):
-        return self.__dict__.get("_configuration_manager")
+        return self._managed("configuration_manager")
 
     @configuration_manager.setter
     def configuration_manager(self, value) -> None:
@@ -109,7 +134,7 @@ class PluginPredictor(nnUNetPredictor):
 
     @property
     def plans_manager(self):
-        return self.__dict__.get("_plans_manager")
+        return self._managed("plans_manager")
 
     @plans_manager.setter
     def plans_manager(self, value) -> None:
@@ -402,28 +427,60 @@ def loading_frame(caller_frame):
     return frame
 
 
+# what our predictors keep on the instance: dropped whenever the predictor loads another model
+_PLUGIN_STATE = ("depth_channel", "coarse", "sts", "applied_overrides", "_sts_source", "centre", "centre_params",
+                 "last_timings", "_configuration_manager", "_plans_manager")
+_ORIGINAL_CLASS = "_stseg_original_class"
+
+
+@functools.cache
+def _on_top_of(target: type, user_class: type) -> type:
+    """``target`` (ours) on top of a user's ``nnUNetPredictor`` subclass: our overrides come first
+    and their ``super()`` calls reach the user's overrides before nnU-Net's."""
+    return type(f"{target.__name__}On{user_class.__name__}", (target, user_class), {"__module__": __name__})
+
+
+def adopted_class(target: type, original: type) -> type:
+    """The class a predictor of class ``original`` gets to run a model of ours with ``target``'s
+    behaviour: ``target`` itself for nnU-Net's plain predictor (or one of ours), else ``target`` on
+    top of the user's subclass, so that its overrides keep working; one clear error when the two
+    cannot be combined."""
+    if original is nnUNetPredictor or issubclass(target, original) or original.__module__.startswith("nnunet_stseg."):
+        return target
+    try:
+        return _on_top_of(target, original)
+    except TypeError as e:
+        raise TypeError(f"a model trained with nnunet-stseg needs {target.__name__} behaviour, which cannot be "
+                        f"combined with the predictor class {original.__module__}.{original.__qualname__} ({e}); "
+                        f"load the model with nnunetv2's nnUNetPredictor or a plain subclass of it") from None
+
+
 def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bool = False) -> None:
     """Called from our trainers' ``build_network_architecture``: if nnU-Net's
-    ``initialize_from_trained_model_folder`` is the caller, turn that predictor into
-    ``predictor_class`` (default :class:`PluginPredictor`; for a subclass of :class:`StSPredictor`
-    remember the model folder and folds so the coarse model of the same folds is loaded on first
-    use), with the depth channel if ``depth``. Anything else calling is left alone."""
+    ``initialize_from_trained_model_folder`` is the caller, give that predictor the behaviour of
+    ``predictor_class`` (default :class:`PluginPredictor`; :func:`adopted_class` keeps a user's
+    subclass), start from clean state, and for a subclass of :class:`StSPredictor` remember the
+    model folder and folds so the coarse model of the same folds is loaded on first use; the depth
+    channel if ``depth``. Anything else calling is left alone. Loading another model later
+    (:meth:`PluginPredictor.initialize_from_trained_model_folder`) gives the predictor its own
+    class back."""
     frame = loading_frame(caller_frame)
     if frame is None:
         return
     predictor = frame.f_locals.get("self")
+    original = predictor.__dict__.get(_ORIGINAL_CLASS) or type(predictor)
     target = predictor_class or PluginPredictor
-    if type(predictor) is not target:
-        predictor.__class__ = target
+    predictor.__class__ = adopted_class(target, original)
+    for attr in _PLUGIN_STATE:
+        if not attr.startswith("_configuration") and not attr.startswith("_plans"):
+            predictor.__dict__.pop(attr, None)
+    predictor.__dict__[_ORIGINAL_CLASS] = original if not original.__module__.startswith("nnunet_stseg.") \
+        else nnUNetPredictor
     predictor.depth_channel = bool(depth)
-    if not issubclass(target, StSPredictor):
-        return
-    predictor.coarse = None
-    predictor.sts = None
-    predictor.applied_overrides = None
-    predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
-                             frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
+    if issubclass(target, StSPredictor):
+        predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
+                                 frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
 
 
-__all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "adopt_predictor", "loading_frame",
+__all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "adopt_predictor", "adopted_class", "loading_frame",
            "missing_model_message"]

@@ -353,10 +353,11 @@ _MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 def _normalised_axis_coords(start: torch.Tensor, stop: torch.Tensor, n: int, length: int) -> torch.Tensor:
     """grid_sample coordinates (align_corners=False) of n samples on [start, stop) of an axis of
-    ``length`` voxels; shape (B, n)."""
-    j = torch.arange(n, device=start.device, dtype=torch.float64)
+    ``length`` voxels; shape (B, n). float32 throughout: devices without float64 (Apple's mps)
+    must be able to build the grid, and float32 resolves 1/100 voxel up to ~10^5 voxels."""
+    j = torch.arange(n, device=start.device, dtype=torch.float32)
     src = start[:, None] + (j[None] + 0.5) * (stop - start)[:, None] / n - 0.5
-    return ((2 * src + 1) / length - 1).to(torch.float32)
+    return (2 * src + 1) / length - 1
 
 
 def _grid_from_axes(axis_coords: list[torch.Tensor]) -> torch.Tensor:
@@ -399,7 +400,7 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     if n == 0:
         out = img.new_zeros((0, img.shape[0], *out_size), dtype=torch.float32)
         return out.numpy() if was_numpy else out
-    b = torch.as_tensor(boxes, device=img.device, dtype=torch.float64)
+    b = torch.as_tensor(boxes.astype(np.float32), device=img.device)
     coords = [_normalised_axis_coords(b[:, d, 0], b[:, d, 1], out_size[d], spatial[d]) for d in range(ndim)]
     grid = _grid_from_axes(coords)  # (N, *out, ndim)
     grid = grid.reshape(1, n * out_size[0], *out_size[1:], ndim)
@@ -421,8 +422,8 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
     region = [int(box[d, 1] - box[d, 0]) for d in range(ndim)]
     coords = []
     for d in range(ndim):
-        i = torch.arange(region[d], device=crop.device, dtype=torch.float64)
-        coords.append((2 * (i + 0.5) / region[d] - 1).to(torch.float32)[None])
+        i = torch.arange(region[d], device=crop.device, dtype=torch.float32)
+        coords.append((2 * (i + 0.5) / region[d] - 1)[None])
     grid = _grid_from_axes(coords)
     return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
 

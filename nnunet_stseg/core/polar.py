@@ -56,20 +56,21 @@ def _polar_sampling_grid(origins: torch.Tensor, radius: torch.Tensor, theta0: to
     a, r = polar_shape
     h, w = image_shape
     dev = origins.device
-    theta = theta0[:, None] + torch.arange(a, device=dev, dtype=torch.float64)[None] * (2 * math.pi / a)  # (N, A)
-    rad = radius[:, None] * torch.arange(r, device=dev, dtype=torch.float64)[None] / max(r - 1, 1)  # (N, R)
+    theta = theta0[:, None] + torch.arange(a, device=dev, dtype=torch.float32)[None] * (2 * math.pi / a)  # (N, A)
+    rad = radius[:, None] * torch.arange(r, device=dev, dtype=torch.float32)[None] / max(r - 1, 1)  # (N, R)
     y = origins[:, 0, None, None] + rad[:, None, :] * torch.sin(theta)[:, :, None]
     x = origins[:, 1, None, None] + rad[:, None, :] * torch.cos(theta)[:, :, None]
     gx = (2 * x + 1) / w - 1
     gy = (2 * y + 1) / h - 1
-    return torch.stack([gx, gy], dim=-1).to(torch.float32)
+    return torch.stack([gx, gy], dim=-1)
 
 
 def _broadcast(values, n: int, default: float, dev) -> torch.Tensor:
+    """(n,) float32 on ``dev`` (every grid is float32: devices such as mps have no float64)."""
     if values is None:
-        return torch.full((n,), float(default), dtype=torch.float64, device=dev)
-    t = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, torch.Tensor) else values,
-                        dtype=torch.float64, device=dev).reshape(-1)
+        return torch.full((n,), float(default), dtype=torch.float32, device=dev)
+    host = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    t = torch.as_tensor(host.astype(np.float32), device=dev).reshape(-1)
     return t.expand(n).clone() if t.numel() == 1 else t
 
 
@@ -121,9 +122,9 @@ def to_polar(image, origins, polar_shape: Sequence[int], mode: str = "linear", r
     if n == 0:
         out = img.new_zeros((0, img.shape[0], a, r))
     else:
-        grid = _polar_sampling_grid(torch.as_tensor(o, device=dev), rad, th, (a, r), hw)
+        grid = _polar_sampling_grid(torch.as_tensor(o.astype(np.float32), device=dev), rad, th, (a, r), hw)
         out = F.grid_sample(planes, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=False)
-    radii = rad.cpu().numpy()
+    radii = rad.cpu().numpy().astype(np.float64)
     return (out.cpu().numpy() if was_numpy else out), radii
 
 
@@ -142,15 +143,15 @@ def from_polar(polar, origins, image_shape: Sequence[int], radius, theta0=None, 
     p, was_numpy = _as_tensor(polar)
     p = p.float()
     n, k, a, r = p.shape
-    o = torch.as_tensor(np.asarray(origins, dtype=np.float64).reshape(n, -1)[:, -2:], device=p.device)
+    o = torch.as_tensor(np.asarray(origins, dtype=np.float32).reshape(n, -1)[:, -2:], device=p.device)
     h, w = (int(s) for s in image_shape)
     rad = _broadcast(radius, n, 0.0, p.device)
     th = _broadcast(theta0, n, 0.0, p.device)
     if n == 0:
         out = p.new_zeros((0, k, h, w))
         return out.cpu().numpy() if was_numpy else out
-    yy = torch.arange(h, device=p.device, dtype=torch.float64)[None, :, None] - o[:, 0, None, None]
-    xx = torch.arange(w, device=p.device, dtype=torch.float64)[None, None, :] - o[:, 1, None, None]
+    yy = torch.arange(h, device=p.device, dtype=torch.float32)[None, :, None] - o[:, 0, None, None]
+    xx = torch.arange(w, device=p.device, dtype=torch.float32)[None, None, :] - o[:, 1, None, None]
     dist = torch.sqrt(yy ** 2 + xx ** 2)  # (N, H, W)
     ang = torch.remainder(torch.atan2(yy.expand(n, h, w), xx.expand(n, h, w)) - th[:, None, None], 2 * math.pi)
     row = ang / (2 * math.pi) * a + 1.0  # +1: one cyclic row padded above
@@ -158,7 +159,7 @@ def from_polar(polar, origins, image_shape: Sequence[int], radius, theta0=None, 
     padded = torch.cat([p[:, :, -1:], p, p[:, :, :1]], dim=2)  # (N, K, A + 2, R)
     gy = 2 * row / (a + 1) - 1
     gx = 2 * col / (r - 1) - 1
-    grid = torch.stack([gx, gy], dim=-1).to(torch.float32)
+    grid = torch.stack([gx, gy], dim=-1)
     out = F.grid_sample(padded, grid, mode=_MODES[mode], padding_mode="border", align_corners=True)
     return out.cpu().numpy() if was_numpy else out
 
