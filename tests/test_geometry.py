@@ -318,17 +318,18 @@ def test_keep_large_enough_is_in_physical_units():
     boxes = _boxes_from_extents([(4, 10), (5, 5)])
     # uniform spacing changes nothing
     np.testing.assert_array_equal(keep_large_enough(boxes, (2.0, 2.0), params), [False, True])
-    # anisotropic in-plane: threshold 5 * 0.5 mm = 2.5 mm, so 4 voxels at 1 mm are enough
-    np.testing.assert_array_equal(keep_large_enough(_boxes_from_extents([(4, 5), (3, 5), (2, 5)]),
-                                                    (1.0, 0.5), params), [True, True, False])
+    # anisotropic: 5 voxels of the finest axis (5 * 0.5 mm) along it; along the coarser 1 mm axis an
+    # object may be any width (0.1 asked for 2.5 mm there too and dropped the last box)
+    np.testing.assert_array_equal(keep_large_enough(_boxes_from_extents([(4, 5), (3, 5), (2, 5), (2, 4)]),
+                                                    (1.0, 0.5), params), [True, True, True, False])
 
 
 def test_keep_large_enough_anisotropic_3d():
     params = CropParams(patch_size=(32, 64, 64))
-    spacing = (3.0, 1.0, 1.0)  # threshold 5 mm
+    spacing = (3.0, 1.0, 1.0)  # in-plane threshold 5 mm; a single 3 mm slice is a possible object
     boxes = _boxes_from_extents([(3, 10, 10), (2, 10, 10), (1, 10, 10), (3, 4, 10), (3, 10, 5)])
     np.testing.assert_array_equal(keep_large_enough(boxes, spacing, params),
-                                  [True, True, False, False, True])
+                                  [True, True, True, False, True])
 
 
 def test_keep_large_enough_ignores_inactive_axes():
@@ -363,8 +364,9 @@ def test_keep_large_enough_matches_rule(data):
     keep = keep_large_enough(boxes, spacing, params)
     finest = min(s for s, a in zip(spacing, active) if a)
     for k, ext in zip(keep, extents):
+        # the rule along the finest active axes only (within 1 %); coarser axes ask for nothing
         expected = all(e * s >= params.min_object_size * finest - 1e-6
-                       for e, s, a in zip(ext, spacing, active) if a)
+                       for e, s, a in zip(ext, spacing, active) if a and s <= finest * 1.01)
         assert bool(k) == expected
 
 
@@ -655,9 +657,11 @@ def test_boxes_from_mask_properties(case):
     finest = min(s for s, a in zip(spacing, active) if a)
     threshold = params.min_object_size * finest
 
+    ruled = active & (np.asarray(spacing) <= finest * 1.01)  # the finest active axes carry the rule
+
     def large_enough(box):
         ext = (box[:, 1] - box[:, 0]) * np.asarray(spacing)
-        return bool(np.all(ext[active] >= threshold - 1e-6))
+        return bool(np.all(ext[ruled] >= threshold - 1e-6))
 
     kept = [(b, c) for b, c in ref if large_enough(b)]
     assert n_dropped == len(ref) - len(kept)
@@ -1160,71 +1164,6 @@ def test_foreground_from_probabilities_matches_nnunet_segmentation(seed, k, ties
 
 
 # ----------------------------------------------------------------------------------------------
-# crop limit for speckled coarse masks
-# ----------------------------------------------------------------------------------------------
-
-from nnunet_stseg.core.geometry import limit_crops, merge_overlapping_boxes  # noqa: E402
-
-
-@st.composite
-def _box_sets(draw):
-    shape = (draw(st.integers(1, 3)), draw(st.integers(8, 40)), draw(st.integers(8, 40)))
-    n = draw(st.integers(0, 25))
-    boxes = []
-    for _ in range(n):
-        box = []
-        for extent in shape:
-            a = draw(st.integers(0, extent - 1))
-            b = draw(st.integers(a + 1, extent))
-            box.append([a, b])
-        boxes.append(box)
-    return np.array(boxes, dtype=np.int64).reshape(n, 3, 2)
-
-
-def _contains(outer, inner) -> bool:
-    return bool(np.all(outer[:, 0] <= inner[:, 0]) and np.all(outer[:, 1] >= inner[:, 1]))
-
-
-@settings(max_examples=80, deadline=None)
-@given(_box_sets())
-def test_merge_overlapping_boxes_property(boxes):
-    merged = merge_overlapping_boxes(boxes)
-    assert len(merged) <= len(boxes)
-    for b in boxes:  # nothing is lost: every input box lies inside one output box
-        assert any(_contains(m, b) for m in merged)
-    for i in range(len(merged)):  # no two outputs intersect
-        for j in range(i + 1, len(merged)):
-            lo = np.maximum(merged[i][:, 0], merged[j][:, 0])
-            hi = np.minimum(merged[i][:, 1], merged[j][:, 1])
-            assert not np.all(hi > lo)
-
-
-@settings(max_examples=80, deadline=None)
-@given(_box_sets(), st.integers(1, 10))
-def test_limit_crops_property(boxes, max_crops):
-    out, info = limit_crops(boxes, max_crops)
-    assert len(out) <= max_crops
-    if len(boxes) <= max_crops:
-        assert np.array_equal(out, boxes) and info["discarded"] == 0
-    else:
-        assert info["boxes_in"] == len(boxes)
-        assert len(out) == min(info["merged_into"], max_crops)
-        assert info["discarded"] == info["merged_into"] - len(out)
-
-
-def test_limit_crops_hand_built():
-    b = np.array([[[0, 1], [0, 10], [0, 10]], [[0, 1], [5, 15], [5, 15]], [[0, 1], [14, 20], [14, 20]],
-                  [[0, 1], [30, 34], [30, 34]]])
-    out, info = limit_crops(b, 3)
-    assert out.tolist() == [[[0, 1], [0, 20], [0, 20]], [[0, 1], [30, 34], [30, 34]]]
-    assert info == {"boxes_in": 4, "merged_into": 2, "discarded": 0}
-    out, info = limit_crops(b, 1)
-    assert out.tolist() == [[[0, 1], [0, 20], [0, 20]]] and info["discarded"] == 1
-    with pytest.raises(ValueError, match="max_crops"):
-        limit_crops(b, 0)
-
-
-# ----------------------------------------------------------------------------------------------
 # devices without float64 (Apple's mps): every tensor the geometry makes is float32 or integer
 # ----------------------------------------------------------------------------------------------
 
@@ -1255,3 +1194,32 @@ def test_grids_are_float32_for_devices_without_float64():
     assert crops.dtype == back.dtype == polar.dtype == cart.dtype == fused.dtype == torch.float32
     with pytest.raises(AssertionError, match="float64"), _NoFloat64():
         torch.zeros(2, dtype=torch.float64)  # the check itself works
+
+
+# ----------------------------------------------------------------------------------------------
+# the size rule on anisotropic data and on the coarse grid (issue 16)
+# ----------------------------------------------------------------------------------------------
+
+def test_a_lesion_on_one_thick_slice_is_kept_and_a_speck_is_dropped():
+    """0.7 x 0.7 x 3 mm (nnU-Net's z, y, x = 3, 0.7, 0.7): a 10 x 10 px lesion on ONE slice is a real
+    object (0.1 dropped it: 3 mm < 5 x 0.7 mm); a 2 x 2 px speck on one slice is noise."""
+    params = CropParams(patch_size=(32, 32, 32))
+    mask = np.zeros((8, 40, 40), bool)
+    mask[3, 5:15, 5:15] = True  # the lesion
+    mask[6, 30:32, 30:32] = True  # the speck
+    boxes, n_dropped = boxes_from_mask(mask, [3.0, 0.7, 0.7], params)
+    assert n_dropped == 1 and len(boxes) == 1 and boxes[0, 0, 0] <= 3 < boxes[0, 0, 1] and boxes[0, 1, 0] <= 5
+
+
+def test_the_size_rule_is_judged_in_coarse_voxels():
+    """On a coarse mask upsampled x8, one coarse voxel is 8 full-resolution voxels wide: a 1-voxel
+    coarse speck must still be dropped (0.1 measured it in full-resolution voxels and kept it);
+    an object of 5 coarse voxels is kept."""
+    params = CropParams(patch_size=(1, 32, 32))
+    mask = np.zeros((1, 128, 128), bool)
+    mask[0, 0:8, 0:8] = True  # one coarse voxel, upsampled
+    mask[0, 60:100, 60:100] = True  # 5 x 5 coarse voxels
+    full, coarse = [1.0, 0.5, 0.5], [1.0, 4.0, 4.0]
+    assert boxes_from_mask(mask, full, params)[1] == 0, "judged on the full grid, the speck passes"
+    boxes, n_dropped = boxes_from_mask(mask, full, params, rule_spacing=coarse)
+    assert n_dropped == 1 and len(boxes) == 1 and boxes[0, 1, 0] <= 60

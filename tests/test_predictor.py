@@ -180,8 +180,10 @@ def test_coarse_fallback_removes_components_below_the_size_rule(planned):
     assert not seg.any()
 
 
-def test_speckled_coarse_mask_is_capped_and_logged(planned, capsys):
-    """Hundreds of coarse components: crops are bounded by max_crops and the log says why."""
+def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsys):
+    """Hundreds of coarse components (metastases, or a speckled coarse mask): every one is cropped
+    and segmented, max_crops at a time (a bound on memory, not on the result: 0.1 dropped all but
+    the largest), with the same fused result as one batch; the log says how many batches."""
     root, ds = planned
     labels = _label_volume(ds[2])
     speckle = np.zeros_like(labels)
@@ -189,11 +191,16 @@ def test_speckled_coarse_mask_is_capped_and_logged(planned, capsys):
     speckle = np.maximum(speckle, np.roll(speckle, 1, axis=1))
     speckle = np.maximum(speckle, np.roll(speckle, 1, axis=2))  # ...grown to 2x2
     p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), speckle, min_object_size=1)
+    n_specks = int(speckle[0, ::7, ::7].sum())
+    p._sts_config().max_crops = 10000
+    one_batch = p.predict_logits_from_preprocessed_data(one_hot(speckle))
     p._sts_config().max_crops = 10
-    p.predict_logits_from_preprocessed_data(one_hot(labels))
+    batched = p.predict_logits_from_preprocessed_data(one_hot(speckle))
     out = capsys.readouterr().out
-    assert p.last_timings["n_boxes"] <= 10 and net.crops_seen == p.last_timings["n_boxes"]
-    assert "exceeded max_crops=10" in out
+    assert p.last_timings["n_boxes"] == n_specks > 100 and net.crops_seen == 2 * n_specks
+    assert f"in {-(-n_specks // 10)} batches of at most max_crops=10" in out
+    assert torch.allclose(batched, one_batch, atol=1e-5)
+    assert np.array_equal(lm.convert_logits_to_segmentation(batched).numpy() > 0, speckle > 0), "no speck lost"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,3 +320,51 @@ def test_validation_without_mirroring_reaches_the_coarse_model(planned, tmp_path
         p = validation_predictor(trainer, StSPredictor)
         p.attach_coarse([0], coarse_folder=str(tmp_path / "coarse"))
         assert p.use_mirroring is mirroring and made[-1]["use_mirroring"] is mirroring
+
+
+def test_out_of_device_memory_predicts_the_case_again_on_the_cpu(planned, capsys, monkeypatch):
+    """nnU-Net's contract: a case that does not fit on the device is predicted again with its
+    full-resolution arrays on the CPU (not a crash); --not_on_device puts them there from the start;
+    any other error is not swallowed. The accelerator is simulated (no GPU here): its device name
+    only decides where the arrays go, which the predictor reports through ``work_device``."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), labels)
+    data = one_hot(labels)
+    expected = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    real_case, seen = type(p)._predict_case, []
+
+    def case_on_a_small_gpu(self, x):
+        seen.append(self.work_device.type)
+        if self.work_device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        self.device = torch.device("cpu")  # the stand-in networks run on the host
+        try:
+            return real_case(self, x)
+        finally:
+            self.device = torch.device("cuda")
+
+    import nnunet_stseg.adapters.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "empty_cache", lambda device: seen.append(f"empty_cache {device}"))
+    p.device = torch.device("cuda")  # what nnUNetv2_predict -device cuda sets; nothing is moved there here
+    p.perform_everything_on_device = True  # nnU-Net's default on CUDA
+    p._predict_case = case_on_a_small_gpu.__get__(p)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert seen == ["cuda", "empty_cache cuda", "cpu"] and np.array_equal(seg, expected)
+    out = capsys.readouterr().out
+    assert "the case did not fit on cuda (" in out and "CUDA out of memory" in out and "again with its full" in out
+    assert p.work_device.type == "cuda", "the next case tries the device again"
+
+    seen.clear()
+    p.perform_everything_on_device = False  # --not_on_device
+    p.predict_logits_from_preprocessed_data(data)
+    assert seen == ["cpu"]
+
+    def broken_case(self, x):
+        raise ValueError("not a memory problem")
+
+    p.perform_everything_on_device = True
+    p._predict_case = broken_case.__get__(p)
+    with pytest.raises(ValueError, match="not a memory problem"):
+        p.predict_logits_from_preprocessed_data(data)

@@ -76,8 +76,9 @@ def _source_image(folder: Path, io_name: str, ending: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("io_name,ending", [("SimpleITKIO", ".nii.gz"), ("SimpleITKIO", ".nrrd"), ("SimpleITKIO", ".mha"),
-                                            ("SimpleITKIOWithReorient", ".nii.gz"), ("NibabelIO", ".nii.gz"),
+@pytest.mark.parametrize("io_name,ending", [("SimpleITKIO", ".nii.gz"), ("SimpleITKIO", ".nrrd"),
+                                            ("SimpleITKIO", ".mha"), ("SimpleITKIOWithReorient", ".nii.gz"),
+                                            ("NibabelIO", ".nii.gz"),
                                             ("NibabelIOWithReorient", ".nii.gz"), ("Tiff3DIO", ".tif"),
                                             ("NaturalImage2DIO", ".png")])
 @pytest.mark.filterwarnings("ignore:<tifffile.TiffWriter.write> data with shape:DeprecationWarning")  # nnU-Net's writer

@@ -146,8 +146,8 @@ class StSConfig:
     - ``fallback``: what a case with no usable coarse component gets: ``coarse`` (the coarse
       prediction, i.e. background) or ``whole`` (the fine network on the whole image/slices).
     - ``crops_per_batch``: crops per fine forward pass at inference.
-    - ``max_crops``: crops per case before intersecting boxes are merged and, if still too many,
-      only the largest are kept (a guard against speckled coarse masks; logged).
+    - ``max_crops``: crops cut, resampled, segmented and fused at once; a case with more objects
+      is processed in several such batches (a bound on memory; every object is segmented).
     - ``polar``: :class:`PolarParams` of a polar configuration (role ``polar``).
     - ``centre``: :class:`CentreParams` of the centre-point model (on a 2d coarse configuration).
     """
@@ -212,7 +212,8 @@ def trainer_for_role(sts: StSConfig | dict) -> str:
     """The trainer that trains (and whose name predicts) a configuration of ours, from its ``sts``
     block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` -> ours."""
     block = sts.to_dict() if isinstance(sts, StSConfig) else sts
-    return {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER}[block["role"]]
+    trainers = {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER}
+    return trainers[block["role"]]
 
 
 def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides: dict[str, object]

@@ -143,14 +143,14 @@ class PolarPredictor(StSPredictor):
                       ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, float, float]:
         """Every origin's polar prediction, back in Cartesian space, summed per slice into the fusion
         terms of :func:`~nnunet_stseg.core.fusion.fuse_polar_slice`: score (Z, H, W) on the host,
-        class sums (K, Z, H, W) and weight sums (Z, H, W) on the device; plus the geometry and
+        class sums (K, Z, H, W) and weight sums (Z, H, W) on the image's device; plus the geometry and
         network seconds. Origins go through the network in batches of ``crops_per_batch``."""
         sts = self._sts_config()
         pp = sts.polar
         shape = tuple(image.shape[1:])
         score = np.zeros(shape, np.float32)
-        class_sum = torch.zeros((n_classes, *shape), dtype=torch.float32, device=self.device)
-        weight_sum = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        class_sum = torch.zeros((n_classes, *shape), dtype=torch.float32, device=image.device)
+        weight_sum = torch.zeros(shape, dtype=torch.float32, device=image.device)
         geometry_s = network_s = 0.0
         seam = angle_seam_padding(pp.polar_shape[0], pp.seam_padding_fraction, self._angle_stride())
         for start in range(0, len(origins), sts.crops_per_batch):
@@ -171,14 +171,13 @@ class PolarPredictor(StSPredictor):
             network_s += tc - tb
         return score, class_sum, weight_sum, geometry_s, network_s
 
-    @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+    def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
         pp = self._sts_config().polar
         self._ensure_coarse()
         multilabel = self.label_manager.has_regions
         t0 = self._clock()
 
-        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the device
+        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
         origins = self._origins_for_case(data, foreground)
@@ -208,7 +207,7 @@ class PolarPredictor(StSPredictor):
                      f"prediction" if kept_coarse else ""))
 
         score, class_sum, weight_sum, geometry_s, fine_s = self._polar_passes(
-            data.to(self.device).float(), origins, probs.shape[0], multilabel)
+            data.to(self.work_device).float(), origins, probs.shape[0], multilabel)
         td = self._clock()
         for z in z_with:
             probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,

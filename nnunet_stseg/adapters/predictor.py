@@ -22,6 +22,7 @@ inputs), so they all agree with training without re-implementing any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -32,17 +33,18 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import empty_cache
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
-                                                PluginPlansManager, remove_partial_folder, report_case_error)
+                                                PluginPlansManager, one_line, remove_partial_folder, report_case_error)
 from nnunet_stseg.adapters.results import model_folder, train_command
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities, limit_crops,
+from nnunet_stseg.core.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities,
                                         probabilities_to_logits, whole_image_boxes)
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
@@ -306,6 +308,15 @@ class StSPredictor(PluginPredictor):
     def _fine_spacing3(self) -> list[float]:
         return grid_spacing3(self.configuration_manager.spacing)
 
+    def _rule_spacing3(self) -> list[float] | None:
+        """The coarse model's grid spacing (3 axes; a 2d configuration's slice axis from the fine
+        grid): where the size rule is judged. None without a coarse model configuration."""
+        cm = getattr(self.coarse, "configuration_manager", None)
+        if cm is None:
+            return None
+        sp = [float(v) for v in cm.spacing]
+        return sp if len(sp) == 3 else [self._fine_spacing3()[0]] + sp
+
     def _coarse_input(self, data: torch.Tensor, model: nnUNetPredictor | None = None) -> np.ndarray:
         """The fine-grid case resampled to the grid of the coarse configuration (of ``model``,
         default the coarse model) with that configuration's own nnU-Net resampling function (the
@@ -325,9 +336,40 @@ class StSPredictor(PluginPredictor):
             return arr
         return cm.resampling_fn_data(arr, new_shape, fine_sp, coarse_sp)
 
+    @property
+    def work_device(self) -> torch.device:
+        """Where the full-resolution arrays of a case live (image, coarse probabilities, fused
+        canvas, polar accumulators): the network's device, the CPU with ``--not_on_device``
+        (``perform_everything_on_device=False``), and the CPU for a case that ran out of device
+        memory. The networks always run on ``self.device``, as in nnU-Net."""
+        forced = self.__dict__.get("_work_device")
+        if forced is not None:
+            return forced
+        return self.device if self.perform_everything_on_device else torch.device("cpu")
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """One case (the full-resolution grid) -> logits on that grid, on the CPU. If the case does
+        not fit on the device (a ``RuntimeError``), it is predicted again with its full-resolution
+        arrays on the CPU, as nnU-Net's sliding window does."""
+        if self.work_device.type == "cpu":
+            return self._predict_case(data)
+        try:
+            return self._predict_case(data)
+        except RuntimeError as e:
+            self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with its "
+                      f"full-resolution arrays on the CPU")
+            empty_cache(self.device)
+            self.__dict__["_work_device"] = torch.device("cpu")
+            try:
+                return self._predict_case(data)
+            finally:
+                self.__dict__.pop("_work_device", None)
+
     def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
-        """Fine logits for (N, C, *patch) crops: batched, averaged over folds (as nnU-Net averages
-        logits over folds) with the predictor's mirroring TTA."""
+        """Fine logits for (N, C, *patch) crops: batched on the network's device (under autocast on
+        CUDA, as nnU-Net's sliding window), averaged over folds (as nnU-Net averages logits over
+        folds) with the predictor's mirroring TTA; returned float32 on the crops' device."""
         sts = self._sts_config()
         net = self.network.to(self.device)
         net.eval()
@@ -337,24 +379,25 @@ class StSPredictor(PluginPredictor):
             if p is not None:
                 target = net._orig_mod if hasattr(net, "_orig_mod") else net
                 target.load_state_dict(p)
-            outs = [self._internal_maybe_mirror_and_predict(crops[i:i + sts.crops_per_batch].to(self.device))
-                    for i in range(0, len(crops), sts.crops_per_batch)]
+            with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
+                outs = [self._internal_maybe_mirror_and_predict(crops[i:i + sts.crops_per_batch].to(self.device))
+                        for i in range(0, len(crops), sts.crops_per_batch)]
             out = torch.cat(outs).float()
             total = out if total is None else total + out
-        return total / len(params)
+        return (total / len(params)).to(crops.device)
 
     def coarse_probabilities(self, data: torch.Tensor) -> torch.Tensor:
-        """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid (device)."""
+        """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid
+        (:attr:`work_device`)."""
         coarse_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data)))
         coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
-        probs = self.label_manager.apply_inference_nonlin(coarse_logits.to(self.device).float())
+        probs = self.label_manager.apply_inference_nonlin(coarse_logits.to(self.work_device).float())
         shape = tuple(data.shape[1:])
         if tuple(probs.shape[1:]) != shape:
             probs = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
         return probs
 
-    @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+    def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
         sts = self._sts_config()
         self._ensure_coarse()
         lm = self.label_manager
@@ -369,7 +412,8 @@ class StSPredictor(PluginPredictor):
 
         # 2. boxes from connected components
         crop = sts.crop
-        boxes, n_dropped = boxes_from_mask(foreground, self._fine_spacing3(), crop)
+        boxes, n_dropped = boxes_from_mask(foreground, self._fine_spacing3(), crop,
+                                           rule_spacing=self._rule_spacing3())
         fallback = None
         if len(boxes) == 0:
             fallback = sts.fallback
@@ -386,32 +430,31 @@ class StSPredictor(PluginPredictor):
                 return probabilities_to_logits(coarse_probs, multilabel, inplace=True).cpu()
             boxes = whole_image_boxes(shape, crop.active)
         else:
-            boxes, limited = limit_crops(boxes, sts.max_crops)
-            self._log(f"{len(boxes)} object(s) cropped" + (f", {n_dropped} component(s) below "
-                                                             f"{crop.min_object_size} voxels dropped" if n_dropped else "")
-                      + (f"; {limited['boxes_in']} boxes exceeded max_crops={sts.max_crops}: intersecting boxes "
-                         f"merged into {limited['merged_into']}, {limited['discarded']} smallest discarded"
-                         if limited["boxes_in"] > sts.max_crops else ""))
+            n_batches = -(-len(boxes) // sts.max_crops)
+            self._log(f"{len(boxes)} object(s) cropped"
+                      + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} coarse voxels) "
+                         f"dropped" if n_dropped else "")
+                      + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
         del coarse_probs, foreground
-        image = data.to(self.device).float()
-        crops = crop_and_resample(image, boxes, crop.patch_size, "linear")
+        image = data.to(self.work_device).float()
         two_d = len(self.configuration_manager.patch_size) == 2
-        if two_d:
-            crops = crops[:, :, 0]
-        t2 = self._clock()
-
-        # 3. fine pass on all crops
-        fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
-        probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
-        if two_d:
-            probs = probs[:, :, None]
-        t3 = self._clock()
-
-        # 4. paste back and fuse
-        fused, _ = fuse_crops(probs, boxes, shape, multilabel=multilabel, mode="linear")
+        fused, fine_s = None, 0.0
+        # 3. + 4. every object, max_crops at a time (the bound is on memory, never on the result):
+        # crops -> fine pass -> pasted back and fused into one canvas
+        for start in range(0, len(boxes), sts.max_crops):
+            chunk = boxes[start:start + sts.max_crops]
+            crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
+            crops = crops[:, :, 0] if two_d else crops
+            tb = self._clock()
+            fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
+            probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
+            probs = probs[:, :, None] if two_d else probs
+            tc = self._clock()
+            fused, _ = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", coverage=False, out=fused)
+            fine_s += tc - tb
         logits = probabilities_to_logits(fused, multilabel, inplace=True).cpu()
-        t4 = self._clock()
-        self.last_timings = {"coarse_s": t1 - t0, "geometry_s": (t2 - t1) + (t4 - t3), "fine_s": t3 - t2,
+        # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the network
+        self.last_timings = {"coarse_s": t1 - t0, "geometry_s": self._clock() - t1 - fine_s, "fine_s": fine_s,
                              "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}
         return logits
 

@@ -22,14 +22,17 @@ from nnunet_stseg.core.geometry import _box_slices, resample_crop_to_box
 
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
-               mode: str = "linear"):
+               mode: str = "linear", coverage: bool = True, out: torch.Tensor | None = None):
     """Paste per-crop probabilities (N, K, *n) back into an image of ``image_shape`` and fuse.
 
     Softmax outputs (``multilabel=False``, channel 0 = background): foreground channels take the
     max over crops and background the min, i.e. a voxel is foreground if ANY crop says so (the
     paper's logical OR), and voxels outside every crop stay background (probability 1).
     Sigmoid/region outputs (``multilabel=True``): every channel is the max over crops, 0 outside.
-    Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask.
+    Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask
+    (None with ``coverage=False``: one full-size array less for callers that do not need it).
+    ``out``: a canvas returned by an earlier call (torch) to fuse this batch of crops into, so
+    that any number of crops is fused batch by batch with the same result.
 
     >>> crop = np.zeros((1, 2, 2, 2), np.float32); crop[0, 1] = 1.0  # one crop, all foreground
     >>> fused, covered = fuse_crops(crop, np.array([[[1, 3], [0, 2]]]), (4, 4), mode="nearest")
@@ -48,10 +51,15 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
                        or np.any(boxes[:, :, 1] > np.asarray(image_shape)) or np.any(boxes[:, :, 1] <= boxes[:, :, 0])):
         raise ValueError("fuse_crops needs integer boxes inside the image (as fit_to_image returns), got "
                          f"{boxes.tolist()} for image shape {image_shape}")
-    fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
-    covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device)
-    if not multilabel:
-        fused[0] = 1.0
+    if out is not None:
+        if tuple(out.shape) != (k, *image_shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(k, *image_shape)}")
+        fused = out
+    else:
+        fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
+        if not multilabel:
+            fused[0] = 1.0
+    covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device) if coverage else None
     for crop, box in zip(p, np.asarray(boxes, dtype=np.int64)):
         sl = _box_slices(box)
         pasted = resample_crop_to_box(crop, box, mode)
@@ -60,9 +68,10 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
         else:
             fused[(slice(1, None), *sl)] = torch.maximum(fused[(slice(1, None), *sl)], pasted[1:])
             fused[(0, *sl)] = torch.minimum(fused[(0, *sl)], pasted[0])
-        covered[sl] = True
+        if covered is not None:
+            covered[sl] = True
     if was_numpy:
-        return fused.cpu().numpy(), covered.cpu().numpy()
+        return fused.cpu().numpy(), None if covered is None else covered.cpu().numpy()
     return fused, covered
 
 

@@ -34,8 +34,9 @@ class CropParams:
     - ``patch_size``: fine network input per axis (1 = inactive axis, see module docstring).
     - ``margin_fraction``: context added on every side, relative to the squared box side.
     - ``margin_min``: lower bound of that context (small objects still get some).
-    - ``min_object_size``: components whose extent along any active axis is below this are
-      dropped before padding (the paper's 5-pixel rule).
+    - ``min_object_size``: components narrower than this many voxels of the coarse grid's finest
+      axis are dropped at inference before padding (the paper's 5-pixel rule; per axis, see
+      :func:`size_thresholds`).
     - ``jitter_image_fraction`` / ``jitter_box_fraction``: training-time uniform jitter of box
       centre and size per active axis, ``min(f_img * image_extent, f_box * box_side)`` voxels
       (the paper's +-16 px at 256 px is f_img = 1/16; the box bound stops the jitter from
@@ -160,23 +161,47 @@ def _min_active_spacing(spacing: np.ndarray, active: np.ndarray) -> float:
     return float(np.min(spacing[active]))
 
 
-def keep_large_enough(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> np.ndarray:
-    """Boolean mask of boxes whose extent reaches ``min_object_size`` along every active axis
-    (measured in mm, threshold = min_object_size * finest active spacing). Applied before
-    padding so that it can fire at all (the reference code tested after padding).
+def size_thresholds(rule_spacing: Sequence[float], active: Sequence[bool], min_object_size: float) -> np.ndarray:
+    """Per-axis minimum extent (mm) of a component that is kept as an object (the paper's 5-pixel
+    rule against noise in the coarse mask), defined on the grid the coarse mask was predicted on
+    (``rule_spacing``): ``min_object_size`` voxels of its finest active axis along every active
+    axis about that fine (within 1 %), nothing along coarser active axes, where a real object can be
+    one voxel thin (a lesion on a single 3 mm slice of a 0.7 x 0.7 x 3 mm scan), and nothing along
+    inactive axes.
+
+    >>> size_thresholds([3.0, 0.7, 0.7], [True, True, True], 5).round(2).tolist()
+    [0.0, 3.5, 3.5]
+    >>> size_thresholds([1.0, 1.0, 1.0], [True, True, True], 5).tolist()  # isotropic: every axis
+    [5.0, 5.0, 5.0]
+    """
+    sp = np.asarray(rule_spacing, dtype=float)
+    active = np.asarray(active, dtype=bool)
+    finest = float(sp[active].min())
+    return np.where(active & (sp <= finest * 1.01), float(min_object_size) * finest, 0.0)
+
+
+def keep_large_enough(boxes: np.ndarray, spacing: Sequence[float], params: CropParams,
+                      rule_spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Boolean mask of boxes (voxels of the grid with ``spacing``) that pass the size rule of
+    :func:`size_thresholds` on the grid with ``rule_spacing`` (the coarse model's grid; default
+    ``spacing``): in mm, so a component of the upsampled coarse mask is judged in coarse voxels,
+    where the rule means something. Applied before padding so that it can fire at all (the
+    reference code tested after padding).
 
     >>> params = CropParams(patch_size=(1, 32, 32), min_object_size=5)
     >>> boxes = np.array([[[0, 1], [0, 10], [0, 6]], [[0, 1], [0, 3], [0, 20]]])
     >>> keep_large_enough(boxes, [1.0, 1.0, 1.0], params)  # the second is 3 px high
     array([ True, False])
+    >>> keep_large_enough(boxes, [1.0, 1.0, 1.0], params, rule_spacing=[1.0, 4.0, 4.0])  # 5 coarse px = 20 px
+    array([False, False])
     """
     spacing = np.asarray(spacing, dtype=float)
-    active = params.active
     if len(boxes) == 0:
         return np.zeros(0, dtype=bool)
     extent_mm = (boxes[:, :, 1] - boxes[:, :, 0]) * spacing[None]
-    threshold = params.min_object_size * _min_active_spacing(spacing, active)
-    return np.all(extent_mm[:, active] >= threshold - 1e-6, axis=1)
+    threshold = size_thresholds(spacing if rule_spacing is None else rule_spacing, params.active,
+                                params.min_object_size)
+    return np.all(extent_mm >= threshold[None] - 1e-6, axis=1)
 
 
 def square_and_pad(boxes: np.ndarray, spacing: Sequence[float], params: CropParams) -> tuple[np.ndarray, np.ndarray]:
@@ -244,9 +269,11 @@ def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int
 
 
 def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
-                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+                    rng: np.random.Generator | None = None, rule_spacing: Sequence[float] | None = None
+                    ) -> tuple[np.ndarray, int]:
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
-    (jitter if ``rng``) -> fit to the image. Returns ``(boxes, n_dropped)``.
+    (jitter if ``rng``) -> fit to the image. ``rule_spacing``: the grid the size rule is judged on
+    (see :func:`keep_large_enough`). Returns ``(boxes, n_dropped)``.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
     >>> boxes, n_dropped = boxes_from_mask(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
@@ -255,74 +282,12 @@ def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
     """
     mask = _as_numpy(mask)
     _, boxes = component_boxes(mask, params.active)
-    keep = keep_large_enough(boxes, spacing, params)
+    keep = keep_large_enough(boxes, spacing, params, rule_spacing)
     boxes = boxes[keep]
     centre, size = square_and_pad(boxes, spacing, params)
     if rng is not None and len(boxes):
         centre, size = jitter(centre, size, mask.shape, params, rng)
     return fit_to_image(centre, size, mask.shape), int((~keep).sum())
-
-
-def merge_overlapping_boxes(boxes: np.ndarray) -> np.ndarray:
-    """Replace every group of intersecting boxes by their union (repeated until no two boxes
-    intersect). Used only when a case has more crops than ``max_crops``: clusters of speckle
-    components then become one crop each.
-
-    >>> boxes = np.array([[[0, 4], [0, 4]], [[2, 6], [2, 6]], [[10, 12], [10, 12]]])
-    >>> merge_overlapping_boxes(boxes).tolist()
-    [[[0, 6], [0, 6]], [[10, 12], [10, 12]]]
-    """
-    boxes = np.asarray(boxes, dtype=np.int64)
-    merged = True
-    while merged and len(boxes) > 1:
-        merged = False
-        lo, hi = boxes[:, :, 0], boxes[:, :, 1]
-        inter = np.all((np.minimum(hi[:, None], hi[None]) - np.maximum(lo[:, None], lo[None])) > 0, axis=2)
-        np.fill_diagonal(inter, False)
-        if inter.any():
-            merged = True
-            _, groups = connected_groups(inter)
-            boxes = np.stack([np.stack([lo[groups == g].min(0), hi[groups == g].max(0)], axis=-1)
-                              for g in range(groups.max() + 1)])
-    return boxes
-
-
-def connected_groups(adjacency: np.ndarray) -> tuple[int, np.ndarray]:
-    """Connected components of a boolean adjacency matrix (scipy.sparse.csgraph).
-
-    >>> n, groups = connected_groups(np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], bool))
-    >>> n, groups.tolist()
-    (2, [0, 0, 1])
-    """
-    from scipy.sparse.csgraph import connected_components
-
-    return connected_components(adjacency, directed=False)
-
-
-def limit_crops(boxes: np.ndarray, max_crops: int) -> tuple[np.ndarray, dict]:
-    """Bound the number of crops per case. Up to ``max_crops`` boxes pass unchanged. Beyond that,
-    intersecting boxes are merged into their union; if still too many, only the ``max_crops``
-    largest boxes (by volume) are kept. Returns the boxes and what was done, for the log.
-
-    >>> boxes = np.array([[[0, 4], [0, 4]], [[2, 6], [2, 6]], [[10, 12], [10, 12]]])
-    >>> kept, info = limit_crops(boxes, max_crops=2)
-    >>> kept.tolist(), info
-    ([[[0, 6], [0, 6]], [[10, 12], [10, 12]]], {'boxes_in': 3, 'merged_into': 2, 'discarded': 0})
-    """
-    n_in = len(boxes)
-    info = {"boxes_in": n_in, "merged_into": n_in, "discarded": 0}
-    if max_crops < 1:
-        raise ValueError(f"max_crops must be >= 1, got {max_crops}")
-    if n_in <= max_crops:
-        return boxes, info
-    boxes = merge_overlapping_boxes(boxes)
-    info["merged_into"] = len(boxes)
-    if len(boxes) > max_crops:
-        volume = np.prod(boxes[:, :, 1] - boxes[:, :, 0], axis=1)
-        keep = np.sort(np.argsort(-volume, kind="stable")[:max_crops])
-        info["discarded"] = len(boxes) - max_crops
-        boxes = boxes[keep]
-    return boxes, info
 
 
 def whole_image_boxes(image_shape: Sequence[int], active: Sequence[bool]) -> np.ndarray:
