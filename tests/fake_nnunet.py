@@ -64,7 +64,7 @@ class FakeNNUNet:
 
         import nnunet_stseg.commands.runner as runner
 
-        from stand_ins import fork_context
+        from stand_ins import fork_context, one_torch_thread
 
         for module in (runner, *modules):
             if hasattr(module, "run_measured"):
@@ -72,6 +72,7 @@ class FakeNNUNet:
         # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of
         # spawning its worker pool: see stand_ins.fork_instead_of_spawn
         monkeypatch.setattr(multiprocessing, "get_context", fork_context)
+        one_torch_thread(monkeypatch)
         return self
 
     def of(self, tool: str) -> list[Call]:

@@ -5,6 +5,7 @@ import multiprocessing
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 _REAL_GET_CONTEXT = multiprocessing.get_context
@@ -15,14 +16,28 @@ def fork_context(method=None):
     return _REAL_GET_CONTEXT("fork")
 
 
+def one_torch_thread(monkeypatch) -> None:
+    """torch on ONE thread in this process and in every child forked from it, for the rest of the
+    test. A child forked from a process whose OpenMP pool once ran several threads deadlocks in
+    its next parallel region with several threads (it waits for threads that do not exist in it;
+    reproduced in isolation, and a CI run hung so in the benchmark test after an earlier test in
+    the same worker had run nnU-Net's predict entry point, which sets torch to all cores)."""
+    set_threads = torch.set_num_threads
+    set_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_threads(1))
+
+
 @contextmanager
 def fork_instead_of_spawn():
     """nnU-Net's fingerprint extraction and preprocessing start their worker pools with 'spawn':
     each worker imports torch and nnU-Net again (seconds per pool on 2 cores). In a test process
-    that plans in-process, 'fork' gives the same results without the imports."""
+    that plans in-process, 'fork' gives the same results without the imports (torch on one thread
+    meanwhile: see :func:`one_torch_thread`)."""
     multiprocessing.get_context = fork_context
     try:
-        yield
+        with pytest.MonkeyPatch.context() as mp:
+            one_torch_thread(mp)
+            yield
     finally:
         multiprocessing.get_context = _REAL_GET_CONTEXT
 

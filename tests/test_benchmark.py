@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def _fork():
-    with fork_instead_of_spawn():
+    with fork_instead_of_spawn():  # torch on one thread meanwhile (the points ask for all cores)
         yield
 
 

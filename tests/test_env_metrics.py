@@ -332,3 +332,42 @@ def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):
     (fold / "validation").mkdir()
     (fold / "validation" / "summary.json").write_text("{}")
     assert train(need_validation=True) == (None, None)
+
+
+def test_a_resumed_training_keeps_its_schedule(tmp_path, monkeypatch):
+    """The schedule a training started with is recorded in its fold folder; --c under other
+    STSEG_* values is an error naming both schedules (it silently changed the schedule before)."""
+    import json
+
+    from nnunet_stseg.trainers.sts_trainers import SCHEDULE_FILE, _StSScheduleMixin
+
+    class Base:
+        def on_train_start(self):
+            self.started = True
+
+    class Trainer(_StSScheduleMixin, Base):
+        def __init__(self, epoch=0):
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
+            self.save_every, self.current_epoch, self.local_rank = 50, epoch, 0
+            self.output_folder, self.logged = str(tmp_path / "fold_0"), []
+            self._apply_schedule_overrides()
+
+        def print_to_log_file(self, *args, **kwargs):
+            self.logged.append(" ".join(map(str, args)))
+
+    monkeypatch.setenv("STSEG_NUM_EPOCHS", "2")
+    Trainer().on_train_start()
+    record = json.loads((tmp_path / "fold_0" / SCHEDULE_FILE).read_text())
+    assert record == {"schedule": {"num_epochs": 2, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50},
+                      "variables": {"STSEG_NUM_EPOCHS": 2}}
+    resumed = Trainer(epoch=1)
+    resumed.on_train_start()
+    assert resumed.started
+    monkeypatch.delenv("STSEG_NUM_EPOCHS")  # --c in a shell without the smoke-run variables
+    with pytest.raises(RuntimeError, match=r"was started with the schedule \{'num_epochs': 2.*this run would "
+                                           r"continue it with \{'num_epochs': 1000"):
+        Trainer(epoch=1).on_train_start()
+    (tmp_path / "fold_0" / SCHEDULE_FILE).unlink()  # a training started before the record existed
+    legacy = Trainer(epoch=1)
+    legacy.on_train_start()
+    assert "no schedule record" in legacy.logged[-1] and (tmp_path / "fold_0" / SCHEDULE_FILE).is_file()

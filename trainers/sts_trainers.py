@@ -19,6 +19,7 @@ so later predictions still mirror.
 """
 from __future__ import annotations
 
+import json
 import os
 from os.path import join
 
@@ -35,6 +36,7 @@ from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import StSConfig, grid_spacing3, trainer_for_role
 from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
+from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
                                         square_and_pad, whole_image_boxes)
 from nnunet_stseg.core.metrics import add_precision_recall
@@ -43,9 +45,46 @@ from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloade
 from nnunet_stseg.trainers.validation import validation_cases, validation_predictor
 
 
+SCHEDULE_FILE = "nnunet_stseg_schedule.json"
+SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+
+
 class _StSScheduleMixin:
-    """Applies the STSEG_* schedule overrides after nnU-Net's own __init__, and writes checkpoints
-    atomically (an interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
+    """Applies the STSEG_* schedule overrides after nnU-Net's own __init__, keeps a resumed
+    training on the schedule it was started with, and writes checkpoints atomically (an
+    interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
+
+    def schedule(self) -> dict:
+        """The effective schedule (nnU-Net's defaults or the STSEG_* values)."""
+        return {k: int(getattr(self, k)) for k in SCHEDULE_KEYS}
+
+    def on_train_start(self):
+        self._check_schedule_record()
+        super().on_train_start()
+
+    def _check_schedule_record(self) -> None:
+        """A fresh training records its schedule in the fold folder; a resumed one (``--c``) must
+        run the same, or stop with an error naming both: with the STSEG_* variables a smoke run and
+        a real run can share one results folder, and ``--c`` in another shell would otherwise
+        silently change the schedule (nnU-Net's own convention, a trainer class per schedule, makes
+        that impossible; the record gives the same guarantee)."""
+        path = os.path.join(self.output_folder, SCHEDULE_FILE)
+        current = self.schedule()
+        if self.current_epoch > 0 and os.path.isfile(path):
+            with open(path) as f:
+                recorded = json.load(f)
+            if recorded.get("schedule") != current:
+                raise RuntimeError(
+                    f"{self.output_folder} was started with the schedule {recorded.get('schedule')} (environment "
+                    f"{recorded.get('variables') or 'none'}); this run would continue it with {current} (environment "
+                    f"{settings.schedule_settings() or 'none'}). Set the same STSEG_* variables to continue it, or "
+                    f"train into another results folder (nnUNet_results) for the new schedule.")
+            return
+        if self.local_rank == 0:
+            if self.current_epoch > 0:
+                self.print_to_log_file(f"no schedule record from the start of this training; recording {current}")
+            os.makedirs(self.output_folder, exist_ok=True)
+            write_json_atomic({"schedule": current, "variables": settings.schedule_settings()}, path)
 
     def _apply_schedule_overrides(self) -> None:
         for value, attr in ((settings.num_epochs(), "num_epochs"),

@@ -309,10 +309,11 @@ class StSPredictor(PluginPredictor):
         return grid_spacing3(self.configuration_manager.spacing)
 
     def _rule_spacing3(self) -> list[float] | None:
-        """The coarse model's grid spacing (3 axes; a 2d configuration's slice axis from the fine
-        grid): where the size rule is judged. None without a coarse model configuration."""
+        """Where the size rule is judged: None (the full-resolution grid, the paper's rule) unless
+        ``sts.crop.size_rule_grid`` is ``coarse``: then the coarse model's grid spacing (3 axes; a
+        2d configuration's slice axis from the fine grid)."""
         cm = getattr(self.coarse, "configuration_manager", None)
-        if cm is None:
+        if cm is None or self._sts_config().crop.size_rule_grid != "coarse":
             return None
         sp = [float(v) for v in cm.spacing]
         return sp if len(sp) == 3 else [self._fine_spacing3()[0]] + sp
@@ -432,8 +433,8 @@ class StSPredictor(PluginPredictor):
         else:
             n_batches = -(-len(boxes) // sts.max_crops)
             self._log(f"{len(boxes)} object(s) cropped"
-                      + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} coarse voxels) "
-                         f"dropped" if n_dropped else "")
+                      + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
+                         f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
                       + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
         del coarse_probs, foreground
         image = data.to(self.work_device).float()

@@ -34,9 +34,13 @@ class CropParams:
     - ``patch_size``: fine network input per axis (1 = inactive axis, see module docstring).
     - ``margin_fraction``: context added on every side, relative to the squared box side.
     - ``margin_min``: lower bound of that context (small objects still get some).
-    - ``min_object_size``: components narrower than this many voxels of the coarse grid's finest
-      axis are dropped at inference before padding (the paper's 5-pixel rule; per axis, see
-      :func:`size_thresholds`).
+    - ``min_object_size``: components narrower than this many voxels of the finest axis are
+      dropped at inference before padding (the paper's 5-pixel rule), along the finest axes only
+      (see :func:`size_thresholds`).
+    - ``size_rule_grid``: the grid those voxels are counted on: ``full`` (default: the paper's
+      rule, voxels of the full-resolution grid the boxes are cut from) or ``coarse`` (voxels of
+      the coarse model's grid, where a one-voxel speck of the coarse mask is what noise looks like;
+      stricter by the downsampling factor).
     - ``jitter_image_fraction`` / ``jitter_box_fraction``: training-time uniform jitter of box
       centre and size per active axis, ``min(f_img * image_extent, f_box * box_side)`` voxels
       (the paper's +-16 px at 256 px is f_img = 1/16; the box bound stops the jitter from
@@ -52,6 +56,7 @@ class CropParams:
     jitter_image_fraction: float = 0.0625
     jitter_box_fraction: float = 0.25
     square: bool = True
+    size_rule_grid: str = "full"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -62,6 +67,8 @@ class CropParams:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.size_rule_grid not in ("full", "coarse"):
+            raise ValueError(f"size_rule_grid must be 'full' or 'coarse', got {self.size_rule_grid!r}")
 
     @property
     def active(self) -> np.ndarray:
