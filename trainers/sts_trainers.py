@@ -44,7 +44,6 @@ from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
 from nnunet_stseg.trainers.validation import validation_cases, validation_predictor
 
-
 SCHEDULE_FILE = "nnunet_stseg_schedule.json"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
 
@@ -87,20 +86,18 @@ class _StSScheduleMixin:
             write_json_atomic({"schedule": current, "variables": settings.schedule_settings()}, path)
 
     def _apply_schedule_overrides(self) -> None:
-        for value, attr in ((settings.num_epochs(), "num_epochs"),
-                            (settings.iters_per_epoch(), "num_iterations_per_epoch"),
-                            (settings.val_iters(), "num_val_iterations_per_epoch"),
-                            (settings.save_every(), "save_every")):
-            if value is not None:
-                setattr(self, attr, value)
-        used = settings.schedule_settings()
+        used = settings.schedule_settings()  # read (and checked) once
+        for name, attr in (("STSEG_NUM_EPOCHS", "num_epochs"), ("STSEG_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
+                           ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch"), ("STSEG_SAVE_EVERY", "save_every")):
+            if name in used:
+                setattr(self, attr, used[name])
         if used:
             self.print_to_log_file("nnunet-stseg settings from the environment: " + ", ".join(
                 f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in used.items()))
         # instance attributes: they shadow every subclass's validation, ours and nnU-Net's
-        if settings.skip_validation():
+        if used.get("STSEG_SKIP_VALIDATION") is True:
             self.perform_actual_validation = self._skipped_validation
-        elif not settings.validation_mirroring():
+        elif used.get("STSEG_VAL_MIRRORING") is False:
             self.perform_actual_validation = self._validation_without_mirroring
 
     def _skipped_validation(self, save_probabilities: bool = False) -> None:
@@ -240,8 +237,9 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
             transforms=transforms, depth_channel=depth))
 
     def on_train_start(self):
-        if not os.path.isdir(os.path.join(self.coarse_folder(), f"fold_{self.fold}")):
-            message = missing_coarse_message(self.coarse_folder(), self.plans_manager.dataset_name,
+        coarse_folder = self.coarse_folder()
+        if not os.path.isdir(os.path.join(coarse_folder, f"fold_{self.fold}")):
+            message = missing_coarse_message(coarse_folder, self.plans_manager.dataset_name,
                                              self.plans_manager.plans_name, self.sts, self.fold)
             self.print_to_log_file(f"WARNING: {message}. Training the fine stage works without it; its final "
                                    f"validation runs the whole cascade and needs it.", also_print_to_console=True)

@@ -21,15 +21,13 @@ by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabil
 """
 from __future__ import annotations
 
-from os.path import isdir, isfile, join
-
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
-from nnunet_stseg.adapters.predictor import StSPredictor, missing_model_message
+from nnunet_stseg.adapters.predictor import StSPredictor
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.core.centres import heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
@@ -90,21 +88,11 @@ class PolarPredictor(StSPredictor):
 
     def attach_centre(self, folds, checkpoint_name: str = "checkpoint_final.pth", centre_folder: str | None = None):
         """Load the centre-point model from ``centre_folder`` or its conventional results folder."""
-        sts = self._sts_config()
         folder = centre_folder or self.centre_model_folder()
-        missing = [f for f in (folds or [])
-                   if not isfile(join(folder, f"fold_{f}", checkpoint_name))] if isdir(folder) else list(folds or ["F"])
-        if missing or not isdir(folder):
-            raise FileNotFoundError(missing_model_message(
-                "heatmap origins need the centre-point model", folder, self.plans_manager.dataset_name,
-                self.plans_manager.plans_name, DEFAULT_CENTRE_TRAINER, sts.coarse_configuration,
-                missing[0] if missing else "F", " (or predict with STSEG_POLAR_ORIGINS=coarse)"))
-        centre = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
-                                 use_mirroring=self.use_mirroring,
-                                 perform_everything_on_device=self.perform_everything_on_device,
-                                 device=self.device, verbose=False, allow_tqdm=False)
-        centre.stseg_centre_model = True  # the centre trainer refuses to be loaded for segmentation otherwise
-        centre.initialize_from_trained_model_folder(folder, list(folds) if folds is not None else None, checkpoint_name)
+        # stseg_centre_model: the centre trainer refuses to be loaded for segmentation otherwise
+        centre = self._load_companion("heatmap origins need the centre-point model", folder, DEFAULT_CENTRE_TRAINER,
+                                      self._sts_config().coarse_configuration, folds, checkpoint_name,
+                                      " (or predict with STSEG_POLAR_ORIGINS=coarse)", stseg_centre_model=True)
         self.set_centre_params(CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"]))
         self.centre = centre
         self._log(f"centre-point model: {folder} folds {folds}")

@@ -106,7 +106,7 @@ class PluginPredictor(nnUNetPredictor):
         loads; a model of ours adopts it again while it loads, any other model runs as it would
         have without us."""
         original = self.__dict__.pop(_ORIGINAL_CLASS, nnUNetPredictor)
-        for attr in _PLUGIN_STATE:
+        for attr in _PLUGIN_STATE + _MANAGERS:
             self.__dict__.pop(attr, None)
         self.__class__ = original
         return original.initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
@@ -193,6 +193,7 @@ class PluginPredictor(nnUNetPredictor):
             list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
             folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
         outputs = outputs if outputs is not None else [None] * len(cases)
+        output_folders = {os.path.dirname(os.path.abspath(o)) for o in outputs if o}
         self.configuration_manager.on_error = "raise"
         failures, returned = [], []
         try:
@@ -206,9 +207,9 @@ class PluginPredictor(nnUNetPredictor):
                     failures.append({"output": ofile, "error": str(e)})
         finally:
             self.configuration_manager.on_error = "mark"
-            for folder in {os.path.dirname(os.path.abspath(o)) for o in outputs if o}:
+            for folder in output_folders:
                 remove_partial_folder(folder)
-        self._write_overrides_record({os.path.dirname(os.path.abspath(o)) for o in outputs if o})
+        self._write_overrides_record(output_folders)
         self._report_failures(failures)
         return returned
 
@@ -258,26 +259,39 @@ class StSPredictor(PluginPredictor):
         """Load the coarse model (same folds as the fine one) from ``coarse_folder`` or, by
         default, from its conventional folder in ``nnUNet_results``."""
         sts = self._sts_config()
-        ds, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
         if coarse_folder is None:
-            coarse_folder = str(model_folder(ds, sts.coarse_trainer, sts.coarse_configuration, plans))
-        if not isdir(coarse_folder):
-            raise FileNotFoundError(missing_coarse_message(coarse_folder, ds, plans, sts, None))
-        folds = list(folds) if folds is not None else None
-        for f in folds or []:
-            if not isfile(join(coarse_folder, f"fold_{f}", checkpoint_name)):
-                raise FileNotFoundError(missing_coarse_message(coarse_folder, ds, plans, sts, f)
-                                        + f" (looked for {checkpoint_name})")
-        coarse = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
-                                 use_mirroring=self.use_mirroring,
-                                 perform_everything_on_device=self.perform_everything_on_device,
-                                 device=self.device, verbose=False, allow_tqdm=False)
-        coarse.initialize_from_trained_model_folder(coarse_folder, folds, checkpoint_name)
+            coarse_folder = str(model_folder(self.plans_manager.dataset_name, sts.coarse_trainer,
+                                             sts.coarse_configuration, self.plans_manager.plans_name))
+        coarse = self._load_companion("segment-then-segment needs the coarse model", coarse_folder, sts.coarse_trainer,
+                                      sts.coarse_configuration, folds, checkpoint_name)
         if getattr(coarse, "depth_channel", False) and not self.depth_channel:
             raise ValueError(f"the coarse model {coarse_folder} uses a depth channel but the fine model does not; "
                              f"plan both with `nnunet-stseg plan --depth` (or neither) and retrain")
         self.coarse = coarse
         self._log(f"coarse model: {coarse_folder} folds {folds}")
+
+    def _load_companion(self, what: str, folder: str, trainer: str, configuration: str, folds, checkpoint_name: str,
+                        hint: str = "", **attributes) -> nnUNetPredictor:
+        """A companion model of this one (the coarse model, the centre-point model): the same folds
+        and checkpoint, this predictor's inference settings, ``attributes`` set before it loads.
+        A missing folder or fold is one error naming it and the stock command that trains it."""
+        folds = list(folds) if folds is not None else None
+        ds, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
+        if not isdir(folder):
+            raise FileNotFoundError(missing_model_message(what, folder, ds, plans, trainer, configuration,
+                                                          (folds or [None])[0], hint))
+        for f in folds or []:
+            if not isfile(join(folder, f"fold_{f}", checkpoint_name)):
+                raise FileNotFoundError(missing_model_message(what, folder, ds, plans, trainer, configuration, f, hint)
+                                        + f" (looked for {checkpoint_name})")
+        companion = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
+                                    use_mirroring=self.use_mirroring,
+                                    perform_everything_on_device=self.perform_everything_on_device,
+                                    device=self.device, verbose=False, allow_tqdm=False)
+        for name, value in attributes.items():
+            setattr(companion, name, value)
+        companion.initialize_from_trained_model_folder(folder, folds, checkpoint_name)
+        return companion
 
     def _model_source(self) -> tuple[list, str]:
         """Folds and checkpoint name of the model nnU-Net loaded (for the companion models)."""
@@ -312,10 +326,15 @@ class StSPredictor(PluginPredictor):
         """Where the size rule is judged: None (the full-resolution grid, the paper's rule) unless
         ``sts.crop.size_rule_grid`` is ``coarse``: then the coarse model's grid spacing (3 axes; a
         2d configuration's slice axis from the fine grid)."""
-        cm = getattr(self.coarse, "configuration_manager", None)
-        if cm is None or self._sts_config().crop.size_rule_grid != "coarse":
+        if getattr(self.coarse, "configuration_manager", None) is None or \
+                self._sts_config().crop.size_rule_grid != "coarse":
             return None
-        sp = [float(v) for v in cm.spacing]
+        return self._grid_spacing3_of(self.coarse)
+
+    def _grid_spacing3_of(self, model: nnUNetPredictor) -> list[float]:
+        """The spacing of ``model``'s configuration on 3 axes (a 2d configuration's slice axis is
+        the fine grid's: 2d models never resample across slices)."""
+        sp = [float(v) for v in model.configuration_manager.spacing]
         return sp if len(sp) == 3 else [self._fine_spacing3()[0]] + sp
 
     def _coarse_input(self, data: torch.Tensor, model: nnUNetPredictor | None = None) -> np.ndarray:
@@ -328,8 +347,7 @@ class StSPredictor(PluginPredictor):
             data = data[:self.n_image_channels()]
         cm = model.configuration_manager
         fine_sp = np.array(self._fine_spacing3())
-        coarse_sp = list(cm.spacing)
-        coarse_sp = np.array(coarse_sp if len(coarse_sp) == 3 else [fine_sp[0]] + coarse_sp)
+        coarse_sp = np.array(self._grid_spacing3_of(model))
         shape = np.array(data.shape[1:])
         new_shape = np.maximum(1, np.rint(shape * fine_sp / coarse_sp)).astype(int)
         arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
@@ -473,8 +491,14 @@ def loading_frame(caller_frame):
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "applied_overrides", "_sts_source", "centre", "centre_params",
-                 "last_timings", "_configuration_manager", "_plans_manager")
+                 "last_timings")
+_MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
+
+
+def _is_ours(cls: type) -> bool:
+    """One of our predictor classes (replaced, never combined, when another model is loaded)."""
+    return cls.__module__.startswith("nnunet_stseg.")
 
 
 @functools.cache
@@ -489,7 +513,7 @@ def adopted_class(target: type, original: type) -> type:
     behaviour: ``target`` itself for nnU-Net's plain predictor (or one of ours), else ``target`` on
     top of the user's subclass, so that its overrides keep working; one clear error when the two
     cannot be combined."""
-    if original is nnUNetPredictor or issubclass(target, original) or original.__module__.startswith("nnunet_stseg."):
+    if original is nnUNetPredictor or issubclass(target, original) or _is_ours(original):
         return target
     try:
         return _on_top_of(target, original)
@@ -516,10 +540,8 @@ def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bo
     target = predictor_class or PluginPredictor
     predictor.__class__ = adopted_class(target, original)
     for attr in _PLUGIN_STATE:
-        if not attr.startswith("_configuration") and not attr.startswith("_plans"):
-            predictor.__dict__.pop(attr, None)
-    predictor.__dict__[_ORIGINAL_CLASS] = original if not original.__module__.startswith("nnunet_stseg.") \
-        else nnUNetPredictor
+        predictor.__dict__.pop(attr, None)
+    predictor.__dict__[_ORIGINAL_CLASS] = nnUNetPredictor if _is_ours(original) else original
     predictor.depth_channel = bool(depth)
     if issubclass(target, StSPredictor):
         predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
