@@ -34,9 +34,9 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.reports import example_overlays, print_report, score_folder
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
+from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, pipeline_env,
                                           plan_command_line, predict_command_line, prepare_cardiac, report_header, run,
-                                          run_measured, train_fold)
+                                          run_measured, set_batch_size, train_fold)
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 
@@ -58,8 +58,6 @@ def _voxels(images: list[Path]) -> list[list[int]]:
 def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epochs: int, iters: int, folds: int,
                    seed: int, device: str = "cpu", command: str = "", dataset: Path | None = None,
                    limit: int | None = None) -> dict:
-    from nnunet_stseg.commands.runner import add_narrow, set_batch_size
-
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
     env.update({"nnUNet_n_proc_DA": "1", "STSEG_SKIP_VALIDATION": "1"})

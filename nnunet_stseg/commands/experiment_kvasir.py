@@ -42,9 +42,9 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, evaluate, pipeline_env,
-                                          plan_command_line, predict_command_line, report_header, run, run_measured,
-                                          shared_data, train_fold)
+from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
+                                          pipeline_env, plan_command_line, predict_command_line, report_header, run,
+                                          run_measured, set_batch_size, shared_data, train_fold)
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -136,7 +136,6 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                           limit: int | None = None, src: Path | None = None) -> dict:
     """Issue 5, experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
     Kvasir-SEG at native resolution, same width, batch size and schedule for every network."""
-    from nnunet_stseg.commands.runner import add_narrow, set_batch_size
     from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
