@@ -61,6 +61,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sts.polar.max_origins"),
     Setting("STSEG_POLAR_PEAK_THRESHOLD", "a number in [0, 1) (0 = no threshold)",
             "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold"),
+    Setting("STSEG_OBJECTS_REPORT", "0 or 1", "0: no <case>.objects.json next to the predictions",
+            "sts.objects_report"),
 )}
 
 
@@ -123,6 +125,11 @@ def polar_peak_threshold() -> float | None:
     return _read("STSEG_POLAR_PEAK_THRESHOLD", float, lambda v: 0 <= v < 1)
 
 
+def objects_report() -> bool | None:
+    """The override of ``sts.objects_report`` (``<case>.objects.json`` next to the predictions)."""
+    return _switch("STSEG_OBJECTS_REPORT")
+
+
 def plan_overrides() -> dict[str, object]:
     """The plan values that environment variables replace for this process, ``{plan key: value}``
     (checked: a bad value raises before any work starts).
@@ -134,7 +141,7 @@ def plan_overrides() -> dict[str, object]:
     >>> del os.environ["STSEG_POLAR_MAX_ORIGINS"]
     """
     values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
-              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold()}
+              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report()}
     return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
 
 
@@ -149,4 +156,5 @@ def schedule_settings() -> dict[str, object]:
 
 __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
-           "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "plan_overrides", "schedule_settings"]
+           "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
+           "schedule_settings"]

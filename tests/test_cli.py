@@ -32,10 +32,11 @@ def test_plan_options_from_the_command_line():
     assert _options() == PlanOptions()
     o = _options("-s", "48", "--dims", "2d", "--features", "8", "--max_features", "64", "--batch_size", "4",
                  "--margin_fraction", "0.2", "--min_object_size", "3", "--fallback", "whole", "--depth", "--polar",
-                 "--fusion_high", "0.3")
+                 "--fusion_high", "0.3", "--size_rule_grid", "coarse")
+    rule = {"min_object_size": 3.0, "size_rule_grid": "coarse"}  # one size rule for crops and polar origins
     assert o == PlanOptions(input_size=48, dims=("2d",), base_features=8, max_features=64, batch_size=4,
-                            crop={"margin_fraction": 0.2, "min_object_size": 3.0}, fallback="whole",
-                            depth_channel=True, polar=True, polar_params={"fusion_high": 0.3})
+                            crop={"margin_fraction": 0.2, **rule}, fallback="whole",
+                            depth_channel=True, polar=True, polar_params={"fusion_high": 0.3, **rule})
 
 
 @pytest.mark.parametrize("kwargs,message", [({"input_size": 4}, ">= 8"), ({"dims": ("4d",)}, "dimensionality"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_stseg.adapters.discovery import ENV_VAR, ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
@@ -157,6 +158,10 @@ def test_add_precision_recall_exact_values(tmp_path):
     # foreground mean: over labels
     assert out["foreground_mean"]["Precision"] == pytest.approx(((0.8 + 0.5) / 2 + 0.875) / 2)
     assert out["foreground_mean"]["Recall"] == pytest.approx((0.5 + 0.75) / 2)
+    # the cases the nanmean skipped are counted: label 1 is empty in case 1, label 2 in case 2; no case
+    # is empty for every label
+    assert out["mean"]["1"]["n_empty_predictions"] == 1 and out["mean"]["2"]["n_empty_predictions"] == 1
+    assert out["foreground_mean"]["n_empty_predictions"] == 0
     # existing metrics untouched
     assert out["foreground_mean"]["Dice"] == 0.5
     assert pc[0]["metrics"]["1"]["TP"] == 8
@@ -186,6 +191,7 @@ def test_add_precision_recall_all_undefined_is_nan(tmp_path):
     assert math.isnan(out["mean"]["2"]["Precision"]) and math.isnan(out["mean"]["2"]["Recall"])
     assert math.isnan(out["foreground_mean"]["Precision"])
     assert out["foreground_mean"]["Recall"] == 0.0
+    assert out["foreground_mean"]["n_empty_predictions"] == 3  # nothing predicted anywhere
     with open(f) as fh:
         assert math.isnan(json.load(fh)["foreground_mean"]["Precision"])
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
@@ -371,3 +377,21 @@ def test_a_resumed_training_keeps_its_schedule(tmp_path, monkeypatch):
     legacy = Trainer(epoch=1)
     legacy.on_train_start()
     assert "no schedule record" in legacy.logged[-1] and (tmp_path / "fold_0" / SCHEDULE_FILE).is_file()
+
+
+def test_report_cells_count_the_cases_a_mean_of_precision_skips():
+    """A missed case (empty prediction) lowers DSC and recall but not the mean precision; the
+    report cells say how many cases that mean left out, and an old results file says n/a."""
+    from nnunet_stseg.commands.reports import OVERLAP_HEAD, overlap_cells, overlap_means
+    from nnunet_stseg.core.metrics import overlap
+
+    gt = np.array([1, 1, 0, 0], bool)
+    found, missed = overlap(gt.copy(), gt), overlap(np.zeros(4, bool), gt)
+    scores = overlap_means("polyp", [found, found, missed])
+    assert scores["polyp_Precision"] == (1.0, 0.0)
+    assert scores["polyp_Recall"][0] == pytest.approx(2 / 3) and scores["polyp_Dice"][0] == pytest.approx(2 / 3)
+    assert scores["polyp_empty_predictions"] == 1
+    cells = overlap_cells(scores, "polyp").split(" | ")
+    assert len(cells) == len(OVERLAP_HEAD.split(" | ")) and cells[2] == "1.000 ± 0.000" and cells[-1] == "1"
+    del scores["polyp_empty_predictions"]
+    assert overlap_cells(scores, "polyp").endswith("| n/a")

@@ -61,7 +61,7 @@ def test_report_rows_and_findings():
     r = _results()
     text = report(r)
     assert ("| cascade_64 | whole volume at 3 x 8 x 8 mm (patch 48 x 64 x 64) + crops at 64 x 64 x 64 | "
-            "0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | 0.200 ± 0.020 | 10.0 | 2000 | 64 |"
+            "0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | 0.750 ± 0.010 | n/a | 0.200 ± 0.020 | 10.0 | 2000 | 64 |"
             in text)
     assert "| nnunet_3d_fullres | sliding window, patch 24 x 320 x 256 at 3 x 1 x 1 mm |" in text
     assert "36-43 slices of 512 x 512" in text and "2-fold per-patient cross-validation of 2 patients" in text

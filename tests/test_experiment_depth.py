@@ -82,6 +82,7 @@ def test_score_arm_pearson_and_bias(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(pred), str(pred_dir / f"{case}.nii.gz"))
     r = score_arm([pred_dir], gt_dir)
     assert r["n_patients"] == 2 and r["n_slices"] == 10
+    assert r["pericardium_empty_predictions"] == 0 and r["eat_empty_predictions"] == 0
     assert r["eat_count_bias"] == pytest.approx(2.0)
     assert r["eat_count_pearson_r"] == pytest.approx(1.0)
     assert r["eat_count_loa"][0] == pytest.approx(2.0) and r["eat_count_loa"][1] == pytest.approx(2.0)
@@ -158,15 +159,17 @@ def test_report_table_of_eat_by_the_adipose_rule():
            "eat_rule_true_pericardium_Dice": (0.41, 0.12), "configuration": "2d_w16", "train_s": {"0": 1.0},
            "eat_count_pearson_r": 0.1, "eat_count_bias": -3.0, "eat_count_loa": (-5.0, -1.0),
            "eat_rule_count_pearson_r": 0.418, "eat_rule_count_bias": -1622.4, "eat_rule_count_loa": (-12904.0, 9661.0),
-           "budget": {"features": 16, "batch_size": 2, "epochs": 1, "iters": 2},
+           "budget": {"features": 16, "batch_size": 2, "epochs": 1, "iters": 2}, "eat_rule_empty_predictions": 3,
            "cases": {"a": {"eat_counts": {"pred": [1, 2], "gt": [1, 5]},
                            "eat_rule_counts": {"pred": [3, 2], "gt": [1, 5]}}}}
     results = {"split": {"folds": 2, "seed": 0, "n_patients": 2}, "arms": {"planned/depth": arm},
                "adipose_windows": [{"window": [0, 168], "train_dice": 0.426}, {"window": [0, 161], "train_dice": 0.428}]}
     text = report(results, "cmd")
     assert "fold 0 [0, 168] (training DSC 0.426); fold 1 [0, 161] (training DSC 0.428)" in text
-    assert ("| planned 2d (2d_w16) | yes | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.418 | "
+    assert ("| planned 2d (2d_w16) | yes | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 3 | 0.418 | "
             "-1622 (-12904, 9661) | 0.410 ± 0.120 |") in text
+    assert "| planned 2d (2d_w16) | yes | width 16, batch 2, 1 x 2, cpu | 0.250 ± 0.050 | 0.250 ± 0.050 | " \
+           "0.250 ± 0.050 | 0.250 ± 0.050 | n/a | 0.250 ± 0.050 |" in text  # an old results file: no count
     skipped = report({**results, "adipose_windows": None,
                       "adipose_rule_skipped": "no pericardium or no EAT (label 2) in the training patients"}, "cmd")
     assert "## EAT as adipose" not in skipped and "not scored (no pericardium or no EAT (label 2)" in skipped

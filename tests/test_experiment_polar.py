@@ -57,6 +57,7 @@ def test_score_folder_regions_and_report(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(pred), str(pred_dir / f"{case}.nii.gz"))
     r = score_folder(pred_dir, gt_dir, ".nii.gz", {"pericardium": (1, 2), "eat": (2,)})
     assert r["n_cases"] == 2 and r["pericardium_Dice"] == (1.0, 0.0) and r["eat_Dice"] == (0.0, 0.0)
+    assert r["pericardium_empty_predictions"] == 0 and r["eat_empty_predictions"] == 2  # EAT predicted nowhere
     results = {"dataset": "cardiac", "size": 128, "command": "cmd", "arms": {arm: r for arm in ARMS},
                "budget": {"features": 16, "batch_size": 8, "epochs": 1, "iters": 2, "device": "cpu", "folds": [0],
                           "seed": 0},
@@ -69,7 +70,7 @@ def test_score_folder_regions_and_report(tmp_path):
     text = report(results)
     assert "polar_coarse 6 in 4 slices (1.50 per slice)" in text
     assert "fold 0: precision nan, recall 0.00, F1 0.00, sigma 2.3 px" in text
-    assert "| polar_heatmap | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 5.00 | 2500 |" \
+    assert "| polar_heatmap | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0 | 0.000 ± 0.000 | 5.00 | 2500 |" \
         in text
     assert "cartesian 5, centre 6, polar 7" in text and "Published" in text and "examples" not in text
 

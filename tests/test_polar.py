@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -572,3 +573,24 @@ def test_missing_centre_model_is_a_clear_error(planned_polar, tmp_path):
     text = str(e.value)
     assert str(missing) in text and "fold_0" in text
     assert "nnUNetv2_train" in text and "-tr nnUNetTrainer_StSCentre" in text and "STSEG_POLAR_ORIGINS=coarse" in text
+
+
+def test_origin_size_rule_follows_the_cascades_size_rule_grid(planned_polar):
+    """The polar stage's 5-voxel rule is the cascade's: on the full grid by default (5 px), on the
+    coarse model's grid with ``sts.polar.size_rule_grid = coarse`` (5 coarse px = 20 full px when the
+    coarse grid is 4 x coarser); a bad grid name is an error."""
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    p, _, _, _ = _polar_predictor(root, ds, labels, labels, regions=False)
+    mask = np.zeros((1, 64, 64), bool)
+    mask[0, 5:15, 5:15] = True  # 10 px wide
+    mask[0, 30:34, 30:50] = True  # 4 px high
+    assert p.origins(mask)[:, 1:].round(1).tolist() == [[9.5, 9.5]]
+    fine = p._fine_spacing3()
+    p.coarse = SimpleNamespace(configuration_manager=SimpleNamespace(spacing=[4 * v for v in fine[1:]]))
+    p._sts_config().polar.size_rule_grid = "coarse"
+    assert len(p.origins(mask)) == 0
+    mask[0, 40:62, 2:24] = True  # 22 px = 5.5 coarse px
+    assert p.origins(mask)[:, 1:].round(1).tolist() == [[50.5, 12.5]]
+    with pytest.raises(ValueError, match="size_rule_grid must be 'full' or 'coarse'"):
+        PolarParams(polar_shape=(32, 32), size_rule_grid="mm")

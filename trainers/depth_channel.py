@@ -30,14 +30,15 @@ class _CaseRecorder:
     """Wraps an nnU-Net dataset; remembers the depths of the slices of the case loaded last (the
     loader loads one case, picks its patch, then transforms it)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, slice_axis: int):
         self._dataset = dataset
+        self.slice_axis = slice_axis
         self.depths: np.ndarray | None = None
         self.slice_index = 0
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self._dataset.load_case(identifier)
-        self.depths = depths_from_properties(data.shape[1], properties)
+        self.depths = depths_from_properties(data.shape[1], properties, slice_axis=self.slice_axis)
         self.slice_index = 0
         return data, seg, seg_prev, properties
 
@@ -67,8 +68,8 @@ class _AddDepthAfterTransforms:
 class DepthChannelDataLoader(nnUNetDataLoader):
     """nnU-Net's 2D data loader (2D patches from 3D cases) whose samples get the depth channel."""
 
-    def __init__(self, data, *args, transforms=None, **kwargs):
-        recorder = _CaseRecorder(data)
+    def __init__(self, data, *args, slice_axis: int, transforms=None, **kwargs):
+        recorder = _CaseRecorder(data, slice_axis)
         super().__init__(recorder, *args, transforms=_AddDepthAfterTransforms(transforms, recorder), **kwargs)
         self.recorder = recorder
 
@@ -79,16 +80,18 @@ class DepthChannelDataLoader(nnUNetDataLoader):
 
 
 @functools.cache
-def dataset_with_depth_channel(dataset_class: type) -> type:
+def dataset_with_depth_channel(dataset_class: type, slice_axis: int) -> type:
     """A subclass of an nnU-Net dataset class whose ``load_case`` returns the case with its depth
-    channel (for nnU-Net's own final validation, which predicts whole preprocessed cases)."""
+    channel (for nnU-Net's own final validation, which predicts whole preprocessed cases);
+    ``slice_axis`` as in :meth:`DepthChannelTrainerMixin.depth_slice_axis`."""
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = dataset_class.load_case(self, identifier)
         data = np.asarray(data[:])
-        return append_depth_channel(data, depths_from_properties(data.shape[1], properties)), seg, seg_prev, properties
+        depths = depths_from_properties(data.shape[1], properties, slice_axis=slice_axis)
+        return append_depth_channel(data, depths), seg, seg_prev, properties
 
-    return type(f"{dataset_class.__name__}WithDepth", (dataset_class,), {"load_case": load_case})
+    return type(f"{dataset_class.__name__}WithDepth{slice_axis}", (dataset_class,), {"load_case": load_case})
 
 
 class DepthChannelTrainerMixin:
@@ -107,6 +110,13 @@ class DepthChannelTrainerMixin:
     @classmethod
     def uses_depth_channel(cls, configuration_manager) -> bool:
         return bool(cls.depth_channel_default or configuration_manager.configuration.get(DEPTH_KEY, False))
+
+    def depth_slice_axis(self) -> int | None:
+        """The reader's array axis that nnU-Net made the slice axis (``transpose_forward[0]``: the
+        depth channel is measured along it, in patient coordinates); None without a depth channel."""
+        if not self.uses_depth_channel(self.configuration_manager):
+            return None
+        return int(self.plans_manager.transpose_forward[0])
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -134,7 +144,8 @@ class DepthChannelTrainerMixin:
         common = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
                       pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
         return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: DepthChannelDataLoader(
-            dataset, self.batch_size, patch, final_patch, self.label_manager, transforms=transforms, **common))
+            dataset, self.batch_size, patch, final_patch, self.label_manager, transforms=transforms,
+            slice_axis=self.depth_slice_axis(), **common))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not self.uses_depth_channel(self.configuration_manager):
@@ -142,7 +153,7 @@ class DepthChannelTrainerMixin:
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         plain = self.dataset_class
-        self.dataset_class = dataset_with_depth_channel(plain)
+        self.dataset_class = dataset_with_depth_channel(plain, self.depth_slice_axis())
         try:
             return super().perform_actual_validation(save_probabilities)
         finally:

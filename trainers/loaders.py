@@ -85,10 +85,10 @@ class ResampledSampleLoader(nnUNetDataLoader):
     and every augmentation worker draws differently."""
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, transforms=None,
-                 depth_channel: bool = False):
+                 depth_slice_axis: int | None = None):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms)
-        self.depth_channel = depth_channel
+        self.depth_slice_axis = depth_slice_axis  # None: no depth channel (see DepthChannelTrainerMixin)
         self.ignore_label = label_manager.ignore_label
 
     def foreground(self, seg) -> np.ndarray:
@@ -114,8 +114,9 @@ class ResampledSampleLoader(nnUNetDataLoader):
                 if self.transforms is not None:
                     out = self.transforms(image=img, segmentation=lab)
                     img, lab = out["image"], out["segmentation"]
-                if self.depth_channel:  # after the transforms: never normalised or augmented
-                    img = append_depth_channel(img, depths_from_properties(data.shape[1], properties)[slice_index])
+                if self.depth_slice_axis is not None:  # after the transforms: never normalised or augmented
+                    depths = depths_from_properties(data.shape[1], properties, slice_axis=self.depth_slice_axis)
+                    img = append_depth_channel(img, depths[slice_index])
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *img.shape), dtype=torch.float32)
                 data_all[j] = img

@@ -30,8 +30,9 @@ import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_stseg.adapters.config import PolarParams
+from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, PolarParams
 from nnunet_stseg.adapters.polar_predictor import PolarPredictor
+from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.core.polar import component_centroids, shift_origin, to_polar
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
 from nnunet_stseg.trainers.sts_trainers import nnUNetTrainer_StSFine
@@ -42,9 +43,9 @@ class PolarSampleLoader(ResampledSampleLoader):
     and random start angle (training); off for the validation loader."""
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, polar: PolarParams,
-                 transforms=None, depth_channel: bool = False, augment: bool = True):
+                 transforms=None, depth_slice_axis: int | None = None, augment: bool = True):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, transforms=transforms,
-                         depth_channel=depth_channel)
+                         depth_slice_axis=depth_slice_axis)
         self.polar = polar
         self.augment = augment
         self._centroid_cache: dict[str, np.ndarray] = {}
@@ -97,6 +98,16 @@ class nnUNetTrainer_StSPolar(nnUNetTrainer_StSFine):
             raise ValueError(f"configuration '{configuration}': patch {self.configuration_manager.patch_size} differs "
                              f"from sts.polar.polar_shape {list(self.sts.polar.polar_shape)}")
 
+    def companion_folders(self) -> dict[str, str]:
+        """The coarse model and the centre-point model (heatmap origins; embedded whenever it exists,
+        since ``STSEG_POLAR_ORIGINS=heatmap`` can ask for it at prediction time)."""
+        centre = model_folder(self.plans_manager.dataset_name, DEFAULT_CENTRE_TRAINER, self.sts.coarse_configuration,
+                              self.plans_manager.plans_name)
+        return {**super().companion_folders(), "centre": str(centre)}
+
+    def companion_required(self, name: str) -> bool:
+        return name != "centre" or self.sts.polar.origin_source == "heatmap"
+
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         # rotation is our random start angle (exact); mirroring only along the angle axis
         mirror_axes = (0,)
@@ -116,11 +127,10 @@ class nnUNetTrainer_StSPolar(nnUNetTrainer_StSFine):
 
     def get_dataloaders(self):
         # the polar image is the patch itself (no rotation margin: rotation is the start angle)
-        depth = self.uses_depth_channel(self.configuration_manager)
         patch = self.configuration_manager.patch_size
         return build_dataloaders(self, lambda dataset, _, __, transforms, train: PolarSampleLoader(
             dataset, self.batch_size, patch, patch, self.label_manager, self.sts.polar, transforms=transforms,
-            depth_channel=depth, augment=train))
+            depth_slice_axis=self.depth_slice_axis(), augment=train))
 
 
 __all__ = ["nnUNetTrainer_StSPolar", "PolarSampleLoader"]

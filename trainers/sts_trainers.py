@@ -33,6 +33,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import distributed as dist
 
 from nnunet_stseg import settings
+from nnunet_stseg.adapters.bundle import embed_companions
 from nnunet_stseg.adapters.config import StSConfig, grid_spacing3, trainer_for_role
 from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
@@ -160,9 +161,9 @@ class StSCropDataLoader(ResampledSampleLoader):
     Component boxes are cached per process (no state held by one rank only)."""
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, crop: CropParams,
-                 spacing3: list[float], transforms=None, depth_channel: bool = False):
+                 spacing3: list[float], transforms=None, depth_slice_axis: int | None = None):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, transforms=transforms,
-                         depth_channel=depth_channel)
+                         depth_slice_axis=depth_slice_axis)
         self.crop = crop
         self.spacing3 = np.asarray(spacing3, dtype=float)
         self._box_cache: dict[str, np.ndarray] = {}
@@ -231,10 +232,9 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         return grid_spacing3(self.configuration_manager.spacing)
 
     def get_dataloaders(self):
-        depth = self.uses_depth_channel(self.configuration_manager)
         return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: StSCropDataLoader(
             dataset, self.batch_size, patch, final_patch, self.label_manager, self.sts.crop, self._spacing3(),
-            transforms=transforms, depth_channel=depth))
+            transforms=transforms, depth_slice_axis=self.depth_slice_axis()))
 
     def on_train_start(self):
         coarse_folder = self.coarse_folder()
@@ -248,6 +248,40 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
     def coarse_folder(self) -> str:
         return str(model_folder(self.plans_manager.dataset_name, self.sts.coarse_trainer,
                                 self.sts.coarse_configuration, self.plans_manager.plans_name))
+
+    def companion_folders(self) -> dict[str, str]:
+        """The models prediction needs besides this one (name -> model folder), embedded in this
+        fold's final and best checkpoints at the end of training."""
+        return {"coarse": self.coarse_folder()}
+
+    def companion_required(self, name: str) -> bool:
+        """Whether prediction with this model's plans needs companion ``name`` (a missing one is
+        then said on the console, not only in the log)."""
+        return True
+
+    def on_train_end(self):
+        super().on_train_end()
+        self.embed_companions()
+
+    def embed_companions(self) -> None:
+        """Copy this fold of every companion model into ``checkpoint_final.pth`` and
+        ``checkpoint_best.pth`` (:mod:`nnunet_stseg.adapters.bundle`), so that this model folder,
+        exported with ``nnUNetv2_export_model_to_zip``, predicts on its own."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        companions = self.companion_folders()
+        done = set()
+        for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
+            done.update(embed_companions(join(self.output_folder, name), companions, self.fold))
+        for name in sorted(companions):
+            if name in done:
+                self.print_to_log_file(f"{name} model fold {self.fold} ({companions[name]}) embedded in this fold's "
+                                       f"checkpoints: this model folder predicts on its own")
+            else:
+                self.print_to_log_file(
+                    f"{name} model fold {self.fold} not found in {companions[name]}: not embedded. Prediction looks "
+                    f"for it there; once it is trained, `nnunet-stseg bundle -m {self.output_folder_base}` embeds it",
+                    also_print_to_console=self.companion_required(name))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Run the whole cascade (coarse model of this fold -> crops -> this network) on the fold's

@@ -17,11 +17,12 @@ from torch import distributed as dist
 from nnunet_stseg.core.depth import append_depth_channel, depths_from_properties
 
 
-def add_depth_to_case(data, properties: dict):
+def add_depth_to_case(data, properties: dict, slice_axis: int):
     """A preprocessed case (C, Z, ...) with its depth channel, as the depth predictor's preprocessing
-    makes it (for code that feeds preprocessed training data to a predictor)."""
+    makes it (for code that feeds preprocessed training data to a predictor); ``slice_axis`` is the
+    plans' ``transpose_forward[0]``."""
     case = data if isinstance(data, torch.Tensor) else np.asarray(data[:])
-    return append_depth_channel(case, depths_from_properties(case.shape[1], properties))
+    return append_depth_channel(case, depths_from_properties(case.shape[1], properties, slice_axis=slice_axis))
 
 
 def validation_predictor(trainer, predictor_class: type = nnUNetPredictor, depth: bool = False):
@@ -52,7 +53,8 @@ def validation_cases(trainer, depth: bool = False) -> Iterator[tuple[str, torch.
     dataset_val = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys)
     for key in dataset_val.identifiers:
         data, seg, _, properties = dataset_val.load_case(key)
-        data = add_depth_to_case(data, properties) if depth else np.asarray(data[:])
+        data = (add_depth_to_case(data, properties, trainer.plans_manager.transpose_forward[0]) if depth
+                else np.asarray(data[:]))
         yield key, torch.as_tensor(data), np.asarray(seg), properties
 
 

@@ -56,8 +56,10 @@ class PolarParams:
     - ``centre_shift_probability`` / ``centre_shift_fraction``: training centre augmentation, with
       this probability shift y and x by a uniform value in +-fraction * min(H, W) (0.3, 0.05).
     - ``fusion_low`` / ``fusion_high``: hysteresis thresholds t1, t2 of the multi-object fusion.
-    - ``min_object_size``: coarse components narrower than this (pixels, along y or x) give no
-      origin (the 5-pixel rule of the cascade).
+    - ``min_object_size``: coarse components narrower than this many voxels in-plane give no
+      origin (the 5-pixel rule of the cascade, along the finest in-plane axis).
+    - ``size_rule_grid``: where those voxels are counted, as the cascade's ``crop.size_rule_grid``:
+      ``full`` (default, the paper's rule) or ``coarse`` (the coarse model's grid).
     - ``max_origins``: origins per slice; more (a speckled coarse mask) keeps the largest
       components, with a log line.
     - ``seam_padding_fraction``: at inference the polar image gets this fraction of its angles
@@ -74,6 +76,7 @@ class PolarParams:
     min_object_size: float = 5.0
     max_origins: int = 32
     seam_padding_fraction: float = 0.125
+    size_rule_grid: str = "full"
 
     def __post_init__(self) -> None:
         self.polar_shape = tuple(int(v) for v in self.polar_shape)
@@ -87,6 +90,8 @@ class PolarParams:
             raise ValueError(f"need 0 <= fusion_low <= fusion_high <= 1, got {self.fusion_low}, {self.fusion_high}")
         if int(self.max_origins) < 1 or self.min_object_size < 0:
             raise ValueError("max_origins must be >= 1 and min_object_size >= 0")
+        if self.size_rule_grid not in ("full", "coarse"):
+            raise ValueError(f"size_rule_grid must be 'full' or 'coarse', got {self.size_rule_grid!r}")
         if not 0 <= self.seam_padding_fraction <= 0.5:
             raise ValueError(f"seam_padding_fraction must be in [0, 0.5], got {self.seam_padding_fraction}")
 
@@ -150,6 +155,8 @@ class StSConfig:
       is processed in several such batches (a bound on memory; every object is segmented).
     - ``polar``: :class:`PolarParams` of a polar configuration (role ``polar``).
     - ``centre``: :class:`CentreParams` of the centre-point model (on a 2d coarse configuration).
+    - ``objects_report``: write ``<case>.objects.json`` (what was found, in the input's voxel and
+      world coordinates) next to each prediction (``STSEG_OBJECTS_REPORT=0`` switches it off).
     """
 
     role: Literal["coarse", "fine", "polar"]
@@ -162,12 +169,13 @@ class StSConfig:
     max_crops: int = 64
     polar: PolarParams | None = None
     centre: CentreParams | None = None
+    objects_report: bool = True
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
              "coarse_configuration": self.coarse_configuration, "coarse_trainer": self.coarse_trainer,
              "fallback": self.fallback, "crops_per_batch": int(self.crops_per_batch),
-             "max_crops": int(self.max_crops)}
+             "max_crops": int(self.max_crops), "objects_report": bool(self.objects_report)}
         if self.crop is not None:
             d["crop"] = self.crop.to_dict()
         if self.polar is not None:
@@ -229,6 +237,10 @@ def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides:
     (1, {'sts.polar.max_origins': {'plans': 32, 'used': 1}})
     """
     changed: dict[str, dict] = {}
+    report = overrides.get("sts.objects_report")
+    if report is not None and bool(report) != sts.objects_report:
+        changed["sts.objects_report"] = {"plans": sts.objects_report, "used": bool(report)}
+        sts = replace(sts, objects_report=bool(report))
     polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins"}
     if sts.polar is not None:
         updates = {polar_keys[k]: v for k, v in overrides.items() if k in polar_keys}

@@ -33,6 +33,7 @@ from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, depths_from
 ERROR_KEY = "nnunet_stseg_error"
 PARTIAL_DIR = ".nnunet_stseg_partial"
 FAILED_CASES_FILE = "nnunet_stseg_failed_cases.json"
+OBJECTS_SUFFIX = ".objects.json"  # <case>.objects.json: what the cascade found in that case
 
 
 class CaseError(ValueError):
@@ -83,10 +84,12 @@ class CheckedPreprocessor(DefaultPreprocessor):
     hold ``ERROR_KEY``) that the predictor reports and skips. The worker does not print: its line
     could land in the middle of the main process's progress bar (same terminal or log file)."""
 
-    def __init__(self, verbose: bool = True, on_error: str = "raise", depth_channel: bool = False):
+    def __init__(self, verbose: bool = True, on_error: str = "raise", depth_channel: bool = False,
+                 properties_sink: list | None = None):
         super().__init__(verbose=verbose)
         self.on_error = on_error
         self.depth_channel = depth_channel
+        self.properties_sink = properties_sink  # in-process paths: where each case's properties go
 
     def run_case(self, image_files, seg_file, plans_manager, configuration_manager, dataset_json):
         try:
@@ -125,14 +128,20 @@ class CheckedPreprocessor(DefaultPreprocessor):
             if int(properties["shape_before_cropping"][0]) == 1:
                 print("[nnunet-stseg] WARNING: this scan has a single slice; its depth channel is 0.5 (the middle)",
                       flush=True)
-            data = append_depth_channel(data, depths_from_properties(data.shape[1], properties))
+            depths = depths_from_properties(data.shape[1], properties, slice_axis=plans_manager.transpose_forward[0])
+            data = append_depth_channel(data, depths)
+        if self.properties_sink is not None:
+            self.properties_sink.append(properties)
         return data, seg, properties
 
 
 class PluginConfigurationManager(ConfigurationManager):
-    """The same configuration; its preprocessor is :class:`CheckedPreprocessor`."""
+    """The same configuration; its preprocessor is :class:`CheckedPreprocessor`. ``properties_sink``
+    (a list, set only while the predictor preprocesses in its own process) receives each case's
+    properties, for the objects report (the worker path hands them over with the case instead)."""
 
     on_error = "mark"
+    properties_sink: list | None = None
 
     @property
     def preprocessor_class(self):
@@ -142,7 +151,8 @@ class PluginConfigurationManager(ConfigurationManager):
                 raise ValueError(f"the depth channel is added on top of nnU-Net's DefaultPreprocessor; this "
                                  f"configuration uses {self.preprocessor_name!r}")
             return super().preprocessor_class
-        return functools.partial(CheckedPreprocessor, on_error=self.on_error, depth_channel=depth)
+        return functools.partial(CheckedPreprocessor, on_error=self.on_error, depth_channel=depth,
+                                 properties_sink=self.properties_sink)
 
 
 class AtomicReaderWriter(BaseReaderWriter):
@@ -232,5 +242,5 @@ class PluginPlansManager(PlansManager):
         return functools.partial(AtomicReaderWriter, self.plans["image_reader_writer"])
 
 
-__all__ = ["ERROR_KEY", "report_case_error", "PARTIAL_DIR", "FAILED_CASES_FILE", "CaseError", "CheckedPreprocessor",
+__all__ = ["ERROR_KEY", "report_case_error", "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
            "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line"]

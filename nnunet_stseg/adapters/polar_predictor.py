@@ -28,10 +28,9 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
 from nnunet_stseg.adapters.predictor import StSPredictor
-from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.core.centres import heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
-from nnunet_stseg.core.geometry import foreground_from_probabilities, probabilities_to_logits
+from nnunet_stseg.core.geometry import foreground_from_probabilities, probabilities_to_logits, size_thresholds
 from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, from_polar, to_polar, unwrap_angles,
                                      wrap_angles)
 
@@ -74,10 +73,6 @@ class PolarPredictor(StSPredictor):
         strides = self.configuration_manager.network_arch_init_kwargs.get("strides") or [1]
         return int(np.prod([s if isinstance(s, int) else s[0] for s in strides]))
 
-    def centre_model_folder(self) -> str:
-        return str(model_folder(self.plans_manager.dataset_name, DEFAULT_CENTRE_TRAINER,
-                                self._sts_config().coarse_configuration, self.plans_manager.plans_name))
-
     def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
                       coarse_folder: str | None = None) -> None:
         """The coarse model (always: it is the fallback) and, for heatmap origins, the centre model
@@ -87,20 +82,31 @@ class PolarPredictor(StSPredictor):
             self.attach_centre(folds, checkpoint_name)
 
     def attach_centre(self, folds, checkpoint_name: str = "checkpoint_final.pth", centre_folder: str | None = None):
-        """Load the centre-point model from ``centre_folder`` or its conventional results folder."""
-        folder = centre_folder or self.centre_model_folder()
+        """Load the centre-point model of the same folds from ``centre_folder`` if given, else as the
+        coarse model is found (:meth:`~nnunet_stseg.adapters.predictor.StSPredictor._attach_companion`)."""
         # stseg_centre_model: the centre trainer refuses to be loaded for segmentation otherwise
-        centre = self._load_companion("heatmap origins need the centre-point model", folder, DEFAULT_CENTRE_TRAINER,
-                                      self._sts_config().coarse_configuration, folds, checkpoint_name,
-                                      " (or predict with STSEG_POLAR_ORIGINS=coarse)", stseg_centre_model=True)
+        centre, source = self._attach_companion("centre", "heatmap origins need the centre-point model",
+                                                DEFAULT_CENTRE_TRAINER, self._sts_config().coarse_configuration, folds,
+                                                checkpoint_name, centre_folder,
+                                                " (or predict with STSEG_POLAR_ORIGINS=coarse)",
+                                                stseg_centre_model=True)
         self.set_centre_params(CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"]))
         self.centre = centre
-        self._log(f"centre-point model: {folder} folds {folds}")
+        self._log(f"centre-point model: {source} folds {folds}")
+
+    def _size_rule_grid(self) -> str:
+        return self._sts_config().polar.size_rule_grid
 
     def origins(self, foreground: np.ndarray) -> np.ndarray:
-        """(N, 3) ``(z, y, x)`` origins from a (Z, H, W) coarse foreground mask."""
+        """(N, 3) ``(z, y, x)`` origins from a (Z, H, W) coarse foreground mask on the full grid.
+        Components below the cascade's size rule give none: ``sts.polar.min_object_size`` voxels
+        in-plane, counted on the grid ``sts.polar.size_rule_grid`` names (see
+        :func:`nnunet_stseg.core.geometry.size_thresholds`), converted to full-grid pixels."""
         pp = self._sts_config().polar
-        origins, _ = component_centroids(foreground, pp.min_object_size, self.max_origins())
+        fine = np.asarray(self._fine_spacing3(), dtype=float)
+        rule = self._rule_spacing3() or fine
+        min_px = size_thresholds(rule, [False, True, True], pp.min_object_size)[1:] / fine[1:]
+        origins, _ = component_centroids(foreground, min_px, self.max_origins())
         return origins
 
     def heatmap_origins(self, data: torch.Tensor) -> np.ndarray:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from os.path import isdir, isfile, join
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,20 +36,44 @@ import torch.nn.functional as F
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import empty_cache
+from scipy import ndimage
 
 from nnunet_stseg import settings
+from nnunet_stseg.adapters.bundle import (COMPANION_CHECKPOINT, companion_model_folder, describe_source,
+                                          embedded_companions)
 from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
-from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, CaseError, PluginConfigurationManager,
-                                                PluginPlansManager, one_line, remove_partial_folder, report_case_error)
-from nnunet_stseg.adapters.results import model_folder, train_command
+from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OBJECTS_SUFFIX, CaseError,
+                                                PluginConfigurationManager, PluginPlansManager, one_line,
+                                                remove_partial_folder, report_case_error)
+from nnunet_stseg.adapters.results import model_folder, model_folder_name, train_command
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import (boxes_from_mask, crop_and_resample, foreground_from_probabilities,
+from nnunet_stseg.core.geometry import (FoundObjects, crop_and_resample, find_objects, foreground_from_probabilities,
                                         probabilities_to_logits, whole_image_boxes)
+from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
+
+class MissingModelError(FileNotFoundError):
+    """A model that prediction needs is not there. Under nnU-Net's commands it is printed as one
+    ``[nnunet-stseg] ERROR`` line instead of a traceback (see :func:`_one_line_for_missing_models`)."""
+
+
+def _one_line_for_missing_models(previous_hook):
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, MissingModelError):
+            print(f"[nnunet-stseg] ERROR: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous_hook(exc_type, exc, tb)
+    hook.nnunet_stseg = True
+    return hook
+
+
+if not getattr(sys.excepthook, "nnunet_stseg", False):  # uncaught in a command (nnUNetv2_predict...): one line
+    sys.excepthook = _one_line_for_missing_models(sys.excepthook)
+
 
 def missing_model_message(what: str, folder, dataset_name: str, plans_name: str, trainer: str, configuration: str,
                           fold, hint: str = "") -> str:
@@ -172,6 +198,8 @@ class PluginPredictor(nnUNetPredictor):
                     report_case_error(properties[ERROR_KEY])
                     failures.append({"output": item.get("ofile"), "error": properties[ERROR_KEY]})
                     continue
+                # nnU-Net predicts each item right after taking it: the objects report's case
+                self.__dict__["_current_case"] = (properties, item.get("ofile"))
                 yield item
 
         try:
@@ -195,9 +223,11 @@ class PluginPredictor(nnUNetPredictor):
         outputs = outputs if outputs is not None else [None] * len(cases)
         output_folders = {os.path.dirname(os.path.abspath(o)) for o in outputs if o}
         self.configuration_manager.on_error = "raise"
+        self.configuration_manager.properties_sink = []
         failures, returned = [], []
         try:
             for files, ofile in zip(cases, outputs):
+                self.__dict__["_sequential_ofile"] = ofile
                 try:
                     returned += super().predict_from_files_sequential(
                         [files], [ofile] if ofile is not None else None, save_probabilities, True,
@@ -207,11 +237,35 @@ class PluginPredictor(nnUNetPredictor):
                     failures.append({"output": ofile, "error": str(e)})
         finally:
             self.configuration_manager.on_error = "mark"
+            self.configuration_manager.properties_sink = None
+            self.__dict__.pop("_sequential_ofile", None)
             for folder in output_folders:
                 remove_partial_folder(folder)
         self._write_overrides_record(output_folders)
         self._report_failures(failures)
         return returned
+
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict,
+                                 segmentation_previous_stage: np.ndarray = None, output_file_truncated: str = None,
+                                 save_or_return_probabilities: bool = False):
+        """nnU-Net's; the case's properties are kept for the objects report."""
+        self.configuration_manager.properties_sink = []
+        self.__dict__["_sequential_ofile"] = output_file_truncated
+        try:
+            return super().predict_single_npy_array(input_image, image_properties, segmentation_previous_stage,
+                                                    output_file_truncated, save_or_return_probabilities)
+        finally:
+            self.configuration_manager.properties_sink = None
+            self.__dict__.pop("_sequential_ofile", None)
+
+    def _take_case(self) -> tuple[dict | None, str | None]:
+        """Properties and truncated output file of the case being predicted (None, None when the
+        preprocessed array came without them, e.g. a trainer's validation)."""
+        case = self.__dict__.pop("_current_case", None)
+        if case is not None:
+            return case
+        sink = getattr(self.configuration_manager, "properties_sink", None)
+        return (sink.pop() if sink else None), self.__dict__.get("_sequential_ofile")
 
     def _report_failures(self, failures: list[dict]) -> None:
         folders = {os.path.dirname(os.path.abspath(f["output"])) for f in failures if f["output"]}
@@ -235,6 +289,7 @@ class StSPredictor(PluginPredictor):
     coarse: nnUNetPredictor | None = None
     sts: StSConfig | None = None
     last_timings: dict | None = None
+    last_objects: dict | None = None  # the objects report of the last case (also written as <case>.objects.json)
     sts_role = "fine"  # the configuration role this predictor runs
 
     # ------------------------------------------------------------------------------------------
@@ -256,19 +311,46 @@ class StSPredictor(PluginPredictor):
 
     def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
                       coarse_folder: str | None = None) -> None:
-        """Load the coarse model (same folds as the fine one) from ``coarse_folder`` or, by
-        default, from its conventional folder in ``nnUNet_results``."""
+        """Load the coarse model of the same folds: from ``coarse_folder`` if given, else see
+        :meth:`_attach_companion` (``checkpoint_name`` is this model's checkpoint, which may carry
+        an embedded copy)."""
         sts = self._sts_config()
-        if coarse_folder is None:
-            coarse_folder = str(model_folder(self.plans_manager.dataset_name, sts.coarse_trainer,
-                                             sts.coarse_configuration, self.plans_manager.plans_name))
-        coarse = self._load_companion("segment-then-segment needs the coarse model", coarse_folder, sts.coarse_trainer,
-                                      sts.coarse_configuration, folds, checkpoint_name)
+        coarse, source = self._attach_companion("coarse", "segment-then-segment needs the coarse model",
+                                                sts.coarse_trainer, sts.coarse_configuration, folds, checkpoint_name,
+                                                coarse_folder)
         if getattr(coarse, "depth_channel", False) and not self.depth_channel:
-            raise ValueError(f"the coarse model {coarse_folder} uses a depth channel but the fine model does not; "
+            raise ValueError(f"the coarse model ({source}) uses a depth channel but the fine model does not; "
                              f"plan both with `nnunet-stseg plan --depth` (or neither) and retrain")
         self.coarse = coarse
-        self._log(f"coarse model: {coarse_folder} folds {folds}")
+        self._log(f"coarse model: {source} folds {folds}")
+
+    def _attach_companion(self, name: str, what: str, trainer: str, configuration: str, folds, checkpoint_name: str,
+                          folder: str | None = None, hint: str = "", **attributes) -> tuple[nnUNetPredictor, str]:
+        """A companion model (``coarse``, ``centre``) of the same folds and where it came from, looked
+        for in this order: ``folder`` if given; the copy embedded in this model's own checkpoints
+        (:mod:`nnunet_stseg.adapters.bundle`: a model folder installed from a zip is complete); the
+        companion's folder next to this model's folder (a model folder moved elsewhere, ``-m``);
+        its folder in ``nnUNet_results``. Folders give their ``checkpoint_final.pth``."""
+        if folder is None:
+            source = getattr(self, "_sts_source", None)
+            model_dir = source[0] if source is not None else None
+            if model_dir is not None and folds is not None:
+                entries = embedded_companions(model_dir, folds, checkpoint_name, name)
+                if entries is not None:
+                    with companion_model_folder(model_dir, entries) as tmp:
+                        companion = self._load_companion(what, tmp, trainer, configuration, folds,
+                                                         COMPANION_CHECKPOINT, hint, **attributes)
+                    return companion, describe_source(entries)
+            folder = str(model_folder(self.plans_manager.dataset_name, trainer, configuration,
+                                      self.plans_manager.plans_name))
+            if model_dir is not None:
+                sibling = Path(model_dir).parent / model_folder_name(trainer, configuration,
+                                                                     self.plans_manager.plans_name)
+                if sibling.is_dir() or not isdir(folder):
+                    folder = str(sibling)
+        companion = self._load_companion(what, folder, trainer, configuration, folds, COMPANION_CHECKPOINT, hint,
+                                         **attributes)
+        return companion, folder
 
     def _load_companion(self, what: str, folder: str, trainer: str, configuration: str, folds, checkpoint_name: str,
                         hint: str = "", **attributes) -> nnUNetPredictor:
@@ -278,11 +360,11 @@ class StSPredictor(PluginPredictor):
         folds = list(folds) if folds is not None else None
         ds, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
         if not isdir(folder):
-            raise FileNotFoundError(missing_model_message(what, folder, ds, plans, trainer, configuration,
+            raise MissingModelError(missing_model_message(what, folder, ds, plans, trainer, configuration,
                                                           (folds or [None])[0], hint))
         for f in folds or []:
             if not isfile(join(folder, f"fold_{f}", checkpoint_name)):
-                raise FileNotFoundError(missing_model_message(what, folder, ds, plans, trainer, configuration, f, hint)
+                raise MissingModelError(missing_model_message(what, folder, ds, plans, trainer, configuration, f, hint)
                                         + f" (looked for {checkpoint_name})")
         companion = nnUNetPredictor(tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian,
                                     use_mirroring=self.use_mirroring,
@@ -322,12 +404,15 @@ class StSPredictor(PluginPredictor):
     def _fine_spacing3(self) -> list[float]:
         return grid_spacing3(self.configuration_manager.spacing)
 
+    def _size_rule_grid(self) -> str:
+        """``full`` or ``coarse``: the grid the size rule counts voxels on (``sts.crop.size_rule_grid``)."""
+        return self._sts_config().crop.size_rule_grid
+
     def _rule_spacing3(self) -> list[float] | None:
         """Where the size rule is judged: None (the full-resolution grid, the paper's rule) unless
-        ``sts.crop.size_rule_grid`` is ``coarse``: then the coarse model's grid spacing (3 axes; a
-        2d configuration's slice axis from the fine grid)."""
-        if getattr(self.coarse, "configuration_manager", None) is None or \
-                self._sts_config().crop.size_rule_grid != "coarse":
+        :meth:`_size_rule_grid` is ``coarse``: then the coarse model's grid spacing (3 axes; a 2d
+        configuration's slice axis from the fine grid)."""
+        if getattr(self.coarse, "configuration_manager", None) is None or self._size_rule_grid() != "coarse":
             return None
         return self._grid_spacing3_of(self.coarse)
 
@@ -367,23 +452,70 @@ class StSPredictor(PluginPredictor):
         return self.device if self.perform_everything_on_device else torch.device("cpu")
 
     @torch.inference_mode()
+    def predict_from_files(self, *args, **kwargs):
+        self._ensure_coarse()  # a missing companion model stops here, before any worker starts
+        return super().predict_from_files(*args, **kwargs)
+
+    def predict_from_files_sequential(self, *args, **kwargs):
+        self._ensure_coarse()
+        return super().predict_from_files_sequential(*args, **kwargs)
+
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """One case (the full-resolution grid) -> logits on that grid, on the CPU. If the case does
         not fit on the device (a ``RuntimeError``), it is predicted again with its full-resolution
         arrays on the CPU, as nnU-Net's sliding window does."""
         if self.work_device.type == "cpu":
-            return self._predict_case(data)
-        try:
-            return self._predict_case(data)
-        except RuntimeError as e:
-            self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with its "
-                      f"full-resolution arrays on the CPU")
-            empty_cache(self.device)
-            self.__dict__["_work_device"] = torch.device("cpu")
+            logits = self._predict_case(data)
+        else:
             try:
-                return self._predict_case(data)
-            finally:
-                self.__dict__.pop("_work_device", None)
+                logits = self._predict_case(data)
+            except RuntimeError as e:
+                self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with its "
+                          f"full-resolution arrays on the CPU")
+                empty_cache(self.device)
+                self.__dict__["_work_device"] = torch.device("cpu")
+                try:
+                    logits = self._predict_case(data)
+                finally:
+                    self.__dict__.pop("_work_device", None)
+        self._report_objects(tuple(data.shape[1:]))
+        return logits
+
+    def _record_objects(self, found: FoundObjects | None, coarse_probs: torch.Tensor | None, multilabel: bool,
+                        fallback: str | None = None) -> None:
+        """Keep what this case's coarse stage found (on the preprocessed grid) for the objects report."""
+        if not self._sts_config().objects_report:
+            return
+        if found is None or len(found.ids) == 0:
+            empty = np.zeros((0, 3, 2), np.int64)
+            record = {"tight": empty, "crop": empty, "voxels": [], "mean_probability": [],
+                      "n_dropped": found.n_dropped if found is not None else 0}
+        else:
+            fg = (coarse_probs.max(0).values if multilabel else 1.0 - coarse_probs[0]).cpu().numpy()
+            record = {"tight": found.tight_boxes, "crop": found.crop_boxes,
+                      "voxels": np.bincount(found.labels.ravel())[found.ids],
+                      "mean_probability": np.asarray(ndimage.mean(fg, found.labels, found.ids)),
+                      "n_dropped": found.n_dropped}
+        self.__dict__["_case_objects"] = {**record, "fallback": fallback}
+
+    def _report_objects(self, shape: tuple[int, ...]) -> None:
+        """The objects report of the case just predicted: :attr:`last_objects`, and
+        ``<case>.objects.json`` next to its output (written atomically) when it has one."""
+        found = self.__dict__.pop("_case_objects", None)
+        properties, ofile = self._take_case()
+        if found is None:
+            return
+        report = objects_report(found, shape, properties, self.plans_manager.transpose_backward,
+                                self._fine_spacing3())
+        report = {"case": os.path.basename(ofile) if ofile else None, "model": self._model_description(), **report}
+        self.last_objects = report
+        if ofile:
+            write_json_atomic(report, f"{ofile}{OBJECTS_SUFFIX}")
+
+    def _model_description(self) -> str:
+        source = getattr(self, "_sts_source", None)
+        name = f"{self.plans_manager.dataset_name} {self.configuration_manager.configuration.get('sts', {}).get('role')}"
+        return f"{name} model {source[0]}" if source else name
 
     def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
         """Fine logits for (N, C, *patch) crops: batched on the network's device (under autocast on
@@ -431,11 +563,11 @@ class StSPredictor(PluginPredictor):
 
         # 2. boxes from connected components
         crop = sts.crop
-        boxes, n_dropped = boxes_from_mask(foreground, self._fine_spacing3(), crop,
-                                           rule_spacing=self._rule_spacing3())
-        fallback = None
+        found = find_objects(foreground, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3())
+        boxes, n_dropped = found.crop_boxes, found.n_dropped
+        fallback = None if len(boxes) else sts.fallback
+        self._record_objects(found, coarse_probs, multilabel, fallback)
         if len(boxes) == 0:
-            fallback = sts.fallback
             self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
                       f"fallback '{fallback}' ("
                       f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
@@ -491,6 +623,7 @@ def loading_frame(caller_frame):
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "applied_overrides", "_sts_source", "centre", "centre_params",
+                 "last_objects", "_case_objects", "_current_case",
                  "last_timings")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from nnunet_stseg.adapters.discovery import ensure_trainer_discovery, shell_export_line, trainer_discovery_dir
@@ -21,6 +22,7 @@ DELEGATED = {
     "experiment-polar": ("nnunet_stseg.commands.experiment_polar", "the polar stage on Cardiac Fat CT or Kvasir-SEG"),
     "experiment-cardiac3d": ("nnunet_stseg.commands.experiment_cardiac3d", "the 3D cascade on Cardiac Fat CT"),
     "polar-roundtrip": ("nnunet_stseg.commands.polar_round_trip", "what a polar resolution loses on real masks"),
+    "overlay": ("nnunet_stseg.commands.overlay", "QA pictures of a prediction folder: outlines, found objects, index"),
 }
 
 
@@ -35,7 +37,11 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=None, help="override the planned batch size")
     parser.add_argument("--margin_fraction", type=float, default=None, help="crop context per side (0.125)")
     parser.add_argument("--margin_min", type=float, default=None, help="minimum context in voxels (4)")
-    parser.add_argument("--min_object_size", type=float, default=None, help="drop smaller components (5)")
+    parser.add_argument("--min_object_size", type=float, default=None,
+                        help="coarse components narrower than this many voxels give no crop and no polar origin (5)")
+    parser.add_argument("--size_rule_grid", choices=("full", "coarse"), default=None,
+                        help="count those voxels on the full-resolution grid (default, the paper's) or on the "
+                             "coarse model's grid")
     parser.add_argument("--jitter_image_fraction", type=float, default=None, help="training jitter (0.0625)")
     parser.add_argument("--jitter_box_fraction", type=float, default=None, help="training jitter cap (0.25)")
     parser.add_argument("--fallback", choices=("coarse", "whole"), default="coarse",
@@ -58,10 +64,12 @@ def plan_options_from_args(args: argparse.Namespace):
     """The :class:`~nnunet_stseg.adapters.config.PlanOptions` of ``nnunet-stseg plan``'s arguments."""
     from nnunet_stseg.adapters.config import PlanOptions
 
-    crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size",
+    crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size", "size_rule_grid",
                                           "jitter_image_fraction", "jitter_box_fraction")
             if getattr(args, k) is not None}
-    polar = {"fusion_high": args.fusion_high} if args.fusion_high is not None else {}
+    # one size rule for crops and polar origins
+    polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid")
+             if getattr(args, k) is not None}
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
                        max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
                        depth_channel=args.depth, polar=args.polar, polar_params=polar)
@@ -101,6 +109,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     env.add_argument("--dir", action="store_true", help="print only the folder")
     _plan_parser(sub.add_parser("plan", help="plan and preprocess a dataset for segment-then-segment"))
     sub.add_parser("predict", help="nnUNetv2_predict with our trainers discoverable (same flags)", add_help=False)
+    bundle = sub.add_parser("bundle", help="embed the coarse (and centre-point) model into a fine or polar model "
+                                           "folder's checkpoints, so that folder (or its nnU-Net zip) predicts alone")
+    bundle.add_argument("-m", dest="model_folder", type=Path, default=None,
+                        help="the fine or polar model folder (or give -d, -c, -tr like nnU-Net)")
+    bundle.add_argument("-d", dest="dataset", default=None, help="dataset name or id")
+    bundle.add_argument("-c", dest="configuration", default=None, help="the fine or polar configuration")
+    bundle.add_argument("-tr", dest="trainer", default=None, help="its trainer (default: from the plans)")
+    bundle.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     args = parser.parse_args(argv)
@@ -108,6 +124,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(trainer_discovery_dir() if args.dir else shell_export_line())
     elif args.command == "plan":
         _run_plan(args)
+    elif args.command == "bundle":
+        _run_bundle(parser, args)
+
+
+def _run_bundle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from nnunet_stseg.adapters.bundle import bundle_model_folder
+
+    folder = args.model_folder
+    if folder is None:
+        if args.dataset is None or args.configuration is None:
+            parser.error("bundle: give -m MODEL_FOLDER, or -d DATASET -c CONFIGURATION [-tr TRAINER]")
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        from nnunet_stseg.adapters.config import DEFAULT_FINE_TRAINER, DEFAULT_POLAR_TRAINER
+        from nnunet_stseg.adapters.results import model_folder
+
+        trainer = args.trainer or (DEFAULT_POLAR_TRAINER if "_polar_" in args.configuration else DEFAULT_FINE_TRAINER)
+        folder = model_folder(maybe_convert_to_dataset_name(args.dataset), trainer, args.configuration, args.plans)
+    if not Path(folder).is_dir():
+        parser.error(f"bundle: {folder} is not a model folder")
+    try:
+        lines = bundle_model_folder(folder)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"[nnunet-stseg] ERROR: {e}\n")
+    print("\n".join([f"{folder}:", *lines]))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.reports import example_overlays, print_report, score_folder
+from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, pipeline_env,
                                           plan_command_line, predict_command_line, prepare_cardiac, report_header, run,
                                           run_measured, set_batch_size, train_fold)
@@ -162,15 +162,13 @@ def report(results: dict, examples: str | None = None) -> str:
              "loading included) and the peak resident memory of that command (largest fold). Training: wall "
              "time of every network the arm needs, all folds (the cascade = its coarse model + its fine model; "
              "nnU-Net's final validation skipped).", "",
-             "| arm | network input | pericardium DSC | IoU | precision | recall | EAT DSC | s / volume | "
-             "peak RSS (MB) | training (s) |", "|---" * 10 + "|"]
+             f"| arm | network input | pericardium {OVERLAP_HEAD} | EAT DSC | s / volume | "
+             "peak RSS (MB) | training (s) |", "|---" * 11 + "|"]
     for arm in (fullres_arm, coarse_arm, cascade_arm):
         r = results.get("arms", {}).get(arm)
         if r is None:
             continue
-        cells = [f"{r[f'pericardium_{m}'][0]:.3f} ± {r[f'pericardium_{m}'][1]:.3f}"
-                 for m in ("Dice", "IoU", "Precision", "Recall")]
-        cells.append(f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f}")
+        cells = [overlap_cells(r, "pericardium"), f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f}"]
         s = arm_summary(results, arm)
         lines.append(f"| {arm} | {_input_line(results, arm)} | {' | '.join(cells)} | {s['s_per_volume']:.1f} | "
                      f"{s['peak_rss_mb']:.0f} | {s['train_s']:.0f} |")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.commands.reports import OVERLAP_HEAD, overlap_cells, overlap_means
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
                                           per_patient_split, pipeline_env, plan_command_line, run, set_batch_size,
                                           shared_data, train_fold)
@@ -130,9 +131,7 @@ def score_arm(validation_folders: list[Path], labels_folder: Path, images_folder
     summary = {"n_patients": len(cases), "cases": cases,
                "n_slices": int(sum(len(c["eat_counts"]["gt"]) for c in cases.values()))}
     for region in regions:
-        for m in ("Dice", "IoU", "Precision", "Recall"):
-            v = np.array([c[region][m] for c in cases.values()], dtype=float)
-            summary[f"{region}_{m}"] = (float(np.nanmean(v)), float(np.nanstd(v)))
+        summary.update(overlap_means(region, [c[region] for c in cases.values()]))
     summary.update(_count_agreement(cases, "eat_counts"))
     if windows is not None:
         summary.update(_count_agreement(cases, "eat_rule_counts"))
@@ -235,20 +234,20 @@ def report(results: dict, cmd: str) -> str:
              f"(mean ± sd over patients). With and without depth share the budget of their row group (U-Net base "
              f"width, batch, epochs x iterations per fold). EAT here = label 2 as predicted by the network; the "
              f"published definition (adipose inside the predicted pericardium) is the second table.", "",
-             "| input | depth | budget | pericardium DSC | IoU | precision | recall | EAT DSC | EAT count r | "
+             f"| input | depth | budget | pericardium {OVERLAP_HEAD} | EAT DSC | EAT count r | "
              "EAT bias px/slice (95 % LoA) | train s (all folds) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---" * 12 + "|"]
     for key, r in results["arms"].items():
         b = r.get("budget") or results["budget"]
         budget = (f"width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']}, "
                   f"{b.get('device', 'cpu')}" + ("" if b.get("val_mirroring", True) else ", scored without mirroring"))
-        cells = " | ".join(_mean_sd(r, f"pericardium_{m}") for m in ("Dice", "IoU", "Precision", "Recall"))
+        cells = overlap_cells(r, "pericardium")
         lo, hi = r["eat_count_loa"]
         lines.append(f"| {_setting_cells(key, r)} | {budget} | {cells} | {_mean_sd(r, 'eat_Dice')} | "
                      f"{_pearson_cell(r)} | {r['eat_count_bias']:.0f} ({lo:.0f}, {hi:.0f}) | "
                      f"{sum(r['train_s'].values()):.0f} |")
     lines.append(f"| 128 x 128 (published, other split) | yes | full training | {PUBLISHED['pericardium_dsc']:.3f} | "
-                 f"{PUBLISHED['pericardium_iou']:.3f} | | | {PUBLISHED['eat_dsc']:.3f} | {PUBLISHED['eat_count_r']:.3f} "
+                 f"{PUBLISHED['pericardium_iou']:.3f} | | | | {PUBLISHED['eat_dsc']:.3f} | {PUBLISHED['eat_count_r']:.3f} "
                  f"| | |")
     windows = results.get("adipose_windows")
     ruled = {k: r for k, r in results["arms"].items() if "eat_rule_Dice" in r}
@@ -265,16 +264,16 @@ def report(results: dict, cmd: str) -> str:
                               for f, w in enumerate(windows))
                   + ". The last column is the rule's ceiling: the same window inside the true pericardium of the "
                   "validation patients.", "",
-                  "| input | depth | EAT DSC | IoU | precision | recall | EAT count r | "
+                  f"| input | depth | EAT {OVERLAP_HEAD} | EAT count r | "
                   "EAT bias px/slice (95 % LoA) | EAT DSC, true pericardium |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---" * 10 + "|"]
         for key, r in ruled.items():
             lo, hi = r["eat_rule_count_loa"]
-            cells = " | ".join(_mean_sd(r, f"eat_rule_{m}") for m in ("Dice", "IoU", "Precision", "Recall"))
+            cells = overlap_cells(r, "eat_rule")
             lines.append(f"| {_setting_cells(key, r)} | {cells} | {_pearson_cell(r, 'eat_rule')} | "
                          f"{r['eat_rule_count_bias']:.0f} ({lo:.0f}, {hi:.0f}) | "
                          f"{_mean_sd(r, 'eat_rule_true_pericardium_Dice')} |")
-        lines.append(f"| 128 x 128 (published, other split) | yes | {PUBLISHED['eat_dsc']:.3f} | | | | "
+        lines.append(f"| 128 x 128 (published, other split) | yes | {PUBLISHED['eat_dsc']:.3f} | | | | | "
                      f"{PUBLISHED['eat_count_r']:.3f} | | |")
     return "\n".join(lines) + "\n"
 

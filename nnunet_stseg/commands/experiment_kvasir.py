@@ -42,9 +42,11 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
                                           pipeline_env, plan_command_line, predict_command_line, report_header, run,
                                           run_measured, set_batch_size, shared_data, train_fold)
+from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -57,14 +59,26 @@ METRICS = ("Dice", "IoU", "Precision", "Recall")
 
 
 def per_image_stats(summary_file: Path) -> dict:
-    """Mean and sd over test images (in %) of each metric for the foreground label."""
+    """Mean and sd over test images (in %) of each metric for the foreground label (precision over
+    the images with a non-empty prediction), and the number of empty predictions."""
     summary = json.loads(summary_file.read_text())
-    out = {}
-    for m in METRICS:
-        values = np.array([next(iter(c["metrics"].values()))[m] for c in summary["metric_per_case"]], dtype=float)
-        out[m] = (100 * float(np.nanmean(values)), 100 * float(np.nanstd(values)))
-    out["n"] = len(summary["metric_per_case"])
+    per_case = [next(iter(c["metrics"].values())) for c in summary["metric_per_case"]]
+    out = {m: tuple(100 * v for v in mean_sd([c[m] for c in per_case])) for m in METRICS}
+    out["empty_predictions"] = count_empty_predictions([c["Precision"] for c in per_case])
+    out["n"] = len(per_case)
     return out
+
+
+def rescore(results: dict) -> None:
+    """Scores of every arm again from its ``summary_test.json`` where the work folder still has it
+    (``--report_only``: a report of an earlier run gets today's conventions, e.g. the count of
+    empty predictions)."""
+    rows = (list(results.get("arms", {}).values())
+            + [r for row in results.get("sizes", {}).values() for r in row.values() if isinstance(r, dict)])
+    for r in rows:
+        summary = Path(r.get("prediction", "")) / "summary_test.json"
+        if "prediction" in r and summary.is_file():
+            r.update(per_image_stats(summary))
 
 
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, device: str = "cpu",
@@ -198,10 +212,10 @@ def report_native(results: dict, cmd: str) -> str:
              f"narrowed to the same width. Test images predicted with `nnUNetv2_predict --disable_tta` (ms / "
              f"image = wall time of that command over the test set, model loading included); nnU-Net's final "
              f"validation skipped (`STSEG_SKIP_VALIDATION=1`).", "",
-             "| arm | DSC % | IoU % | precision % | recall % | ms / image | peak RSS MB | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| arm | {OVERLAP_HEAD_PERCENT} | ms / image | peak RSS MB | train s |",
+             "|---" * 9 + "|"]
     for arm, r in results["arms"].items():
-        cells = " | ".join(f"{r[m][0]:.2f} ± {r[m][1]:.2f}" for m in METRICS)
+        cells = overlap_cells(r, digits=2)
         lines.append(f"| {arm.replace('_', ' S = ') if arm.startswith('cascade') else 'nnU-Net 2d'} | {cells} | "
                      f"{r['ms_per_image']:.0f} | {r['peak_rss_mb']:.0f} | {r['train_s']:.0f} |")
     return "\n".join(lines + ["", *native_findings(results)]) + "\n"
@@ -288,17 +302,17 @@ def report(results: dict, cmd: str) -> str:
              + (" Batch size (baseline / fine) per S: " + ", ".join(
                  f"{s}: {' / '.join(str(v) for v in bs.values())}" for s, bs in b["batch_size"].items())
                 if b.get("batch_size") else ""), "",
-             "| S | arm | DSC % | IoU % | precision % | recall % | ms / image | peak RSS MB | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| S | arm | {OVERLAP_HEAD_PERCENT} | ms / image | peak RSS MB | train s |",
+             "|---" * 10 + "|"]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
         for arm in ("baseline", "cascade"):
             r = row[arm]
-            cells = " | ".join(f"{r[m][0]:.2f} ± {r[m][1]:.2f}" for m in METRICS)
+            cells = overlap_cells(r, digits=2)
             lines.append(f"| {s} | {arm} | {cells} | {r['ms_per_image']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['train_s']:.0f} |")
             pub = PUBLISHED[arm].get(int(s))
             if pub:
-                lines.append(f"| {s} | {arm} (published) | " + " | ".join(f"{v:.2f}" for v in pub) + " | | | |")
+                lines.append(f"| {s} | {arm} (published) | " + " | ".join(f"{v:.2f}" for v in pub) + " | | | | |")
     lines += miss_breakdown(results)
     return "\n".join(lines) + "\n"
 
@@ -359,6 +373,7 @@ def main(argv=None) -> None:
         results = json.loads(results_file.read_text())
         cmd = results.get("command", cmd)
         native = "arms" in results  # the native experiment's results have arms, not sizes
+        rescore(results)
     elif native:
         results = run_native_experiment(workdir, args.sizes or [64, 128], args.features, args.epochs, args.iters,
                                         args.batch_size or 2, args.device, seed=args.seed, limit=args.limit,

@@ -42,7 +42,7 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
                                           coarse_config_name, polar_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.reports import example_overlays, print_report, score_folder
+from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
 from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
                                           pipeline_env, plan_command_line, predict_command_line, prepare_cardiac,
                                           report_header, run, run_measured, shared_data, train_fold)
@@ -189,19 +189,15 @@ def report(results: dict, examples: str | None = None) -> str:
              f"{what}. Every image counts: an image without origin keeps the Cartesian (coarse) prediction. "
              "Inference: wall time of `nnUNetv2_predict` (TTA off, model loading included) per image"
              + (" and per slice" if dataset == "cardiac" else "") + ".", ""]
-    head = " | ".join(f"{r} {m}" for r in regions for m in (("DSC", "IoU", "precision", "recall")
-                                                                if r != "eat" else ("DSC",)))
+    head = " | ".join(f"{r} DSC" if r == "eat" else f"{r} {OVERLAP_HEAD}" for r in regions)
     lines += [f"| arm | {head} | s per image{' | ms per slice' if dataset == 'cardiac' else ''} |",
               "|---" * (2 + len(head.split(" | ")) + (dataset == "cardiac")) + "|"]
     for arm in ARMS:
         r = results.get("arms", {}).get(arm)
         if r is None:
             continue
-        cells = []
-        for region in regions:
-            for m in (("Dice", "IoU", "Precision", "Recall") if region != "eat" else ("Dice",)):
-                mean, sd = r[f"{region}_{m}"]
-                cells.append(f"{mean:.3f} ± {sd:.3f}")
+        cells = [f"{r['eat_Dice'][0]:.3f} ± {r['eat_Dice'][1]:.3f}" if region == "eat" else overlap_cells(r, region)
+                 for region in regions]
         runs = [v for k, v in results["inference_s"].items() if k.startswith(arm + "/")]
         secs = sum(v["seconds"] for v in runs)
         per_image = secs / max(1, sum(v["images"] for v in runs))

@@ -4,14 +4,13 @@ per arm with its prediction in red, so a reader sees what the numbers mean), and
 report with its figure."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.core.metrics import overlap
+from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd, overlap
 
 
 def display_image(img: np.ndarray) -> np.ndarray:
@@ -80,13 +79,31 @@ def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[s
                                              for name, labels in regions.items()}
     summary = {"n_cases": len(cases), "cases": cases}
     for name in regions:
-        for m in ("Dice", "IoU", "Precision", "Recall"):
-            v = np.array([c[name][m] for c in cases.values()], dtype=float)
-            with warnings.catch_warnings():  # precision of cases with an empty prediction is NaN, by design
-                warnings.simplefilter("ignore", RuntimeWarning)
-                summary[f"{name}_{m}"] = ((float(np.nanmean(v)), float(np.nanstd(v))) if len(v)
-                                          else (np.nan, np.nan))
+        summary.update(overlap_means(name, [c[name] for c in cases.values()]))
     return summary
+
+
+OVERLAP_METRICS = ("Dice", "IoU", "Precision", "Recall")
+OVERLAP_HEAD = "DSC | IoU | precision | recall | empty predictions"
+OVERLAP_HEAD_PERCENT = "DSC % | IoU % | precision % | recall % | empty predictions"
+
+
+def overlap_means(prefix: str, per_case: list[dict]) -> dict:
+    """``{prefix}_{metric}`` = (mean, sd) over cases of each overlap metric (precision over the cases
+    with a non-empty prediction: docs/benchmarks/README.md) and ``{prefix}_empty_predictions``."""
+    out = {f"{prefix}_{m}": mean_sd([c[m] for c in per_case]) for m in OVERLAP_METRICS}
+    out[f"{prefix}_empty_predictions"] = count_empty_predictions([c["Precision"] for c in per_case])
+    return out
+
+
+def overlap_cells(scores: dict, prefix: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    """The five cells of :data:`OVERLAP_HEAD` from ``scores`` (keys ``{prefix}_Dice`` ... or, without a
+    prefix, ``Dice`` ...); reports made before the count existed show "n/a" in its cell."""
+    key = (lambda m: f"{prefix}_{m}") if prefix else (lambda m: m)
+    cells = [f"{scale * scores[key(m)][0]:.{digits}f} ± {scale * scores[key(m)][1]:.{digits}f}"
+             for m in OVERLAP_METRICS]
+    empty = scores.get(key("empty_predictions"))
+    return " | ".join(cells + ["n/a" if empty is None else str(empty)])
 
 
 def example_overlays(results: dict, workdir: Path, path: Path, *, arms: tuple[str, ...], n: int = 3,

@@ -2,16 +2,22 @@
 
 A 2D network sees one slice and does not know where in the body it lies. The depth channel is one
 extra input channel whose every pixel is the slice's normalised position in the WHOLE original
-scan: 0 for the first slice, 1 for the last, ``index / (n_slices - 1)``.
+scan: 0 at one end, 1 at the other, ``index / (n_slices - 1)`` counted from the end defined below.
 
-"Slice" and "first" follow nnU-Net's preprocessing: nnU-Net transposes each case so that its
-slice axis comes first (``transpose_forward``; the axis with the coarsest spacing), crops it to
-the non-zero region (``bbox_used_for_cropping``, recorded with ``shape_before_cropping`` in the
-case's properties) and, for the 2d configuration, resamples only in-plane. Index 0 is the first
-slice along that axis in the array the image reader returned (for NIfTI/SimpleITK: voxel index
-k = 0 of the file's slice axis). The scan's direction matrix is NOT used: a scan stored in the
-opposite slice order gets reversed depths, exactly as its slices reach the network in the
-opposite order; nnU-Net does not reorient either.
+"Slice" follows nnU-Net's preprocessing: nnU-Net transposes each case so that its slice axis
+comes first (``transpose_forward``; the axis with the coarsest spacing), crops it to the non-zero
+region (``bbox_used_for_cropping``, recorded with ``shape_before_cropping`` in the case's
+properties) and, for the 2d configuration, resamples only in-plane.
+
+Depth is measured in PATIENT coordinates, not in array order: depth 0 is the end of the scan
+with the lowest coordinate along the patient axis the slice axis mostly runs along, in DICOM/ITK
+LPS coordinates (x to the patient's left, y to posterior, z to the head). For an axial scan,
+depth 0 is the feet end and depth 1 the head end, whether the file stores its slices head-first
+or feet-first. The direction comes from what nnU-Net's reader recorded in the case's properties
+(``sitk_stuff['direction']`` of the SimpleITK readers; ``nibabel_stuff``'s affine of the nibabel
+readers, RAS, converted to LPS). Readers that record no orientation (PNG, TIFF) keep array order:
+index 0 is depth 0. Scans stored feet-first with an identity direction (the Cardiac Fat data)
+get the same depths as under the array-order rule of version 0.2.
 
 A scan with a single slice has no depth axis; it gets 0.5 (the middle), and callers log it.
 """
@@ -28,7 +34,8 @@ SINGLE_SLICE_DEPTH = 0.5
 
 def slice_depths(n_slices: int, shape_before_cropping: Sequence[int],
                  bbox_used_for_cropping: Sequence[Sequence[int]]) -> np.ndarray:
-    """Normalised depth (float64, ``n_slices`` values) of every slice of a preprocessed case.
+    """Normalised depth (float64, ``n_slices`` values) of every slice of a preprocessed case, in
+    array order (:func:`depths_from_properties` turns it into patient order).
 
     ``n_slices`` is the length of the preprocessed case's first axis; the two properties are
     nnU-Net's (first axis = slice axis after transposition). If the slice axis was resampled
@@ -49,18 +56,64 @@ def slice_depths(n_slices: int, shape_before_cropping: Sequence[int],
     return np.clip(index / (total - 1), 0.0, 1.0)
 
 
-def depths_from_properties(n_slices: int, properties: dict) -> np.ndarray:
-    """:func:`slice_depths` from an nnU-Net properties dict, with an error naming what is missing.
+def slice_axis_direction(properties: dict, slice_axis: int) -> np.ndarray | None:
+    """Unit-free LPS direction (3 values) in which array index increases along ``slice_axis`` (an
+    axis of the array nnU-Net's reader returned, channels excluded: 0, 1 or 2), from the reader's
+    properties; None when the reader records no orientation or the image is 2D.
+
+    >>> props = {"sitk_stuff": {"direction": (1, 0, 0, 0, 1, 0, 0, 0, -1)}}  # stored head-first
+    >>> slice_axis_direction(props, 0).tolist()  # array axis 0 is ITK's z axis
+    [0.0, 0.0, -1.0]
+    """
+    sitk_stuff = properties.get("sitk_stuff") or {}
+    nib_stuff = properties.get("nibabel_stuff") or {}
+    if "direction" in sitk_stuff:
+        flat = np.asarray(sitk_stuff["direction"], dtype=float)
+        dim = int(round(np.sqrt(flat.size)))
+        if dim < 3 or dim * dim != flat.size:
+            return None
+        # SimpleITK arrays are (z, y, x): array axis a is ITK axis 2 - a (ITK axis 3, if any, is channels)
+        return flat.reshape(dim, dim)[:3, 2 - slice_axis]
+    affine = nib_stuff.get("reoriented_affine", nib_stuff.get("original_affine"))
+    if affine is not None:
+        # nnU-Net's nibabel readers transpose (x, y, z) to (z, y, x) too; nibabel's world is RAS
+        return np.asarray(affine, dtype=float)[:3, 2 - slice_axis] * np.array([-1.0, -1.0, 1.0])
+    return None
+
+
+def slice_order_reversed(properties: dict, slice_axis: int) -> bool:
+    """True when the slices are stored with decreasing patient coordinate (for an axial scan:
+    head-first), so depth must count from the other end of the array.
+
+    >>> slice_order_reversed({"sitk_stuff": {"direction": (1, 0, 0, 0, 1, 0, 0, 0, -1)}}, 0)
+    True
+    >>> slice_order_reversed({}, 0)  # no orientation recorded (PNG, TIFF): array order
+    False
+    """
+    direction = slice_axis_direction(properties, slice_axis)
+    if direction is None or not np.any(direction):
+        return False
+    return bool(direction[int(np.argmax(np.abs(direction)))] < 0)
+
+
+def depths_from_properties(n_slices: int, properties: dict, *, slice_axis: int) -> np.ndarray:
+    """:func:`slice_depths` from an nnU-Net properties dict, in patient coordinates (see the module
+    docstring), with an error naming what is missing. ``slice_axis`` is the reader's array axis that
+    nnU-Net made the slice axis: the plans' ``transpose_forward[0]``.
 
     >>> props = {"shape_before_cropping": (5, 8, 8), "bbox_used_for_cropping": [[0, 5], [0, 8], [0, 8]]}
-    >>> depths_from_properties(5, props).tolist()
+    >>> depths_from_properties(5, props, slice_axis=0).tolist()
     [0.0, 0.25, 0.5, 0.75, 1.0]
+    >>> props["sitk_stuff"] = {"direction": (1, 0, 0, 0, 1, 0, 0, 0, -1)}  # the same scan stored head-first
+    >>> depths_from_properties(5, props, slice_axis=0).tolist()
+    [1.0, 0.75, 0.5, 0.25, 0.0]
     """
     missing = [k for k in ("shape_before_cropping", "bbox_used_for_cropping") if k not in properties]
     if missing:
         raise KeyError(f"the depth channel needs nnU-Net's preprocessing properties {missing}; "
                        f"they are written by nnU-Net's preprocessor (re-run nnUNetv2_preprocess)")
-    return slice_depths(n_slices, properties["shape_before_cropping"], properties["bbox_used_for_cropping"])
+    depths = slice_depths(n_slices, properties["shape_before_cropping"], properties["bbox_used_for_cropping"])
+    return 1.0 - depths if slice_order_reversed(properties, slice_axis) else depths
 
 
 def append_depth_channel(image, depth):
@@ -107,5 +160,5 @@ def check_depth_applicable(patch_size: Sequence[int], median_shape: Sequence[flo
                          f"Train it without the depth channel (nnUNetTrainer or nnUNetTrainer_StSCoarse).")
 
 
-__all__ = ["DEPTH_KEY", "SINGLE_SLICE_DEPTH", "slice_depths", "depths_from_properties", "append_depth_channel",
-           "check_depth_applicable"]
+__all__ = ["DEPTH_KEY", "SINGLE_SLICE_DEPTH", "slice_depths", "slice_axis_direction", "slice_order_reversed",
+           "depths_from_properties", "append_depth_channel", "check_depth_applicable"]

@@ -17,7 +17,7 @@ neighbour crop -> paste reproduces every voxel of a box that is not larger than 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -275,26 +275,54 @@ def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int
     return np.stack([start, start + size_i], axis=-1)
 
 
-def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
-                    rng: np.random.Generator | None = None, rule_spacing: Sequence[float] | None = None
-                    ) -> tuple[np.ndarray, int]:
+class FoundObjects(NamedTuple):
+    """What :func:`find_objects` found: the component label image (0 = background), the kept
+    components' label values (N,) and tight boxes (N, ndim, 2), their crop boxes (N, ndim, 2:
+    squared, padded, fitted to the image) and how many components the size rule dropped."""
+
+    labels: np.ndarray
+    ids: np.ndarray
+    tight_boxes: np.ndarray
+    crop_boxes: np.ndarray
+    n_dropped: int
+
+
+def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.random.Generator | None = None,
+                 rule_spacing: Sequence[float] | None = None) -> FoundObjects:
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
     (jitter if ``rng``) -> fit to the image. ``rule_spacing``: the grid the size rule is judged on
-    (see :func:`keep_large_enough`). Returns ``(boxes, n_dropped)``.
+    (see :func:`keep_large_enough`).
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
-    >>> boxes, n_dropped = boxes_from_mask(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
-    >>> boxes.tolist(), n_dropped  # one squared, padded box; the 2 x 2 speck is below the 5 px rule
-    ([[[0, 1], [11, 39], [16, 44]]], 1)
+    >>> found = find_objects(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
+    >>> found.ids.tolist(), found.tight_boxes.tolist(), found.n_dropped  # the 2 x 2 speck is below 5 px
+    ([1], [[[0, 1], [20, 30], [20, 40]]], 1)
+    >>> found.crop_boxes.tolist()  # squared and padded
+    [[[0, 1], [11, 39], [16, 44]]]
     """
     mask = _as_numpy(mask)
-    _, boxes = component_boxes(mask, params.active)
+    labels, boxes = component_boxes(mask, params.active)
     keep = keep_large_enough(boxes, spacing, params, rule_spacing)
     boxes = boxes[keep]
     centre, size = square_and_pad(boxes, spacing, params)
     if rng is not None and len(boxes):
         centre, size = jitter(centre, size, mask.shape, params, rng)
-    return fit_to_image(centre, size, mask.shape), int((~keep).sum())
+    return FoundObjects(labels, np.flatnonzero(keep) + 1, boxes, fit_to_image(centre, size, mask.shape),
+                        int((~keep).sum()))
+
+
+def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
+                    rng: np.random.Generator | None = None, rule_spacing: Sequence[float] | None = None
+                    ) -> tuple[np.ndarray, int]:
+    """:func:`find_objects`, its crop boxes and the number dropped only.
+
+    >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True
+    >>> boxes, n_dropped = boxes_from_mask(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
+    >>> boxes.tolist(), n_dropped
+    ([[[0, 1], [11, 39], [16, 44]]], 0)
+    """
+    found = find_objects(mask, spacing, params, rng, rule_spacing)
+    return found.crop_boxes, found.n_dropped
 
 
 def whole_image_boxes(image_shape: Sequence[int], active: Sequence[bool]) -> np.ndarray:

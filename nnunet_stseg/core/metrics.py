@@ -4,6 +4,11 @@ nnU-Net's ``compute_metrics_on_folder`` already stores TP, FP and FN per case an
 precision = TP / (TP + FP) and recall = TP / (TP + FN) (NaN when undefined, e.g. precision of an
 empty prediction), average them over cases with ``nanmean`` like nnU-Net averages Dice, and
 rewrite the file atomically.
+
+The convention (``docs/benchmarks/README.md``): a mean of precision is over the cases with a
+non-empty prediction, so a case the method misses entirely does not lower it; that is why every
+mean comes with the number of empty predictions (:func:`count_empty_predictions`), and why DSC
+and recall, which do count such a case as 0, stand next to it.
 """
 from __future__ import annotations
 
@@ -14,11 +19,32 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_json_atomic
 
-__all__ = ["add_precision_recall", "overlap"]
+__all__ = ["add_precision_recall", "overlap", "mean_sd", "count_empty_predictions"]
 
 
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else math.nan
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and standard deviation over the cases where a metric is defined (NaN skipped, no
+    warning); (NaN, NaN) when it is defined nowhere.
+
+    >>> mean_sd([0.5, float("nan"), 1.0])
+    (0.75, 0.25)
+    """
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return (float(arr.mean()), float(arr.std())) if arr.size else (math.nan, math.nan)
+
+
+def count_empty_predictions(precisions) -> int:
+    """Cases whose prediction is empty: exactly those with an undefined (NaN) precision.
+
+    >>> count_empty_predictions([0.9, float("nan"), 1.0])
+    1
+    """
+    return int(np.isnan(np.asarray(precisions, dtype=float)).sum())
 
 
 def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -36,8 +62,9 @@ def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
 
 
 def add_precision_recall(summary_file: str) -> dict:
-    """Add ``Precision`` and ``Recall`` per case, per label mean and foreground mean; returns
-    the updated summary.
+    """Add ``Precision`` and ``Recall`` per case, per label mean and foreground mean, and
+    ``n_empty_predictions`` (per label: cases without that label predicted; foreground mean: cases
+    without any foreground predicted); returns the updated summary.
 
     >>> import json, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "summary.json")
@@ -45,8 +72,9 @@ def add_precision_recall(summary_file: str) -> dict:
     >>> summary = {"metric_per_case": [{"metrics": {"1": case}}], "mean": {"1": dict(case)}}
     >>> with open(path, "w") as f:
     ...     json.dump({**summary, "foreground_mean": dict(case)}, f)
-    >>> add_precision_recall(path)["foreground_mean"]["Precision"]
-    0.75
+    >>> fg = add_precision_recall(path)["foreground_mean"]
+    >>> fg["Precision"], fg["n_empty_predictions"]
+    (0.75, 0)
     """
     with open(summary_file) as f:
         summary = json.load(f)
@@ -60,10 +88,11 @@ def add_precision_recall(summary_file: str) -> dict:
             acc["Recall"].append(m["Recall"])
     for label, acc in per_label.items():
         for name, values in acc.items():
-            arr = np.asarray(values, dtype=float)
-            summary["mean"][label][name] = float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else math.nan
+            summary["mean"][label][name] = mean_sd(values)[0]
+        summary["mean"][label]["n_empty_predictions"] = count_empty_predictions(acc["Precision"])
     for name in ("Precision", "Recall"):
-        vals = np.asarray([summary["mean"][label][name] for label in per_label], dtype=float)
-        summary["foreground_mean"][name] = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
+        summary["foreground_mean"][name] = mean_sd([summary["mean"][label][name] for label in per_label])[0]
+    summary["foreground_mean"]["n_empty_predictions"] = sum(
+        all(m["TP"] + m["FP"] == 0 for m in case["metrics"].values()) for case in summary["metric_per_case"])
     write_json_atomic(summary, summary_file)
     return summary

@@ -210,13 +210,13 @@ def unwrap_angles(padded, pad: int):
     return padded if pad == 0 else padded[..., pad:padded.shape[-2] - pad, :]
 
 
-def component_centroids(mask, min_size: float = 0.0, max_per_slice: int | None = None
+def component_centroids(mask, min_size: float | Sequence[float] = 0.0, max_per_slice: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Centres of mass of the connected components of a binary mask (H, W), or of each slice of a
     (Z, H, W) mask (components never connect across slices), 8-connectivity in-plane.
 
     Components whose bounding box is narrower than ``min_size`` pixels along y or x are skipped
-    (the cascade's 5-pixel rule); with ``max_per_slice`` only the largest components of a slice
+    (the cascade's 5-pixel rule; one value, or one per axis (y, x)); with ``max_per_slice`` only the largest components of a slice
     are kept. Returns ``(centroids, areas)``: (N, 2) ``(y, x)`` or (N, 3) ``(z, y, x)`` float64 and
     (N,) pixel counts, slice by slice.
 
@@ -225,6 +225,8 @@ def component_centroids(mask, min_size: float = 0.0, max_per_slice: int | None =
     [[[1.5, 1.5], [4.0, 4.0]], [4, 1]]
     >>> component_centroids(mask, min_size=2)[0].tolist()  # the 1-px component gives no origin
     [[1.5, 1.5]]
+    >>> len(component_centroids(mask, min_size=(0, 3))[0])  # 3 px along x: neither
+    0
     """
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
     if m.ndim == 3:
@@ -243,7 +245,7 @@ def component_centroids(mask, min_size: float = 0.0, max_per_slice: int | None =
     cents = np.array(ndimage.center_of_mass(m, labels, index), dtype=np.float64).reshape(n, 2)
     areas = np.asarray(ndimage.sum_labels(m, labels, index), dtype=np.int64)
     extents = np.array([[sl.stop - sl.start for sl in obj] for obj in ndimage.find_objects(labels)])
-    keep = np.all(extents >= min_size, axis=1)
+    keep = np.all(extents >= np.asarray(min_size, dtype=float) - 1e-6, axis=1)
     cents, areas = cents[keep], areas[keep]
     if max_per_slice is not None and len(areas) > max_per_slice:
         largest = np.sort(np.argsort(-areas, kind="stable")[:max_per_slice])
