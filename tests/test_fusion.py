@@ -96,3 +96,30 @@ def test_batchwise_sums_equal_the_one_call():
         class_sum += (w[:, None] * views[batch]).sum(0)
         weight_sum += w.sum(0)
     assert torch.allclose(fuse_polar_slice(score, class_sum, weight_sum, multilabel=False), one)
+
+
+def test_fuse_crops_keeps_the_callers_probabilities_outside_crops_and_replaces_them_inside():
+    """With ``background`` (the cascade passes the coarse probabilities): outside every crop the
+    canvas keeps them (soft, so an ensemble can average them); inside a crop the crop replaces them
+    even where they said foreground more strongly; crops fused in two batches give the same."""
+    import torch
+
+    from nnunet_stseg.core.fusion import fuse_crops
+
+    background = torch.zeros((2, 6, 6))
+    background[0], background[1] = 0.8, 0.2
+    background[:, 1, 1] = torch.tensor([0.1, 0.9])  # the coarse model's confident foreground inside crop 1
+    crops = torch.zeros((2, 2, 2, 2))
+    crops[:, 0], crops[:, 1] = 0.7, 0.3
+    crops[1, :, 0, 0] = torch.tensor([0.4, 0.6])
+    boxes = np.array([[[0, 2], [0, 2]], [[1, 3], [1, 3]]])
+    fused, covered = fuse_crops(crops, boxes, (6, 6), mode="nearest", background=background.clone())
+    assert torch.equal(fused[:, 5, 5], torch.tensor([0.8, 0.2])), "outside: the caller's probabilities"
+    assert torch.allclose(fused[:, 0, 0], torch.tensor([0.7, 0.3])), "inside: replaced, not fused with them"
+    assert torch.allclose(fused[:, 1, 1], torch.tensor([0.4, 0.6])), "two crops: max foreground, min background"
+    assert int(covered.sum()) == 7
+    first, cov = fuse_crops(crops[:1], boxes[:1], (6, 6), mode="nearest", background=background.clone())
+    both, _ = fuse_crops(crops[1:], boxes[1:], (6, 6), mode="nearest", out=first, covered=cov)
+    assert torch.equal(both, fused)
+    plain, _ = fuse_crops(crops, boxes, (6, 6), mode="nearest")
+    assert torch.equal(plain[:, 5, 5], torch.tensor([1.0, 0.0])), "without background: certain background"

@@ -230,3 +230,20 @@ def test_overlay_pictures_of_a_prediction_folder(trained_2d, trained_3d, tmp_pat
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="the image of prediction"):
         overlay_folder(empty, trained_2d.predictions["cascade"], tmp_path / "x", progress=False)
+
+
+def test_nnunet_model_selection_and_postprocessing_work_with_the_cascade(trained_2d, tmp_path):
+    """nnUNetv2_find_best_configuration scores the fine model's cross-validation (the whole
+    cascade's fold validations) and writes its postprocessing; nnUNetv2_apply_postprocessing runs
+    on the cascade's predictions (on a copy of the shared models: these commands write into them)."""
+    res = trained_2d
+    env = copy_results(res, tmp_path)
+    proc = _run(["nnUNetv2_find_best_configuration", str(res.dataset_id), "-c", res.fine_config, "-tr",
+                 DEFAULT_FINE_TRAINER, "-f", "0", "1", "--disable_ensembling", "-np", "1"], env)
+    assert f"*Best*: {DEFAULT_FINE_TRAINER}__nnUNetPlans__{res.fine_config}" in proc.stdout
+    crossval = model_folder(SimpleEnv(res, env), DEFAULT_FINE_TRAINER, res.fine_config) / "crossval_results_folds_0_1"
+    _run(["nnUNetv2_apply_postprocessing", "-i", str(res.predictions["cascade"]), "-o", str(tmp_path / "pp"),
+          "-pp_pkl_file", str(crossval / "postprocessing.pkl"), "-np", "1", "-plans_json",
+          str(crossval / "plans.json")], env)
+    assert sorted(p.name for p in (tmp_path / "pp").glob("*.nii.gz")) == \
+        sorted(p.name for p in res.predictions["cascade"].glob("*.nii.gz"))

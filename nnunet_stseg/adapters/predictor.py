@@ -452,13 +452,26 @@ class StSPredictor(PluginPredictor):
         return self.device if self.perform_everything_on_device else torch.device("cpu")
 
     @torch.inference_mode()
-    def predict_from_files(self, *args, **kwargs):
+    # nnU-Net reads these two signatures (it records its arguments with inspect + locals()): keep them
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
         self._ensure_coarse()  # a missing companion model stops here, before any worker starts
-        return super().predict_from_files(*args, **kwargs)
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
 
-    def predict_from_files_sequential(self, *args, **kwargs):
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
         self._ensure_coarse()
-        return super().predict_from_files_sequential(*args, **kwargs)
+        return super().predict_from_files_sequential(list_of_lists_or_source_folder,
+                                                     output_folder_or_list_of_truncated_output_files,
+                                                     save_probabilities, overwrite, folder_with_segs_from_prev_stage)
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """One case (the full-resolution grid) -> logits on that grid, on the CPU. If the case does
@@ -567,15 +580,18 @@ class StSPredictor(PluginPredictor):
         boxes, n_dropped = found.crop_boxes, found.n_dropped
         fallback = None if len(boxes) else sts.fallback
         self._record_objects(found, coarse_probs, multilabel, fallback)
+        # components below the size rule are noise: background. Outside every crop the exported
+        # probabilities are then the coarse model's (the segmentation there is background either
+        # way; an ensemble averages soft probabilities, not certainties: docs/design.md)
+        coarse_probs[:, foreground] = 0.0
+        if not multilabel:
+            coarse_probs[0, foreground] = 1.0
+        del foreground
         if len(boxes) == 0:
             self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
                       f"fallback '{fallback}' ("
                       f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
             if fallback == "coarse":
-                # components below the size rule are noise here as on the normal path: background
-                coarse_probs[:, foreground] = 0.0
-                if not multilabel:
-                    coarse_probs[0, foreground] = 1.0
                 self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_boxes": 0,
                                      "n_dropped": n_dropped, "fallback": fallback}
                 return probabilities_to_logits(coarse_probs, multilabel, inplace=True).cpu()
@@ -586,10 +602,9 @@ class StSPredictor(PluginPredictor):
                       + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
                          f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
                       + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
-        del coarse_probs, foreground
         image = data.to(self.work_device).float()
         two_d = len(self.configuration_manager.patch_size) == 2
-        fused, fine_s = None, 0.0
+        fused, covered, fine_s = None, None, 0.0
         # 3. + 4. every object, max_crops at a time (the bound is on memory, never on the result):
         # crops -> fine pass -> pasted back and fused into one canvas
         for start in range(0, len(boxes), sts.max_crops):
@@ -601,7 +616,9 @@ class StSPredictor(PluginPredictor):
             probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
             probs = probs[:, :, None] if two_d else probs
             tc = self._clock()
-            fused, _ = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", coverage=False, out=fused)
+            fused, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=fused,
+                                        covered=covered, background=coarse_probs if fused is None else None)
+            coarse_probs = None  # it is the canvas now
             fine_s += tc - tb
         logits = probabilities_to_logits(fused, multilabel, inplace=True).cpu()
         # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the network

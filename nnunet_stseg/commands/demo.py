@@ -3,6 +3,7 @@ nnU-Net commands (``nnUNetv2_train``, ``nnUNetv2_predict``), exactly as a user w
 
     nnunet-stseg demo                       # 2D, S=32, 10x50 iterations (~3 min on 2 cores)
     nnunet-stseg demo --dim 3 --workdir /tmp/demo3d
+    nnunet-stseg demo --ensemble --n_test 20   # + nnUNetv2_ensemble of the cascade with the coarse model
 
 Every command is printed before it runs. The result is a table (coarse network alone vs the
 cascade, scored on the held-out test images) and an overlay picture ``overlay.png``.
@@ -20,15 +21,16 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.runner import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
-                                          train_command_line)
+from nnunet_stseg.commands.runner import (evaluate, find_command, pipeline_env, plan_command_line,
+                                          predict_command_line, run, train_command_line)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoOptions:
     """What the demo makes: a generated ``dim``-D dataset (``n_train`` + ``n_test`` images,
     ``seed``), planned at S = ``size`` with U-Nets of base width ``features``, every network
-    trained for ``epochs`` x ``iters`` iterations on ``device``, fold 0."""
+    trained for ``epochs`` x ``iters`` iterations on ``device``, fold 0. ``ensemble``: both arms
+    also save probabilities and nnU-Net's ``nnUNetv2_ensemble`` averages them (a third arm)."""
 
     dim: int = 2
     size: int = 32
@@ -40,6 +42,7 @@ class DemoOptions:
     seed: int = 0
     device: str = "cpu"
     dataset_id: int = 990
+    ensemble: bool = False
 
 
 @dataclass
@@ -78,12 +81,20 @@ def run_pipeline(workdir: Path, options: DemoOptions) -> PipelineResult:
         res.seconds[f"train_{stage}"] = run(train_command_line(o.dataset_id, config, 0, trainer, o.device), env,
                                             logs / f"train_{stage}_0.log")
     dataset_json = json.loads((ds_folder / "dataset.json").read_text())
+    flags = ("--disable_tta", "--save_probabilities") if o.ensemble else ("--disable_tta",)
     for arm, config, trainer in (("cascade",) + stages[1][1:], ("coarse",) + stages[0][1:]):
         out = workdir / f"predictions_{arm}"
         res.seconds[f"predict_{arm}"] = run(predict_command_line(ds_folder / "imagesTs", out, o.dataset_id, config,
-                                                                 trainer, [0], o.device, "--disable_tta"),
+                                                                 trainer, [0], o.device, *flags),
                                             env, logs / f"predict_{arm}.log")
         res.predictions[arm] = out
+    if o.ensemble:  # nnU-Net's own averaging of the two arms' exported probabilities
+        out = workdir / "predictions_ensemble"
+        res.seconds["ensemble"] = run([find_command("nnUNetv2_ensemble"), "-i", str(res.predictions["cascade"]),
+                                       str(res.predictions["coarse"]), "-o", str(out), "-np", "1"], env,
+                                      logs / "ensemble.log")
+        res.predictions["ensemble"] = out
+    for arm, out in res.predictions.items():
         res.metrics[arm] = evaluate(out, ds_folder / "labelsTs", dataset_json, out / "summary_test.json")
     return res
 
@@ -146,11 +157,14 @@ def main(argv=None) -> None:
     p.add_argument("--n_test", type=int, default=d.n_test)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("-device", "--device", default=d.device)
+    p.add_argument("--ensemble", action="store_true",
+                   help="also average the two arms with nnUNetv2_ensemble (both save probabilities)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     res = run_pipeline(args.workdir, DemoOptions(dim=args.dim, size=args.size, features=args.features,
                                                  epochs=args.epochs, iters=args.iters, n_train=args.n_train,
-                                                 n_test=args.n_test, seed=args.seed, device=args.device))
+                                                 n_test=args.n_test, seed=args.seed, device=args.device,
+                                                 ensemble=args.ensemble))
     overlay = save_overlay(res, res.workdir / "overlay.png")
     print(f"\nTest images ({args.n_test}), S={args.size}, width {args.features}, "
           f"{args.epochs}x{args.iters} iterations per network, device {args.device}:")

@@ -22,17 +22,22 @@ from nnunet_stseg.core.geometry import _box_slices, resample_crop_to_box
 
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
-               mode: str = "linear", coverage: bool = True, out: torch.Tensor | None = None):
+               mode: str = "linear", coverage: bool = True, out: torch.Tensor | None = None,
+               covered: torch.Tensor | None = None, background: torch.Tensor | None = None):
     """Paste per-crop probabilities (N, K, *n) back into an image of ``image_shape`` and fuse.
 
     Softmax outputs (``multilabel=False``, channel 0 = background): foreground channels take the
     max over crops and background the min, i.e. a voxel is foreground if ANY crop says so (the
-    paper's logical OR), and voxels outside every crop stay background (probability 1).
-    Sigmoid/region outputs (``multilabel=True``): every channel is the max over crops, 0 outside.
+    paper's logical OR). Sigmoid/region outputs (``multilabel=True``): every channel is the max
+    over crops. Voxels outside every crop keep ``background`` (K, *image_shape), the probabilities
+    the caller has there (the cascade: the coarse model's, so that exported probabilities stay
+    soft and an ensemble can average them); without it they are certain background (probability
+    1, regions 0). Inside crops ``background`` is replaced, never fused.
     Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask
-    (None with ``coverage=False``: one full-size array less for callers that do not need it).
-    ``out``: a canvas returned by an earlier call (torch) to fuse this batch of crops into, so
-    that any number of crops is fused batch by batch with the same result.
+    (None with ``coverage=False`` and no ``background``: one full-size array less).
+    ``out`` and ``covered``: the canvas and coverage returned by an earlier call (torch), to fuse
+    this batch of crops into, so that any number of crops is fused batch by batch with the same
+    result (``background`` only on the first call).
 
     >>> crop = np.zeros((1, 2, 2, 2), np.float32); crop[0, 1] = 1.0  # one crop, all foreground
     >>> fused, covered = fuse_crops(crop, np.array([[[1, 3], [0, 2]]]), (4, 4), mode="nearest")
@@ -55,21 +60,28 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
         if tuple(out.shape) != (k, *image_shape):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(k, *image_shape)}")
         fused = out
+    elif background is not None:
+        if tuple(background.shape) != (k, *image_shape):
+            raise ValueError(f"background has shape {tuple(background.shape)}, expected {(k, *image_shape)}")
+        fused = background.float()
     else:
         fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
         if not multilabel:
             fused[0] = 1.0
-    covered = torch.zeros(image_shape, dtype=torch.bool, device=p.device) if coverage else None
+    if covered is None and (coverage or background is not None):
+        covered = torch.zeros(image_shape, dtype=torch.bool, device=fused.device)
     for crop, box in zip(p, np.asarray(boxes, dtype=np.int64)):
-        sl = _box_slices(box)
-        pasted = resample_crop_to_box(crop, box, mode)
+        sl = (slice(None), *_box_slices(box))
+        pasted = resample_crop_to_box(crop, box, mode).to(fused.device)
+        region = fused[sl]
         if multilabel:
-            fused[(slice(None), *sl)] = torch.maximum(fused[(slice(None), *sl)], pasted)
+            combined = torch.maximum(region, pasted)
         else:
-            fused[(slice(1, None), *sl)] = torch.maximum(fused[(slice(1, None), *sl)], pasted[1:])
-            fused[(0, *sl)] = torch.minimum(fused[(0, *sl)], pasted[0])
+            combined = torch.cat([torch.minimum(region[:1], pasted[:1]), torch.maximum(region[1:], pasted[1:])])
+        # first crop over a voxel replaces what the canvas had there (certain background: the same)
+        fused[sl] = combined if covered is None else torch.where(covered[sl[1:]], combined, pasted)
         if covered is not None:
-            covered[sl] = True
+            covered[sl[1:]] = True
     if was_numpy:
         return fused.cpu().numpy(), None if covered is None else covered.cpu().numpy()
     return fused, covered
