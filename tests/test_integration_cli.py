@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import SimpleITK as sitk
 
 from nnunet_stseg.commands.runner import find_command
 
-from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder
+from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder, strip_companions
 
 pytestmark = pytest.mark.slow
 
@@ -142,13 +143,15 @@ def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
 def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path, monkeypatch):
     """A missing coarse fold (in-process, through nnU-Net's own predict entry point) and a missing
     coarse model folder (the stock CLI: non-zero exit, the message on its output), on a copy of
-    the trained models."""
+    the trained models whose fine checkpoints carry no embedded coarse model (trained before 0.3)."""
     from nnunet_stseg.commands.cli import predict_entry
 
     res = pipeline_2d
     env = copy_results(res, tmp_path)
     coarse = Path(env["nnUNet_results"]) / res.dataset_folder.name / \
         f"nnUNetTrainer_StSCoarse__nnUNetPlans__{res.coarse_config}"
+    strip_companions(model_folder(SimpleNamespace(dataset_folder=res.dataset_folder, env=env), "nnUNetTrainer_StSFine",
+                                  res.fine_config))
     shutil.rmtree(coarse / "fold_1")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         monkeypatch.setenv(k, env[k])

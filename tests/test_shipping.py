@@ -27,7 +27,7 @@ from nnunet_stseg.commands.runner import find_command
 from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
 
 from stand_ins import fork_instead_of_spawn
-from trained_models import copy_results, model_folder
+from trained_models import copy_results, model_folder, strip_companions
 
 pytestmark = pytest.mark.slow
 
@@ -163,13 +163,6 @@ def test_the_exported_depth_cascade_predicts_alone(trained_3d, tmp_path):
     _same_segmentations(out, res.predictions["cascade_2d_depth"])
 
 
-def _strip_companions(folder: Path) -> None:
-    for path in folder.glob("fold_*/checkpoint_*.pth"):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        checkpoint.pop(COMPANIONS_KEY, None)
-        torch.save(checkpoint, path)
-
-
 def test_bundle_embeds_companions_into_older_models_and_a_missing_one_is_one_line(trained_2d, tmp_path):
     """A fine model without embedded companions (trained before 0.3): alone it fails with one
     ``[nnunet-stseg] ERROR`` line naming the missing coarse model and the command that trains it
@@ -178,7 +171,7 @@ def test_bundle_embeds_companions_into_older_models_and_a_missing_one_is_one_lin
     res = trained_2d
     env = copy_results(res, tmp_path)
     fine = model_folder(SimpleEnv(res, env), DEFAULT_FINE_TRAINER, res.fine_config)
-    _strip_companions(fine)
+    strip_companions(fine)
     bare, bare_env = _install(SimpleRes(res, env), tmp_path / "bare", res.fine_config, DEFAULT_FINE_TRAINER, ("0",))
     proc = _run(["nnUNetv2_predict_from_modelfolder", "-i", str(res.dataset_folder / "imagesTs"), "-o",
                  str(tmp_path / "fails"), "-m", str(bare), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1",

@@ -52,6 +52,19 @@ def copy_results(res: SimpleNamespace, root: Path) -> dict:
     return {**res.env, "nnUNet_results": str(root / "results")}
 
 
+def strip_companions(folder: Path) -> None:
+    """Remove the embedded companion models from a (copied!) model folder's checkpoints: the
+    model as trained before 0.3, which finds its coarse model by folder only."""
+    import torch
+
+    from nnunet_stseg.adapters.bundle import COMPANIONS_KEY
+
+    for path in folder.glob("fold_*/checkpoint_*.pth"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint.pop(COMPANIONS_KEY, None)
+        torch.save(checkpoint, path)
+
+
 def _train(res: SimpleNamespace, config: str, fold: int, trainer: str, validate: bool) -> None:
     env = res.env if validate else {**res.env, "STSEG_SKIP_VALIDATION": "1"}
     res.seconds[f"train_{trainer}_{config}_{fold}"] = run(
