@@ -63,7 +63,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold"),
     Setting("STSEG_OBJECTS_REPORT", "0 or 1", "0: no <case>.objects.json next to the predictions",
             "sts.objects_report"),
+    Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
+            "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold"),
 )}
+PROPOSAL_THRESHOLD_ENV = "STSEG_PROPOSAL_THRESHOLD"
 
 
 def _read(name: str, parse: Callable[[str], object], valid: Callable[[object], bool]):
@@ -130,6 +133,13 @@ def objects_report() -> bool | None:
     return _switch("STSEG_OBJECTS_REPORT")
 
 
+def proposal_threshold() -> float | str | None:
+    """The override of ``sts.crop.proposal_threshold``: a number, ``"none"`` (the argmax
+    components only, the published method) or None (not set)."""
+    return _read(PROPOSAL_THRESHOLD_ENV, lambda raw: "none" if raw.lower() == "none" else float(raw),
+                 lambda v: v == "none" or 0 < v <= 0.5)
+
+
 def plan_overrides() -> dict[str, object]:
     """The plan values that environment variables replace for this process, ``{plan key: value}``
     (checked: a bad value raises before any work starts).
@@ -141,7 +151,8 @@ def plan_overrides() -> dict[str, object]:
     >>> del os.environ["STSEG_POLAR_MAX_ORIGINS"]
     """
     values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
-              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report()}
+              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report(),
+              PROPOSAL_THRESHOLD_ENV: proposal_threshold()}
     return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
 
 
@@ -155,6 +166,7 @@ def schedule_settings() -> dict[str, object]:
 
 
 __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
+           "PROPOSAL_THRESHOLD_ENV", "proposal_threshold",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
            "schedule_settings"]

@@ -6,6 +6,8 @@ box invariants, the rotation-margin enlargement about the box centre, determinis
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -31,10 +33,13 @@ def _setup(planned, config: str):
     return dataset, lm, sts, spacing3
 
 
-def _loader(planned, config: str, patch, final, batch_size: int = 4) -> StSCropDataLoader:
+def _loader(planned, config: str, patch, final, batch_size: int = 4, negative_fraction: float = 0.0
+            ) -> StSCropDataLoader:
+    """The loader of ``config``; object crops only unless ``negative_fraction`` says otherwise."""
     dataset, lm, sts, spacing3 = _setup(planned, config)
     return StSCropDataLoader(dataset, batch_size=batch_size, patch_size=patch, final_patch_size=final,
-                             label_manager=lm, crop=sts.crop, spacing3=spacing3, transforms=None)
+                             label_manager=lm, crop=replace(sts.crop, negative_fraction=negative_fraction),
+                             spacing3=spacing3, transforms=None)
 
 
 def _batch(loader, seed: int) -> dict:
@@ -185,6 +190,50 @@ def test_2d_larger_initial_patch_is_enlarged_about_the_centre(planned_2d):
     crop32 = crop_and_resample(img, box, (1, 32, 32), "linear", padding_mode="zeros")[0, :, 0]
     torch.testing.assert_close(crop46[:, 7:39, 7:39], crop32, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b_big["data"][-1], crop46, atol=1e-4, rtol=1e-4)
+
+
+def test_2d_negative_crops_hold_no_foreground_and_stay_inside_the_image(planned_2d):
+    """negative_fraction 0.5 with nnU-Net's rotation margin (46 -> 32): about half the samples of
+    cases with objects are negatives; the whole enlarged region read for each holds no foreground,
+    lies inside the image, and the sample is that region resampled; its label is empty."""
+    loader = _loader(planned_2d, "2d_sts_fine_32", (46, 46), (32, 32), negative_fraction=0.5)
+    recorded, last = [], {}  # per sample: (key, the negative box it got or None)
+    sample_negative, make_sample = loader.sample_negative, loader.make_sample
+
+    def negative(key, shape, seg, rng):
+        last["box"] = sample_negative(key, shape, seg, rng)
+        return last["box"]
+
+    def sample(key, *args):
+        last["box"] = None
+        out = make_sample(key, *args)
+        recorded.append((key, last["box"]))
+        return out
+
+    loader.sample_negative, loader.make_sample = negative, sample
+    n_with_objects = 0
+    for seed in range(12):
+        start = len(recorded)
+        batch = _batch(loader, seed)
+        assert [k for k, _ in recorded[start:]] == list(batch["keys"])
+        for j, (key, box) in enumerate(recorded[start:]):
+            data, seg = _case(loader, key)
+            n_with_objects += bool((seg > 0).any())
+            if box is None:
+                continue
+            box = box[0]
+            shape = np.array(seg.shape[1:])
+            assert np.all(box[:, 0] >= 0) and np.all(box[:, 1] <= shape) and box[0, 1] - box[0, 0] == 1
+            region = loader._enlarged(box)
+            lo = np.clip(np.floor(region[:, 0]).astype(int) - 1, 0, shape)
+            hi = np.clip(np.ceil(region[:, 1]).astype(int) + 1, 0, shape)
+            assert not (seg[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))] > 0).any(), (key, box)
+            assert not (batch["target"][j] > 0).any()
+            img = crop_and_resample(torch.from_numpy(data), region[None], (1, 46, 46), "linear",
+                                    padding_mode="zeros")[0, :, 0]
+            torch.testing.assert_close(batch["data"][j], img, atol=1e-4, rtol=1e-4)
+    n_negative = sum(box is not None for _, box in recorded)
+    assert 0.2 * n_with_objects <= n_negative <= 0.8 * n_with_objects, (n_negative, n_with_objects)
 
 
 def test_2d_same_seed_same_batch(planned_2d, loader_2d):

@@ -22,8 +22,8 @@ from scipy import ndimage
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (CropParams, boxes_from_mask, component_boxes, connectivity_structure,
                                         crop_and_resample, fit_to_image, foreground_from_probabilities, jitter,
-                                        keep_large_enough, probabilities_to_logits, resample_crop_to_box,
-                                        square_and_pad, whole_image_boxes)
+                                        keep_large_enough, probabilities_to_logits, recall_proposals,
+                                        resample_crop_to_box, sample_negative_box, square_and_pad, whole_image_boxes)
 
 PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -1223,3 +1223,86 @@ def test_the_size_rule_is_judged_in_coarse_voxels():
     assert boxes_from_mask(mask, full, params)[1] == 0, "judged on the full grid, the speck passes"
     boxes, n_dropped = boxes_from_mask(mask, full, params, rule_spacing=coarse)
     assert n_dropped == 1 and len(boxes) == 1 and boxes[0, 1, 0] <= 60
+
+
+# ----------------------------------------------------------------------------------------------
+# recall-first proposals and negative training crops (issue 22)
+# ----------------------------------------------------------------------------------------------
+
+def test_a_faint_object_becomes_a_proposal_and_noise_below_the_floor_does_not():
+    """Hand-built coarse probabilities (2D stage on a (1, 64, 64) grid): a certain object, a faint
+    one (0.35, below the argmax decision), faint noise (0.2) and the certain object's halo (0.4).
+    At threshold 0.3 the faint object is added as its own proposal, the noise is not, and the
+    certain object keeps exactly its argmax extent (its crop does not change)."""
+    prob = np.zeros((1, 64, 64), np.float32)
+    prob[0, 8:20, 8:20] = 0.4            # halo
+    prob[0, 10:18, 10:18] = 0.9          # certain object (argmax)
+    prob[0, 40:50, 30:42] = 0.35         # faint object
+    prob[0, 5:9, 50:60] = 0.2            # noise below the floor
+    fg = prob > 0.5
+    mask, n_extra = recall_proposals(fg, prob, 0.3, [False, True, True])
+    assert n_extra == 1
+    assert mask[0, 40:50, 30:42].all() and not mask[0, 5:9, 50:60].any()
+    assert np.array_equal(mask & ~(prob == 0.35), fg), "the argmax component keeps its own extent"
+    params = CropParams(patch_size=(1, 32, 32))
+    with_low = boxes_from_mask(mask, [1.0, 1.0, 1.0], params)[0]
+    argmax_only = boxes_from_mask(fg, [1.0, 1.0, 1.0], params)[0]
+    assert len(with_low) == 2 and argmax_only.tolist()[0] in with_low.tolist()
+    # no threshold: the argmax components alone; a lower floor takes the noise too
+    assert np.array_equal(recall_proposals(fg, prob, None, [False, True, True])[0], fg)
+    assert recall_proposals(fg, prob, 0.15, [False, True, True])[1] == 2
+    # more candidates than max_extra: the most probable first
+    mask, n_extra = recall_proposals(fg, prob, 0.15, [False, True, True], max_extra=1)
+    assert n_extra == 1 and mask[0, 40:50, 30:42].all() and not mask[0, 5:9, 50:60].any()
+    # torch input (any device) gives the same mask
+    mask_t, _ = recall_proposals(torch.from_numpy(fg), torch.from_numpy(prob), 0.3, [False, True, True])
+    assert np.array_equal(mask_t, recall_proposals(fg, prob, 0.3, [False, True, True])[0])
+
+
+def test_proposals_of_a_2d_stage_never_connect_across_slices():
+    prob = np.zeros((3, 16, 16), np.float32)
+    prob[0, 4:8, 4:8] = 0.9
+    prob[1, 4:8, 4:8] = 0.35  # under the object of slice 0: a separate proposal for a 2D stage
+    mask, n_extra = recall_proposals(prob > 0.5, prob, 0.3, [False, True, True])
+    assert n_extra == 1 and mask[1].sum() == 16
+    _, n_extra_3d = recall_proposals(prob > 0.5, prob, 0.3, [True, True, True])
+    assert n_extra_3d == 0, "a 3D stage sees one object across the slices"
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), depth=st.integers(1, 3), fill=st.floats(0.0, 0.6))
+def test_negative_boxes_hold_no_foreground_and_stay_inside_the_image(seed, depth, fill):
+    rng = np.random.default_rng(seed)
+    shape = (depth, int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+    mask = np.zeros(shape, bool)
+    for _ in range(int(fill * 10)):  # random rectangles: objects
+        y, x = rng.integers(0, shape[1] - 4), rng.integers(0, shape[2] - 4)
+        mask[rng.integers(depth), y:y + rng.integers(3, 15), x:x + rng.integers(3, 15)] = True
+    sizes = np.array([[1, 10, 12], [1, 6, 6]])
+
+    def free(box):
+        return not mask[tuple(slice(lo, hi) for lo, hi in box)].any()
+
+    for draw in range(5):
+        box = sample_negative_box(shape, sizes, [False, True, True], free, np.random.default_rng(seed + draw))
+        if box is None:
+            continue
+        assert box.dtype.kind == "i" and box.shape == (3, 2)
+        assert np.all(box[:, 0] >= 0) and np.all(box[:, 1] <= shape) and box[0, 1] - box[0, 0] == 1
+        assert not mask[tuple(slice(lo, hi) for lo, hi in box)].any()
+        assert 0.75 * 6 - 1 <= box[1, 1] - box[1, 0] <= 1.25 * 10 + 1
+    full = np.ones(shape, bool)
+    assert sample_negative_box(shape, sizes, [False, True, True], lambda b: not full[tuple(
+        slice(lo, hi) for lo, hi in b)].any(), rng) is None, "an image objects fill has no negative"
+
+
+def test_plans_without_the_issue_22_keys_keep_the_published_behaviour():
+    old = CropParams.from_dict({"patch_size": [1, 32, 32]})
+    assert old.proposal_threshold is None and old.negative_fraction == 0.0
+    assert CropParams(patch_size=(1, 32, 32)) == old, "the defaults are the published method (measured)"
+    new = CropParams(patch_size=(1, 32, 32), proposal_threshold=0.3, negative_fraction=0.25)
+    assert CropParams.from_dict(new.to_dict()) == new
+    with pytest.raises(ValueError, match=r"proposal_threshold must be in \(0, 0.5\]"):
+        CropParams(patch_size=(1, 32, 32), proposal_threshold=0.7)
+    with pytest.raises(ValueError, match="negative_fraction must be in"):
+        CropParams(patch_size=(1, 32, 32), negative_fraction=1.0)

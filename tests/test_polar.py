@@ -385,6 +385,16 @@ def test_identity_polar_model_reproduces_the_labels(planned_polar, regions, caps
         assert _dice(seg == c, labels == c) >= 0.95, f"class {c}"
     assert p.last_timings["n_origins"] == n_objects and net.calls == 1
     assert f"{n_objects} origin(s) (coarse)" in capsys.readouterr().out
+    # the objects report: one object per ground-truth object, its box and its origin (the centroid)
+    report = p.last_objects
+    gt_labels, _ = ndimage.label(labels[0] > 0, structure=np.ones((3, 3), bool))  # labels: (1, H, W)
+    gt_boxes = sorted([[0, 1], [sl[0].start, sl[0].stop], [sl[1].start, sl[1].stop]]
+                      for sl in ndimage.find_objects(gt_labels))
+    got = sorted([[o["box"]["start"][a], o["box"]["stop"][a]] for a in range(3)] for o in report["objects"])
+    assert report["n_objects"] == n_objects and report["fallback"] is None and report["n_origins_rejected"] == 0
+    assert np.abs(np.asarray(got) - np.asarray(gt_boxes)).max() <= 1, (got, gt_boxes)
+    origins = sorted(tuple(o["origins"][0]["index"]) for o in report["objects"])
+    assert np.allclose(origins, sorted((0.0, *c) for c in component_centroids(labels[0] > 0)[0].round(3)))
 
     coarse = labels.copy()
     far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
@@ -395,6 +405,8 @@ def test_identity_polar_model_reproduces_the_labels(planned_polar, regions, caps
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
     assert p.last_timings["n_origins"] == n_objects + 1
     assert _dice(seg > 0, labels > 0) >= 0.95
+    # the false positive's view predicted nothing at its origin: rejected, not an object
+    assert p.last_objects["n_objects"] == n_objects and p.last_objects["n_origins_rejected"] == 1
 
 
 def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeypatch):
@@ -428,6 +440,7 @@ def test_no_origin_keeps_the_coarse_prediction(planned_polar, capsys):
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
     assert not seg.any() and net.calls == 0
     assert p.last_timings["fallback"] == "coarse"
+    assert p.last_objects["n_objects"] == 0 and p.last_objects["fallback"] == "coarse"
     assert "no origin" in capsys.readouterr().out
 
 
@@ -455,6 +468,13 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
             out = sitk.ReadImage(str(res.predictions[arm] / img.name.replace("_0000", "")))
             assert out.GetSize() == ref.GetSize() and out.GetSpacing() == ref.GetSpacing()
             assert out.GetOrigin() == ref.GetOrigin() and out.GetDirection() == ref.GetDirection()
+            # what the polar stage found, next to each output: objects with their origins in the input
+            report = json.loads((res.predictions[arm] / img.name.replace("_0000.nii.gz", ".objects.json"))
+                                .read_text())
+            assert report["n_objects"] == len(report["objects"]) and "n_origins_rejected" in report
+            for obj in report["objects"]:
+                assert obj["origins"] and all(a - 0.5 <= o["index"][i] <= b - 0.5 for o in obj["origins"]
+                                              for i, (a, b) in enumerate(zip(obj["box"]["start"], obj["box"]["stop"])))
     fold = model_folder(res, "nnUNetTrainer_StSPolar", res.polar_config) / "fold_0"
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert "Precision" in summary["foreground_mean"], "the whole pipeline was validated in Cartesian space"

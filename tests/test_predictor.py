@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
 
@@ -44,7 +45,10 @@ def planned(tmp_path_factory):
 
 
 def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: bool = False,
-               fallback: str | None = None, min_object_size: float | None = None):
+               fallback: str | None = None, min_object_size: float | None = None,
+               coarse: torch.Tensor | None = None, proposal_threshold: float | None = None):
+    """Our predictor with the identity fine network and the coarse model replaced by an oracle:
+    the one-hot ``labels`` (or the probabilities ``coarse``)."""
     import json
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -57,6 +61,8 @@ def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: b
         sts["fallback"] = fallback
     if min_object_size is not None:
         sts["crop"]["min_object_size"] = min_object_size
+    if proposal_threshold is not None:
+        sts["crop"]["proposal_threshold"] = proposal_threshold
     dataset_json = json.loads((ds / "dataset.json").read_text())
     if regions:
         dataset_json["labels"] = {"background": 0, "any_object": [1, 2], "class_2": 2}
@@ -67,7 +73,7 @@ def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: b
 
     class Oracle(StSPredictor):
         def coarse_probabilities(self, data):
-            return coarse_probs(lm, labels)
+            return coarse.clone() if coarse is not None else coarse_probs(lm, labels)
 
     p = Oracle(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     p.manual_initialization(net, pm, pm.get_configuration(config), None, dataset_json, "nnUNetTrainer_StSFine", None)
@@ -178,6 +184,60 @@ def test_coarse_fallback_removes_components_below_the_size_rule(planned):
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
     assert p.last_timings == {**p.last_timings, "n_boxes": 0, "n_dropped": 1, "fallback": "coarse"}
     assert not seg.any()
+
+
+def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_stays_empty(planned, capsys,
+                                                                                         monkeypatch):
+    """Coarse probabilities: every object certain but one, which is faint (0.35 < the argmax
+    decision); a faint false blob where the image has nothing; faint noise (0.2). With a
+    recall-first threshold 0.3 in the plans (``plan --proposal_threshold 0.3``) and the identity
+    fine model, the faint object is cropped and segmented, the false proposal comes back empty (the output is exactly the labels), the
+    noise gives no crop, and the objects report says which proposals were below the decision;
+    with STSEG_PROPOSAL_THRESHOLD=none, or the plans' default (the published rule), the faint
+    object is missed."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    components, n = ndimage.label(labels[0] > 0)
+    assert n >= 2
+    faint = components[None] == n
+    cls = int(labels[faint].max())
+    probs = one_hot(labels)
+    probs[:, faint] = 0.0
+    probs[0, faint], probs[cls, faint] = 0.65, 0.35
+    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(far), far.shape)
+    assert far[y, x] > 8
+    probs[0, 0, y - 4:y + 4, x - 4:x + 4], probs[1, 0, y - 4:y + 4, x - 4:x + 4] = 0.65, 0.35  # false blob
+    noise = (labels[0] == 0) & (far > 2)
+    noise[y - 6:y + 6, x - 6:x + 6] = False
+    ys, xs = np.nonzero(noise)
+    probs[0, 0, ys[0], xs[0]], probs[1, 0, ys[0], xs[0]] = 0.8, 0.2
+    config = fine_config_name("2d", 64)
+
+    p, lm, net = _predictor(root, ds[2], config, labels, coarse=probs)
+    assert p._sts_config().crop.proposal_threshold is None, "the default is the published rule"
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert not seg[faint].any() and p.last_timings["n_boxes"] == n - 1
+
+    p, lm, net = _predictor(root, ds[2], config, labels, coarse=probs, proposal_threshold=0.3)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert np.array_equal(seg, labels)
+    assert p.last_timings["n_boxes"] == n + 1 and net.crops_seen == n + 1
+    assert "2 below the coarse decision, foreground probability >= 0.3" in capsys.readouterr().out
+    proposals = sorted(o["proposal"] for o in p.last_objects["objects"])
+    assert proposals == ["below the coarse decision"] * 2 + ["coarse argmax"] * (n - 1)
+
+    monkeypatch.setenv("STSEG_PROPOSAL_THRESHOLD", "none")
+    p, lm, net = _predictor(root, ds[2], config, labels, coarse=probs, proposal_threshold=0.3)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert not seg[faint].any() and np.array_equal(seg[~faint], labels[~faint])
+    assert p.last_timings["n_boxes"] == n - 1
+    assert p.applied_overrides == {"sts.crop.proposal_threshold": {"plans": 0.3, "used": None}}
+    assert all("proposal" not in o for o in p.last_objects["objects"])
+    for bad in ("0.7", "low"):
+        monkeypatch.setenv("STSEG_PROPOSAL_THRESHOLD", bad)
+        with pytest.raises(ValueError, match=r"STSEG_PROPOSAL_THRESHOLD=.*expected a number in \(0, 0.5\]"):
+            _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
 
 
 def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsys):

@@ -9,21 +9,25 @@ import pytest
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import CentreParams, PolarParams, StSConfig, apply_plan_overrides
+from nnunet_stseg.core.geometry import CropParams
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": settings.iters_per_epoch,
              "STSEG_VAL_ITERS": settings.val_iters, "STSEG_SAVE_EVERY": settings.save_every,
              "STSEG_SKIP_VALIDATION": settings.skip_validation, "STSEG_VAL_MIRRORING": settings.validation_mirroring,
              "STSEG_POLAR_ORIGINS": settings.polar_origin_source, "STSEG_POLAR_MAX_ORIGINS": settings.polar_max_origins,
-             "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold, "STSEG_OBJECTS_REPORT": settings.objects_report}
+             "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold, "STSEG_OBJECTS_REPORT": settings.objects_report,
+             "STSEG_PROPOSAL_THRESHOLD": settings.proposal_threshold}
 GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
         "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
-        "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False)}
+        "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False),
+        "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2)}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
        "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
-       "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"]}
+       "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"],
+       "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"]}
 
 
 def test_the_table_and_the_accessors_cover_the_same_variables():
@@ -92,6 +96,14 @@ def test_apply_plan_overrides_reports_only_what_changed():
     assert sts.polar.max_origins == 32 and centre.peak_threshold == 0.5, "the inputs are not modified"
     cascade = StSConfig("fine", 32, "2d_sts_coarse_32")
     assert apply_plan_overrides(cascade, None, {"sts.polar.max_origins": 1}) == (cascade, None, {})
+    # the cascade's proposal threshold: 'none' switches recall-first proposals off, a number replaces it
+    cascade = StSConfig("fine", 32, "2d_sts_coarse_32",
+                        crop=CropParams(patch_size=(1, 32, 32), proposal_threshold=0.3))
+    new, _, changed = apply_plan_overrides(cascade, None, {"sts.crop.proposal_threshold": "none"})
+    assert new.crop.proposal_threshold is None and cascade.crop.proposal_threshold == 0.3
+    assert changed == {"sts.crop.proposal_threshold": {"plans": 0.3, "used": None}}
+    assert apply_plan_overrides(cascade, None, {"sts.crop.proposal_threshold": 0.3})[2] == {}
+    assert apply_plan_overrides(sts, None, {"sts.crop.proposal_threshold": 0.2})[0] == sts, "polar: no crop"
 
 
 def test_the_overrides_record_next_to_the_predictions(tmp_path, monkeypatch):

@@ -200,15 +200,16 @@ class SimpleRes:
 
 
 def test_overlay_pictures_of_a_prediction_folder(trained_2d, trained_3d, tmp_path):
-    """``nnunet-stseg overlay``: one PNG per case with the found objects' boxes, an index page
-    naming each case's object count, a contact sheet; 3D volumes get the slice with the largest
-    predicted area; a prediction without its image is one clear error."""
+    """``nnunet-stseg overlay``: one PNG per case with the found objects' boxes (and the polar
+    stage's origins), an index page naming each case's object count, a contact sheet; 3D volumes
+    get the slice with the largest predicted area; a prediction without its image is one clear
+    error."""
     from skimage.io import imread
 
     from nnunet_stseg.commands.overlay import overlay_folder
 
-    for res, arm in ((trained_2d, "cascade"), (trained_3d, "cascade")):
-        out = tmp_path / f"qa_{res.dataset_id}"
+    for res, arm in ((trained_2d, "cascade"), (trained_2d, "polar"), (trained_3d, "cascade")):
+        out = tmp_path / f"qa_{res.dataset_id}_{arm}"
         proc = _run(["nnunet-stseg", "overlay", "-i", str(res.dataset_folder / "imagesTs"), "-p",
                      str(res.predictions[arm]), "-o", str(out), "-l", str(res.dataset_folder / "labelsTs")], res.env)
         cases = sorted(f.name[:-len("_0000.nii.gz")] for f in (res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))

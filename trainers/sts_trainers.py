@@ -39,7 +39,7 @@ from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
-                                        square_and_pad, whole_image_boxes)
+                                        sample_negative_box, square_and_pad, whole_image_boxes)
 from nnunet_stseg.core.metrics import add_precision_recall
 from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
@@ -155,7 +155,11 @@ class StSCropDataLoader(ResampledSampleLoader):
     For each case: pick ONE ground-truth connected component at random (a case without
     foreground is used whole: the whole image, or a random slice for a 2D stage), square + pad
     its box, jitter it, fit it into the image, and resample image (linear) and label (nearest) to
-    the loader's patch. The loader's patch may be larger than the network patch (nnU-Net's
+    the loader's patch. With ``crop.negative_fraction`` > 0, that fraction of the samples of
+    cases with objects is a negative crop instead: sized like the case's object crops, placed
+    where the label (read over the whole enlarged region) has no foreground
+    (:func:`~nnunet_stseg.core.geometry.sample_negative_box`); when none fits after 20 draws the
+    sample is an object crop. The loader's patch may be larger than the network patch (nnU-Net's
     rotation margin); the box is then enlarged about its centre so that nnU-Net's spatial
     augmentation, which keeps the central ``final_patch_size``, ends on exactly the box.
     Component boxes are cached per process (no state held by one rank only)."""
@@ -195,13 +199,37 @@ class StSCropDataLoader(ResampledSampleLoader):
         region = np.asarray(arr[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))])
         return region, box - lo[:, None]
 
-    def make_sample(self, key, data, seg, properties, rng):
-        shape = tuple(data.shape[1:])
-        box = self.sample_box(key, shape, seg, rng)[0].astype(float)
-        slice_index = int(np.floor(box[0, 0]))
+    def _enlarged(self, box: np.ndarray) -> np.ndarray:
+        """The box enlarged about its centre by the rotation margin (what is actually read)."""
+        box = np.asarray(box, dtype=float)
         centre = box.mean(axis=1)
         half = (box[:, 1] - box[:, 0]) * self.enlarge / 2
-        box = np.stack([centre - half, centre + half], axis=1)
+        return np.stack([centre - half, centre + half], axis=1)
+
+    def sample_negative(self, key: str, shape: tuple[int, ...], seg, rng: np.random.Generator) -> np.ndarray | None:
+        """One negative box (1, 3, 2) of a case with objects, or None (see the class docstring)."""
+        boxes = self._gt_boxes(key, seg)
+        if len(boxes) == 0:
+            return None
+        _, sizes = square_and_pad(boxes, self.spacing3, self.crop)
+
+        def is_free(box: np.ndarray) -> bool:
+            region, _ = self._read_region(seg, self._enlarged(box), shape)
+            return not self.foreground(region).any()
+
+        box = sample_negative_box(shape, sizes, self.crop.active, is_free, rng)
+        return None if box is None else box[None]
+
+    def make_sample(self, key, data, seg, properties, rng):
+        shape = tuple(data.shape[1:])
+        box = None
+        if self.crop.negative_fraction > 0 and rng.random() < self.crop.negative_fraction:
+            box = self.sample_negative(key, shape, seg, rng)
+        if box is None:
+            box = self.sample_box(key, shape, seg, rng)
+        box = box[0].astype(float)
+        slice_index = int(np.floor(box[0, 0]))
+        box = self._enlarged(box)
         img_region, rbox = self._read_region(data, box, shape)
         seg_region, _ = self._read_region(seg, box, shape)
         img = crop_and_resample(torch.from_numpy(img_region.astype(np.float32)), rbox[None],
@@ -232,6 +260,12 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
         return grid_spacing3(self.configuration_manager.spacing)
 
     def get_dataloaders(self):
+        crop = self.sts.crop
+        self.print_to_log_file(
+            f"fine-stage crops: {crop.negative_fraction:g} of the samples of cases with objects drawn where there is "
+            f"no object (sts.crop.negative_fraction); proposals at prediction: "
+            + ("coarse argmax components only" if crop.proposal_threshold is None else
+               f"also coarse regions with foreground probability >= {crop.proposal_threshold:g}"))
         return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: StSCropDataLoader(
             dataset, self.batch_size, patch, final_patch, self.label_manager, self.sts.crop, self._spacing3(),
             transforms=transforms, depth_slice_axis=self.depth_slice_axis()))

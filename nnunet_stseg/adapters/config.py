@@ -241,6 +241,12 @@ def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides:
     if report is not None and bool(report) != sts.objects_report:
         changed["sts.objects_report"] = {"plans": sts.objects_report, "used": bool(report)}
         sts = replace(sts, objects_report=bool(report))
+    threshold = overrides.get("sts.crop.proposal_threshold")
+    if sts.crop is not None and threshold is not None:
+        threshold = None if threshold == "none" else float(threshold)
+        if threshold != sts.crop.proposal_threshold:
+            changed["sts.crop.proposal_threshold"] = {"plans": sts.crop.proposal_threshold, "used": threshold}
+            sts = replace(sts, crop=replace(sts.crop, proposal_threshold=threshold))
     polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins"}
     if sts.polar is not None:
         updates = {polar_keys[k]: v for k, v in overrides.items() if k in polar_keys}

@@ -18,6 +18,8 @@ by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabil
 5. A slice (or 2D image) without any origin keeps the coarse prediction there, and the log says
    so (with coarse origins such a slice only has components below the size rule, which become
    background as in the cascade).
+6. The objects report (``<case>.objects.json``): the output's components that hold an origin,
+   with their origins, and how many origins the polar network rejected (nothing predicted there).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, a
 from nnunet_stseg.adapters.predictor import StSPredictor
 from nnunet_stseg.core.centres import heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
-from nnunet_stseg.core.geometry import foreground_from_probabilities, probabilities_to_logits, size_thresholds
+from nnunet_stseg.core.geometry import (foreground_from_probabilities, foreground_probability, probabilities_to_logits,
+                                        size_thresholds)
+from nnunet_stseg.core.objects import objects_at_origins
 from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, from_polar, to_polar, unwrap_angles,
                                      wrap_angles)
 
@@ -165,6 +169,14 @@ class PolarPredictor(StSPredictor):
             network_s += tc - tb
         return score, class_sum, weight_sum, geometry_s, network_s
 
+    def _keep_polar_objects(self, probs: torch.Tensor, multilabel: bool, origins: np.ndarray,
+                            fallback: str | None) -> None:
+        """The objects report of the case: the output's components that hold an origin."""
+        if self._sts_config().objects_report:
+            self._keep_objects(objects_at_origins(foreground_from_probabilities(probs, multilabel).cpu().numpy(),
+                                                  foreground_probability(probs, multilabel).cpu().numpy(), origins),
+                               fallback)
+
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
         pp = self._sts_config().polar
         self._ensure_coarse()
@@ -195,6 +207,7 @@ class PolarPredictor(StSPredictor):
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
+            self._keep_polar_objects(probs, multilabel, origins, "coarse")
             return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self._log(f"{len(origins)} origin(s) ({source}) in {len(z_with)} slice(s)"
                   + (f"; {kept_coarse} slice(s) with coarse foreground but no heatmap peak keep the coarse "
@@ -207,6 +220,7 @@ class PolarPredictor(StSPredictor):
             probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,
                                            pp.fusion_high)
         geometry_s += self._clock() - td
+        self._keep_polar_objects(probs, multilabel, origins, "coarse in slices without origin" if kept_coarse else None)
         logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": geometry_s, "fine_s": fine_s,
                              "n_origins": int(len(origins)), "fallback": None}

@@ -51,7 +51,8 @@ from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (FoundObjects, crop_and_resample, find_objects, foreground_from_probabilities,
-                                        probabilities_to_logits, whole_image_boxes)
+                                        foreground_probability, probabilities_to_logits, recall_proposals,
+                                        whole_image_boxes)
 from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
@@ -495,8 +496,10 @@ class StSPredictor(PluginPredictor):
         return logits
 
     def _record_objects(self, found: FoundObjects | None, coarse_probs: torch.Tensor | None, multilabel: bool,
-                        fallback: str | None = None) -> None:
-        """Keep what this case's coarse stage found (on the preprocessed grid) for the objects report."""
+                        fallback: str | None = None, below: np.ndarray | None = None) -> None:
+        """Keep what this case's coarse stage found (on the preprocessed grid) for the objects report;
+        with ``below`` (N,) (recall-first proposals) each object says whether it was a coarse argmax
+        component or a proposal below the coarse decision."""
         if not self._sts_config().objects_report:
             return
         if found is None or len(found.ids) == 0:
@@ -504,12 +507,20 @@ class StSPredictor(PluginPredictor):
             record = {"tight": empty, "crop": empty, "voxels": [], "mean_probability": [],
                       "n_dropped": found.n_dropped if found is not None else 0}
         else:
-            fg = (coarse_probs.max(0).values if multilabel else 1.0 - coarse_probs[0]).cpu().numpy()
+            fg = foreground_probability(coarse_probs, multilabel).cpu().numpy()
             record = {"tight": found.tight_boxes, "crop": found.crop_boxes,
                       "voxels": np.bincount(found.labels.ravel())[found.ids],
                       "mean_probability": np.asarray(ndimage.mean(fg, found.labels, found.ids)),
                       "n_dropped": found.n_dropped}
-        self.__dict__["_case_objects"] = {**record, "fallback": fallback}
+            if below is not None:
+                record["proposal"] = ["below the coarse decision" if b else "coarse argmax" for b in below]
+        self._keep_objects(record, fallback)
+
+    def _keep_objects(self, found: dict, fallback: str | None) -> None:
+        """Keep a case's found objects (the ``found`` of :func:`~nnunet_stseg.core.objects.objects_report`,
+        on the preprocessed grid) until the case's report is written."""
+        if self._sts_config().objects_report:
+            self.__dict__["_case_objects"] = {**found, "fallback": fallback}
 
     def _report_objects(self, shape: tuple[int, ...]) -> None:
         """The objects report of the case just predicted: :attr:`last_objects`, and
@@ -574,12 +585,18 @@ class StSPredictor(PluginPredictor):
         foreground = foreground_from_probabilities(coarse_probs, multilabel)
         t1 = self._clock()
 
-        # 2. boxes from connected components
+        # 2. boxes from connected components: the argmax components and, with recall-first
+        # proposals, the regions the coarse model saw below its decision (sts.crop.proposal_threshold)
         crop = sts.crop
-        found = find_objects(foreground, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3())
+        proposals, n_extra = recall_proposals(foreground, foreground_probability(coarse_probs, multilabel),
+                                              crop.proposal_threshold, crop.active, max_extra=sts.max_crops)
+        found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3())
+        below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
+                 else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
+        del proposals
         boxes, n_dropped = found.crop_boxes, found.n_dropped
         fallback = None if len(boxes) else sts.fallback
-        self._record_objects(found, coarse_probs, multilabel, fallback)
+        self._record_objects(found, coarse_probs, multilabel, fallback, below if crop.proposal_threshold else None)
         # components below the size rule are noise: background. Outside every crop the exported
         # probabilities are then the coarse model's (the segmentation there is background either
         # way; an ensemble averages soft probabilities, not certainties: docs/design.md)
@@ -599,6 +616,8 @@ class StSPredictor(PluginPredictor):
         else:
             n_batches = -(-len(boxes) // sts.max_crops)
             self._log(f"{len(boxes)} object(s) cropped"
+                      + (f" ({int(below.sum())} below the coarse decision, foreground probability >= "
+                         f"{crop.proposal_threshold})" if below.any() else "")
                       + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
                          f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
                       + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))

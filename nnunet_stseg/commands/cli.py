@@ -18,6 +18,8 @@ DELEGATED = {
     "benchmark": ("nnunet_stseg.commands.benchmark", "inference time per stage, scaling and memory benchmarks"),
     "experiment-kvasir": ("nnunet_stseg.commands.experiment_kvasir",
                           "Kvasir-SEG: cascade vs downscaled baseline per S; native resolution"),
+    "experiment-recall": ("nnunet_stseg.commands.experiment_recall",
+                          "Kvasir-SEG: recall-first proposals and a fine stage that can reject (issue 22)"),
     "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),
     "experiment-polar": ("nnunet_stseg.commands.experiment_polar", "the polar stage on Cardiac Fat CT or Kvasir-SEG"),
     "experiment-cardiac3d": ("nnunet_stseg.commands.experiment_cardiac3d", "the 3D cascade on Cardiac Fat CT"),
@@ -44,6 +46,12 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "coarse model's grid")
     parser.add_argument("--jitter_image_fraction", type=float, default=None, help="training jitter (0.0625)")
     parser.add_argument("--jitter_box_fraction", type=float, default=None, help="training jitter cap (0.25)")
+    parser.add_argument("--proposal_threshold", type=_threshold_or_none, default=None,
+                        help="recall-first proposals: coarse regions with foreground probability >= this value "
+                             "(in (0, 0.5]) are cropped too; 'none' = argmax components only (none)")
+    parser.add_argument("--negative_fraction", type=float, default=None,
+                        help="fraction of fine training crops drawn where there is no object, so that the fine "
+                             "stage can reject a false proposal; 0 = object crops only (0)")
     parser.add_argument("--fallback", choices=("coarse", "whole"), default="coarse",
                         help="cases without any coarse component: keep the coarse prediction or run the fine "
                              "network on the whole image")
@@ -60,13 +68,19 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _threshold_or_none(raw: str) -> float | str:
+    return "none" if raw.lower() == "none" else float(raw)
+
+
 def plan_options_from_args(args: argparse.Namespace):
     """The :class:`~nnunet_stseg.adapters.config.PlanOptions` of ``nnunet-stseg plan``'s arguments."""
     from nnunet_stseg.adapters.config import PlanOptions
 
     crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size", "size_rule_grid",
-                                          "jitter_image_fraction", "jitter_box_fraction")
+                                          "jitter_image_fraction", "jitter_box_fraction", "negative_fraction")
             if getattr(args, k) is not None}
+    if args.proposal_threshold is not None:
+        crop["proposal_threshold"] = None if args.proposal_threshold == "none" else args.proposal_threshold
     # one size rule for crops and polar origins
     polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid")
              if getattr(args, k) is not None}

@@ -117,27 +117,29 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         for arm, config, trainer in (("baseline", coarse_c, DEFAULT_COARSE_TRAINER),
                                      ("cascade", fine_c, DEFAULT_FINE_TRAINER)):
             train_log = logs / f"train_{arm}_{s}.json"
-            _train(ds.name, config, trainer, device, env, logs / f"train_{arm}_{s}.log", train_log)
-            row[arm] = _predict_and_score(ds, workdir / f"pred_{arm}_{s}", dataset_id, config, trainer, device, env,
+            train_arm(ds.name, config, trainer, device, env, logs / f"train_{arm}_{s}.log", train_log)
+            row[arm] = predict_and_score(ds, workdir / f"pred_{arm}_{s}", dataset_id, config, trainer, device, env,
                                           logs / f"predict_{arm}_{s}.log", dataset_json, n_test, train_log)
         results["sizes"][s] = row
         write_json_atomic(results, workdir / "results.json", indent=1)
     return results
 
 
-def _predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, trainer: str, device: str, env: dict,
-                       log: Path, dataset_json: dict, n_test: int, train_log: Path) -> dict:
-    """Predict the test images with the stock ``nnUNetv2_predict`` (TTA off), score them with
-    nnU-Net's metrics; timing and peak RSS of the whole command."""
-    seconds, peak = run_measured(predict_command_line(ds / "imagesTs", out, dataset_id, config, trainer, [0], device,
-                                                       "--disable_tta"), env, log)
-    evaluate(out, ds / "labelsTs", dataset_json, out / "summary_test.json")
+def predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, trainer: str, device: str, env: dict,
+                      log: Path, dataset_json: dict, n_test: int, train_log: Path, images: Path | None = None,
+                      labels: Path | None = None) -> dict:
+    """Predict the test images (or ``images``, scored against ``labels``) with the stock
+    ``nnUNetv2_predict`` (TTA off), score them with nnU-Net's metrics; timing and peak RSS of the
+    whole command."""
+    seconds, peak = run_measured(predict_command_line(images or ds / "imagesTs", out, dataset_id, config, trainer, [0],
+                                                       device, "--disable_tta"), env, log)
+    evaluate(out, labels or ds / "labelsTs", dataset_json, out / "summary_test.json")
     return {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
             "peak_rss_mb": peak, "prediction": str(out),
             "train_s": json.loads(train_log.read_text())["seconds"] if train_log.is_file() else float("nan")}
 
 
-def _train(dataset: str, config: str, trainer: str, device: str, env: dict, log: Path, train_log: Path) -> None:
+def train_arm(dataset: str, config: str, trainer: str, device: str, env: dict, log: Path, train_log: Path) -> None:
     """Train fold 0 unless finished (an interrupted run resumes with ``--c``); its seconds go to
     ``train_log``."""
     t = train_fold(dataset, config, 0, trainer, device, env, log)
@@ -186,12 +188,12 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
     # cheap networks first: an interrupted run already has every cascade; nnU-Net 2d at its planned
     # patch is by far the slowest network to train on a CPU
     for arm, coarse_config, config, trainer in arms[1:] + arms[:1]:
-        _train(ds.name, config, trainer, device, env, logs / f"train_{config}.log",
+        train_arm(ds.name, config, trainer, device, env, logs / f"train_{config}.log",
                logs / f"train_{config}.json")
     for arm, coarse_config, config, trainer in arms:
         if arm.startswith("coarse_"):
             continue  # trained as the cascade's first stage; experiment 1 scores it as an arm of its own
-        r = _predict_and_score(ds, workdir / f"pred_{arm}", dataset_id, config, trainer, device, env,
+        r = predict_and_score(ds, workdir / f"pred_{arm}", dataset_id, config, trainer, device, env,
                                logs / f"predict_{arm}.log", dataset_json, n_test, logs / f"train_{config}.json")
         if arm.startswith("cascade_"):  # training time of the whole cascade = coarse + fine
             coarse_log = logs / f"train_{coarse_config}.json"

@@ -5,9 +5,10 @@ predicted area (the middle slice when nothing is predicted) next to a coronal ma
 strip (the whole volume at a glance, with the predicted outline projected onto it and the shown
 slice marked). The prediction's outline is drawn in red, the ground truth's (``-l``) in green,
 and the boxes of ``<case>.objects.json`` (what the cascade found: the object's tight box in
-yellow, the crop the fine network saw dashed) where the prediction folder has them. Plus
-``index.html`` (every case, its object count, its picture) and ``index.png`` (a contact sheet of
-the first ``--sheet`` cases). Works on any nnU-Net prediction folder, also without our JSON.
+yellow, the crop the fine network saw dashed, the polar stage's origins as crosses) where the
+prediction folder has them. Plus ``index.html`` (every case, its object count, its picture) and
+``index.png`` (a contact sheet of the first ``--sheet`` cases). Works on any nnU-Net prediction
+folder, also without our JSON.
 
     nnunet-stseg overlay -i imagesTs -p pred -o qa/ [-l labelsTs]
 """
@@ -63,20 +64,27 @@ def shown_slice(pred: np.ndarray) -> int:
 
 
 def _draw_boxes(ax, objects: list[dict], z: int | None, axes_yx: tuple[int, int]) -> int:
-    """Rectangles of the objects (tight box solid, crop box dashed) whose box holds slice ``z``
-    (all of them when ``z`` is None), on the plot axes ``axes_yx`` of the (z, y, x) box."""
+    """Rectangles of the objects (tight box solid, crop box dashed) and their origins (polar stage:
+    crosses) whose box holds slice ``z`` (all of them when ``z`` is None), on the plot axes
+    ``axes_yx`` of the (z, y, x) box."""
     from matplotlib.patches import Rectangle
 
     shown = 0
     ay, ax_ = axes_yx
     for obj in objects:
         for key, style in (("box", "-"), ("crop_box", "--")):
+            if key not in obj:
+                continue
             start, stop = obj[key]["start"], obj[key]["stop"]
             if z is not None and not start[0] <= z < stop[0]:
                 continue
             ax.add_patch(Rectangle((start[ax_] - 0.5, start[ay] - 0.5), stop[ax_] - start[ax_], stop[ay] - start[ay],
                                    fill=False, edgecolor="yellow", linestyle=style, linewidth=0.9))
             shown += key == "box"
+        for origin in obj.get("origins", []):
+            point = origin["index"]
+            if z is None or round(point[0]) == z:
+                ax.plot(point[ax_], point[ay], "+", color="yellow", markersize=6, markeredgewidth=1.0)
     return shown
 
 

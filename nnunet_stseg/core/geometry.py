@@ -17,7 +17,7 @@ neighbour crop -> paste reproduces every voxel of a box that is not larger than 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,17 @@ class CropParams:
       swamping small objects on large images: the object's centre always stays in its crop,
       its edges may be cut, which is the coarse-mask error the fine network must tolerate).
     - ``square``: make boxes square/cubic in physical units (mm), not in voxels.
+    - ``proposal_threshold``: recall-first proposals (issue 22): besides the coarse argmax
+      components, components of ``foreground probability >= proposal_threshold`` that hold no
+      argmax voxel become proposals too (at most ``max_crops`` more per case, the most probable
+      first); None = argmax components only (the published method). In (0, 0.5].
+    - ``negative_fraction``: training only: this fraction of the fine stage's crops is drawn where
+      the label has no foreground (sized like the case's object crops), so the fine network learns
+      to return nothing for a false proposal; 0 = crops around objects only (the published method).
+
+    Both default to the published method (None, 0): recall-first proposals did not raise the
+    validation DSC on Kvasir-SEG (docs/benchmarks/kvasir_recall.md); plans without the keys (made
+    before 0.3) get the same.
     """
 
     patch_size: tuple[int, ...]
@@ -57,6 +68,8 @@ class CropParams:
     jitter_box_fraction: float = 0.25
     square: bool = True
     size_rule_grid: str = "full"
+    proposal_threshold: float | None = None
+    negative_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -69,6 +82,11 @@ class CropParams:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.size_rule_grid not in ("full", "coarse"):
             raise ValueError(f"size_rule_grid must be 'full' or 'coarse', got {self.size_rule_grid!r}")
+        if self.proposal_threshold is not None and not 0 < self.proposal_threshold <= 0.5:
+            raise ValueError(f"proposal_threshold must be in (0, 0.5] or None (argmax components only), got "
+                             f"{self.proposal_threshold}")
+        if not 0 <= self.negative_fraction < 1:
+            raise ValueError(f"negative_fraction must be in [0, 1), got {self.negative_fraction}")
 
     @property
     def active(self) -> np.ndarray:
@@ -311,6 +329,73 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
                         int((~keep).sum()))
 
 
+def recall_proposals(foreground, probability, threshold: float | None, active: Sequence[bool],
+                     max_extra: int | None = None) -> tuple[np.ndarray, int]:
+    """The proposal mask of recall-first proposals: the coarse argmax ``foreground`` plus every
+    component of ``probability >= threshold`` that holds no argmax voxel (an object the coarse
+    stage saw but did not decide for), the ``max_extra`` with the highest peak probability first.
+    Argmax components keep exactly their own extent (their crops do not change). Connectivity
+    as :func:`component_boxes`. ``threshold`` None: the argmax foreground alone. Returns the mask
+    and the number of extra components added.
+
+    >>> fg = np.zeros((1, 1, 8), bool); fg[0, 0, 1:3] = True
+    >>> prob = np.array([[[0.1, 0.9, 0.8, 0.4, 0.05, 0.3, 0.35, 0.1]]])
+    >>> mask, n = recall_proposals(fg, prob, 0.25, [False, False, True])
+    >>> mask[0, 0].astype(int).tolist(), n  # x = 3 joins the argmax object's low halo: not added
+    ([0, 1, 1, 0, 0, 1, 1, 0], 1)
+    >>> recall_proposals(fg, prob, 0.25, [False, False, True], max_extra=0)[1]
+    0
+    """
+    fg = _as_numpy(foreground).astype(bool)
+    if threshold is None:
+        return fg, 0
+    prob = _as_numpy(probability)
+    labels, n = ndimage.label(prob >= threshold, structure=connectivity_structure(active))
+    if n == 0:
+        return fg, 0
+    holds_argmax = np.bincount(labels[fg], minlength=n + 1).astype(bool)
+    extra = np.flatnonzero(~holds_argmax[1:]) + 1
+    if len(extra) == 0:
+        return fg, 0
+    peaks = np.asarray(ndimage.maximum(prob, labels, extra)).reshape(-1)
+    extra = extra[np.argsort(-peaks, kind="stable")][:max_extra]
+    keep = np.zeros(n + 1, bool)
+    keep[extra] = True
+    return fg | keep[labels], int(len(extra))
+
+
+def sample_negative_box(image_shape: Sequence[int], sizes: np.ndarray, active: Sequence[bool],
+                        is_free: Callable[[np.ndarray], bool], rng: np.random.Generator, tries: int = 20,
+                        scale: tuple[float, float] = (0.75, 1.25)) -> np.ndarray | None:
+    """A training box (ndim, 2) that holds no object: one of ``sizes`` (N, ndim; the case's object
+    crop sizes, so a negative looks like a false proposal of the coarse stage in scale), scaled by
+    a uniform factor in ``scale`` along the active axes, placed uniformly inside the image (one
+    index along inactive axes), accepted when ``is_free(box)``; None after ``tries`` draws (an
+    image that objects fill).
+
+    >>> mask = np.zeros((1, 64, 64), bool); mask[0, :, :32] = True
+    >>> free = lambda b: not mask[tuple(slice(lo, hi) for lo, hi in b)].any()
+    >>> box = sample_negative_box((1, 64, 64), np.array([[1, 16, 16]]), [False, True, True], free,
+    ...                           np.random.default_rng(0))
+    >>> bool(box[2, 0] >= 32 and box[0].tolist() == [0, 1] and free(box))
+    True
+    """
+    shape = np.asarray(image_shape, dtype=np.int64)
+    active = np.asarray(active, dtype=bool)
+    sizes = np.asarray(sizes, dtype=float).reshape(-1, len(shape))
+    if len(sizes) == 0:
+        return None
+    for _ in range(int(tries)):
+        size = sizes[rng.integers(len(sizes))].copy()
+        size[active] *= rng.uniform(*scale)
+        size = np.where(active, np.clip(np.rint(size), 1, shape), 1).astype(np.int64)
+        start = np.array([rng.integers(0, s - z + 1) for s, z in zip(shape, size)], dtype=np.int64)
+        box = np.stack([start, start + size], axis=1)
+        if is_free(box):
+            return box
+    return None
+
+
 def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
                     rng: np.random.Generator | None = None, rule_spacing: Sequence[float] | None = None
                     ) -> tuple[np.ndarray, int]:
@@ -447,6 +532,16 @@ def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 
         log_not_p = torch.log1p(-p)
         return p.log_().sub_(log_not_p)
     return p.log_()
+
+
+def foreground_probability(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Probability (*spatial) that a voxel is foreground at all: 1 - background (softmax, channel 0
+    = background) or the largest region probability (sigmoid/regions).
+
+    >>> foreground_probability(torch.tensor([[0.7, 0.2], [0.1, 0.5], [0.2, 0.3]]), multilabel=False).tolist()
+    [0.30000001192092896, 0.800000011920929]
+    """
+    return probs.amax(0) if multilabel else 1.0 - probs[0]
 
 
 def foreground_from_probabilities(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:

@@ -18,8 +18,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["boxes_to_input_index", "index_to_world", "world_frame", "objects_report"]
+__all__ = ["boxes_to_input_index", "points_to_input_index", "index_to_world", "world_frame", "objects_at_origins",
+           "objects_report"]
 
 
 def boxes_to_input_index(boxes: np.ndarray, preprocessed_shape: Sequence[int], properties: dict,
@@ -41,6 +43,22 @@ def boxes_to_input_index(boxes: np.ndarray, preprocessed_shape: Sequence[int], p
     offset = np.asarray([lo for lo, _ in properties["bbox_used_for_cropping"]], dtype=float)
     mapped = boxes * scale[None, :, None] + offset[None, :, None]
     return mapped[:, list(transpose_backward)]
+
+
+def points_to_input_index(points: np.ndarray, preprocessed_shape: Sequence[int], properties: dict,
+                          transpose_backward: Sequence[int]) -> np.ndarray:
+    """Points (N, 3) in voxel-centre coordinates of the preprocessed grid -> voxel-centre
+    coordinates (N, 3) of the reader's input array (a point is a zero-size box at ``p + 0.5``).
+
+    >>> props = {"shape_after_cropping_and_before_resampling": (1, 40, 40),
+    ...          "bbox_used_for_cropping": [[0, 1], [0, 40], [5, 45]]}
+    >>> points_to_input_index(np.array([[0.0, 0.0, 9.5]]), (1, 20, 20), props, [0, 1, 2]).tolist()
+    [[0.0, 0.5, 24.5]]
+    """
+    edges = np.asarray(points, dtype=float).reshape(-1, 3) + 0.5
+    mapped = boxes_to_input_index(np.stack([edges, edges], axis=2), preprocessed_shape, properties,
+                                  transpose_backward)
+    return mapped[:, :, 0] - 0.5
 
 
 def world_frame(properties: dict) -> str:
@@ -84,6 +102,41 @@ def index_to_world(index: np.ndarray, properties: dict) -> np.ndarray:
     return index * spacing[None]
 
 
+def objects_at_origins(foreground: np.ndarray, probability: np.ndarray, origins: np.ndarray) -> dict:
+    """What a stage that starts from points (the polar stage's origins) found: the components of
+    its output ``foreground`` (Z, H, W), in-plane 8-connected per slice, that hold at least one
+    origin (N, 3) ``(z, y, x)``. Returns ``tight`` boxes (M, 3, 2), ``voxels`` (M,),
+    ``mean_probability`` (M,) of ``probability`` over each component, the ``origins`` of each
+    (list of (k, 3)), ``n_origins_rejected`` (origins whose view left nothing there: the
+    network rejected them) and ``n_components_without_origin`` (output components no origin
+    lies in).
+
+    >>> fg = np.zeros((1, 8, 8), bool); fg[0, 1:3, 1:4] = True; fg[0, 6, 6] = True
+    >>> found = objects_at_origins(fg, fg.astype(float), np.array([[0, 1.6, 2.2], [0, 5.0, 1.0]]))
+    >>> found["tight"].tolist(), found["voxels"].tolist(), found["n_origins_rejected"]
+    ([[[0, 1], [1, 3], [1, 4]]], [6], 1)
+    >>> found["n_components_without_origin"]
+    1
+    """
+    fg = np.asarray(foreground, dtype=bool)
+    origins = np.asarray(origins, dtype=float).reshape(-1, 3)
+    labels = np.zeros(fg.shape, np.int64)
+    n = 0
+    for z in range(fg.shape[0]):  # components never connect across slices
+        lab, k = ndimage.label(fg[z], structure=np.ones((3, 3), bool))
+        labels[z] = np.where(lab > 0, lab + n, 0)
+        n += k
+    at = np.clip(np.rint(origins).astype(np.int64), 0, np.asarray(fg.shape) - 1)
+    hit = labels[at[:, 0], at[:, 1], at[:, 2]] if len(at) else np.zeros(0, np.int64)
+    ids = np.unique(hit[hit > 0])
+    slices = ndimage.find_objects(labels, max_label=n)
+    tight = np.array([[[sl.start, sl.stop] for sl in slices[i - 1]] for i in ids], np.int64).reshape(-1, 3, 2)
+    return {"tight": tight, "voxels": np.bincount(labels.ravel(), minlength=n + 1)[ids],
+            "mean_probability": np.asarray(ndimage.mean(probability, labels, ids)).reshape(-1),
+            "origins": [origins[hit == i] for i in ids], "n_origins_rejected": int((hit == 0).sum()),
+            "n_components_without_origin": int(n - len(ids))}
+
+
 def _box_record(box: np.ndarray, properties: dict, frame: str) -> dict:
     """One continuous input-index box (3, 2) as voxels (integer ``[start, stop)``) and world mm."""
     start, stop = box[:, 0], box[:, 1]
@@ -95,10 +148,13 @@ def _box_record(box: np.ndarray, properties: dict, frame: str) -> dict:
 
 def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: dict | None,
                    transpose_backward: Sequence[int], grid_spacing: Sequence[float]) -> dict:
-    """The JSON-ready report of one case. ``found``: ``tight`` and ``crop`` boxes (N, 3, 2) on the
-    preprocessed grid, ``voxels`` (N,), ``mean_probability`` (N,), ``n_dropped``, ``fallback``;
-    ``grid_spacing``: the preprocessed grid's spacing (3 values, transposed order). Without
-    ``properties`` (a preprocessed array given directly) boxes stay on the preprocessed grid.
+    """The JSON-ready report of one case. ``found``: ``tight`` boxes (N, 3, 2) on the preprocessed
+    grid, ``voxels`` (N,), ``mean_probability`` (N,), ``fallback``, and where the stage has them:
+    ``crop`` boxes (N, 3, 2; the cascade), ``proposal`` (N strings: which rule proposed it),
+    ``origins`` (N arrays (k, 3); the polar stage),
+    ``n_dropped`` and any other ``n_*`` counts (copied as they are). ``grid_spacing``: the
+    preprocessed grid's spacing (3 values, transposed order). Without ``properties`` (a
+    preprocessed array given directly) boxes stay on the preprocessed grid.
 
     >>> found = {"tight": np.array([[[0, 1], [2, 4], [2, 6]]]), "crop": np.array([[[0, 1], [0, 8], [0, 8]]]),
     ...          "voxels": np.array([6]), "mean_probability": np.array([0.9]), "n_dropped": 0, "fallback": None}
@@ -111,23 +167,38 @@ def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: d
     is_2d = float(grid_spacing[0]) >= 998 * max(float(v) for v in grid_spacing[1:])
     voxel_size = float(np.prod(grid_spacing[1:] if is_2d else grid_spacing))
     frame = world_frame(properties) if properties is not None else "preprocessed grid"
-    report = {"n_objects": int(len(found["tight"])), "n_dropped_below_size_rule": int(found["n_dropped"]),
-              "fallback": found["fallback"], "axis_order": "input array (as nnU-Net's reader returns it: z, y, x)"
+    counts = {("n_dropped_below_size_rule" if k == "n_dropped" else k): int(v) for k, v in found.items()
+              if k.startswith("n_")}
+    report = {"n_objects": int(len(found["tight"])), **counts, "fallback": found["fallback"],
+              "axis_order": "input array (as nnU-Net's reader returns it: z, y, x)"
               if properties is not None else "preprocessed grid", "world_frame": frame, "objects": []}
-    if properties is not None:
-        tight = boxes_to_input_index(found["tight"], preprocessed_shape, properties, transpose_backward)
-        crop = boxes_to_input_index(found["crop"], preprocessed_shape, properties, transpose_backward)
-        input_spacing = np.asarray(properties.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
-    else:
-        tight, crop = np.asarray(found["tight"], float), np.asarray(found["crop"], float)
-        input_spacing = np.asarray(grid_spacing, dtype=float)
+
+    def to_input(boxes) -> np.ndarray:
+        if properties is None:
+            return np.asarray(boxes, float).reshape(-1, 3, 2)
+        return boxes_to_input_index(boxes, preprocessed_shape, properties, transpose_backward)
+
+    tight = to_input(found["tight"])
+    crop = to_input(found["crop"]) if "crop" in found else None
+    input_spacing = np.asarray(properties.get("spacing", (1.0, 1.0, 1.0)) if properties is not None else grid_spacing,
+                               dtype=float)
     where = properties if properties is not None else {"spacing": tuple(float(v) for v in grid_spacing)}
     for i in range(len(tight)):
         extent = (tight[i, :, 1] - tight[i, :, 0]) * input_spacing
         size = float(found["voxels"][i]) * voxel_size
-        obj = {"id": i + 1, "box": _box_record(tight[i], where, frame), "crop_box": _box_record(crop[i], where, frame),
-               "extent_mm": (extent[1:] if is_2d else extent).round(3).tolist(),
-               "area_mm2" if is_2d else "volume_mm3": round(size, 3),
-               "mean_foreground_probability": round(float(found["mean_probability"][i]), 4)}
+        obj = {"id": i + 1, "box": _box_record(tight[i], where, frame)}
+        if crop is not None:
+            obj["crop_box"] = _box_record(crop[i], where, frame)
+        if "origins" in found:
+            points = np.asarray(found["origins"][i], float).reshape(-1, 3)
+            if properties is not None:
+                points = points_to_input_index(points, preprocessed_shape, properties, transpose_backward)
+            obj["origins"] = [{"index": p.round(3).tolist(), "world_mm": w.round(3).tolist()}
+                              for p, w in zip(points, index_to_world(points, where))]
+        if "proposal" in found:
+            obj["proposal"] = found["proposal"][i]
+        obj.update({"extent_mm": (extent[1:] if is_2d else extent).round(3).tolist(),
+                    "area_mm2" if is_2d else "volume_mm3": round(size, 3),
+                    "mean_foreground_probability": round(float(found["mean_probability"][i]), 4)})
         report["objects"].append(obj)
     return report

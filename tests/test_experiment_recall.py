@@ -1,0 +1,75 @@
+"""Smoke run of ``nnunet-stseg experiment-recall`` (issue 22) on 30 real Kvasir images, the nnU-Net
+subprocesses replaced by ``fake_nnunet.FakeNNUNet`` (orchestration only: which networks are
+trained with which plans, which thresholds are tried on the VALIDATION images, which arm predicts
+with which model and proposal rule, what is resumed, what the report says)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import nnunet_stseg.commands.experiment_kvasir as experiment_kvasir
+import nnunet_stseg.commands.experiment_recall as experiment
+from nnunet_stseg.commands.experiment_recall import main
+
+from fake_nnunet import FakeNNUNet
+
+KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
+pytestmark = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
+
+
+@pytest.mark.slow  # converts and plans 30 real images (in-process)
+def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
+    fake = FakeNNUNet().install(monkeypatch, experiment, experiment_kvasir)
+    work, out = tmp_path / "work", tmp_path / "report.md"
+    args = ["--workdir", str(work), "--src", str(KVASIR), "--sizes", "16", "--features", "4", "--epochs", "1",
+            "--iters", "2", "--batch_size", "2", "--thresholds", "0.3", "0.1", "--limit", "30", "--out", str(out)]
+    main(args)
+    # networks: coarse at S and 2S, the published fine stage and the rejecting one, each once
+    trained = sorted((c.args[1], c.args[c.args.index("-tr") + 1]) for c in fake.of("nnUNetv2_train"))
+    assert trained == [("2d_sts_coarse_16", "nnUNetTrainer_StSCoarse"), ("2d_sts_coarse_32", "nnUNetTrainer_StSCoarse"),
+                       ("2d_sts_fine_16", "nnUNetTrainer_StSFine"), ("2d_sts_fine_16_rf", "nnUNetTrainer_StSFine")]
+    plans = json.loads(next((work / "nnUNet_preprocessed").glob("Dataset720_*/nnUNetPlans.json")).read_text())
+    crops = {c: plans["configurations"][c]["sts"]["crop"] for c in ("2d_sts_fine_16", "2d_sts_fine_16_rf")}
+    assert (crops["2d_sts_fine_16"]["proposal_threshold"], crops["2d_sts_fine_16"]["negative_fraction"]) == (None, 0)
+    assert crops["2d_sts_fine_16_rf"]["negative_fraction"] == 0.25
+    assert plans["configurations"]["2d_sts_fine_16_rf"]["data_identifier"] == \
+        plans["configurations"]["2d_sts_fine_16"]["data_identifier"], "the variant reuses the preprocessed data"
+    # thresholds are tried on the validation images only, for both fine models; then 6 test arms
+    predictions = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1],
+                    c.env.get("STSEG_PROPOSAL_THRESHOLD")) for c in fake.of("nnUNetv2_predict")
+                   if "--save_probabilities" not in c.args]
+    # plus one export of the coarse model's probabilities on the test images (why misses stay missed)
+    exports = [c for c in fake.of("nnUNetv2_predict") if "--save_probabilities" in c.args]
+    assert [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1]) for c in exports] == \
+        [("imagesTs", "2d_sts_coarse_16")]
+    validation = sorted((c, t) for i, c, t in predictions if i == "val_images")
+    assert validation == sorted((c, t) for c in ("2d_sts_fine_16", "2d_sts_fine_16_rf") for t in ("none", "0.3", "0.1"))
+    split = json.loads(next((work / "nnUNet_raw").glob("Dataset720_*/stseg_split.json")).read_text())
+    assert sorted(p.name for p in (work / "val_images").iterdir()) == sorted(f"{c}_0000.png" for c in split["val"])
+    test = [(c, t) for i, c, t in predictions if i == "imagesTs"]
+    results = json.loads((work / "results.json").read_text())
+    row = results["sizes"]["16"]
+    chosen = row["chosen_threshold"]
+    assert set(chosen.values()) <= {"none", "0.3", "0.1"}
+    assert test == [("2d_sts_coarse_16", None), ("2d_sts_fine_16", "none"), ("2d_sts_fine_16", chosen["fine"]),
+                    ("2d_sts_fine_16_rf", "none"), ("2d_sts_fine_16_rf", chosen["rejecting"]),
+                    ("2d_sts_fine_16", "0.1"), ("2d_sts_fine_16_rf", "0.1"), ("2d_sts_coarse_32", None)]
+    for name, _ in experiment.ARMS:
+        assert row[name]["n"] == 3 and 0 <= row[name]["missed"] <= 3
+    text = out.read_text()
+    for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
+                  "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
+                  "| recall-first, lowest t | 0.1 |"):
+        assert label in text
+    assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
+    # resumed: nothing trained or predicted again; the report is the same
+    fake.calls.clear()
+    main(args)
+    assert not fake.of("nnUNetv2_train") and not fake.of("nnUNetv2_predict")
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line for line in out.read_text().splitlines() if line.startswith("| ")] == table
+    again = tmp_path / "again.md"
+    main(["--workdir", str(work), "--report_only", "--out", str(again)])
+    assert f"Command: `nnunet-stseg experiment-recall {' '.join(args)}`" in again.read_text()
