@@ -588,8 +588,10 @@ class StSPredictor(PluginPredictor):
         # 2. boxes from connected components: the argmax components and, with recall-first
         # proposals, the regions the coarse model saw below its decision (sts.crop.proposal_threshold)
         crop = sts.crop
-        proposals, n_extra = recall_proposals(foreground, foreground_probability(coarse_probs, multilabel),
-                                              crop.proposal_threshold, crop.active, max_extra=sts.max_crops)
+        low = foreground_probability(coarse_probs, multilabel) if crop.proposal_threshold is not None else None
+        proposals, n_extra = recall_proposals(foreground, low, crop.proposal_threshold, crop.active,
+                                              max_extra=sts.max_crops)
+        del low
         found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3())
         below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
                  else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision

@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from nnunet_stseg.core.geometry import component_boxes
+
 __all__ = ["boxes_to_input_index", "points_to_input_index", "index_to_world", "world_frame", "objects_at_origins",
            "objects_report"]
 
@@ -120,18 +122,12 @@ def objects_at_origins(foreground: np.ndarray, probability: np.ndarray, origins:
     """
     fg = np.asarray(foreground, dtype=bool)
     origins = np.asarray(origins, dtype=float).reshape(-1, 3)
-    labels = np.zeros(fg.shape, np.int64)
-    n = 0
-    for z in range(fg.shape[0]):  # components never connect across slices
-        lab, k = ndimage.label(fg[z], structure=np.ones((3, 3), bool))
-        labels[z] = np.where(lab > 0, lab + n, 0)
-        n += k
+    labels, boxes = component_boxes(fg, [False, True, True])  # components never connect across slices
+    n = len(boxes)
     at = np.clip(np.rint(origins).astype(np.int64), 0, np.asarray(fg.shape) - 1)
     hit = labels[at[:, 0], at[:, 1], at[:, 2]] if len(at) else np.zeros(0, np.int64)
     ids = np.unique(hit[hit > 0])
-    slices = ndimage.find_objects(labels, max_label=n)
-    tight = np.array([[[sl.start, sl.stop] for sl in slices[i - 1]] for i in ids], np.int64).reshape(-1, 3, 2)
-    return {"tight": tight, "voxels": np.bincount(labels.ravel(), minlength=n + 1)[ids],
+    return {"tight": boxes[ids - 1].reshape(-1, 3, 2), "voxels": np.bincount(labels.ravel(), minlength=n + 1)[ids],
             "mean_probability": np.asarray(ndimage.mean(probability, labels, ids)).reshape(-1),
             "origins": [origins[hit == i] for i in ids], "n_origins_rejected": int((hit == 0).sum()),
             "n_components_without_origin": int(n - len(ids))}
