@@ -59,3 +59,16 @@ def test_memory_report(tmp_path):
         cells = [c.strip() for c in r.strip("|").split("|")]
         before, during, process = float(cells[6]), float(cells[7]), float(cells[9])
         assert 0 < before <= process and 0 < during <= process
+
+
+def test_size_loss_report(tmp_path):
+    out = tmp_path / "size_loss.md"
+    main(["--size_loss", "--size_loss_sides", "16", "--size_loss_batch", "2", "--features", "4", "--size_loss_steps",
+          "4", "--out", str(out)])
+    rows = [l for l in out.read_text().splitlines() if l.startswith("| 16 ")]
+    assert len(rows) == 1
+    cells = [float(c) for c in rows[0].strip("|").split("|")]
+    assert cells[4] > 0 and cells[3] >= cells[2] > 0  # every pixel costs more naive flips than object + border
+    trace = [l for l in out.read_text().splitlines() if l.startswith("| 6 |") or l.startswith("| 14 |")]
+    assert [l.split("|")[2].strip() for l in trace] == ["0", "1", "2", "4"] * 2
+    assert all(l.split("|")[5].strip() == "8" for l in trace[:1])  # the start: argmax size 8

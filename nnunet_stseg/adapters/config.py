@@ -140,6 +140,53 @@ class CentreParams:
         return cls(**checked_fields(cls, d, "centre"))
 
 
+SIZES_KEY = "sts_sizes"
+DEFAULT_SIZES_TRAINER = "nnUNetTrainer_StSSizes"
+
+
+@dataclass
+class SizeParams:
+    """Learning from object sizes (methods.md section 6; ``nnUNetTrainer_StSSizes``), stored as the
+    ``sts_sizes`` block of the configuration it trains (defaults when the block is absent).
+
+    - ``pretrain_epochs``: phase 1, pixel loss on the pixel-labelled cases only; None = half the
+      schedule. Phase 2 (the rest) adds the size loss on the size-only cases.
+    - ``size_weight``: weight of the size loss (the expected squared size error divided by the
+      squared target size); 0 = pixel labels only (the same trainer, the comparison arm). 0.1 was
+      chosen over 1 on validation images (docs/design.md "Learning from object sizes").
+    - ``pixel_weight``: weight of nnU-Net's pixel loss on the labelled cases during phase 2 (kept:
+      on the size loss alone the paper's IoU fell after ~20 epochs); 0 = the paper's phase 2.
+    - ``samples``: Bernoulli samples per image for the gradient estimate (the paper: 1).
+    - ``size_batch_size``: size-only images per phase-2 step (None: the configuration's batch).
+    - ``mirror``: random flips of the size-only images (they keep the size; the paper used none).
+    """
+
+    pretrain_epochs: int | None = None
+    size_weight: float = 0.1
+    pixel_weight: float = 1.0
+    samples: int = 1
+    size_batch_size: int | None = None
+    mirror: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.pretrain_epochs is not None and int(self.pretrain_epochs) < 0) or self.size_weight < 0 \
+                or self.pixel_weight < 0 or int(self.samples) < 1 \
+                or (self.size_batch_size is not None and int(self.size_batch_size) < 1):
+            raise ValueError(f"{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1 and "
+                             f"size_batch_size >= 1 (or null), got {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_configuration(cls, configuration: dict, where: str = "configuration") -> "SizeParams":
+        block = configuration.get(SIZES_KEY) or {}
+        try:
+            return cls(**checked_fields(cls, block, SIZES_KEY))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
 @dataclass
 class StSConfig:
     """Parameters of one segment-then-segment pipeline (stored in the fine configuration).

@@ -8,6 +8,11 @@
 of the same preprocessed image, against the number of objects (1 to 50 at 512 x 512) and against
 the image size (256 to 2048 at 5 objects), and draws both curves.
 
+``--size_loss`` times the size loss of ``nnUNetTrainer_StSSizes`` (see
+:mod:`nnunet_stseg.commands.benchmark_sizes`)::
+
+    nnunet-stseg benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
+
 ``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
 counts, each in a fresh process, to show what bounds the peak memory of a prediction:
 
@@ -280,9 +285,18 @@ def main(argv=None) -> None:
                    help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
     p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--size_loss", action="store_true",
+                   help="instead: what the size loss of nnUNetTrainer_StSSizes costs (flips, training step)")
+    p.add_argument("--size_loss_sides", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--size_loss_batch", type=int, default=16)
+    p.add_argument("--size_loss_steps", type=int, default=1000, help="steps of the free-logit trace (1000)")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
-    if args.scaling:
+    if args.size_loss:
+        from nnunet_stseg.commands.benchmark_sizes import size_loss_report
+
+        report = size_loss_report(args, cmd)
+    elif args.scaling:
         report = scaling(args, cmd)
     elif args.memory:
         report = memory(args, cmd)
