@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from os.path import join
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_stseg.adapters.config import SizeParams
-from nnunet_stseg.adapters.size_labels import SIZES_FILE, SizeLabelError, binary_labels, read_sizes
+from nnunet_stseg.adapters.size_labels import SIZES_FILE, SizeLabelError, binary_labels, in_plane_spacing, read_sizes
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.metrics import add_precision_recall
 from nnunet_stseg.core.sizes import object_size, size_loss_gradient
@@ -106,12 +107,11 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         taken out of the pixel training set and out of the validation set."""
         tr_keys, val_keys = super().do_split()
         sizes_mm = read_sizes(os.path.dirname(self.sizes_file()))
-        spacing = [float(s) for s in self.configuration_manager.spacing][-2:]
-        if abs(spacing[0] - spacing[1]) > 0.01 * max(spacing) or len(self.configuration_manager.patch_size) != 2:
-            raise SizeLabelError(f"configuration {self.configuration_name}: size supervision needs a 2D configuration "
-                                 f"with square pixels, got spacing {spacing} and patch "
+        where = f"configuration {self.configuration_name}"
+        if len(self.configuration_manager.patch_size) != 2:
+            raise SizeLabelError(f"{where}: size supervision needs a 2D configuration, got patch "
                                  f"{self.configuration_manager.patch_size}")
-        pixel_mm = sum(spacing) / 2
+        pixel_mm = in_plane_spacing(self.configuration_manager.spacing, where)
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         listed = [k for k in tr_keys if k in sizes_mm]
@@ -209,7 +209,7 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
                                    f"error of the argmax {record['size_error_px2']:.1f} px^2")
         if self.local_rank == 0:
             path = join(self.output_folder, LOG_FILE)
-            log = json.load(open(path)) if os.path.isfile(path) else []
+            log = json.loads(Path(path).read_text()) if os.path.isfile(path) else []
             log = [r for r in log if r.get("epoch") != record["epoch"]] + [record]
             write_json_atomic(log, path, indent=1)
 

@@ -96,7 +96,9 @@ def _reader(dataset_folder: Path, dataset_json: dict):
     return determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
 
 
-def _in_plane_spacing(spacing, where: str) -> float:
+def in_plane_spacing(spacing, where: str) -> float:
+    """The in-plane pixel size (mm) of nnU-Net spacing values (last two axes), or an error naming
+    ``where`` when the pixels are not square (1 % tolerance)."""
     sy, sx = (float(v) for v in list(spacing)[-2:])
     if abs(sy - sx) > ISOTROPY_TOLERANCE * max(sy, sx):
         raise SizeLabelError(f"{where}: in-plane spacing {sy:g} x {sx:g} mm is not square; a chessboard size in "
@@ -134,7 +136,7 @@ def check_size_dataset(dataset_folder: str | Path) -> SizeDatasetReport:
             problems.append(f"{path}: {seg.shape[0]} slices; size supervision is 2D (one image, one object per case)")
             continue
         try:
-            spacing = _in_plane_spacing(props["spacing"], str(path))
+            spacing = in_plane_spacing(props["spacing"], str(path))
         except SizeLabelError as e:
             problems.append(str(e))
             continue
@@ -256,7 +258,7 @@ def simulate_size_labels(source: str | Path, target_root: str | Path, dataset_id
         for img in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
             (out / "imagesTr" / img.name).symlink_to(img.resolve())
         seg, props = binary(source / "labelsTr" / f"{case}{ending}")
-        spacing = _in_plane_spacing(props["spacing"], str(source / "labelsTr" / f"{case}{ending}"))
+        spacing = in_plane_spacing(props["spacing"], str(source / "labelsTr" / f"{case}{ending}"))
         sizes[case] = float(object_size(torch.from_numpy(seg[0].astype(bool))[None])[0]) * spacing
         reader.write_seg(seg if case in pixel else np.full_like(seg, 2), str(out / "labelsTr" / f"{case}{ending}"),
                          props)

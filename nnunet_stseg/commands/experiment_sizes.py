@@ -40,8 +40,7 @@ from nnunet_stseg.adapters.config import DEFAULT_SIZES_TRAINER
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
                                           find_command, per_patient_split, pipeline_env, predict_command_line,
-                                          report_header, run, run_measured, set_batch_size, shared_data,
-                                          train_command_line)
+                                          report_header, run, run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 TRAINER = DEFAULT_SIZES_TRAINER
@@ -192,40 +191,35 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
 
 def train(name: str, config: str, env: dict, device: str, log: Path, pretrained: Path | None = None) -> Path:
     """Train fold 0 of one arm with the stock ``nnUNetv2_train`` unless finished (``--c`` after an
-    interruption); returns the fold folder."""
+    interruption, :func:`~nnunet_stseg.commands.runner.train_fold`); returns the fold folder."""
     from nnunet_stseg.adapters.results import model_folder
 
     fold_dir = model_folder(name, TRAINER, config, results_root=env["nnUNet_results"]) / "fold_0"
-    if (fold_dir / "checkpoint_final.pth").is_file():
-        return fold_dir
-    flags = ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else \
-        (["-pretrained_weights", str(pretrained)] if pretrained else [])
-    seconds = run(train_command_line(name, config, 0, TRAINER, device, *flags), env, log)
-    write_json_atomic({"seconds": seconds}, fold_dir / "train_seconds.json")
+    seconds = train_fold(name, config, 0, TRAINER, device, env, log,
+                         start_flags=("-pretrained_weights", str(pretrained)) if pretrained else ())
+    if seconds is not None:
+        write_json_atomic({"seconds": seconds}, fold_dir / "train_seconds.json")
     return fold_dir
 
 
 def score(pred: Path, labels: Path, dataset_json: dict) -> dict:
-    """DSC, IoU (nnU-Net's metrics; mean +- sd over images, %) and the squared size error
-    (pixels^2 of the S grid; mean +- sd) of a prediction folder."""
+    """nnU-Net's metrics (mean +- sd over images, %; :func:`experiment_kvasir.per_image_stats`) and
+    the squared size error (pixels^2 of the S grid; mean +- sd) of a prediction folder."""
     import torch
     from PIL import Image
 
+    from nnunet_stseg.commands.experiment_kvasir import per_image_stats
     from nnunet_stseg.core.sizes import object_size
 
     summary = pred / "summary_test.json"
     evaluate(pred, labels, dataset_json, summary)
-    per_case = json.loads(summary.read_text())["metric_per_case"]
-    metrics = [c["metrics"]["1"] for c in per_case]
     errors = []
-    for c in per_case:
+    for c in json.loads(summary.read_text())["metric_per_case"]:
         gt = np.asarray(Image.open(c["reference_file"])) > 0
         pr = np.asarray(Image.open(c["prediction_file"])) > 0
         sizes = object_size(torch.from_numpy(np.stack([gt, pr])))
         errors.append(float((sizes[0] - sizes[1]) ** 2))
-    return {"Dice": mean_sd([100 * m["Dice"] for m in metrics]), "IoU": mean_sd([100 * m["IoU"] for m in metrics]),
-            "size_error_px2": mean_sd(errors), "n": len(metrics),
-            "empty_predictions": count_empty_predictions([m["Precision"] for m in metrics])}
+    return {**per_image_stats(summary), "size_error_px2": mean_sd(errors)}
 
 
 def count_empty(results: dict, workdir: Path) -> None:

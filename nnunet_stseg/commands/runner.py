@@ -143,16 +143,17 @@ def predict_command_line(images, output, dataset, config: str, trainer: str, fol
 
 
 def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, env: dict, log: Path,
-               need_validation: bool = False) -> float | None:
+               need_validation: bool = False, start_flags: tuple[str, ...] = ()) -> float | None:
     """Train one fold with the stock ``nnUNetv2_train`` unless it is finished, so that a re-run
     experiment resumes where it stopped: an interrupted training continues with ``--c``; with
-    ``need_validation``, a finished one without its validation gets only ``--val``. Returns the
-    wall seconds, or None when there was nothing to do."""
+    ``need_validation``, a finished one without its validation gets only ``--val``. ``start_flags``
+    go only to a fresh start (e.g. ``-pretrained_weights FILE``). Returns the wall seconds, or None
+    when there was nothing to do."""
     fold_dir = model_folder(dataset, trainer, config, results_root=env["nnUNet_results"]) / f"fold_{fold}"
     finished = (fold_dir / "checkpoint_final.pth").is_file()
     if finished and not (need_validation and not (fold_dir / "validation" / "summary.json").is_file()):
         return None
-    extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else []
+    extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else list(start_flags)
     return run(train_command_line(dataset, config, fold, trainer, device, *extra), env, log)
 
 
