@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_stseg.adapters.config import (CentreParams, PlanOptions, PolarParams, StSConfig, coarse_config_name,
-                                          fine_config_name, polar_config_name)
+from nnunet_stseg.adapters.config import (E2E_KEY, CentreParams, E2EParams, PlanOptions, PolarParams, StSConfig,
+                                          coarse_config_name, e2e_config_name, fine_config_name, polar_config_name)
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
 from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
 from nnunet_stseg.core.geometry import CropParams
@@ -134,6 +134,17 @@ def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, 
     return polar_cfg
 
 
+def e2e_configuration(fine: dict, params: dict | None = None) -> dict:
+    """The end-to-end configuration: a copy of the 2d fine one (same full-resolution data, crop
+    parameters and coarse companion) with role ``e2e`` and an ``sts_e2e`` block
+    (:class:`~nnunet_stseg.adapters.config.E2EParams`; both modules take the coarse configuration's
+    architecture, read by the trainer from the plans)."""
+    cfg = deepcopy(fine)
+    cfg["sts"]["role"] = "e2e"
+    cfg[E2E_KEY] = E2EParams(**(params or {})).to_dict()
+    return cfg
+
+
 def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: PlanOptions) -> list[str]:
     """Add the configurations ``options`` asks for to ``plans`` (in place): coarse + fine for every
     dimensionality, the depth channel on the 2d ones, the 2d polar configuration. Returns the names
@@ -145,6 +156,10 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
     _check_dims(plans, dims, available)
     if options.polar and "2d" not in dims:
         raise ValueError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
+    if options.e2e and "2d" not in dims:
+        raise ValueError("the end-to-end model is 2D (slice by slice on 3D data): include 2d in --dims")
+    if options.e2e and options.depth_channel:
+        raise ValueError("the end-to-end model has no depth channel: plan --e2e and --depth into different plans")
     new: dict[str, dict] = {}
     for d in dims:
         base = configs["3d_fullres" if d == "3d" else "2d"]
@@ -161,6 +176,8 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
         new[coarse_name], new[fine_name] = coarse, fine
         if options.polar and d == "2d":
             new[polar_config_name(s)] = _polar_configuration(planner, plans, coarse, fine, c_spacing, options)
+        if options.e2e and d == "2d":
+            new[e2e_config_name(d, s)] = e2e_configuration(fine, options.e2e_params)
     configs.update(new)
     return list(new)
 

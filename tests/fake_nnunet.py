@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,11 @@ class FakeNNUNet:
         name = _dataset_folder(env["nnUNet_preprocessed"], dataset)
         folder = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__{config}" / f"fold_{fold}"
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"fake": True, "args": args}, folder / "checkpoint_final.pth")
+        torch.save({"fake": True, "args": args, "network_weights": {}}, folder / "checkpoint_final.pth")
+        preprocessed = Path(env["nnUNet_preprocessed"]) / name  # what nnU-Net copies into a model folder
+        for src, dst in (("dataset.json", "dataset.json"), ("nnUNetPlans.json", "plans.json")):
+            if (preprocessed / src).is_file():
+                shutil.copy2(preprocessed / src, folder.parent / dst)
         text = f"fake training {' '.join(args)}\n"
         (folder / "training_log_fake.txt").write_text(text)
         return text

@@ -68,7 +68,12 @@ def pipeline_2d(trained_2d):
 
 def test_2d_outputs_geometry_and_probabilities(pipeline_2d):
     res = pipeline_2d
-    out = res.predictions["cascade"]
+    _assert_probabilities_give_the_segmentations(res, res.predictions["cascade"])
+
+
+def _assert_probabilities_give_the_segmentations(res, out: Path) -> None:
+    """``--save_probabilities`` outputs: per case 2 x 1 x image probabilities summing to 1 whose
+    argmax is the exported segmentation (with the inputs' geometry), and the properties pickle."""
     _assert_outputs_match_inputs(res, out, {0, 1})
     for f in sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz")):
         case = f.name[: -len("_0000.nii.gz")]
@@ -77,10 +82,30 @@ def test_2d_outputs_geometry_and_probabilities(pipeline_2d):
         img = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         assert probs.shape == (2, 1, *img.shape)
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
-        # the exported segmentation is the argmax of the exported probabilities
         assert np.array_equal(np.argmax(probs, 0)[0], seg)
         with open(out / f"{case}.pkl", "rb") as fh:
             assert isinstance(pickle.load(fh), dict)
+
+
+def test_end_to_end_model_through_the_stock_clis(pipeline_2d):
+    """Issue 19: ``nnUNetv2_train ... -tr nnUNetTrainer_StSEndToEnd`` started from the coarse fold
+    model, validated the whole model at full resolution; ``nnUNetv2_predict`` wrote segmentations
+    with the inputs' geometry and probabilities whose argmax they are; one model folder, no
+    companion."""
+    import json
+
+    res = pipeline_2d
+    _assert_probabilities_give_the_segmentations(res, res.predictions["e2e"])
+    fold_dir = model_folder(res, "nnUNetTrainer_StSEndToEnd", res.e2e_config) / "fold_0"
+    log = "".join(p.read_text() for p in fold_dir.glob("training_log_*.txt"))
+    assert "both modules initialised from the coarse model" in log and "End-to-end validation complete" in log
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert {"Dice", "Precision", "Recall"} <= set(summary["foreground_mean"]) and summary["metric_per_case"]
+    import torch
+    weights = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert any(k.startswith("coarse.") for k in weights) and any(k.startswith("fine.") for k in weights)
+    predict_log = (res.workdir / "logs" / "predict_e2e.log").read_text()
+    assert "end-to-end model:" in predict_log and "coarse model:" not in predict_log  # one model, no companion
 
 
 def test_2d_fold_validation_reports_cascade_metrics(pipeline_2d):

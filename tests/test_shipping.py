@@ -153,6 +153,17 @@ def test_the_exported_polar_model_brings_its_centre_point_model(trained_2d, tmp_
     _same_segmentations(out, res.predictions["polar_heatmap"])
 
 
+def test_the_exported_end_to_end_model_predicts_alone(trained_2d, tmp_path):
+    """The end-to-end model is one network in one checkpoint: its zip is all it needs (nothing else
+    in the empty results folder), and it predicts what it predicted where it was trained."""
+    res = trained_2d
+    installed, env = _install(res, tmp_path, res.e2e_config, "nnUNetTrainer_StSEndToEnd", ("0",))
+    out = tmp_path / "out"
+    _run(["nnUNetv2_predict_from_modelfolder", "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out),
+          "-m", str(installed), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    _same_segmentations(out, res.predictions["e2e"])
+
+
 def test_the_exported_depth_cascade_predicts_alone(trained_3d, tmp_path):
     """The 2d cascade with the depth channel on 3D volumes travels the same way."""
     res = trained_3d

@@ -25,12 +25,7 @@ from os.path import join
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
-from nnunetv2.configuration import default_num_processes
-from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from torch import distributed as dist
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.bundle import embed_companions
@@ -43,7 +38,7 @@ from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_re
 from nnunet_stseg.core.metrics import add_precision_recall
 from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
-from nnunet_stseg.trainers.validation import validation_cases, validation_predictor
+from nnunet_stseg.trainers.validation import validate_whole_model, validation_predictor
 
 SCHEDULE_FILE = "nnunet_stseg_schedule.json"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
@@ -331,27 +326,9 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
                                    f"{self.fold} -tr {self.__class__.__name__} --val", also_print_to_console=True)
             self.set_deep_supervision_enabled(True)
             return
-        out_dir = join(self.output_folder, "validation")
-        maybe_mkdir_p(out_dir)
-        for k, data, _, properties in validation_cases(self, depth):
-            logits = predictor.predict_logits_from_preprocessed_data(data)
-            export_prediction_from_logits(logits, properties, self.configuration_manager, self.plans_manager,
-                                          self.dataset_json, join(out_dir, k), save_probabilities)
-            self.print_to_log_file(f"cascade validation {k}: {predictor.last_timings}")
-        if self.is_ddp:
-            dist.barrier()
-        if self.local_rank == 0:
-            lm = self.label_manager
-            compute_metrics_on_folder(
-                join(self.preprocessed_dataset_folder_base, "gt_segmentations"), out_dir,
-                join(out_dir, "summary.json"), self.plans_manager.image_reader_writer_class(),
-                self.dataset_json["file_ending"], lm.foreground_regions if lm.has_regions else lm.foreground_labels,
-                lm.ignore_label, chill=True, num_processes=default_num_processes)
-            fm = add_precision_recall(join(out_dir, "summary.json"))["foreground_mean"]
-            self.print_to_log_file(f"Cascade validation complete (coarse fold model + {self.sts_role} stage)",
-                                   also_print_to_console=True)
-            self.print_to_log_file(f"Mean Validation Dice: {fm['Dice']:.4f}, precision {fm['Precision']:.4f}, "
-                                   f"recall {fm['Recall']:.4f}", also_print_to_console=True)
+        validate_whole_model(self, predictor, "Cascade", save_probabilities,
+                             case_log=lambda k: predictor.last_timings,
+                             done=f"Cascade validation complete (coarse fold model + {self.sts_role} stage)")
         self.set_deep_supervision_enabled(True)
 
 

@@ -7,14 +7,20 @@ a segmentation; match heatmap peaks) and what it writes.
 """
 from __future__ import annotations
 
+from os.path import join
 from typing import Iterator
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import distributed as dist
 
 from nnunet_stseg.core.depth import append_depth_channel, depths_from_properties
+from nnunet_stseg.core.metrics import add_precision_recall
 
 
 def add_depth_to_case(data, properties: dict, slice_axis: int):
@@ -56,6 +62,38 @@ def validation_cases(trainer, depth: bool = False) -> Iterator[tuple[str, torch.
         data = (add_depth_to_case(data, properties, trainer.plans_manager.transpose_forward[0]) if depth
                 else np.asarray(data[:]))
         yield key, torch.as_tensor(data), np.asarray(seg), properties
+
+
+def validate_whole_model(trainer, predictor, what: str, save_probabilities: bool = False, case_log=None,
+                         done: str | None = None) -> None:
+    """The final validation of a model whose predictor turns a full-resolution case into logits
+    (the cascade, the end-to-end model): each of this rank's validation cases through
+    ``predictor.predict_logits_from_preprocessed_data``, exported with nnU-Net's own export into
+    ``validation/``, scored on rank 0 with nnU-Net's metrics against the full-resolution ground
+    truth, precision and recall added to ``summary.json``, the mean printed. ``case_log(key)``
+    (optional) returns a line logged after each case; ``done`` replaces the closing line."""
+    depth = getattr(predictor, "depth_channel", False)
+    out_dir = join(trainer.output_folder, "validation")
+    maybe_mkdir_p(out_dir)
+    for k, data, _, properties in validation_cases(trainer, depth):
+        logits = predictor.predict_logits_from_preprocessed_data(data)
+        export_prediction_from_logits(logits, properties, trainer.configuration_manager, trainer.plans_manager,
+                                      trainer.dataset_json, join(out_dir, k), save_probabilities)
+        if case_log is not None:
+            trainer.print_to_log_file(f"{what.lower()} validation {k}: {case_log(k)}")
+    if trainer.is_ddp:
+        dist.barrier()
+    if trainer.local_rank == 0:
+        lm = trainer.label_manager
+        compute_metrics_on_folder(
+            join(trainer.preprocessed_dataset_folder_base, "gt_segmentations"), out_dir,
+            join(out_dir, "summary.json"), trainer.plans_manager.image_reader_writer_class(),
+            trainer.dataset_json["file_ending"], lm.foreground_regions if lm.has_regions else lm.foreground_labels,
+            lm.ignore_label, chill=True, num_processes=default_num_processes)
+        fm = add_precision_recall(join(out_dir, "summary.json"))["foreground_mean"]
+        trainer.print_to_log_file(done or f"{what} validation complete", also_print_to_console=True)
+        trainer.print_to_log_file(f"Mean Validation Dice: {fm['Dice']:.4f}, precision {fm['Precision']:.4f}, "
+                                  f"recall {fm['Recall']:.4f}", also_print_to_console=True)
 
 
 def gather_on_rank0(trainer, per_case: dict) -> dict | None:

@@ -18,7 +18,7 @@ DEFAULT_POLAR_TRAINER = "nnUNetTrainer_StSPolar"
 DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
 FALLBACKS = ("coarse", "whole")
 ORIGIN_SOURCES = ("coarse", "heatmap")
-ROLES = ("coarse", "fine", "polar")
+ROLES = ("coarse", "fine", "polar", "e2e")
 
 
 def grid_spacing3(spacing) -> list[float]:
@@ -144,6 +144,15 @@ SIZES_KEY = "sts_sizes"
 DEFAULT_SIZES_TRAINER = "nnUNetTrainer_StSSizes"
 
 
+def optional_block(cls, configuration: dict, key: str, where: str = "configuration"):
+    """The dataclass ``cls`` from the configuration's block ``key`` (its defaults when the block is
+    absent); an unknown key or a bad value is an error naming ``where``."""
+    try:
+        return cls(**checked_fields(cls, configuration.get(key) or {}, key))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 @dataclass
 class SizeParams:
     """Learning from object sizes (methods.md section 6; ``nnUNetTrainer_StSSizes``), stored as the
@@ -180,11 +189,64 @@ class SizeParams:
 
     @classmethod
     def from_configuration(cls, configuration: dict, where: str = "configuration") -> "SizeParams":
-        block = configuration.get(SIZES_KEY) or {}
-        try:
-            return cls(**checked_fields(cls, block, SIZES_KEY))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from None
+        return optional_block(cls, configuration, SIZES_KEY, where)
+
+
+E2E_KEY = "sts_e2e"
+DEFAULT_E2E_TRAINER = "nnUNetTrainer_StSEndToEnd"
+
+
+def e2e_config_name(dim: str, size: int) -> str:
+    """Name of the end-to-end configuration, e.g. ``2d_sts_e2e_64`` (it inherits from the fine one)."""
+    return f"{dim}_sts_e2e_{int(size)}"
+
+
+@dataclass
+class E2EParams:
+    """The end-to-end crop-guided network (methods.md section 2; ``nnUNetTrainer_StSEndToEnd``),
+    stored as the ``sts_e2e`` block of the configuration it trains (defaults when it is absent).
+    The model's other parameters come from the configuration's ``sts`` block: the coarse
+    configuration (both modules' architecture and input size m; its model of the same fold is the
+    pre-trained start) and ``crop`` (context margin, size rule and squaring of per-object boxes).
+
+    - ``box_rule``: ``all`` (the thesis: one box around all coarse foreground, the margin, clipped
+      to the image, the whole image when the mask is empty) or ``objects`` (the cascade's boxes:
+      one squared, padded box per coarse component, fused by max). ``all`` was chosen on the
+      validation images (docs/design.md "End-to-end crop-guided network").
+    - ``coarse_loss_weight`` / ``fine_loss_weight``: the loss is ``fine_loss_weight`` x nnU-Net's
+      loss on the fine output (in the crop, against the label cut at the same box) plus
+      ``coarse_loss_weight`` x the same loss on the coarse output (against the label downscaled,
+      nearest): it keeps the coarse module a localiser.
+    - ``canvas``: training samples are whole images (one slice of a volume) resampled to this
+      in-plane size before nnU-Net's augmentation (batches need one size); None = the
+      configuration's median image size, i.e. full resolution for the typical case.
+    - ``pretrained``: start both modules from the coarse model of the same fold when it exists (the
+      thesis's initialisation); False = from scratch.
+    """
+
+    box_rule: str = "all"
+    coarse_loss_weight: float = 1.0
+    fine_loss_weight: float = 1.0
+    canvas: list[int] | None = None
+    pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        from nnunet_stseg.core.crop_guided import BOX_RULES
+        if self.box_rule not in BOX_RULES:
+            raise ValueError(f"{E2E_KEY}.box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
+        if self.coarse_loss_weight < 0 or self.fine_loss_weight <= 0:
+            raise ValueError(f"{E2E_KEY} needs coarse_loss_weight >= 0 and fine_loss_weight > 0, got {self}")
+        if self.canvas is not None:
+            self.canvas = [int(c) for c in self.canvas]
+            if any(c < 8 for c in self.canvas):
+                raise ValueError(f"{E2E_KEY}.canvas must be >= 8 per axis, got {self.canvas}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_configuration(cls, configuration: dict, where: str = "configuration") -> "E2EParams":
+        return optional_block(cls, configuration, E2E_KEY, where)
 
 
 @dataclass
@@ -206,7 +268,7 @@ class StSConfig:
       world coordinates) next to each prediction (``STSEG_OBJECTS_REPORT=0`` switches it off).
     """
 
-    role: Literal["coarse", "fine", "polar"]
+    role: Literal["coarse", "fine", "polar", "e2e"]
     input_size: int
     coarse_configuration: str
     coarse_trainer: str = DEFAULT_COARSE_TRAINER
@@ -256,8 +318,8 @@ class StSConfig:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
         if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
             raise ValueError(f"{where}: sts.max_crops and sts.crops_per_batch must be >= 1")
-        if cfg.role == "fine" and cfg.crop is None:
-            raise ValueError(f"{where}: fine configuration without sts.crop parameters")
+        if cfg.role in ("fine", "e2e") and cfg.crop is None:
+            raise ValueError(f"{where}: {cfg.role} configuration without sts.crop parameters")
         if cfg.role == "polar" and cfg.polar is None:
             raise ValueError(f"{where}: polar configuration without sts.polar parameters")
         return cfg
@@ -265,9 +327,10 @@ class StSConfig:
 
 def trainer_for_role(sts: StSConfig | dict) -> str:
     """The trainer that trains (and whose name predicts) a configuration of ours, from its ``sts``
-    block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` -> ours."""
+    block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` / ``e2e`` -> ours."""
     block = sts.to_dict() if isinstance(sts, StSConfig) else sts
-    trainers = {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER}
+    trainers = {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER,
+                "e2e": DEFAULT_E2E_TRAINER}
     return trainers[block["role"]]
 
 
@@ -320,6 +383,7 @@ class PlanOptions:
     - ``crop``: :class:`CropParams` fields to set (e.g. ``{"margin_fraction": 0.2}``);
       ``fallback``: see :class:`StSConfig`; ``depth_channel``: 2d pipelines get the depth channel;
     - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields.
+    - ``e2e``: add the 2d end-to-end configuration; ``e2e_params``: :class:`E2EParams` fields.
 
     >>> PlanOptions(input_size=32, crop={"margin_fraction": 0.2}).crop
     {'margin_fraction': 0.2}
@@ -340,6 +404,8 @@ class PlanOptions:
     depth_channel: bool = False
     polar: bool = False
     polar_params: dict = field(default_factory=dict)
+    e2e: bool = False
+    e2e_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if int(self.input_size) < 8:
@@ -353,6 +419,7 @@ class PlanOptions:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         checked_fields(CropParams, self.crop, "crop")
         checked_fields(PolarParams, self.polar_params, "polar")
+        E2EParams(**checked_fields(E2EParams, self.e2e_params, E2E_KEY))
         for name in ("base_features", "max_features", "batch_size"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:

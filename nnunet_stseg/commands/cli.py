@@ -21,6 +21,8 @@ DELEGATED = {
                           "Kvasir-SEG: cascade vs downscaled baseline per S; native resolution"),
     "experiment-recall": ("nnunet_stseg.commands.experiment_recall",
                           "Kvasir-SEG: recall-first proposals and a fine stage that can reject (issue 22)"),
+    "experiment-e2e": ("nnunet_stseg.commands.experiment_e2e",
+                       "Kvasir-SEG: the end-to-end crop-guided network vs the cascade and the baseline (issue 19)"),
     "experiment-sizes": ("nnunet_stseg.commands.experiment_sizes",
                          "learning from object sizes with simulated weak labels (Kvasir-SEG, Cardiac Fat CT)"),
     "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),
@@ -62,6 +64,12 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="2d pipelines get the depth channel (normalised slice depth; 3D datasets only)")
     parser.add_argument("--polar", action="store_true",
                         help="also add the 2d polar configuration 2d_sts_polar_S (origins from the coarse model)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also add the 2d end-to-end crop-guided configuration 2d_sts_e2e_S "
+                             "(train with -tr nnUNetTrainer_StSEndToEnd)")
+    parser.add_argument("--e2e_box_rule", choices=("all", "objects"), default=None,
+                        help="end-to-end model: one box around all coarse foreground (the thesis's, default) or "
+                             "one box per coarse object (the cascade's)")
     parser.add_argument("--fusion_high", type=float, default=None,
                         help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
@@ -89,7 +97,8 @@ def plan_options_from_args(args: argparse.Namespace):
              if getattr(args, k) is not None}
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
                        max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
-                       depth_channel=args.depth, polar=args.polar, polar_params=polar)
+                       depth_channel=args.depth, polar=args.polar, polar_params=polar, e2e=args.e2e,
+                       e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {})
 
 
 def _run_plan(args: argparse.Namespace) -> None:

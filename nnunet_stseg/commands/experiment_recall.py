@@ -43,16 +43,18 @@ from __future__ import annotations
 import json
 from copy import deepcopy
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
-from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
-                                          plan_command_line, predict_command_line, report_header, run, shared_data)
+                                          plan_command_line, predict_command_line, publish_report, report_header,
+                                          results_or_run, run, shared_data)
 from nnunet_stseg.settings import PROPOSAL_THRESHOLD_ENV
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
@@ -93,6 +95,30 @@ def validation_folders(ds: Path, workdir: Path) -> tuple[Path, Path]:
             if not dst.exists():
                 dst.symlink_to(src)
     return images, labels
+
+
+def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, limit: int | None = None,
+                       src: Path | None = None, dataset_id: int = 720) -> SimpleNamespace:
+    """The work folder the Kvasir-SEG 256 x 256 experiments share (recall-first, end-to-end): the
+    stock commands' environment and logs, the dataset converted once with the seeded split, links
+    to its validation images. Fields: ``workdir, env, logs, ds, dataset_json, n_test, val_images,
+    val_labels, n_val``."""
+    from nnunet_stseg.data.kvasir import convert_kvasir, kvasir_ids
+
+    workdir = Path(workdir).resolve()
+    env = pipeline_env(workdir, epochs, iters)
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    raw = Path(env["nnUNet_raw"])
+    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
+    src = Path(src) if src else shared_data() / "kvasir-seg"
+    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=256, seed=seed,
+                                                     ids=kvasir_ids(src)[:limit] if limit else None)
+    val_images, val_labels = validation_folders(ds, workdir)
+    return SimpleNamespace(workdir=workdir, env=env, logs=logs, ds=ds,
+                           dataset_json=json.loads((ds / "dataset.json").read_text()),
+                           n_test=len(list((ds / "imagesTs").glob("*.png"))), val_images=val_images,
+                           val_labels=val_labels, n_val=len(list(val_images.glob("*.png"))))
 
 
 def proposal_counts(prediction: Path) -> dict:
@@ -199,23 +225,13 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                    device: str, thresholds: list[float], negative_fraction: float, seed: int = 0,
                    limit: int | None = None, src: Path | None = None, repredict: bool = False,
                    dataset_id: int = 720) -> dict:
-    from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
+    from nnunet_stseg.data.kvasir import install_split
 
-    workdir = Path(workdir).resolve()
-    env = pipeline_env(workdir, epochs, iters)
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
+    workdir, env, logs, ds, dataset_json = w.workdir, w.env, w.logs, w.ds, w.dataset_json
+    n_test, val_images, val_labels, n_val = w.n_test, w.val_images, w.val_labels, w.n_val
     results_file = workdir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() and not repredict else {}
-    raw = Path(env["nnUNet_raw"])
-    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
-    src = Path(src) if src else shared_data() / "kvasir-seg"
-    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=256, seed=seed,
-                                                     ids=kvasir_ids(src)[:limit] if limit else None)
-    dataset_json = json.loads((ds / "dataset.json").read_text())
-    n_test = len(list((ds / "imagesTs").glob("*.png")))
-    val_images, val_labels = validation_folders(ds, workdir)
-    n_val = len(list(val_images.glob("*.png")))
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
     results.update({"dataset_folder": str(ds), "budget": {
         "features": features, "epochs": epochs, "iters": iters, "device": device, "seed": seed, "dataset": ds.name,
@@ -362,26 +378,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
     results_file = args.workdir.resolve() / "results.json"
+    results = results_or_run(p, args.report_only, results_file, lambda: run_experiment(
+        args.workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size, args.device,
+        args.thresholds, args.negative_fraction, seed=args.seed, limit=args.limit, src=args.src,
+        repredict=args.repredict), cmd)
     if args.report_only:
-        if not results_file.is_file():
-            p.error(f"--report_only: {results_file} does not exist; run the experiment first")
-        results = json.loads(results_file.read_text())
         preprocessed = next((args.workdir.resolve() / "nnUNet_preprocessed").glob("Dataset*"), None)
         for s, row in results["sizes"].items():  # results of a run made before this figure existed
             if "negative_room" not in row and preprocessed is not None:
                 row["negative_room"] = negative_room(preprocessed, rejecting_config_name(int(s)))
                 write_json_atomic(results, results_file, indent=1)
-    else:
-        results = run_experiment(args.workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size,
-                                 args.device, args.thresholds, args.negative_fraction, seed=args.seed,
-                                 limit=args.limit, src=args.src, repredict=args.repredict)
-        results["command"] = cmd
-        write_json_atomic(results, results_file, indent=1)
-    text = report(results, results.get("command", cmd))
-    print(text)
-    if args.out is not None:
-        write_atomic(args.out, text)
-
+    publish_report(report(results, results.get("command", cmd)), args.out)
 
 if __name__ == "__main__":
     main()

@@ -203,6 +203,32 @@ def set_batch_size(plans_file: Path, configuration: str, batch_size: int) -> dic
     return cfg
 
 
+def results_or_run(parser: argparse.ArgumentParser, report_only: bool, results_file: Path, run_experiment,
+                   cmd: str) -> dict:
+    """An experiment's results: with ``report_only`` those of ``results_file`` (an error when the
+    experiment has not run), else ``run_experiment()``'s, recorded with the command line that made
+    them in ``results_file``."""
+    from nnunet_stseg.atomic import write_json_atomic
+
+    if report_only:
+        if not results_file.is_file():
+            parser.error(f"--report_only: {results_file} does not exist; run the experiment first")
+        return json.loads(results_file.read_text())
+    results = run_experiment()
+    results["command"] = cmd
+    write_json_atomic(results, results_file, indent=1)
+    return results
+
+
+def publish_report(text: str, out: Path | None) -> None:
+    """Print a report and, with ``out``, write it there (atomically)."""
+    from nnunet_stseg.atomic import write_atomic
+
+    print(text)
+    if out is not None:
+        write_atomic(out, text)
+
+
 def report_header(title: str, command: str) -> list[str]:
     """The first lines of every report: its title, the command that regenerates it and the
     machine it ran on (markdown, two trailing spaces = line break)."""
