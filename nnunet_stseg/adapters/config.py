@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, Sequence
 
+from nnunet_stseg.core.crop_guided import BOX_RULES
 from nnunet_stseg.core.geometry import CropParams, checked_fields
 
 STS_KEY = "sts"
@@ -197,7 +198,7 @@ DEFAULT_E2E_TRAINER = "nnUNetTrainer_StSEndToEnd"
 
 
 def e2e_config_name(dim: str, size: int) -> str:
-    """Name of the end-to-end configuration, e.g. ``2d_sts_e2e_64`` (it inherits from the fine one)."""
+    """Name of the end-to-end configuration, e.g. ``2d_sts_e2e_64`` (a copy of the fine one, role ``e2e``)."""
     return f"{dim}_sts_e2e_{int(size)}"
 
 
@@ -231,7 +232,6 @@ class E2EParams:
     pretrained: bool = True
 
     def __post_init__(self) -> None:
-        from nnunet_stseg.core.crop_guided import BOX_RULES
         if self.box_rule not in BOX_RULES:
             raise ValueError(f"{E2E_KEY}.box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
         if self.coarse_loss_weight < 0 or self.fine_loss_weight <= 0:

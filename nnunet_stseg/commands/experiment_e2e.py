@@ -202,9 +202,11 @@ def report(results: dict, cmd: str) -> str:
              f"256 x 256; {b['n_test']} test images, the box rule chosen on the {b['n_val']} validation images. "
              f"The end-to-end models start from the baseline's coarse model (the thesis's pre-training) and train "
              f"for one more schedule, like the cascade's fine stage: every arm but the baseline costs two networks' "
-             f"training. At this budget the same arm varies by 2-4 DSC points between runs: every end-to-end arm "
-             f"was trained up to {runs} time(s) from the same coarse model (runs listed separately), and the end-to-end "
-             f"arms and the cascade share that coarse model (a paired comparison).", ""]
+             f"training. At this budget the same arm varies by 2-4 DSC points between runs; the end-to-end models "
+             f"and the cascade share one coarse model per S (a paired comparison), and each end-to-end model was "
+             + ("trained once." if runs == 1 else f"trained up to {runs} times from it (runs listed separately).")
+             + " The last rows score the end-to-end models' coarse modules alone, as downscaled baselines (what the "
+             "joint training did to the coarse model they started from).", ""]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
         runs = int(row.get("runs", 1))
         val = {RULES[a]: " / ".join(f"{row[k]['Dice'][0]:.2f}" for r in range(1, runs + 1)
