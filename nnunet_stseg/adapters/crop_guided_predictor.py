@@ -26,9 +26,9 @@ import torch
 
 from nnunet_stseg.adapters.config import E2EParams, StSConfig, grid_spacing3
 from nnunet_stseg.adapters.predictor import PluginPredictor
-from nnunet_stseg.core.crop_guided import CropGuidedNetwork, nonlinearity
+from nnunet_stseg.core.crop_guided import CropGuidedNetwork
 from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import probabilities_to_logits
+from nnunet_stseg.core.geometry import nonlinearity, probabilities_to_logits
 
 
 def configure_network(net: CropGuidedNetwork, configuration: dict, spacing, multilabel: bool, where: str
@@ -61,9 +61,6 @@ class CropGuidedPredictor(PluginPredictor):
                                                    self.configuration_manager.spacing, self.label_manager.has_regions,
                                                    "the end-to-end model's configuration")
         return net
-
-    def _log(self, msg: str) -> None:
-        print(f"[nnunet-stseg] {msg}", flush=True)
 
     def _mirror_sets(self) -> list[tuple[int, ...]]:
         """The flips of the TTA as axes of a (C, Z, Y, X) case: every subset of the allowed in-plane

@@ -32,8 +32,8 @@ from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, a
 from nnunet_stseg.adapters.predictor import StSPredictor
 from nnunet_stseg.core.centres import heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
-from nnunet_stseg.core.geometry import (foreground_from_probabilities, foreground_probability, probabilities_to_logits,
-                                        size_thresholds)
+from nnunet_stseg.core.geometry import (foreground_from_probabilities, foreground_probability, nonlinearity,
+                                        probabilities_to_logits, size_thresholds)
 from nnunet_stseg.core.objects import objects_at_origins
 from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, from_polar, to_polar, unwrap_angles,
                                      wrap_angles)
@@ -157,7 +157,7 @@ class PolarPredictor(StSPredictor):
             polar, radii = to_polar(image, chunk, pp.polar_shape, "linear")
             tb = self._clock()
             logits = unwrap_angles(self._forward_fine(wrap_angles(polar, seam)), seam)
-            p = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            p = nonlinearity(logits, multilabel)
             tc = self._clock()
             cart = from_polar(p, chunk[:, 1:], shape[1:], radii, mode="linear")  # (n, K, H, W)
             score_w, class_w = polar_fusion_weights(cart, chunk[:, 1:], multilabel)

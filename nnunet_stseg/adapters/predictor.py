@@ -51,7 +51,7 @@ from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (FoundObjects, crop_and_resample, find_objects, foreground_from_probabilities,
-                                        foreground_probability, probabilities_to_logits, recall_proposals,
+                                        foreground_probability, nonlinearity, probabilities_to_logits, recall_proposals,
                                         whole_image_boxes)
 from nnunet_stseg.core.objects import objects_report
 
@@ -102,6 +102,9 @@ class PluginPredictor(nnUNetPredictor):
 
     depth_channel: bool = False
     applied_overrides: dict | None = None  # plan key -> {"plans": value, "used": value}
+
+    def _log(self, msg: str) -> None:
+        print(f"[nnunet-stseg] {msg}", flush=True)
 
     def _record_overrides(self, changed: dict) -> None:
         """Log plan values replaced by environment variables and keep them for the record that
@@ -396,9 +399,6 @@ class StSPredictor(PluginPredictor):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _log(self, msg: str) -> None:
-        print(f"[nnunet-stseg] {msg}", flush=True)
-
     # ------------------------------------------------------------------------------------------
     # the cascade
     # ------------------------------------------------------------------------------------------
@@ -634,7 +634,7 @@ class StSPredictor(PluginPredictor):
             crops = crops[:, :, 0] if two_d else crops
             tb = self._clock()
             fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
-            probs = torch.sigmoid(fine_logits) if multilabel else torch.softmax(fine_logits, dim=1)
+            probs = nonlinearity(fine_logits, multilabel)
             probs = probs[:, :, None] if two_d else probs
             tc = self._clock()
             fused, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=fused,

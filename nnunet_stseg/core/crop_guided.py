@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_stseg.core.geometry import CropParams, crop_and_resample, find_objects, square_and_pad
+from nnunet_stseg.core.geometry import (CropParams, crop_and_resample, find_objects, foreground_from_probabilities,
+                                        foreground_probability, nonlinearity, square_and_pad, whole_image_boxes)
 
 BOX_RULES = ("all", "objects")
 
@@ -79,7 +80,7 @@ def box_around_all(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequen
     image_shape = np.asarray(image_shape, dtype=np.int64)
     ndim = len(image_shape)
     if not mask.any():
-        return np.stack([np.zeros(ndim, np.int64), image_shape], axis=-1)[None]
+        return whole_image_boxes(image_shape, [True] * ndim)
     idx = np.nonzero(mask)
     tight = np.array([[i.min(), i.max() + 1] for i in idx], dtype=float)[None]
     tight = scale_boxes(tight, mask.shape, image_shape)
@@ -105,7 +106,7 @@ def boxes_per_object(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequ
     boxes = find_objects(full.numpy(), spacing, CropParams(**{**params.to_dict(),
                                                               "patch_size": params.patch_size[-len(image_shape):]}))
     if len(boxes.crop_boxes) == 0:
-        return box_around_all(np.zeros_like(mask), image_shape, spacing, params)
+        return whole_image_boxes(image_shape, [True] * len(image_shape))
     return boxes.crop_boxes
 
 
@@ -212,16 +213,10 @@ class CropGuidedNetwork(nn.Module):
     def foreground(self, coarse_logits: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Foreground probability (B, *m), differentiable, and the coarse decision (B, *m) bool on
         the host (argmax != background, or a region above 0.5, as nnU-Net decides)."""
-        probs = nonlinearity(coarse_logits, self.multilabel)
-        fg = probs.amax(1) if self.multilabel else 1.0 - probs[:, 0]
+        probs = nonlinearity(coarse_logits, self.multilabel).transpose(0, 1)  # (K, B, *m): channels first
         with torch.no_grad():
-            if self.multilabel:
-                mask = (probs > 0.5).any(1)
-            elif probs.shape[1] > 1:
-                mask = probs[:, 1:].amax(1) > probs[:, 0]
-            else:
-                mask = torch.zeros_like(fg, dtype=torch.bool)
-        return fg, mask.cpu().numpy()
+            mask = foreground_from_probabilities(probs, self.multilabel)
+        return foreground_probability(probs, self.multilabel), mask.cpu().numpy()
 
     def forward(self, images: torch.Tensor) -> CropGuidedOutput:
         coarse_logits = self.coarse(downscale(images, self.module_size))
@@ -242,11 +237,6 @@ class CropGuidedNetwork(nn.Module):
         (coarse probability) input channel, so at the start the fine module is that network."""
         self.coarse.load_state_dict(pretrained)
         self.fine.load_state_dict(widen_input_weights(pretrained, self.fine))
-
-
-def nonlinearity(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Softmax over channels (axis 1), or sigmoid for region outputs."""
-    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 def crop_targets(labels: torch.Tensor, boxes: list[np.ndarray], size: Sequence[int]) -> torch.Tensor:
@@ -291,5 +281,5 @@ class CropGuidedLoss(nn.Module):
 
 
 __all__ = ["BOX_RULES", "CropGuidedLoss", "CropGuidedNetwork", "CropGuidedOutput", "box_around_all", "boxes_per_object",
-           "crop_targets", "downscale", "fine_inputs", "image_boxes", "nonlinearity", "scale_boxes",
+           "crop_targets", "downscale", "fine_inputs", "image_boxes", "scale_boxes",
            "widen_input_weights"]

@@ -534,6 +534,16 @@ def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 
     return p.log_()
 
 
+def nonlinearity(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Probabilities of a batch of logits (N, K, *spatial): softmax over the channels (axis 1), or
+    sigmoid for region outputs.
+
+    >>> nonlinearity(torch.zeros(1, 2, 3), multilabel=False)[0, :, 0].tolist()
+    [0.5, 0.5]
+    """
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+
 def foreground_probability(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Probability (*spatial) that a voxel is foreground at all: 1 - background (softmax, channel 0
     = background) or the largest region probability (sigmoid/regions).
