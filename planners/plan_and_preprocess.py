@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from nnunet_stseg.adapters.config import PlanOptions, trainer_for_role
+from nnunet_stseg.adapters.config import LNET_TRAINER, PlanOptions, trainer_for_role
 from nnunet_stseg.adapters.discovery import shell_export_line
 
 
@@ -53,6 +53,8 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
     print("[nnunet-stseg] next steps (per fold F):")
     print(f"  {shell_export_line()}")
     for c in added:
+        if plans["configurations"][c]["sts"]["role"] == "lsnet":  # L-Net (with the fine model as S-Net) first
+            print(f"  nnUNetv2_train {dataset_id} {c} F -tr {LNET_TRAINER}")
         print(f"  nnUNetv2_train {dataset_id} {c} F -tr {trainer_for_role(plans['configurations'][c]['sts'])}")
     for c in added:
         sts = plans["configurations"][c]["sts"]

@@ -27,8 +27,9 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_stseg.adapters.config import (E2E_KEY, CentreParams, E2EParams, PlanOptions, PolarParams, StSConfig,
-                                          coarse_config_name, e2e_config_name, fine_config_name, polar_config_name)
+from nnunet_stseg.adapters.config import (E2E_KEY, LSNET_KEY, CentreParams, E2EParams, LSNetParams, PlanOptions,
+                                          PolarParams, StSConfig, coarse_config_name, e2e_config_name, fine_config_name,
+                                          lsnet_config_name, polar_config_name)
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
 from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
 from nnunet_stseg.core.geometry import CropParams
@@ -145,6 +146,16 @@ def e2e_configuration(fine: dict, params: dict | None = None) -> dict:
     return cfg
 
 
+def lsnet_configuration(fine: dict, params: dict | None = None) -> dict:
+    """The L-SNet configuration: a copy of the 2d fine one (same full-resolution data, crop
+    parameters, S-Net architecture and patch, coarse companion: L-Net's architecture and input
+    size) with role ``lsnet`` and an ``sts_lsnet`` block (:class:`~nnunet_stseg.adapters.config.LSNetParams`)."""
+    cfg = deepcopy(fine)
+    cfg["sts"]["role"] = "lsnet"
+    cfg[LSNET_KEY] = LSNetParams(**(params or {})).to_dict()
+    return cfg
+
+
 def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: PlanOptions) -> list[str]:
     """Add the configurations ``options`` asks for to ``plans`` (in place): coarse + fine for every
     dimensionality, the depth channel on the 2d ones, the 2d polar configuration. Returns the names
@@ -160,6 +171,10 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
         raise ValueError("the end-to-end model is 2D (slice by slice on 3D data): include 2d in --dims")
     if options.e2e and options.depth_channel:
         raise ValueError("the end-to-end model has no depth channel: plan --e2e and --depth into different plans")
+    if options.lsnet and "2d" not in dims:
+        raise ValueError("L-SNet is 2D (slice by slice on 3D data): include 2d in --dims")
+    if options.lsnet and options.depth_channel:
+        raise ValueError("L-SNet has no depth channel: plan --lsnet and --depth into different plans")
     new: dict[str, dict] = {}
     for d in dims:
         base = configs["3d_fullres" if d == "3d" else "2d"]
@@ -178,6 +193,8 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
             new[polar_config_name(s)] = _polar_configuration(planner, plans, coarse, fine, c_spacing, options)
         if options.e2e and d == "2d":
             new[e2e_config_name(d, s)] = e2e_configuration(fine, options.e2e_params)
+        if options.lsnet and d == "2d":
+            new[lsnet_config_name(s)] = lsnet_configuration(fine, options.lsnet_params)
     configs.update(new)
     return list(new)
 

@@ -108,6 +108,38 @@ def test_end_to_end_model_through_the_stock_clis(pipeline_2d):
     assert "end-to-end model:" in predict_log and "coarse model:" not in predict_log  # one model, no companion
 
 
+def test_lsnet_through_the_stock_clis(pipeline_2d):
+    """Issue 20: ``nnUNetv2_train -tr nnUNetTrainer_StSLNet`` (L-Net; S-Net = the fine fold model,
+    untouched) then ``-tr nnUNetTrainer_StSLSNet`` (joint, from that model, validated at full
+    resolution); ``nnUNetv2_predict`` wrote segmentations with the inputs' geometry and
+    probabilities whose argmax they are, from one checkpoint."""
+    import json
+
+    import torch
+
+    res = pipeline_2d
+    _assert_probabilities_give_the_segmentations(res, res.predictions["lsnet"])
+    lnet_dir = model_folder(res, "nnUNetTrainer_StSLNet", res.lsnet_config) / "fold_0"
+    lsnet_dir = model_folder(res, "nnUNetTrainer_StSLSNet", res.lsnet_config) / "fold_0"
+    log = "".join(p.read_text() for p in lnet_dir.glob("training_log_*.txt"))
+    assert "L-Net's encoder-decoder initialised from the coarse model" in log and "S-Net is the cascade's fine" in log
+    assert "trains L-Net only (S-Net frozen)" in log
+
+    def load(fold_dir):
+        return torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+
+    fine = load(model_folder(res, "nnUNetTrainer_StSFine", res.fine_config) / "fold_0")
+    lnet = load(lnet_dir)
+    assert all(torch.equal(lnet[f"segmenter.{k}"], v) for k, v in fine.items())  # the frozen S-Net
+    log = "".join(p.read_text() for p in lsnet_dir.glob("training_log_*.txt"))
+    assert "L-SNet initialised from the L-Net model" in log and "L-SNet validation complete" in log
+    summary = json.loads((lsnet_dir / "validation" / "summary.json").read_text())
+    assert {"Dice", "Precision", "Recall"} <= set(summary["foreground_mean"]) and summary["metric_per_case"]
+    lsnet = load(lsnet_dir)
+    assert any(not torch.equal(lsnet[k], v) for k, v in lnet.items() if k.startswith("segmenter."))  # trained jointly
+    assert "L-SNet:" in (res.workdir / "logs" / "predict_lsnet.log").read_text()
+
+
 def test_2d_fold_validation_reports_cascade_metrics(pipeline_2d):
     res = pipeline_2d
     import json

@@ -22,8 +22,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TRAINER,
-                                          DEFAULT_FINE_TRAINER, DEFAULT_POLAR_TRAINER, coarse_config_name,
-                                          e2e_config_name, fine_config_name, polar_config_name)
+                                          DEFAULT_FINE_TRAINER, DEFAULT_LSNET_TRAINER, DEFAULT_POLAR_TRAINER,
+                                          LNET_TRAINER, coarse_config_name, e2e_config_name, fine_config_name,
+                                          lsnet_config_name, polar_config_name)
 from nnunet_stseg.adapters.results import model_folder as results_model_folder
 from nnunet_stseg.commands.runner import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
                                           train_command_line)
@@ -110,25 +111,31 @@ def build_2d(workdir: Path) -> SimpleNamespace:
     """2D, one class, 6 training and 3 test images (the first training image empty), S = 32,
     'whole' fallback (the fine network runs even when the untrained coarse model finds nothing).
     Coarse and fine folds 0 and 1 (the fine folds validate the whole cascade); the centre-point and
-    polar models fold 0; the end-to-end model fold 0 (from the coarse fold 0, with its validation).
-    Arms: ``cascade`` (folds 0+1, TTA, ``--save_probabilities``, worker processes), ``polar``
-    (origins from the coarse model), ``polar_heatmap`` and ``e2e`` (TTA, ``--save_probabilities``)."""
+    polar models fold 0; the end-to-end model fold 0 (from the coarse fold 0, with its validation);
+    L-Net (S-Net: the fine fold 0) then L-SNet fold 0 (``best`` fallback: an untrained L-Net finds
+    no keypoint above 0.5, and the test wants RoIs). Arms: ``cascade`` (folds 0+1, TTA,
+    ``--save_probabilities``, worker processes), ``polar`` (origins from the coarse model),
+    ``polar_heatmap``, ``e2e`` and ``lsnet`` (TTA, ``--save_probabilities``)."""
     res = _start(workdir, DATASET_2D, 2, n_train=6, n_test=3, seed=0)
     res.coarse_config, res.fine_config = coarse_config_name("2d", SIZE), fine_config_name("2d", SIZE)
     res.polar_config, res.e2e_config = polar_config_name(SIZE), e2e_config_name("2d", SIZE)
-    _plan(res, ("2d",), "--polar", "--e2e")
+    res.lsnet_config = lsnet_config_name(SIZE)
+    _plan(res, ("2d",), "--polar", "--e2e", "--lsnet", "--lsnet_fallback", "best")
     for fold in (0, 1):
         _train(res, res.coarse_config, fold, DEFAULT_COARSE_TRAINER, validate=False)
         _train(res, res.fine_config, fold, DEFAULT_FINE_TRAINER, validate=True)
     _train(res, res.coarse_config, 0, DEFAULT_CENTRE_TRAINER, validate=True)
     _train(res, res.polar_config, 0, DEFAULT_POLAR_TRAINER, validate=True)
     _train(res, res.e2e_config, 0, DEFAULT_E2E_TRAINER, validate=True)
+    _train(res, res.lsnet_config, 0, LNET_TRAINER, validate=False)
+    _train(res, res.lsnet_config, 0, DEFAULT_LSNET_TRAINER, validate=True)
     _predict(res, "cascade", res.fine_config, DEFAULT_FINE_TRAINER, (0, 1), "--save_probabilities", *ONE_WORKER)
     _evaluate(res, "cascade")
     for arm, origins in (("polar", "coarse"), ("polar_heatmap", "heatmap")):
         _predict(res, arm, res.polar_config, DEFAULT_POLAR_TRAINER, (0,), "--disable_tta", *NO_WORKERS,
                  extra_env={ORIGIN_SOURCE_ENV: origins})
     _predict(res, "e2e", res.e2e_config, DEFAULT_E2E_TRAINER, (0,), "--save_probabilities", *NO_WORKERS)
+    _predict(res, "lsnet", res.lsnet_config, DEFAULT_LSNET_TRAINER, (0,), "--save_probabilities", *NO_WORKERS)
     return res
 
 

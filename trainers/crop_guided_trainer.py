@@ -62,8 +62,19 @@ class WholeImageLoader(ResampledSampleLoader):
         return img, lab.round().to(torch.int16), z
 
 
-class nnUNetTrainer_StSEndToEnd(_StSScheduleMixin, nnUNetTrainer):
-    """Trains the end-to-end crop-guided network (see the module docstring)."""
+class WholeImageModelTrainer(_StSScheduleMixin, nnUNetTrainer):
+    """What every one-checkpoint crop-guided model's trainer shares (the end-to-end network,
+    L-SNet): the configuration's role and 2D checks, its parameter block (``params_class``) as
+    ``self.params``, deep supervision off, whole images resampled to the training canvas
+    (:class:`WholeImageLoader`), nnU-Net's pseudo-Dice on the model's crops, and the final validation
+    of the whole model at full resolution by ``predictor_class``."""
+
+    role = "e2e"
+    plan_flag = "--e2e"
+    model_name = "end-to-end model"
+    validation_title = "End-to-end"  # the log's "<title> validation complete"
+    params_class: type = E2EParams
+    predictor_class: type = CropGuidedPredictor
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -71,86 +82,38 @@ class nnUNetTrainer_StSEndToEnd(_StSScheduleMixin, nnUNetTrainer):
         where = f"configuration '{configuration}'"
         cfg = self.configuration_manager.configuration
         self.sts = StSConfig.from_configuration(cfg, where)
-        if self.sts.role != "e2e":
-            raise ValueError(f"{self.__class__.__name__} trains an end-to-end configuration (role 'e2e', added by "
-                             f"`nnunet-stseg plan -d DATASET -s SIZE --e2e`); '{configuration}' has role "
-                             f"'{self.sts.role}'")
+        if self.sts.role != self.role:
+            raise ValueError(f"{self.__class__.__name__} trains a {self.model_name} configuration (role '{self.role}', "
+                             f"added by `nnunet-stseg plan -d DATASET -s SIZE {self.plan_flag}`); '{configuration}' "
+                             f"has role '{self.sts.role}'")
         if len(self.configuration_manager.patch_size) != 2:
-            raise ValueError(f"the end-to-end model is 2D (slice by slice on 3D volumes); '{configuration}' is 3D")
+            raise ValueError(f"the {self.model_name} is 2D (slice by slice on 3D volumes); '{configuration}' is 3D")
         if cfg.get(DEPTH_KEY, False):
-            raise ValueError(f"the end-to-end model has no depth channel, but '{configuration}' asks for one")
-        self.e2e = E2EParams.from_configuration(cfg, where)
+            raise ValueError(f"the {self.model_name} has no depth channel, but '{configuration}' asks for one")
+        self.params = self.params_class.from_configuration(cfg, where)
         self.enable_deep_supervision = False  # the crop sits between the modules: one output per module
         self._apply_schedule_overrides()
         # nnU-Net's transforms (and their rotation margin) work on the patch of the configuration
         # manager: here the canvas whole images are resampled to. The plans stay untouched.
-        self.canvas = [int(c) for c in (self.e2e.canvas or np.rint(cfg["median_image_size_in_voxels"][-2:]))]
+        self.canvas = [int(c) for c in (self.params.canvas or np.rint(cfg["median_image_size_in_voxels"][-2:]))]
         self.configuration_manager = ConfigurationManager({**cfg, "patch_size": self.canvas})
-        self.print_to_log_file(f"end-to-end model: box rule '{self.e2e.box_rule}', loss {self.e2e.fine_loss_weight:g} "
-                               f"x fine + {self.e2e.coarse_loss_weight:g} x coarse, training canvas {self.canvas}")
 
-    @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        """Both modules with the coarse configuration's architecture (the fine one with one more input
-        channel: the coarse probability), without deep supervision."""
-        adopt_predictor(sys._getframe(1), CropGuidedPredictor)
-        sts = StSConfig.from_configuration(configuration_manager.configuration, "the end-to-end configuration")
-        coarse_cm = plans_manager.get_configuration(sts.coarse_configuration)
-        coarse = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels,
-                                                          num_output_channels, False)
-        fine = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels + 1,
-                                                        num_output_channels, False)
-        return CropGuidedNetwork(coarse, fine, coarse_cm.patch_size, [1.0, 1.0], sts.crop)
-
-    def _plain_network(self) -> CropGuidedNetwork:
+    def _plain_network(self):
         net = self.network.module if self.is_ddp else self.network
         return net._orig_mod if hasattr(net, "_orig_mod") else net
 
-    def initialize(self):
-        super().initialize()
-        configure_network(self._plain_network(), self.configuration_manager.configuration,
-                          self.configuration_manager.spacing, self.label_manager.has_regions,
-                          f"configuration '{self.configuration_name}'")
-
-    def _build_loss(self):
-        return CropGuidedLoss(super()._build_loss(), self.e2e.coarse_loss_weight, self.e2e.fine_loss_weight)
-
     def set_deep_supervision_enabled(self, enabled: bool):
-        """Nothing to switch: both modules are built without deep supervision."""
+        """Nothing to switch: the modules are built without deep supervision."""
 
     def get_dataloaders(self):
         return build_dataloaders(self, lambda dataset, patch, final_patch, transforms, train: WholeImageLoader(
             dataset, self.batch_size, patch, final_patch, self.label_manager, transforms=transforms))
 
-    def coarse_folder(self) -> str:
-        return str(model_folder(self.plans_manager.dataset_name, self.sts.coarse_trainer,
-                                self.sts.coarse_configuration, self.plans_manager.plans_name))
-
-    def on_train_start(self):
-        super().on_train_start()
-        if self.current_epoch == 0:  # a fresh start (``--c`` with a checkpoint resumes its weights)
-            self.init_from_coarse_model()
-
-    def init_from_coarse_model(self) -> None:
-        """The thesis's initialisation: both modules from the coarse model of this fold (the network
-        pre-trained on downscaled images), the fine module's extra channel at zero weight."""
-        path = os.path.join(self.coarse_folder(), f"fold_{self.fold}", "checkpoint_final.pth")
-        if not self.e2e.pretrained:
-            self.print_to_log_file("sts_e2e.pretrained is false: both modules start from scratch",
-                                   also_print_to_console=True)
-            return
-        if not os.path.isfile(path):
-            self.print_to_log_file(
-                f"WARNING: no pre-trained coarse model at {path}: both modules start from scratch (the thesis "
-                f"pre-trains them; train it first with nnUNetv2_train {self.plans_manager.dataset_name} "
-                f"{self.sts.coarse_configuration} {self.fold} -tr {self.sts.coarse_trainer})",
-                also_print_to_console=True)
-            return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        self._plain_network().init_from_pretrained(checkpoint["network_weights"])
-        self.print_to_log_file(f"both modules initialised from the coarse model {path} (fine module: zero weight on "
-                               f"the coarse-probability channel)", also_print_to_console=True)
+    def fold_checkpoint(self, trainer: str, configuration: str) -> str:
+        """``checkpoint_final.pth`` of this fold's model of ``trainer`` on ``configuration`` (same
+        dataset and plans)."""
+        folder = model_folder(self.plans_manager.dataset_name, trainer, configuration, self.plans_manager.plans_name)
+        return os.path.join(str(folder), f"fold_{self.fold}", "checkpoint_final.pth")
 
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's per-batch pseudo-Dice, on the fine module's crops (what the model outputs)."""
@@ -182,9 +145,68 @@ class nnUNetTrainer_StSEndToEnd(_StSScheduleMixin, nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """The whole model on the fold's full-resolution validation cases, scored like the cascade's."""
-        predictor = validation_predictor(self, CropGuidedPredictor)
-        validate_whole_model(self, predictor, "End-to-end", save_probabilities,
+        predictor = validation_predictor(self, self.predictor_class)
+        validate_whole_model(self, predictor, self.validation_title, save_probabilities,
                              case_log=lambda k: predictor.last_timings)
 
 
-__all__ = ["nnUNetTrainer_StSEndToEnd", "WholeImageLoader"]
+class nnUNetTrainer_StSEndToEnd(WholeImageModelTrainer):
+    """Trains the end-to-end crop-guided network (see the module docstring)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.e2e = self.params
+        self.print_to_log_file(f"end-to-end model: box rule '{self.e2e.box_rule}', loss {self.e2e.fine_loss_weight:g} "
+                               f"x fine + {self.e2e.coarse_loss_weight:g} x coarse, training canvas {self.canvas}")
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True):
+        """Both modules with the coarse configuration's architecture (the fine one with one more input
+        channel: the coarse probability), without deep supervision."""
+        adopt_predictor(sys._getframe(1), CropGuidedPredictor)
+        sts = StSConfig.from_configuration(configuration_manager.configuration, "the end-to-end configuration")
+        coarse_cm = plans_manager.get_configuration(sts.coarse_configuration)
+        coarse = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels,
+                                                          num_output_channels, False)
+        fine = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels + 1,
+                                                        num_output_channels, False)
+        return CropGuidedNetwork(coarse, fine, coarse_cm.patch_size, [1.0, 1.0], sts.crop)
+
+    def initialize(self):
+        super().initialize()
+        configure_network(self._plain_network(), self.configuration_manager.configuration,
+                          self.configuration_manager.spacing, self.label_manager.has_regions,
+                          f"configuration '{self.configuration_name}'")
+
+    def _build_loss(self):
+        return CropGuidedLoss(super()._build_loss(), self.e2e.coarse_loss_weight, self.e2e.fine_loss_weight)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.current_epoch == 0:  # a fresh start (``--c`` with a checkpoint resumes its weights)
+            self.init_from_coarse_model()
+
+    def init_from_coarse_model(self) -> None:
+        """The thesis's initialisation: both modules from the coarse model of this fold (the network
+        pre-trained on downscaled images), the fine module's extra channel at zero weight."""
+        path = self.fold_checkpoint(self.sts.coarse_trainer, self.sts.coarse_configuration)
+        if not self.e2e.pretrained:
+            self.print_to_log_file("sts_e2e.pretrained is false: both modules start from scratch",
+                                   also_print_to_console=True)
+            return
+        if not os.path.isfile(path):
+            self.print_to_log_file(
+                f"WARNING: no pre-trained coarse model at {path}: both modules start from scratch (the thesis "
+                f"pre-trains them; train it first with nnUNetv2_train {self.plans_manager.dataset_name} "
+                f"{self.sts.coarse_configuration} {self.fold} -tr {self.sts.coarse_trainer})",
+                also_print_to_console=True)
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        self._plain_network().init_from_pretrained(checkpoint["network_weights"])
+        self.print_to_log_file(f"both modules initialised from the coarse model {path} (fine module: zero weight on "
+                               f"the coarse-probability channel)", also_print_to_console=True)
+
+
+__all__ = ["nnUNetTrainer_StSEndToEnd", "WholeImageLoader", "WholeImageModelTrainer"]

@@ -7,10 +7,12 @@ copied with them into each results folder: training and prediction read the same
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 from nnunet_stseg.core.crop_guided import BOX_RULES
 from nnunet_stseg.core.geometry import CropParams, checked_fields
+from nnunet_stseg.core.lsnet import FALLBACKS as LSNET_FALLBACKS
+from nnunet_stseg.core.lsnet import PAPER_MARGIN_FRACTION
 
 STS_KEY = "sts"
 DEFAULT_COARSE_TRAINER = "nnUNetTrainer_StSCoarse"
@@ -19,7 +21,7 @@ DEFAULT_POLAR_TRAINER = "nnUNetTrainer_StSPolar"
 DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
 FALLBACKS = ("coarse", "whole")
 ORIGIN_SOURCES = ("coarse", "heatmap")
-ROLES = ("coarse", "fine", "polar", "e2e")
+ROLES = ("coarse", "fine", "polar", "e2e", "lsnet")
 
 
 def grid_spacing3(spacing) -> list[float]:
@@ -154,8 +156,33 @@ def optional_block(cls, configuration: dict, key: str, where: str = "configurati
         raise ValueError(f"{where}: {e}") from None
 
 
+class PlanBlock:
+    """A dataclass of method parameters kept as its own block ``KEY`` of the configuration it
+    trains (``sts_sizes``, ``sts_e2e``, ``sts_lsnet``): written with :meth:`to_dict`, read with
+    :meth:`from_configuration` (defaults when the block is absent)."""
+
+    KEY: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_configuration(cls, configuration: dict, where: str = "configuration"):
+        return optional_block(cls, configuration, cls.KEY, where)
+
+
+def checked_canvas(canvas: Sequence[int] | None, key: str) -> list[int] | None:
+    """A training canvas (in-plane size whole images are resampled to) as ints, each >= 8; None stays None."""
+    if canvas is None:
+        return None
+    canvas = [int(c) for c in canvas]
+    if any(c < 8 for c in canvas):
+        raise ValueError(f"{key}.canvas must be >= 8 per axis, got {canvas}")
+    return canvas
+
+
 @dataclass
-class SizeParams:
+class SizeParams(PlanBlock):
     """Learning from object sizes (methods.md section 6; ``nnUNetTrainer_StSSizes``), stored as the
     ``sts_sizes`` block of the configuration it trains (defaults when the block is absent).
 
@@ -171,6 +198,8 @@ class SizeParams:
     - ``mirror``: random flips of the size-only images (they keep the size; the paper used none).
     """
 
+    KEY = SIZES_KEY
+
     pretrain_epochs: int | None = None
     size_weight: float = 0.1
     pixel_weight: float = 1.0
@@ -185,12 +214,6 @@ class SizeParams:
             raise ValueError(f"{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1 and "
                              f"size_batch_size >= 1 (or null), got {self}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_configuration(cls, configuration: dict, where: str = "configuration") -> "SizeParams":
-        return optional_block(cls, configuration, SIZES_KEY, where)
 
 
 E2E_KEY = "sts_e2e"
@@ -203,7 +226,7 @@ def e2e_config_name(dim: str, size: int) -> str:
 
 
 @dataclass
-class E2EParams:
+class E2EParams(PlanBlock):
     """The end-to-end crop-guided network (methods.md section 2; ``nnUNetTrainer_StSEndToEnd``),
     stored as the ``sts_e2e`` block of the configuration it trains (defaults when it is absent).
     The model's other parameters come from the configuration's ``sts`` block: the coarse
@@ -225,6 +248,8 @@ class E2EParams:
       thesis's initialisation); False = from scratch.
     """
 
+    KEY = E2E_KEY
+
     box_rule: str = "all"
     coarse_loss_weight: float = 1.0
     fine_loss_weight: float = 1.0
@@ -236,17 +261,76 @@ class E2EParams:
             raise ValueError(f"{E2E_KEY}.box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
         if self.coarse_loss_weight < 0 or self.fine_loss_weight <= 0:
             raise ValueError(f"{E2E_KEY} needs coarse_loss_weight >= 0 and fine_loss_weight > 0, got {self}")
-        if self.canvas is not None:
-            self.canvas = [int(c) for c in self.canvas]
-            if any(c < 8 for c in self.canvas):
-                raise ValueError(f"{E2E_KEY}.canvas must be >= 8 per axis, got {self.canvas}")
+        self.canvas = checked_canvas(self.canvas, E2E_KEY)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_configuration(cls, configuration: dict, where: str = "configuration") -> "E2EParams":
-        return optional_block(cls, configuration, E2E_KEY, where)
+LSNET_KEY = "sts_lsnet"
+DEFAULT_LSNET_TRAINER = "nnUNetTrainer_StSLSNet"
+LNET_TRAINER = "nnUNetTrainer_StSLNet"
+
+
+def lsnet_config_name(size: int) -> str:
+    """Name of the L-SNet configuration, e.g. ``2d_sts_lsnet_64`` (a copy of the 2d fine one, role ``lsnet``)."""
+    return f"2d_sts_lsnet_{int(size)}"
+
+
+@dataclass
+class LSNetParams(PlanBlock):
+    """L-SNet (methods.md section 5; ``nnUNetTrainer_StSLNet`` then ``nnUNetTrainer_StSLSNet``),
+    stored as the ``sts_lsnet`` block of the configuration it trains (defaults when it is absent).
+    L-Net takes the coarse configuration's architecture and input size m (the whole image
+    downscaled), S-Net the configuration's own (the fine one's: patch S).
+
+    - ``gamma``: factor on the S-Net loss's gradient into L-Net (the paper's decay factor: 0.1
+      best of 0, 0.01, 0.1, 1; 0 = no joint training).
+    - ``margin_fraction``: RoI margin as a fraction of the image's longer side (the paper's 15 px at
+      512 px = 0.0293), so it scales with the image.
+    - ``sigma``: the keypoint Gaussian's standard deviation in cells of L-Net's feature map.
+    - ``feature_stride``: the decoder stage the heads sit on (the paper: 4; the nearest stage the
+      architecture has is used and logged).
+    - ``threshold``: keypoints at inference (heatmap probability; the paper: 0.5); ``top_k``: in
+      training one of the top-k peaks is taken at random (the paper: 3).
+    - ``dice_weight`` / ``box_loss_weight`` / ``segmentation_loss_weight``: L-Net's loss is focal +
+      dice_weight x Dice on the heatmap + box_loss_weight x DIoU; S-Net's is
+      segmentation_loss_weight x nnU-Net's loss in the RoI.
+    - ``fallback``: an image with no keypoint above the threshold gets no RoI (``empty``, the paper's
+      rule: background), one at its strongest peak (``best``) or the whole image (``whole``).
+    - ``canvas``: in-plane size whole training images are resampled to (None: the median image size).
+    - ``locator_from_coarse``: ``nnUNetTrainer_StSLNet`` starts L-Net's encoder-decoder from the
+      coarse model of the same fold when it exists (False: from scratch, the same budget as the
+      coarse model); its S-Net is ALWAYS the cascade's fine model of the fold (frozen): that
+      model is the cascade with L-Net as its first stage. ``nnUNetTrainer_StSLSNet`` starts from it.
+    - ``start_configuration``: the configuration whose ``nnUNetTrainer_StSLNet`` model of the same
+      fold ``nnUNetTrainer_StSLSNet`` starts from (None: this one), so that variants (another gamma)
+      share one L-Net.
+    """
+
+    KEY = LSNET_KEY
+
+    gamma: float = 0.1
+    margin_fraction: float = round(PAPER_MARGIN_FRACTION, 4)
+    sigma: float = 1.0
+    feature_stride: int = 4
+    threshold: float = 0.5
+    top_k: int = 3
+    dice_weight: float = 0.2
+    box_loss_weight: float = 1.0
+    segmentation_loss_weight: float = 1.0
+    fallback: str = "empty"
+    canvas: list[int] | None = None
+    locator_from_coarse: bool = True
+    start_configuration: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fallback not in LSNET_FALLBACKS:
+            raise ValueError(f"{LSNET_KEY}.fallback must be one of {LSNET_FALLBACKS}, got {self.fallback!r}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.margin_fraction < 0.5 or self.sigma <= 0:
+            raise ValueError(f"{LSNET_KEY} needs 0 <= gamma <= 1, 0 <= margin_fraction < 0.5 and sigma > 0, got {self}")
+        if not 0 < self.threshold < 1 or self.top_k < 1 or self.feature_stride < 1:
+            raise ValueError(f"{LSNET_KEY} needs 0 < threshold < 1, top_k >= 1 and feature_stride >= 1, got {self}")
+        if min(self.dice_weight, self.box_loss_weight) < 0 or self.segmentation_loss_weight <= 0:
+            raise ValueError(f"{LSNET_KEY} needs non-negative loss weights (segmentation > 0), got {self}")
+        self.canvas = checked_canvas(self.canvas, LSNET_KEY)
 
 
 @dataclass
@@ -268,7 +352,7 @@ class StSConfig:
       world coordinates) next to each prediction (``STSEG_OBJECTS_REPORT=0`` switches it off).
     """
 
-    role: Literal["coarse", "fine", "polar", "e2e"]
+    role: Literal["coarse", "fine", "polar", "e2e", "lsnet"]
     input_size: int
     coarse_configuration: str
     coarse_trainer: str = DEFAULT_COARSE_TRAINER
@@ -318,7 +402,7 @@ class StSConfig:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
         if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
             raise ValueError(f"{where}: sts.max_crops and sts.crops_per_batch must be >= 1")
-        if cfg.role in ("fine", "e2e") and cfg.crop is None:
+        if cfg.role in ("fine", "e2e", "lsnet") and cfg.crop is None:
             raise ValueError(f"{where}: {cfg.role} configuration without sts.crop parameters")
         if cfg.role == "polar" and cfg.polar is None:
             raise ValueError(f"{where}: polar configuration without sts.polar parameters")
@@ -327,10 +411,10 @@ class StSConfig:
 
 def trainer_for_role(sts: StSConfig | dict) -> str:
     """The trainer that trains (and whose name predicts) a configuration of ours, from its ``sts``
-    block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` / ``e2e`` -> ours."""
+    block: ``coarse`` -> the block's ``coarse_trainer``; ``fine`` / ``polar`` / ``e2e`` / ``lsnet`` -> ours."""
     block = sts.to_dict() if isinstance(sts, StSConfig) else sts
     trainers = {"coarse": block["coarse_trainer"], "fine": DEFAULT_FINE_TRAINER, "polar": DEFAULT_POLAR_TRAINER,
-                "e2e": DEFAULT_E2E_TRAINER}
+                "e2e": DEFAULT_E2E_TRAINER, "lsnet": DEFAULT_LSNET_TRAINER}
     return trainers[block["role"]]
 
 
@@ -384,6 +468,7 @@ class PlanOptions:
       ``fallback``: see :class:`StSConfig`; ``depth_channel``: 2d pipelines get the depth channel;
     - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields.
     - ``e2e``: add the 2d end-to-end configuration; ``e2e_params``: :class:`E2EParams` fields.
+    - ``lsnet``: add the 2d L-SNet configuration; ``lsnet_params``: :class:`LSNetParams` fields.
 
     >>> PlanOptions(input_size=32, crop={"margin_fraction": 0.2}).crop
     {'margin_fraction': 0.2}
@@ -406,6 +491,8 @@ class PlanOptions:
     polar_params: dict = field(default_factory=dict)
     e2e: bool = False
     e2e_params: dict = field(default_factory=dict)
+    lsnet: bool = False
+    lsnet_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if int(self.input_size) < 8:
@@ -420,6 +507,7 @@ class PlanOptions:
         checked_fields(CropParams, self.crop, "crop")
         checked_fields(PolarParams, self.polar_params, "polar")
         E2EParams(**checked_fields(E2EParams, self.e2e_params, E2E_KEY))
+        LSNetParams(**checked_fields(LSNetParams, self.lsnet_params, LSNET_KEY))
         for name in ("base_features", "max_features", "batch_size"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:

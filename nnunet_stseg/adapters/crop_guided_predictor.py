@@ -54,12 +54,19 @@ class CropGuidedPredictor(PluginPredictor):
     e2e: E2EParams | None = None
     last_timings: dict | None = None
 
+    model_name = "end-to-end model"
+
+    def configure(self, net) -> StSConfig:
+        """Give the loaded network its plan parameters; returns the ``sts`` block."""
+        sts, self.e2e = configure_network(net, self.configuration_manager.configuration,
+                                          self.configuration_manager.spacing, self.label_manager.has_regions,
+                                          f"the {self.model_name}'s configuration")
+        return sts
+
     def _model(self) -> CropGuidedNetwork:
         net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
         if self.sts is None:
-            self.sts, self.e2e = configure_network(net, self.configuration_manager.configuration,
-                                                   self.configuration_manager.spacing, self.label_manager.has_regions,
-                                                   "the end-to-end model's configuration")
+            self.sts = self.configure(net)
         return net
 
     def _mirror_sets(self) -> list[tuple[int, ...]]:
@@ -80,12 +87,21 @@ class CropGuidedPredictor(PluginPredictor):
             slices = image[:, z0:z0 + per_batch].transpose(0, 1)  # (B, C, Y, X)
             with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
                 out = net(slices.to(self.device))
+            self.__dict__["_fallbacks"] = self.__dict__.get("_fallbacks", 0) + getattr(net, "last_fallbacks", 0)
             probs = nonlinearity(out.fine.float(), net.multilabel)[:, :, None]  # (N, K, 1, m, m)
-            boxes = np.concatenate([np.concatenate([np.tile([[[z0 + b, z0 + b + 1]]], (len(bx), 1, 1)), bx], axis=1)
-                                    for b, bx in enumerate(out.boxes)]).astype(np.int64)
+            boxes = [np.concatenate([np.tile([[[z0 + b, z0 + b + 1]]], (len(bx), 1, 1)), bx], axis=1)
+                     for b, bx in enumerate(out.boxes) if len(bx)]
+            if not boxes:  # L-SNet: no keypoint on any of these slices
+                continue
+            boxes = np.concatenate(boxes)
+            boxes = boxes.astype(np.int64) if np.array_equal(boxes, np.round(boxes)) else boxes
             n_boxes += len(boxes)
             fused, covered = fuse_crops(probs.to(image.device), boxes, shape, multilabel=net.multilabel,
                                         out=fused, covered=covered)
+        if fused is None:  # nothing found on any slice: certain background
+            fused = image.new_zeros((self.label_manager.num_segmentation_heads, *shape))
+            if not net.multilabel:
+                fused[0] = 1.0
         return fused, n_boxes
 
     @torch.inference_mode()
@@ -107,9 +123,13 @@ class CropGuidedPredictor(PluginPredictor):
                 total = probs if total is None else total.add_(probs)
                 n += 1
         total /= n
-        self.last_timings = {"seconds": time.perf_counter() - t0, "passes": n, "n_boxes": n_boxes}
-        self._log(f"end-to-end model: {n_boxes} box(es) per pass, {n} pass(es) (folds x mirroring), "
-                  f"{self.last_timings['seconds']:.2f} s")
+        fallbacks = self.__dict__.pop("_fallbacks", 0)
+        self.last_timings = {"seconds": time.perf_counter() - t0, "passes": n, "n_boxes": n_boxes,
+                             "slices_without_keypoint": fallbacks}
+        self._log(f"{self.model_name}: {n_boxes} box(es) per pass, {n} pass(es) (folds x mirroring), "
+                  f"{self.last_timings['seconds']:.2f} s"
+                  + (f"; {fallbacks} slice pass(es) without keypoint above the threshold (fallback "
+                     f"'{net.fallback}')" if fallbacks else ""))
         return probabilities_to_logits(total, self.label_manager.has_regions, inplace=True).cpu()
 
 

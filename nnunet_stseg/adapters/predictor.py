@@ -660,9 +660,8 @@ def loading_frame(caller_frame):
 
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
-_PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "applied_overrides", "_sts_source", "centre", "centre_params",
-                 "last_objects", "_case_objects", "_current_case",
-                 "last_timings")
+_PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
+                 "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
 

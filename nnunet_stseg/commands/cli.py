@@ -23,6 +23,8 @@ DELEGATED = {
                           "Kvasir-SEG: recall-first proposals and a fine stage that can reject (issue 22)"),
     "experiment-e2e": ("nnunet_stseg.commands.experiment_e2e",
                        "Kvasir-SEG: the end-to-end crop-guided network vs the cascade and the baseline (issue 19)"),
+    "experiment-lsnet": ("nnunet_stseg.commands.experiment_lsnet",
+                         "Kvasir-SEG: L-SNet and the cascade with L-Net as first stage vs the cascade (issue 20)"),
     "experiment-sizes": ("nnunet_stseg.commands.experiment_sizes",
                          "learning from object sizes with simulated weak labels (Kvasir-SEG, Cardiac Fat CT)"),
     "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),
@@ -70,6 +72,14 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--e2e_box_rule", choices=("all", "objects"), default=None,
                         help="end-to-end model: one box around all coarse foreground (the thesis's, default) or "
                              "one box per coarse object (the cascade's)")
+    parser.add_argument("--lsnet", action="store_true",
+                        help="also add the 2d L-SNet configuration 2d_sts_lsnet_S (train -tr nnUNetTrainer_StSLNet, "
+                             "then -tr nnUNetTrainer_StSLSNet)")
+    parser.add_argument("--lsnet_gamma", type=float, default=None,
+                        help="L-SNet: factor on the S-Net loss's gradient into L-Net (0.1; 0 = no joint training)")
+    parser.add_argument("--lsnet_fallback", choices=("empty", "best", "whole"), default=None,
+                        help="L-SNet: an image without keypoint gets no RoI (empty, the paper's), one at its "
+                             "strongest peak (best) or the whole image (whole)")
     parser.add_argument("--fusion_high", type=float, default=None,
                         help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
@@ -98,7 +108,10 @@ def plan_options_from_args(args: argparse.Namespace):
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
                        max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
                        depth_channel=args.depth, polar=args.polar, polar_params=polar, e2e=args.e2e,
-                       e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {})
+                       e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {},
+                       lsnet=args.lsnet, lsnet_params={k: v for k, v in (("gamma", args.lsnet_gamma),
+                                                                         ("fallback", args.lsnet_fallback))
+                                                       if v is not None})
 
 
 def _run_plan(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.experiment_kvasir import plot_examples, predict_and_score, train_arm
 from nnunet_stseg.commands.experiment_recall import kvasir_work_folder
-from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
+from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
                                           publish_report, report_header, results_or_run, run)
 
@@ -267,10 +267,9 @@ def main(argv=None) -> None:
             write_json_atomic(results, args.workdir.resolve() / "results_e2e.json", indent=1)
     text = report(results, " && ".join(results.get("commands") or [results.get("command", cmd)]))
     if args.out is not None:
-        examples = example_figure(results, args.out.with_name(args.out.stem + "_examples.png"))
-        if examples is not None:
-            text += (f"\nTest images with the lowest, median and highest DSC of the end-to-end model (thesis rule) at "
-                     f"the smallest S (ground truth green, prediction red):\n\n![examples]({examples.name})\n")
+        text += examples_markdown(example_figure(results, args.out.with_name(args.out.stem + "_examples.png")),
+                                  "Test images with the lowest, median and highest DSC of the end-to-end model "
+                                  "(thesis rule) at the smallest S")
     publish_report(text, args.out)
 
 if __name__ == "__main__":

@@ -70,6 +70,14 @@ def read_image(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+def examples_markdown(examples: Path | None, caption: str) -> str:
+    """The report's example-figure paragraph: ``caption``, the colour key and the picture (a name
+    next to the report); nothing when no figure was made."""
+    if examples is None:
+        return ""
+    return f"\n{caption} (ground truth green, prediction red):\n\n![examples]({examples.name})\n"
+
+
 def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]]) -> dict:
     """Per-case overlap of every region (name -> labels) and its mean +- sd over cases."""
     cases = {}

@@ -170,13 +170,15 @@ def widen_input_weights(pretrained: dict[str, torch.Tensor], target: nn.Module) 
 
 
 class CropGuidedOutput(NamedTuple):
-    """What the end-to-end model returns for a batch of B images: the coarse logits (B, K, *m), the
-    fine logits (N, K, *m) of every crop and each image's boxes (a list of B arrays (n_b, ndim, 2)
-    on the image grid, N = sum of n_b, crops in that order)."""
+    """What a crop-guided model returns for a batch of B images: the first stage's logits (B, K, *m),
+    the fine logits (N, K, *m) of every crop and each image's boxes (a list of B arrays (n_b, ndim, 2)
+    on the image grid, N = sum of n_b, crops in that order; fractional for L-SNet's RoIs), and,
+    for L-SNet, L-Net's whole output (:class:`~nnunet_stseg.core.lsnet.LocalisationOutput`)."""
 
     coarse: torch.Tensor
     fine: torch.Tensor
     boxes: list
+    localisation: object = None
 
 
 class CropGuidedNetwork(nn.Module):

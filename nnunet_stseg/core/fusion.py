@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nnunet_stseg.core.geometry import _box_slices, resample_crop_to_box
+from nnunet_stseg.core.geometry import _box_slices, paste_region, resample_crop_to_box
 
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
@@ -33,6 +33,8 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     the caller has there (the cascade: the coarse model's, so that exported probabilities stay
     soft and an ensemble can average them); without it they are certain background (probability
     1, regions 0). Inside crops ``background`` is replaced, never fused.
+    Fractional boxes (L-SNet's RoIs, which may reach outside the image) paste onto the voxels
+    they cover inside the image, by the exact inverse of the map that cut them.
     Returns (K, *image_shape) probabilities (not renormalised) and a bool coverage mask
     (None with ``coverage=False`` and no ``background``: one full-size array less).
     ``out`` and ``covered``: the canvas and coverage returned by an earlier call (torch), to fuse
@@ -52,10 +54,11 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     k = p.shape[1]
     image_shape = tuple(int(s) for s in image_shape)
     boxes = np.asarray(boxes)
-    if len(boxes) and (not np.issubdtype(boxes.dtype, np.integer) or np.any(boxes[:, :, 0] < 0)
-                       or np.any(boxes[:, :, 1] > np.asarray(image_shape)) or np.any(boxes[:, :, 1] <= boxes[:, :, 0])):
-        raise ValueError("fuse_crops needs integer boxes inside the image (as fit_to_image returns), got "
-                         f"{boxes.tolist()} for image shape {image_shape}")
+    integer = np.issubdtype(boxes.dtype, np.integer)
+    if len(boxes) and (np.any(boxes[:, :, 1] <= boxes[:, :, 0]) or (integer and (
+            np.any(boxes[:, :, 0] < 0) or np.any(boxes[:, :, 1] > np.asarray(image_shape))))):
+        raise ValueError("fuse_crops needs non-empty boxes, integer ones inside the image (as fit_to_image returns), "
+                         f"got {boxes.tolist()} for image shape {image_shape}")
     if out is not None:
         if tuple(out.shape) != (k, *image_shape):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(k, *image_shape)}")
@@ -70,9 +73,12 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
             fused[0] = 1.0
     if covered is None and (coverage or background is not None):
         covered = torch.zeros(image_shape, dtype=torch.bool, device=fused.device)
-    for crop, box in zip(p, np.asarray(boxes, dtype=np.int64)):
-        sl = (slice(None), *_box_slices(box))
-        pasted = resample_crop_to_box(crop, box, mode).to(fused.device)
+    for crop, box in zip(p, boxes):
+        voxels = box if integer else paste_region(box, image_shape)
+        if np.any(voxels[:, 1] <= voxels[:, 0]):  # a fractional box outside the image
+            continue
+        sl = (slice(None), *_box_slices(voxels))
+        pasted = resample_crop_to_box(crop, box, mode, voxels).to(fused.device)
         region = fused[sl]
         if multilabel:
             combined = torch.maximum(region, pasted)

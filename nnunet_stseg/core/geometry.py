@@ -465,7 +465,9 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     returns (N, C, *out_size) on the image's device, float32. All boxes go through ONE
     grid_sample call (their grids are stacked along the first spatial axis of a batch of one), so
     there is no per-crop kernel launch or host round trip. Boxes may be fractional and may reach
-    outside the image (``padding_mode`` 'zeros' or 'border' decides what is read there).
+    outside the image (``padding_mode`` 'zeros' or 'border' decides what is read there); boxes
+    given as a tensor keep their graph: the crop is differentiable in the box coordinates (the
+    affine map of a spatial transformer: scale (stop - start) / size, translation start + stop).
     numpy in -> numpy out.
 
     >>> image = torch.arange(16.0).reshape(1, 1, 4, 4)  # (C, Z, Y, X)
@@ -477,15 +479,18 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     img = torch.as_tensor(image)
     spatial = img.shape[1:]
     ndim = len(spatial)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, ndim, 2)
+    if isinstance(boxes, torch.Tensor):  # L-SNet's RoIs: the crop is differentiable in the box
+        b = boxes.to(device=img.device, dtype=torch.float32).reshape(-1, ndim, 2)
+    else:
+        b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, ndim, 2).astype(np.float32),
+                            device=img.device)
     out_size = tuple(int(s) for s in out_size)
     if len(out_size) != ndim:
         raise ValueError(f"out_size {out_size} does not match the image's {ndim} spatial axes")
-    n = len(boxes)
+    n = len(b)
     if n == 0:
         out = img.new_zeros((0, img.shape[0], *out_size), dtype=torch.float32)
         return out.numpy() if was_numpy else out
-    b = torch.as_tensor(boxes.astype(np.float32), device=img.device)
     coords = [_normalised_axis_coords(b[:, d, 0], b[:, d, 1], out_size[d], spatial[d]) for d in range(ndim)]
     grid = _grid_from_axes(coords)  # (N, *out, ndim)
     grid = grid.reshape(1, n * out_size[0], *out_size[1:], ndim)
@@ -494,21 +499,36 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     return out.cpu().numpy() if was_numpy else out
 
 
-def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linear") -> torch.Tensor:
+def paste_region(box: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """The image voxels (ndim, 2) int a box (ndim, 2) covers: its integer hull clipped to the image
+    (the box itself for an integer box inside the image; fractional boxes are L-SNet's RoIs).
+
+    >>> paste_region(np.array([[-1.5, 2.2], [3.0, 9.5]]), (8, 8)).tolist()
+    [[0, 3], [3, 8]]
+    """
+    box = np.asarray(box, dtype=np.float64)
+    lo = np.clip(np.floor(box[:, 0] + 1e-6), 0, np.asarray(image_shape))
+    hi = np.clip(np.ceil(box[:, 1] - 1e-6), 0, np.asarray(image_shape))
+    return np.stack([lo, np.maximum(hi, lo)], axis=1).astype(np.int64)
+
+
+def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linear",
+                         region: np.ndarray | None = None) -> torch.Tensor:
     """Inverse of :func:`crop_and_resample` for one crop (K, *n): its values on the voxels of
-    ``box`` (K, *box_size), with the exact inverse coordinate mapping.
+    ``region`` (ndim, 2) int (default: ``box``, integer), with the exact inverse coordinate
+    mapping of ``box`` (ndim, 2; may be fractional). Returns (K, *region_size).
 
     >>> crop = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (C, Z, Y, X) = (1, 1, 2, 2)
     >>> resample_crop_to_box(crop, np.array([[0, 1], [0, 4], [0, 4]]), "nearest")[0, 0].tolist()
     [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0], [3.0, 3.0, 4.0, 4.0], [3.0, 3.0, 4.0, 4.0]]
     """
     ndim = crop.ndim - 1
-    box = np.asarray(box, dtype=np.int64).reshape(ndim, 2)
-    region = [int(box[d, 1] - box[d, 0]) for d in range(ndim)]
+    box = np.asarray(box, dtype=np.float64).reshape(ndim, 2)
+    region = np.asarray(box if region is None else region, dtype=np.int64).reshape(ndim, 2)
     coords = []
     for d in range(ndim):
-        i = torch.arange(region[d], device=crop.device, dtype=torch.float32)
-        coords.append((2 * (i + 0.5) / region[d] - 1)[None])
+        i = torch.arange(int(region[d, 0]), int(region[d, 1]), device=crop.device, dtype=torch.float32)
+        coords.append((2 * (i + 0.5 - float(box[d, 0])) / float(box[d, 1] - box[d, 0]) - 1)[None])
     grid = _grid_from_axes(coords)
     return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
 
