@@ -223,12 +223,13 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
 
 def run_cardiac_experiment(workdir: Path, size: int, features: int, epochs: int, iters: int, batch_size: int,
                            device: str, folds: int = 2, seed: int = 0, canvas: int = 256, command: str = "",
-                           limit: int | None = None) -> dict:
+                           limit: int | None = None, only_folds: list[int] | None = None) -> dict:
     """The same arms on Cardiac Fat CT, 2D axial slices, per-patient ``folds``-fold cross-validation:
     every patient predicted by the fold models that did not train on it, scored per patient at 512 x 512
     (pericardium and EAT). L-Net's training canvas is ``canvas`` (whole slices resampled to it; the
     RoIs are still cut from the full-resolution slice at inference); slices without pericardium get
-    no RoI (the plans' ``empty`` fallback)."""
+    no RoI (the plans' ``empty`` fallback). ``only_folds``: train and score these folds only (their
+    validation patients), e.g. half of the cross-validation when time is short."""
     import os
 
     from nnunet_stseg.commands.reports import score_folder
@@ -243,6 +244,7 @@ def run_cardiac_experiment(workdir: Path, size: int, features: int, epochs: int,
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ds, evals = prepare_cardiac(workdir, env, folds, seed, limit=limit)
+    evals = [(f, images) for f, images in evals if only_folds is None or f in only_folds]
     file_ending = json.loads((ds / "dataset.json").read_text())["file_ending"]
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
     if not plans_file.is_file() or coarse_config_name("2d", size) not in json.loads(plans_file.read_text())[
@@ -305,7 +307,7 @@ def cardiac_report(results: dict, cmd: str) -> str:
     n_patients = arms.get("baseline", {}).get("n_cases", "all")
     lines = [*report_header("Cardiac Fat CT: L-SNet (a detection first stage and RoI recalibration)", cmd),
              f"Budget per network and fold: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x "
-             f"{b['iters']} iterations, device {b['device']}; folds {b['folds']} (per patient, split seed "
+             f"{b['iters']} iterations, device {b['device']}; folds {b['folds']} of a per-patient 2-fold split (seed "
              f"{b['seed']}), S = {s}; L-Net and L-SNet train on whole slices resampled to {b['canvas']} x "
              f"{b['canvas']}. Each patient is predicted by the fold models that did not train on it (TTA off) and "
              f"scored per patient at 512 x 512 (mean ± sd over {n_patients} patients). Arms as in the Kvasir report: "
@@ -406,6 +408,8 @@ def main(argv=None) -> None:
                    help="work folder (kvasir: shared with experiment-recall, work_dirs/kvasir_recall; cardiac: "
                         "work_dirs/lsnet_cardiac)")
     p.add_argument("--canvas", type=int, default=256, help="cardiac: L-Net/L-SNet training canvas (256)")
+    p.add_argument("--only_folds", type=int, nargs="+", default=None,
+                   help="cardiac: train and score only these folds of the 2-fold split (default both)")
     p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64], help="input sizes S (64)")
     add_budget_arguments(p, features=16, batch_size=16, epochs=30, iters=50)
@@ -418,7 +422,7 @@ def main(argv=None) -> None:
         workdir = (args.workdir or Path("work_dirs/lsnet_cardiac")).resolve()
         results = results_or_run(p, args.report_only, workdir / "results_lsnet.json", lambda: run_cardiac_experiment(
             workdir, args.sizes[0], args.features, args.epochs, args.iters, args.batch_size, args.device,
-            seed=args.seed, canvas=args.canvas, command=cmd, limit=args.limit), cmd)
+            seed=args.seed, canvas=args.canvas, command=cmd, limit=args.limit, only_folds=args.only_folds), cmd)
         publish_report(cardiac_report(results, results.get("command", cmd)), args.out)
         return
     workdir = (args.workdir or Path("work_dirs/kvasir_recall")).resolve()
