@@ -24,7 +24,8 @@ DELEGATED = {
     "experiment-e2e": ("nnunet_stseg.commands.experiment_e2e",
                        "Kvasir-SEG: the end-to-end crop-guided network vs the cascade and the baseline (issue 19)"),
     "experiment-lsnet": ("nnunet_stseg.commands.experiment_lsnet",
-                         "Kvasir-SEG: L-SNet and the cascade with L-Net as first stage vs the cascade (issue 20)"),
+                         "Kvasir-SEG / Cardiac Fat CT: L-SNet and the cascade with L-Net as first stage vs the cascade "
+                         "(issue 20)"),
     "experiment-sizes": ("nnunet_stseg.commands.experiment_sizes",
                          "learning from object sizes with simulated weak labels (Kvasir-SEG, Cardiac Fat CT)"),
     "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),

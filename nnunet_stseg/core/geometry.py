@@ -467,7 +467,8 @@ def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: s
     there is no per-crop kernel launch or host round trip. Boxes may be fractional and may reach
     outside the image (``padding_mode`` 'zeros' or 'border' decides what is read there); boxes
     given as a tensor keep their graph: the crop is differentiable in the box coordinates (the
-    affine map of a spatial transformer: scale (stop - start) / size, translation start + stop).
+    affine map of a spatial transformer: per axis scale (stop - start) / length and translation
+    (start + stop) / length - 1 in grid_sample's coordinates).
     numpy in -> numpy out.
 
     >>> image = torch.arange(16.0).reshape(1, 1, 4, 4)  # (C, Z, Y, X)
