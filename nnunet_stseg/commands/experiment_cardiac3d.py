@@ -35,8 +35,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, pipeline_env,
-                                          plan_command_line, predict_command_line, prepare_cardiac, report_header, run,
-                                          run_measured, set_batch_size, train_fold)
+                                          plan_command_line, plan_unless_planned, predict_command_line, prepare_cardiac,
+                                          report_header, run_measured, set_batch_size, train_fold)
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 
@@ -67,8 +67,8 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
     did = _dataset_id(ds)
     coarse_c, fine_c = coarse_config_name("3d", size), fine_config_name("3d", size)
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
-    if not plans_file.is_file() or fine_c not in json.loads(plans_file.read_text())["configurations"]:
-        run(plan_command_line(did, size, ("3d",), features, batch_size=batch_size), env, logs / "plan.log")
+    plan_unless_planned(plans_file, fine_c, plan_command_line(did, size, ("3d",), features, batch_size=batch_size), env,
+                        logs / "plan.log")
     fullres_c = add_narrow(plans_file, features, base="3d_fullres")
     configs = {c: set_batch_size(plans_file, c, batch_size) for c in (fullres_c, coarse_c, fine_c)}
     results_file = workdir / "results.json"

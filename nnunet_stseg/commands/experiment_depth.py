@@ -33,8 +33,8 @@ import numpy as np
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD, overlap_cells, overlap_means
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
-                                          per_patient_split, pipeline_env, plan_command_line, run, set_batch_size,
-                                          shared_data, train_fold)
+                                          per_patient_split, pipeline_env, plan_command_line, plan_unless_planned,
+                                          set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import overlap
 
 DATASET_ID = 701
@@ -160,8 +160,8 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
     logs.mkdir(parents=True, exist_ok=True)
     pp = Path(env["nnUNet_preprocessed"]) / ds_raw.name
     plans_file = pp / "nnUNetPlans.json"
-    if not plans_file.is_file() or "2d_sts_coarse_128" not in json.loads(plans_file.read_text())["configurations"]:
-        run(plan_command_line(DATASET_ID, 128, ("2d",), features), env, logs / "plan.log")
+    plan_unless_planned(plans_file, "2d_sts_coarse_128", plan_command_line(DATASET_ID, 128, ("2d",), features), env,
+                        logs / "plan.log")
     narrow = add_narrow(plans_file, features)
     case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds_raw / "labelsTr").glob("*.nii.gz"))
     split = per_patient_split(case_ids, folds, seed)

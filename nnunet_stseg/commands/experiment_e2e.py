@@ -32,7 +32,7 @@ from nnunet_stseg.commands.experiment_kvasir import plot_examples, predict_and_s
 from nnunet_stseg.commands.experiment_recall import kvasir_work_folder
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                                          publish_report, report_header, results_or_run, run)
+                                          plan_unless_planned, publish_report, report_header, results_or_run)
 
 FAILED_JACCARD = 0.65  # the thesis's (ISIC 2018's) failed segmentation: Jaccard below this
 ARMS = (("baseline", "downscaled baseline (coarse model)"), ("cascade", "two-stage cascade"),
@@ -130,9 +130,9 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         write_json_atomic(results, results_file, indent=1)
 
     for s in sizes:
-        if not (plans_file.is_file() and coarse_config_name("2d", s) in json.loads(plans_file.read_text())[
-                "configurations"]):
-            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env, logs / f"plan_{s}.log")
+        plan_unless_planned(plans_file, coarse_config_name("2d", s),
+                            plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
+                            logs / f"plan_{s}.log")
         install_split(ds, plans_file.parent)
         row = results["sizes"].setdefault(str(s), {})
         row["S"] = s

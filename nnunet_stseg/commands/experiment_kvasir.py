@@ -44,8 +44,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                                          pipeline_env, plan_command_line, predict_command_line, report_header, run,
-                                          run_measured, set_batch_size, shared_data, train_fold)
+                                          pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
+                                          report_header, run, run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
@@ -171,9 +171,9 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
     pp = Path(env["nnUNet_preprocessed"]) / ds.name
     plans_file = pp / "nnUNetPlans.json"
     for s in sizes:
-        if not (plans_file.is_file() and fine_config_name("2d", s) in json.loads(plans_file.read_text())["configurations"]):
-            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
-                logs / f"plan_{s}.log")
+        plan_unless_planned(plans_file, fine_config_name("2d", s),
+                            plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
+                            logs / f"plan_{s}.log")
     install_split(ds, pp)
     standard = add_narrow(plans_file, features)
     arms = [("nnunet_2d", standard, standard, DEFAULT_COARSE_TRAINER)]

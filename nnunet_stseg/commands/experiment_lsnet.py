@@ -41,7 +41,7 @@ from nnunet_stseg.commands.experiment_kvasir import plot_examples, predict_and_s
 from nnunet_stseg.commands.experiment_recall import kvasir_work_folder
 from nnunet_stseg.commands.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                                          publish_report, report_header, results_or_run, run)
+                                          plan_unless_planned, publish_report, report_header, results_or_run)
 
 ARMS = (("baseline", "nnU-Net 2d at S (downscaled whole image)"),
         ("cascade", "cascade, coarse segmentation as first stage"),
@@ -182,9 +182,9 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         write_json_atomic(results, results_file, indent=1)
 
     for s in sizes:
-        if not (plans_file.is_file() and coarse_config_name("2d", s) in json.loads(plans_file.read_text())[
-                "configurations"]):
-            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env, logs / f"plan_{s}.log")
+        plan_unless_planned(plans_file, coarse_config_name("2d", s),
+                            plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
+                            logs / f"plan_{s}.log")
         install_split(ds, plans_file.parent)
         row = results["sizes"].setdefault(str(s), {"S": s})
         configs = {"baseline": (coarse_config_name("2d", s), DEFAULT_COARSE_TRAINER),
@@ -247,9 +247,9 @@ def run_cardiac_experiment(workdir: Path, size: int, features: int, epochs: int,
     evals = [(f, images) for f, images in evals if only_folds is None or f in only_folds]
     file_ending = json.loads((ds / "dataset.json").read_text())["file_ending"]
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
-    if not plans_file.is_file() or coarse_config_name("2d", size) not in json.loads(plans_file.read_text())[
-            "configurations"]:
-        run(plan_command_line(CARDIAC_FAT_ID, size, ("2d",), features, batch_size=batch_size), env, logs / "plan.log")
+    plan_unless_planned(plans_file, coarse_config_name("2d", size),
+                        plan_command_line(CARDIAC_FAT_ID, size, ("2d",), features, batch_size=batch_size), env,
+                        logs / "plan.log")
     plans = json.loads(plans_file.read_text())
     base = lsnet_config_name(size)
     for arm, gamma in GAMMAS.items():

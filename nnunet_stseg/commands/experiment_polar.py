@@ -44,8 +44,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
 from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
-                                          pipeline_env, plan_command_line, predict_command_line, prepare_cardiac,
-                                          report_header, run, run_measured, shared_data, train_fold)
+                                          pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
+                                          prepare_cardiac, report_header, run_measured, shared_data, train_fold)
 from nnunet_stseg.settings import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
 
 ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
@@ -87,9 +87,9 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     coarse_c, polar_c = coarse_config_name("2d", size), polar_config_name(size)
     pp = Path(env["nnUNet_preprocessed"]) / ds.name
     plans_file = pp / "nnUNetPlans.json"
-    if not plans_file.is_file() or polar_c not in json.loads(plans_file.read_text())["configurations"]:
-        run(plan_command_line(did, size, ("2d",), features, "--polar", batch_size=batch_size), env,
-            logs / "plan.log")
+    plan_unless_planned(plans_file, polar_c,
+                        plan_command_line(did, size, ("2d",), features, "--polar", batch_size=batch_size), env,
+                        logs / "plan.log")
     if dataset == "kvasir":
         from nnunet_stseg.data.kvasir import install_split
 

@@ -53,8 +53,8 @@ from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
-                                          plan_command_line, predict_command_line, publish_report, report_header,
-                                          results_or_run, run, shared_data)
+                                          plan_command_line, plan_unless_planned, predict_command_line, publish_report,
+                                          report_header, results_or_run, run, shared_data)
 from nnunet_stseg.settings import PROPOSAL_THRESHOLD_ENV
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
@@ -242,10 +242,6 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
     def save() -> None:
         write_json_atomic(results, results_file, indent=1)
 
-    def planned(s: int) -> bool:
-        return plans_file.is_file() and coarse_config_name("2d", s) in json.loads(plans_file.read_text())[
-            "configurations"]
-
     def arm(row: dict, name: str, config: str, trainer: str, threshold: str | None, train_log: Path,
             images: Path | None = None, labels: Path | None = None, n: int = n_test, tag: str = "") -> dict:
         key = name + tag
@@ -260,9 +256,9 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
 
     for s in sizes:
         for size in (s, 2 * s):
-            if not planned(size):
-                run(plan_command_line(dataset_id, size, ("2d",), features, batch_size=batch_size), env,
-                    logs / f"plan_{size}.log")
+            plan_unless_planned(plans_file, coarse_config_name("2d", size),
+                                plan_command_line(dataset_id, size, ("2d",), features, batch_size=batch_size), env,
+                                logs / f"plan_{size}.log")
         install_split(ds, plans_file.parent)
         fine, rejecting = add_fine_variants(plans_file, s, negative_fraction)
         row = results["sizes"].setdefault(str(s), {})

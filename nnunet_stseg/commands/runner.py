@@ -126,6 +126,14 @@ def train_command_line(dataset, config: str, fold: int, trainer: str, device: st
     return [find_command("nnUNetv2_train"), str(dataset), config, str(fold), "-tr", trainer, "-device", device, *flags]
 
 
+def plan_unless_planned(plans_file: Path, configuration: str, plan_cmd: list[str], env: dict, log: Path) -> None:
+    """Run ``plan_cmd`` (an ``nnunet-stseg plan`` line) unless ``plans_file`` already holds
+    ``configuration``: a re-run experiment keeps its plans and preprocessed data."""
+    if Path(plans_file).is_file() and configuration in json.loads(Path(plans_file).read_text())["configurations"]:
+        return
+    run(plan_cmd, env, log)
+
+
 def plan_command_line(dataset, size: int, dims: tuple[str, ...], features: int, *flags: str,
                       batch_size: int | None = None, processes: int = 2) -> list[str]:
     """Our ``nnunet-stseg plan -d DATASET -s SIZE --dims ... --features F [--batch_size B] -np N [flags]``."""
