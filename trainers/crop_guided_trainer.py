@@ -31,7 +31,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_stseg.adapters.config import E2EParams, StSConfig
+from nnunet_stseg.adapters.config import E2EParams, StSConfig, grid_spacing3
 from nnunet_stseg.adapters.crop_guided_predictor import CropGuidedPredictor, configure_network
 from nnunet_stseg.adapters.predictor import adopt_predictor
 from nnunet_stseg.adapters.results import model_folder
@@ -172,13 +172,14 @@ class nnUNetTrainer_StSEndToEnd(WholeImageModelTrainer):
                                                           num_output_channels, False)
         fine = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels + 1,
                                                         num_output_channels, False)
-        return CropGuidedNetwork(coarse, fine, coarse_cm.patch_size, [1.0, 1.0], sts.crop)
+        e2e = E2EParams.from_configuration(configuration_manager.configuration, "the end-to-end configuration")
+        return CropGuidedNetwork(coarse, fine, coarse_cm.patch_size, grid_spacing3(configuration_manager.spacing)[1:],
+                                 sts.crop, e2e.box_rule)
 
     def initialize(self):
         super().initialize()
         configure_network(self._plain_network(), self.configuration_manager.configuration,
-                          self.configuration_manager.spacing, self.label_manager.has_regions,
-                          f"configuration '{self.configuration_name}'")
+                          self.label_manager.has_regions, f"configuration '{self.configuration_name}'")
 
     def _build_loss(self):
         return CropGuidedLoss(super()._build_loss(), self.e2e.coarse_loss_weight, self.e2e.fine_loss_weight)

@@ -24,25 +24,23 @@ import time
 import numpy as np
 import torch
 
-from nnunet_stseg.adapters.config import E2EParams, StSConfig, grid_spacing3
+from nnunet_stseg.adapters.config import E2EParams, StSConfig
 from nnunet_stseg.adapters.predictor import PluginPredictor
 from nnunet_stseg.core.crop_guided import CropGuidedNetwork
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import nonlinearity, probabilities_to_logits
 
 
-def configure_network(net: CropGuidedNetwork, configuration: dict, spacing, multilabel: bool, where: str
+def configure_network(net: CropGuidedNetwork, configuration: dict, multilabel: bool, where: str
                       ) -> tuple[StSConfig, E2EParams]:
-    """Give an end-to-end network the box parameters of its configuration (``sts.crop``,
-    ``sts_e2e.box_rule``, the in-plane spacing) and the output kind; returns the two blocks."""
+    """Check that ``configuration`` is an end-to-end one and give its network the output kind (the
+    label manager's, which the network's builder does not see; the box parameters it got from the
+    plans when it was built); returns the two blocks."""
     sts = StSConfig.from_configuration(configuration, where)
     if sts.role != "e2e":
         raise ValueError(f"{where} has sts.role={sts.role!r}; the end-to-end model needs a configuration planned "
                          f"with `nnunet-stseg plan --e2e` (role 'e2e')")
     e2e = E2EParams.from_configuration(configuration, where)
-    net.spacing = tuple(grid_spacing3(spacing)[1:])
-    net.crop = sts.crop
-    net.rule = e2e.box_rule
     net.multilabel = bool(multilabel)
     return sts, e2e
 
@@ -59,8 +57,7 @@ class CropGuidedPredictor(PluginPredictor):
     def configure(self, net) -> StSConfig:
         """Give the loaded network its plan parameters; returns the ``sts`` block."""
         sts, self.e2e = configure_network(net, self.configuration_manager.configuration,
-                                          self.configuration_manager.spacing, self.label_manager.has_regions,
-                                          f"the {self.model_name}'s configuration")
+                                          self.label_manager.has_regions, f"the {self.model_name}'s configuration")
         return sts
 
     def _model(self) -> CropGuidedNetwork:
@@ -93,8 +90,7 @@ class CropGuidedPredictor(PluginPredictor):
                      for b, bx in enumerate(out.boxes) if len(bx)]
             if not boxes:  # L-SNet: no keypoint on any of these slices
                 continue
-            boxes = np.concatenate(boxes)
-            boxes = boxes.astype(np.int64) if np.array_equal(boxes, np.round(boxes)) else boxes
+            boxes = np.concatenate(boxes)  # integer (the end-to-end model) or fractional (L-SNet's RoIs)
             n_boxes += len(boxes)
             fused, covered = fuse_crops(probs.to(image.device), boxes, shape, multilabel=net.multilabel,
                                         out=fused, covered=covered)

@@ -56,7 +56,8 @@ class UNetFeatures(nn.Module):
 
 def build_lsnet(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int) -> LSNet:
     """L-Net on the coarse configuration's architecture, S-Net on this configuration's, both
-    without deep supervision; plan parameters are set by :func:`configure_lsnet`."""
+    without deep supervision, with the configuration's ``sts_lsnet`` parameters (the output kind is
+    set by :func:`configure_lsnet`)."""
     sts = StSConfig.from_configuration(configuration_manager.configuration, "the L-SNet configuration")
     params = LSNetParams.from_configuration(configuration_manager.configuration, "the L-SNet configuration")
     coarse_cm = plans_manager.get_configuration(sts.coarse_configuration)
@@ -67,19 +68,20 @@ def build_lsnet(plans_manager, configuration_manager, num_input_channels: int, n
     segmenter = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                          num_output_channels, False)
     # the S-Net patch is the fine configuration's S x S (a trainer may show nnU-Net another patch: its canvas)
-    return LSNet(locator, segmenter, coarse_cm.patch_size, [sts.input_size] * 2, num_output_channels)
+    return LSNet(locator, segmenter, coarse_cm.patch_size, [sts.input_size] * 2, num_output_channels,
+                 margin_fraction=params.margin_fraction, threshold=params.threshold, gamma=params.gamma,
+                 top_k=params.top_k, fallback=params.fallback)
 
 
 def configure_lsnet(net: LSNet, configuration: dict, multilabel: bool, where: str) -> tuple[StSConfig, LSNetParams]:
-    """Give an L-SNet its configuration's parameters (``sts_lsnet``) and output kind."""
+    """Check that ``configuration`` is an L-SNet one and give its network the output kind (the label
+    manager's, which the builder does not see); returns the ``sts`` and ``sts_lsnet`` blocks."""
     sts = StSConfig.from_configuration(configuration, where)
     if sts.role != "lsnet":
         raise ValueError(f"{where} has sts.role={sts.role!r}; L-SNet needs a configuration planned with "
                          f"`nnunet-stseg plan --lsnet` (role 'lsnet')")
-    params = LSNetParams.from_configuration(configuration, where)
-    net.margin_fraction, net.threshold, net.gamma = params.margin_fraction, params.threshold, params.gamma
-    net.top_k, net.fallback, net.multilabel = params.top_k, params.fallback, bool(multilabel)
-    return sts, params
+    net.multilabel = bool(multilabel)
+    return sts, LSNetParams.from_configuration(configuration, where)
 
 
 class LSNetPredictor(CropGuidedPredictor):
