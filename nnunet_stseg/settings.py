@@ -35,6 +35,8 @@ OVERRIDES_FILE = "nnunet_stseg_overrides.json"
 ORIGIN_SOURCE_ENV = "STSEG_POLAR_ORIGINS"
 MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
 PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
+MIN_CONFIDENCE_ENV = "STSEG_POLAR_MIN_CONFIDENCE"
+CONFIDENCE_WEIGHTING_ENV = "STSEG_POLAR_CONFIDENCE_WEIGHTING"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sts.polar.max_origins"),
     Setting("STSEG_POLAR_PEAK_THRESHOLD", "a number in [0, 1) (0 = no threshold)",
             "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold"),
+    Setting(MIN_CONFIDENCE_ENV, "a number in [0, 1) (0 = keep every origin)",
+            "confidence an origin needs to be used by the polar stage", "sts.polar.min_origin_confidence"),
+    Setting(CONFIDENCE_WEIGHTING_ENV, "0 or 1", "1: polar views weighted by their origin's confidence in the fusion",
+            "sts.polar.confidence_weighting"),
     Setting("STSEG_OBJECTS_REPORT", "0 or 1", "0: no <case>.objects.json next to the predictions",
             "sts.objects_report"),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
@@ -128,6 +134,16 @@ def polar_peak_threshold() -> float | None:
     return _read("STSEG_POLAR_PEAK_THRESHOLD", float, lambda v: 0 <= v < 1)
 
 
+def polar_min_confidence() -> float | None:
+    """The override of ``sts.polar.min_origin_confidence``."""
+    return _read(MIN_CONFIDENCE_ENV, float, lambda v: 0 <= v < 1)
+
+
+def polar_confidence_weighting() -> bool | None:
+    """The override of ``sts.polar.confidence_weighting``."""
+    return _switch(CONFIDENCE_WEIGHTING_ENV)
+
+
 def objects_report() -> bool | None:
     """The override of ``sts.objects_report`` (``<case>.objects.json`` next to the predictions)."""
     return _switch("STSEG_OBJECTS_REPORT")
@@ -152,6 +168,7 @@ def plan_overrides() -> dict[str, object]:
     """
     values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
               "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report(),
+              MIN_CONFIDENCE_ENV: polar_min_confidence(), CONFIDENCE_WEIGHTING_ENV: polar_confidence_weighting(),
               PROPOSAL_THRESHOLD_ENV: proposal_threshold()}
     return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
 
@@ -166,6 +183,7 @@ def schedule_settings() -> dict[str, object]:
 
 
 __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
+           "MIN_CONFIDENCE_ENV", "CONFIDENCE_WEIGHTING_ENV", "polar_min_confidence", "polar_confidence_weighting",
            "PROPOSAL_THRESHOLD_ENV", "proposal_threshold",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",

@@ -124,7 +124,7 @@ def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, 
     coarse_radius = radius / factor
     coarse["sts"]["centre"] = CentreParams(sigma=round(default_sigma(coarse_radius), 3),
                                            median_object_radius=round(coarse_radius, 3),
-                                           objects_measured=n_objects).to_dict()
+                                           objects_measured=n_objects, loss=options.centre_loss).to_dict()
     params = PolarParams(**{"polar_shape": (s, s), **options.polar_params})
     if tuple(params.polar_shape) != (s, s):
         raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "

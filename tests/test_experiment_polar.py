@@ -12,10 +12,11 @@ import pytest
 import SimpleITK as sitk
 
 import nnunet_stseg.commands.experiment_polar as experiment
-from nnunet_stseg.commands.experiment_polar import ARMS, main, origin_counts, report
+from nnunet_stseg.commands.experiment_polar import ARMS, choose_thresholds, main, origin_counts, report
 from nnunet_stseg.commands.reports import example_overlays, score_folder
 from nnunet_stseg.core.metrics import overlap
-from nnunet_stseg.settings import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
+from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
+                                   PEAK_THRESHOLD_ENV)
 
 from fake_nnunet import FakeNNUNet
 
@@ -44,6 +45,18 @@ def test_origin_counts_from_the_predictor_log(tmp_path):
                                                               "kept_coarse": 2, "no_origin_cases": 1}
 
 
+def test_thresholds_are_chosen_on_cases_that_are_not_scored():
+    """Kvasir: one threshold from the validation images; cross-validation: fold f's threshold from
+    the other folds' patients only; ties go to the lower threshold."""
+    sweep = {"0.0": {"a": 0.5, "b": 0.5, "c": 0.9}, "0.7": {"a": 0.9, "b": 0.5, "c": 0.1}}
+    assert choose_thresholds(sweep, {0: ["a", "b", "c"]}, [0], same_cases=True) == {0: "0.0"}
+    assert choose_thresholds(sweep, {0: ["a"], 1: ["b"], 2: ["c"]}, [0, 1, 2], same_cases=False) == \
+        {0: "0.0", 1: "0.0", 2: "0.7"}
+    assert choose_thresholds({"0.5": {"a": 0.4}, "0.7": {"a": 0.4}}, {0: ["a"]}, [0], True) == {0: "0.5"}
+    with pytest.raises(SystemExit, match="at least 2 folds"):
+        choose_thresholds(sweep, {0: ["a"]}, [0], same_cases=False)
+
+
 def test_score_folder_regions_and_report(tmp_path):
     pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
     pred_dir.mkdir(), gt_dir.mkdir()
@@ -66,12 +79,22 @@ def test_score_folder_regions_and_report(tmp_path):
     results["origins"] = {"polar_coarse": {"origins": 6, "slices_with_origin": 4, "kept_coarse": 0,
                                            "no_origin_cases": 0}}
     results["centre_validation"] = {"0": {"precision": float("nan"), "recall": 0.0, "f1": 0.0,
-                                          "median_distance_px": float("nan"), "sigma_px": 2.3}}
+                                          "median_distance_px": float("nan"), "sigma_px": 2.3},
+                                    "1": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "median_distance_px": 1.0,
+                                          "sigma_px": 2.3, "loss": "focal",
+                                          "calibration": [{"low": 0.1, "high": 0.5, "peaks": 4, "hit_fraction": 0.25},
+                                                          {"low": 0.5, "high": 1.0, "peaks": 0, "hit_fraction": None}]}}
+    results["confidence"] = {"coarse": {"grid": [0.0, 0.7], "chosen": {"0": "0.7"},
+                                        "tuning_dice": {"0.0": 0.5, "0.7": 0.625}}}
     text = report(results)
+    assert "fold 1: focal loss, precision 0.50, recall 1.00, F1 0.67" in text
+    assert "| [0.1, 0.5) | 4 | 0.25 |" in text and "| [0.5, 1.0] | 0 | - |" in text
+    assert "coarse: 0.0 -> 0.500, 0.7 -> 0.625, chosen fold 0: 0.7" in text
     assert "polar_coarse 6 in 4 slices (1.50 per slice)" in text
-    assert "fold 0: precision nan, recall 0.00, F1 0.00, sigma 2.3 px" in text
-    assert "| polar_heatmap | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0 | 0.000 ± 0.000 | 5.00 | 2500 |" \
-        in text
+    assert "fold 0: mse loss, precision nan, recall 0.00, F1 0.00, sigma 2.3 px" in text
+    assert "| polar_heatmap | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0 | 0.000 ± 0.000 " \
+        "| +0.000 (0 / 0) | 5.00 | 2500 |" in text
+    assert "| cartesian | 1.000 ± 0.000 |" in text and "| 0.000 ± 0.000 | - | 5.00 | 2500 |" in text
     assert "cartesian 5, centre 6, polar 7" in text and "Published" in text and "examples" not in text
 
     # example overlays: images next to the predictions of every arm, the report links the picture
@@ -106,11 +129,23 @@ def test_experiment_smoke_on_kvasir(tmp_path, monkeypatch):
     # each arm's origin settings reach its nnUNetv2_predict (the centre-point model loaded once per
     # heatmap run is checked on real models: test_polar.py::test_polar_pipeline_through_the_stock_clis)
     settings = {c.args[c.args.index("-o") + 1].rsplit("/", 1)[-1]:
-                (c.env[ORIGIN_SOURCE_ENV], c.env[MAX_ORIGINS_ENV], c.env[PEAK_THRESHOLD_ENV])
+                (c.env[ORIGIN_SOURCE_ENV], c.env[MAX_ORIGINS_ENV], c.env[PEAK_THRESHOLD_ENV], c.env[MIN_CONFIDENCE_ENV],
+                 c.env[CONFIDENCE_WEIGHTING_ENV])
                 for c in fake.of("nnUNetv2_predict")}
-    assert settings == {"cartesian": ("coarse", "", ""), "polar_coarse": ("coarse", "", ""),
-                        "polar_coarse_max1": ("coarse", "1", ""), "polar_heatmap": ("heatmap", "", ""),
-                        "polar_heatmap_argmax": ("heatmap", "1", "0")}
+    chosen = {source: results["confidence"][source]["chosen"]["0"] for source in ("coarse", "heatmap")}
+    assert settings == {"cartesian": ("coarse", "", "", "", ""), "polar_coarse": ("coarse", "", "", "", ""),
+                        "polar_coarse_max1": ("coarse", "1", "", "", ""), "polar_heatmap": ("heatmap", "", "", "", ""),
+                        "polar_heatmap_argmax": ("heatmap", "1", "0", "", ""),
+                        **{f"coarse_{t}": ("coarse", "", "", str(t), "1") for t in (0.0, 0.7, 0.8, 0.9)},
+                        **{f"heatmap_{t}": ("heatmap", "", "0.1", str(t), "1") for t in (0.1, 0.3, 0.5, 0.7)},
+                        "polar_coarse_confident": ("coarse", "", "", chosen["coarse"], "1"),
+                        "polar_heatmap_confident": ("heatmap", "", "0.1", chosen["heatmap"], "1")}
+    # the thresholds were tried on the split's validation images (imagesTr), never on the test images
+    tuning_inputs = {c.args[c.args.index("-i") + 1] for c in fake.of("nnUNetv2_predict")
+                     if "/tuning/" in c.args[c.args.index("-o") + 1]}
+    assert tuning_inputs == {str(work / "inputs" / "validation")}
+    split = json.loads(next((work / "nnUNet_raw").glob("Dataset720_*/stseg_split.json")).read_text())
+    assert sorted(p.name[:-len("_0000.png")] for p in (work / "inputs" / "validation").iterdir()) == sorted(split["val"])
     assert sorted(c.args[c.args.index("-tr") + 1] for c in fake.of("nnUNetv2_train")) == \
         ["nnUNetTrainer_StSCentre", "nnUNetTrainer_StSCoarse", "nnUNetTrainer_StSPolar"]
     text = out.read_text()

@@ -18,10 +18,11 @@ from scipy import ndimage
 
 from nnunet_stseg.adapters.config import PlanOptions, PolarParams, StSConfig, polar_config_name
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
-from nnunet_stseg.core.fusion import fuse_polar_predictions, hysteresis_fusion, origin_component_weights
+from nnunet_stseg.core.fusion import (fuse_polar_predictions, fuse_polar_probabilities, hysteresis_fusion,
+                                      origin_component_weights, polar_fusion_weights)
 from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, farthest_corner_distance, from_polar,
                                      round_trip_dice, shift_origin, to_polar, unwrap_angles, wrap_angles)
-from nnunet_stseg.settings import MAX_ORIGINS_ENV
+from nnunet_stseg.settings import CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV
 
 from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
 
@@ -267,6 +268,7 @@ def test_planner_adds_the_polar_configuration(planned_polar):
     assert coarse.centre.objects_measured == len(radii) > 0
     assert coarse.centre.median_object_radius == pytest.approx(np.median(radii) / factor, abs=1e-3)
     assert coarse.centre.sigma == pytest.approx(default_sigma(np.median(radii) / factor), abs=1e-3)
+    assert coarse.centre.loss == "focal", "new plans train the centre model with the focal loss"
 
 
 def _read(path) -> np.ndarray:
@@ -420,7 +422,7 @@ def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeyp
     p, lm, net, data = _polar_predictor(root, ds, labels, labels, regions=False)
     p.predict_logits_from_preprocessed_data(data)
     assert p.last_timings["n_origins"] == 1
-    assert np.allclose(p.origins(labels > 0)[0, 1:], cents[np.argmax(areas)])
+    assert np.allclose(p.origins(labels > 0)[0][0, 1:], cents[np.argmax(areas)])
     assert p.applied_overrides == {"sts.polar.max_origins": {"plans": 32, "used": 1}}
     monkeypatch.setenv(MAX_ORIGINS_ENV, "3")
     assert p.max_origins() == 1, "overrides are applied once, when the model's configuration is read"
@@ -442,6 +444,80 @@ def test_no_origin_keeps_the_coarse_prediction(planned_polar, capsys):
     assert p.last_timings["fallback"] == "coarse"
     assert p.last_objects["n_objects"] == 0 and p.last_objects["fallback"] == "coarse"
     assert "no origin" in capsys.readouterr().out
+
+
+def test_origins_must_earn_their_place(planned_polar, monkeypatch, capsys):
+    """STSEG_POLAR_MIN_CONFIDENCE: a coarse component whose mean foreground probability is below
+    the threshold gives no origin (logged, recorded); when no origin of a slice is left, the slice
+    keeps the coarse (Cartesian) prediction, without running the polar network."""
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    n_objects = len(component_centroids(labels[0] > 0)[0])
+    coarse = labels.copy()
+    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(far), far.shape)
+    doubtful = np.zeros_like(labels, bool)
+    doubtful[0, y - 4:y + 4, x - 4:x + 4] = True
+    coarse[doubtful] = 1  # a false positive of the coarse model, at foreground probability 0.6
+
+    def soft(confidence_of_objects: float):
+        probs = torch.from_numpy(np.stack([coarse == c for c in range(3)]).astype(np.float32))
+        objects = torch.from_numpy(coarse > 0)
+        probs[0][objects], probs[1][objects], probs[2][objects] = 1 - confidence_of_objects, 0.0, 0.0
+        probs[1][objects & torch.from_numpy(coarse == 1)] = confidence_of_objects
+        probs[2][objects & torch.from_numpy(coarse == 2)] = confidence_of_objects
+        d = torch.from_numpy(doubtful)
+        probs[0][d], probs[1][d], probs[2][d] = 0.4, 0.6, 0.0
+        return probs
+
+    monkeypatch.setenv(MIN_CONFIDENCE_ENV, "0.8")
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
+    p.coarse_probabilities = lambda d: soft(0.95)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert p.last_timings["n_origins"] == n_objects, "the doubtful component gave no origin"
+    assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[doubtful].any()
+    assert "1 origin(s) below confidence 0.8 dropped" in capsys.readouterr().out
+    assert p.applied_overrides == {"sts.polar.min_origin_confidence": {"plans": 0.0, "used": 0.8}}
+    assert np.allclose(p.origins(coarse > 0, soft(0.95)[1:].sum(0).numpy())[1],
+                       [0.6 if doubtful[0][int(round(cy)), int(round(cx))] else 0.95
+                        for _, cy, cx in p.origins(coarse > 0)[0]], atol=1e-6)
+
+    # nothing confident left: the slice keeps the Cartesian prediction, the polar network never runs
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
+    p.coarse_probabilities = lambda d: soft(0.7)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert net.calls == 0 and p.last_timings["fallback"] == "coarse"
+    assert np.array_equal(seg, coarse), "the coarse argmax, false positive included"
+    assert "no origin (every origin below the confidence threshold): coarse prediction kept" in capsys.readouterr().out
+
+    # confidence-weighted views: the same objects come back
+    monkeypatch.setenv(MIN_CONFIDENCE_ENV, "0")
+    monkeypatch.setenv(CONFIDENCE_WEIGHTING_ENV, "1")
+    p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
+    p.coarse_probabilities = lambda d: soft(0.95)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
+    assert p.last_timings["n_origins"] == n_objects + 1 and _dice(seg > 0, labels > 0) >= 0.95
+    monkeypatch.setenv(MIN_CONFIDENCE_ENV, "1")
+    p.sts = None
+    with pytest.raises(ValueError, match=f"{MIN_CONFIDENCE_ENV}='1': expected a number in"):
+        p.max_origins()
+
+
+def test_confidence_weights_let_a_doubtful_view_count_less():
+    """Two views of one slice, each predicting an object at its own origin: counted the same,
+    both objects stay; with the second view's origin at confidence 0.1 its object's score is 0.1
+    of the first's, below the hysteresis threshold t2 = 0.4."""
+    a, b = _ellipse((30, 40), (8, 8), (4, 4)), _ellipse((30, 40), (20, 30), (4, 4))
+    views = torch.zeros((2, 2, 30, 40))
+    views[0, 1], views[1, 1] = torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32))
+    views[:, 0] = 1 - views[:, 1]
+    origins = [[8, 8], [20, 30]]
+    same = fuse_polar_probabilities(views, origins, multilabel=False).argmax(0).numpy() > 0
+    assert np.array_equal(same, a | b)
+    weighted = fuse_polar_probabilities(views, origins, multilabel=False, view_weights=[1.0, 0.1])
+    assert np.array_equal(weighted.argmax(0).numpy() > 0, a)
+    score, class_weights = polar_fusion_weights(views, origins, False, view_weights=[1.0, 0.1])
+    assert score[1].max() == pytest.approx(0.2) and float(class_weights[1].max()) == pytest.approx(0.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +573,7 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
     centre = json.loads((model_folder(res, "nnUNetTrainer_StSCentre", res.coarse_config) / "fold_0" / "validation"
                          / "summary_centres.json").read_text())
     assert {"precision", "recall", "f1", "median_distance_px"} <= set(centre) and centre["tp"] + centre["fn"] > 0
+    assert centre["loss"] == "focal" and [row["low"] for row in centre["calibration"]] == [0.1, 0.3, 0.5, 0.7, 0.9]
     # the centre model alone is not a segmentation model: a clear error, not a garbage export
     # (nnU-Net's own predict entry point, in this process)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
@@ -520,13 +597,14 @@ def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkey
     monkeypatch.setenv("STSEG_POLAR_ORIGINS", "heatmap")
     p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
     p.centre = object()  # stands in for the centre model; its peaks are given below
-    p.heatmap_origins = lambda data: np.zeros((0, 3))
+    p.heatmap_origins = lambda data: (np.zeros((0, 3)), np.zeros(0))
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
     assert np.array_equal(seg, coarse) and net.calls == 0
     assert "no origin (no heatmap peak): coarse prediction kept" in capsys.readouterr().out
 
     centroids = component_centroids(labels[0] > 0)[0]
-    p.heatmap_origins = lambda data: np.concatenate([np.zeros((len(centroids), 1)), centroids], axis=1)
+    p.heatmap_origins = lambda data: (np.concatenate([np.zeros((len(centroids), 1)), centroids], axis=1),
+                                      np.full(len(centroids), 0.9))
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
     assert p.last_timings["n_origins"] == len(centroids) and net.calls == 1
     assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[0, 2:4, 2:12].any()
@@ -563,18 +641,18 @@ def test_peak_threshold_override_gives_the_papers_argmax_rule(planned_polar, mon
     def set_up():  # what loading the model and its centre model does: read the plans, apply overrides
         p.sts = None
         p.centre = WeakCentre()
-        p.set_centre_params(CentreParams(sigma=2.0))
+        p.set_centre_params(CentreParams(sigma=2.0, loss="mse"))  # the heatmap is read as it is
 
     set_up()
-    assert len(p.heatmap_origins(data)) == 0
+    assert len(p.heatmap_origins(data)[0]) == 0
     monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0.05")
     set_up()
-    assert len(p.heatmap_origins(data)) == 2 * data.shape[1]
+    assert len(p.heatmap_origins(data)[0]) == 2 * data.shape[1]
     assert p.applied_overrides["sts.centre.peak_threshold"] == {"plans": 0.5, "used": 0.05}
     monkeypatch.setenv(PEAK_THRESHOLD_ENV, "0")
     monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
     set_up()
-    origins = p.heatmap_origins(data)
+    origins, heights = p.heatmap_origins(data)
     assert len(origins) == data.shape[1]
     np.testing.assert_allclose(origins[:, 1:], np.tile(np.round(strong), (data.shape[1], 1)), atol=1)
     for bad in ("1", "-0.1", "half"):
@@ -605,12 +683,12 @@ def test_origin_size_rule_follows_the_cascades_size_rule_grid(planned_polar):
     mask = np.zeros((1, 64, 64), bool)
     mask[0, 5:15, 5:15] = True  # 10 px wide
     mask[0, 30:34, 30:50] = True  # 4 px high
-    assert p.origins(mask)[:, 1:].round(1).tolist() == [[9.5, 9.5]]
+    assert p.origins(mask)[0][:, 1:].round(1).tolist() == [[9.5, 9.5]]
     fine = p._fine_spacing3()
     p.coarse = SimpleNamespace(configuration_manager=SimpleNamespace(spacing=[4 * v for v in fine[1:]]))
     p._sts_config().polar.size_rule_grid = "coarse"
-    assert len(p.origins(mask)) == 0
+    assert len(p.origins(mask)[0]) == 0
     mask[0, 40:62, 2:24] = True  # 22 px = 5.5 coarse px
-    assert p.origins(mask)[:, 1:].round(1).tolist() == [[50.5, 12.5]]
+    assert p.origins(mask)[0][:, 1:].round(1).tolist() == [[50.5, 12.5]]
     with pytest.raises(ValueError, match="size_rule_grid must be 'full' or 'coarse'"):
         PolarParams(polar_shape=(32, 32), size_rule_grid="mm")

@@ -2,7 +2,10 @@
 
 Trained with the stock ``nnUNetv2_train D 2d_sts_coarse_<S> F -tr nnUNetTrainer_StSCentre`` on the
 same coarse configuration as the coarse model (whole image, downsampled): nnU-Net's U-Net with ONE
-output channel regressing a heatmap, squared-error loss relative to the heatmap's energy
+output channel. With ``sts.centre.loss`` ``focal`` (default) the channel holds logits trained with
+CenterNet's penalty-reduced focal loss (:class:`HeatmapFocalLoss`; output bias started at
+CenterNet's prior, sigmoid 0.1), so the heatmap is the sigmoid of the output; with ``mse`` (plans
+made before 0.7) it regresses the heatmap itself, squared error relative to the heatmap's energy
 (:class:`HeatmapMSELoss`). The target is made from nnU-Net's augmented training
 target of each batch (:func:`nnunet_stseg.core.centres.heatmap_targets`), so every spatial augmentation
 moves the Gaussians with the objects; sigma comes from ``sts.centre`` in the plans (chosen from the
@@ -11,7 +14,8 @@ dataset's object sizes by ``nnunet-stseg plan --polar``). No deep supervision.
 nnU-Net's online "pseudo Dice" of this trainer is the centre-detection F1 on the validation batches
 (a peak inside an object detects it; see :func:`nnunet_stseg.core.centres.match_peaks_to_objects`); its
 final validation writes ``validation/summary_centres.json`` (precision, recall, F1, distance of
-the detected peaks to the object centroids in pixels and mm) instead of segmentations.
+the detected peaks to the object centroids in pixels and mm, and a calibration table: how often
+a peak of each height band is a true centre) instead of segmentations.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_stseg.adapters.config import CentreParams, StSConfig
 from nnunet_stseg.adapters.predictor import loading_frame
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.core.centres import heatmap_peaks, heatmap_targets, match_peaks_to_objects
+from nnunet_stseg.core.centres import (calibration_table, centre_probability, heatmap_peaks, heatmap_targets,
+                                       match_peaks_to_objects, peak_hits)
 from nnunet_stseg.core.geometry import label_foreground
+from nnunet_stseg.core.lsnet import KEYPOINT_PRIOR_BIAS, focal_loss
 from nnunet_stseg.trainers.sts_trainers import nnUNetTrainer_StSCoarse
 from nnunet_stseg.trainers.validation import gather_on_rank0, validation_cases, validation_predictor
 
@@ -62,6 +68,23 @@ class HeatmapMSELoss(torch.nn.Module):
         return ((output.float() - heat) ** 2).sum() / (heat.pow(2).sum() + self.floor * heat.numel())
 
 
+class HeatmapFocalLoss(torch.nn.Module):
+    """CenterNet's penalty-reduced focal loss (:func:`nnunet_stseg.core.lsnet.focal_loss`, the
+    L-Net keypoint loss) of the output logits against Gaussians centred on the pixel holding each
+    object's centre (peak exactly 1 there), normalised by the number of objects."""
+
+    def __init__(self, sigma: float, has_regions: bool, ignore_label):
+        super().__init__()
+        self.sigma, self.has_regions, self.ignore_label = sigma, has_regions, ignore_label
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fg = target_foreground(target, self.has_regions, self.ignore_label)
+        return focal_loss(output, heatmap_targets(fg, self.sigma, on_pixel=True))
+
+
+CALIBRATION_FLOOR = 0.1  # peaks from this height enter the calibration table of the validation
+
+
 class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
     """Heatmap of object centres on the coarse configuration (see the module docstring)."""
 
@@ -85,17 +108,27 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
                 f"{cls.__name__} predicts object centres (a heatmap), not segmentations; nnUNetv2_predict cannot "
                 f"export it. Use it through the polar stage: STSEG_POLAR_ORIGINS=heatmap nnUNetv2_predict ... -c "
                 f"2d_sts_polar_{sts.get('input_size', 'S')} -tr nnUNetTrainer_StSPolar")
-        return super().build_network_architecture(plans_manager, configuration_manager, num_input_channels, 1,
-                                                  enable_deep_supervision)
+        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels, 1,
+                                                     enable_deep_supervision)
+        centre = configuration_manager.configuration.get("sts", {}).get("centre")
+        if centre is not None and CentreParams.from_dict(centre).loss == "focal":
+            # CenterNet's start: every pixel a centre with probability 0.1, not 0.5 (the focal loss of
+            # 0.5 on every background pixel would swamp the few centres in the first steps)
+            for layer in network.decoder.seg_layers:  # nnU-Net's U-Nets: the 1x1 output convolutions
+                torch.nn.init.constant_(layer.bias, KEYPOINT_PRIOR_BIAS)
+        return network
 
     def _build_loss(self):
         lm = self.label_manager
+        if self.centre.loss == "focal":
+            return HeatmapFocalLoss(self.centre.sigma, lm.has_regions, lm.ignore_label)
         return HeatmapMSELoss(self.centre.sigma, lm.has_regions, lm.ignore_label)
 
     def _detections(self, output: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
         fg = target_foreground(target, self.label_manager.has_regions, self.label_manager.ignore_label).cpu().numpy()
         tp = fp = fn = 0
-        for heat, mask in zip(output[:, 0].detach().float().cpu().numpy(), fg):
+        heats = centre_probability(output[:, 0].detach(), self.centre.loss).cpu().numpy()
+        for heat, mask in zip(heats, fg):
             m = match_peaks_to_objects(heatmap_peaks(heat, self.centre.peak_distance, self.centre.peak_threshold), mask)
             tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
         return tp, fp, fn
@@ -115,7 +148,7 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
 
     def on_train_start(self):
         super().on_train_start()
-        self.print_to_log_file(f"centre heatmap: sigma {self.centre.sigma} px (coarse grid), peaks >= "
+        self.print_to_log_file(f"centre heatmap: {self.centre.loss} loss, sigma {self.centre.sigma} px (coarse grid), peaks >= "
                                f"{self.centre.peak_threshold}, {self.centre.peak_distance} px apart; 'Pseudo dice' "
                                f"below = centre-detection F1", also_print_to_console=True)
 
@@ -127,15 +160,18 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
         spacing = np.asarray(self.configuration_manager.spacing[-2:], dtype=float)
         per_case = {}
         for k, data, seg, _ in validation_cases(self, depth):
-            heat = predictor.predict_sliding_window_return_logits(data)[0].float().cpu()
+            heat = centre_probability(predictor.predict_sliding_window_return_logits(data)[0], self.centre.loss).cpu()
             fg = label_foreground(seg[0], self.label_manager.ignore_label)
-            counts = {"tp": 0, "fp": 0, "fn": 0, "distances": []}
+            counts = {"tp": 0, "fp": 0, "fn": 0, "distances": [], "heights": [], "hits": []}
             for z in range(fg.shape[0]):
                 m = match_peaks_to_objects(heatmap_peaks(heat[z], self.centre.peak_distance,
                                                          self.centre.peak_threshold), fg[z])
                 for key in ("tp", "fp", "fn"):
                     counts[key] += m[key]
                 counts["distances"] += m["distances"]
+                low, heights = heatmap_peaks(heat[z], self.centre.peak_distance, CALIBRATION_FLOOR, with_heights=True)
+                counts["heights"] += heights.tolist()
+                counts["hits"] += peak_hits(low, fg[z]).tolist()
             per_case[k] = counts
         per_case = gather_on_rank0(self, per_case)
         if per_case is not None:
@@ -148,7 +184,9 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
                 "tp": tp, "fp": fp, "fn": fn,
                 "median_distance_px": float(np.median(distances)) if len(distances) else float("nan"),
                 "median_distance_mm": float(np.median(distances) * spacing.mean()) if len(distances) else float("nan"),
-                "sigma_px": self.centre.sigma, "peak_threshold": self.centre.peak_threshold,
+                "sigma_px": self.centre.sigma, "peak_threshold": self.centre.peak_threshold, "loss": self.centre.loss,
+                "calibration": calibration_table([h for c in per_case.values() for h in c["heights"]],
+                                                 [t for c in per_case.values() for t in c["hits"]]),
                 "per_case": {k: {key: v[key] for key in ("tp", "fp", "fn")} for k, v in per_case.items()},
             }
             out_dir = join(self.output_folder, "validation")
@@ -159,4 +197,4 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
                                    f"centroid {summary['median_distance_px']:.2f} px", also_print_to_console=True)
 
 
-__all__ = ["nnUNetTrainer_StSCentre", "HeatmapMSELoss", "target_foreground"]
+__all__ = ["nnUNetTrainer_StSCentre", "HeatmapFocalLoss", "HeatmapMSELoss", "target_foreground"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, Literal, Sequence
 
+from nnunet_stseg.core.centres import CENTRE_LOSSES
 from nnunet_stseg.core.crop_guided import BOX_RULES
 from nnunet_stseg.core.geometry import CropParams, checked_fields
 from nnunet_stseg.core.lsnet import FALLBACKS as LSNET_FALLBACKS
@@ -68,6 +69,12 @@ class PolarParams:
     - ``seam_padding_fraction``: at inference the polar image gets this fraction of its angles
       as wrap-around context on each side of the angle axis (rounded up to the network's stride),
       so the network sees across the seam at angle 0; 0 switches it off (0.125).
+    - ``min_origin_confidence``: an origin must earn its place: its confidence (a coarse
+      component's mean foreground probability, a heatmap peak's height) must reach this value,
+      else it is dropped; a slice whose origins were all dropped keeps the coarse (Cartesian)
+      prediction, with a log line. 0 keeps every origin (the published method, default).
+    - ``confidence_weighting``: each polar view counts in the fusion with its origin's
+      confidence as weight (False: every view counts the same, the published method).
     """
 
     polar_shape: tuple[int, int]
@@ -80,6 +87,8 @@ class PolarParams:
     max_origins: int = 32
     seam_padding_fraction: float = 0.125
     size_rule_grid: str = "full"
+    min_origin_confidence: float = 0.0
+    confidence_weighting: bool = False
 
     def __post_init__(self) -> None:
         self.polar_shape = tuple(int(v) for v in self.polar_shape)
@@ -97,6 +106,8 @@ class PolarParams:
             raise ValueError(f"size_rule_grid must be 'full' or 'coarse', got {self.size_rule_grid!r}")
         if not 0 <= self.seam_padding_fraction <= 0.5:
             raise ValueError(f"seam_padding_fraction must be in [0, 0.5], got {self.seam_padding_fraction}")
+        if not 0 <= self.min_origin_confidence < 1:
+            raise ValueError(f"min_origin_confidence must be in [0, 1), got {self.min_origin_confidence}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,6 +130,9 @@ class CentreParams:
       (0: every local maximum; with ``max_origins`` 1 the heatmap's maximum, the paper's argmax).
     - ``min_distance``: peaks closer than this are one peak (default: ``sigma``).
     - ``median_object_radius`` / ``objects_measured``: what the default was chosen from.
+    - ``loss``: ``focal`` (CenterNet's penalty-reduced focal loss; the output's sigmoid is the
+      heatmap, a probability of "a centre here") or ``mse`` (the relative squared error of the
+      output itself; blocks written before 0.7 have no ``loss`` and were trained so).
     """
 
     sigma: float
@@ -126,10 +140,13 @@ class CentreParams:
     min_distance: float | None = None
     median_object_radius: float | None = None
     objects_measured: int | None = None
+    loss: str = "focal"
 
     def __post_init__(self) -> None:
         if not self.sigma > 0 or not 0 <= self.peak_threshold < 1:
             raise ValueError(f"centre parameters need sigma > 0 and 0 <= peak_threshold < 1, got {self}")
+        if self.loss not in CENTRE_LOSSES:
+            raise ValueError(f"centre loss must be one of {CENTRE_LOSSES}, got {self.loss!r}")
 
     @property
     def peak_distance(self) -> int:
@@ -140,7 +157,12 @@ class CentreParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CentreParams":
-        return cls(**checked_fields(cls, d, "centre"))
+        """From a plans block; a block without ``loss`` (plans made before 0.7) is an ``mse`` model.
+
+        >>> CentreParams.from_dict({"sigma": 2.0}).loss, CentreParams(sigma=2.0).loss
+        ('mse', 'focal')
+        """
+        return cls(**{"loss": "mse", **checked_fields(cls, d, "centre")})
 
 
 SIZES_KEY = "sts_sizes"
@@ -441,7 +463,9 @@ def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides:
         if threshold != sts.crop.proposal_threshold:
             changed["sts.crop.proposal_threshold"] = {"plans": sts.crop.proposal_threshold, "used": threshold}
             sts = replace(sts, crop=replace(sts.crop, proposal_threshold=threshold))
-    polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins"}
+    polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins",
+                  "sts.polar.min_origin_confidence": "min_origin_confidence",
+                  "sts.polar.confidence_weighting": "confidence_weighting"}
     if sts.polar is not None:
         updates = {polar_keys[k]: v for k, v in overrides.items() if k in polar_keys}
         for k, v in overrides.items():
@@ -466,7 +490,8 @@ class PlanOptions:
       (None = nnU-Net's plan); ``coarse_trainer``: recorded in the ``sts`` blocks;
     - ``crop``: :class:`CropParams` fields to set (e.g. ``{"margin_fraction": 0.2}``);
       ``fallback``: see :class:`StSConfig`; ``depth_channel``: 2d pipelines get the depth channel;
-    - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields.
+    - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields;
+      ``centre_loss``: :class:`CentreParams` ``loss`` of the centre-point model.
     - ``e2e``: add the 2d end-to-end configuration; ``e2e_params``: :class:`E2EParams` fields.
     - ``lsnet``: add the 2d L-SNet configuration; ``lsnet_params``: :class:`LSNetParams` fields.
 
@@ -489,6 +514,7 @@ class PlanOptions:
     depth_channel: bool = False
     polar: bool = False
     polar_params: dict = field(default_factory=dict)
+    centre_loss: str = "focal"
     e2e: bool = False
     e2e_params: dict = field(default_factory=dict)
     lsnet: bool = False
@@ -506,6 +532,8 @@ class PlanOptions:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         checked_fields(CropParams, self.crop, "crop")
         checked_fields(PolarParams, self.polar_params, "polar")
+        if self.centre_loss not in CENTRE_LOSSES:
+            raise ValueError(f"centre_loss must be one of {CENTRE_LOSSES}, got {self.centre_loss!r}")
         E2EParams(**checked_fields(E2EParams, self.e2e_params, E2E_KEY))
         LSNetParams(**checked_fields(LSNetParams, self.lsnet_params, LSNET_KEY))
         for name in ("base_features", "max_features", "batch_size"):

@@ -18,6 +18,11 @@ by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabil
 5. A slice (or 2D image) without any origin keeps the coarse prediction there, and the log says
    so (with coarse origins such a slice only has components below the size rule, which become
    background as in the cascade).
+   Origins must earn their place (``sts.polar.min_origin_confidence``): every candidate carries a
+   confidence, the coarse component's mean foreground probability or the heatmap peak's height;
+   those below the threshold are dropped, and a slice whose candidates were all dropped keeps the
+   coarse prediction (logged). With ``sts.polar.confidence_weighting`` each view counts in the
+   fusion with its origin's confidence as weight.
 6. The objects report (``<case>.objects.json``): the output's components that hold an origin,
    with their origins, and how many origins the polar network rejected (nothing predicted there).
 """
@@ -30,12 +35,12 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
 from nnunet_stseg.adapters.predictor import StSPredictor
-from nnunet_stseg.core.centres import heatmap_peaks
+from nnunet_stseg.core.centres import centre_probability, heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
 from nnunet_stseg.core.geometry import (foreground_from_probabilities, foreground_probability, nonlinearity,
                                         probabilities_to_logits, size_thresholds)
 from nnunet_stseg.core.objects import objects_at_origins
-from nnunet_stseg.core.polar import (angle_seam_padding, component_centroids, from_polar, to_polar, unwrap_angles,
+from nnunet_stseg.core.polar import (angle_seam_padding, component_origins, from_polar, to_polar, unwrap_angles,
                                      wrap_angles)
 
 
@@ -101,8 +106,11 @@ class PolarPredictor(StSPredictor):
     def _size_rule_grid(self) -> str:
         return self._sts_config().polar.size_rule_grid
 
-    def origins(self, foreground: np.ndarray) -> np.ndarray:
-        """(N, 3) ``(z, y, x)`` origins from a (Z, H, W) coarse foreground mask on the full grid.
+    def origins(self, foreground: np.ndarray, probability: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3) ``(z, y, x)`` origins from a (Z, H, W) coarse foreground mask on the full grid,
+        and their confidences (N,): the mean of ``probability`` (the coarse foreground
+        probability, same grid) over each component (1 without it).
         Components below the cascade's size rule give none: ``sts.polar.min_object_size`` voxels
         in-plane, counted on the grid ``sts.polar.size_rule_grid`` names (see
         :func:`nnunet_stseg.core.geometry.size_thresholds`), converted to full-grid pixels."""
@@ -110,39 +118,46 @@ class PolarPredictor(StSPredictor):
         fine = np.asarray(self._fine_spacing3(), dtype=float)
         rule = self._rule_spacing3() or fine
         min_px = size_thresholds(rule, [False, True, True], pp.min_object_size)[1:] / fine[1:]
-        origins, _ = component_centroids(foreground, min_px, self.max_origins())
-        return origins
+        origins, _, confidence = component_origins(foreground, probability, min_px, self.max_origins())
+        return origins, np.ones(len(origins)) if probability is None else confidence
 
-    def heatmap_origins(self, data: torch.Tensor) -> np.ndarray:
+    def heatmap_origins(self, data: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3) ``(z, y, x)`` origins on the full-resolution grid: peaks of the centre model's
-        heatmap on the coarse grid, slice by slice, mapped with the half-pixel convention."""
+        heatmap on the coarse grid, slice by slice, mapped with the half-pixel convention; and their
+        confidences (N,), the peak heights."""
         cp, limit, threshold = self.centre_params, self.max_origins(), self.peak_threshold()
         centre_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data, self.centre)))
-        heat = self.centre.predict_logits_from_preprocessed_data(centre_in)[0].float().cpu().numpy()
+        heat = centre_probability(self.centre.predict_logits_from_preprocessed_data(centre_in)[0], cp.loss)
+        heat = heat.cpu().numpy()
         full = np.asarray(data.shape[2:], dtype=float)
         scale = full / np.asarray(heat.shape[1:], dtype=float)
-        out = []
+        out, heights = [], []
         for z in range(heat.shape[0]):
-            peaks = heatmap_peaks(heat[z], cp.peak_distance, threshold, max_peaks=limit)
+            peaks, h = heatmap_peaks(heat[z], cp.peak_distance, threshold, max_peaks=limit, with_heights=True)
             if len(peaks):
                 yx = np.clip((peaks + 0.5) * scale - 0.5, 0, full - 1)
                 out.append(np.concatenate([np.full((len(yx), 1), z, dtype=float), yx], axis=1))
-        return np.concatenate(out) if out else np.zeros((0, 3))
+                heights.append(h)
+        return (np.concatenate(out), np.concatenate(heights)) if out else (np.zeros((0, 3)), np.zeros(0))
 
-    def _origins_for_case(self, data: torch.Tensor, foreground: np.ndarray) -> np.ndarray:
-        """(N, 3) origins of one case from the plans' (or the environment's) origin source."""
+    def _origins_for_case(self, data: torch.Tensor, foreground: np.ndarray, probability: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3) origins of one case from the plans' (or the environment's) origin source, with
+        their confidences (N,)."""
         if self.origin_source() == "heatmap":
             if self.centre is None:
                 self.attach_centre(*self._model_source())
             return self.heatmap_origins(data)
-        return self.origins(foreground)
+        return self.origins(foreground, probability)
 
-    def _polar_passes(self, image: torch.Tensor, origins: np.ndarray, n_classes: int, multilabel: bool
+    def _polar_passes(self, image: torch.Tensor, origins: np.ndarray, n_classes: int, multilabel: bool,
+                      view_weights: np.ndarray | None = None
                       ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, float, float]:
         """Every origin's polar prediction, back in Cartesian space, summed per slice into the fusion
         terms of :func:`~nnunet_stseg.core.fusion.fuse_polar_slice`: score (Z, H, W) on the host,
         class sums (K, Z, H, W) and weight sums (Z, H, W) on the image's device; plus the geometry and
-        network seconds. Origins go through the network in batches of ``crops_per_batch``."""
+        network seconds. Origins go through the network in batches of ``crops_per_batch``;
+        ``view_weights`` (N,) weight each origin's view (None: all 1)."""
         sts = self._sts_config()
         pp = sts.polar
         shape = tuple(image.shape[1:])
@@ -160,7 +175,9 @@ class PolarPredictor(StSPredictor):
             p = nonlinearity(logits, multilabel)
             tc = self._clock()
             cart = from_polar(p, chunk[:, 1:], shape[1:], radii, mode="linear")  # (n, K, H, W)
-            score_w, class_w = polar_fusion_weights(cart, chunk[:, 1:], multilabel)
+            score_w, class_w = polar_fusion_weights(
+                cart, chunk[:, 1:], multilabel,
+                None if view_weights is None else view_weights[start:start + sts.crops_per_batch])
             for i, z in enumerate(chunk[:, 0].astype(int)):
                 score[z] += score_w[i]
                 class_sum[:, z] += class_w[i] * cart[i]
@@ -186,35 +203,48 @@ class PolarPredictor(StSPredictor):
         probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
-        origins = self._origins_for_case(data, foreground)
+        candidates, confidence = self._origins_for_case(
+            data, foreground, foreground_probability(probs, multilabel).cpu().numpy() if source == "coarse" else None)
+        confident = confidence >= pp.min_origin_confidence
+        origins, confidence = candidates[confident], confidence[confident]
         t1 = self._clock()
         z_with = sorted({int(z) for z in origins[:, 0]})
+        # slices whose candidates all fell below the confidence threshold keep the coarse prediction
+        z_unconfident = sorted({int(z) for z in candidates[~confident, 0]} - set(z_with))
         # slices without any origin keep the coarse prediction; with coarse origins their components
         # are all below the size rule, which makes them background as in the cascade
         no_origin = np.ones(foreground.shape[0], bool)
         no_origin[z_with] = False
         kept_coarse = 0
         if source == "coarse":
-            dropped = torch.as_tensor(foreground & no_origin[:, None, None], device=probs.device)
+            no_candidate = no_origin.copy()
+            no_candidate[z_unconfident] = False
+            dropped = torch.as_tensor(foreground & no_candidate[:, None, None], device=probs.device)
             probs[:, dropped] = 0.0
             if not multilabel:
                 probs[0, dropped] = 1.0
+            kept_coarse = int(foreground[z_unconfident].any(axis=(1, 2)).sum()) if z_unconfident else 0
         else:
             kept_coarse = int(foreground[no_origin].any(axis=(1, 2)).sum())
+        unconfident_note = (f"; {int((~confident).sum())} origin(s) below confidence {pp.min_origin_confidence} "
+                            f"dropped" if (~confident).any() else "")
         if len(origins) == 0:
-            why = ("no heatmap peak" if source == "heatmap" else
+            why = ("every origin below the confidence threshold" if len(candidates) else
+                   "no heatmap peak" if source == "heatmap" else
                    "empty coarse mask or every component below the size rule")
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
             self._keep_polar_objects(probs, multilabel, origins, "coarse")
             return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
+        lacking = "heatmap peak" if source == "heatmap" else "confident origin"
         self._log(f"{len(origins)} origin(s) ({source}) in {len(z_with)} slice(s)"
-                  + (f"; {kept_coarse} slice(s) with coarse foreground but no heatmap peak keep the coarse "
-                     f"prediction" if kept_coarse else ""))
+                  + (f"; {kept_coarse} slice(s) with coarse foreground but no {lacking} keep the coarse prediction"
+                     if kept_coarse else "") + unconfident_note)
 
         score, class_sum, weight_sum, geometry_s, fine_s = self._polar_passes(
-            data.to(self.work_device).float(), origins, probs.shape[0], multilabel)
+            data.to(self.work_device).float(), origins, probs.shape[0], multilabel,
+            confidence if pp.confidence_weighting else None)
         td = self._clock()
         for z in z_with:
             probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,

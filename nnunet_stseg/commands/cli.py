@@ -83,6 +83,14 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "strongest peak (best) or the whole image (whole)")
     parser.add_argument("--fusion_high", type=float, default=None,
                         help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
+    parser.add_argument("--min_origin_confidence", type=float, default=None,
+                        help="polar stage: origins whose confidence (coarse component mean probability, heatmap "
+                             "peak height) is below this are dropped; 0 keeps every origin (0)")
+    parser.add_argument("--confidence_weighting", action="store_true", default=None,
+                        help="polar stage: weight each view by its origin's confidence in the fusion")
+    parser.add_argument("--centre_loss", choices=("focal", "mse"), default="focal",
+                        help="centre-point model's loss: CenterNet focal loss (default) or the relative squared "
+                             "error of versions before 0.7")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--verify_dataset_integrity", action="store_true")
@@ -104,11 +112,13 @@ def plan_options_from_args(args: argparse.Namespace):
     if args.proposal_threshold is not None:
         crop["proposal_threshold"] = None if args.proposal_threshold == "none" else args.proposal_threshold
     # one size rule for crops and polar origins
-    polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid")
+    polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid",
+                                           "min_origin_confidence", "confidence_weighting")
              if getattr(args, k) is not None}
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
                        max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
-                       depth_channel=args.depth, polar=args.polar, polar_params=polar, e2e=args.e2e,
+                       depth_channel=args.depth, polar=args.polar, polar_params=polar, centre_loss=args.centre_loss,
+                       e2e=args.e2e,
                        e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {},
                        lsnet=args.lsnet, lsnet_params={k: v for k, v in (("gamma", args.lsnet_gamma),
                                                                          ("fallback", args.lsnet_fallback))

@@ -19,7 +19,18 @@ stock nnU-Net commands:
   ``2d_sts_coarse_S`` (``STSEG_POLAR_ORIGINS=heatmap``); slices with coarse foreground but no peak
   keep the Cartesian prediction;
 - ``polar_heatmap_argmax``: the same, one origin per slice at the heatmap's maximum whatever its
-  value (``STSEG_POLAR_MAX_ORIGINS=1 STSEG_POLAR_PEAK_THRESHOLD=0``, the paper's argmax rule).
+  value (``STSEG_POLAR_MAX_ORIGINS=1 STSEG_POLAR_PEAK_THRESHOLD=0``, the paper's argmax rule);
+- ``polar_coarse_confident`` / ``polar_heatmap_confident``: origins that must earn their place
+  (``STSEG_POLAR_MIN_CONFIDENCE``, views weighted by confidence): a coarse component's mean
+  foreground probability, a heatmap peak's height (candidates from 0.1). The threshold is chosen
+  per origin source on validation data, never on the images scored: Kvasir on the 100 validation
+  images of the split; Cardiac Fat for the patients of fold f on the validation patients of the
+  OTHER folds (each predicted by its own fold model), so no patient's score picks its threshold.
+
+The centre-point model is trained with the loss of ``--centre_loss`` (CenterNet's focal loss by
+default); plans made by an older version (no ``loss`` in ``sts.centre``) get it written in before
+the centre model trains. Its validation (precision, recall, F1 of peaks >= 0.5, a peak inside a
+ground-truth object detecting it, and the calibration of peak heights) is in the report per fold.
 
 Data and scoring (always in Cartesian space against the original labels, every image counts):
 - ``cardiac``: Cardiac Fat CT read in place from ``../shared/data/nnUNet_raw``; per-patient K-fold
@@ -39,6 +50,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
                                           coarse_config_name, polar_config_name)
 from nnunet_stseg.atomic import write_json_atomic
@@ -46,13 +59,50 @@ from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overla
 from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
                                           pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
                                           prepare_cardiac, report_header, run_measured, shared_data, train_fold)
-from nnunet_stseg.settings import MAX_ORIGINS_ENV, ORIGIN_SOURCE_ENV, PEAK_THRESHOLD_ENV
+from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
+                                   PEAK_THRESHOLD_ENV)
 
-ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax")
+ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax",
+        "polar_coarse_confident", "polar_heatmap_confident")
+# confidence thresholds tried on validation data per origin source (coarse: component mean foreground
+# probability, >= 0.5 for an argmax component; heatmap: peak height, candidates from HEATMAP_FLOOR)
+CONFIDENCE_GRID = {"coarse": (0.0, 0.7, 0.8, 0.9), "heatmap": (0.1, 0.3, 0.5, 0.7)}
+HEATMAP_FLOOR = "0.1"
+# every arm starts from the plans' values, whatever the caller's environment holds
+UNSET_OVERRIDES = {ORIGIN_SOURCE_ENV: "", MAX_ORIGINS_ENV: "", PEAK_THRESHOLD_ENV: "", MIN_CONFIDENCE_ENV: "",
+                   CONFIDENCE_WEIGHTING_ENV: ""}
 KVASIR_ID = 720
 # methods.md section 3, U-Net DSC Cartesian -> polar with model-predicted centres (other data splits)
 PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
              "kvasir": "CVC-ClinicDB polyps DSC 0.8315 -> 0.9374 (thesis; Kvasir itself not reported)"}
+
+
+def _kvasir_validation_images(ds: Path, workdir: Path) -> list[tuple[int, list[Path]]]:
+    """The split's validation images (fold 0), linked into one folder for nnUNetv2_predict."""
+    from nnunet_stseg.data.kvasir import SPLIT_FILE
+
+    folder = workdir / "inputs" / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in json.loads((ds / SPLIT_FILE).read_text())["val"]:
+        for img in (ds / "imagesTr").glob(f"{case}_*.png"):
+            if not (folder / img.name).exists():
+                (folder / img.name).symlink_to(img)
+    return [(0, sorted(folder.glob("*.png")))]
+
+
+def ensure_centre_loss(plans_file: Path, configuration: str, loss: str) -> None:
+    """Write ``loss`` into the plans' ``sts.centre`` of ``configuration`` if it has none (plans
+    made before 0.7; read as ``mse`` otherwise). A block with a different loss is an error: its
+    centre model may already be trained with it."""
+    plans = json.loads(plans_file.read_text())
+    centre = plans["configurations"][configuration]["sts"]["centre"]
+    if centre.get("loss") == loss:
+        return
+    if "loss" in centre:
+        raise SystemExit(f"{plans_file}: {configuration} plans the centre model with the {centre['loss']} loss, "
+                         f"not {loss}; use another --workdir")
+    centre["loss"] = loss
+    write_json_atomic(plans, plans_file, indent=1)
 
 
 def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = None
@@ -71,7 +121,7 @@ def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = Non
 
 def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_size: int, epochs: int, iters: int,
                    folds: int, seed: int, device: str = "cpu", command: str = "", limit: int | None = None,
-                   redo_predictions: bool = False) -> dict:
+                   redo_predictions: bool = False, centre_loss: str = "focal") -> dict:
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
     env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", "1")
@@ -90,15 +140,20 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
     plan_unless_planned(plans_file, polar_c,
                         plan_command_line(did, size, ("2d",), features, "--polar", batch_size=batch_size), env,
                         logs / "plan.log")
+    ensure_centre_loss(plans_file, coarse_c, centre_loss)
     if dataset == "kvasir":
         from nnunet_stseg.data.kvasir import install_split
 
         install_split(ds, pp)
+    # where confidence thresholds are chosen: Kvasir's validation images; Cardiac: the other folds
+    tuning = _kvasir_validation_images(ds, workdir) if dataset == "kvasir" else evals
+    tuning_gt = ds / "labelsTr"
     results_file = workdir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.update({"dataset": dataset, "size": size, "command": command,
                     "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
-                               "device": device, "folds": [f for f, _ in evals], "seed": seed}})
+                               "device": device, "folds": [f for f, _ in evals], "seed": seed,
+                               "centre_loss": centre_loss}})
     train_s = results.setdefault("train_s", {})
     networks = (("cartesian", coarse_c, DEFAULT_COARSE_TRAINER), ("centre", coarse_c, DEFAULT_CENTRE_TRAINER),
                 ("polar", polar_c, DEFAULT_POLAR_TRAINER))
@@ -115,41 +170,106 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
         if summary.is_file():
             v = json.loads(summary.read_text())
             results["centre_validation"][str(f)] = {k: v.get(k) for k in ("precision", "recall", "f1",
-                                                                          "median_distance_px", "sigma_px")}
-    # arm: configuration, trainer, origin source, max origins per slice, peak threshold override
-    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, "coarse", "", ""),
-                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "", ""),
-                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, "coarse", "1", ""),
-                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", "", ""),
-                "polar_heatmap_argmax": (polar_c, DEFAULT_POLAR_TRAINER, "heatmap", "1", "0")}
+                                                                          "median_distance_px", "sigma_px", "loss",
+                                                                          "calibration")}
+    # arm: configuration, trainer, environment of the prediction
+    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
+                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
+                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "coarse",
+                                                                       MAX_ORIGINS_ENV: "1"}),
+                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "heatmap"}),
+                "polar_heatmap_argmax": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "heatmap",
+                                                                          MAX_ORIGINS_ENV: "1", PEAK_THRESHOLD_ENV: "0"})}
     if redo_predictions:  # e.g. after a predictor change: the trained models are kept
         shutil.rmtree(workdir / "predictions", ignore_errors=True)
-        for key in ("inference_s", "arms", "origins"):
+        for key in ("inference_s", "arms", "origins", "confidence"):
             results.pop(key, None)
     infer = results.setdefault("inference_s", {})
-    for arm, (config, trainer, source, max_origins, peak_threshold) in arm_runs.items():
-        out = workdir / "predictions" / arm
-        for f, images in evals:
+
+    def predict(arm: str, out: Path, runs: list[tuple[int, list[Path]]], config: str, trainer: str, arm_env: dict,
+                timed: bool = True) -> None:
+        for f, images in runs:
             key = f"{arm}/{f}"
             cases = {p.name[:-len("_0000" + file_ending)] for p in images}
-            if key in infer and all((out / f"{c}{file_ending}").is_file() for c in cases):
+            if all((out / f"{c}{file_ending}").is_file() for c in cases) and (key in infer or not timed):
                 continue
             seconds, _ = run_measured(predict_command_line(images[0].parent, out, did, config, trainer, [f], device,
                                                             "--disable_tta", "-npp", "1", "-nps", "1"),
-                                      {**env, ORIGIN_SOURCE_ENV: source, MAX_ORIGINS_ENV: max_origins,
-                                       PEAK_THRESHOLD_ENV: peak_threshold},
-                                      logs / f"predict_{arm}_{f}.log")
-            infer[key] = {"seconds": seconds, "images": len(images),
-                          "slices": _count_slices(images) if dataset == "cardiac" else len(images)}
-            write_json_atomic(results, results_file, indent=1)
+                                      {**env, **UNSET_OVERRIDES, **arm_env}, logs / f"predict_{arm}_{f}.log")
+            if timed:
+                infer[key] = {"seconds": seconds, "images": len(images),
+                              "slices": _count_slices(images) if dataset == "cardiac" else len(images)}
+                write_json_atomic(results, results_file, indent=1)
+
+    for arm, (config, trainer, arm_env) in arm_runs.items():
+        out = workdir / "predictions" / arm
+        predict(arm, out, evals, config, trainer, arm_env)
         if arm != "cartesian":
             results.setdefault("origins", {})[arm] = origin_counts(
                 [logs / f"predict_{arm}_{f}.log" for f, _ in evals])
         results.setdefault("arms", {})[arm] = score_folder(out, gt_dir, file_ending, regions)
         write_json_atomic(results, results_file, indent=1)
+
+    # confident origins: the threshold of each origin source chosen on data that is not scored
+    first_region = next(iter(regions))
+    confidence = results.setdefault("confidence", {})
+    for source, grid in CONFIDENCE_GRID.items():
+        arm = f"polar_{source}_confident"
+        sweep = {}
+        for t in grid:
+            arm_env = {ORIGIN_SOURCE_ENV: source, MIN_CONFIDENCE_ENV: str(t), CONFIDENCE_WEIGHTING_ENV: "1",
+                       **({PEAK_THRESHOLD_ENV: HEATMAP_FLOOR} if source == "heatmap" else {})}
+            out = workdir / "predictions" / "tuning" / f"{source}_{t}"
+            predict(f"tuning_{source}_{t}", out, tuning, polar_c, DEFAULT_POLAR_TRAINER, arm_env, timed=False)
+            cases = score_folder(out, tuning_gt, file_ending, regions)["cases"]
+            sweep[str(t)] = {case: c[first_region]["Dice"] for case, c in cases.items()}
+        chosen = choose_thresholds(sweep, {f: [p.name[:-len("_0000" + file_ending)] for p in images]
+                                           for f, images in tuning}, [f for f, _ in evals], dataset == "kvasir")
+        confidence[source] = {"grid": list(grid), "chosen": {str(f): t for f, t in chosen.items()},
+                              "tuning_dice": {t: float(np.mean(list(d.values()))) for t, d in sweep.items()}}
+        out = workdir / "predictions" / arm
+        if dataset == "kvasir":  # the test images, at the threshold chosen on the validation images
+            t = chosen[0]
+            predict(arm, out, evals, polar_c, DEFAULT_POLAR_TRAINER,
+                    {ORIGIN_SOURCE_ENV: source, MIN_CONFIDENCE_ENV: t, CONFIDENCE_WEIGHTING_ENV: "1",
+                     **({PEAK_THRESHOLD_ENV: HEATMAP_FLOOR} if source == "heatmap" else {})})
+            results.setdefault("origins", {})[arm] = origin_counts([logs / f"predict_{arm}_{f}.log" for f, _ in evals])
+        else:  # each fold's patients, predicted by their fold model at the threshold the other folds chose
+            out.mkdir(parents=True, exist_ok=True)
+            for f, images in evals:
+                for img in images:
+                    name = img.name.replace("_0000" + file_ending, file_ending)
+                    shutil.copyfile(workdir / "predictions" / "tuning" / f"{source}_{chosen[f]}" / name, out / name)
+            results.setdefault("origins", {})[arm] = origin_counts(
+                [logs / f"predict_tuning_{source}_{chosen[f]}_{f}.log" for f, _ in evals])
+        results.setdefault("arms", {})[arm] = score_folder(out, gt_dir, file_ending, regions)
+        write_json_atomic(results, results_file, indent=1)
     results["files"] = {"gt_dir": str(gt_dir), "file_ending": file_ending,
                         "image_dirs": sorted({str(p.parent) for _, images in evals for p in images})}
     return results
+
+
+def choose_thresholds(sweep: dict[str, dict[str, float]], cases_by_fold: dict[int, list[str]], folds: list[int],
+                      same_cases: bool) -> dict[int, str]:
+    """The confidence threshold for each fold's scored cases: the one with the highest mean DSC
+    (the lower threshold on a tie) over the tuning cases, ``sweep[t][case]``. ``same_cases``:
+    the tuning cases are a separate set (Kvasir's validation images), one choice for every fold;
+    otherwise fold f's threshold is chosen on the cases of the other folds.
+
+    >>> sweep = {"0.5": {"a": 0.9, "b": 0.1}, "0.7": {"a": 0.8, "b": 0.6}}
+    >>> choose_thresholds(sweep, {0: ["a"], 1: ["b"]}, [0, 1], same_cases=False)  # 0 picks on b, 1 on a
+    {0: '0.7', 1: '0.5'}
+    """
+    def best(cases: list[str]) -> str:
+        means = {t: float(np.mean([d[c] for c in cases])) for t, d in sweep.items()}
+        return max(means, key=lambda t: (round(means[t], 6), -float(t)))
+
+    if same_cases:
+        t = best([c for cases in cases_by_fold.values() for c in cases])
+        return {f: t for f in folds}
+    if len(cases_by_fold) < 2:
+        raise SystemExit("choosing a threshold on other folds needs at least 2 folds")
+    return {f: best([c for g, cases in cases_by_fold.items() if g != f for c in cases]) for f in folds}
 
 
 def origin_counts(logs: list[Path]) -> dict:
@@ -166,6 +286,16 @@ def origin_counts(logs: list[Path]) -> dict:
             total["kept_coarse"] += int(kept or 0)
         total["no_origin_cases"] += text.count("no origin (")
     return total
+
+
+def paired_cell(cases: dict, base: dict, region: str) -> str:
+    """Mean per-case DSC difference to the Cartesian arm and how many cases are better / worse (by
+    more than 0.005), over the cases both arms scored."""
+    common = sorted(set(cases) & set(base))
+    if not common:
+        return "-"
+    d = np.array([cases[c][region]["Dice"] - base[c][region]["Dice"] for c in common])
+    return f"{d.mean():+.3f} ({int((d > 0.005).sum())} / {int((d < -0.005).sum())})"
 
 
 def _count_slices(images: list[Path]) -> int:
@@ -190,8 +320,11 @@ def report(results: dict, examples: str | None = None) -> str:
              "Inference: wall time of `nnUNetv2_predict` (TTA off, model loading included) per image"
              + (" and per slice" if dataset == "cardiac" else "") + ".", ""]
     head = " | ".join(f"{r} DSC" if r == "eat" else f"{r} {OVERLAP_HEAD}" for r in regions)
-    lines += [f"| arm | {head} | s per image{' | ms per slice' if dataset == 'cardiac' else ''} |",
-              "|---" * (2 + len(head.split(" | ")) + (dataset == "cardiac")) + "|"]
+    first = regions[0]
+    lines += [f"| arm | {head} | {first} DSC vs cartesian, paired: mean difference (better / worse cases) "
+              f"| s per image{' | ms per slice' if dataset == 'cardiac' else ''} |",
+              "|---" * (3 + len(head.split(" | ")) + (dataset == "cardiac")) + "|"]
+    base_cases = results.get("arms", {}).get("cartesian", {}).get("cases", {})
     for arm in ARMS:
         r = results.get("arms", {}).get(arm)
         if r is None:
@@ -201,29 +334,54 @@ def report(results: dict, examples: str | None = None) -> str:
         runs = [v for k, v in results["inference_s"].items() if k.startswith(arm + "/")]
         secs = sum(v["seconds"] for v in runs)
         per_image = secs / max(1, sum(v["images"] for v in runs))
-        timing = f"{per_image:.2f}" + (f" | {1000 * secs / max(1, sum(v['slices'] for v in runs)):.0f}"
-                                        if dataset == "cardiac" else "")
-        lines.append(f"| {arm} | {' | '.join(cells)} | {timing} |")
+        timing = (f"{per_image:.2f}" if runs else "-") + (
+            f" | {1000 * secs / max(1, sum(v['slices'] for v in runs)):.0f}" if dataset == "cardiac" and runs else
+            " | -" if dataset == "cardiac" else "")
+        lines.append(f"| {arm} | {' | '.join(cells)} | {'-' if arm == 'cartesian' else paired_cell(r.get('cases', {}), base_cases, first)} "
+                     f"| {timing} |")
+    confidence = results.get("confidence") or {}
+    if confidence:
+        where = ("the 100 validation images" if dataset == "kvasir" else
+                 "the validation patients of the other fold(s), each by its own fold model")
+        lines += ["", f"Confidence thresholds (chosen on {where}; {first} DSC there per threshold): " + "; ".join(
+            f"{source}: " + ", ".join(f"{t} -> {d:.3f}" for t, d in c["tuning_dice"].items())
+            + ", chosen " + ", ".join(f"fold {f}: {t}" for f, t in c["chosen"].items())
+            for source, c in confidence.items()) + "."]
     origins = results.get("origins", {})
     if origins:
         lines += ["", "Origins (summed over the evaluated images): " + "; ".join(
             f"{arm} {o['origins']} in {o['slices_with_origin']} {'slices' if dataset == 'cardiac' else 'images'}"
             f" ({o['origins'] / max(1, o['slices_with_origin']):.2f} per {'slice' if dataset == 'cardiac' else 'image'}"
-            + (f", {o['kept_coarse']} slices without a peak kept the Cartesian prediction" if o["kept_coarse"] else "")
+            + (f", {o['kept_coarse']} slices without a peak or confident origin kept the Cartesian prediction"
+               if o["kept_coarse"] else "")
             + (f", {o['no_origin_cases']} cases without any origin" if o["no_origin_cases"] else "") + ")"
             for arm, o in origins.items()) + "."]
     centre = results.get("centre_validation") or {}
     if centre:
-        lines += ["", "Centre-point model on its fold's validation cases (a heatmap peak >= 0.5 inside a "
-                  "ground-truth object detects it): " + "; ".join(
-                      f"fold {f}: precision {v['precision']:.2f}, recall {v['recall']:.2f}, F1 {v['f1']:.2f}, "
-                      f"sigma {v['sigma_px']:.1f} px" for f, v in centre.items()) + "."]
+        lines += ["", "Centre-point model on its fold's validation cases (a heatmap peak >= 0.5 detects an object "
+                  "when it lies inside it, the first such peak only; every other peak is a false positive): "
+                  + "; ".join(f"fold {f}: {v.get('loss') or 'mse'} loss, precision {v['precision']:.2f}, recall "
+                              f"{v['recall']:.2f}, F1 {v['f1']:.2f}, sigma {v['sigma_px']:.1f} px"
+                              for f, v in centre.items()) + "."]
+        for f, v in centre.items():
+            if v.get("calibration"):
+                lines += ["", f"Calibration of the centre model's peaks, fold {f} (peaks >= 0.1 by height; a "
+                          "calibrated model's fraction of true centres is near the heights):", "",
+                          "| peak height | peaks | true centres |", "|---|---|---|"]
+                lines += [f"| [{row['low']:.1f}, {row['high']:.1f}{']' if row['high'] >= 1 else ')'} | "
+                          f"{row['peaks']} | " + ("-" if row["hit_fraction"] is None else f"{row['hit_fraction']:.2f}")
+                          + " |" for row in v["calibration"]]
     lines += ["", "Arms: `cartesian` = nnU-Net on the whole image downscaled to S; `polar_coarse` = polar "
               "stage, one origin per component of the Cartesian model's mask; `polar_coarse_max1` = the same, "
               "only the largest component per slice (`STSEG_POLAR_MAX_ORIGINS=1`); `polar_heatmap` = origins "
               "from the centre-point heatmap model (its peaks >= the planned threshold); `polar_heatmap_argmax` = "
               "one origin per slice at the heatmap's maximum whatever its value (`STSEG_POLAR_MAX_ORIGINS=1 "
-              "STSEG_POLAR_PEAK_THRESHOLD=0`, the paper's argmax rule).", ""]
+              "STSEG_POLAR_PEAK_THRESHOLD=0`, the paper's argmax rule); `polar_coarse_confident` / "
+              "`polar_heatmap_confident` = origins whose confidence (coarse component's mean foreground "
+              "probability / heatmap peak height, candidates from 0.1) reaches the threshold chosen on "
+              "validation data, views weighted by confidence, a slice without a confident origin keeps the "
+              "Cartesian prediction. Every polar arm uses the same Cartesian and polar models (paired "
+              "comparisons: one training per network).", ""]
     train = results.get("train_s", {})
     lines += ["", "Training time (s, all folds): " + ", ".join(
         f"{name} {sum(v for k, v in train.items() if k.startswith(name + '/')):.0f}"
@@ -244,6 +402,8 @@ def main(argv=None) -> None:
     add_budget_arguments(p, features=16, batch_size=8, epochs=10, iters=50, folds=2,
                          helps={"folds": "cardiac: per-patient folds, 2 (kvasir: the paper's split)"})
     p.add_argument("--limit", type=int, default=None, help="kvasir: first N images only (smoke runs)")
+    p.add_argument("--centre_loss", choices=("focal", "mse"), default="focal",
+                   help="loss of the centre-point model (focal: CenterNet's; mse: before 0.7)")
     p.add_argument("--redo_predictions", action="store_true",
                    help="predict and score again with the trained models (after a change of the predictor)")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
@@ -251,7 +411,8 @@ def main(argv=None) -> None:
     cmd = command_line(p, argv)
     workdir = args.workdir or Path(f"work_dirs/polar_{args.dataset}")
     results = run_experiment(args.dataset, workdir, args.size, args.features, args.batch_size, args.epochs,
-                             args.iters, args.folds, args.seed, args.device, cmd, args.limit, args.redo_predictions)
+                             args.iters, args.folds, args.seed, args.device, cmd, args.limit, args.redo_predictions,
+                             args.centre_loss)
     print_report(results, args.out, lambda png: example_overlays(results, workdir, png, arms=ARMS), report)
 
 

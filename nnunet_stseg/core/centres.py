@@ -5,7 +5,14 @@ Gaussian (peak 1, standard deviation ``sigma`` pixels) per object, centred at th
 of mass (so two nearby objects keep two peaks instead of merging into one sum). Objects are the
 8-connected components of each 2D slice's foreground. Peaks of a predicted heatmap are its local
 maxima above a threshold, at least ``min_distance`` pixels apart (scikit-image's
-``peak_local_max``); each peak becomes one polar origin.
+``peak_local_max``, a non-maximum suppression); each peak becomes one polar origin, its height
+the origin's confidence.
+
+Two ways to train the model (``sts.centre.loss``): ``focal`` (default since 0.7), CenterNet's
+penalty-reduced focal loss on logits against Gaussians whose peak of exactly 1 sits on the pixel
+holding the centre (:func:`heatmap_targets` with ``on_pixel``), so the sigmoid of the output is
+the probability of "a centre here"; ``mse``, the relative squared error of the output itself
+(plans made before 0.7; its peaks often stayed below 0.5, docs/benchmarks/polar_kvasir.md).
 """
 from __future__ import annotations
 
@@ -44,6 +51,9 @@ def equivalent_radii(mask) -> np.ndarray:
     return np.sqrt(np.asarray(areas, dtype=np.float64) / np.pi)
 
 
+CENTRE_LOSSES = ("focal", "mse")
+
+
 def gaussian_heatmap(centres, shape: Sequence[int], sigma: float, device=None) -> torch.Tensor:
     """(H, W) float32 map: max over centres (N, 2) ``(y, x)`` of exp(-d^2 / (2 sigma^2)).
 
@@ -63,30 +73,50 @@ def gaussian_heatmap(centres, shape: Sequence[int], sigma: float, device=None) -
     return out
 
 
-def heatmap_targets(foreground: torch.Tensor, sigma: float) -> torch.Tensor:
+def heatmap_targets(foreground: torch.Tensor, sigma: float, on_pixel: bool = False) -> torch.Tensor:
     """Heatmap targets (B, 1, H, W) for a batch of 2D foreground masks (B, 1, H, W) or (B, H, W)
-    (e.g. nnU-Net's augmented training targets), on the masks' device.
+    (e.g. nnU-Net's augmented training targets), on the masks' device. ``on_pixel``: each
+    Gaussian is centred on the pixel holding the object's centre of mass (rounded), so its peak is
+    exactly 1 there: the positive of the focal loss.
 
-    >>> fg = torch.zeros((1, 9, 9), dtype=torch.bool); fg[0, 3:6, 3:6] = True  # (B, H, W)
-    >>> t = heatmap_targets(fg, sigma=1.0)
-    >>> t.shape, float(t[0, 0, 4, 4])  # (B, 1, H, W), peak 1 at the object's centre
-    (torch.Size([1, 1, 9, 9]), 1.0)
+    >>> fg = torch.zeros((1, 9, 9), dtype=torch.bool); fg[0, 3:5, 3:6] = True  # (B, H, W), centre (3.5, 4)
+    >>> t, snapped = heatmap_targets(fg, sigma=1.0), heatmap_targets(fg, sigma=1.0, on_pixel=True)
+    >>> t.shape, float(t.max()) < 1, float(snapped[0, 0, 4, 4])  # (B, 1, H, W); peak 1 on the pixel
+    (torch.Size([1, 1, 9, 9]), True, 1.0)
     """
     fg = foreground[:, 0] if foreground.ndim == 4 else foreground
-    maps = [gaussian_heatmap(component_centroids(m.detach().cpu().numpy() > 0)[0], m.shape, sigma, fg.device)
-            for m in fg]
+    maps = []
+    for m in fg:
+        centres = component_centroids(m.detach().cpu().numpy() > 0)[0]
+        maps.append(gaussian_heatmap(np.floor(centres + 0.5) if on_pixel else centres, m.shape, sigma, fg.device))
     return torch.stack(maps)[:, None]
 
 
-def heatmap_peaks(heatmap, min_distance: int, threshold: float | None = 0.5,
-                  max_peaks: int | None = None) -> np.ndarray:
-    """Peaks (N, 2) ``(y, x)`` float64 of a 2D heatmap, strongest first: local maxima
-    ``>= threshold`` at least ``min_distance`` pixels apart. ``threshold=None``: every local
-    maximum (with ``max_peaks=1`` the argmax; nothing only for a constant map).
+def centre_probability(output: torch.Tensor, loss: str) -> torch.Tensor:
+    """The centre model's heatmap from its raw output: the sigmoid of the logits of a focal-loss
+    model (a probability of "a centre here"), the output itself for the squared-error model.
 
-    >>> heat = np.zeros((9, 9)); heat[2, 2] = 0.9; heat[6, 6] = 0.3
+    >>> [round(v, 3) for v in centre_probability(torch.tensor([0.0, 2.0]), "focal").tolist()]
+    [0.5, 0.881]
+    """
+    if loss not in CENTRE_LOSSES:
+        raise ValueError(f"centre loss must be one of {CENTRE_LOSSES}, got {loss!r}")
+    return torch.sigmoid(output.float()) if loss == "focal" else output.float()
+
+
+def heatmap_peaks(heatmap, min_distance: int, threshold: float | None = 0.5,
+                  max_peaks: int | None = None, with_heights: bool = False):
+    """Peaks (N, 2) ``(y, x)`` float64 of a 2D heatmap, strongest first: local maxima
+    ``>= threshold`` at least ``min_distance`` pixels apart (non-maximum suppression: of two
+    maxima closer than that only the higher stays). ``threshold=None``: every local maximum
+    (with ``max_peaks=1`` the argmax; nothing only for a constant map). ``with_heights``: also
+    the heatmap's value at each peak (N,), the origin's confidence.
+
+    >>> heat = np.zeros((9, 9)); heat[2, 2] = 0.9; heat[6, 6] = 0.3; heat[2, 3] = 0.8
     >>> heatmap_peaks(heat, min_distance=2).tolist(), heatmap_peaks(heat, 2, threshold=None).tolist()
     ([[2.0, 2.0]], [[2.0, 2.0], [6.0, 6.0]])
+    >>> heatmap_peaks(heat, 2, threshold=0.2, with_heights=True)[1].round(2).tolist()
+    [0.9, 0.3]
     """
     from skimage.feature import peak_local_max
 
@@ -94,35 +124,79 @@ def heatmap_peaks(heatmap, min_distance: int, threshold: float | None = 0.5,
     if h.ndim != 2:
         raise ValueError(f"heatmap must be 2D, got shape {h.shape}")
     peaks = peak_local_max(h, min_distance=max(1, int(min_distance)), threshold_abs=threshold, exclude_border=False,
-                           num_peaks=max_peaks if max_peaks is not None else np.inf)
-    return peaks.astype(np.float64).reshape(-1, 2)
+                           num_peaks=max_peaks if max_peaks is not None else np.inf).reshape(-1, 2)
+    if with_heights:
+        return peaks.astype(np.float64), h[peaks[:, 0], peaks[:, 1]].astype(np.float64)
+    return peaks.astype(np.float64)
+
+
+def _peak_components(peaks, mask) -> tuple[np.ndarray, np.ndarray, int]:
+    """The 8-connected component label (0: none) under each peak (N, 2) of a 2D mask, the label
+    image and the number of components."""
+    m = np.asarray(mask).astype(bool)
+    labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+    p = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    at = np.clip(np.floor(p + 0.5).astype(np.int64), 0, np.asarray(m.shape) - 1)
+    return labels[at[:, 0], at[:, 1]], labels, n
+
+
+def peak_hits(peaks, mask) -> np.ndarray:
+    """For each peak (N, 2) of one slice, strongest first, whether it detects an object of ``mask``
+    (H, W): the first peak inside a ground-truth component (the polar origin then lies in the
+    object, so every ray crosses its boundary once for a star-shaped object) detects it; a peak
+    outside every object, or a second peak in a detected one, does not.
+
+    >>> mask = np.zeros((9, 9), bool); mask[1:4, 1:4] = True
+    >>> peak_hits(np.array([[2, 2], [3, 3], [7, 7]]), mask).tolist()  # the second peak in one object is no hit
+    [True, False, False]
+    """
+    comps, _, _ = _peak_components(peaks, mask)
+    first = np.zeros(len(comps), bool)
+    first[np.unique(comps, return_index=True)[1]] = True
+    return (comps > 0) & first
 
 
 def match_peaks_to_objects(peaks, mask) -> dict:
-    """Score centre detection for one 2D slice: a peak inside a ground-truth component detects it
-    (the polar origin then lies in the object); the first such peak per component is a true
-    positive, every other peak a false positive, components without a peak false negatives.
-    Returns counts and the distances (pixels) of true-positive peaks to their component's centroid.
+    """Score centre detection for one 2D slice by the rule of :func:`peak_hits`: true positives
+    (objects detected), false positives (every other peak), false negatives (objects without a
+    peak), and the distances (pixels) of the detecting peaks to their object's centroid.
 
     >>> mask = np.zeros((9, 9), bool); mask[1:4, 1:4] = True; mask[6:8, 6:8] = True
     >>> m = match_peaks_to_objects(np.array([[2, 2], [0, 8]]), mask)
-    >>> m["tp"], m["fp"], m["fn"]
-    (1, 1, 1)
+    >>> m["tp"], m["fp"], m["fn"], m["distances"]
+    (1, 1, 1, [0.0])
     """
-    m = np.asarray(mask).astype(bool)
-    labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
-    centroids = np.array(ndimage.center_of_mass(m, labels, range(1, n + 1))).reshape(n, 2) if n else np.zeros((0, 2))
-    hit, distances, fp = set(), [], 0
-    for y, x in np.asarray(peaks, dtype=np.float64).reshape(-1, 2):
-        yi, xi = int(np.clip(round(y), 0, m.shape[0] - 1)), int(np.clip(round(x), 0, m.shape[1] - 1))
-        comp = labels[yi, xi]
-        if comp == 0 or comp in hit:
-            fp += 1
-            continue
-        hit.add(comp)
-        distances.append(float(np.hypot(*(np.array([y, x]) - centroids[comp - 1]))))
-    return {"tp": len(hit), "fp": fp, "fn": n - len(hit), "distances": distances}
+    p = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    comps, labels, n = _peak_components(p, mask)
+    hits = peak_hits(p, mask)
+    centroids = (np.array(ndimage.center_of_mass(labels > 0, labels, range(1, n + 1))).reshape(n, 2) if n
+                 else np.zeros((0, 2)))
+    distances = [float(np.hypot(*(p[i] - centroids[comps[i] - 1]))) for i in np.flatnonzero(hits)]
+    tp = int(hits.sum())
+    return {"tp": tp, "fp": len(p) - tp, "fn": n - tp, "distances": distances}
+
+
+CALIBRATION_BINS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def calibration_table(heights, hits, bins: Sequence[float] = CALIBRATION_BINS) -> list[dict]:
+    """How often a peak of a given height is a true centre: peaks binned by height (``[lo, hi)``,
+    the last bin closed), with the count and the fraction that detect an object. For a calibrated
+    model the fraction is close to the bin's heights.
+
+    >>> calibration_table([0.2, 0.8, 0.95, 0.6], [False, True, True, False], bins=(0.1, 0.5, 1.0))
+    [{'low': 0.1, 'high': 0.5, 'peaks': 1, 'hit_fraction': 0.0}, {'low': 0.5, 'high': 1.0, 'peaks': 3, 'hit_fraction': 0.667}]
+    """
+    h, t = np.asarray(heights, dtype=float), np.asarray(hits, dtype=bool)
+    rows = []
+    for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
+        inside = (h >= lo) & ((h <= hi) if i == len(bins) - 2 else (h < hi))
+        n = int(inside.sum())
+        rows.append({"low": float(lo), "high": float(hi), "peaks": n,
+                     "hit_fraction": round(float(t[inside].mean()), 3) if n else None})
+    return rows
 
 
 __all__ = ["default_sigma", "equivalent_radii", "gaussian_heatmap", "heatmap_targets", "heatmap_peaks",
-           "match_peaks_to_objects", "SIGMA_PER_RADIUS"]
+           "centre_probability", "match_peaks_to_objects", "peak_hits", "calibration_table", "SIGMA_PER_RADIUS",
+           "CENTRE_LOSSES", "CALIBRATION_BINS"]

@@ -157,12 +157,13 @@ def fuse_polar_predictions(masks, origins, low: float = 0.0, high: float = 0.4) 
     return hysteresis_fusion(score, low, high)
 
 
-def polar_fusion_weights(cartesian, origins, multilabel: bool) -> tuple[np.ndarray, torch.Tensor]:
+def polar_fusion_weights(cartesian, origins, multilabel: bool, view_weights=None) -> tuple[np.ndarray, torch.Tensor]:
     """For predictions already back in Cartesian space, (N, K, H, W) probabilities with one origin
     (N, 2) ``(y, x)`` each: the hysteresis score weights (N, H, W) (2 / 1 / 0, see
     :func:`origin_component_weights`, from each prediction's binary foreground: argmax, or any
     region > 0.5) and the class-averaging weights (N, H, W), 2 on the origin's component and 1
-    everywhere else (on the device of ``cartesian``).
+    everywhere else (on the device of ``cartesian``). ``view_weights`` (N,), e.g. the origins'
+    confidences, multiply both, so a view from a doubtful origin counts less in the fusion.
 
     >>> cart = torch.zeros((1, 2, 1, 6)); cart[0, 1, 0, 1:3] = cart[0, 1, 0, 4:6] = 1.0; cart[0, 0] = 1 - cart[0, 1]
     >>> score, class_weights = polar_fusion_weights(cart, [[0, 1]], multilabel=False)
@@ -172,8 +173,11 @@ def polar_fusion_weights(cartesian, origins, multilabel: bool) -> tuple[np.ndarr
     p = torch.as_tensor(cartesian)
     predicted = (p > 0.5).any(dim=1) if multilabel else p.argmax(dim=1) > 0
     score = origin_component_weights(predicted.cpu().numpy(), origins)
-    class_weights = torch.as_tensor(np.where(score == 2, 2.0, 1.0).astype(np.float32), device=p.device)
-    return score, class_weights
+    class_weights = np.where(score == 2, 2.0, 1.0).astype(np.float32)
+    if view_weights is not None:
+        w = np.asarray(view_weights, dtype=np.float32).reshape(-1, 1, 1)
+        score, class_weights = score * w, class_weights * w
+    return score, torch.as_tensor(class_weights, device=p.device)
 
 
 def fuse_polar_slice(score, class_sum: torch.Tensor, weight_sum: torch.Tensor, multilabel: bool,
@@ -210,11 +214,12 @@ def fuse_polar_slice(score, class_sum: torch.Tensor, weight_sum: torch.Tensor, m
     return fused
 
 
-def fuse_polar_probabilities(cartesian, origins, multilabel: bool, low: float = 0.0, high: float = 0.4
-                             ) -> torch.Tensor:
+def fuse_polar_probabilities(cartesian, origins, multilabel: bool, low: float = 0.0, high: float = 0.4,
+                             view_weights=None) -> torch.Tensor:
     """All polar predictions of one slice, (N, K, H, W) probabilities in Cartesian space with their
     origins (N, 2), fused into (K, H, W) probabilities (:func:`polar_fusion_weights` summed, then
-    :func:`fuse_polar_slice`). The predictor does the same sums over batches of origins.
+    :func:`fuse_polar_slice`; ``view_weights`` (N,) as there). The predictor does the same sums
+    over batches of origins.
 
     >>> cart = torch.zeros((2, 2, 1, 6)); cart[:, 1, 0, 1:3] = 0.8; cart[1, 1, 0, 4:6] = 0.9
     >>> cart[:, 0] = 1 - cart[:, 1]  # two views of one image, (N, K, H, W)
@@ -223,7 +228,7 @@ def fuse_polar_probabilities(cartesian, origins, multilabel: bool, low: float = 
     [0, 1, 1, 0, 0, 0]
     """
     p = torch.as_tensor(cartesian).float()
-    score, class_weights = polar_fusion_weights(p, origins, multilabel)
+    score, class_weights = polar_fusion_weights(p, origins, multilabel, view_weights)
     return fuse_polar_slice(score.sum(axis=0), (class_weights[:, None] * p).sum(dim=0), class_weights.sum(dim=0),
                             multilabel, low, high)
 

@@ -37,6 +37,9 @@ FALLBACKS = ("empty", "best", "whole")
 PAPER_MARGIN_FRACTION = 15 / 512  # the paper's 15 px margin at 512 x 512, as a fraction of the image side
 
 
+KEYPOINT_PRIOR_BIAS = -2.19  # CenterNet: a heatmap logit starts at sigmoid(-2.19) = 0.1
+
+
 class LocalisationTargets(NamedTuple):
     """Targets of one batch on L-Net's feature grid: ``heatmap`` (B, 1, h, w) in [0, 1] (exactly 1
     at each object's centre cell), ``distances`` (B, 4, h, w) in cells, ``positive`` (B, 1, h, w)
@@ -291,7 +294,7 @@ class LocalisationHeads(nn.Module):
         super().__init__()
         hc = int(head_channels or channels)
         self.keypoint = nn.Sequential(nn.Conv2d(channels, hc, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(hc, 1, 1))
-        nn.init.constant_(self.keypoint[-1].bias, -2.19)
+        nn.init.constant_(self.keypoint[-1].bias, KEYPOINT_PRIOR_BIAS)
         self.box = nn.Sequential(nn.Conv2d(channels, hc, 3, padding=1), nn.ReLU(inplace=True),
                                  nn.Conv2d(hc, hc, 3, padding=1), nn.ReLU(inplace=True),
                                  nn.Conv2d(hc, 4, 13, padding=6))
@@ -418,7 +421,7 @@ def parameter_count(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-__all__ = ["FALLBACKS", "PAPER_MARGIN_FRACTION", "LSNet", "LocalisationHeads", "LocalisationLoss",
+__all__ = ["FALLBACKS", "KEYPOINT_PRIOR_BIAS", "PAPER_MARGIN_FRACTION", "LSNet", "LocalisationHeads", "LocalisationLoss",
            "LocalisationNetwork", "LocalisationOutput", "LocalisationTargets", "best_box_iou", "box_iou",
            "boxes_at_keypoints", "diou_loss", "focal_loss", "keypoints", "localisation_targets", "object_boxes",
            "parameter_count", "scale_gradient", "soft_dice_loss", "top_keypoints"]

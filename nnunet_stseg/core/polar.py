@@ -228,29 +228,49 @@ def component_centroids(mask, min_size: float | Sequence[float] = 0.0, max_per_s
     >>> len(component_centroids(mask, min_size=(0, 3))[0])  # 3 px along x: neither
     0
     """
+    cents, areas, _ = component_origins(mask, None, min_size, max_per_slice)
+    return cents, areas
+
+
+def component_origins(mask, values=None, min_size: float | Sequence[float] = 0.0, max_per_slice: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`component_centroids` plus the mean of ``values`` (same shape as ``mask``, e.g. the
+    coarse model's foreground probability) over each kept component: the confidence of the
+    origin at its centroid (NaN without ``values``). Returns ``(centroids, areas, means)``.
+
+    >>> mask = np.zeros((6, 6), bool); mask[1:3, 1:3] = True; mask[4, 4] = True
+    >>> prob = np.where(mask, 0.9, 0.1); prob[4, 4] = 0.6
+    >>> component_origins(mask, prob)[2].round(2).tolist()  # one confidence per component
+    [0.9, 0.6]
+    """
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
+    v = None if values is None else np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+    if v is not None and v.shape != m.shape:
+        raise ValueError(f"values {v.shape} must have the mask's shape {m.shape}")
     if m.ndim == 3:
-        cents, areas = [], []
-        for z in range(m.shape[0]):
-            c, a = component_centroids(m[z], min_size, max_per_slice)
-            cents.append(np.concatenate([np.full((len(c), 1), z, dtype=np.float64), c], axis=1))
-            areas.append(a)
-        return np.concatenate(cents), np.concatenate(areas)
+        parts = [component_origins(m[z], None if v is None else v[z], min_size, max_per_slice)
+                 for z in range(m.shape[0])]
+        cents = [np.concatenate([np.full((len(c), 1), z, dtype=np.float64), c], axis=1)
+                 for z, (c, _, _) in enumerate(parts)]
+        return (np.concatenate(cents), np.concatenate([a for _, a, _ in parts]),
+                np.concatenate([c for _, _, c in parts]))
     if m.ndim != 2:
         raise ValueError(f"mask must be 2D or 3D, got shape {m.shape}")
     labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
     if n == 0:
-        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.zeros(0)
     index = np.arange(1, n + 1)
     cents = np.array(ndimage.center_of_mass(m, labels, index), dtype=np.float64).reshape(n, 2)
     areas = np.asarray(ndimage.sum_labels(m, labels, index), dtype=np.int64)
+    means = (np.asarray(ndimage.mean(v, labels, index), dtype=np.float64).reshape(n) if v is not None
+             else np.full(n, np.nan))
     extents = np.array([[sl.stop - sl.start for sl in obj] for obj in ndimage.find_objects(labels)])
     keep = np.all(extents >= np.asarray(min_size, dtype=float) - 1e-6, axis=1)
-    cents, areas = cents[keep], areas[keep]
+    cents, areas, means = cents[keep], areas[keep], means[keep]
     if max_per_slice is not None and len(areas) > max_per_slice:
         largest = np.sort(np.argsort(-areas, kind="stable")[:max_per_slice])
-        cents, areas = cents[largest], areas[largest]
-    return cents, areas
+        cents, areas, means = cents[largest], areas[largest], means[largest]
+    return cents, areas, means
 
 
 def shift_origin(origin: np.ndarray, image_shape: Sequence[int], rng: np.random.Generator,
@@ -291,4 +311,4 @@ def round_trip_dice(mask, origin, polar_shape: Sequence[int]) -> float:
 
 
 __all__ = ["farthest_corner_distance", "to_polar", "from_polar", "angle_seam_padding", "wrap_angles",
-           "unwrap_angles", "component_centroids", "shift_origin", "round_trip_dice"]
+           "unwrap_angles", "component_centroids", "component_origins", "shift_origin", "round_trip_dice"]
