@@ -81,14 +81,15 @@ def test_score_folder_regions_and_report(tmp_path):
     results["centre_validation"] = {"0": {"precision": float("nan"), "recall": 0.0, "f1": 0.0,
                                           "median_distance_px": float("nan"), "sigma_px": 2.3},
                                     "1": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "median_distance_px": 1.0,
-                                          "sigma_px": 2.3, "loss": "focal",
+                                          "sigma_px": 2.3, "loss": "focal", "tp": 2, "fn": 2,
                                           "calibration": [{"low": 0.1, "high": 0.5, "peaks": 4, "hit_fraction": 0.25},
                                                           {"low": 0.5, "high": 1.0, "peaks": 0, "hit_fraction": None}]}}
     results["confidence"] = {"coarse": {"grid": [0.0, 0.7], "chosen": {"0": "0.7"},
                                         "tuning_dice": {"0.0": 0.5, "0.7": 0.625}}}
     text = report(results)
     assert "fold 1: focal loss, precision 0.50, recall 1.00, F1 0.67" in text
-    assert "| [0.1, 0.5) | 4 | 0.25 |" in text and "| [0.5, 1.0] | 0 | - |" in text
+    assert "| [0.1, 0.5) | 4 | 0.25 | 0.25 / 0.25 / 0.25 |" in text and "| [0.5, 1.0] | 0 | - | nan / 0.00 / 0.00 |" in text
+    assert "4 objects" in text
     assert "coarse: 0.0 -> 0.500, 0.7 -> 0.625, chosen fold 0: 0.7" in text
     assert "polar_coarse 6 in 4 slices (1.50 per slice)" in text
     assert "fold 0: mse loss, precision nan, recall 0.00, F1 0.00, sigma 2.3 px" in text

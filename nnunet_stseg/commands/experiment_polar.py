@@ -59,6 +59,7 @@ from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overla
 from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
                                           pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
                                           prepare_cardiac, report_header, run_measured, shared_data, train_fold)
+from nnunet_stseg.core.centres import detection_by_threshold
 from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
                                    PEAK_THRESHOLD_ENV)
 
@@ -171,7 +172,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
             v = json.loads(summary.read_text())
             results["centre_validation"][str(f)] = {k: v.get(k) for k in ("precision", "recall", "f1",
                                                                           "median_distance_px", "sigma_px", "loss",
-                                                                          "calibration")}
+                                                                          "calibration", "tp", "fn")}
     # arm: configuration, trainer, environment of the prediction
     arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
                 "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
@@ -288,6 +289,10 @@ def origin_counts(logs: list[Path]) -> dict:
     return total
 
 
+def fmt(x: float) -> str:
+    return "nan" if x != x else f"{x:.2f}"
+
+
 def paired_cell(cases: dict, base: dict, region: str) -> str:
     """Mean per-case DSC difference to the Cartesian arm and how many cases are better / worse (by
     more than 0.005), over the cases both arms scored."""
@@ -365,12 +370,18 @@ def report(results: dict, examples: str | None = None) -> str:
                               for f, v in centre.items()) + "."]
         for f, v in centre.items():
             if v.get("calibration"):
+                n_objects = (v["tp"] + v["fn"]) if v.get("tp") is not None else None
+                detection = detection_by_threshold(v["calibration"], n_objects) if n_objects else None
                 lines += ["", f"Calibration of the centre model's peaks, fold {f} (peaks >= 0.1 by height; a "
-                          "calibrated model's fraction of true centres is near the heights):", "",
-                          "| peak height | peaks | true centres |", "|---|---|---|"]
+                          "calibrated model's fraction of true centres is near the heights"
+                          + (f"; precision / recall / F1 if peaks from the band's lower edge on were origins, "
+                             f"{n_objects} objects" if detection else "") + "):", "",
+                          "| peak height | peaks | true centres |" + (" P / R / F1 from here |" if detection else ""),
+                          "|---|---|---|" + ("---|" if detection else "")]
                 lines += [f"| [{row['low']:.1f}, {row['high']:.1f}{']' if row['high'] >= 1 else ')'} | "
                           f"{row['peaks']} | " + ("-" if row["hit_fraction"] is None else f"{row['hit_fraction']:.2f}")
-                          + " |" for row in v["calibration"]]
+                          + " |" + (f" {fmt(d['precision'])} / {fmt(d['recall'])} / {fmt(d['f1'])} |" if d else "")
+                          for row, d in zip(v["calibration"], detection or [None] * len(v["calibration"]))]
     lines += ["", "Arms: `cartesian` = nnU-Net on the whole image downscaled to S; `polar_coarse` = polar "
               "stage, one origin per component of the Cartesian model's mask; `polar_coarse_max1` = the same, "
               "only the largest component per slice (`STSEG_POLAR_MAX_ORIGINS=1`); `polar_heatmap` = origins "

@@ -197,6 +197,28 @@ def calibration_table(heights, hits, bins: Sequence[float] = CALIBRATION_BINS) -
     return rows
 
 
-__all__ = ["default_sigma", "equivalent_radii", "gaussian_heatmap", "heatmap_targets", "heatmap_peaks",
+def detection_by_threshold(table: list[dict], n_objects: int) -> list[dict]:
+    """Precision, recall and F1 of the peaks at each lower edge ``t`` of a :func:`calibration_table`
+    (peaks >= t count), against ``n_objects`` ground-truth objects: what a peak threshold at t
+    would give.
+
+    >>> table = [{"low": 0.1, "high": 0.5, "peaks": 4, "hit_fraction": 0.25},
+    ...          {"low": 0.5, "high": 1.0, "peaks": 2, "hit_fraction": 1.0}]
+    >>> [(r["threshold"], r["precision"], r["recall"]) for r in detection_by_threshold(table, 4)]
+    [(0.1, 0.5, 0.75), (0.5, 1.0, 0.5)]
+    """
+    rows = []
+    for i, row in enumerate(table):
+        above = table[i:]
+        peaks = sum(r["peaks"] for r in above)
+        hits = sum(int(round(r["peaks"] * (r["hit_fraction"] or 0.0))) for r in above)
+        precision = hits / peaks if peaks else float("nan")
+        recall = hits / n_objects if n_objects else float("nan")
+        f1 = 2 * hits / (peaks + n_objects) if peaks + n_objects else float("nan")
+        rows.append({"threshold": row["low"], "precision": precision, "recall": recall, "f1": f1})
+    return rows
+
+
+__all__ = ["detection_by_threshold", "default_sigma", "equivalent_radii", "gaussian_heatmap", "heatmap_targets", "heatmap_peaks",
            "centre_probability", "match_peaks_to_objects", "peak_hits", "calibration_table", "SIGMA_PER_RADIUS",
            "CENTRE_LOSSES", "CALIBRATION_BINS"]
