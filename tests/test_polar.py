@@ -477,6 +477,9 @@ def test_origins_must_earn_their_place(planned_polar, monkeypatch, capsys):
     assert p.last_timings["n_origins"] == n_objects, "the doubtful component gave no origin"
     assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[doubtful].any()
     assert "1 origin(s) below confidence 0.8 dropped" in capsys.readouterr().out
+    # the objects report says so, and gives every origin's confidence
+    assert p.last_objects["n_origins_below_confidence"] == 1 and p.last_objects["n_objects"] == n_objects
+    assert {o["confidence"] for obj in p.last_objects["objects"] for o in obj["origins"]} == {0.95}
     assert p.applied_overrides == {"sts.polar.min_origin_confidence": {"plans": 0.0, "used": 0.8}}
     assert np.allclose(p.origins(coarse > 0, soft(0.95)[1:].sum(0).numpy())[1],
                        [0.6 if doubtful[0][int(round(cy)), int(round(cx))] else 0.95

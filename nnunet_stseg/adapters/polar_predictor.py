@@ -187,12 +187,13 @@ class PolarPredictor(StSPredictor):
         return score, class_sum, weight_sum, geometry_s, network_s
 
     def _keep_polar_objects(self, probs: torch.Tensor, multilabel: bool, origins: np.ndarray,
-                            fallback: str | None) -> None:
-        """The objects report of the case: the output's components that hold an origin."""
+                            confidence: np.ndarray, fallback: str | None, n_unconfident: int) -> None:
+        """The objects report of the case: the output's components that hold an origin, each
+        origin with its confidence, and how many origins were dropped as not confident."""
         if self._sts_config().objects_report:
-            self._keep_objects(objects_at_origins(foreground_from_probabilities(probs, multilabel).cpu().numpy(),
-                                                  foreground_probability(probs, multilabel).cpu().numpy(), origins),
-                               fallback)
+            found = objects_at_origins(foreground_from_probabilities(probs, multilabel).cpu().numpy(),
+                                       foreground_probability(probs, multilabel).cpu().numpy(), origins, confidence)
+            self._keep_objects({**found, "n_origins_below_confidence": n_unconfident}, fallback)
 
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
         pp = self._sts_config().polar
@@ -235,7 +236,7 @@ class PolarPredictor(StSPredictor):
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
-            self._keep_polar_objects(probs, multilabel, origins, "coarse")
+            self._keep_polar_objects(probs, multilabel, origins, confidence, "coarse", int((~confident).sum()))
             return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         lacking = "heatmap peak" if source == "heatmap" else "confident origin"
         self._log(f"{len(origins)} origin(s) ({source}) in {len(z_with)} slice(s)"
@@ -250,7 +251,8 @@ class PolarPredictor(StSPredictor):
             probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,
                                            pp.fusion_high)
         geometry_s += self._clock() - td
-        self._keep_polar_objects(probs, multilabel, origins, "coarse in slices without origin" if kept_coarse else None)
+        self._keep_polar_objects(probs, multilabel, origins, confidence,
+                                 "coarse in slices without origin" if kept_coarse else None, int((~confident).sum()))
         logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": geometry_s, "fine_s": fine_s,
                              "n_origins": int(len(origins)), "fallback": None}

@@ -104,14 +104,15 @@ def index_to_world(index: np.ndarray, properties: dict) -> np.ndarray:
     return index * spacing[None]
 
 
-def objects_at_origins(foreground: np.ndarray, probability: np.ndarray, origins: np.ndarray) -> dict:
+def objects_at_origins(foreground: np.ndarray, probability: np.ndarray, origins: np.ndarray,
+                       confidences: np.ndarray | None = None) -> dict:
     """What a stage that starts from points (the polar stage's origins) found: the components of
     its output ``foreground`` (Z, H, W), in-plane 8-connected per slice, that hold at least one
     origin (N, 3) ``(z, y, x)``. Returns ``tight`` boxes (M, 3, 2), ``voxels`` (M,),
     ``mean_probability`` (M,) of ``probability`` over each component, the ``origins`` of each
     (list of (k, 3)), ``n_origins_rejected`` (origins whose view left nothing there: the
     network rejected them) and ``n_components_without_origin`` (output components no origin
-    lies in).
+    lies in); with ``confidences`` (N,) also ``origin_confidences`` (list of (k,)).
 
     >>> fg = np.zeros((1, 8, 8), bool); fg[0, 1:3, 1:4] = True; fg[0, 6, 6] = True
     >>> found = objects_at_origins(fg, fg.astype(float), np.array([[0, 1.6, 2.2], [0, 5.0, 1.0]]))
@@ -127,10 +128,14 @@ def objects_at_origins(foreground: np.ndarray, probability: np.ndarray, origins:
     at = np.clip(np.rint(origins).astype(np.int64), 0, np.asarray(fg.shape) - 1)
     hit = labels[at[:, 0], at[:, 1], at[:, 2]] if len(at) else np.zeros(0, np.int64)
     ids = np.unique(hit[hit > 0])
-    return {"tight": boxes[ids - 1].reshape(-1, 3, 2), "voxels": np.bincount(labels.ravel(), minlength=n + 1)[ids],
-            "mean_probability": np.asarray(ndimage.mean(probability, labels, ids)).reshape(-1),
-            "origins": [origins[hit == i] for i in ids], "n_origins_rejected": int((hit == 0).sum()),
-            "n_components_without_origin": int(n - len(ids))}
+    found = {"tight": boxes[ids - 1].reshape(-1, 3, 2), "voxels": np.bincount(labels.ravel(), minlength=n + 1)[ids],
+             "mean_probability": np.asarray(ndimage.mean(probability, labels, ids)).reshape(-1),
+             "origins": [origins[hit == i] for i in ids], "n_origins_rejected": int((hit == 0).sum()),
+             "n_components_without_origin": int(n - len(ids))}
+    if confidences is not None:
+        c = np.asarray(confidences, dtype=float).reshape(-1)
+        found["origin_confidences"] = [c[hit == i] for i in ids]
+    return found
 
 
 def _box_record(box: np.ndarray, properties: dict, frame: str) -> dict:
@@ -147,7 +152,7 @@ def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: d
     """The JSON-ready report of one case. ``found``: ``tight`` boxes (N, 3, 2) on the preprocessed
     grid, ``voxels`` (N,), ``mean_probability`` (N,), ``fallback``, and where the stage has them:
     ``crop`` boxes (N, 3, 2; the cascade), ``proposal`` (N strings: which rule proposed it),
-    ``origins`` (N arrays (k, 3); the polar stage),
+    ``origins`` (N arrays (k, 3); the polar stage) and ``origin_confidences`` (N arrays (k,)),
     ``n_dropped`` and any other ``n_*`` counts (copied as they are). ``grid_spacing``: the
     preprocessed grid's spacing (3 values, transposed order). Without ``properties`` (a
     preprocessed array given directly) boxes stay on the preprocessed grid.
@@ -191,6 +196,9 @@ def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: d
                 points = points_to_input_index(points, preprocessed_shape, properties, transpose_backward)
             obj["origins"] = [{"index": p.round(3).tolist(), "world_mm": w.round(3).tolist()}
                               for p, w in zip(points, index_to_world(points, where))]
+            if "origin_confidences" in found:
+                for o, c in zip(obj["origins"], found["origin_confidences"][i]):
+                    o["confidence"] = round(float(c), 4)
         if "proposal" in found:
             obj["proposal"] = found["proposal"][i]
         obj.update({"extent_mm": (extent[1:] if is_2d else extent).round(3).tolist(),
