@@ -148,7 +148,8 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
 
     def on_train_start(self):
         super().on_train_start()
-        self.print_to_log_file(f"centre heatmap: {self.centre.loss} loss, sigma {self.centre.sigma} px (coarse grid), peaks >= "
+        self.print_to_log_file(f"centre heatmap: {self.centre.loss} loss, sigma {self.centre.sigma} px (coarse grid), "
+                               f"peaks >= "
                                f"{self.centre.peak_threshold}, {self.centre.peak_distance} px apart; 'Pseudo dice' "
                                f"below = centre-detection F1", also_print_to_console=True)
 

@@ -342,8 +342,8 @@ def report(results: dict, examples: str | None = None) -> str:
         timing = (f"{per_image:.2f}" if runs else "-") + (
             f" | {1000 * secs / max(1, sum(v['slices'] for v in runs)):.0f}" if dataset == "cardiac" and runs else
             " | -" if dataset == "cardiac" else "")
-        lines.append(f"| {arm} | {' | '.join(cells)} | {'-' if arm == 'cartesian' else paired_cell(r.get('cases', {}), base_cases, first)} "
-                     f"| {timing} |")
+        paired = "-" if arm == "cartesian" else paired_cell(r.get("cases", {}), base_cases, first)
+        lines.append(f"| {arm} | {' | '.join(cells)} | {paired} | {timing} |")
     confidence = results.get("confidence") or {}
     if confidence:
         where = ("the 100 validation images" if dataset == "kvasir" else

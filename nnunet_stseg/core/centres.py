@@ -12,7 +12,7 @@ Two ways to train the model (``sts.centre.loss``): ``focal`` (default since 0.7)
 penalty-reduced focal loss on logits against Gaussians whose peak of exactly 1 sits on the pixel
 holding the centre (:func:`heatmap_targets` with ``on_pixel``), so the sigmoid of the output is
 the probability of "a centre here"; ``mse``, the relative squared error of the output itself
-(plans made before 0.7; its peaks often stayed below 0.5, docs/benchmarks/polar_kvasir.md).
+(plans made before 0.7; at our CPU budget its peaks stayed below 0.5 on Kvasir, docs/design.md).
 """
 from __future__ import annotations
 
@@ -219,6 +219,6 @@ def detection_by_threshold(table: list[dict], n_objects: int) -> list[dict]:
     return rows
 
 
-__all__ = ["detection_by_threshold", "default_sigma", "equivalent_radii", "gaussian_heatmap", "heatmap_targets", "heatmap_peaks",
-           "centre_probability", "match_peaks_to_objects", "peak_hits", "calibration_table", "SIGMA_PER_RADIUS",
+__all__ = ["detection_by_threshold", "default_sigma", "equivalent_radii", "gaussian_heatmap", "heatmap_targets",
+           "heatmap_peaks", "centre_probability", "match_peaks_to_objects", "peak_hits", "calibration_table", "SIGMA_PER_RADIUS",
            "CENTRE_LOSSES", "CALIBRATION_BINS"]

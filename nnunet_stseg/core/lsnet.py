@@ -421,7 +421,8 @@ def parameter_count(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-__all__ = ["FALLBACKS", "KEYPOINT_PRIOR_BIAS", "PAPER_MARGIN_FRACTION", "LSNet", "LocalisationHeads", "LocalisationLoss",
+__all__ = ["FALLBACKS", "KEYPOINT_PRIOR_BIAS", "PAPER_MARGIN_FRACTION", "LSNet", "LocalisationHeads",
+           "LocalisationLoss",
            "LocalisationNetwork", "LocalisationOutput", "LocalisationTargets", "best_box_iou", "box_iou",
            "boxes_at_keypoints", "diou_loss", "focal_loss", "keypoints", "localisation_targets", "object_boxes",
            "parameter_count", "scale_gradient", "soft_dice_loss", "top_keypoints"]
