@@ -208,6 +208,7 @@ class PolarPredictor(StSPredictor):
             data, foreground, foreground_probability(probs, multilabel).cpu().numpy() if source == "coarse" else None)
         confident = confidence >= pp.min_origin_confidence
         origins, confidence = candidates[confident], confidence[confident]
+        n_unconfident = int((~confident).sum())
         t1 = self._clock()
         z_with = sorted({int(z) for z in origins[:, 0]})
         # slices whose candidates all fell below the confidence threshold keep the coarse prediction
@@ -216,7 +217,6 @@ class PolarPredictor(StSPredictor):
         # are all below the size rule, which makes them background as in the cascade
         no_origin = np.ones(foreground.shape[0], bool)
         no_origin[z_with] = False
-        kept_coarse = 0
         if source == "coarse":
             no_candidate = no_origin.copy()
             no_candidate[z_unconfident] = False
@@ -227,8 +227,8 @@ class PolarPredictor(StSPredictor):
             kept_coarse = int(foreground[z_unconfident].any(axis=(1, 2)).sum()) if z_unconfident else 0
         else:
             kept_coarse = int(foreground[no_origin].any(axis=(1, 2)).sum())
-        unconfident_note = (f"; {int((~confident).sum())} origin(s) below confidence {pp.min_origin_confidence} "
-                            f"dropped" if (~confident).any() else "")
+        unconfident_note = (f"; {n_unconfident} origin(s) below confidence {pp.min_origin_confidence} dropped"
+                            if n_unconfident else "")
         if len(origins) == 0:
             why = ("every origin below the confidence threshold" if len(candidates) else
                    "no heatmap peak" if source == "heatmap" else
@@ -236,7 +236,7 @@ class PolarPredictor(StSPredictor):
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
-            self._keep_polar_objects(probs, multilabel, origins, confidence, "coarse", int((~confident).sum()))
+            self._keep_polar_objects(probs, multilabel, origins, confidence, "coarse", n_unconfident)
             return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         lacking = "heatmap peak" if source == "heatmap" else "confident origin"
         self._log(f"{len(origins)} origin(s) ({source}) in {len(z_with)} slice(s)"
@@ -252,7 +252,7 @@ class PolarPredictor(StSPredictor):
                                            pp.fusion_high)
         geometry_s += self._clock() - td
         self._keep_polar_objects(probs, multilabel, origins, confidence,
-                                 "coarse in slices without origin" if kept_coarse else None, int((~confident).sum()))
+                                 "coarse in slices without origin" if kept_coarse else None, n_unconfident)
         logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         self.last_timings = {"coarse_s": t1 - t0, "geometry_s": geometry_s, "fine_s": fine_s,
                              "n_origins": int(len(origins)), "fallback": None}
