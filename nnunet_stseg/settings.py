@@ -71,6 +71,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sts.objects_report"),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
             "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold"),
+    Setting("STSEG_LOG_LEVEL", "debug or info",
+            "debug: one line per predicted case with the seconds of every stage (also with "
+            "nnUNetv2_predict --verbose)"),
 )}
 PROPOSAL_THRESHOLD_ENV = "STSEG_PROPOSAL_THRESHOLD"
 
@@ -156,6 +159,11 @@ def proposal_threshold() -> float | str | None:
                  lambda v: v == "none" or 0 < v <= 0.5)
 
 
+def debug_log() -> bool:
+    """True when ``STSEG_LOG_LEVEL=debug``: the predictors log each case's stage timings."""
+    return _read("STSEG_LOG_LEVEL", str.lower, lambda v: v in ("debug", "info")) == "debug"
+
+
 def plan_overrides() -> dict[str, object]:
     """The plan values that environment variables replace for this process, ``{plan key: value}``
     (checked: a bad value raises before any work starts).
@@ -187,4 +195,4 @@ __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_OR
            "PROPOSAL_THRESHOLD_ENV", "proposal_threshold",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
-           "schedule_settings"]
+           "schedule_settings", "debug_log"]

@@ -15,7 +15,10 @@ def _complete_preprocessed(folder: str, identifiers: Sequence[str]) -> bool:
 def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes: int = 2, preprocess: bool = True,
                         verify_dataset_integrity: bool = False, gpu_memory_target: float = 8.0) -> list[str]:
     """Fingerprint (reused if present), plan with :class:`nnUNetPlannerStS` and ``options``,
-    preprocess our configurations. Preprocessing of a fine (or polar) configuration is skipped when
+    preprocess our configurations (the coarse ones by our
+    :class:`~nnunet_stseg.adapters.inference_io.CheckedPreprocessor`, whose resampling is the
+    predictor's: ``nnUNetv2_preprocess`` would resample them with nnU-Net's own function).
+    Preprocessing of a fine (or polar) configuration is skipped when
     its shared full-resolution data (``3d_fullres``/``2d``) is already complete. Prints the stock
     commands that train and predict them. Returns the names added."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
@@ -23,6 +26,7 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
+    from nnunet_stseg.adapters.inference_io import CheckedPreprocessor
     from nnunet_stseg.planners.sts_planner import nnUNetPlannerStS
 
     name = maybe_convert_to_dataset_name(dataset_id)
@@ -46,8 +50,14 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
                 print(f"[nnunet-stseg] {c}: full-resolution data already preprocessed in {folder}, reused")
                 continue
             todo.append(c)
-        if todo:
-            preprocess_dataset(dataset_id, planner.plans_identifier, todo, [num_processes] * len(todo))
+        coarse = [c for c in todo if plans["configurations"][c]["sts"]["role"] == "coarse"]
+        others = [c for c in todo if c not in coarse]
+        if todo:  # nnU-Net's preprocessing (with an empty list it still copies the ground truth it validates on)
+            preprocess_dataset(dataset_id, planner.plans_identifier, others, [num_processes] * len(others))
+        for c in coarse:  # our preprocessor: the coarse grid made by the function the predictor uses
+            print(f"Configuration: {c} (coarse images: sts.coarse_resampling = "
+                  f"{plans['configurations'][c]['sts'].get('coarse_resampling', 'nnunet')})...")
+            CheckedPreprocessor(verbose=False).run(dataset_id, c, planner.plans_identifier, num_processes)
     print("\n[nnunet-stseg] configurations added to "
           f"{os.path.join(str(nnUNet_preprocessed), name, planner.plans_identifier + '.json')}: {', '.join(added)}")
     print("[nnunet-stseg] next steps (per fold F):")

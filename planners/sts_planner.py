@@ -181,7 +181,8 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
         coarse_name, fine_name = coarse_config_name(d, s), fine_config_name(d, s)
         coarse, fine, c_spacing = _cascade_pair(planner, base, coarse_name, options)
         crop = CropParams(patch_size=(s,) * 3 if len(base["patch_size"]) == 3 else (1, s, s), **options.crop)
-        coarse["sts"] = StSConfig("coarse", s, coarse_name, options.coarse_trainer).to_dict()
+        coarse["sts"] = StSConfig("coarse", s, coarse_name, options.coarse_trainer,
+                                  coarse_resampling=options.coarse_resampling).to_dict()
         fine["sts"] = StSConfig("fine", s, coarse_name, options.coarse_trainer, crop=crop,
                                 fallback=options.fallback).to_dict()
         if options.depth_channel and d == "2d":

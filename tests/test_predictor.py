@@ -72,7 +72,7 @@ def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: b
     net = IdentityNet(lm.has_regions)
 
     class Oracle(StSPredictor):
-        def coarse_probabilities(self, data):
+        def coarse_output(self, data):  # on the full grid: the coarse grid is the full grid
             return coarse.clone() if coarse is not None else coarse_probs(lm, labels)
 
     p = Oracle(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)

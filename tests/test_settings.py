@@ -19,19 +19,20 @@ ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": s
              "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold, "STSEG_OBJECTS_REPORT": settings.objects_report,
              "STSEG_PROPOSAL_THRESHOLD": settings.proposal_threshold,
              "STSEG_POLAR_MIN_CONFIDENCE": settings.polar_min_confidence,
-             "STSEG_POLAR_CONFIDENCE_WEIGHTING": settings.polar_confidence_weighting}
+             "STSEG_POLAR_CONFIDENCE_WEIGHTING": settings.polar_confidence_weighting,
+             "STSEG_LOG_LEVEL": settings.debug_log}
 GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
         "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
         "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False),
         "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_POLAR_MIN_CONFIDENCE": ("0.7", 0.7),
-        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True)}
+        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True), "STSEG_LOG_LEVEL": ("DEBUG", True)}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
        "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
        "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"],
        "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_POLAR_MIN_CONFIDENCE": ["1", "-0.5", "high"],
-       "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"]}
+       "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"], "STSEG_LOG_LEVEL": ["verbose", "2"]}
 
 
 def test_the_table_and_the_accessors_cover_the_same_variables():

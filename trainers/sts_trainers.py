@@ -1,7 +1,9 @@
 """nnU-Net trainers for segment-then-segment (run them with the stock ``nnUNetv2_train -tr``).
 
 - :class:`nnUNetTrainer_StSCoarse`: an ordinary nnU-Net trainer for the coarse configuration
-  (whole image at reduced resolution); its final validation also reports precision and recall.
+  (whole image at reduced resolution); its final validation also reports precision and recall. It
+  refuses data that reached the coarse grid by another resampling than the one the predictor uses
+  (``sts.coarse_resampling``: data made by ``nnUNetv2_preprocess`` instead of ``nnunet-stseg plan``).
 - :class:`nnUNetTrainer_StSFine`: trains the fine configuration on crops made from ground-truth
   connected components (squared, padded, jittered, resampled to S) and validates the WHOLE
   cascade with the coarse model of the same fold, so ``summary.json`` holds the pipeline's Dice.
@@ -21,15 +23,18 @@ from __future__ import annotations
 
 import json
 import os
+from glob import glob
 from os.path import join
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.bundle import embed_companions
 from nnunet_stseg.adapters.config import StSConfig, grid_spacing3, trainer_for_role
+from nnunet_stseg.adapters.inference_io import COARSE_RESAMPLING_KEY, coarse_resampling_of
 from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
@@ -128,6 +133,28 @@ class nnUNetTrainer_StSCoarse(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNe
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._apply_schedule_overrides()
         self._check_depth_channel()
+
+    def on_train_start(self):
+        self._check_coarse_resampling()
+        super().on_train_start()
+
+    def _check_coarse_resampling(self) -> None:
+        """The coarse model must be trained on images made like the ones it will predict: the plans'
+        ``sts.coarse_resampling`` against what the preprocessed cases record (one case read)."""
+        wanted = coarse_resampling_of(self.configuration_manager.configuration)
+        cases = sorted(glob(join(self.preprocessed_dataset_folder, "*.pkl")))
+        if wanted is None or not cases:
+            return
+        found = load_pickle(cases[0]).get(COARSE_RESAMPLING_KEY, "nnunet")
+        if found != wanted:
+            raise RuntimeError(
+                f"{self.preprocessed_dataset_folder} was resampled to the coarse grid by "
+                f"{'nnU-Net' if found == 'nnunet' else found} (e.g. nnUNetv2_preprocess), but the plans' "
+                f"sts.coarse_resampling is {wanted!r}: the coarse model would learn from other images than it "
+                f"predicts. Preprocess it with `nnunet-stseg plan -d {self.plans_manager.dataset_name} "
+                f"-s {self.configuration_manager.configuration['sts']['input_size']}` and the options it was planned "
+                f"with, or plan with --coarse_resampling {found}")
+        self.print_to_log_file(f"coarse images resampled by: {found} (sts.coarse_resampling)")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)

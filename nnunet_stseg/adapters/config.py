@@ -23,6 +23,11 @@ DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
 FALLBACKS = ("coarse", "whole")
 ORIGIN_SOURCES = ("coarse", "heatmap")
 ROLES = ("coarse", "fine", "polar", "e2e", "lsnet")
+# how a coarse configuration's images are brought to its grid, in its training data and at prediction:
+# "antialiased" = core.geometry.resample_image (torch, on the network's device; plans since 0.8),
+# "nnunet" = the configuration's own nnU-Net resampling function (CPU spline; plans before 0.8)
+COARSE_RESAMPLINGS = ("antialiased", "nnunet")
+DEFAULT_COARSE_RESAMPLING = "antialiased"
 
 
 def grid_spacing3(spacing) -> list[float]:
@@ -372,6 +377,9 @@ class StSConfig:
     - ``centre``: :class:`CentreParams` of the centre-point model (on a 2d coarse configuration).
     - ``objects_report``: write ``<case>.objects.json`` (what was found, in the input's voxel and
       world coordinates) next to each prediction (``STSEG_OBJECTS_REPORT=0`` switches it off).
+    - ``coarse_resampling`` (coarse configurations): how the images reach the coarse grid, the same
+      function for its training data and at prediction (:data:`COARSE_RESAMPLINGS`); a block without
+      the key (plans before 0.8) means ``nnunet``, so models trained then predict as they did.
     """
 
     role: Literal["coarse", "fine", "polar", "e2e", "lsnet"]
@@ -385,6 +393,7 @@ class StSConfig:
     polar: PolarParams | None = None
     centre: CentreParams | None = None
     objects_report: bool = True
+    coarse_resampling: str = "nnunet"
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
@@ -397,6 +406,8 @@ class StSConfig:
             d["polar"] = self.polar.to_dict()
         if self.centre is not None:
             d["centre"] = self.centre.to_dict()
+        if self.role == "coarse":
+            d["coarse_resampling"] = self.coarse_resampling
         return d
 
     @classmethod
@@ -422,6 +433,9 @@ class StSConfig:
                   centre=CentreParams.from_dict(centre) if centre is not None else None, **block)
         if cfg.fallback not in FALLBACKS:
             raise ValueError(f"{where}: sts.fallback must be one of {FALLBACKS}, got {cfg.fallback!r}")
+        if cfg.coarse_resampling not in COARSE_RESAMPLINGS:
+            raise ValueError(f"{where}: sts.coarse_resampling must be one of {COARSE_RESAMPLINGS}, got "
+                             f"{cfg.coarse_resampling!r}")
         if int(cfg.max_crops) < 1 or int(cfg.crops_per_batch) < 1:
             raise ValueError(f"{where}: sts.max_crops and sts.crops_per_batch must be >= 1")
         if cfg.role in ("fine", "e2e", "lsnet") and cfg.crop is None:
@@ -492,6 +506,7 @@ class PlanOptions:
       ``fallback``: see :class:`StSConfig`; ``depth_channel``: 2d pipelines get the depth channel;
     - ``polar``: add the 2d polar configuration; ``polar_params``: :class:`PolarParams` fields;
       ``centre_loss``: :class:`CentreParams` ``loss`` of the centre-point model.
+    - ``coarse_resampling``: :class:`StSConfig` ``coarse_resampling`` of the coarse configurations.
     - ``e2e``: add the 2d end-to-end configuration; ``e2e_params``: :class:`E2EParams` fields.
     - ``lsnet``: add the 2d L-SNet configuration; ``lsnet_params``: :class:`LSNetParams` fields.
 
@@ -515,6 +530,7 @@ class PlanOptions:
     polar: bool = False
     polar_params: dict = field(default_factory=dict)
     centre_loss: str = "focal"
+    coarse_resampling: str = DEFAULT_COARSE_RESAMPLING
     e2e: bool = False
     e2e_params: dict = field(default_factory=dict)
     lsnet: bool = False
@@ -534,6 +550,8 @@ class PlanOptions:
         checked_fields(PolarParams, self.polar_params, "polar")
         if self.centre_loss not in CENTRE_LOSSES:
             raise ValueError(f"centre_loss must be one of {CENTRE_LOSSES}, got {self.centre_loss!r}")
+        if self.coarse_resampling not in COARSE_RESAMPLINGS:
+            raise ValueError(f"coarse_resampling must be one of {COARSE_RESAMPLINGS}, got {self.coarse_resampling!r}")
         E2EParams(**checked_fields(E2EParams, self.e2e_params, E2E_KEY))
         LSNetParams(**checked_fields(LSNetParams, self.lsnet_params, LSNET_KEY))
         for name in ("base_features", "max_features", "batch_size"):

@@ -9,8 +9,13 @@
   temporary file and renamed into place, so an interrupted run never leaves a half-written file
   that looks finished (``--continue_prediction`` skips every file that exists).
 - :class:`PluginConfigurationManager` / :class:`PluginPlansManager`: the same configuration and
-  plans; they only hand nnU-Net the two classes above. Both pickle by module path, so nnU-Net's
-  spawned preprocessing and export workers use them too.
+  plans; they only hand nnU-Net the two classes above, and a coarse configuration planned with
+  ``sts.coarse_resampling = antialiased`` its resampling function (:func:`antialiased_resampling`).
+  Both pickle by module path, so nnU-Net's spawned preprocessing and export workers use them too.
+- The coarse configurations' TRAINING data goes through :class:`CheckedPreprocessor` as well
+  (``nnunet-stseg plan``), so the coarse model is trained on images made by the same function as
+  the ones it predicts; each case's properties record it (:data:`COARSE_RESAMPLING_KEY`), which the
+  coarse trainer checks.
 """
 from __future__ import annotations
 
@@ -28,12 +33,30 @@ from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_stseg.adapters.config import STS_KEY
 from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
+from nnunet_stseg.core.geometry import resample_image
 
 ERROR_KEY = "nnunet_stseg_error"
 PARTIAL_DIR = ".nnunet_stseg_partial"
 FAILED_CASES_FILE = "nnunet_stseg_failed_cases.json"
 OBJECTS_SUFFIX = ".objects.json"  # <case>.objects.json: what the cascade found in that case
+COARSE_RESAMPLING_KEY = "nnunet_stseg_coarse_resampling"  # a coarse case's properties: how it reached its grid
+
+
+def antialiased_resampling(data, new_shape, current_spacing=None, new_spacing=None):
+    """nnU-Net's ``resampling_fn_data`` signature around :func:`~nnunet_stseg.core.geometry.resample_image`
+    (antialiased linear; a 2D configuration's slices one by one): the coarse grid of configurations
+    planned with ``sts.coarse_resampling = antialiased``. The spacings are not needed: nnU-Net made
+    ``new_shape`` from them. numpy (C, *spatial) in, numpy out, float32."""
+    return resample_image(data, new_shape)
+
+
+def coarse_resampling_of(configuration: dict) -> str | None:
+    """``sts.coarse_resampling`` of a coarse configuration (``nnunet`` when the block predates the
+    key), None for any other configuration."""
+    block = configuration.get(STS_KEY) or {}
+    return block.get("coarse_resampling", "nnunet") if block.get("role") == "coarse" else None
 
 
 class CaseError(ValueError):
@@ -122,8 +145,14 @@ class CheckedPreprocessor(DefaultPreprocessor):
         if not finite.all():
             raise CaseError(f"contains {int(finite.size - finite.sum())} NaN/Inf voxel(s); fix or mask them first")
         del finite
+        resampling = coarse_resampling_of(configuration_manager.configuration)
+        if resampling is not None and not isinstance(configuration_manager, PluginConfigurationManager):
+            # nnU-Net's own preprocessing run (training data): the same resampling as at prediction
+            configuration_manager = PluginConfigurationManager(configuration_manager.configuration)
         data, seg, properties = super().run_case_npy(data, seg, properties, plans_manager, configuration_manager,
                                                      dataset_json)
+        if resampling is not None:
+            properties[COARSE_RESAMPLING_KEY] = resampling
         if self.depth_channel:
             if int(properties["shape_before_cropping"][0]) == 1:
                 print("[nnunet-stseg] WARNING: this scan has a single slice; its depth channel is 0.5 (the middle)",
@@ -153,6 +182,12 @@ class PluginConfigurationManager(ConfigurationManager):
             return super().preprocessor_class
         return functools.partial(CheckedPreprocessor, on_error=self.on_error, depth_channel=depth,
                                  properties_sink=self.properties_sink)
+
+    @property
+    def resampling_fn_data(self):
+        if coarse_resampling_of(self.configuration) == "antialiased":
+            return antialiased_resampling
+        return super().resampling_fn_data
 
 
 class AtomicReaderWriter(BaseReaderWriter):
@@ -242,5 +277,6 @@ class PluginPlansManager(PlansManager):
         return functools.partial(AtomicReaderWriter, self.plans["image_reader_writer"])
 
 
-__all__ = ["ERROR_KEY", "report_case_error", "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
+__all__ = ["ERROR_KEY", "COARSE_RESAMPLING_KEY", "antialiased_resampling", "coarse_resampling_of", "report_case_error",
+           "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
            "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line"]

@@ -126,8 +126,10 @@ class PolarPredictor(StSPredictor):
         heatmap on the coarse grid, slice by slice, mapped with the half-pixel convention; and their
         confidences (N,), the peak heights."""
         cp, limit, threshold = self.centre_params, self.max_origins(), self.peak_threshold()
-        centre_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data, self.centre)))
+        centre_in = self._coarse_input(data, self.centre)
+        ta = self._clock()
         heat = centre_probability(self.centre.predict_logits_from_preprocessed_data(centre_in)[0], cp.loss)
+        self._add_seconds(centre_network=self._clock() - ta)
         heat = heat.cpu().numpy()
         full = np.asarray(data.shape[2:], dtype=float)
         scale = full / np.asarray(heat.shape[1:], dtype=float)
@@ -202,6 +204,7 @@ class PolarPredictor(StSPredictor):
         t0 = self._clock()
 
         probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device
+        ta = self._clock()
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
         candidates, confidence = self._origins_for_case(
@@ -210,6 +213,7 @@ class PolarPredictor(StSPredictor):
         origins, confidence = candidates[confident], confidence[confident]
         n_unconfident = int((~confident).sum())
         t1 = self._clock()
+        self._add_seconds(origins=t1 - ta - self.stage_seconds.get("centre_network", 0.0))
         z_with = sorted({int(z) for z in origins[:, 0]})
         # slices whose candidates all fell below the confidence threshold keep the coarse prediction
         z_unconfident = sorted({int(z) for z in candidates[~confident, 0]} - set(z_with))
@@ -236,6 +240,7 @@ class PolarPredictor(StSPredictor):
             self._log(f"no origin ({why}): coarse prediction kept")
             self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_origins": 0,
                                  "fallback": "coarse"}
+            self._add_seconds(geometry=self._clock() - t1)
             self._keep_polar_objects(probs, multilabel, origins, confidence, "coarse", n_unconfident)
             return probabilities_to_logits(probs, multilabel, inplace=True).cpu()
         lacking = "heatmap peak" if source == "heatmap" else "confident origin"
@@ -251,6 +256,7 @@ class PolarPredictor(StSPredictor):
             probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,
                                            pp.fusion_high)
         geometry_s += self._clock() - td
+        self._add_seconds(geometry=geometry_s, polar_network=fine_s)
         self._keep_polar_objects(probs, multilabel, origins, confidence,
                                  "coarse in slices without origin" if kept_coarse else None, n_unconfident)
         logits = probabilities_to_logits(probs, multilabel, inplace=True).cpu()

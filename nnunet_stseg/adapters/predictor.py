@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import empty_cache
@@ -44,15 +43,15 @@ from nnunet_stseg.adapters.bundle import (COMPANION_CHECKPOINT, companion_model_
 from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OBJECTS_SUFFIX, CaseError,
-                                                PluginConfigurationManager, PluginPlansManager, one_line,
-                                                remove_partial_folder, report_case_error)
+                                                PluginConfigurationManager, PluginPlansManager, coarse_resampling_of,
+                                                one_line, remove_partial_folder, report_case_error)
 from nnunet_stseg.adapters.results import model_folder, model_folder_name, train_command
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (FoundObjects, crop_and_resample, find_objects, foreground_from_probabilities,
                                         foreground_probability, nonlinearity, probabilities_to_logits, recall_proposals,
-                                        whole_image_boxes)
+                                        resample_image, upsample_probabilities, whole_image_boxes)
 from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
@@ -295,6 +294,9 @@ class StSPredictor(PluginPredictor):
     last_timings: dict | None = None
     last_objects: dict | None = None  # the objects report of the last case (also written as <case>.objects.json)
     sts_role = "fine"  # the configuration role this predictor runs
+    # where the cascade finds its objects: "coarse" (the coarse model's grid, since 0.8) or "full" (the
+    # coarse probabilities brought to the full grid first, as before 0.8: `benchmark --compare_paths`)
+    objects_grid = "coarse"
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -395,7 +397,7 @@ class StSPredictor(PluginPredictor):
 
     def _clock(self) -> float:
         """Wall clock after the device finished its queued work (stage timings on GPUs)."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
@@ -423,23 +425,44 @@ class StSPredictor(PluginPredictor):
         sp = [float(v) for v in model.configuration_manager.spacing]
         return sp if len(sp) == 3 else [self._fine_spacing3()[0]] + sp
 
-    def _coarse_input(self, data: torch.Tensor, model: nnUNetPredictor | None = None) -> np.ndarray:
-        """The fine-grid case resampled to the grid of the coarse configuration (of ``model``,
-        default the coarse model) with that configuration's own nnU-Net resampling function (the
-        one its training data went through). The depth channel (last) goes along only if that
-        model uses one too."""
+    def _coarse_input(self, data: torch.Tensor, model: nnUNetPredictor | None = None) -> torch.Tensor:
+        """The fine-grid case on the grid of the coarse configuration (of ``model``, default the
+        coarse model), made by the function its training data went through
+        (``sts.coarse_resampling``): ``antialiased`` on :attr:`work_device`
+        (:func:`~nnunet_stseg.core.geometry.resample_image`), ``nnunet`` by that configuration's
+        nnU-Net resampling on the CPU (plans before 0.8). The depth channel (last) goes along only if
+        that model uses one too. Made once per case and grid (the coarse and the centre-point model
+        share it); :meth:`predict_logits_from_preprocessed_data` forgets it after the case."""
         model = model if model is not None else self.coarse
-        if self.depth_channel and not getattr(model, "depth_channel", False):
-            data = data[:self.n_image_channels()]
+        with_depth = not (self.depth_channel and not getattr(model, "depth_channel", False))
         cm = model.configuration_manager
+        resampling = coarse_resampling_of(cm.configuration) or "nnunet"
         fine_sp = np.array(self._fine_spacing3())
         coarse_sp = np.array(self._grid_spacing3_of(model))
         shape = np.array(data.shape[1:])
-        new_shape = np.maximum(1, np.rint(shape * fine_sp / coarse_sp)).astype(int)
-        arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-        if np.array_equal(new_shape, shape):
-            return arr
-        return cm.resampling_fn_data(arr, new_shape, fine_sp, coarse_sp)
+        new_shape = tuple(int(v) for v in np.maximum(1, np.rint(shape * fine_sp / coarse_sp)))
+        key = (new_shape, resampling, with_depth)
+        memo = self.__dict__.setdefault("_coarse_inputs", {})
+        if key not in memo:
+            channels = slice(None) if with_depth else slice(0, self.n_image_channels())
+            if new_shape == tuple(shape):
+                made = data[channels]
+            elif resampling == "antialiased":
+                made = resample_image(self._case_on_work_device(data)[channels], new_shape)
+            else:
+                arr = data[channels].numpy() if isinstance(data, torch.Tensor) else np.asarray(data)[channels]
+                made = torch.from_numpy(np.ascontiguousarray(cm.resampling_fn_data(arr, new_shape, fine_sp,
+                                                                                   coarse_sp)))
+            memo[key] = made
+        return memo[key]
+
+    def _case_on_work_device(self, data: torch.Tensor) -> torch.Tensor:
+        """The case on :attr:`work_device`, float32: the tensor itself on the CPU, ONE copy per case
+        on a GPU (the coarse input and the crops are both cut from it; forgotten after the case)."""
+        memo = self.__dict__.setdefault("_coarse_inputs", {})
+        if "case" not in memo:
+            memo["case"] = data.to(self.work_device, torch.float32)
+        return memo["case"]
 
     @property
     def work_device(self) -> torch.device:
@@ -478,28 +501,38 @@ class StSPredictor(PluginPredictor):
         """One case (the full-resolution grid) -> logits on that grid, on the CPU. If the case does
         not fit on the device (a ``RuntimeError``), it is predicted again with its full-resolution
         arrays on the CPU, as nnU-Net's sliding window does."""
-        if self.work_device.type == "cpu":
-            logits = self._predict_case(data)
-        else:
-            try:
+        self.__dict__["_stage_seconds"] = {}
+        started = self._clock()
+        try:
+            if self.work_device.type == "cpu":
                 logits = self._predict_case(data)
-            except RuntimeError as e:
-                self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with its "
-                          f"full-resolution arrays on the CPU")
-                empty_cache(self.device)
-                self.__dict__["_work_device"] = torch.device("cpu")
+            else:
                 try:
                     logits = self._predict_case(data)
-                finally:
-                    self.__dict__.pop("_work_device", None)
+                except RuntimeError as e:
+                    self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
+                              f"its full-resolution arrays on the CPU")
+                    self.__dict__.pop("_coarse_inputs", None)
+                    empty_cache(self.device)
+                    self.__dict__["_work_device"] = torch.device("cpu")
+                    try:
+                        logits = self._predict_case(data)
+                    finally:
+                        self.__dict__.pop("_work_device", None)
+        finally:
+            self.__dict__.pop("_coarse_inputs", None)  # made per case
+        self._log_stage_seconds(self._clock() - started)
         self._report_objects(tuple(data.shape[1:]))
         return logits
 
     def _record_objects(self, found: FoundObjects | None, coarse_probs: torch.Tensor | None, multilabel: bool,
-                        fallback: str | None = None, below: np.ndarray | None = None) -> None:
-        """Keep what this case's coarse stage found (on the preprocessed grid) for the objects report;
-        with ``below`` (N,) (recall-first proposals) each object says whether it was a coarse argmax
-        component or a proposal below the coarse decision."""
+                        fallback: str | None = None, below: np.ndarray | None = None,
+                        voxels_per_cell: float = 1.0) -> None:
+        """Keep what this case's coarse stage found for the objects report (boxes on the preprocessed
+        grid; ``found.labels`` and ``coarse_probs`` on the grid the components were found on, each of
+        its cells ``voxels_per_cell`` preprocessed voxels); with ``below`` (N,) (recall-first
+        proposals) each object says whether it was a coarse argmax component or a proposal below the
+        coarse decision."""
         if not self._sts_config().objects_report:
             return
         if found is None or len(found.ids) == 0:
@@ -508,8 +541,9 @@ class StSPredictor(PluginPredictor):
                       "n_dropped": found.n_dropped if found is not None else 0}
         else:
             fg = foreground_probability(coarse_probs, multilabel).cpu().numpy()
+            cells = np.bincount(found.labels.ravel())[found.ids]
             record = {"tight": found.tight_boxes, "crop": found.crop_boxes,
-                      "voxels": np.bincount(found.labels.ravel())[found.ids],
+                      "voxels": np.rint(cells * voxels_per_cell).astype(np.int64),
                       "mean_probability": np.asarray(ndimage.mean(fg, found.labels, found.ids)),
                       "n_dropped": found.n_dropped}
             if below is not None:
@@ -561,59 +595,109 @@ class StSPredictor(PluginPredictor):
             total = out if total is None else total + out
         return (total / len(params)).to(crops.device)
 
+    def coarse_output(self, data: torch.Tensor) -> torch.Tensor:
+        """Coarse model probabilities (K, *coarse grid) on :attr:`work_device`: the case made by the
+        coarse configuration's resampling, the coarse network (its folds averaged, nnU-Net's sliding
+        window), the nonlinearity. The seconds of the first two go to :attr:`stage_seconds`."""
+        t0 = self._clock()
+        coarse_in = self._coarse_input(data)
+        t1 = self._clock()
+        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
+        t2 = self._clock()
+        self._add_seconds(coarse_input=t1 - t0, coarse_network=t2 - t1)
+        return self.label_manager.apply_inference_nonlin(coarse_logits.to(self.work_device).float())
+
     def coarse_probabilities(self, data: torch.Tensor) -> torch.Tensor:
         """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid
-        (:attr:`work_device`)."""
-        coarse_in = torch.from_numpy(np.ascontiguousarray(self._coarse_input(data)))
-        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
-        probs = self.label_manager.apply_inference_nonlin(coarse_logits.to(self.work_device).float())
-        shape = tuple(data.shape[1:])
-        if tuple(probs.shape[1:]) != shape:
-            probs = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+        (:attr:`work_device`, float32): :meth:`coarse_output` linearly upsampled (the polar stage's
+        origins are found there)."""
+        probs = self.coarse_output(data)
+        t0 = self._clock()
+        probs = upsample_probabilities(probs, tuple(data.shape[1:]))
+        self._add_seconds(coarse_to_full_grid=self._clock() - t0)
         return probs
+
+    # ------------------------------------------------------------------------------------------
+    # stage timings (one line per case at debug level; the benchmark reads them)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds of each stage of the case being predicted (reset per case)."""
+        return self.__dict__.setdefault("_stage_seconds", {})
+
+    def _add_seconds(self, **seconds: float) -> None:
+        for k, v in seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + float(v)
+
+    def _log_stage_seconds(self, total: float) -> None:
+        """The case's timing line (``STSEG_LOG_LEVEL=debug`` or ``nnUNetv2_predict --verbose``):
+        every stage's seconds, the networks' share, and the rest."""
+        if not (settings.debug_log() or getattr(self, "verbose", False)):
+            return
+        stages = self.stage_seconds
+        network = sum(v for k, v in stages.items() if k.endswith("network"))
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in stages.items())
+        self._log(f"DEBUG stage seconds: {parts}; total {total:.3f} (networks {network:.3f}, "
+                  f"other {max(0.0, total - network):.3f})")
 
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
         sts = self._sts_config()
         self._ensure_coarse()
         lm = self.label_manager
         multilabel = lm.has_regions
+        shape = tuple(data.shape[1:])
         t0 = self._clock()
 
-        # 1. coarse pass on the downsampled case, probabilities back on the full-resolution grid
-        coarse_probs = self.coarse_probabilities(data)
-        shape = tuple(data.shape[1:])
-        foreground = foreground_from_probabilities(coarse_probs, multilabel)
+        # 1. coarse pass on the coarse grid
+        coarse = self.coarse_output(data)  # (K, *grid)
+        if self.objects_grid == "full":
+            tu = self._clock()
+            coarse = upsample_probabilities(coarse, shape)
+            self._add_seconds(coarse_to_full_grid=self._clock() - tu)
+        grid = tuple(coarse.shape[1:])
+        foreground = foreground_from_probabilities(coarse, multilabel)
         t1 = self._clock()
 
-        # 2. boxes from connected components: the argmax components and, with recall-first
-        # proposals, the regions the coarse model saw below its decision (sts.crop.proposal_threshold)
+        # 2. boxes from connected components ON THE COARSE GRID, mapped to the full grid: the argmax
+        # components and, with recall-first proposals, the regions the coarse model saw below its
+        # decision (sts.crop.proposal_threshold)
         crop = sts.crop
-        low = foreground_probability(coarse_probs, multilabel) if crop.proposal_threshold is not None else None
+        low = foreground_probability(coarse, multilabel) if crop.proposal_threshold is not None else None
         proposals, n_extra = recall_proposals(foreground, low, crop.proposal_threshold, crop.active,
                                               max_extra=sts.max_crops)
         del low
-        found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3())
+        found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
+                             image_shape=shape, probabilities=coarse, multilabel=multilabel)
         below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
                  else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
         del proposals
         boxes, n_dropped = found.crop_boxes, found.n_dropped
         fallback = None if len(boxes) else sts.fallback
-        self._record_objects(found, coarse_probs, multilabel, fallback, below if crop.proposal_threshold else None)
+        self._record_objects(found, coarse, multilabel, fallback, below if crop.proposal_threshold else None,
+                             voxels_per_cell=float(np.prod(shape)) / float(np.prod(grid)))
         # components below the size rule are noise: background. Outside every crop the exported
         # probabilities are then the coarse model's (the segmentation there is background either
         # way; an ensemble averages soft probabilities, not certainties: docs/design.md)
-        coarse_probs[:, foreground] = 0.0
+        coarse[:, foreground] = 0.0
         if not multilabel:
-            coarse_probs[0, foreground] = 1.0
+            coarse[0, foreground] = 1.0
         del foreground
+        # 3. the canvas: those probabilities on the full grid, in half precision (as nnU-Net's own
+        # logits), the only K x volume array of the case
+        t2 = self._clock()
+        canvas = upsample_probabilities(coarse, shape, torch.float16)
+        del coarse
+        t3 = self._clock()
+        self._add_seconds(coarse_to_full_grid=t3 - t2)
         if len(boxes) == 0:
             self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
                       f"fallback '{fallback}' ("
                       f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
             if fallback == "coarse":
-                self.last_timings = {"coarse_s": t1 - t0, "geometry_s": 0.0, "fine_s": 0.0, "n_boxes": 0,
-                                     "n_dropped": n_dropped, "fallback": fallback}
-                return probabilities_to_logits(coarse_probs, multilabel, inplace=True).cpu()
+                self._add_seconds(geometry=(t2 - t1) + self._clock() - t3)
+                self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": t2 - t1, "fine_s": 0.0,
+                                     "n_boxes": 0, "n_dropped": n_dropped, "fallback": fallback}
+                return probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
             boxes = whole_image_boxes(shape, crop.active)
         else:
             n_batches = -(-len(boxes) // sts.max_crops)
@@ -623,27 +707,31 @@ class StSPredictor(PluginPredictor):
                       + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
                          f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
                       + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
-        image = data.to(self.work_device).float()
+        image = self._case_on_work_device(data)
         two_d = len(self.configuration_manager.patch_size) == 2
-        fused, covered, fine_s = None, None, 0.0
-        # 3. + 4. every object, max_crops at a time (the bound is on memory, never on the result):
-        # crops -> fine pass -> pasted back and fused into one canvas
+        covered, fine_s = None, 0.0
+        # 4. + 5. every object, max_crops at a time (the bound is on memory, never on the result):
+        # crops cut from the case -> fine pass -> pasted back and fused into the canvas (the first
+        # crop over a voxel replaces the coarse probabilities there)
         for start in range(0, len(boxes), sts.max_crops):
             chunk = boxes[start:start + sts.max_crops]
             crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
             crops = crops[:, :, 0] if two_d else crops
             tb = self._clock()
             fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
+            tc = self._clock()
             probs = nonlinearity(fine_logits, multilabel)
             probs = probs[:, :, None] if two_d else probs
-            tc = self._clock()
-            fused, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=fused,
-                                        covered=covered, background=coarse_probs if fused is None else None)
-            coarse_probs = None  # it is the canvas now
+            canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
+                                         covered=covered)
             fine_s += tc - tb
-        logits = probabilities_to_logits(fused, multilabel, inplace=True).cpu()
-        # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the network
-        self.last_timings = {"coarse_s": t1 - t0, "geometry_s": self._clock() - t1 - fine_s, "fine_s": fine_s,
+        del image, covered
+        logits = probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
+        # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the
+        # network and the canvas's upsampling
+        geometry_s = (t2 - t1) + (self._clock() - t3 - fine_s)
+        self._add_seconds(geometry=geometry_s, fine_network=fine_s)
+        self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": geometry_s, "fine_s": fine_s,
                              "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}
         return logits
 
@@ -661,7 +749,8 @@ def loading_frame(caller_frame):
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
-                 "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings")
+                 "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
+                 "_coarse_inputs", "_stage_seconds")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
 

@@ -13,6 +13,12 @@ the image size (256 to 2048 at 5 objects), and draws both curves.
 
     nnunet-stseg benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
 
+``--compare_paths`` compares a trained cascade's predictions with its objects found on the coarse
+grid (since 0.8) and on the full grid (before), image by image (see
+:mod:`nnunet_stseg.commands.compare_paths`)::
+
+    nnunet-stseg benchmark --compare_paths -m MODEL_FOLDER -i IMAGES --labels LABELS --out report.md
+
 ``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
 counts, each in a fresh process, to show what bounds the peak memory of a prediction:
 
@@ -25,8 +31,9 @@ geometry (components, boxes, batched crops, paste-back and fusion), fine pass (a
 the fine network), and nnU-Net's export (resampling to the original image, writing NIfTI). Peak
 memory is the peak resident set size of a fresh process per case.
 
-The networks are the planned nnU-Net U-Nets with RANDOM weights, and the coarse mask is replaced
-by the case's ground truth (the coarse network still runs and is timed): timings depend on
+The networks are the planned nnU-Net U-Nets with RANDOM weights, and the coarse output is replaced
+by the case's ground truth brought to the coarse grid (area averaging; the coarse network still
+runs and is timed): timings depend on
 network sizes, image sizes and the number of objects, not on what the weights learned, and the
 oracle mask makes the number of crops equal the number of objects.
 """
@@ -47,31 +54,30 @@ from nnunet_stseg.commands.runner import command_line, command_parser, report_he
 
 
 def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, features: int | None, tta: bool,
-                 seed: int, queue) -> None:
+                 seed: int, resampling: str, queue) -> None:
     try:
-        queue.put(_run_case(kind, shape, n_objects, size, features, tta, seed))
+        queue.put(_run_case(kind, shape, n_objects, size, features, tta, seed, resampling))
     except BaseException as e:  # report, don't hang the parent
         queue.put({"error": repr(e)})
 
 
-def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
-    """Generate one case, plan it, preprocess it for the fine configuration and build the
-    cascade (random-weight planned networks, oracle coarse mask) and nnU-Net's standard predictor
-    for the same image. Returns everything the measurements need."""
+def _prepare_case(kind: str, shape, n_objects: int, size: int, features: int | None, seed: int, resampling: str,
+                  work: str) -> dict:
+    """Generate one case, plan it and preprocess it for the fine configuration; the preprocessed
+    case is saved in ``work`` (``case.npy``, ``seg.npy``, ``properties.pkl``). Runs in a process of
+    its own, so that the memory generating a large volume took is not counted as the prediction's."""
+    import pickle
+
     torch.set_num_threads(os.cpu_count() or 1)
-    work = Path(tempfile.mkdtemp(prefix="stseg_bench_"))
+    work = Path(work)
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[v] = str(work / v)
     os.environ.setdefault("nnUNet_compile", "f")
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_stseg.adapters.config import PlanOptions, coarse_config_name, fine_config_name
-    from nnunet_stseg.adapters.predictor import StSPredictor
+    from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
     from nnunet_stseg.data.synthetic import make_synthetic_dataset
     from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
@@ -80,9 +86,57 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
     ds = make_synthetic_dataset(os.environ["nnUNet_raw"], 970, f"Bench{kind}", dim=dim, n_train=2, n_test=1,
                                 shape=tuple(shape), objects_per_image=(n_objects, n_objects), radius=radius,
                                 empty_cases=0, seed=seed)
-    plan_and_preprocess(970, PlanOptions(input_size=size, dims=(kind,), base_features=features), num_processes=1,
-                        preprocess=False)
+    plan_and_preprocess(970, PlanOptions(input_size=size, dims=(kind,), base_features=features,
+                                         coarse_resampling=resampling), num_processes=1, preprocess=False)
     pp = Path(os.environ["nnUNet_preprocessed"]) / ds.name
+    plans_manager = PlansManager(load_json(str(pp / "nnUNetPlans.json")))
+    test_img = sorted((ds / "imagesTs").glob("*.nii.gz"))
+    gt_file = ds / "labelsTs" / test_img[0].name.replace("_0000.nii.gz", ".nii.gz")
+    t0 = time.perf_counter()
+    data, seg, props = DefaultPreprocessor(verbose=False).run_case(
+        [str(test_img[0])], str(gt_file), plans_manager, plans_manager.get_configuration(fine_config_name(kind, size)),
+        load_json(str(pp / "dataset.json")))
+    t_pre = time.perf_counter() - t0
+    np.save(work / "case.npy", np.ascontiguousarray(data, dtype=np.float32))
+    np.save(work / "seg.npy", np.asarray(seg[0], dtype=np.int16))
+    with open(work / "properties.pkl", "wb") as f:
+        pickle.dump(props, f)
+    return {"t_pre": t_pre, "preprocessed": str(pp)}
+
+
+def _prepare_worker(args, queue) -> None:
+    try:
+        queue.put(_prepare_case(*args))
+    except BaseException as e:
+        queue.put({"error": repr(e)})
+
+
+def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
+           resampling: str = "antialiased") -> dict:
+    """The case of :func:`_prepare_case` (made in a process of its own) loaded, and the cascade
+    (random-weight planned networks, oracle coarse output) and nnU-Net's standard predictor for the
+    same image built. Returns everything the measurements need."""
+    import pickle
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="stseg_bench_"))
+    prepared = _in_fresh_process(_prepare_worker, (kind, tuple(shape), n_objects, size, features, seed, resampling,
+                                                   str(work)))
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[v] = str(work / v)
+    os.environ.setdefault("nnUNet_compile", "f")
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_stseg.adapters.config import coarse_config_name, fine_config_name
+    from nnunet_stseg.adapters.predictor import StSPredictor
+    from nnunet_stseg.core.geometry import resample_image
+
+    dim = 2 if kind == "2d" else 3
+    pp = Path(prepared["preprocessed"])
     plans_manager = PlansManager(load_json(str(pp / "nnUNetPlans.json")))
     dataset_json = load_json(str(pp / "dataset.json"))
     lm = plans_manager.get_label_manager(dataset_json)
@@ -98,26 +152,28 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
                                 tuple(range(dim)))
         return p
 
-    test_img = sorted((ds / "imagesTs").glob("*.nii.gz"))
-    gt_file = ds / "labelsTs" / test_img[0].name.replace("_0000.nii.gz", ".nii.gz")
-    t0 = time.perf_counter()
-    data, seg, props = DefaultPreprocessor(verbose=False).run_case([str(test_img[0])], str(gt_file), plans_manager,
-                                                                   fine_cm, dataset_json)
-    t_pre = time.perf_counter() - t0
-    gt = torch.from_numpy(seg[0].astype(np.int64))
+    data = torch.from_numpy(np.load(work / "case.npy"))
+    with open(work / "properties.pkl", "rb") as f:
+        props = pickle.load(f)
+    truth = None  # the oracle's coarse output: the ground truth's foreground averaged on the coarse grid
 
     class OraclePredictor(StSPredictor):
-        def coarse_probabilities(self, x):
-            super().coarse_probabilities(x)  # run and time the real coarse pass, then use the truth
-            return torch.stack([(gt == 0), (gt > 0)]).float()
+        def coarse_output(self, x):
+            super().coarse_output(x)  # run and time the real coarse pass, then use the truth
+            return truth.clone()
 
     cascade = predictor(OraclePredictor, fine_cm, "nnUNetTrainer_StSFine")
     cascade.coarse = predictor(nnUNetPredictor, coarse_cm, "nnUNetTrainer")
     cascade._log = lambda msg: None
+    grid = cascade._coarse_input(data).shape[1:]
+    cascade.__dict__.pop("_coarse_inputs")
+    foreground = resample_image(torch.from_numpy(np.load(work / "seg.npy") > 0).float()[None], grid)
+    truth = torch.cat([1 - foreground, foreground])
+    del foreground
     return {"work": work, "plans_manager": plans_manager, "dataset_json": dataset_json, "fine_cm": fine_cm,
             "coarse_cm": coarse_cm, "standard_cm": standard_cm, "cascade": cascade,
             "standard": predictor(nnUNetPredictor, standard_cm, "nnUNetTrainer"),
-            "data": torch.from_numpy(np.ascontiguousarray(data)), "props": props, "t_pre": t_pre}
+            "data": data, "props": props, "t_pre": prepared["t_pre"]}
 
 
 def _timed(fn, repeats: int = 1) -> tuple[float, object]:
@@ -153,10 +209,41 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
+@torch.inference_mode()
+def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
+    """Seconds of the network forward passes alone, on random input of the shapes the cascade
+    feeds them: the coarse network once per sliding window of the coarse input, the fine network on
+    all crops in batches of ``crops_per_batch`` (x 2^d with mirroring). Best of 3 after a warm-up."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    cascade = ctx["cascade"]
+    coarse_in = cascade._coarse_input(ctx["data"])
+    cascade.__dict__.pop("_coarse_inputs", None)
+    coarse_patch = list(ctx["coarse_cm"].patch_size)
+    grid = [max(a, b) for a, b in zip(coarse_in.shape[-len(coarse_patch):], coarse_patch)]
+    n_windows = int(np.prod([len(s) for s in compute_steps_for_sliding_window(grid, coarse_patch, 0.5)]))
+    mirrors = 2 ** len(coarse_patch) if tta else 1
+    coarse_x = torch.randn(1, coarse_in.shape[0], *coarse_patch)
+    fine_patch = list(ctx["fine_cm"].patch_size)
+    per_batch = cascade._sts_config().crops_per_batch
+    fine_batches = [torch.randn(min(per_batch, n_crops - i), ctx["data"].shape[0], *fine_patch)
+                    for i in range(0, n_crops, per_batch)]
+    coarse_net, fine_net = cascade.coarse.network.eval(), cascade.network.eval()
+
+    def passes():
+        for _ in range(n_windows * mirrors):
+            coarse_net(coarse_x)
+        for _ in range(mirrors):
+            for b in fine_batches:
+                fine_net(b)
+    return _timed(passes, repeats=3)[0]
+
+
+def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
+              resampling: str = "antialiased") -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-    ctx = _setup(kind, shape, n_objects, size, features, tta, seed)
+    ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling)
     cascade, x = ctx["cascade"], ctx["data"]
     rss_before = _status_mb("VmRSS")
     # Read the process's peak before the reset: the kernel's ru_maxrss follows the reset VmHWM afterwards.
@@ -164,6 +251,7 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     reset = _reset_peak_rss()
     t_cascade, logits = _timed(lambda: cascade.predict_logits_from_preprocessed_data(x))
     timings = dict(cascade.last_timings)
+    stages = dict(cascade.stage_seconds)
     t0 = time.perf_counter()
     export_prediction_from_logits(logits, ctx["props"], ctx["fine_cm"], ctx["plans_manager"], ctx["dataset_json"],
                                   str(ctx["work"] / "out"), False)
@@ -172,7 +260,11 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   peak_predict_mb if reset else 0.0)
     total = timings["coarse_s"] + timings["geometry_s"] + timings["fine_s"] + t_export
-    return {"case": kind, "image": "x".join(str(s) for s in shape), "grid": "x".join(str(s) for s in x.shape[1:]),
+    networks = stages["coarse_network"] + stages["fine_network"]
+    return {"case": kind, "resampling": resampling, **{f"{k}_s": v for k, v in stages.items()},
+            "networks_s": networks, "other_share": 1 - networks / total,
+            "limit_s": _forward_limit(ctx, timings["n_boxes"], tta), "image": "x".join(str(s) for s in shape),
+            "grid": "x".join(str(s) for s in x.shape[1:]),
             "objects": n_objects, "crops": timings["n_boxes"], "preprocess_s": ctx["t_pre"],
             "coarse_s": timings["coarse_s"], "geometry_s": timings["geometry_s"], "fine_s": timings["fine_s"],
             "export_s": t_export, "total_s": total, "geometry_share": timings["geometry_s"] / total,
@@ -273,6 +365,10 @@ def main(argv=None) -> None:
     p.add_argument("--shape3d", type=int, nargs=3, default=(64, 256, 256))
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off by default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coarse_resampling", nargs="+", choices=("nnunet", "antialiased"),
+                   default=["nnunet", "antialiased"],
+                   help="coarse resamplings to time side by side (both: before and since 0.8); --memory uses the "
+                        "last")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--scaling", action="store_true",
                    help="instead: cascade vs nnU-Net sliding window against object count and image size (2D)")
@@ -285,6 +381,15 @@ def main(argv=None) -> None:
                    help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
     p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--compare_paths", action="store_true",
+                   help="instead: a trained cascade's predictions with objects found on the coarse grid (0.8) vs on "
+                        "the full grid (before), image by image (see nnunet_stseg/commands/compare_paths.py)")
+    p.add_argument("-m", "--model", type=Path, default=None, help="--compare_paths: the fine model's folder")
+    p.add_argument("-i", "--images", type=Path, default=None, help="--compare_paths: folder of images")
+    p.add_argument("--labels", type=Path, default=None, help="--compare_paths: folder of ground-truth labels")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0], help="--compare_paths: folds (0)")
+    p.add_argument("--limit", type=int, default=None, help="--compare_paths: the first N images only")
+    p.add_argument("-device", "--device", default="cpu", help="--compare_paths: cpu, cuda, mps (cpu)")
     p.add_argument("--size_loss", action="store_true",
                    help="instead: what the size loss of nnUNetTrainer_StSSizes costs (flips, training step)")
     p.add_argument("--size_loss_sides", type=int, nargs="+", default=[64, 128, 256])
@@ -292,7 +397,13 @@ def main(argv=None) -> None:
     p.add_argument("--size_loss_steps", type=int, default=1000, help="steps of the free-logit trace (1000)")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
-    if args.size_loss:
+    if args.compare_paths:
+        from nnunet_stseg.commands.compare_paths import compare_paths
+
+        if args.model is None or args.images is None:
+            p.error("--compare_paths needs -m MODEL_FOLDER and -i IMAGES")
+        report = compare_paths(args, cmd)
+    elif args.size_loss:
         from nnunet_stseg.commands.benchmark_sizes import size_loss_report
 
         report = size_loss_report(args, cmd)
@@ -312,7 +423,8 @@ def memory(args, cmd: str) -> str:
     shape = tuple(args.memory_shape)
     rows = []
     for n in args.memory_objects:
-        r = _in_fresh_process(_case_worker, ("3d", shape, n, args.size, args.features, args.tta, args.seed))
+        r = _in_fresh_process(_case_worker, ("3d", shape, n, args.size, args.features, args.tta, args.seed,
+                                             args.coarse_resampling[-1]))
         rows.append(r)
         print(r, flush=True)
     voxels = int(np.prod(shape))
@@ -323,8 +435,8 @@ def memory(args, cmd: str) -> str:
         "random-weight planned networks with an oracle coarse mask; each row in a fresh process. 'before' = "
         "resident memory once the preprocessed case is loaded (torch, the networks, the case); 'peak during "
         "prediction' = peak resident memory (VmHWM, reset just before) over the cascade (run twice: a warm-up, "
-        "then the timed run) and nnU-Net's export of that case; 'peak of the process' also covers generating, "
-        "planning and preprocessing the case.", "",
+        "then the timed run) and nnU-Net's export of that case; 'peak of the process' also covers loading the case "
+        "and building the networks (the case is generated, planned and preprocessed in a process of its own).", "",
         "| objects | crops | coarse s | geometry s | fine s | export s | before MiB | peak during prediction MiB "
         "| peak during prediction / float32 volume | peak of the process MiB |",
         "|---|---|---|---|---|---|---|---|---|---|"]
@@ -337,30 +449,40 @@ def memory(args, cmd: str) -> str:
 
 
 def per_stage(args, cmd: str) -> str:
-    """Per-stage cost of one 2D and one 3D case, each in a fresh process (its own peak RSS)."""
+    """Per-stage cost of one 2D and one 3D case for each coarse resampling, each in a fresh process
+    (its own peak RSS)."""
     rows = []
     for kind, shape in (("2d", tuple(args.shape2d)), ("3d", tuple(args.shape3d))):
-        r = _in_fresh_process(_case_worker, (kind, shape, args.objects, args.size, args.features, args.tta,
-                                             args.seed))
-        rows.append(r)
-        print(f"{kind}: {r}", flush=True)
+        for resampling in args.coarse_resampling:
+            r = _in_fresh_process(_case_worker, (kind, shape, args.objects, args.size, args.features, args.tta,
+                                                 args.seed, resampling))
+            rows.append(r)
+            print(f"{kind} {resampling}: {r}", flush=True)
     lines = [
         *report_header("Cascade inference cost per stage (CPU)", cmd),
         f"Budget: one case per row, S = {args.size}, TTA {'on' if args.tta else 'off'}, "
         f"{args.objects} objects per case, random-weight planned networks with an oracle coarse mask "
-        "(see `nnunet_stseg/commands/benchmark.py`).",
+        "(see `nnunet_stseg/commands/benchmark.py`); each row in a fresh process, the cascade run once to warm up "
+        "and then timed.",
         "",
-        "| case | image | preprocessed grid | crops | coarse patch | fine patch | width | coarse s | geometry s "
-        "| fine s | export s | total s | geometry share | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | image | coarse resampling | crops | coarse patch | fine patch | width | coarse input s "
+        "| coarse network s | coarse to full grid s | geometry s | fine network s | export s | total s "
+        "| other than networks | limit s | peak RSS MB |",
+        "|---" * 17 + "|",
     ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['image']} | {r['grid']} | {r['crops']} | {r['coarse_patch']} | "
-                     f"{r['fine_patch']} | {r['features']} | {r['coarse_s']:.3f} | {r['geometry_s']:.3f} | "
-                     f"{r['fine_s']:.3f} | {r['export_s']:.3f} | {r['total_s']:.3f} | "
-                     f"{100 * r['geometry_share']:.1f}% | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "total = coarse + geometry + fine + export (nnU-Net preprocessing not included); geometry = "
-              "connected components, boxes, batched crop resampling, paste-back and fusion."]
+        lines.append(f"| {r['case']} | {r['image']} | {r['resampling']} | {r['crops']} | {r['coarse_patch']} | "
+                     f"{r['fine_patch']} | {r['features']} | {r['coarse_input_s']:.3f} | {r['coarse_network_s']:.3f} "
+                     f"| {r['coarse_to_full_grid_s']:.3f} | {r['geometry_s']:.3f} | {r['fine_network_s']:.3f} | "
+                     f"{r['export_s']:.3f} | {r['total_s']:.3f} | {100 * r['other_share']:.0f}% | "
+                     f"{r['limit_s']:.3f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "total = coarse input + coarse network + coarse to full grid (+ the mask) + geometry + fine network "
+              "+ export (nnU-Net preprocessing not included). coarse input = the case brought to the coarse grid "
+              "(`nnunet`: the plans' nnU-Net resampling on the CPU, versions before 0.8; `antialiased`: "
+              "`core.geometry.resample_image` on the network's device). geometry = connected components, boxes, "
+              "batched crop resampling, paste-back and fusion. other than networks = 1 - (coarse network + fine "
+              "network) / total. limit = the network forward passes alone on random input of the same shapes "
+              "(coarse windows and fine crop batches), the floor no pipeline around these networks can go below."]
     return "\n".join(lines) + "\n"
 
 

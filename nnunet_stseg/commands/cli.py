@@ -91,6 +91,10 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--centre_loss", choices=("focal", "mse"), default="focal",
                         help="centre-point model's loss: CenterNet focal loss (default) or the relative squared "
                              "error of versions before 0.7")
+    parser.add_argument("--coarse_resampling", choices=("antialiased", "nnunet"), default="antialiased",
+                        help="how images reach the coarse grid, for its training data and at prediction: "
+                             "antialiased linear on the network's device (default), or the plans' nnU-Net "
+                             "resampling (CPU spline without antialiasing; versions before 0.8)")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--verify_dataset_integrity", action="store_true")
@@ -118,7 +122,7 @@ def plan_options_from_args(args: argparse.Namespace):
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
                        max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
                        depth_channel=args.depth, polar=args.polar, polar_params=polar, centre_loss=args.centre_loss,
-                       e2e=args.e2e,
+                       coarse_resampling=args.coarse_resampling, e2e=args.e2e,
                        e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {},
                        lsnet=args.lsnet, lsnet_params={k: v for k, v in (("gamma", args.lsnet_gamma),
                                                                          ("fallback", args.lsnet_fallback))

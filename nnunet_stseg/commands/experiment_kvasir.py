@@ -83,7 +83,7 @@ def rescore(results: dict) -> None:
 
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, device: str = "cpu",
                    dataset_id: int = 720, seed: int = 0, limit: int | None = None, src: Path | None = None,
-                   batch_size: int | None = None) -> dict:
+                   batch_size: int | None = None, coarse_resampling: str = "antialiased") -> dict:
     from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
@@ -102,14 +102,15 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
     n_test = len(list((ds / "imagesTs").glob("*.png")))
     results = {"sizes": {}, "dataset_folder": str(ds),
                "budget": {"features": features, "epochs": epochs, "iters": iters, "device": device,
-                          "seed": seed, "dataset": ds.name, "n_test": n_test, "batch_size": {}}}
+                          "seed": seed, "dataset": ds.name, "n_test": n_test, "batch_size": {},
+                          "coarse_resampling": coarse_resampling}}
     for s in sizes:
         coarse_c, fine_c = coarse_config_name("2d", s), fine_config_name("2d", s)
         pp_plans = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
         planned = pp_plans.is_file() and coarse_c in json.loads(pp_plans.read_text())["configurations"]
         if not planned:
-            run(plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
-                logs / f"plan_{s}.log")
+            run(plan_command_line(dataset_id, s, ("2d",), features, "--coarse_resampling", coarse_resampling,
+                                  batch_size=batch_size), env, logs / f"plan_{s}.log")
         install_split(ds, Path(env["nnUNet_preprocessed"]) / ds.name)
         configurations = json.loads(pp_plans.read_text())["configurations"]
         results["budget"]["batch_size"][s] = {c: configurations[c]["batch_size"] for c in (coarse_c, fine_c)}
@@ -296,14 +297,21 @@ def miss_breakdown(results: dict) -> list[str]:
             *lines]
 
 
+COARSE_RESAMPLING_WORDS = {
+    "antialiased": "antialiased linear interpolation in torch (`sts.coarse_resampling` antialiased, since 0.8)",
+    "nnunet": "nnU-Net's resampling function of the plans (cubic spline, no antialiasing; before 0.8)"}
+
+
 def report(results: dict, cmd: str) -> str:
     b = results["budget"]
     lines = [*report_header("Kvasir-SEG: segment-then-segment vs downscaled baseline", cmd),
              f"Budget per arm: width {b['features']}, {b['epochs']} x {b['iters']} iterations, device {b['device']}; "
              f"split seed {b['seed']} (80/10/10), {b['n_test']} test images scored at 256 x 256."
              + (" Batch size (baseline / fine) per S: " + ", ".join(
-                 f"{s}: {' / '.join(str(v) for v in bs.values())}" for s, bs in b["batch_size"].items())
-                if b.get("batch_size") else ""), "",
+                 f"{s}: {' / '.join(str(v) for v in bs.values())}" for s, bs in b["batch_size"].items()) + "."
+                if b.get("batch_size") else "")
+             + f" Coarse images (baseline and the cascade's first stage) resampled by: "
+               f"{COARSE_RESAMPLING_WORDS[b.get('coarse_resampling', 'nnunet')]}.", "",
              f"| S | arm | {OVERLAP_HEAD_PERCENT} | ms / image | peak RSS MB | train s |",
              "|---" * 10 + "|"]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
@@ -357,6 +365,9 @@ def main(argv=None) -> None:
                                 "epochs": "epochs of every network (default 20; 4 with --native)",
                                 "iters": "iterations per epoch (default 100; 50 with --native)"})
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
+    p.add_argument("--coarse_resampling", choices=("antialiased", "nnunet"), default="antialiased",
+                   help="256 x 256 experiment: how the coarse configurations are resampled (`nnunet-stseg plan "
+                        "--coarse_resampling`; nnunet = versions before 0.8)")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown report (its plot and example overlays are written beside it)")
     p.add_argument("--report_only", action="store_true",
@@ -383,7 +394,7 @@ def main(argv=None) -> None:
     else:
         results = run_experiment(workdir, args.sizes or [32, 48, 64, 128], args.features, args.epochs, args.iters,
                                  args.device, seed=args.seed, limit=args.limit, src=args.src,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, coarse_resampling=args.coarse_resampling)
     if not args.report_only:
         results["command"] = cmd
         write_json_atomic(results, results_file, indent=1)

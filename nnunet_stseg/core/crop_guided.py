@@ -27,30 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_stseg.core.geometry import (CropParams, crop_and_resample, find_objects, foreground_from_probabilities,
-                                        foreground_probability, nonlinearity, square_and_pad, whole_image_boxes)
+from nnunet_stseg.core.geometry import (CropParams, crop_and_resample, downscale, find_objects,
+                                        foreground_from_probabilities, foreground_probability, nonlinearity,
+                                        square_and_pad, whole_image_boxes)
 
 BOX_RULES = ("all", "objects")
-
-
-def downscale(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Images (B, C, *spatial) resized to ``size`` with linear interpolation, antialiased when
-    shrinking (2D; 3D has no antialiased kernel in torch and uses area averaging when shrinking):
-    the coarse module's input, made the same way in training and prediction, on the device.
-
-    >>> x = downscale(torch.ones(2, 3, 64, 48), (32, 32))  # per image and channel; constants stay constant
-    >>> x.shape, bool(torch.allclose(x, torch.ones(())))
-    (torch.Size([2, 3, 32, 32]), True)
-    """
-    size = tuple(int(s) for s in size)
-    if tuple(images.shape[2:]) == size:
-        return images
-    shrinking = all(s <= i for s, i in zip(size, images.shape[2:]))
-    if images.ndim == 4:
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
-    if shrinking:
-        return F.interpolate(images, size=size, mode="area")
-    return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
 
 
 def scale_boxes(boxes: np.ndarray, from_shape: Sequence[int], to_shape: Sequence[int]) -> np.ndarray:

@@ -305,11 +305,71 @@ class FoundObjects(NamedTuple):
     n_dropped: int
 
 
+def boxes_on_grid(boxes: np.ndarray, from_shape: Sequence[int], to_shape: Sequence[int],
+                  pad_cells: float = 0.0) -> np.ndarray:
+    """Integer boxes (N, ndim, 2) of one grid as integer boxes of another grid covering the same
+    field of view (a coarse grid and the full-resolution grid of one image), rounded outward: the
+    full-resolution voxels the coarse cells cover, widened by ``pad_cells`` cells on both sides along
+    every axis whose size changes (clipped to the image).
+
+    >>> boxes_on_grid(np.array([[[0, 1], [2, 5]]]), (1, 8), (1, 20)).tolist()  # x 2.5 along the second axis
+    [[[0, 1], [5, 13]]]
+    >>> boxes_on_grid(np.array([[[0, 1], [2, 5]]]), (1, 8), (1, 20), pad_cells=0.5).tolist()
+    [[[0, 1], [3, 14]]]
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, len(from_shape), 2)
+    to = np.asarray(to_shape, dtype=np.int64)
+    f = to / np.asarray(from_shape, dtype=float)
+    pad = np.where(to != np.asarray(from_shape), float(pad_cells), 0.0)[None]
+    start = np.floor((boxes[:, :, 0] - pad) * f[None] + 1e-6).astype(np.int64)
+    stop = np.ceil((boxes[:, :, 1] + pad) * f[None] - 1e-6).astype(np.int64)
+    start = np.clip(start, 0, to[None] - 1)
+    return np.stack([start, np.clip(np.maximum(stop, start + 1), 1, to[None])], axis=-1)
+
+
+def upsampled_extents(probs: torch.Tensor, labels: np.ndarray, cells: np.ndarray, image_shape: Sequence[int],
+                      multilabel: bool) -> np.ndarray:
+    """Tight boxes (N, ndim, 2) on the full grid ``image_shape`` of the components of ``labels``
+    (on the grid of ``probs`` (K, *grid); component i has label i + 1 and the cell box ``cells[i]``):
+    the voxels where the linearly upsampled probabilities say foreground and a cell of the component
+    is within the interpolation's reach. These are the boxes the full-grid mask of the upsampled
+    probabilities gives, computed only around each component (half a cell around its cells), so no
+    K x volume array is ever made. A component whose upsampled foreground is empty keeps its cells.
+
+    >>> probs = torch.tensor([[[[1.0, 0.0, 1.0, 1.0]]], [[[0.0, 1.0, 0.0, 0.0]]]])  # (K, 1, 1, 4), x 2
+    >>> labels = np.array([[[0, 1, 0, 0]]])
+    >>> upsampled_extents(probs, labels, np.array([[[0, 1], [0, 1], [1, 2]]]), (1, 1, 8), False).tolist()
+    [[[0, 1], [0, 1], [2, 4]]]
+    """
+    grid = tuple(probs.shape[1:])
+    shape = np.asarray(image_shape, dtype=np.int64)
+    f = shape / np.asarray(grid, dtype=float)
+    reach = boxes_on_grid(cells, grid, image_shape, pad_cells=0.5)
+    extents = boxes_on_grid(cells, grid, image_shape)
+    for i, box in enumerate(reach):
+        source = box / f[:, None]  # the region in coarse coordinates: the exact half-pixel map
+        size = tuple(int(v) for v in box[:, 1] - box[:, 0])
+        region = crop_and_resample(probs, source[None], size, "linear")[0]
+        member = torch.as_tensor(labels == i + 1, device=probs.device, dtype=torch.float32)[None]
+        near = crop_and_resample(member, source[None], size, "linear")[0, 0] > 0
+        voxels = np.argwhere((foreground_from_probabilities(region, multilabel) & near).cpu().numpy())
+        if len(voxels):
+            extents[i] = np.stack([voxels.min(0), voxels.max(0) + 1], axis=1) + box[:, :1]
+    return extents
+
+
 def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.random.Generator | None = None,
-                 rule_spacing: Sequence[float] | None = None) -> FoundObjects:
+                 rule_spacing: Sequence[float] | None = None, image_shape: Sequence[int] | None = None,
+                 probabilities: torch.Tensor | None = None, multilabel: bool = False) -> FoundObjects:
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
     (jitter if ``rng``) -> fit to the image. ``rule_spacing``: the grid the size rule is judged on
-    (see :func:`keep_large_enough`).
+    (see :func:`keep_large_enough`). ``image_shape``: the full-resolution grid the boxes are for,
+    when the mask lies on a coarser grid of the same field of view (the coarse model's output,
+    ``probabilities`` (K, *grid), whose foreground ``mask`` is): components are found on the coarse
+    grid, and each one's tight box is where its foreground reaches once the probabilities are
+    linearly upsampled (:func:`upsampled_extents`: the box the full-grid mask used to give);
+    without ``probabilities``, the full-grid voxels of its cells (:func:`boxes_on_grid`).
+    ``spacing`` is always that of the full-resolution grid; the returned labels stay on the mask's.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
     >>> found = find_objects(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
@@ -320,12 +380,16 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     """
     mask = _as_numpy(mask)
     labels, boxes = component_boxes(mask, params.active)
+    shape = mask.shape if image_shape is None else tuple(int(s) for s in image_shape)
+    if shape != mask.shape:
+        boxes = (boxes_on_grid(boxes, mask.shape, shape) if probabilities is None
+                 else upsampled_extents(probabilities, labels, boxes, shape, multilabel))
     keep = keep_large_enough(boxes, spacing, params, rule_spacing)
     boxes = boxes[keep]
     centre, size = square_and_pad(boxes, spacing, params)
     if rng is not None and len(boxes):
-        centre, size = jitter(centre, size, mask.shape, params, rng)
-    return FoundObjects(labels, np.flatnonzero(keep) + 1, boxes, fit_to_image(centre, size, mask.shape),
+        centre, size = jitter(centre, size, shape, params, rng)
+    return FoundObjects(labels, np.flatnonzero(keep) + 1, boxes, fit_to_image(centre, size, shape),
                         int((~keep).sum()))
 
 
@@ -459,6 +523,52 @@ def _grid_from_axes(axis_coords: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(expanded[::-1], dim=-1)
 
 
+def downscale(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Images (B, C, *spatial) resized to ``size`` with linear interpolation, antialiased when
+    shrinking (2D; 3D has no antialiased kernel in torch and uses area averaging when shrinking):
+    the input of every coarse stage (the cascade's coarse model, the end-to-end model's coarse
+    module, L-Net), made the same way in training and prediction, on the device.
+
+    >>> x = downscale(torch.ones(2, 3, 64, 48), (32, 32))  # per image and channel; constants stay constant
+    >>> x.shape, bool(torch.allclose(x, torch.ones(())))
+    (torch.Size([2, 3, 32, 32]), True)
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(images.shape[2:]) == size:
+        return images
+    shrinking = all(s <= i for s, i in zip(size, images.shape[2:]))
+    if images.ndim == 4:
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    if shrinking:
+        return F.interpolate(images, size=size, mode="area")
+    return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
+
+
+def resample_image(image, shape: Sequence[int]):
+    """A whole case (C, *spatial) resized to ``shape`` by :func:`downscale` (antialiased linear),
+    on the image's device, float32; a numpy array in gives a numpy array out. When the first axis
+    keeps its size (a 2D configuration of a 3D scan, or a 2D image stored as one slice), the
+    slices are resized independently as a batch of 2D images, so no slice ever blends into its
+    neighbours: the grid a 2D coarse model is trained and predicted on.
+
+    >>> x = torch.zeros(1, 3, 64, 64); x[:, 1] = 1.0       # 3 slices, only the middle one bright
+    >>> y = resample_image(x, (3, 16, 16))
+    >>> tuple(y.shape), float(y[0, 0].max()), float(y[0, 1].min())
+    ((1, 3, 16, 16), 0.0, 1.0)
+    """
+    as_numpy = isinstance(image, np.ndarray)
+    x = torch.from_numpy(np.ascontiguousarray(image)) if as_numpy else image
+    x = x.float()
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape[1:]) != shape:
+        if x.ndim == 4 and shape[0] == x.shape[1]:  # slice by slice: (Z, C, Y, X) as a batch
+            x = downscale(x.transpose(0, 1), shape[1:]).transpose(0, 1)
+        else:
+            x = downscale(x[None], shape)[0]
+    x = x.contiguous()
+    return x.numpy() if as_numpy else x
+
+
 def crop_and_resample(image, boxes: np.ndarray, out_size: Sequence[int], mode: str = "linear",
                       padding_mode: str = "border"):
     """Crops of ``image`` (C, *spatial) at ``boxes`` (N, ndim, 2), each resampled to ``out_size``:
@@ -534,6 +644,41 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
     return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
 
 
+def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
+                           slab_voxels: int = 2 ** 24) -> torch.Tensor:
+    """Probabilities (K, *grid) on a coarse grid brought to the full grid ``shape`` of the same field
+    of view by linear interpolation (half-pixel centres, the values ``F.interpolate(...,
+    align_corners=False)`` gives), written slab by slab along the first axis into ONE new tensor
+    of ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision canvas never has a
+    float32 twin. When the first axis keeps its size (2D images, a 2D stage on a volume) each slab is
+    a batch of 2D images; otherwise each slab samples its exact part of the coarse volume.
+
+    >>> p = torch.tensor([[[[0.0, 1.0]]]])                  # (K, Z, Y, X) = (1, 1, 1, 2)
+    >>> upsample_probabilities(p, (1, 1, 4))[0, 0, 0].tolist()
+    [0.0, 0.25, 0.75, 1.0]
+    >>> upsample_probabilities(torch.rand(2, 3, 5, 6), (12, 10, 12), slab_voxels=100).shape  # 3D, slab by slab
+    torch.Size([2, 12, 10, 12])
+    """
+    shape = tuple(int(s) for s in shape)
+    grid = tuple(probs.shape[1:])
+    k = probs.shape[0]
+    out = torch.empty((k, *shape), dtype=dtype or probs.dtype, device=probs.device)
+    per_slab = max(1, int(slab_voxels) // max(1, k * int(np.prod(shape[1:]))))
+    for z0 in range(0, shape[0], per_slab):
+        z1 = min(shape[0], z0 + per_slab)
+        if grid == shape:
+            out[:, z0:z1] = probs[:, z0:z1]
+        elif grid[0] == shape[0]:
+            slab = probs[:, z0:z1].transpose(0, 1).float()
+            mode = "bilinear" if len(shape) == 3 else "linear"
+            out[:, z0:z1] = F.interpolate(slab, size=shape[1:], mode=mode, align_corners=False).transpose(0, 1)
+        else:
+            box = np.array([[[z0 * grid[0] / shape[0], z1 * grid[0] / shape[0]]]
+                            + [[0.0, float(g)] for g in grid[1:]]])
+            out[:, z0:z1] = crop_and_resample(probs.float(), box, (z1 - z0, *shape[1:]), "linear")[0]
+    return out
+
+
 def _box_slices(box: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in box)
 
@@ -542,12 +687,16 @@ def probabilities_to_logits(probs: torch.Tensor, multilabel: bool, eps: float = 
                             inplace: bool = False) -> torch.Tensor:
     """Logits whose softmax (or sigmoid) gives back ``probs`` (renormalised for softmax), so that
     nnU-Net's own export applies its usual nonlinearity to fused probabilities. ``inplace``
-    overwrites ``probs`` (no second K x volume array on large volumes).
+    overwrites ``probs`` (no second K x volume array on large volumes). Half-precision ``probs``
+    (the cascade's canvas; nnU-Net's own predictor returns half logits too) are clamped to
+    [2^-11, 1 - 2^-11], the closest to 0 and 1 that keeps a sigmoid's logit finite in half.
 
     >>> probs = torch.tensor([[0.25, 0.9], [0.75, 0.1]])  # (K, N): softmax channels
     >>> probabilities_to_logits(probs, multilabel=False).softmax(0).allclose(probs)
     True
     """
+    if probs.dtype == torch.float16:
+        eps = max(eps, 2.0 ** -11)
     p = probs.clamp_(eps, 1 - eps) if inplace else probs.clamp(eps, 1 - eps)
     if multilabel:
         log_not_p = torch.log1p(-p)
