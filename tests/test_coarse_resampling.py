@@ -293,3 +293,22 @@ def test_each_case_logs_its_stage_seconds_at_debug_level(planned_2d, capsys, mon
     assert re.search(r"DEBUG stage seconds: coarse input [\d.]+, coarse network [\d.]+, .*coarse to full grid "
                      r"[\d.]+.*; total [\d.]+ \(networks [\d.]+, other [\d.]+\)", lines[0]), lines[0]
     assert set(cascade.stage_seconds) >= {"coarse_input", "coarse_network", "coarse_to_full_grid", "geometry"}
+
+
+def test_support_labels_never_mix_slices_of_a_2d_stage_and_follow_the_interpolation():
+    """A 2D stage on a volume keeps its slices (factor 1 along z): every voxel's support lies in its
+    own slice. In-plane, a voxel takes the component of the cells its interpolated value is made of,
+    and a component's foreground after upsampling is found inside its own support only."""
+    from nnunet_stseg.core.geometry import component_voxels, support_labels, upsample_probabilities
+
+    labels = np.zeros((2, 2, 2), np.int32)
+    labels[0, 0, 0], labels[1, 1, 1] = 1, 2
+    up = support_labels(labels, np.array([[0, 2], [0, 4], [0, 4]]), (2, 4, 4))
+    assert set(np.unique(up[0])) == {0, 1} and set(np.unique(up[1])) == {0, 2}
+    fg = torch.zeros(2, 2, 2, 2)  # (K, Z, Y, X): slice 0 cell (0, 0) and slice 1 cell (1, 1) foreground
+    fg[1, 0, 0, 0] = fg[1, 1, 1, 1] = 1.0
+    fg[0] = 1 - fg[1]
+    canvas = upsample_probabilities(fg, (2, 4, 4))
+    first = component_voxels(canvas, labels, 1, np.array([[0, 2], [0, 4], [0, 4]]), False)
+    assert first[0].any() and not first[1].any()
+    np.testing.assert_array_equal(first[0], (canvas[1, 0] > canvas[0, 0]).numpy())

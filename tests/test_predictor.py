@@ -428,3 +428,22 @@ def test_out_of_device_memory_predicts_the_case_again_on_the_cpu(planned, capsys
     p._predict_case = broken_case.__get__(p)
     with pytest.raises(ValueError, match="not a memory problem"):
         p.predict_logits_from_preprocessed_data(data)
+
+
+def test_one_folds_weights_are_loaded_once_and_every_fold_per_batch(planned):
+    """One fold: its weights go into the network once, not per batch or per case (the polar stage
+    forwards batch by batch); several folds: each fold's weights for every batch, as they must."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), labels)
+    loads = []
+    net.load_state_dict = lambda state, *args, **kwargs: loads.append(state)
+    one_fold = {"fold": 0}
+    p.list_of_parameters = [one_fold]
+    first = p.predict_logits_from_preprocessed_data(one_hot(labels))
+    p.predict_logits_from_preprocessed_data(one_hot(labels))
+    assert loads == [one_fold]
+    p.list_of_parameters = [{"fold": 0}, {"fold": 1}]
+    both = p.predict_logits_from_preprocessed_data(one_hot(labels))
+    assert [s["fold"] for s in loads[1:]] == [0, 1]
+    assert torch.equal(first, both)  # the identity stand-in: every fold gives the same

@@ -34,7 +34,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
-from nnunet_stseg.adapters.predictor import StSPredictor
+from nnunet_stseg.adapters.predictor import StSPredictor, companion_logits
 from nnunet_stseg.core.centres import centre_probability, heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
 from nnunet_stseg.core.geometry import (foreground_from_probabilities, foreground_probability, nonlinearity,
@@ -128,7 +128,7 @@ class PolarPredictor(StSPredictor):
         cp, limit, threshold = self.centre_params, self.max_origins(), self.peak_threshold()
         centre_in = self._coarse_input(data, self.centre)
         ta = self._clock()
-        heat = centre_probability(self.centre.predict_logits_from_preprocessed_data(centre_in)[0], cp.loss)
+        heat = centre_probability(companion_logits(self.centre, centre_in)[0], cp.loss)
         self._add_seconds(centre_network=self._clock() - ta)
         heat = heat.cpu().numpy()
         full = np.asarray(data.shape[2:], dtype=float)

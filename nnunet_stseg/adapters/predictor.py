@@ -49,9 +49,10 @@ from nnunet_stseg.adapters.results import model_folder, model_folder_name, train
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import (FoundObjects, crop_and_resample, find_objects, foreground_from_probabilities,
-                                        foreground_probability, nonlinearity, probabilities_to_logits, recall_proposals,
-                                        resample_image, upsample_probabilities, whole_image_boxes)
+from nnunet_stseg.core.geometry import (FoundObjects, _box_slices, component_voxels, crop_and_resample, find_objects,
+                                        foreground_from_probabilities, foreground_probability, nonlinearity,
+                                        probabilities_to_logits, recall_proposals, resample_image,
+                                        upsample_probabilities, whole_image_boxes)
 from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
@@ -578,16 +579,23 @@ class StSPredictor(PluginPredictor):
     def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
         """Fine logits for (N, C, *patch) crops: batched on the network's device (under autocast on
         CUDA, as nnU-Net's sliding window), averaged over folds (as nnU-Net averages logits over
-        folds) with the predictor's mirroring TTA; returned float32 on the crops' device."""
+        folds) with the predictor's mirroring TTA; returned float32 on the crops' device. With one
+        fold its weights are loaded once, not for every batch (the polar stage calls this per batch)."""
         sts = self._sts_config()
-        net = self.network.to(self.device)
-        net.eval()
+        net = self.network
+        ready = self.__dict__.get("_fine_on")
+        if ready is None or ready[0] is not net or ready[1] != self.device:  # .to() walks every module: once
+            net = self.network = net.to(self.device)
+            net.eval()
+            self.__dict__["_fine_on"] = (net, self.device)
         params = self.list_of_parameters if self.list_of_parameters else [None]
         total = None
         for p in params:
-            if p is not None:
+            loaded = self.__dict__.get("_fine_weights")
+            if p is not None and not (loaded is not None and loaded[0] is net and loaded[1] is p):
                 target = net._orig_mod if hasattr(net, "_orig_mod") else net
                 target.load_state_dict(p)
+                self.__dict__["_fine_weights"] = (net, p) if len(params) == 1 else None
             with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
                 outs = [self._internal_maybe_mirror_and_predict(crops[i:i + sts.crops_per_batch].to(self.device))
                         for i in range(0, len(crops), sts.crops_per_batch)]
@@ -602,7 +610,7 @@ class StSPredictor(PluginPredictor):
         t0 = self._clock()
         coarse_in = self._coarse_input(data)
         t1 = self._clock()
-        coarse_logits = self.coarse.predict_logits_from_preprocessed_data(coarse_in)
+        coarse_logits = companion_logits(self.coarse, coarse_in)
         t2 = self._clock()
         self._add_seconds(coarse_input=t1 - t0, coarse_network=t2 - t1)
         return self.label_manager.apply_inference_nonlin(coarse_logits.to(self.work_device).float())
@@ -666,36 +674,41 @@ class StSPredictor(PluginPredictor):
         proposals, n_extra = recall_proposals(foreground, low, crop.proposal_threshold, crop.active,
                                               max_extra=sts.max_crops)
         del low
+        # 3. the canvas: the coarse probabilities on the full grid, in half precision (as nnU-Net's own
+        # logits), the only K x volume array of the case; the objects' tight boxes are read off it
+        t2 = self._clock()
+        canvas = upsample_probabilities(coarse, shape, torch.float16)
+        t3 = self._clock()
+        self._add_seconds(coarse_to_full_grid=t3 - t2)
         found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
-                             image_shape=shape, probabilities=coarse, multilabel=multilabel)
+                             image_shape=shape, probabilities=canvas, multilabel=multilabel)
         below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
                  else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
-        del proposals
+        del proposals, foreground
         boxes, n_dropped = found.crop_boxes, found.n_dropped
         fallback = None if len(boxes) else sts.fallback
         self._record_objects(found, coarse, multilabel, fallback, below if crop.proposal_threshold else None,
                              voxels_per_cell=float(np.prod(shape)) / float(np.prod(grid)))
+        del coarse
         # components below the size rule are noise: background. Outside every crop the exported
         # probabilities are then the coarse model's (the segmentation there is background either
-        # way; an ensemble averages soft probabilities, not certainties: docs/design.md)
-        coarse[:, foreground] = 0.0
-        if not multilabel:
-            coarse[0, foreground] = 1.0
-        del foreground
-        # 3. the canvas: those probabilities on the full grid, in half precision (as nnU-Net's own
-        # logits), the only K x volume array of the case
-        t2 = self._clock()
-        canvas = upsample_probabilities(coarse, shape, torch.float16)
-        del coarse
-        t3 = self._clock()
-        self._add_seconds(coarse_to_full_grid=t3 - t2)
+        # way; an ensemble averages soft probabilities, not certainties: docs/design.md). The kept
+        # objects' foreground lies in their crops, which replace the canvas there.
+        for component, box in zip(found.dropped_ids, found.dropped_boxes):
+            region = canvas[(slice(None), *_box_slices(box))]
+            noise = torch.as_tensor(component_voxels(canvas, found.labels, component, box, multilabel),
+                                    device=canvas.device)
+            region[:, noise] = 0.0
+            if not multilabel:
+                region[0, noise] = 1.0
         if len(boxes) == 0:
             self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
                       f"fallback '{fallback}' ("
                       f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
             if fallback == "coarse":
                 self._add_seconds(geometry=(t2 - t1) + self._clock() - t3)
-                self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": t2 - t1, "fine_s": 0.0,
+                self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": t2 - t1 + self._clock() - t3,
+                                     "fine_s": 0.0,
                                      "n_boxes": 0, "n_dropped": n_dropped, "fallback": fallback}
                 return probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
             boxes = whole_image_boxes(shape, crop.active)
@@ -736,6 +749,21 @@ class StSPredictor(PluginPredictor):
         return logits
 
 
+def companion_logits(model: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
+    """Logits of a companion model (coarse, centre-point) for its input ``data``: nnU-Net's sliding
+    window. With one fold its weights are loaded once (nnU-Net's ``predict_logits_from_preprocessed_data``
+    loads them for every case) and the logits stay on the device (that method moves them to the
+    host); with several folds, nnU-Net's method as it is (folds averaged)."""
+    params = getattr(model, "list_of_parameters", None) or []
+    if len(params) != 1:
+        return model.predict_logits_from_preprocessed_data(data)
+    if model.__dict__.get("_stseg_loaded") is not params[0]:
+        target = model.network._orig_mod if hasattr(model.network, "_orig_mod") else model.network
+        target.load_state_dict(params[0])
+        model.__dict__["_stseg_loaded"] = params[0]
+    return model.predict_sliding_window_return_logits(data)
+
+
 def loading_frame(caller_frame):
     """The frame of nnU-Net's ``initialize_from_trained_model_folder`` up the stack from
     ``caller_frame`` (an nnU-Net predictor loading a model), or None."""
@@ -750,7 +778,7 @@ def loading_frame(caller_frame):
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
                  "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
-                 "_coarse_inputs", "_stage_seconds")
+                 "_coarse_inputs", "_stage_seconds", "_fine_weights", "_fine_on")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
 
@@ -808,4 +836,5 @@ def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bo
 
 
 __all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "adopt_predictor", "adopted_class", "loading_frame",
+           "companion_logits",
            "missing_model_message"]

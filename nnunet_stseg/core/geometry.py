@@ -296,13 +296,16 @@ def fit_to_image(centre: np.ndarray, size: np.ndarray, image_shape: Sequence[int
 class FoundObjects(NamedTuple):
     """What :func:`find_objects` found: the component label image (0 = background), the kept
     components' label values (N,) and tight boxes (N, ndim, 2), their crop boxes (N, ndim, 2:
-    squared, padded, fitted to the image) and how many components the size rule dropped."""
+    squared, padded, fitted to the image), how many components the size rule dropped, and those
+    components' label values (M,) with boxes (M, ndim, 2) on the full grid that hold their foreground."""
 
     labels: np.ndarray
     ids: np.ndarray
     tight_boxes: np.ndarray
     crop_boxes: np.ndarray
     n_dropped: int
+    dropped_ids: np.ndarray | None = None
+    dropped_boxes: np.ndarray | None = None
 
 
 def boxes_on_grid(boxes: np.ndarray, from_shape: Sequence[int], to_shape: Sequence[int],
@@ -327,32 +330,56 @@ def boxes_on_grid(boxes: np.ndarray, from_shape: Sequence[int], to_shape: Sequen
     return np.stack([start, np.clip(np.maximum(stop, start + 1), 1, to[None])], axis=-1)
 
 
-def upsampled_extents(probs: torch.Tensor, labels: np.ndarray, cells: np.ndarray, image_shape: Sequence[int],
-                      multilabel: bool) -> np.ndarray:
-    """Tight boxes (N, ndim, 2) on the full grid ``image_shape`` of the components of ``labels``
-    (on the grid of ``probs`` (K, *grid); component i has label i + 1 and the cell box ``cells[i]``):
-    the voxels where the linearly upsampled probabilities say foreground and a cell of the component
-    is within the interpolation's reach. These are the boxes the full-grid mask of the upsampled
-    probabilities gives, computed only around each component (half a cell around its cells), so no
-    K x volume array is ever made. A component whose upsampled foreground is empty keeps its cells.
+def support_labels(labels: np.ndarray, box: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """For every voxel of ``box`` (ndim, 2) on the full grid ``image_shape``, the label of ``labels``
+    (a component label map on a coarser grid of the same field of view) among the coarse cells its
+    linearly interpolated value is made of (0 if none holds a component). Where upsampled
+    probabilities say foreground, one of those cells is foreground (a convex blend of background
+    cells stays background), and the foreground cells of one voxel's support touch each other, so
+    they hold ONE component: this is the component the voxel's foreground comes from.
 
-    >>> probs = torch.tensor([[[[1.0, 0.0, 1.0, 1.0]]], [[[0.0, 1.0, 0.0, 0.0]]]])  # (K, 1, 1, 4), x 2
-    >>> labels = np.array([[[0, 1, 0, 0]]])
-    >>> upsampled_extents(probs, labels, np.array([[[0, 1], [0, 1], [1, 2]]]), (1, 1, 8), False).tolist()
-    [[[0, 1], [0, 1], [2, 4]]]
+    >>> support_labels(np.array([[[0, 1, 0, 2]]]), np.array([[0, 1], [0, 1], [0, 8]]), (1, 1, 8)).tolist()
+    [[[0, 1, 1, 1, 1, 2, 2, 2]]]
     """
-    grid = tuple(probs.shape[1:])
-    shape = np.asarray(image_shape, dtype=np.int64)
-    f = shape / np.asarray(grid, dtype=float)
-    reach = boxes_on_grid(cells, grid, image_shape, pad_cells=0.5)
-    extents = boxes_on_grid(cells, grid, image_shape)
-    for i, box in enumerate(reach):
-        source = box / f[:, None]  # the region in coarse coordinates: the exact half-pixel map
-        size = tuple(int(v) for v in box[:, 1] - box[:, 0])
-        region = crop_and_resample(probs, source[None], size, "linear")[0]
-        member = torch.as_tensor(labels == i + 1, device=probs.device, dtype=torch.float32)[None]
-        near = crop_and_resample(member, source[None], size, "linear")[0, 0] > 0
-        voxels = np.argwhere((foreground_from_probabilities(region, multilabel) & near).cpu().numpy())
+    grid = labels.shape
+    axes = []
+    for d, (n, g) in enumerate(zip(image_shape, grid)):
+        u = np.arange(int(box[d][0]), int(box[d][1]))
+        src = np.maximum((u + 0.5) * g / n - 0.5, 0.0)  # F.interpolate's source index (align_corners=False)
+        lo = np.minimum(np.floor(src).astype(np.int64), g - 1)
+        hi = np.where(src - np.floor(src) > 1e-9, np.minimum(lo + 1, g - 1), lo)  # only cells with weight
+        axes.append((lo, hi))
+    out = np.zeros(tuple(len(a[0]) for a in axes), dtype=labels.dtype)
+    for corner in np.ndindex(*(2,) * len(grid)):
+        np.maximum(out, labels[np.ix_(*[axes[d][c] for d, c in enumerate(corner)])], out=out)
+    return out
+
+
+def component_voxels(probs: torch.Tensor, labels: np.ndarray, component: int, box: np.ndarray,
+                     multilabel: bool) -> np.ndarray:
+    """Bool mask of ``box`` (ndim, 2) on the full grid of ``probs`` (K, *shape: coarse probabilities
+    linearly upsampled): the voxels whose upsampled values say foreground and whose foreground comes
+    from the coarse component ``component`` of ``labels`` (:func:`support_labels`): that component's
+    part of the full-grid mask, read only inside the box."""
+    region = probs[(slice(None), *_box_slices(box))]
+    foreground = foreground_from_probabilities(region, multilabel).cpu().numpy()
+    return foreground & (support_labels(labels, box, probs.shape[1:]) == component)
+
+
+def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Tight boxes (N, ndim, 2) on the full grid of ``probs`` (K, *shape) of the foreground of the
+    coarse components 1..N of ``labels`` (:func:`component_voxels`), component i looked for inside
+    ``boxes[i]`` (ndim, 2); a component without any such voxel gets an empty extent (start = stop).
+
+    >>> probs = torch.tensor([[[[1.0, 0.2, 0.3, 1.0, 0.4, 1.0]]], [[[0.0, 0.8, 0.7, 0.0, 0.6, 0.0]]]])
+    >>> labels = np.array([[[0, 1, 1, 0, 2, 0]]])            # already on the full grid here
+    >>> foreground_extents(probs, labels, np.array([[[0, 1], [0, 1], [0, 6]], [[0, 1], [0, 1], [3, 6]]]), False).tolist()
+    [[[0, 1], [0, 1], [1, 3]], [[0, 1], [0, 1], [4, 5]]]
+    """
+    boxes = np.asarray(boxes, dtype=np.int64)
+    extents = np.repeat(boxes[:, :, :1], 2, axis=2)
+    for i, box in enumerate(boxes):
+        voxels = np.argwhere(component_voxels(probs, labels, i + 1, box, multilabel))
         if len(voxels):
             extents[i] = np.stack([voxels.min(0), voxels.max(0) + 1], axis=1) + box[:, :1]
     return extents
@@ -364,12 +391,16 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
     (jitter if ``rng``) -> fit to the image. ``rule_spacing``: the grid the size rule is judged on
     (see :func:`keep_large_enough`). ``image_shape``: the full-resolution grid the boxes are for,
-    when the mask lies on a coarser grid of the same field of view (the coarse model's output,
-    ``probabilities`` (K, *grid), whose foreground ``mask`` is): components are found on the coarse
-    grid, and each one's tight box is where its foreground reaches once the probabilities are
-    linearly upsampled (:func:`upsampled_extents`: the box the full-grid mask used to give);
-    without ``probabilities``, the full-grid voxels of its cells (:func:`boxes_on_grid`).
-    ``spacing`` is always that of the full-resolution grid; the returned labels stay on the mask's.
+    when the mask lies on a coarser grid of the same field of view (the coarse model's foreground):
+    components are found on the coarse grid; each one's tight box is the foreground of
+    ``probabilities`` (K, *image_shape: the coarse probabilities linearly upsampled, the cascade's
+    canvas) within half a coarse cell of its cells (:func:`foreground_extents`: the box the mask of
+    the upsampled probabilities gives, read only there, only the voxels whose foreground comes from
+    that component; a component with no foreground there, a
+    coarse cell just above the decision whose upsampled values all fall below it, is no object at
+    all, as it was none on the full grid), or without ``probabilities`` the full-grid voxels of its
+    cells (:func:`boxes_on_grid`). ``spacing`` is always that of the full-resolution grid; the
+    returned labels stay on the mask's grid.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
     >>> found = find_objects(mask, [1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32)))
@@ -381,16 +412,21 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     mask = _as_numpy(mask)
     labels, boxes = component_boxes(mask, params.active)
     shape = mask.shape if image_shape is None else tuple(int(s) for s in image_shape)
+    reach = boxes
+    exists = np.ones(len(boxes), bool)
     if shape != mask.shape:
+        reach = boxes_on_grid(boxes, mask.shape, shape, pad_cells=0.5)
         boxes = (boxes_on_grid(boxes, mask.shape, shape) if probabilities is None
-                 else upsampled_extents(probabilities, labels, boxes, shape, multilabel))
-    keep = keep_large_enough(boxes, spacing, params, rule_spacing)
+                 else foreground_extents(probabilities, labels, reach, multilabel))
+        exists = np.all(boxes[:, :, 1] > boxes[:, :, 0], axis=1)
+    keep = keep_large_enough(boxes, spacing, params, rule_spacing) & exists
+    dropped = reach[~keep & exists]
     boxes = boxes[keep]
     centre, size = square_and_pad(boxes, spacing, params)
     if rng is not None and len(boxes):
         centre, size = jitter(centre, size, shape, params, rng)
     return FoundObjects(labels, np.flatnonzero(keep) + 1, boxes, fit_to_image(centre, size, shape),
-                        int((~keep).sum()))
+                        int((~keep & exists).sum()), np.flatnonzero(~keep & exists) + 1, dropped)
 
 
 def recall_proposals(foreground, probability, threshold: float | None, active: Sequence[bool],
@@ -647,11 +683,11 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
 def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
                            slab_voxels: int = 2 ** 24) -> torch.Tensor:
     """Probabilities (K, *grid) on a coarse grid brought to the full grid ``shape`` of the same field
-    of view by linear interpolation (half-pixel centres, the values ``F.interpolate(...,
-    align_corners=False)`` gives), written slab by slab along the first axis into ONE new tensor
-    of ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision canvas never has a
-    float32 twin. When the first axis keeps its size (2D images, a 2D stage on a volume) each slab is
-    a batch of 2D images; otherwise each slab samples its exact part of the coarse volume.
+    of view by linear interpolation (half-pixel centres: the values ``F.interpolate(...,
+    align_corners=False)`` gives), written slab by slab along the first axis into ONE new tensor of
+    ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision canvas never has a float32
+    twin. Separable, as linear interpolation is: each slab's source slices are upsampled in-plane
+    (one batched 2D interpolation), then blended along the first axis.
 
     >>> p = torch.tensor([[[[0.0, 1.0]]]])                  # (K, Z, Y, X) = (1, 1, 1, 2)
     >>> upsample_probabilities(p, (1, 1, 4))[0, 0, 0].tolist()
@@ -663,19 +699,25 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     grid = tuple(probs.shape[1:])
     k = probs.shape[0]
     out = torch.empty((k, *shape), dtype=dtype or probs.dtype, device=probs.device)
+    if grid == shape:
+        out.copy_(probs)
+        return out
+    # the first axis's source position of every output slice, as F.interpolate computes it
+    src = np.maximum((np.arange(shape[0]) + 0.5) * grid[0] / shape[0] - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), grid[0] - 1)
+    hi = np.minimum(lo + 1, grid[0] - 1)
+    frac = torch.as_tensor(src - np.floor(src), dtype=torch.float32, device=probs.device)
+    mode = "bilinear" if len(shape) == 3 else "linear"
     per_slab = max(1, int(slab_voxels) // max(1, k * int(np.prod(shape[1:]))))
     for z0 in range(0, shape[0], per_slab):
         z1 = min(shape[0], z0 + per_slab)
-        if grid == shape:
-            out[:, z0:z1] = probs[:, z0:z1]
-        elif grid[0] == shape[0]:
-            slab = probs[:, z0:z1].transpose(0, 1).float()
-            mode = "bilinear" if len(shape) == 3 else "linear"
-            out[:, z0:z1] = F.interpolate(slab, size=shape[1:], mode=mode, align_corners=False).transpose(0, 1)
-        else:
-            box = np.array([[[z0 * grid[0] / shape[0], z1 * grid[0] / shape[0]]]
-                            + [[0.0, float(g)] for g in grid[1:]]])
-            out[:, z0:z1] = crop_and_resample(probs.float(), box, (z1 - z0, *shape[1:]), "linear")[0]
+        first, last = int(lo[z0]), int(hi[z1 - 1])
+        planes = probs[:, first:last + 1].transpose(0, 1).float()  # (n, K, *in-plane grid)
+        if tuple(planes.shape[2:]) != shape[1:]:
+            planes = F.interpolate(planes, size=shape[1:], mode=mode, align_corners=False)
+        w = frac[z0:z1].reshape(-1, *(1,) * (len(shape)))
+        slab = planes[lo[z0:z1] - first] * (1 - w) + planes[hi[z0:z1] - first] * w  # (z1 - z0, K, ...)
+        out[:, z0:z1] = slab.transpose(0, 1)
     return out
 
 
