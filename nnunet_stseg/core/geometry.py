@@ -360,7 +360,14 @@ def component_voxels(probs: torch.Tensor, labels: np.ndarray, component: int, bo
     """Bool mask of ``box`` (ndim, 2) on the full grid of ``probs`` (K, *shape: coarse probabilities
     linearly upsampled): the voxels whose upsampled values say foreground and whose foreground comes
     from the coarse component ``component`` of ``labels`` (:func:`support_labels`): that component's
-    part of the full-grid mask, read only inside the box."""
+    part of the full-grid mask, read only inside the box.
+
+    >>> coarse = torch.tensor([[[[0.0, 1.0, 1.0, 0.0]]], [[[1.0, 0.0, 0.0, 1.0]]]])  # (K, 1, 1, 4): 2 objects
+    >>> canvas = upsample_probabilities(coarse, (1, 1, 8))
+    >>> labels = np.array([[[1, 0, 0, 2]]])
+    >>> component_voxels(canvas, labels, 2, np.array([[0, 1], [0, 1], [0, 8]]), False).astype(int).tolist()
+    [[[0, 0, 0, 0, 0, 0, 1, 1]]]
+    """
     region = probs[(slice(None), *_box_slices(box))]
     foreground = foreground_from_probabilities(region, multilabel).cpu().numpy()
     return foreground & (support_labels(labels, box, probs.shape[1:]) == component)
@@ -373,7 +380,8 @@ def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarra
 
     >>> probs = torch.tensor([[[[1.0, 0.2, 0.3, 1.0, 0.4, 1.0]]], [[[0.0, 0.8, 0.7, 0.0, 0.6, 0.0]]]])
     >>> labels = np.array([[[0, 1, 1, 0, 2, 0]]])            # already on the full grid here
-    >>> foreground_extents(probs, labels, np.array([[[0, 1], [0, 1], [0, 6]], [[0, 1], [0, 1], [3, 6]]]), False).tolist()
+    >>> boxes = np.array([[[0, 1], [0, 1], [0, 6]], [[0, 1], [0, 1], [3, 6]]])
+    >>> foreground_extents(probs, labels, boxes, False).tolist()
     [[[0, 1], [0, 1], [1, 3]], [[0, 1], [0, 1], [4, 5]]]
     """
     boxes = np.asarray(boxes, dtype=np.int64)
@@ -396,10 +404,9 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     ``probabilities`` (K, *image_shape: the coarse probabilities linearly upsampled, the cascade's
     canvas) within half a coarse cell of its cells (:func:`foreground_extents`: the box the mask of
     the upsampled probabilities gives, read only there, only the voxels whose foreground comes from
-    that component; a component with no foreground there, a
-    coarse cell just above the decision whose upsampled values all fall below it, is no object at
-    all, as it was none on the full grid), or without ``probabilities`` the full-grid voxels of its
-    cells (:func:`boxes_on_grid`). ``spacing`` is always that of the full-resolution grid; the
+    that component; a component with no foreground there, a coarse cell just above the decision
+    whose upsampled values all fall below it, is no object at all, as it was none on the full grid),
+    or without ``probabilities`` the full-grid voxels of its cells (:func:`boxes_on_grid`). ``spacing`` is always that of the full-resolution grid; the
     returned labels stay on the mask's grid.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
@@ -706,7 +713,8 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     src = np.maximum((np.arange(shape[0]) + 0.5) * grid[0] / shape[0] - 0.5, 0.0)
     lo = np.minimum(np.floor(src).astype(np.int64), grid[0] - 1)
     hi = np.minimum(lo + 1, grid[0] - 1)
-    frac = torch.as_tensor(src - np.floor(src), dtype=torch.float32, device=probs.device)
+    weights = src - np.floor(src)
+    frac = torch.as_tensor(weights, dtype=torch.float32, device=probs.device)
     mode = "bilinear" if len(shape) == 3 else "linear"
     per_slab = max(1, int(slab_voxels) // max(1, k * int(np.prod(shape[1:]))))
     for z0 in range(0, shape[0], per_slab):
@@ -715,6 +723,9 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
         planes = probs[:, first:last + 1].transpose(0, 1).float()  # (n, K, *in-plane grid)
         if tuple(planes.shape[2:]) != shape[1:]:
             planes = F.interpolate(planes, size=shape[1:], mode=mode, align_corners=False)
+        if not weights[z0:z1].any():  # the output slices sit on source slices (e.g. a slice axis kept)
+            out[:, z0:z1] = planes[lo[z0:z1] - first].transpose(0, 1)
+            continue
         w = frac[z0:z1].reshape(-1, *(1,) * (len(shape)))
         slab = planes[lo[z0:z1] - first] * (1 - w) + planes[hi[z0:z1] - first] * w  # (z1 - z0, K, ...)
         out[:, z0:z1] = slab.transpose(0, 1)
