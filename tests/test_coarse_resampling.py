@@ -134,7 +134,7 @@ def test_the_coarse_model_trains_on_exactly_what_the_predictor_gives_it(planned_
     for key, coarse_data, props in _cases(coarse_folder):
         assert props[COARSE_RESAMPLING_KEY] == "antialiased"
         made = cascade._coarse_input(torch.from_numpy(fine_cases[key]))
-        cascade.__dict__.pop("_coarse_inputs")
+        cascade.__dict__.pop("_case_memo")
         assert tuple(made.shape) == coarse_data.shape, key
         np.testing.assert_allclose(made.numpy(), coarse_data, atol=1e-5, err_msg=key)
         if dim == "2d" and coarse_data.shape[1] > 1:  # slice by slice: no slice leaks into the next
@@ -155,10 +155,10 @@ def test_plans_before_0_8_keep_nnunets_resampling_and_one_input_serves_both_comp
     data = torch.from_numpy(fine)
     first = cascade._coarse_input(data)
     assert cascade._coarse_input(data, cascade.coarse) is first  # the centre model's call finds it made
-    cascade.__dict__.pop("_coarse_inputs")
+    cascade.__dict__.pop("_case_memo")
     del cm.configuration["sts"]["coarse_resampling"]
     old = cascade._coarse_input(data)
-    cascade.__dict__.pop("_coarse_inputs")
+    cascade.__dict__.pop("_case_memo")
     fine_sp = np.array(cascade._fine_spacing3())
     coarse_sp = np.array(cascade._grid_spacing3_of(cascade.coarse))
     expected = cm.resampling_fn_data(fine, old.shape[1:], fine_sp, coarse_sp)

@@ -33,7 +33,7 @@ from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_stseg.adapters.config import STS_KEY
+from nnunet_stseg.adapters.config import STS_KEY, StSConfig
 from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
 from nnunet_stseg.core.geometry import resample_image
 
@@ -53,10 +53,10 @@ def antialiased_resampling(data, new_shape, current_spacing=None, new_spacing=No
 
 
 def coarse_resampling_of(configuration: dict) -> str | None:
-    """``sts.coarse_resampling`` of a coarse configuration (``nnunet`` when the block predates the
-    key), None for any other configuration."""
+    """``sts.coarse_resampling`` of a coarse configuration (:class:`StSConfig`'s default, ``nnunet``,
+    when the block predates the key), None for any other configuration."""
     block = configuration.get(STS_KEY) or {}
-    return block.get("coarse_resampling", "nnunet") if block.get("role") == "coarse" else None
+    return block.get("coarse_resampling", StSConfig.coarse_resampling) if block.get("role") == "coarse" else None
 
 
 class CaseError(ValueError):

@@ -443,7 +443,7 @@ class StSPredictor(PluginPredictor):
         shape = np.array(data.shape[1:])
         new_shape = tuple(int(v) for v in np.maximum(1, np.rint(shape * fine_sp / coarse_sp)))
         key = (new_shape, resampling, with_depth)
-        memo = self.__dict__.setdefault("_coarse_inputs", {})
+        memo = self.__dict__.setdefault("_case_memo", {})
         if key not in memo:
             channels = slice(None) if with_depth else slice(0, self.n_image_channels())
             if new_shape == tuple(shape):
@@ -460,7 +460,7 @@ class StSPredictor(PluginPredictor):
     def _case_on_work_device(self, data: torch.Tensor) -> torch.Tensor:
         """The case on :attr:`work_device`, float32: the tensor itself on the CPU, ONE copy per case
         on a GPU (the coarse input and the crops are both cut from it; forgotten after the case)."""
-        memo = self.__dict__.setdefault("_coarse_inputs", {})
+        memo = self.__dict__.setdefault("_case_memo", {})
         if "case" not in memo:
             memo["case"] = data.to(self.work_device, torch.float32)
         return memo["case"]
@@ -513,7 +513,7 @@ class StSPredictor(PluginPredictor):
                 except RuntimeError as e:
                     self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
                               f"its full-resolution arrays on the CPU")
-                    self.__dict__.pop("_coarse_inputs", None)
+                    self.__dict__.pop("_case_memo", None)
                     empty_cache(self.device)
                     self.__dict__["_work_device"] = torch.device("cpu")
                     try:
@@ -521,7 +521,7 @@ class StSPredictor(PluginPredictor):
                     finally:
                         self.__dict__.pop("_work_device", None)
         finally:
-            self.__dict__.pop("_coarse_inputs", None)  # made per case
+            self.__dict__.pop("_case_memo", None)  # made per case
         self._log_stage_seconds(self._clock() - started)
         self._report_objects(tuple(data.shape[1:]))
         return logits
@@ -778,7 +778,7 @@ def loading_frame(caller_frame):
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
                  "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
-                 "_coarse_inputs", "_stage_seconds", "_fine_weights", "_fine_on")
+                 "_case_memo", "_stage_seconds", "_fine_weights", "_fine_on")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_stseg.adapters.config import COARSE_RESAMPLINGS
 from nnunet_stseg.atomic import write_atomic
 from nnunet_stseg.commands.runner import command_line, command_parser, report_header
 
@@ -166,7 +167,7 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
     cascade.coarse = predictor(nnUNetPredictor, coarse_cm, "nnUNetTrainer")
     cascade._log = lambda msg: None
     grid = cascade._coarse_input(data).shape[1:]
-    cascade.__dict__.pop("_coarse_inputs")
+    cascade.__dict__.pop("_case_memo")
     foreground = resample_image(torch.from_numpy(np.load(work / "seg.npy") > 0).float()[None], grid)
     truth = torch.cat([1 - foreground, foreground])
     del foreground
@@ -218,7 +219,7 @@ def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
 
     cascade = ctx["cascade"]
     coarse_in = cascade._coarse_input(ctx["data"])
-    cascade.__dict__.pop("_coarse_inputs", None)
+    cascade.__dict__.pop("_case_memo", None)
     coarse_patch = list(ctx["coarse_cm"].patch_size)
     grid = [max(a, b) for a, b in zip(coarse_in.shape[-len(coarse_patch):], coarse_patch)]
     n_windows = int(np.prod([len(s) for s in compute_steps_for_sliding_window(grid, coarse_patch, 0.5)]))
@@ -365,7 +366,7 @@ def main(argv=None) -> None:
     p.add_argument("--shape3d", type=int, nargs=3, default=(64, 256, 256))
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off by default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--coarse_resampling", nargs="+", choices=("nnunet", "antialiased"),
+    p.add_argument("--coarse_resampling", nargs="+", choices=COARSE_RESAMPLINGS,
                    default=["nnunet", "antialiased"],
                    help="coarse resamplings to time side by side (both: before and since 0.8); --memory uses the "
                         "last")

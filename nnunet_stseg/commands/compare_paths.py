@@ -17,18 +17,15 @@ import numpy as np
 import torch
 
 from nnunet_stseg.commands.runner import report_header
+from nnunet_stseg.core.metrics import overlap
 
 PATHS = ("full", "coarse")  # StSPredictor.objects_grid: before 0.8, since 0.8
 
 
 def dice(a: np.ndarray, b: np.ndarray, labels) -> float:
-    """Mean Dice over ``labels`` of two label maps (1 when a label is absent from both)."""
-    values = []
-    for c in labels:
-        x, y = a == c, b == c
-        total = int(x.sum() + y.sum())
-        values.append(1.0 if total == 0 else 2.0 * np.logical_and(x, y).sum() / total)
-    return float(np.mean(values))
+    """Mean Dice over ``labels`` of two label maps (:func:`~nnunet_stseg.core.metrics.overlap`: 1 when
+    a label is absent from both)."""
+    return float(np.mean([overlap(a == c, b == c)["Dice"] for c in labels]))
 
 
 def compare_paths(args, cmd: str) -> str:

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
-                                          fine_config_name)
+from nnunet_stseg.adapters.config import (COARSE_RESAMPLINGS, DEFAULT_COARSE_RESAMPLING, DEFAULT_COARSE_TRAINER,
+                                          DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
@@ -365,7 +365,7 @@ def main(argv=None) -> None:
                                 "epochs": "epochs of every network (default 20; 4 with --native)",
                                 "iters": "iterations per epoch (default 100; 50 with --native)"})
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
-    p.add_argument("--coarse_resampling", choices=("antialiased", "nnunet"), default="antialiased",
+    p.add_argument("--coarse_resampling", choices=COARSE_RESAMPLINGS, default=DEFAULT_COARSE_RESAMPLING,
                    help="256 x 256 experiment: how the coarse configurations are resampled (`nnunet-stseg plan "
                         "--coarse_resampling`; nnunet = versions before 0.8)")
     p.add_argument("--out", type=Path, default=None,
