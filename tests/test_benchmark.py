@@ -54,12 +54,17 @@ def test_memory_report(tmp_path):
     out = tmp_path / "memory.md"
     main(["--memory", "-s", "32", "--features", "4", "--memory_shape", "16", "48", "48", "--memory_objects", "1", "3",
           "--out", str(out)])
-    rows = [l for l in out.read_text().splitlines() if re.match(r"\| \d", l)]
-    assert [r.split("|")[1].strip() for r in rows] == ["1", "3"]
-    for r in rows:
-        cells = [c.strip() for c in r.strip("|").split("|")]
-        before, during, process = float(cells[6]), float(cells[7]), float(cells[9])
+    text = out.read_text()
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade |")]
+    assert [r[1] for r in rows] == ["1", "3"]
+    for cells in rows:
+        before, during, process = float(cells[7]), float(cells[8]), float(cells[10])
         assert 0 < before <= process and 0 < during <= process
+    standard = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines()
+                if l.startswith("| nnU-Net 3d_fullres |")]
+    assert len(standard) == 1 and float(standard[0][8]) >= float(standard[0][7]) > 0
+    ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)\.", text)
+    assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][8]) / float(standard[0][8]), abs=0.01)
 
 
 def test_size_loss_report(tmp_path):

@@ -8,8 +8,12 @@
 - :class:`AtomicReaderWriter`: the plans' image reader/writer, but segmentations are written to a
   temporary file and renamed into place, so an interrupted run never leaves a half-written file
   that looks finished (``--continue_prediction`` skips every file that exists).
+- :class:`SlabwiseLabelManager`: nnU-Net's ``LabelManager``, but logits become a label map (and
+  probabilities) a slab of slices at a time, straight into the export's own dtype (uint8 below 255
+  labels): the same label map, without nnU-Net's int64 argmax of the whole volume (2 x the float32
+  volume) or float32 copies of all K logit maps during the export.
 - :class:`PluginConfigurationManager` / :class:`PluginPlansManager`: the same configuration and
-  plans; they only hand nnU-Net the two classes above, and a coarse configuration planned with
+  plans; they only hand nnU-Net the classes above, and a coarse configuration planned with
   ``sts.coarse_resampling = antialiased`` its resampling function (:func:`antialiased_resampling`).
   Both pickle by module path, so nnU-Net's spawned preprocessing and export workers use them too.
 - The coarse configurations' TRAINING data goes through :class:`CheckedPreprocessor` as well
@@ -28,9 +32,11 @@ import tempfile
 import zlib
 
 import numpy as np
+import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_stseg.adapters.config import STS_KEY, StSConfig
@@ -269,14 +275,95 @@ def remove_partial_folder(output_folder: str) -> None:
         pass
 
 
+SLAB_VOXELS = 1 << 22
+"""Voxels per slab (all channels together) of :class:`SlabwiseLabelManager`: 4 M voxels, 16 MiB
+as float32; large enough that the per-slab overhead is nothing next to the work."""
+
+
+def _slab_ranges(shape: tuple[int, ...], n_channels: int) -> list[tuple[int, int]]:
+    """Ranges along the first spatial axis whose slabs hold about :data:`SLAB_VOXELS` voxels."""
+    per_slice = n_channels * int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, SLAB_VOXELS // max(per_slice, 1))
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
+class SlabwiseLabelManager(LabelManager):
+    """nnU-Net's ``LabelManager`` whose conversions work a slab of slices at a time.
+
+    nnU-Net's export turns the whole (K, *volume) logits into float32 (softmax, regions) and takes
+    an int64 argmax of the whole volume before it copies the result into a uint8 array: at
+    1000 x 512 x 512 that is 2 GiB of int64 on top of the logits. Here each slab goes through the
+    parent's own conversion and lands in the dtype nnU-Net's export stores anyway (uint8 below 255
+    labels, else uint16), so the label map is the same (ties included: it is nnU-Net's code on each
+    slab) and the extra memory is one slab. With ``--save_probabilities`` the float32 probabilities
+    are written slab by slab into the one array the export keeps.
+
+    >>> lm = SlabwiseLabelManager({"background": 0, "a": 1, "b": 2}, None)
+    >>> logits = torch.tensor([[[0., 5.]], [[1., 0.]], [[0., 1.]]]).half()  # (K=3, 1, 2)
+    >>> lm.convert_logits_to_segmentation(logits)
+    tensor([[1, 0]], dtype=torch.uint8)
+    """
+
+    def _segmentation_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if len(self.foreground_labels) < 255 else np.uint16)
+
+    def _slabwise(self, array, convert, channels_out: bool, dtype):
+        """``convert`` applied to every slab of ``array`` (K, X, ...) along X, written into one output."""
+        is_numpy = isinstance(array, np.ndarray)
+        tensor = torch.from_numpy(array) if is_numpy else array
+        shape = tuple(tensor.shape[1:])
+        if len(shape) == 0:
+            return convert(array)
+        if channels_out:
+            out = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+        else:  # labels: numpy on the host (uint16 has no torch counterpart in every torch)
+            out = np.empty(shape, dtype=dtype)
+        with torch.no_grad():
+            for a, b in _slab_ranges(shape, tensor.shape[0]):
+                part = convert(array[:, a:b] if is_numpy else tensor[:, a:b])
+                if isinstance(part, torch.Tensor) and not channels_out:
+                    part = part.cpu().numpy()
+                if channels_out:
+                    out[:, a:b] = part
+                else:
+                    out[a:b] = part
+        if channels_out:
+            return out.numpy() if is_numpy else out
+        return out if is_numpy or out.dtype == np.uint16 else torch.from_numpy(out).to(tensor.device)
+
+    def apply_inference_nonlin(self, logits):
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        return self._slabwise(logits, super().apply_inference_nonlin, True, torch.float32)
+
+    def convert_probabilities_to_segmentation(self, predicted_probabilities):
+        if not isinstance(predicted_probabilities, (np.ndarray, torch.Tensor)) or predicted_probabilities.ndim < 2:
+            return super().convert_probabilities_to_segmentation(predicted_probabilities)
+        return self._slabwise(predicted_probabilities, super().convert_probabilities_to_segmentation, False,
+                              self._segmentation_dtype())
+
+    def convert_logits_to_segmentation(self, predicted_logits):
+        if not isinstance(predicted_logits, (np.ndarray, torch.Tensor)) or predicted_logits.ndim < 2:
+            return super().convert_logits_to_segmentation(predicted_logits)
+        return self._slabwise(predicted_logits, super().convert_logits_to_segmentation, False,
+                              self._segmentation_dtype())
+
+
 class PluginPlansManager(PlansManager):
-    """The same plans; segmentations are written atomically (:class:`AtomicReaderWriter`)."""
+    """The same plans; segmentations are written atomically (:class:`AtomicReaderWriter`) and made
+    slab by slab (:class:`SlabwiseLabelManager`, when the plans use nnU-Net's own ``LabelManager``)."""
 
     @property
     def image_reader_writer_class(self):
         return functools.partial(AtomicReaderWriter, self.plans["image_reader_writer"])
 
+    @property
+    def label_manager_class(self):
+        base = super().label_manager_class
+        return SlabwiseLabelManager if base is LabelManager else base
+
 
 __all__ = ["ERROR_KEY", "COARSE_RESAMPLING_KEY", "antialiased_resampling", "coarse_resampling_of", "report_case_error",
            "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
-           "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line"]
+           "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line",
+           "SlabwiseLabelManager", "SLAB_VOXELS"]

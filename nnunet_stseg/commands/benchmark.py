@@ -20,7 +20,10 @@ grid (since 0.8) and on the full grid (before), image by image (see
     nnunet-stseg benchmark --compare_paths -m MODEL_FOLDER -i IMAGES --labels LABELS --out report.md
 
 ``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
-counts, each in a fresh process, to show what bounds the peak memory of a prediction:
+counts, each in a fresh process, to show what bounds the peak memory of a prediction, and nnU-Net's
+own 3d_fullres sliding window on the same volume (its network at the same width, random weights;
+``--memory_standard_step`` 1.0 by default: windows without overlap, the same arrays as nnU-Net's
+0.5 in an eighth of the time; 0 leaves that arm out):
 
     nnunet-stseg benchmark --memory --out docs/benchmarks/memory_cpu.md
 
@@ -254,8 +257,9 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     timings = dict(cascade.last_timings)
     stages = dict(cascade.stage_seconds)
     t0 = time.perf_counter()
-    export_prediction_from_logits(logits, ctx["props"], ctx["fine_cm"], ctx["plans_manager"], ctx["dataset_json"],
-                                  str(ctx["work"] / "out"), False)
+    # the managers nnUNetv2_predict hands the export with our predictor (slab-by-slab label map)
+    export_prediction_from_logits(logits, ctx["props"], cascade.configuration_manager, cascade.plans_manager,
+                                  ctx["dataset_json"], str(ctx["work"] / "out"), False)
     t_export = time.perf_counter() - t0
     peak_predict_mb = _status_mb("VmHWM") if reset else float("nan")
     peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -274,6 +278,37 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
             "fine_patch": "x".join(str(s) for s in ctx["fine_cm"].patch_size),
             "coarse_patch": "x".join(str(s) for s in ctx["coarse_cm"].patch_size),
             "features": ctx["fine_cm"].network_arch_init_kwargs["features_per_stage"][0]}
+
+
+def _run_standard_case(shape, n_objects: int, size: int, features: int | None, seed: int, step: float) -> dict:
+    """Peak memory of nnU-Net's own 3d_fullres prediction (sliding window with windows ``step``
+    patches apart, then nnU-Net's export with its own managers) of the case :func:`_run_case`
+    predicts."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    ctx = _setup("3d", shape, n_objects, size, features, False, seed)
+    standard, x = ctx["standard"], ctx["data"]
+    standard.tile_step_size = step
+    del ctx["cascade"]
+    rss_before = _status_mb("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    logits = standard.predict_logits_from_preprocessed_data(x)
+    t_predict = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    export_prediction_from_logits(logits, ctx["props"], ctx["standard_cm"], ctx["plans_manager"], ctx["dataset_json"],
+                                  str(ctx["work"] / "out_standard"), False)
+    return {"predict_s": t_predict, "export_s": time.perf_counter() - t0, "rss_before_mb": rss_before,
+            "peak_predict_mb": _status_mb("VmHWM") if reset else float("nan"), "step": step,
+            "patch": "x".join(str(v) for v in ctx["standard_cm"].patch_size),
+            "features": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
+
+
+def _standard_worker(args, queue) -> None:
+    try:
+        queue.put(_run_standard_case(*args))
+    except BaseException as e:
+        queue.put({"error": repr(e)})
 
 
 def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
@@ -382,6 +417,9 @@ def main(argv=None) -> None:
                    help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
     p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--memory_standard_step", type=float, default=1.0,
+                   help="--memory: tile step of nnU-Net's 3d_fullres arm (1.0: no overlap, same arrays as 0.5; 0: "
+                        "leave the arm out)")
     p.add_argument("--compare_paths", action="store_true",
                    help="instead: a trained cascade's predictions with objects found on the coarse grid (0.8) vs on "
                         "the full grid (before), image by image (see nnunet_stseg/commands/compare_paths.py)")
@@ -420,7 +458,8 @@ def main(argv=None) -> None:
 
 
 def memory(args, cmd: str) -> str:
-    """Peak RSS of the whole cascade (preprocessed case in, nnU-Net export out) on a large volume."""
+    """Peak RSS of the whole cascade (preprocessed case in, nnU-Net export out) on a large volume,
+    and of nnU-Net's own 3d_fullres on the same volume."""
     shape = tuple(args.memory_shape)
     rows = []
     for n in args.memory_objects:
@@ -428,24 +467,43 @@ def memory(args, cmd: str) -> str:
                                              args.coarse_resampling[-1]))
         rows.append(r)
         print(r, flush=True)
-    voxels = int(np.prod(shape))
+    standard = None
+    if args.memory_standard_step > 0:
+        standard = _in_fresh_process(_standard_worker, (shape, args.memory_objects[0], args.size, args.features,
+                                                        args.seed, args.memory_standard_step))
+        print(standard, flush=True)
+    return memory_report(rows, standard, shape, args, cmd)
+
+
+def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str) -> str:
+    volume_mb = 4 * int(np.prod(shape)) / 2 ** 20
     lines = [
         *report_header("Peak memory of a large 3D prediction (CPU)", cmd),
-        f"Budget: one generated {'x'.join(map(str, shape))} volume per row ({voxels / 1e6:.0f} M voxels, "
-        f"{4 * voxels / 2 ** 30:.1f} GiB as float32), S = {args.size}, TTA {'on' if args.tta else 'off'}, "
-        "random-weight planned networks with an oracle coarse mask; each row in a fresh process. 'before' = "
-        "resident memory once the preprocessed case is loaded (torch, the networks, the case); 'peak during "
-        "prediction' = peak resident memory (VmHWM, reset just before) over the cascade (run twice: a warm-up, "
-        "then the timed run) and nnU-Net's export of that case; 'peak of the process' also covers loading the case "
-        "and building the networks (the case is generated, planned and preprocessed in a process of its own).", "",
-        "| objects | crops | coarse s | geometry s | fine s | export s | before MiB | peak during prediction MiB "
-        "| peak during prediction / float32 volume | peak of the process MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        f"Budget: one generated {'x'.join(map(str, shape))} volume per row ({np.prod(shape) / 1e6:.0f} M voxels, "
+        f"{volume_mb / 1024:.1f} GiB as float32), S = {args.size}, TTA {'on' if args.tta else 'off'}, "
+        f"random-weight planned networks (width {rows[0]['features']}) with an oracle coarse mask; each row in a "
+        "fresh process. 'before' = resident memory once the preprocessed case is loaded (torch, the networks, the "
+        "case); 'peak during prediction' = peak resident memory (VmHWM, reset just before) over the prediction "
+        "(the cascade: run twice, a warm-up, then the timed run) and nnU-Net's export of that case (with our "
+        "predictor's plans manager for the cascade, as `nnUNetv2_predict` runs it; nnU-Net's own for 3d_fullres); "
+        "'peak of the process' also covers loading the case and building the networks (the case is generated, "
+        "planned and preprocessed in a process of its own).", "",
+        "| prediction | objects | crops | coarse s | geometry s | fine s | export s | before MiB "
+        "| peak during prediction MiB | peak / float32 volume | peak of the process MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
+        lines.append(f"| cascade | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
                      f"{r['fine_s']:.1f} | {r['export_s']:.1f} | {r['rss_before_mb']:.0f} | "
-                     f"{r['peak_predict_mb']:.0f} | {r['peak_predict_mb'] * 2 ** 20 / (4 * voxels):.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{r['peak_predict_mb']:.0f} | {r['peak_predict_mb'] / volume_mb:.1f} | {r['peak_rss_mb']:.0f} |")
+    if standard is not None:
+        lines.append(f"| nnU-Net 3d_fullres | {args.memory_objects[0]} | - | - | - | {standard['predict_s']:.1f} "
+                     f"(sliding window) | {standard['export_s']:.1f} | {standard['rss_before_mb']:.0f} | "
+                     f"{standard['peak_predict_mb']:.0f} | {standard['peak_predict_mb'] / volume_mb:.1f} | - |")
+        lines += ["", f"nnU-Net 3d_fullres: patch {standard['patch']}, width {standard['features']}, windows "
+                  f"{standard['step']} patch apart (nnU-Net's default is 0.5: more windows, the same arrays), "
+                  "TTA off. Cascade peak / 3d_fullres peak: "
+                  + ", ".join(f"{r['objects']} objects {r['peak_predict_mb'] / standard['peak_predict_mb']:.2f}"
+                              for r in rows) + "."]
     return "\n".join(lines) + "\n"
 
 
