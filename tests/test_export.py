@@ -36,7 +36,8 @@ def _logits(shape, k=3, seed=0, ties=True) -> torch.Tensor:
 def test_same_label_map_and_probabilities_as_nnunets(small_slabs, as_numpy, labels):
     label_dict, order = labels if isinstance(labels, tuple) else (labels, None)
     ours, theirs = SlabwiseLabelManager(label_dict, order), LabelManager(label_dict, order)
-    logits = _logits((11, 7, 5), k=theirs.num_segmentation_heads)  # integer logits: many ties, decided as nnU-Net decides them
+    # integer logits: many ties, decided as nnU-Net decides them
+    logits = _logits((11, 7, 5), k=theirs.num_segmentation_heads)
     given = logits.numpy() if as_numpy else logits
     seg, ref = ours.convert_logits_to_segmentation(given), theirs.convert_logits_to_segmentation(given)
     assert np.asarray(seg).dtype == np.uint8
@@ -91,8 +92,10 @@ def test_plugin_plans_use_it_and_export_writes_the_same_file(tmp_path, small_sla
              "foreground_intensity_properties_per_channel": {}}
     dataset_json = {"labels": LABELS, "file_ending": ".nii.gz", "channel_names": {"0": "CT"}, "numTraining": 1}
     props = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": (9, 8, 7),
-             "shape_after_cropping_and_before_resampling": (9, 8, 6), "bbox_used_for_cropping": [[0, 9], [0, 8], [1, 7]],
-             "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0), "direction": tuple(np.eye(3).ravel())}}
+             "shape_after_cropping_and_before_resampling": (9, 8, 6),
+             "bbox_used_for_cropping": [[0, 9], [0, 8], [1, 7]],
+             "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                            "direction": tuple(np.eye(3).ravel())}}
     ours = PluginPlansManager(plans)
     assert isinstance(ours.get_label_manager(dataset_json), SlabwiseLabelManager)
     logits = _logits((9, 8, 6)).numpy()

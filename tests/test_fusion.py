@@ -123,3 +123,24 @@ def test_fuse_crops_keeps_the_callers_probabilities_outside_crops_and_replaces_t
     assert torch.equal(both, fused)
     plain, _ = fuse_crops(crops, boxes, (6, 6), mode="nearest")
     assert torch.equal(plain[:, 5, 5], torch.tensor([1.0, 0.0])), "without background: certain background"
+
+
+def test_coverage_as_pasted_boxes_fuses_like_the_coverage_mask():
+    """The cascade keeps the boxes pasted so far instead of a full-size mask: overlapping crops,
+    fused in one call or batch by batch, give the same canvas as with the mask."""
+    import torch
+
+    from nnunet_stseg.core.fusion import fuse_crops
+
+    rng = np.random.default_rng(0)
+    shape = (5, 20, 24)
+    starts = rng.integers(0, 12, size=(7, 3)) % np.array([4, 12, 12])
+    boxes = np.stack([starts, starts + rng.integers(1, 10, size=(7, 3))], axis=2)
+    boxes[:, :, 1] = np.minimum(boxes[:, :, 1], shape)
+    crops = torch.rand((7, 3, 4, 6, 6), generator=torch.Generator().manual_seed(1)).softmax(1)
+    background = torch.rand((3, *shape), generator=torch.Generator().manual_seed(2)).softmax(0)
+    masked, mask = fuse_crops(crops, boxes, shape, mode="linear", background=background.clone())
+    listed, pasted = fuse_crops(crops[:3], boxes[:3], shape, mode="linear", background=background.clone(), covered=[])
+    listed, pasted = fuse_crops(crops[3:], boxes[3:], shape, mode="linear", out=listed, covered=pasted)
+    assert len(pasted) == 7 and not torch.equal(masked, background)
+    torch.testing.assert_close(listed, masked, rtol=0, atol=0)

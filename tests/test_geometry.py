@@ -909,6 +909,23 @@ def test_resample_crop_to_box_inverse_of_nearest_upsampling():
     np.testing.assert_allclose(back.numpy(), crop3.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("crop_shape,box", [((2, 1, 16, 16), [[3, 4], [10, 47], [5, 22]]),  # 2D stage: up, down
+                                            ((2, 6, 8, 8), [[0, 13], [2, 5], [4, 23]]),     # 3D
+                                            ((3, 16, 16), [[7, 60], [1, 9]])])               # (K, Y, X)
+def test_whole_box_pasting_is_the_exact_inverse_map(crop_shape, box):
+    """Pasting onto a whole integer box (F.interpolate) gives the values of the inverse map on
+    any part of it (grid_sample with the box's coordinates): the two paths are one map."""
+    crop = torch.rand(crop_shape, generator=torch.Generator().manual_seed(0))
+    box = np.array(box)
+    whole = resample_crop_to_box(crop, box, "linear")
+    assert whole.shape == (crop_shape[0], *(box[:, 1] - box[:, 0]))
+    part = box.copy()
+    part[:, 0] += (box[:, 1] - box[:, 0]) // 3  # a region inside the box: the sampling-grid path
+    sub = resample_crop_to_box(crop, box, "linear", part)
+    offset = part[:, 0] - box[:, 0]
+    np.testing.assert_allclose(whole[(slice(None), *(slice(o, None) for o in offset))].numpy(), sub.numpy(),
+                               atol=1e-5)
+
 # ----------------------------------------------------------------------------------------------
 # crop -> fuse round trip (the key property)
 # ----------------------------------------------------------------------------------------------

@@ -370,7 +370,8 @@ class StSConfig:
     - ``crop``: see :class:`nnunet_stseg.core.geometry.CropParams`.
     - ``fallback``: what a case with no usable coarse component gets: ``coarse`` (the coarse
       prediction, i.e. background) or ``whole`` (the fine network on the whole image/slices).
-    - ``crops_per_batch``: crops per fine forward pass at inference.
+    - ``crops_per_batch``: crops per fine forward pass at inference (on the CPU also at most
+      ``adapters.predictor.CPU_BATCH_VOXELS`` voxels of crops: bounded activations).
     - ``max_crops``: crops cut, resampled, segmented and fused at once; a case with more objects
       is processed in several such batches (a bound on memory; every object is segmented).
     - ``polar``: :class:`PolarParams` of a polar configuration (role ``polar``).

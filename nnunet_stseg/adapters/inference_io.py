@@ -365,5 +365,5 @@ class PluginPlansManager(PlansManager):
 
 __all__ = ["ERROR_KEY", "COARSE_RESAMPLING_KEY", "antialiased_resampling", "coarse_resampling_of", "report_case_error",
            "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
-           "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager", "one_line",
-           "SlabwiseLabelManager", "SLAB_VOXELS"]
+           "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager",
+           "one_line", "SlabwiseLabelManager", "SLAB_VOXELS"]

@@ -576,12 +576,22 @@ class StSPredictor(PluginPredictor):
         name = f"{self.plans_manager.dataset_name} {self.configuration_manager.configuration.get('sts', {}).get('role')}"
         return f"{name} model {source[0]}" if source else name
 
+    def fine_batch_size(self, crop_shape) -> int:
+        """Crops per fine forward pass: ``sts.crops_per_batch``; on the CPU also at most
+        :data:`CPU_BATCH_VOXELS` voxels of crops (one batch of five 64^3 crops through a width-32
+        3D U-Net holds about 0.8 GiB of activations, two crops at a time take the same time on a
+        CPU: docs/design.md), at least one crop."""
+        per_batch = self._sts_config().crops_per_batch
+        if self.device.type == "cpu":
+            per_batch = min(per_batch, max(1, CPU_BATCH_VOXELS // max(1, int(np.prod(crop_shape)))))
+        return per_batch
+
     def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
         """Fine logits for (N, C, *patch) crops: batched on the network's device (under autocast on
         CUDA, as nnU-Net's sliding window), averaged over folds (as nnU-Net averages logits over
         folds) with the predictor's mirroring TTA; returned float32 on the crops' device. With one
         fold its weights are loaded once, not for every batch (the polar stage calls this per batch)."""
-        sts = self._sts_config()
+        per_batch = self.fine_batch_size(crops.shape[2:])
         net = self.network
         ready = self.__dict__.get("_fine_on")
         if ready is None or ready[0] is not net or ready[1] != self.device:  # .to() walks every module: once
@@ -597,8 +607,8 @@ class StSPredictor(PluginPredictor):
                 target.load_state_dict(p)
                 self.__dict__["_fine_weights"] = (net, p) if len(params) == 1 else None
             with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
-                outs = [self._internal_maybe_mirror_and_predict(crops[i:i + sts.crops_per_batch].to(self.device))
-                        for i in range(0, len(crops), sts.crops_per_batch)]
+                outs = [self._internal_maybe_mirror_and_predict(crops[i:i + per_batch].to(self.device))
+                        for i in range(0, len(crops), per_batch)]
             out = torch.cat(outs).float()
             total = out if total is None else total + out
         return (total / len(params)).to(crops.device)
@@ -722,7 +732,7 @@ class StSPredictor(PluginPredictor):
                       + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
         image = self._case_on_work_device(data)
         two_d = len(self.configuration_manager.patch_size) == 2
-        covered, fine_s = None, 0.0
+        covered, fine_s = [], 0.0  # the boxes pasted so far (no full-size coverage mask)
         # 4. + 5. every object, max_crops at a time (the bound is on memory, never on the result):
         # crops cut from the case -> fine pass -> pasted back and fused into the canvas (the first
         # crop over a voxel replaces the coarse probabilities there)
@@ -776,6 +786,10 @@ def loading_frame(caller_frame):
 
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
+CPU_BATCH_VOXELS = 2 * 64 ** 3
+"""Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): two
+3D crops at S = 64, every 2D crop of a case at S = 64 (up to ``crops_per_batch``)."""
+
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
                  "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
                  "_case_memo", "_stage_seconds", "_fine_weights", "_fine_on")

@@ -116,10 +116,10 @@ def _prepare_worker(args, queue) -> None:
 
 
 def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
-           resampling: str = "antialiased") -> dict:
+           resampling: str = "antialiased", standard: bool = True) -> dict:
     """The case of :func:`_prepare_case` (made in a process of its own) loaded, and the cascade
-    (random-weight planned networks, oracle coarse output) and nnU-Net's standard predictor for the
-    same image built. Returns everything the measurements need."""
+    (random-weight planned networks, oracle coarse output) and, with ``standard``, nnU-Net's
+    standard predictor for the same image built. Returns everything the measurements need."""
     import pickle
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -176,15 +176,17 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
     del foreground
     return {"work": work, "plans_manager": plans_manager, "dataset_json": dataset_json, "fine_cm": fine_cm,
             "coarse_cm": coarse_cm, "standard_cm": standard_cm, "cascade": cascade,
-            "standard": predictor(nnUNetPredictor, standard_cm, "nnUNetTrainer"),
+            "standard": predictor(nnUNetPredictor, standard_cm, "nnUNetTrainer") if standard else None,
             "data": data, "props": props, "t_pre": prepared["t_pre"]}
 
 
 def _timed(fn, repeats: int = 1) -> tuple[float, object]:
-    """Best wall time of ``repeats`` calls after one warm-up call (allocator, thread pools)."""
+    """Best wall time of ``repeats`` calls after one warm-up call (allocator, thread pools). The
+    previous call's result is released before the next call (a memory peak is one call's)."""
     out = fn()
     best = float("inf")
     for _ in range(repeats):
+        out = None
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
@@ -217,7 +219,7 @@ def _reset_peak_rss() -> bool:
 def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
     """Seconds of the network forward passes alone, on random input of the shapes the cascade
     feeds them: the coarse network once per sliding window of the coarse input, the fine network on
-    all crops in batches of ``crops_per_batch`` (x 2^d with mirroring). Best of 3 after a warm-up."""
+    all crops in the predictor's batches (``fine_batch_size``, x 2^d with mirroring). Best of 3 after a warm-up."""
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
     cascade = ctx["cascade"]
@@ -229,7 +231,7 @@ def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
     mirrors = 2 ** len(coarse_patch) if tta else 1
     coarse_x = torch.randn(1, coarse_in.shape[0], *coarse_patch)
     fine_patch = list(ctx["fine_cm"].patch_size)
-    per_batch = cascade._sts_config().crops_per_batch
+    per_batch = cascade.fine_batch_size(fine_patch)
     fine_batches = [torch.randn(min(per_batch, n_crops - i), ctx["data"].shape[0], *fine_patch)
                     for i in range(0, n_crops, per_batch)]
     coarse_net, fine_net = cascade.coarse.network.eval(), cascade.network.eval()
@@ -247,7 +249,7 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
               resampling: str = "antialiased") -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-    ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling)
+    ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling, standard=False)
     cascade, x = ctx["cascade"], ctx["data"]
     rss_before = _status_mb("VmRSS")
     # Read the process's peak before the reset: the kernel's ru_maxrss follows the reset VmHWM afterwards.
@@ -484,8 +486,9 @@ def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str
         f"random-weight planned networks (width {rows[0]['features']}) with an oracle coarse mask; each row in a "
         "fresh process. 'before' = resident memory once the preprocessed case is loaded (torch, the networks, the "
         "case); 'peak during prediction' = peak resident memory (VmHWM, reset just before) over the prediction "
-        "(the cascade: run twice, a warm-up, then the timed run) and nnU-Net's export of that case (with our "
-        "predictor's plans manager for the cascade, as `nnUNetv2_predict` runs it; nnU-Net's own for 3d_fullres); "
+        "(the cascade: run twice, a warm-up whose result is released, then the timed run) and nnU-Net's export of "
+        "that case (with our predictor's plans manager for the cascade, as `nnUNetv2_predict` runs it; nnU-Net's "
+        "own for 3d_fullres); "
         "'peak of the process' also covers loading the case and building the networks (the case is generated, "
         "planned and preprocessed in a process of its own).", "",
         "| prediction | objects | crops | coarse s | geometry s | fine s | export s | before MiB "

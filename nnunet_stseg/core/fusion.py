@@ -39,7 +39,9 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     (None with ``coverage=False`` and no ``background``: one full-size array less).
     ``out`` and ``covered``: the canvas and coverage returned by an earlier call (torch), to fuse
     this batch of crops into, so that any number of crops is fused batch by batch with the same
-    result (``background`` only on the first call).
+    result (``background`` only on the first call). ``covered`` may also be a list of the voxel
+    boxes (ndim, 2) pasted so far (start with ``[]``; it is extended and returned): the same
+    fusion without a full-size mask, for integer boxes or any boxes' :func:`paste_region`.
 
     >>> crop = np.zeros((1, 2, 2, 2), np.float32); crop[0, 1] = 1.0  # one crop, all foreground
     >>> fused, covered = fuse_crops(crop, np.array([[[1, 3], [0, 2]]]), (4, 4), mode="nearest")
@@ -79,20 +81,39 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
             continue
         sl = (slice(None), *_box_slices(voxels))
         pasted = resample_crop_to_box(crop, box, mode, voxels).to(fused.device)
-        region = fused[sl]
-        if multilabel:
-            combined = torch.maximum(region, pasted)
+        if isinstance(covered, list):
+            seen = _covered_by(covered, voxels, fused.device)
+            covered.append(np.asarray(voxels))
         else:
-            combined = torch.cat([torch.minimum(region[:1], pasted[:1]), torch.maximum(region[1:], pasted[1:])])
-        # first crop over a voxel replaces what the canvas had there (certain background: the same)
-        fused[sl] = combined if covered is None else torch.where(covered[sl[1:]], combined, pasted)
-        if covered is not None:
+            seen = None if covered is None else covered[sl[1:]]
+        if seen is not None and not bool(seen.any()):
+            fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
+        else:
+            region = fused[sl]
+            if multilabel:
+                combined = torch.maximum(region, pasted)
+            else:
+                combined = torch.cat([torch.minimum(region[:1], pasted[:1]),
+                                      torch.maximum(region[1:], pasted[1:])])
+            # first crop over a voxel replaces what the canvas had there (certain background: the same)
+            fused[sl] = combined if seen is None else torch.where(seen, combined, pasted)
+        if isinstance(covered, torch.Tensor):
             covered[sl[1:]] = True
     if was_numpy:
         return fused.cpu().numpy(), None if covered is None else covered.cpu().numpy()
     return fused, covered
 
 
+
+
+def _covered_by(pasted: list[np.ndarray], voxels: np.ndarray, device) -> torch.Tensor:
+    """Mask of the voxels of ``voxels`` (ndim, 2) that any of the ``pasted`` boxes covers."""
+    seen = torch.zeros(tuple(int(v) for v in voxels[:, 1] - voxels[:, 0]), dtype=torch.bool, device=device)
+    for b in pasted:
+        lo, hi = np.maximum(b[:, 0], voxels[:, 0]), np.minimum(b[:, 1], voxels[:, 1])
+        if np.all(hi > lo):
+            seen[tuple(slice(int(a - o), int(z - o)) for a, z, o in zip(lo, hi, voxels[:, 0]))] = True
+    return seen
 
 
 def origin_component_weights(masks, origins) -> np.ndarray:
