@@ -49,6 +49,18 @@ def test_same_label_map_and_probabilities_as_nnunets(small_slabs, as_numpy, labe
                                   np.asarray(theirs.convert_probabilities_to_segmentation(ref_probs)))
 
 
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_first_largest_logit_wins_ties_and_nan_as_in_numpy(small_slabs, k):
+    """The comparison path gives ``np.argmax``'s label map: ties go to the first class, and a slab
+    with NaN goes to nnU-Net's own argmax (which counts NaN as the largest)."""
+    labels = {"background": 0, **{f"c{i}": i for i in range(1, k)}}
+    logits = _logits((9, 7, 5), k=k, seed=k)  # integers in [-2, 2]: ties everywhere
+    logits[k - 1, 4, 3, 2] = float("nan")
+    seg = SlabwiseLabelManager(labels, None).convert_logits_to_segmentation(logits.numpy())
+    np.testing.assert_array_equal(seg, logits.numpy().argmax(0))
+    assert seg[4, 3, 2] == k - 1
+
+
 def test_more_than_254_labels_are_uint16(small_slabs):
     label_dict = {"background": 0, **{f"l{i}": i for i in range(1, 300)}}
     logits = _logits((4, 3, 2), k=300, ties=False)
