@@ -144,3 +144,24 @@ def test_coverage_as_pasted_boxes_fuses_like_the_coverage_mask():
     listed, pasted = fuse_crops(crops[3:], boxes[3:], shape, mode="linear", out=listed, covered=pasted)
     assert len(pasted) == 7 and not torch.equal(masked, background)
     torch.testing.assert_close(listed, masked, rtol=0, atol=0)
+
+
+def test_large_boxes_pasted_slab_by_slab_give_the_same_canvas(monkeypatch):
+    """A box larger than PASTE_SLAB_VOXELS is pasted a few slices at a time (each slab through the
+    exact inverse map): the same canvas, within float rounding, as one paste per box."""
+    import torch
+
+    from nnunet_stseg.core import fusion
+    from nnunet_stseg.core.fusion import fuse_crops
+
+    shape = (12, 16, 16)
+    boxes = np.array([[[0, 9], [0, 12], [2, 16]], [[4, 12], [5, 16], [0, 10]]])  # overlapping
+    crops = torch.rand((2, 2, 6, 6, 6), generator=torch.Generator().manual_seed(3)).softmax(1)
+    background = torch.rand((2, *shape), generator=torch.Generator().manual_seed(4)).softmax(0)
+    whole, _ = fuse_crops(crops, boxes, shape, background=background.clone(), covered=[])
+    monkeypatch.setattr(fusion, "PASTE_SLAB_VOXELS", 12 * 14)  # one slice of the first box per slab
+    assert len(fusion._paste_slabs(boxes[0])) == 9
+    slabs, _ = fuse_crops(crops, boxes, shape, background=background.clone(), covered=[])
+    masked, _ = fuse_crops(crops, boxes, shape, background=background.clone())
+    torch.testing.assert_close(slabs, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked, slabs, rtol=0, atol=0)

@@ -79,31 +79,55 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
         voxels = box if integer else paste_region(box, image_shape)
         if np.any(voxels[:, 1] <= voxels[:, 0]):  # a fractional box outside the image
             continue
-        sl = (slice(None), *_box_slices(voxels))
-        pasted = resample_crop_to_box(crop, box, mode, voxels).to(fused.device)
-        if isinstance(covered, list):
-            seen = _covered_by(covered, voxels, fused.device)
-            covered.append(np.asarray(voxels))
-        else:
-            seen = None if covered is None else covered[sl[1:]]
-        if seen is not None and not bool(seen.any()):
-            fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
-        else:
-            region = fused[sl]
-            if multilabel:
-                combined = torch.maximum(region, pasted)
+        earlier = list(covered) if isinstance(covered, list) else None
+        for part in _paste_slabs(np.asarray(voxels)):
+            # one slab of a large box at a time: the float32 arrays below are a slab's, not the box's
+            sl = (slice(None), *_box_slices(part))
+            pasted = resample_crop_to_box(crop, box, mode, part).to(fused.device)
+            if earlier is not None:
+                seen = _covered_by(earlier, part, fused.device)
             else:
-                combined = torch.cat([torch.minimum(region[:1], pasted[:1]),
-                                      torch.maximum(region[1:], pasted[1:])])
-            # first crop over a voxel replaces what the canvas had there (certain background: the same)
-            fused[sl] = combined if seen is None else torch.where(seen, combined, pasted)
-        if isinstance(covered, torch.Tensor):
-            covered[sl[1:]] = True
+                seen = None if covered is None else covered[sl[1:]]
+            if seen is not None and not bool(seen.any()):
+                fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
+            else:
+                region = fused[sl]
+                if multilabel:
+                    combined = torch.maximum(region, pasted)
+                else:
+                    combined = torch.cat([torch.minimum(region[:1], pasted[:1]),
+                                          torch.maximum(region[1:], pasted[1:])])
+                # first crop over a voxel replaces what the canvas had there (certain background: the same)
+                fused[sl] = combined if seen is None else torch.where(seen, combined, pasted)
+            del pasted, seen
+            if isinstance(covered, torch.Tensor):
+                covered[sl[1:]] = True
+        if isinstance(covered, list):
+            covered.append(np.asarray(voxels))
     if was_numpy:
         return fused.cpu().numpy(), None if covered is None else covered.cpu().numpy()
     return fused, covered
 
 
+
+
+PASTE_SLAB_VOXELS = 1 << 22
+"""Voxels of one slab when :func:`fuse_crops` pastes a large box (4 M: 16 MiB per float32 channel)."""
+
+
+def _paste_slabs(voxels: np.ndarray) -> list[np.ndarray]:
+    """``voxels`` (ndim, 2) cut along its first axis into slabs of at most
+    :data:`PASTE_SLAB_VOXELS` voxels (at least one slice each); a box that fits is itself."""
+    size = voxels[:, 1] - voxels[:, 0]
+    step = max(1, PASTE_SLAB_VOXELS // max(1, int(np.prod(size[1:]))))
+    if step >= size[0]:
+        return [voxels]
+    parts = []
+    for a in range(int(voxels[0, 0]), int(voxels[0, 1]), step):
+        part = voxels.copy()
+        part[0] = (a, min(a + step, int(voxels[0, 1])))
+        parts.append(part)
+    return parts
 
 
 def _covered_by(pasted: list[np.ndarray], voxels: np.ndarray, device) -> torch.Tensor:
