@@ -78,6 +78,7 @@ def test_native_experiment_smoke(tmp_path, monkeypatch):
     assert len(sizes) > 1 or max(max(sz) for sz in sizes) > 256, "native resolution, not resized"
     for arm, r in results["arms"].items():
         assert r["n"] == 3 and 0 <= r["Dice"][0] <= 100 and r["ms_per_image"] > 0 and r["train_s"] > 0
+        assert r["one_image_s"] > 0 and len(list((work / f"pred_one_{arm}").glob("*.png"))) == 1
         for img in (ds / "imagesTs").glob("*.png"):
             pred = imread(str(Path(r["prediction"]) / img.name.replace("_0000", "")))
             assert pred.shape == imread(str(img)).shape[:2], arm
@@ -134,19 +135,21 @@ def test_native_findings_compare_each_cascade_with_nnunet_2d():
 
     def arm(dice, recall, ms, train):
         return {"Dice": (dice, 10.0), "IoU": (dice - 10, 10.0), "Precision": (dice, 5.0), "Recall": (recall, 5.0),
-                "ms_per_image": ms, "peak_rss_mb": 1000.0, "train_s": train}
+                "ms_per_image": ms, "peak_rss_mb": 1000.0, "train_s": train, "one_image_s": 10.0,
+                "ms_per_more_image": ms - 100.0}
 
     results = {"budget": {"features": 16, "batch_size": 8, "epochs": 4, "iters": 50, "device": "cpu", "seed": 0,
                           "n_test": 100, "standard_patch": [640, 640]},
                "arms": {"nnunet_2d": arm(80.0, 85.0, 2000.0, 3000.0), "cascade_64": arm(78.5, 86.0, 400.0, 500.0),
                         "cascade_128": arm(70.0, 75.0, 2500.0, 900.0)}}
     c64, c128, cost = native_findings(results)
-    assert "S = 64 vs nnU-Net 2d: DSC -1.50 points, recall +1.00, inference 5.0 x faster, training 500 vs 3000 s: " \
-           "within 2 DSC points, predicting faster" in c64
+    assert "S = 64 vs nnU-Net 2d: DSC -1.50 points, recall +1.00, inference 5.0 x faster (0.20 x its time per " \
+           "image; 0.16 x per further image), training 500 vs 3000 s: within 2 DSC points, predicting faster" in c64
     assert "S = 128" in c128 and "DSC -10.00" in c128 and "more than 2 DSC points behind, not faster" in c128
     assert "took 15.0 s here (its 200 iterations" in cost
     text = report_native(results, "cmd")
     assert "| cascade S = 64 | 78.50 ± 10.00 |" in text and c64 in text
+    assert "| 400 | 10.0 | 300 | 1000 | 500 |" in text
     results["arms"]["cascade_64"]["Dice"] = (80.5, 10.0)
     assert "DSC +0.50 points" in native_findings(results)[0] and "ahead in DSC, predicting faster" in native_findings(results)[0]
     del results["arms"]["nnunet_2d"]
