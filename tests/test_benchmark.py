@@ -7,6 +7,7 @@ fork instead (``stand_ins.fork_instead_of_spawn``): the same code runs, without 
 from __future__ import annotations
 
 import re
+import tempfile
 
 import pytest
 
@@ -50,8 +51,10 @@ def test_scaling_report_and_plot(tmp_path):
     assert not list(tmp_path.glob(".tmp_*"))
 
 
-def test_memory_report(tmp_path):
-    out = tmp_path / "memory.md"
+def test_memory_report(tmp_path, monkeypatch):
+    out, scratch = tmp_path / "memory.md", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the benchmark's work folders go here
     main(["--memory", "-s", "32", "--features", "4", "--memory_shape", "16", "48", "48", "--memory_objects", "1", "3",
           "--out", str(out)])
     text = out.read_text()
@@ -65,6 +68,7 @@ def test_memory_report(tmp_path):
     assert len(standard) == 1 and float(standard[0][8]) >= float(standard[0][7]) > 0
     ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)\.", text)
     assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][8]) / float(standard[0][8]), abs=0.01)
+    assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"
 
 
 def test_size_loss_report(tmp_path):

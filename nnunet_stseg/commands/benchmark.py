@@ -45,6 +45,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,12 +58,23 @@ from nnunet_stseg.atomic import write_atomic
 from nnunet_stseg.commands.runner import command_line, command_parser, report_header
 
 
+_WORK_FOLDERS: list[Path] = []  # made by _setup in this process; removed by the worker that ran it
+
+
+def _remove_work_folders() -> None:
+    """A 1000 x 512 x 512 case leaves about 4 GiB (raw images, preprocessed case, outputs)."""
+    while _WORK_FOLDERS:
+        shutil.rmtree(_WORK_FOLDERS.pop(), ignore_errors=True)
+
+
 def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, features: int | None, tta: bool,
                  seed: int, resampling: str, queue) -> None:
     try:
         queue.put(_run_case(kind, shape, n_objects, size, features, tta, seed, resampling))
     except BaseException as e:  # report, don't hang the parent
         queue.put({"error": repr(e)})
+    finally:
+        _remove_work_folders()
 
 
 def _prepare_case(kind: str, shape, n_objects: int, size: int, features: int | None, seed: int, resampling: str,
@@ -124,6 +136,7 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="stseg_bench_"))
+    _WORK_FOLDERS.append(work)
     prepared = _in_fresh_process(_prepare_worker, (kind, tuple(shape), n_objects, size, features, seed, resampling,
                                                    str(work)))
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -311,6 +324,8 @@ def _standard_worker(args, queue) -> None:
         queue.put(_run_standard_case(*args))
     except BaseException as e:
         queue.put({"error": repr(e)})
+    finally:
+        _remove_work_folders()
 
 
 def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
@@ -330,6 +345,8 @@ def _scaling_worker(args, queue) -> None:
         queue.put(_scaling_point(*args))
     except BaseException as e:
         queue.put({"error": repr(e)})
+    finally:
+        _remove_work_folders()
 
 
 def _in_fresh_process(target, args) -> dict:
