@@ -785,11 +785,11 @@ def loading_frame(caller_frame):
     return frame
 
 
-# what our predictors keep on the instance: dropped whenever the predictor loads another model
 CPU_BATCH_VOXELS = 2 * 64 ** 3
 """Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): two
 3D crops at S = 64, every 2D crop of a case at S = 64 (up to ``crops_per_batch``)."""
 
+# what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
                  "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
                  "_case_memo", "_stage_seconds", "_fine_weights", "_fine_on")
