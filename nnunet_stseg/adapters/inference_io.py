@@ -41,7 +41,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_stseg.adapters.config import STS_KEY, StSConfig
 from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, depths_from_properties
-from nnunet_stseg.core.geometry import resample_image
+from nnunet_stseg.core.geometry import resample_image, slab_ranges
 
 ERROR_KEY = "nnunet_stseg_error"
 PARTIAL_DIR = ".nnunet_stseg_partial"
@@ -280,13 +280,6 @@ SLAB_VOXELS = 1 << 22
 as float32; large enough that the per-slab overhead is nothing next to the work."""
 
 
-def _slab_ranges(shape: tuple[int, ...], n_channels: int) -> list[tuple[int, int]]:
-    """Ranges along the first spatial axis whose slabs hold about :data:`SLAB_VOXELS` voxels."""
-    per_slice = n_channels * int(np.prod(shape[1:], dtype=np.int64))
-    step = max(1, SLAB_VOXELS // max(per_slice, 1))
-    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
-
-
 def _first_max_labels(logits, fallback):
     """The index of the first largest of K logits (K, ...) per voxel, as ``np.argmax(0)`` gives
     it, from strict comparisons (about half of ``argmax``'s time on half-precision logits, whose
@@ -339,7 +332,7 @@ class SlabwiseLabelManager(LabelManager):
         else:  # labels: numpy on the host (uint16 has no torch counterpart in every torch)
             out = np.empty(shape, dtype=dtype)
         with torch.no_grad():
-            for a, b in _slab_ranges(shape, tensor.shape[0]):
+            for a, b in slab_ranges(shape[0], tensor.shape[0] * int(np.prod(shape[1:])), SLAB_VOXELS):
                 part = convert(array[:, a:b] if is_numpy else tensor[:, a:b])
                 if isinstance(part, torch.Tensor) and not channels_out:
                     part = part.cpu().numpy()

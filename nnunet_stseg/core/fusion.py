@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nnunet_stseg.core.geometry import _box_slices, paste_region, resample_crop_to_box
+from nnunet_stseg.core.geometry import _box_slices, paste_region, resample_crop_to_box, slab_ranges
 
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
@@ -119,13 +119,13 @@ def _paste_slabs(voxels: np.ndarray) -> list[np.ndarray]:
     """``voxels`` (ndim, 2) cut along its first axis into slabs of at most
     :data:`PASTE_SLAB_VOXELS` voxels (at least one slice each); a box that fits is itself."""
     size = voxels[:, 1] - voxels[:, 0]
-    step = max(1, PASTE_SLAB_VOXELS // max(1, int(np.prod(size[1:]))))
-    if step >= size[0]:
+    ranges = slab_ranges(int(size[0]), int(np.prod(size[1:])), PASTE_SLAB_VOXELS)
+    if len(ranges) == 1:
         return [voxels]
     parts = []
-    for a in range(int(voxels[0, 0]), int(voxels[0, 1]), step):
+    for a, b in ranges:
         part = voxels.copy()
-        part[0] = (a, min(a + step, int(voxels[0, 1])))
+        part[0] = (voxels[0, 0] + a, voxels[0, 0] + b)
         parts.append(part)
     return parts
 

@@ -693,6 +693,18 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
     return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
 
 
+def slab_ranges(length: int, voxels_per_slice: int, slab_voxels: int) -> list[tuple[int, int]]:
+    """Ranges [a, b) along an axis of ``length`` slices, each holding at most ``slab_voxels``
+    voxels at ``voxels_per_slice`` per slice (at least one slice): how large arrays are worked
+    through a bounded slab at a time.
+
+    >>> slab_ranges(5, 10, 25)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    step = max(1, int(slab_voxels) // max(1, int(voxels_per_slice)))
+    return [(a, min(a + step, int(length))) for a in range(0, int(length), step)]
+
+
 def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
                            slab_voxels: int = 2 ** 24) -> torch.Tensor:
     """Probabilities (K, *grid) on a coarse grid brought to the full grid ``shape`` of the same field
@@ -722,9 +734,7 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     weights = src - np.floor(src)
     frac = torch.as_tensor(weights, dtype=torch.float32, device=probs.device)
     mode = "bilinear" if len(shape) == 3 else "linear"
-    per_slab = max(1, int(slab_voxels) // max(1, k * int(np.prod(shape[1:]))))
-    for z0 in range(0, shape[0], per_slab):
-        z1 = min(shape[0], z0 + per_slab)
+    for z0, z1 in slab_ranges(shape[0], k * int(np.prod(shape[1:])), slab_voxels):
         first, last = int(lo[z0]), int(hi[z1 - 1])
         planes = probs[:, first:last + 1].transpose(0, 1).float()  # (n, K, *in-plane grid)
         if tuple(planes.shape[2:]) != shape[1:]:
