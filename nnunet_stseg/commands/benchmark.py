@@ -58,23 +58,16 @@ from nnunet_stseg.atomic import write_atomic
 from nnunet_stseg.commands.runner import command_line, command_parser, report_header
 
 
-_WORK_FOLDERS: list[Path] = []  # made by _setup in this process; removed by the worker that ran it
+_WORK_FOLDERS: list[tuple[int, Path]] = []  # (process id, folder) made by _setup; removed by that process
 
 
 def _remove_work_folders() -> None:
-    """A 1000 x 512 x 512 case leaves about 4 GiB (raw images, preprocessed case, outputs)."""
-    while _WORK_FOLDERS:
-        shutil.rmtree(_WORK_FOLDERS.pop(), ignore_errors=True)
-
-
-def _case_worker(kind: str, shape: tuple[int, ...], n_objects: int, size: int, features: int | None, tta: bool,
-                 seed: int, resampling: str, queue) -> None:
-    try:
-        queue.put(_run_case(kind, shape, n_objects, size, features, tta, seed, resampling))
-    except BaseException as e:  # report, don't hang the parent
-        queue.put({"error": repr(e)})
-    finally:
-        _remove_work_folders()
+    """Remove the work folders this process made (a 1000 x 512 x 512 case leaves about 4 GiB: raw
+    images, preprocessed case, outputs); a forked child inherits the list but not the folders."""
+    mine = [w for w in _WORK_FOLDERS if w[0] == os.getpid()]
+    for w in mine:
+        _WORK_FOLDERS.remove(w)
+        shutil.rmtree(w[1], ignore_errors=True)
 
 
 def _prepare_case(kind: str, shape, n_objects: int, size: int, features: int | None, seed: int, resampling: str,
@@ -120,13 +113,6 @@ def _prepare_case(kind: str, shape, n_objects: int, size: int, features: int | N
     return {"t_pre": t_pre, "preprocessed": str(pp)}
 
 
-def _prepare_worker(args, queue) -> None:
-    try:
-        queue.put(_prepare_case(*args))
-    except BaseException as e:
-        queue.put({"error": repr(e)})
-
-
 def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
            resampling: str = "antialiased", standard: bool = True) -> dict:
     """The case of :func:`_prepare_case` (made in a process of its own) loaded, and the cascade
@@ -136,8 +122,8 @@ def _setup(kind: str, shape, n_objects: int, size: int, features: int | None, tt
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="stseg_bench_"))
-    _WORK_FOLDERS.append(work)
-    prepared = _in_fresh_process(_prepare_worker, (kind, tuple(shape), n_objects, size, features, seed, resampling,
+    _WORK_FOLDERS.append((os.getpid(), work))
+    prepared = _in_fresh_process(_prepare_case, (kind, tuple(shape), n_objects, size, features, seed, resampling,
                                                    str(work)))
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[v] = str(work / v)
@@ -319,15 +305,6 @@ def _run_standard_case(shape, n_objects: int, size: int, features: int | None, s
             "features": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
 
 
-def _standard_worker(args, queue) -> None:
-    try:
-        queue.put(_run_standard_case(*args))
-    except BaseException as e:
-        queue.put({"error": repr(e)})
-    finally:
-        _remove_work_folders()
-
-
 def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
     """Cascade vs nnU-Net's standard 2d sliding window on the same preprocessed image."""
     ctx = _setup("2d", shape, n_objects, size, features, tta, seed)
@@ -340,19 +317,22 @@ def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: 
             "standard_width": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
 
 
-def _scaling_worker(args, queue) -> None:
+def _report_to(queue, fn, args) -> None:
+    """Run ``fn(*args)`` in a worker process: its result, or the error, goes to ``queue`` (the parent
+    never hangs); the generated cases' work folders are removed either way."""
     try:
-        queue.put(_scaling_point(*args))
+        queue.put(fn(*args))
     except BaseException as e:
         queue.put({"error": repr(e)})
     finally:
         _remove_work_folders()
 
 
-def _in_fresh_process(target, args) -> dict:
+def _in_fresh_process(fn, args) -> dict:
+    """``fn(*args)`` in a fresh (spawned) process, so that its memory figures are its own."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, q) if target is _case_worker else (args, q))
+    proc = ctx.Process(target=_report_to, args=(q, fn, args))
     proc.start()
     r = q.get()
     proc.join()
@@ -363,9 +343,9 @@ def _in_fresh_process(target, args) -> dict:
 
 def scaling(args, cmd: str) -> str:
     """Cascade vs nnU-Net's sliding window: time against object count and against image size."""
-    rows_objects = [_in_fresh_process(_scaling_worker, ((args.scaling_size,) * 2, n, args.size, args.features,
+    rows_objects = [_in_fresh_process(_scaling_point, ((args.scaling_size,) * 2, n, args.size, args.features,
                                                         args.tta, args.seed)) for n in args.objects_list]
-    rows_sizes = [_in_fresh_process(_scaling_worker, ((side,) * 2, args.scaling_objects, args.size, args.features,
+    rows_sizes = [_in_fresh_process(_scaling_point, ((side,) * 2, args.scaling_objects, args.size, args.features,
                                                       args.tta, args.seed)) for side in args.sizes]
     for r in rows_objects + rows_sizes:
         print(r, flush=True)
@@ -482,13 +462,13 @@ def memory(args, cmd: str) -> str:
     shape = tuple(args.memory_shape)
     rows = []
     for n in args.memory_objects:
-        r = _in_fresh_process(_case_worker, ("3d", shape, n, args.size, args.features, args.tta, args.seed,
+        r = _in_fresh_process(_run_case, ("3d", shape, n, args.size, args.features, args.tta, args.seed,
                                              args.coarse_resampling[-1]))
         rows.append(r)
         print(r, flush=True)
     standard = None
     if args.memory_standard_step > 0:
-        standard = _in_fresh_process(_standard_worker, (shape, args.memory_objects[0], args.size, args.features,
+        standard = _in_fresh_process(_run_standard_case, (shape, args.memory_objects[0], args.size, args.features,
                                                         args.seed, args.memory_standard_step))
         print(standard, flush=True)
     return memory_report(rows, standard, shape, args, cmd)
@@ -533,7 +513,7 @@ def per_stage(args, cmd: str) -> str:
     rows = []
     for kind, shape in (("2d", tuple(args.shape2d)), ("3d", tuple(args.shape3d))):
         for resampling in args.coarse_resampling:
-            r = _in_fresh_process(_case_worker, (kind, shape, args.objects, args.size, args.features, args.tta,
+            r = _in_fresh_process(_run_case, (kind, shape, args.objects, args.size, args.features, args.tta,
                                                  args.seed, resampling))
             rows.append(r)
             print(f"{kind} {resampling}: {r}", flush=True)
