@@ -61,11 +61,12 @@ def test_memory_report(tmp_path, monkeypatch):
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade |")]
     assert [r[1] for r in rows] == ["1", "3"]
     for cells in rows:
-        before, during, process = float(cells[7]), float(cells[8]), float(cells[10])
-        assert 0 < before <= process and 0 < during <= process
+        before, during, before_export, process = float(cells[7]), float(cells[8]), float(cells[9]), float(cells[11])
+        assert 0 < before <= process and 0 < during <= process and 0 < before_export <= during
     standard = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines()
                 if l.startswith("| nnU-Net 3d_fullres |")]
-    assert len(standard) == 1 and float(standard[0][8]) >= float(standard[0][7]) > 0
+    assert len(standard) == 1 and float(standard[0][8]) >= float(standard[0][9]) > 0
+    assert float(standard[0][8]) >= float(standard[0][7]) > 0
     ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)\.", text)
     assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][8]) / float(standard[0][8]), abs=0.01)
     assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"

@@ -312,3 +312,33 @@ def test_support_labels_never_mix_slices_of_a_2d_stage_and_follow_the_interpolat
     first = component_voxels(canvas, labels, 1, np.array([[0, 2], [0, 4], [0, 4]]), False)
     assert first[0].any() and not first[1].any()
     np.testing.assert_array_equal(first[0], (canvas[1, 0] > canvas[0, 0]).numpy())
+
+
+@pytest.mark.parametrize("grid,shape", [((1, 7, 9), (1, 50, 61)), ((4, 6, 5), (9, 30, 17)), ((3, 8), (3, 40))])
+def test_support_labels_and_extents_match_every_corner_and_every_voxel(grid, shape):
+    """The separable support (the largest label over each axis in turn) equals the largest label
+    over all 2^ndim interpolation corners; the extents from the mask's projections equal the
+    extents of its voxels (np.argwhere), an empty component gets start = stop."""
+    from nnunet_stseg.core.geometry import component_voxels, foreground_extents, support_labels
+
+    rng = np.random.default_rng(len(shape) + grid[0])
+    labels = rng.integers(0, 4, size=grid).astype(np.int32)
+    box = np.array([[a, b] for a, b in (sorted(rng.choice(s + 1, 2, replace=False)) for s in shape)])
+    corners = []
+    for d, (n, g) in enumerate(zip(shape, grid)):
+        src = np.maximum((np.arange(box[d, 0], box[d, 1]) + 0.5) * g / n - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), g - 1)
+        corners.append((lo, np.where(src - np.floor(src) > 1e-9, np.minimum(lo + 1, g - 1), lo)))
+    expected = np.max([labels[np.ix_(*[corners[d][c] for d, c in enumerate(corner)])]
+                       for corner in np.ndindex(*(2,) * len(grid))], axis=0)
+    np.testing.assert_array_equal(support_labels(labels, box, shape), expected)
+
+    probs = torch.from_numpy(rng.random((2, *shape)).astype(np.float32))
+    probs[:, ..., :2] = torch.tensor([1.0, 0.0]).view(2, *(1,) * len(shape))  # some background for sure
+    boxes = np.array([[[0, s] for s in shape]] * 4)
+    extents = foreground_extents(probs, labels, boxes, False)
+    for component in range(1, 5):
+        voxels = np.argwhere(component_voxels(probs, labels, component, boxes[0], False))
+        want = (np.stack([voxels.min(0), voxels.max(0) + 1], axis=1) if len(voxels)
+                else np.zeros((len(shape), 2), np.int64))
+        np.testing.assert_array_equal(extents[component - 1], want)

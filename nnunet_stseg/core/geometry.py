@@ -349,9 +349,15 @@ def support_labels(labels: np.ndarray, box: np.ndarray, image_shape: Sequence[in
         lo = np.minimum(np.floor(src).astype(np.int64), g - 1)
         hi = np.where(src - np.floor(src) > 1e-9, np.minimum(lo + 1, g - 1), lo)  # only cells with weight
         axes.append((lo, hi))
-    out = np.zeros(tuple(len(a[0]) for a in axes), dtype=labels.dtype)
-    for corner in np.ndindex(*(2,) * len(grid)):
-        np.maximum(out, labels[np.ix_(*[axes[d][c] for d, c in enumerate(corner)])], out=out)
+    # The largest label over all 2^ndim corners is the largest over each axis in turn (separable):
+    # gathers that grow one axis at a time, only the last one at the box's full size.
+    out = labels
+    for d in reversed(range(len(grid))):
+        lo, hi = axes[d]
+        gathered = np.take(out, lo, axis=d)
+        if not np.array_equal(lo, hi):
+            np.maximum(gathered, np.take(out, hi, axis=d), out=gathered)
+        out = gathered
     return out
 
 
@@ -387,9 +393,12 @@ def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarra
     boxes = np.asarray(boxes, dtype=np.int64)
     extents = np.repeat(boxes[:, :, :1], 2, axis=2)
     for i, box in enumerate(boxes):
-        voxels = np.argwhere(component_voxels(probs, labels, i + 1, box, multilabel))
-        if len(voxels):
-            extents[i] = np.stack([voxels.min(0), voxels.max(0) + 1], axis=1) + box[:, :1]
+        mask = component_voxels(probs, labels, i + 1, box, multilabel)
+        for d in range(mask.ndim):  # the extent along each axis from the mask's projection onto it
+            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))
+            if not len(hits):
+                break
+            extents[i, d] = [box[d, 0] + hits[0], box[d, 0] + hits[-1] + 1]
     return extents
 
 

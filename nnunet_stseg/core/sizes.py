@@ -93,8 +93,8 @@ def flipped_sizes(masks: torch.Tensor) -> torch.Tensor:
     pixel; that pixel's flat index is the window sum of background indices where the count is 1.
 
     >>> m = torch.zeros(1, 5, 5, dtype=torch.bool); m[0, 1:4, 1:4] = True
-    >>> flipped_sizes(m)[0].tolist()  # only the centre lowers the size; no single pixel raises it
-    [[4, 4, 4, 4, 4], [4, 4, 4, 4, 4], [4, 4, 2, 4, 4], [4, 4, 4, 4, 4], [4, 4, 4, 4, 4]]
+    >>> flipped_sizes(m)[0].tolist()  # any pixel of the 3 x 3 block: the centre loses its distance 2
+    [[4, 4, 4, 4, 4], [4, 2, 2, 2, 4], [4, 2, 2, 2, 4], [4, 2, 2, 2, 4], [4, 4, 4, 4, 4]]
     """
     masks = _check_masks(masks)
     b, h, w = masks.shape
@@ -153,13 +153,26 @@ def flip_candidates(masks: torch.Tensor) -> torch.Tensor:
 
 
 def squared_size_error(masks: torch.Tensor, target_sizes: torch.Tensor) -> torch.Tensor:
-    """(B,) float: (target size - size of the mask)^2, sizes in pixels (the paper's E)."""
+    """(B,) float: (target size - size of the mask)^2, sizes in pixels (the paper's E).
+
+    >>> m = torch.zeros(1, 5, 5, dtype=torch.bool); m[0, 1:4, 1:4] = True   # size 4
+    >>> squared_size_error(m, torch.tensor([6])).tolist()
+    [4.0]
+    """
     return (target_sizes.to(torch.float32) - object_size(masks).to(torch.float32)) ** 2
 
 
 def sample_masks(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bernoulli masks with P(pixel = foreground) = ``probabilities``. This IS the paper's logistic
-    noise: Y = [a > Z] with Z logistic(0, 1) has P(Y = 1) = sigmoid(a) = p."""
+    noise: Y = [a > Z] with Z logistic(0, 1) has P(Y = 1) = sigmoid(a) = p.
+
+    >>> p = torch.tensor([[[0.0, 1.0, 0.5]]])
+    >>> masks = sample_masks(p.expand(1000, 1, 3), torch.Generator().manual_seed(0))
+    >>> masks[:, 0, 1].all().item(), masks[:, 0, 0].any().item()     # p = 1 always, p = 0 never
+    (True, False)
+    >>> 0.45 < masks[:, 0, 2].float().mean().item() < 0.55           # p = 0.5 about half the time
+    True
+    """
     uniform = torch.rand(probabilities.shape, generator=generator, device=probabilities.device,
                          dtype=probabilities.dtype)
     return uniform < probabilities
