@@ -802,9 +802,10 @@ def release_freed_heap() -> None:
     """Give the heap memory freed so far back to the operating system (glibc ``malloc_trim(0)``;
     nothing elsewhere). The geometry makes many arrays of a few MiB per object (support labels,
     region masks, box-sized resamplings); glibc serves those from its heap once its dynamic mmap
-    threshold has grown, and keeps freed heap pages resident: with 50 objects in a 1000 x 512^2
-    volume about 190 MiB stayed resident into nnU-Net's export (docs/benchmarks/memory_cpu.md).
-    Costs about 0.1 ms."""
+    threshold has grown, and keeps freed heap pages resident, so they pile up from stage to stage
+    (50 objects in a 1000 x 512^2 volume: about 180 MiB more peak than 5 objects;
+    docs/reliability.md, "Memory of large volumes"). Trimming between the stages keeps part of that
+    from adding to the next stage's peak. Costs about 0.1 ms."""
     trim = _glibc_trim()
     if trim is not None:
         trim(0)
