@@ -132,8 +132,9 @@ def test_release_freed_heap_returns_retained_pages_to_the_system():
     code = (
         "import numpy as np\n"
         "from nnunet_stseg.adapters.predictor import release_freed_heap\n"
+        "from nnunet_stseg.commands.benchmark import _status_mb\n"
         "def rss():\n"
-        "    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) // 1024\n"
+        "    return int(_status_mb('VmRSS'))\n"
         "big = np.ones(30 << 20, np.uint8); del big  # glibc raises its mmap threshold past 30 MiB\n"
         "parts = [np.ones(1 << 20, np.uint8) for _ in range(200)]  # 200 MiB on the heap\n"
         "keep = parts[-1]; del parts  # the last one holds the heap's top: nothing below it is trimmed on free\n"

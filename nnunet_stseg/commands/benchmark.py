@@ -270,15 +270,15 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
         logits = cascade.predict_logits_from_preprocessed_data(x)
         t_cascade = time.perf_counter() - t0
         timings, stages = dict(cascade.last_timings), dict(cascade.stage_seconds)
-        peak_network_mb = _status_mb("VmHWM") if reset else float("nan")  # the prediction alone, before the export
+        peak_before_export_mb = _status_mb("VmHWM") if reset else float("nan")  # the prediction alone
         t0 = time.perf_counter()
         export(logits)
         t_export = time.perf_counter() - t0
         logits = None
         total = timings["coarse_s"] + timings["geometry_s"] + timings["fine_s"] + t_export
         if best is None or total < best[0]:
-            best = (total, t_cascade, t_export, timings, stages, peak_network_mb)
-    total, t_cascade, t_export, timings, stages, peak_network_mb = best
+            best = (total, t_cascade, t_export, timings, stages, peak_before_export_mb)
+    total, t_cascade, t_export, timings, stages, peak_before_export_mb = best
     peak_predict_mb = _status_mb("VmHWM") if reset else float("nan")
     peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   peak_predict_mb if reset else 0.0)
@@ -291,7 +291,7 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
             "coarse_s": timings["coarse_s"], "geometry_s": timings["geometry_s"], "fine_s": timings["fine_s"],
             "export_s": t_export, "total_s": total, "geometry_share": timings["geometry_s"] / total,
             "cascade_s": t_cascade, "peak_rss_mb": peak_mb, "rss_before_mb": rss_before,
-            "peak_predict_mb": peak_predict_mb, "peak_before_export_mb": peak_network_mb, "repeats": repeats,
+            "peak_predict_mb": peak_predict_mb, "peak_before_export_mb": peak_before_export_mb, "repeats": repeats,
             "fine_patch": "x".join(str(s) for s in ctx["fine_cm"].patch_size),
             "coarse_patch": "x".join(str(s) for s in ctx["coarse_cm"].patch_size),
             "features": ctx["fine_cm"].network_arch_init_kwargs["features_per_stage"][0]}
@@ -312,13 +312,13 @@ def _run_standard_case(shape, n_objects: int, size: int, features: int | None, s
     t0 = time.perf_counter()
     logits = standard.predict_logits_from_preprocessed_data(x)
     t_predict = time.perf_counter() - t0
-    peak_before_export = _status_mb("VmHWM") if reset else float("nan")
+    peak_before_export_mb = _status_mb("VmHWM") if reset else float("nan")
     t0 = time.perf_counter()
     export_prediction_from_logits(logits, ctx["props"], ctx["standard_cm"], ctx["plans_manager"], ctx["dataset_json"],
                                   str(ctx["work"] / "out_standard"), False)
     return {"predict_s": t_predict, "export_s": time.perf_counter() - t0, "rss_before_mb": rss_before,
             "peak_predict_mb": _status_mb("VmHWM") if reset else float("nan"), "step": step,
-            "peak_before_export_mb": peak_before_export,
+            "peak_before_export_mb": peak_before_export_mb,
             "patch": "x".join(str(v) for v in ctx["standard_cm"].patch_size),
             "features": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
 
@@ -515,12 +515,12 @@ def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str
     for r in rows:
         lines.append(f"| cascade | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
                      f"{r['fine_s']:.1f} | {r['export_s']:.1f} | {r['rss_before_mb']:.0f} | "
-                     f"{r['peak_predict_mb']:.0f} | {r.get('peak_before_export_mb', float('nan')):.0f} | "
+                     f"{r['peak_predict_mb']:.0f} | {r['peak_before_export_mb']:.0f} | "
                      f"{r['peak_predict_mb'] / volume_mb:.1f} | {r['peak_rss_mb']:.0f} |")
     if standard is not None:
         lines.append(f"| nnU-Net 3d_fullres | {args.memory_objects[0]} | - | - | - | {standard['predict_s']:.1f} "
                      f"(sliding window) | {standard['export_s']:.1f} | {standard['rss_before_mb']:.0f} | "
-                     f"{standard['peak_predict_mb']:.0f} | {standard.get('peak_before_export_mb', float('nan')):.0f} | "
+                     f"{standard['peak_predict_mb']:.0f} | {standard['peak_before_export_mb']:.0f} | "
                      f"{standard['peak_predict_mb'] / volume_mb:.1f} | - |")
         lines += ["", f"nnU-Net 3d_fullres: patch {standard['patch']}, width {standard['features']}, windows "
                   f"{standard['step']} patch apart (nnU-Net's default is 0.5: more windows, the same arrays), "
