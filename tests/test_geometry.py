@@ -1300,14 +1300,25 @@ def test_negative_boxes_hold_no_foreground_and_stay_inside_the_image(seed, depth
     def free(box):
         return not mask[tuple(slice(lo, hi) for lo, hi in box)].any()
 
-    for draw in range(5):
-        box = sample_negative_box(shape, sizes, [False, True, True], free, np.random.default_rng(seed + draw))
-        if box is None:
-            continue
-        assert box.dtype.kind == "i" and box.shape == (3, 2)
-        assert np.all(box[:, 0] >= 0) and np.all(box[:, 1] <= shape) and box[0, 1] - box[0, 0] == 1
-        assert not mask[tuple(slice(lo, hi) for lo, hi in box)].any()
-        assert 0.75 * 6 - 1 <= box[1, 1] - box[1, 0] <= 1.25 * 10 + 1
+    for shrink in (1.0, 0.85):
+        for draw in range(5):
+            box = sample_negative_box(shape, sizes, [False, True, True], free, np.random.default_rng(seed + draw),
+                                      shrink=shrink, min_size=(1, 4, 4))
+            if box is None:
+                continue
+            assert box.dtype.kind == "i" and box.shape == (3, 2)
+            assert np.all(box[:, 0] >= 0) and np.all(box[:, 1] <= shape) and box[0, 1] - box[0, 0] == 1
+            assert not mask[tuple(slice(lo, hi) for lo, hi in box)].any()
+            side = box[1:, 1] - box[1:, 0]
+            low = 0.75 * 6 - 1 if shrink == 1 else 4  # object-sized, or shrunk but never below min_size
+            assert np.all(side >= low) and np.all(side <= 1.25 * np.array([10, 12]) + 1), (shrink, side)
+    nearly_full = np.ones((1, 24, 24), bool)
+    nearly_full[:, :16, :16] = False  # a 16 x 16 corner is all the objects leave free
+    corner = [sample_negative_box((1, 24, 24), np.array([[1, 24, 24]]), [False, True, True], lambda b: not nearly_full[
+        tuple(slice(lo, hi) for lo, hi in b)].any(), np.random.default_rng(seed + draw), shrink=shrink,
+        min_size=(1, 4, 4)) for shrink in (1.0, 0.85) for draw in range(3)]
+    assert all(b is None for b in corner[:3]), "object-sized negatives (18 px or more) never fit in 16 x 16"
+    assert any(b is not None and np.all(b[1:, 1] <= 16) for b in corner[3:]), "shrunk ones do"
     full = np.ones(shape, bool)
     assert sample_negative_box(shape, sizes, [False, True, True], lambda b: not full[tuple(
         slice(lo, hi) for lo, hi in b)].any(), rng) is None, "an image objects fill has no negative"

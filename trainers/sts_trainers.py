@@ -39,7 +39,8 @@ from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
-                                        sample_negative_box, square_and_pad, whole_image_boxes)
+                                        sample_negative_box, smallest_crop_size, square_and_pad,
+                                        whole_image_boxes)
 from nnunet_stseg.core.metrics import add_precision_recall
 from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
@@ -178,8 +179,9 @@ class StSCropDataLoader(ResampledSampleLoader):
     foreground is used whole: the whole image, or a random slice for a 2D stage), square + pad
     its box, jitter it, fit it into the image, and resample image (linear) and label (nearest) to
     the loader's patch. With ``crop.negative_fraction`` > 0, that fraction of the samples of
-    cases with objects is a negative crop instead: sized like the case's object crops, placed
-    where the label (read over the whole enlarged region) has no foreground
+    cases with objects is a negative crop instead: sized like the case's object crops (smaller after
+    each draw that does not fit, down to the crop of the smallest object the size rule keeps),
+    placed where the label (read over the whole enlarged region) has no foreground
     (:func:`~nnunet_stseg.core.geometry.sample_negative_box`); when none fits after 20 draws the
     sample is an object crop. The loader's patch may be larger than the network patch (nnU-Net's
     rotation margin); the box is then enlarged about its centre so that nnU-Net's spatial
@@ -239,7 +241,8 @@ class StSCropDataLoader(ResampledSampleLoader):
             region, _ = self._read_region(seg, self._enlarged(box), shape)
             return not self.foreground(region).any()
 
-        box = sample_negative_box(shape, sizes, self.crop.active, is_free, rng)
+        box = sample_negative_box(shape, sizes, self.crop.active, is_free, rng,
+                                  min_size=smallest_crop_size(self.spacing3, self.crop))
         return None if box is None else box[None]
 
     def make_sample(self, key, data, seg, properties, rng):

@@ -138,14 +138,16 @@ def missed(prediction: Path) -> int:
 def negative_room(preprocessed: Path, configuration: str, n_cases: int = 200, seed: int = 0) -> dict | None:
     """How often the rejecting fine stage's loader finds room for a negative crop: for the first
     ``n_cases`` training cases with objects, one draw each (with nnU-Net's 2D rotation margin,
-    the initial patch of ``get_patch_size``), counted as in training. Cases where none fits get an
-    object crop instead, so the effective negative rate is ``negative_fraction x fits``. None when
-    the configuration's data is not preprocessed."""
+    the initial patch of ``get_patch_size``), counted as in training, and how large the negatives
+    are (side over the case's smallest object crop side: below 0.75 the loader had to shrink them).
+    Cases where none fits get an object crop instead, so the effective negative rate is
+    ``negative_fraction x fits``. None when the configuration's data is not preprocessed."""
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_stseg.adapters.config import StSConfig
+    from nnunet_stseg.core.geometry import square_and_pad
     from nnunet_stseg.trainers.sts_trainers import StSCropDataLoader
 
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
@@ -161,14 +163,22 @@ def negative_room(preprocessed: Path, configuration: str, n_cases: int = 200, se
     loader = StSCropDataLoader(dataset, 1, (1, *initial), (1, *patch), labels, sts.crop, [1.0, 1.0, 1.0])
     rng = np.random.default_rng(seed)
     tried = fits = 0
+    ratios = []
     for key in list(dataset.identifiers):
         if tried == n_cases:
             break
         data, seg, _, _ = dataset.load_case(key)
         if loader.foreground(seg).any():
             tried += 1
-            fits += loader.sample_negative(key, tuple(data.shape[1:]), seg, rng) is not None
-    return {"cases": tried, "fits": fits, "initial_patch": initial}
+            box = loader.sample_negative(key, tuple(data.shape[1:]), seg, rng)
+            if box is not None:
+                fits += 1
+                _, sizes = square_and_pad(loader._gt_boxes(key, seg), loader.spacing3, sts.crop)
+                active = sts.crop.active
+                ratios.append(float((box[0, :, 1] - box[0, :, 0])[active].max() / sizes[:, active].max(axis=1).min()))
+    ratios = np.asarray(ratios)
+    return {"cases": tried, "fits": fits, "initial_patch": initial,
+            "shrunk": int((ratios < 0.75).sum()), "median_side_ratio": float(np.median(ratios)) if fits else None}
 
 
 PEAK_BINS = (0.3, 0.1)  # the report's bins of the coarse model's peak probability inside a missed polyp
@@ -334,10 +344,13 @@ def report(results: dict, cmd: str) -> str:
                   + f"; chosen: fine {chosen.get('fine')}, rejecting fine {chosen.get('rejecting')}.", ""]
         room = row.get("negative_room")
         if room:
-            lines += [f"Room for a negative crop (object-sized, nnU-Net's rotation margin, patch {room['initial_patch']}"
-                      f"): {room['fits']} of {room['cases']} training images with a polyp; in the others the sample "
-                      f"is an object crop, so the effective negative rate is about {b['negative_fraction']} x "
-                      f"{room['fits'] / max(room['cases'], 1):.2f} = "
+            shrunk = (f"; {room['shrunk']} of them smaller than 0.75 x the object crop (median side "
+                      f"{room['median_side_ratio']:.2f} x the case's smallest object crop)"
+                      if room.get("median_side_ratio") is not None else "")
+            lines += [f"Room for a negative crop (one draw per image as in training, nnU-Net's rotation margin, patch "
+                      f"{room['initial_patch']}): {room['fits']} of {room['cases']} training images with a polyp"
+                      f"{shrunk}; in the others the sample is an object crop, so the effective negative rate is "
+                      f"about {b['negative_fraction']} x {room['fits'] / max(room['cases'], 1):.2f} = "
                       f"{b['negative_fraction'] * room['fits'] / max(room['cases'], 1):.2f}.", ""]
         lines += [
                   f"| arm | proposals | {OVERLAP_HEAD_PERCENT} | missed (DSC < 0.1) | crops / image | "

@@ -482,12 +482,17 @@ def recall_proposals(foreground, probability, threshold: float | None, active: S
 
 def sample_negative_box(image_shape: Sequence[int], sizes: np.ndarray, active: Sequence[bool],
                         is_free: Callable[[np.ndarray], bool], rng: np.random.Generator, tries: int = 20,
-                        scale: tuple[float, float] = (0.75, 1.25)) -> np.ndarray | None:
+                        scale: tuple[float, float] = (0.75, 1.25), shrink: float = 0.85,
+                        min_size: Sequence[float] | None = None) -> np.ndarray | None:
     """A training box (ndim, 2) that holds no object: one of ``sizes`` (N, ndim; the case's object
     crop sizes, so a negative looks like a false proposal of the coarse stage in scale), scaled by
     a uniform factor in ``scale`` along the active axes, placed uniformly inside the image (one
-    index along inactive axes), accepted when ``is_free(box)``; None after ``tries`` draws (an
-    image that objects fill).
+    index along inactive axes), accepted when ``is_free(box)``; None after ``tries`` draws.
+
+    Every draw that does not fit makes the next ones ``shrink`` times smaller (never below
+    ``min_size`` voxels per axis, e.g. the crop of the smallest object the size rule keeps), so an
+    image that its objects nearly fill (a polyp close up) still gives a smaller negative instead of
+    none; ``shrink`` 1 keeps every draw object-sized.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, :, :32] = True
     >>> free = lambda b: not mask[tuple(slice(lo, hi) for lo, hi in b)].any()
@@ -495,21 +500,44 @@ def sample_negative_box(image_shape: Sequence[int], sizes: np.ndarray, active: S
     ...                           np.random.default_rng(0))
     >>> bool(box[2, 0] >= 32 and box[0].tolist() == [0, 1] and free(box))
     True
+    >>> mask[0, :, :40] = True  # 24 px left free: no 30-50 px box of a 40 px object fits, a smaller one does
+    >>> big = np.array([[1, 40, 40]])
+    >>> sample_negative_box((1, 64, 64), big, [False, True, True], free, np.random.default_rng(0), shrink=1) is None
+    True
+    >>> box = sample_negative_box((1, 64, 64), big, [False, True, True], free, np.random.default_rng(0))
+    >>> bool(free(box)), bool(box[2, 1] - box[2, 0] <= 24)
+    (True, True)
     """
     shape = np.asarray(image_shape, dtype=np.int64)
     active = np.asarray(active, dtype=bool)
     sizes = np.asarray(sizes, dtype=float).reshape(-1, len(shape))
+    floor = np.ones(len(shape)) if min_size is None else np.maximum(np.asarray(min_size, dtype=float), 1)
     if len(sizes) == 0:
         return None
-    for _ in range(int(tries)):
+    for attempt in range(int(tries)):
         size = sizes[rng.integers(len(sizes))].copy()
-        size[active] *= rng.uniform(*scale)
+        size[active] = np.maximum(size[active] * rng.uniform(*scale) * shrink ** attempt, floor[active])
         size = np.where(active, np.clip(np.rint(size), 1, shape), 1).astype(np.int64)
         start = np.array([rng.integers(0, s - z + 1) for s, z in zip(shape, size)], dtype=np.int64)
         box = np.stack([start, start + size], axis=1)
         if is_free(box):
             return box
     return None
+
+
+def smallest_crop_size(spacing: Sequence[float], params: CropParams) -> np.ndarray:
+    """Size (voxels, (ndim,)) of the crop of the smallest object the size rule keeps: a box of
+    ``min_object_size`` voxels of the finest active axis, squared and padded as every crop is
+    (:func:`square_and_pad`); 1 along inactive axes. The floor of negative training crops.
+
+    >>> smallest_crop_size([1.0, 1.0, 1.0], CropParams(patch_size=(1, 32, 32))).tolist()  # 5 px + 2 x 4 px
+    [1.0, 13.0, 13.0]
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    active = params.active
+    extent = np.where(active, params.min_object_size * _min_active_spacing(spacing, active) / spacing, 1.0)
+    _, size = square_and_pad(np.stack([np.zeros_like(extent), extent], axis=1)[None], spacing, params)
+    return size[0]
 
 
 def boxes_from_mask(mask, spacing: Sequence[float], params: CropParams,
