@@ -213,6 +213,16 @@ def test_upsampling_slab_by_slab_equals_one_interpolation():
     half = upsample_probabilities(coarse, (5, 17, 30), torch.float16, slab_voxels=2 * 3 * 17 * 30)
     assert half.dtype == torch.float16
     np.testing.assert_allclose(half.float().numpy(), same_slices.numpy(), atol=1e-3)
+    # softmax probabilities: the background made from the other channels is the interpolated background
+    softmax = torch.softmax(torch.randn(3, 5, 6, 7) * 3, 0)
+    whole = F.interpolate(softmax[None], size=(23, 17, 30), mode="trilinear", align_corners=False)[0]
+    for slab, dtype, atol in ((10 ** 9, torch.float32, 1e-5), (3 * 17 * 30, torch.float16, 1e-3)):
+        rest = upsample_probabilities(softmax, (23, 17, 30), dtype, slab_voxels=slab, background_from_rest=True)
+        np.testing.assert_allclose(rest.float().numpy(), whole.numpy(), atol=atol)
+    two_class = torch.softmax(torch.randn(2, 1, 8, 8) * 3, 0)  # a 2D stage's (K, 1, Y, X)
+    ours = upsample_probabilities(two_class, (1, 128, 128), torch.float16, background_from_rest=True)
+    reference = upsample_probabilities(two_class, (1, 128, 128), torch.float16)
+    assert (ours.argmax(0) != reference.argmax(0)).float().mean() < 1e-3  # only exact ties may differ
 
 
 def test_objects_found_on_the_coarse_grid_get_the_full_grid_voxels_they_cover():

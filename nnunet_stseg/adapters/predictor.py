@@ -522,7 +522,7 @@ class StSPredictor(PluginPredictor):
                         self.__dict__.pop("_work_device", None)
         finally:
             self.__dict__.pop("_case_memo", None)  # made per case
-            release_freed_heap()  # before nnU-Net's export adds its label maps
+            release_freed_heap(int(np.prod(data.shape[1:])))  # before nnU-Net's export adds its label maps
         self._log_stage_seconds(self._clock() - started)
         self._report_objects(tuple(data.shape[1:]))
         return logits
@@ -688,7 +688,7 @@ class StSPredictor(PluginPredictor):
         # 3. the canvas: the coarse probabilities on the full grid, in half precision (as nnU-Net's own
         # logits), the only K x volume array of the case; the objects' tight boxes are read off it
         t2 = self._clock()
-        canvas = upsample_probabilities(coarse, shape, torch.float16)
+        canvas = upsample_probabilities(coarse, shape, torch.float16, background_from_rest=not multilabel)
         t3 = self._clock()
         self._add_seconds(coarse_to_full_grid=t3 - t2)
         found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
@@ -696,7 +696,7 @@ class StSPredictor(PluginPredictor):
         below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
                  else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
         del proposals, foreground
-        release_freed_heap()  # the box search's many small arrays, before the crops
+        release_freed_heap(int(np.prod(shape)))  # the box search's many small arrays, before the crops
         boxes, n_dropped = found.crop_boxes, found.n_dropped
         fallback = None if len(boxes) else sts.fallback
         self._record_objects(found, coarse, multilabel, fallback, below if crop.proposal_threshold else None,
@@ -750,7 +750,7 @@ class StSPredictor(PluginPredictor):
             canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
                                          covered=covered)
             fine_s += tc - tb
-            release_freed_heap()  # this chunk's box-sized resamplings
+            release_freed_heap(int(np.prod(shape)))  # this chunk's box-sized resamplings
         del image, covered
         logits = probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
         # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the
@@ -798,14 +798,23 @@ def _glibc_trim():
         return None
 
 
-def release_freed_heap() -> None:
+TRIM_MIN_VOXELS = 1 << 24
+"""Cases below this many voxels (16.8 M: a 64 MiB float32 channel) skip :func:`release_freed_heap`:
+what their stages free is small next to the trim's own cost (about 1 ms per call in a process
+holding torch, three calls per case: 4 % of a 2D 1024^2 case's prediction)."""
+
+
+def release_freed_heap(voxels: int | None = None) -> None:
     """Give the heap memory freed so far back to the operating system (glibc ``malloc_trim(0)``;
-    nothing elsewhere). The geometry makes many arrays of a few MiB per object (support labels,
-    region masks, box-sized resamplings); glibc serves those from its heap once its dynamic mmap
-    threshold has grown, and keeps freed heap pages resident, so they pile up from stage to stage
-    (50 objects in a 1000 x 512^2 volume: about 180 MiB more peak than 5 objects;
-    docs/reliability.md, "Memory of large volumes"). Trimming between the stages keeps part of that
-    from adding to the next stage's peak. Costs about 0.1 ms."""
+    nothing elsewhere), for a case of ``voxels`` voxels (None: always). The geometry makes many
+    arrays of a few MiB per object (support labels, region masks, box-sized resamplings); glibc
+    serves those from its heap once its dynamic mmap threshold has grown, and keeps freed heap pages
+    resident, so they pile up from stage to stage (50 objects in a 1000 x 512^2 volume: about
+    180 MiB more peak than 5 objects; docs/reliability.md, "Memory of large volumes"). Trimming
+    between the stages keeps part of that from adding to the next stage's peak. A call walks the
+    whole heap (about 1 ms with torch loaded), so cases below :data:`TRIM_MIN_VOXELS` skip it."""
+    if voxels is not None and voxels < TRIM_MIN_VOXELS:
+        return
     trim = _glibc_trim()
     if trim is not None:
         trim(0)

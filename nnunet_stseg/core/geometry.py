@@ -743,17 +743,22 @@ def slab_ranges(length: int, voxels_per_slice: int, slab_voxels: int) -> list[tu
 
 
 def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
-                           slab_voxels: int = 2 ** 24) -> torch.Tensor:
+                           slab_voxels: int = 2 ** 24, background_from_rest: bool = False) -> torch.Tensor:
     """Probabilities (K, *grid) on a coarse grid brought to the full grid ``shape`` of the same field
     of view by linear interpolation (half-pixel centres: the values ``F.interpolate(...,
     align_corners=False)`` gives), written slab by slab along the first axis into ONE new tensor of
     ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision canvas never has a float32
     twin. Separable, as linear interpolation is: each slab's source slices are upsampled in-plane
-    (one batched 2D interpolation), then blended along the first axis.
+    (one batched 2D interpolation), then blended along the first axis. ``background_from_rest``
+    (softmax probabilities, channel 0 = background): channel 0 is 1 - the sum of the others,
+    interpolated from them (interpolation keeps a sum of 1: the same map up to float rounding, one
+    channel less to interpolate: half the work for a foreground / background model).
 
     >>> p = torch.tensor([[[[0.0, 1.0]]]])                  # (K, Z, Y, X) = (1, 1, 1, 2)
     >>> upsample_probabilities(p, (1, 1, 4))[0, 0, 0].tolist()
     [0.0, 0.25, 0.75, 1.0]
+    >>> upsample_probabilities(torch.cat([1 - p, p]), (1, 1, 4), background_from_rest=True)[:, 0, 0].tolist()
+    [[1.0, 0.75, 0.25, 0.0], [0.0, 0.25, 0.75, 1.0]]
     >>> upsample_probabilities(torch.rand(2, 3, 5, 6), (12, 10, 12), slab_voxels=100).shape  # 3D, slab by slab
     torch.Size([2, 12, 10, 12])
     """
@@ -764,6 +769,7 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     if grid == shape:
         out.copy_(probs)
         return out
+    rest = 1 if background_from_rest and k > 1 else 0  # the first channel interpolated
     # the first axis's source position of every output slice, as F.interpolate computes it
     src = np.maximum((np.arange(shape[0]) + 0.5) * grid[0] / shape[0] - 0.5, 0.0)
     lo = np.minimum(np.floor(src).astype(np.int64), grid[0] - 1)
@@ -773,15 +779,18 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     mode = "bilinear" if len(shape) == 3 else "linear"
     for z0, z1 in slab_ranges(shape[0], k * int(np.prod(shape[1:])), slab_voxels):
         first, last = int(lo[z0]), int(hi[z1 - 1])
-        planes = probs[:, first:last + 1].transpose(0, 1).float()  # (n, K, *in-plane grid)
+        planes = probs[rest:, first:last + 1].transpose(0, 1).float()  # (n, K - rest, *in-plane grid)
         if tuple(planes.shape[2:]) != shape[1:]:
             planes = F.interpolate(planes, size=shape[1:], mode=mode, align_corners=False)
         if not weights[z0:z1].any():  # the output slices sit on source slices (e.g. a slice axis kept)
-            out[:, z0:z1] = planes[lo[z0:z1] - first].transpose(0, 1)
-            continue
-        w = frac[z0:z1].reshape(-1, *(1,) * (len(shape)))
-        slab = planes[lo[z0:z1] - first] * (1 - w) + planes[hi[z0:z1] - first] * w  # (z1 - z0, K, ...)
-        out[:, z0:z1] = slab.transpose(0, 1)
+            index = lo[z0:z1] - first
+            slab = planes if np.array_equal(index, np.arange(len(planes))) else planes[index]  # no copy if all
+        else:
+            w = frac[z0:z1].reshape(-1, *(1,) * (len(shape)))
+            slab = planes[lo[z0:z1] - first] * (1 - w) + planes[hi[z0:z1] - first] * w  # (z1 - z0, K - rest, ...)
+        out[rest:, z0:z1] = slab.transpose(0, 1)
+        if rest:
+            out[0, z0:z1] = torch.sub(1.0, slab[:, 0] if slab.shape[1] == 1 else slab.sum(1))
     return out
 
 
