@@ -21,8 +21,8 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.runner import (evaluate, find_command, pipeline_env, plan_command_line,
-                                          predict_command_line, run, train_command_line)
+from nnunet_stseg.commands.runner import (evaluate, find_command, pipeline_env, plan_command_line, predict_command_line,
+                                          run, train_command_line)
 
 
 @dataclass(frozen=True, kw_only=True)
