@@ -352,3 +352,29 @@ def test_support_labels_and_extents_match_every_corner_and_every_voxel(grid, sha
         want = (np.stack([voxels.min(0), voxels.max(0) + 1], axis=1) if len(voxels)
                 else np.zeros((len(shape), 2), np.int64))
         np.testing.assert_array_equal(extents[component - 1], want)
+
+
+def test_a_proposal_below_the_decision_gets_the_box_of_its_threshold_on_the_full_grid():
+    """Recall-first proposals found on the coarse grid: a faint component (0.35) has no voxel at the
+    argmax decision on the full grid, so it is read at the proposal threshold there (its cells, the
+    half-pixel interpolation edge above 0.3), while the decided component keeps its box."""
+    from nnunet_stseg.core.geometry import CropParams, find_objects, recall_proposals, upsample_probabilities
+
+    coarse = torch.zeros(2, 1, 16, 16)
+    coarse[1, 0, 3:6, 3:6] = 0.9
+    coarse[1, 0, 10:13, 10:13] = 0.35
+    coarse[0] = 1 - coarse[1]
+    decided = (coarse[1] > coarse[0]).numpy()
+    proposals, n_extra = recall_proposals(decided, (1 - coarse[0]).numpy(), 0.3, [False, True, True])
+    assert n_extra == 1
+    canvas = upsample_probabilities(coarse, (1, 64, 64), torch.float16, background_from_rest=True)
+    params = CropParams(patch_size=(1, 32, 32))
+    at_decision = find_objects(proposals, [1, 1, 1], params, image_shape=(1, 64, 64), probabilities=canvas)
+    found = find_objects(proposals, [1, 1, 1], params, image_shape=(1, 64, 64), probabilities=canvas,
+                         decided=decided, proposal_threshold=0.3)
+    assert at_decision.ids.tolist() == [1], "at the decision the faint component has no full-grid voxel"
+    assert found.ids.tolist() == [1, 2]
+    np.testing.assert_array_equal(found.tight_boxes[0], at_decision.tight_boxes[0])
+    assert found.tight_boxes[0].tolist() == [[0, 1], [12, 24], [12, 24]]
+    # cells 10..12 cover pixels 40..51; 0.35 fades to 0 over the outer half pixel-cells: >= 0.3 from 41 to 50
+    assert found.tight_boxes[1].tolist() == [[0, 1], [41, 51], [41, 51]]

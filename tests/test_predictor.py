@@ -240,6 +240,38 @@ def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_sta
             _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
 
 
+def test_recall_first_proposals_on_a_coarser_grid_reach_a_faint_object(planned, capsys):
+    """The same faint object (0.35 < the argmax decision) with the coarse output on a grid 2 x
+    coarser than the full one, as a real coarse model gives it: the proposal's box is read off the
+    upsampled probabilities at the proposal threshold, not at the decision (where it has no voxel:
+    0.8.2 dropped every such proposal there, silently), so the faint object is cropped and
+    segmented; the decided objects' crops are the same as without proposals."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    components, n = ndimage.label(labels[0] > 0)
+    faint = components[None] == n
+    cls = int(labels[faint].max())
+    probs = one_hot(labels)
+    probs[:, faint] = 0.0
+    probs[0, faint], probs[cls, faint] = 0.65, 0.35
+    coarse = torch.nn.functional.avg_pool2d(probs, 2)  # (K, 1, Y / 2, X / 2): cells of 2 x 2 pixels
+    assert coarse.shape[-1] * 2 == labels.shape[-1]
+    config = fine_config_name("2d", 64)
+
+    p, lm, net = _predictor(root, ds[2], config, labels, coarse=coarse)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    published = sorted(str(o["crop_box"]) for o in p.last_objects["objects"])
+    assert not seg[faint].any() and p.last_timings["n_boxes"] == n - 1
+
+    p, lm, net = _predictor(root, ds[2], config, labels, coarse=coarse, proposal_threshold=0.3)
+    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
+    assert p.last_timings["n_boxes"] == n and net.crops_seen == n
+    assert "1 below the coarse decision, foreground probability >= 0.3" in capsys.readouterr().out
+    assert (seg[faint] == cls).mean() > 0.9, "the faint object is segmented by the fine stage"
+    objects = p.last_objects["objects"]
+    assert sorted(str(o["crop_box"]) for o in objects if o["proposal"] == "coarse argmax") == published
+
+
 def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsys):
     """Hundreds of coarse components (metastases, or a speckled coarse mask): every one is cropped
     and segmented, max_crops at a time (a bound on memory, not on the result: 0.1 dropped all but

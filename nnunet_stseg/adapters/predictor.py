@@ -692,7 +692,8 @@ class StSPredictor(PluginPredictor):
         t3 = self._clock()
         self._add_seconds(coarse_to_full_grid=t3 - t2)
         found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
-                             image_shape=shape, probabilities=canvas, multilabel=multilabel)
+                             image_shape=shape, probabilities=canvas, multilabel=multilabel,
+                             decided=foreground if n_extra else None, proposal_threshold=crop.proposal_threshold)
         below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
                  else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
         del proposals, foreground

@@ -362,11 +362,13 @@ def support_labels(labels: np.ndarray, box: np.ndarray, image_shape: Sequence[in
 
 
 def component_voxels(probs: torch.Tensor, labels: np.ndarray, component: int, box: np.ndarray,
-                     multilabel: bool) -> np.ndarray:
+                     multilabel: bool, threshold: float | None = None) -> np.ndarray:
     """Bool mask of ``box`` (ndim, 2) on the full grid of ``probs`` (K, *shape: coarse probabilities
     linearly upsampled): the voxels whose upsampled values say foreground and whose foreground comes
     from the coarse component ``component`` of ``labels`` (:func:`support_labels`): that component's
-    part of the full-grid mask, read only inside the box.
+    part of the full-grid mask, read only inside the box. "Foreground" is nnU-Net's decision
+    (:func:`foreground_from_probabilities`), or with ``threshold`` a foreground probability of at
+    least that (:func:`foreground_probability`: a recall-first proposal below the decision).
 
     >>> coarse = torch.tensor([[[[0.0, 1.0, 1.0, 0.0]]], [[[1.0, 0.0, 0.0, 1.0]]]])  # (K, 1, 1, 4): 2 objects
     >>> canvas = upsample_probabilities(coarse, (1, 1, 8))
@@ -375,14 +377,19 @@ def component_voxels(probs: torch.Tensor, labels: np.ndarray, component: int, bo
     [[[0, 0, 0, 0, 0, 0, 1, 1]]]
     """
     region = probs[(slice(None), *_box_slices(box))]
-    foreground = foreground_from_probabilities(region, multilabel).cpu().numpy()
-    return foreground & (support_labels(labels, box, probs.shape[1:]) == component)
+    if threshold is None:
+        foreground = foreground_from_probabilities(region, multilabel)
+    else:
+        foreground = foreground_probability(region, multilabel) >= threshold
+    return foreground.cpu().numpy() & (support_labels(labels, box, probs.shape[1:]) == component)
 
 
-def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, multilabel: bool) -> np.ndarray:
+def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, multilabel: bool,
+                       thresholds: Sequence[float | None] | None = None) -> np.ndarray:
     """Tight boxes (N, ndim, 2) on the full grid of ``probs`` (K, *shape) of the foreground of the
-    coarse components 1..N of ``labels`` (:func:`component_voxels`), component i looked for inside
-    ``boxes[i]`` (ndim, 2); a component without any such voxel gets an empty extent (start = stop).
+    coarse components 1..N of ``labels`` (:func:`component_voxels`, component i at ``thresholds[i]``:
+    None = nnU-Net's decision), component i looked for inside ``boxes[i]`` (ndim, 2); a component
+    without any such voxel gets an empty extent (start = stop).
 
     >>> probs = torch.tensor([[[[1.0, 0.2, 0.3, 1.0, 0.4, 1.0]]], [[[0.0, 0.8, 0.7, 0.0, 0.6, 0.0]]]])
     >>> labels = np.array([[[0, 1, 1, 0, 2, 0]]])            # already on the full grid here
@@ -393,7 +400,7 @@ def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarra
     boxes = np.asarray(boxes, dtype=np.int64)
     extents = np.repeat(boxes[:, :, :1], 2, axis=2)
     for i, box in enumerate(boxes):
-        mask = component_voxels(probs, labels, i + 1, box, multilabel)
+        mask = component_voxels(probs, labels, i + 1, box, multilabel, None if thresholds is None else thresholds[i])
         for d in range(mask.ndim):  # the extent along each axis from the mask's projection onto it
             hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))
             if not len(hits):
@@ -404,7 +411,8 @@ def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarra
 
 def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.random.Generator | None = None,
                  rule_spacing: Sequence[float] | None = None, image_shape: Sequence[int] | None = None,
-                 probabilities: torch.Tensor | None = None, multilabel: bool = False) -> FoundObjects:
+                 probabilities: torch.Tensor | None = None, multilabel: bool = False,
+                 decided=None, proposal_threshold: float | None = None) -> FoundObjects:
     """The whole box pipeline on a binary mask: components -> drop small -> square + pad ->
     (jitter if ``rng``) -> fit to the image. ``rule_spacing``: the grid the size rule is judged on
     (see :func:`keep_large_enough`). ``image_shape``: the full-resolution grid the boxes are for,
@@ -415,7 +423,11 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     the upsampled probabilities gives, read only there, only the voxels whose foreground comes from
     that component; a component with no foreground there, a coarse cell just above the decision
     whose upsampled values all fall below it, is no object at all, as it was none on the full grid),
-    or without ``probabilities`` the full-grid voxels of its cells (:func:`boxes_on_grid`). ``spacing`` is always that of the full-resolution grid; the
+    or without ``probabilities`` the full-grid voxels of its cells (:func:`boxes_on_grid`). With
+    recall-first proposals, ``decided`` (the coarse argmax foreground, on the mask's grid) and
+    ``proposal_threshold``: a component holding no ``decided`` cell (a proposal below the decision)
+    is read off ``probabilities`` where the foreground probability is at least the threshold (at the
+    decision it has no voxel at all). ``spacing`` is always that of the full-resolution grid; the
     returned labels stay on the mask's grid.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
@@ -432,8 +444,12 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     exists = np.ones(len(boxes), bool)
     if shape != mask.shape:
         reach = boxes_on_grid(boxes, mask.shape, shape, pad_cells=0.5)
+        thresholds = None
+        if decided is not None and proposal_threshold is not None:
+            holds = np.bincount(labels[_as_numpy(decided).astype(bool)], minlength=len(boxes) + 1)[1:] > 0
+            thresholds = [None if h else float(proposal_threshold) for h in holds]
         boxes = (boxes_on_grid(boxes, mask.shape, shape) if probabilities is None
-                 else foreground_extents(probabilities, labels, reach, multilabel))
+                 else foreground_extents(probabilities, labels, reach, multilabel, thresholds))
         exists = np.all(boxes[:, :, 1] > boxes[:, :, 0], axis=1)
     keep = keep_large_enough(boxes, spacing, params, rule_spacing) & exists
     dropped = reach[~keep & exists]
