@@ -52,8 +52,9 @@ class CropParams:
       argmax voxel become proposals too (at most ``max_crops`` more per case, the most probable
       first); None = argmax components only (the published method). In (0, 0.5].
     - ``negative_fraction``: training only: this fraction of the fine stage's crops is drawn where
-      the label has no foreground (sized like the case's object crops), so the fine network learns
-      to return nothing for a false proposal; 0 = crops around objects only (the published method).
+      the label has no foreground (sized like the case's object crops, smaller where none fits), so
+      the fine network learns to return nothing for a false proposal; 0 = crops around objects only
+      (the published method).
 
     Both default to the published method (None, 0): recall-first proposals did not raise the
     validation DSC on Kvasir-SEG (docs/benchmarks/kvasir_recall.md); plans without the keys (made
