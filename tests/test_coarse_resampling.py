@@ -373,7 +373,7 @@ def test_a_proposal_below_the_decision_gets_the_box_of_its_threshold_on_the_full
     found = find_objects(proposals, [1, 1, 1], params, image_shape=(1, 64, 64), probabilities=canvas,
                          decided=decided, proposal_threshold=0.3)
     assert at_decision.ids.tolist() == [1], "at the decision the faint component has no full-grid voxel"
-    assert found.ids.tolist() == [1, 2]
+    assert found.ids.tolist() == [1, 2] and found.below.tolist() == [False, True] and at_decision.below is None
     np.testing.assert_array_equal(found.tight_boxes[0], at_decision.tight_boxes[0])
     assert found.tight_boxes[0].tolist() == [[0, 1], [12, 24], [12, 24]]
     # cells 10..12 cover pixels 40..51; 0.35 fades to 0 over the outer half pixel-cells: >= 0.3 from 41 to 50

@@ -39,8 +39,7 @@ from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
-                                        sample_negative_box, smallest_crop_size, square_and_pad,
-                                        whole_image_boxes)
+                                        sample_negative_box, smallest_crop_size, square_and_pad, whole_image_boxes)
 from nnunet_stseg.core.metrics import add_precision_recall
 from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
@@ -194,6 +193,7 @@ class StSCropDataLoader(ResampledSampleLoader):
                          depth_slice_axis=depth_slice_axis)
         self.crop = crop
         self.spacing3 = np.asarray(spacing3, dtype=float)
+        self.negative_floor = smallest_crop_size(self.spacing3, crop)  # the smallest negative crop
         self._box_cache: dict[str, np.ndarray] = {}
         # self.patch_size / final_patch_size are 3-axis here (nnU-Net prepends 1 for 2D)
         self.enlarge = np.asarray(self.patch_size, dtype=float) / np.asarray(self.final_patch_size, dtype=float)
@@ -241,8 +241,7 @@ class StSCropDataLoader(ResampledSampleLoader):
             region, _ = self._read_region(seg, self._enlarged(box), shape)
             return not self.foreground(region).any()
 
-        box = sample_negative_box(shape, sizes, self.crop.active, is_free, rng,
-                                  min_size=smallest_crop_size(self.spacing3, self.crop))
+        box = sample_negative_box(shape, sizes, self.crop.active, is_free, rng, min_size=self.negative_floor)
         return None if box is None else box[None]
 
     def make_sample(self, key, data, seg, properties, rng):

@@ -694,8 +694,7 @@ class StSPredictor(PluginPredictor):
         found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
                              image_shape=shape, probabilities=canvas, multilabel=multilabel,
                              decided=foreground if n_extra else None, proposal_threshold=crop.proposal_threshold)
-        below = (~np.isin(found.ids, found.labels[foreground.cpu().numpy()]) if n_extra
-                 else np.zeros(len(found.ids), bool))  # the kept proposals below the coarse decision
+        below = found.below if n_extra else np.zeros(len(found.ids), bool)  # the kept proposals below the decision
         del proposals, foreground
         release_freed_heap(int(np.prod(shape)))  # the box search's many small arrays, before the crops
         boxes, n_dropped = found.crop_boxes, found.n_dropped

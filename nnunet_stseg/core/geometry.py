@@ -298,7 +298,9 @@ class FoundObjects(NamedTuple):
     """What :func:`find_objects` found: the component label image (0 = background), the kept
     components' label values (N,) and tight boxes (N, ndim, 2), their crop boxes (N, ndim, 2:
     squared, padded, fitted to the image), how many components the size rule dropped, and those
-    components' label values (M,) with boxes (M, ndim, 2) on the full grid that hold their foreground."""
+    components' label values (M,) with boxes (M, ndim, 2) on the full grid that hold their foreground;
+    with ``decided`` given, ``below`` (N,): the kept components that hold no decided cell (recall-first
+    proposals below the coarse decision)."""
 
     labels: np.ndarray
     ids: np.ndarray
@@ -307,6 +309,7 @@ class FoundObjects(NamedTuple):
     n_dropped: int
     dropped_ids: np.ndarray | None = None
     dropped_boxes: np.ndarray | None = None
+    below: np.ndarray | None = None
 
 
 def boxes_on_grid(boxes: np.ndarray, from_shape: Sequence[int], to_shape: Sequence[int],
@@ -426,9 +429,9 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     whose upsampled values all fall below it, is no object at all, as it was none on the full grid),
     or without ``probabilities`` the full-grid voxels of its cells (:func:`boxes_on_grid`). With
     recall-first proposals, ``decided`` (the coarse argmax foreground, on the mask's grid) and
-    ``proposal_threshold``: a component holding no ``decided`` cell (a proposal below the decision)
-    is read off ``probabilities`` where the foreground probability is at least the threshold (at the
-    decision it has no voxel at all). ``spacing`` is always that of the full-resolution grid; the
+    ``proposal_threshold``: a component holding no ``decided`` cell (a proposal below the decision,
+    marked in ``below``) is read off ``probabilities`` where the foreground probability is at least
+    the threshold (at the decision it has no voxel at all). ``spacing`` is always that of the full-resolution grid; the
     returned labels stay on the mask's grid.
 
     >>> mask = np.zeros((1, 64, 64), bool); mask[0, 20:30, 20:40] = True; mask[0, 50:52, 5:7] = True
@@ -443,11 +446,12 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     shape = mask.shape if image_shape is None else tuple(int(s) for s in image_shape)
     reach = boxes
     exists = np.ones(len(boxes), bool)
+    holds = (None if decided is None
+             else np.bincount(labels[_as_numpy(decided).astype(bool)], minlength=len(boxes) + 1)[1:] > 0)
     if shape != mask.shape:
         reach = boxes_on_grid(boxes, mask.shape, shape, pad_cells=0.5)
         thresholds = None
-        if decided is not None and proposal_threshold is not None:
-            holds = np.bincount(labels[_as_numpy(decided).astype(bool)], minlength=len(boxes) + 1)[1:] > 0
+        if holds is not None and proposal_threshold is not None:
             thresholds = [None if h else float(proposal_threshold) for h in holds]
         boxes = (boxes_on_grid(boxes, mask.shape, shape) if probabilities is None
                  else foreground_extents(probabilities, labels, reach, multilabel, thresholds))
@@ -459,7 +463,8 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
     if rng is not None and len(boxes):
         centre, size = jitter(centre, size, shape, params, rng)
     return FoundObjects(labels, np.flatnonzero(keep) + 1, boxes, fit_to_image(centre, size, shape),
-                        int((~keep & exists).sum()), np.flatnonzero(~keep & exists) + 1, dropped)
+                        int((~keep & exists).sum()), np.flatnonzero(~keep & exists) + 1, dropped,
+                        None if holds is None else ~holds[keep])
 
 
 def recall_proposals(foreground, probability, threshold: float | None, active: Sequence[bool],
