@@ -72,6 +72,18 @@ def test_memory_report(tmp_path, monkeypatch):
     assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"
 
 
+def test_fine_batches_report(tmp_path, monkeypatch):
+    out, scratch = tmp_path / "fine_batches.md", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    main(["--fine_batches", "1", "3", "-s", "16", "--features", "4", "--shape3d", "16", "48", "48", "--out", str(out)])
+    text = out.read_text()
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if re.match(r"\| \d", l)]
+    assert [(r[0], r[1]) for r in rows] == [("1", "9"), ("3", "9")], "every batch full, at least 8 crops"
+    assert all(r[2] == "16x16x16" and float(r[4]) > 0 for r in rows)
+    assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"
+
+
 def test_size_loss_report(tmp_path):
     out = tmp_path / "size_loss.md"
     main(["--size_loss", "--size_loss_sides", "16", "--size_loss_batch", "2", "--features", "4", "--size_loss_steps",

@@ -411,6 +411,35 @@ def test_identity_polar_model_reproduces_the_labels(planned_polar, regions, caps
     assert p.last_objects["n_objects"] == n_objects and p.last_objects["n_origins_rejected"] == 1
 
 
+def test_each_slice_is_fused_once_when_its_last_origin_is_in(planned_polar, monkeypatch):
+    """Origins go through the polar network a batch at a time; a slice's fusion sums live only
+    until its last origin is in, then the slice is fused once (no (K, Z, H, W) volume of sums): the
+    same probabilities with one origin per batch (every slice's sums span batches) as with all in
+    one, on two slices of several objects each."""
+    import nnunet_stseg.adapters.polar_predictor as polar_module
+
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    volume = np.ascontiguousarray(np.concatenate([labels, labels[:, :, ::-1]]))  # (2, H, W)
+    fused_slices = []
+    fuse = polar_module.fuse_polar_slice
+    monkeypatch.setattr(polar_module, "fuse_polar_slice", lambda score, *a, **k: (
+        fused_slices.append(score.copy()), fuse(score, *a, **k))[1])
+    outs = []
+    for per_batch in (16, 1):
+        p, lm, net, data = _polar_predictor(root, ds, volume, volume, regions=False)
+        p._sts_config().crops_per_batch = per_batch
+        outs.append(p.predict_logits_from_preprocessed_data(data))
+    n_origins = p.last_timings["n_origins"]
+    assert n_origins >= 4 and len(fused_slices) == 2 * 2, "each slice fused once per prediction"
+    for a, b in zip(fused_slices[:2], fused_slices[2:]):
+        assert np.array_equal(a, b), "a slice is fused with every origin's score in it"
+    assert torch.equal(outs[0], outs[1])
+    seg = lm.convert_logits_to_segmentation(outs[1]).numpy()
+    for z in range(2):
+        assert _dice(seg[z] > 0, volume[z] > 0) >= 0.95
+
+
 def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeypatch):
     """STSEG_POLAR_MAX_ORIGINS=1 (one object per slice): only the largest coarse component gives a
     polar view; a bad value is a clear error."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+import nnunet_stseg.adapters.predictor as predictor_module
 from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
 
 from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
@@ -272,10 +273,11 @@ def test_recall_first_proposals_on_a_coarser_grid_reach_a_faint_object(planned, 
     assert sorted(str(o["crop_box"]) for o in objects if o["proposal"] == "coarse argmax") == published
 
 
-def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsys):
+def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsys, monkeypatch):
     """Hundreds of coarse components (metastases, or a speckled coarse mask): every one is cropped
     and segmented, max_crops at a time (a bound on memory, not on the result: 0.1 dropped all but
-    the largest), with the same fused result as one batch; the log says how many batches."""
+    the largest), with the same fused result as one batch (on the CPU a chunk is also at most one
+    fine batch: lifted here to get a single chunk); the log says how many batches."""
     root, ds = planned
     labels = _label_volume(ds[2])
     speckle = np.zeros_like(labels)
@@ -284,12 +286,21 @@ def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsy
     speckle = np.maximum(speckle, np.roll(speckle, 1, axis=2))  # ...grown to 2x2
     p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), speckle, min_object_size=1)
     n_specks = int(speckle[0, ::7, ::7].sum())
-    p._sts_config().max_crops = 10000
-    one_batch = p.predict_logits_from_preprocessed_data(one_hot(speckle))
-    p._sts_config().max_crops = 10
+    p._sts_config().max_crops = p._sts_config().crops_per_batch = 10000
+    with monkeypatch.context() as m:
+        m.setattr(predictor_module, "CPU_BATCH_VOXELS", 10 ** 9)
+        one_batch = p.predict_logits_from_preprocessed_data(one_hot(speckle))
+    p._sts_config().max_crops, p._sts_config().crops_per_batch = 10, 16
     batched = p.predict_logits_from_preprocessed_data(one_hot(speckle))
+    cut = []  # on the CPU the crops are cut one fine batch at a time, whatever max_crops allows
+    crop_and_resample = predictor_module.crop_and_resample
+    monkeypatch.setattr(predictor_module, "crop_and_resample", lambda image, boxes, *a, **k: (
+        cut.append(len(boxes)), crop_and_resample(image, boxes, *a, **k))[1])
+    p._sts_config().max_crops, p._sts_config().crops_per_batch = 10000, 16
+    assert torch.allclose(p.predict_logits_from_preprocessed_data(one_hot(speckle)), one_batch, atol=1e-5)
+    assert sum(cut) == n_specks and max(cut) == 16
     out = capsys.readouterr().out
-    assert p.last_timings["n_boxes"] == n_specks > 100 and net.crops_seen == 2 * n_specks
+    assert p.last_timings["n_boxes"] == n_specks > 100 and net.crops_seen == 3 * n_specks
     assert f"in {-(-n_specks // 10)} batches of at most max_crops=10" in out
     assert torch.allclose(batched, one_batch, atol=1e-5)
     assert np.array_equal(lm.convert_logits_to_segmentation(batched).numpy() > 0, speckle > 0), "no speck lost"

@@ -152,20 +152,23 @@ class PolarPredictor(StSPredictor):
             return self.heatmap_origins(data)
         return self.origins(foreground, probability)
 
-    def _polar_passes(self, image: torch.Tensor, origins: np.ndarray, n_classes: int, multilabel: bool,
-                      view_weights: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, float, float]:
-        """Every origin's polar prediction, back in Cartesian space, summed per slice into the fusion
-        terms of :func:`~nnunet_stseg.core.fusion.fuse_polar_slice`: score (Z, H, W) on the host,
-        class sums (K, Z, H, W) and weight sums (Z, H, W) on the image's device; plus the geometry and
-        network seconds. Origins go through the network in batches of ``crops_per_batch``;
-        ``view_weights`` (N,) weight each origin's view (None: all 1)."""
+    def _polar_passes(self, image: torch.Tensor, origins: np.ndarray, out: torch.Tensor, multilabel: bool,
+                      view_weights: np.ndarray | None = None) -> tuple[float, float]:
+        """Every origin's polar prediction, back in Cartesian space, fused per slice into ``out``
+        (K, Z, H, W), the case's probabilities (:func:`~nnunet_stseg.core.fusion.fuse_polar_slice`
+        of the slice's summed terms); returns the geometry and network seconds. Origins go through
+        the network in batches of ``crops_per_batch``; a slice's sums (score on the host, class and
+        weight sums on the image's device) exist only while its origins are in flight: the slice is
+        fused once its last origin is in, so that with origins in slice order a few slices' sums are
+        held, never a (K, Z, H, W) volume of them. ``view_weights`` (N,) weight each origin's view
+        (None: all 1)."""
         sts = self._sts_config()
         pp = sts.polar
         shape = tuple(image.shape[1:])
-        score = np.zeros(shape, np.float32)
-        class_sum = torch.zeros((n_classes, *shape), dtype=torch.float32, device=image.device)
-        weight_sum = torch.zeros(shape, dtype=torch.float32, device=image.device)
+        n_classes = out.shape[0]
+        sums: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}  # z -> (score, class sum, weight sum)
+        slices, per_slice = np.unique(origins[:, 0].astype(int), return_counts=True)
+        pending = dict(zip(slices.tolist(), per_slice.tolist()))  # z -> origins not yet in its sums
         geometry_s = network_s = 0.0
         seam = angle_seam_padding(pp.polar_shape[0], pp.seam_padding_fraction, self._angle_stride())
         for start in range(0, len(origins), sts.crops_per_batch):
@@ -180,13 +183,21 @@ class PolarPredictor(StSPredictor):
             score_w, class_w = polar_fusion_weights(
                 cart, chunk[:, 1:], multilabel,
                 None if view_weights is None else view_weights[start:start + sts.crops_per_batch])
-            for i, z in enumerate(chunk[:, 0].astype(int)):
-                score[z] += score_w[i]
-                class_sum[:, z] += class_w[i] * cart[i]
-                weight_sum[z] += class_w[i]
+            for i, z in enumerate(chunk[:, 0].astype(int).tolist()):
+                if z not in sums:
+                    sums[z] = (np.zeros(shape[1:], np.float32),
+                               torch.zeros((n_classes, *shape[1:]), dtype=torch.float32, device=image.device),
+                               torch.zeros(shape[1:], dtype=torch.float32, device=image.device))
+                score, class_sum, weight_sum = sums[z]
+                score += score_w[i]
+                class_sum += class_w[i] * cart[i]
+                weight_sum += class_w[i]
+                pending[z] -= 1
+                if pending[z] == 0:  # the slice's last origin: fuse it, free its sums
+                    out[:, z] = fuse_polar_slice(*sums.pop(z), multilabel, pp.fusion_low, pp.fusion_high)
             geometry_s += (tb - ta) + (self._clock() - tc)
             network_s += tc - tb
-        return score, class_sum, weight_sum, geometry_s, network_s
+        return geometry_s, network_s
 
     def _keep_polar_objects(self, probs: torch.Tensor, multilabel: bool, origins: np.ndarray,
                             confidence: np.ndarray, fallback: str | None, n_unconfident: int) -> None:
@@ -194,7 +205,8 @@ class PolarPredictor(StSPredictor):
         origin with its confidence, and how many origins were dropped as not confident."""
         if self._sts_config().objects_report:
             found = objects_at_origins(foreground_from_probabilities(probs, multilabel).cpu().numpy(),
-                                       foreground_probability(probs, multilabel).cpu().numpy(), origins, confidence)
+                                       foreground_probability(probs, multilabel).float().cpu().numpy(), origins,
+                                       confidence)
             self._keep_objects({**found, "n_origins_below_confidence": n_unconfident}, fallback)
 
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
@@ -203,12 +215,13 @@ class PolarPredictor(StSPredictor):
         multilabel = self.label_manager.has_regions
         t0 = self._clock()
 
-        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device
+        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device, half precision
         ta = self._clock()
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
         candidates, confidence = self._origins_for_case(
-            data, foreground, foreground_probability(probs, multilabel).cpu().numpy() if source == "coarse" else None)
+            data, foreground, foreground_probability(probs, multilabel).float().cpu().numpy() if source == "coarse"
+            else None)
         confident = confidence >= pp.min_origin_confidence
         origins, confidence = candidates[confident], confidence[confident]
         n_unconfident = int((~confident).sum())
@@ -248,14 +261,8 @@ class PolarPredictor(StSPredictor):
                   + (f"; {kept_coarse} slice(s) with coarse foreground but no {lacking} keep the coarse prediction"
                      if kept_coarse else "") + unconfident_note)
 
-        score, class_sum, weight_sum, geometry_s, fine_s = self._polar_passes(
-            data.to(self.work_device).float(), origins, probs.shape[0], multilabel,
-            confidence if pp.confidence_weighting else None)
-        td = self._clock()
-        for z in z_with:
-            probs[:, z] = fuse_polar_slice(score[z], class_sum[:, z], weight_sum[z], multilabel, pp.fusion_low,
-                                           pp.fusion_high)
-        geometry_s += self._clock() - td
+        geometry_s, fine_s = self._polar_passes(data.to(self.work_device).float(), origins, probs, multilabel,
+                                                confidence if pp.confidence_weighting else None)
         self._add_seconds(geometry=geometry_s, polar_network=fine_s)
         self._keep_polar_objects(probs, multilabel, origins, confidence,
                                  "coarse in slices without origin" if kept_coarse else None, n_unconfident)

@@ -579,9 +579,9 @@ class StSPredictor(PluginPredictor):
 
     def fine_batch_size(self, crop_shape) -> int:
         """Crops per fine forward pass: ``sts.crops_per_batch``; on the CPU also at most
-        :data:`CPU_BATCH_VOXELS` voxels of crops (one batch of five 64^3 crops through a width-32
-        3D U-Net holds about 0.8 GiB of activations, two crops at a time take the same time on a
-        CPU: docs/design.md), at least one crop."""
+        :data:`CPU_BATCH_VOXELS` voxels of crops (a 64^3 crop through a width-32 3D U-Net holds
+        about 0.2 GiB of activations, and larger batches are not faster per crop on a CPU:
+        docs/design.md), at least one crop."""
         per_batch = self._sts_config().crops_per_batch
         if self.device.type == "cpu":
             per_batch = min(per_batch, max(1, CPU_BATCH_VOXELS // max(1, int(np.prod(crop_shape)))))
@@ -628,11 +628,13 @@ class StSPredictor(PluginPredictor):
 
     def coarse_probabilities(self, data: torch.Tensor) -> torch.Tensor:
         """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid
-        (:attr:`work_device`, float32): :meth:`coarse_output` linearly upsampled (the polar stage's
-        origins are found there)."""
+        (:attr:`work_device`, half precision, as the cascade's canvas and nnU-Net's own logits):
+        :meth:`coarse_output` linearly upsampled (the polar stage's origins are found there, and
+        its fused slices replace them)."""
         probs = self.coarse_output(data)
         t0 = self._clock()
-        probs = upsample_probabilities(probs, tuple(data.shape[1:]))
+        probs = upsample_probabilities(probs, tuple(data.shape[1:]), torch.float16,
+                                       background_from_rest=not self.label_manager.has_regions)
         self._add_seconds(coarse_to_full_grid=self._clock() - t0)
         return probs
 
@@ -737,9 +739,13 @@ class StSPredictor(PluginPredictor):
         covered, fine_s = [], 0.0  # the boxes pasted so far (no full-size coverage mask)
         # 4. + 5. every object, max_crops at a time (the bound is on memory, never on the result):
         # crops cut from the case -> fine pass -> pasted back and fused into the canvas (the first
-        # crop over a voxel replaces the coarse probabilities there)
-        for start in range(0, len(boxes), sts.max_crops):
-            chunk = boxes[start:start + sts.max_crops]
+        # crop over a voxel replaces the coarse probabilities there). On the CPU one fine batch at a
+        # time: a chunk's sampling grids, crops, logits and probabilities (46 3D crops at S = 64:
+        # ~400 MiB) then never coexist with the network's activations, at no cost in time
+        step = sts.max_crops if self.device.type != "cpu" else min(sts.max_crops,
+                                                                     self.fine_batch_size(crop.patch_size))
+        for start in range(0, len(boxes), step):
+            chunk = boxes[start:start + step]
             crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
             crops = crops[:, :, 0] if two_d else crops
             tb = self._clock()
@@ -820,9 +826,10 @@ def release_freed_heap(voxels: int | None = None) -> None:
         trim(0)
 
 
-CPU_BATCH_VOXELS = 2 * 64 ** 3
-"""Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): two
-3D crops at S = 64, every 2D crop of a case at S = 64 (up to ``crops_per_batch``)."""
+CPU_BATCH_VOXELS = 64 ** 3
+"""Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): one
+3D crop at S = 64 (as fast per crop as larger batches on a CPU, with half the activations of two:
+``nnunet-stseg benchmark --fine_batches 1 2 4``), 64 2D crops at S = 64 (up to ``crops_per_batch``)."""
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",

@@ -27,6 +27,12 @@ own 3d_fullres sliding window on the same volume (its network at the same width,
 
     nnunet-stseg benchmark --memory --out docs/benchmarks/memory_cpu.md
 
+``--fine_batches`` times the planned 3D fine network (``--shape3d``'s plan, S = ``--size``) on
+crops in batches of each given size, with the peak memory of its activations, to show what
+``CPU_BATCH_VOXELS`` trades (each batch size in a fresh process)::
+
+    nnunet-stseg benchmark --fine_batches 1 2 4 --out docs/benchmarks/fine_batch_cpu.md
+
 What is measured: one generated case per dimensionality (objects placed at random), nnU-Net
 preprocessing through the planned fine configuration, then the cascade stages as the predictor
 runs them: coarse pass (downsampling + coarse network + probabilities back on the full grid),
@@ -323,6 +329,53 @@ def _run_standard_case(shape, n_objects: int, size: int, features: int | None, s
             "features": ctx["standard_cm"].network_arch_init_kwargs["features_per_stage"][0]}
 
 
+@torch.inference_mode()
+def _fine_batch_point(shape, size: int, features: int | None, seed: int, batch: int, n_crops: int) -> dict:
+    """Seconds of the planned 3D fine network on ``n_crops`` random crops in batches of ``batch``
+    (best of 3 after a warm-up) and the peak resident memory those passes add (VmHWM reset after
+    the warm-up, minus the resident memory then)."""
+    ctx = _setup("3d", shape, 1, size, features, False, seed, standard=False)
+    net = ctx["cascade"].network.eval()
+    patch = [int(s) for s in ctx["fine_cm"].patch_size]
+    crops = torch.randn(n_crops, ctx["data"].shape[0], *patch)
+
+    def passes():
+        for i in range(0, n_crops, batch):
+            net(crops[i:i + batch])
+    passes()
+    base = _status_mb("VmRSS")
+    reset = _reset_peak_rss()
+    seconds = _timed(passes, repeats=3)[0]
+    return {"batch": batch, "crops": n_crops, "patch": "x".join(str(s) for s in patch),
+            "features": ctx["fine_cm"].network_arch_init_kwargs["features_per_stage"][0],
+            "seconds": seconds, "per_crop_s": seconds / n_crops,
+            "activations_mb": _status_mb("VmHWM") - base if reset else float("nan")}
+
+
+def fine_batches(args, cmd: str) -> str:
+    """Time and activation memory of the fine network per CPU batch size (each in a fresh process)."""
+    step = int(np.lcm.reduce(args.fine_batches))
+    n_crops = step * -(-8 // step)  # every batch size full, at least 8 crops
+    rows = []
+    for b in args.fine_batches:
+        r = _in_fresh_process(_fine_batch_point, (tuple(args.shape3d), args.size, args.features, args.seed, b, n_crops))
+        rows.append(r)
+        print(f"batch {b}: {r}", flush=True)
+    lines = [
+        *report_header("Fine network batch size on the CPU", cmd),
+        f"Budget: the planned 3D fine network (S = {args.size}, random weights, no TTA) on {n_crops} random crops "
+        "in batches of each size, best of 3 timed passes after a warm-up, each batch size in a fresh process; "
+        "'activations' = peak resident memory during the timed passes above the resident memory before them.",
+        "",
+        "| batch | crops | patch | width | seconds | per crop s | activations MiB |",
+        "|---" * 7 + "|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['crops']} | {r['patch']} | {r['features']} | {r['seconds']:.2f} | "
+                     f"{r['per_crop_s']:.3f} | {r['activations_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _scaling_point(shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int) -> dict:
     """Cascade vs nnU-Net's standard 2d sliding window on the same preprocessed image."""
     ctx = _setup("2d", shape, n_objects, size, features, tta, seed)
@@ -439,6 +492,8 @@ def main(argv=None) -> None:
     p.add_argument("--memory_standard_step", type=float, default=1.0,
                    help="--memory: tile step of nnU-Net's 3d_fullres arm (1.0: no overlap, same arrays as 0.5; 0: "
                         "leave the arm out)")
+    p.add_argument("--fine_batches", type=int, nargs="+", default=None,
+                   help="time the planned 3D fine network per CPU batch size (e.g. 1 2 4)")
     p.add_argument("--compare_paths", action="store_true",
                    help="instead: a trained cascade's predictions with objects found on the coarse grid (0.8) vs on "
                         "the full grid (before), image by image (see nnunet_stseg/commands/compare_paths.py)")
@@ -469,6 +524,8 @@ def main(argv=None) -> None:
         report = scaling(args, cmd)
     elif args.memory:
         report = memory(args, cmd)
+    elif args.fine_batches:
+        report = fine_batches(args, cmd)
     else:
         report = per_stage(args, cmd)
     print("\n" + report)
