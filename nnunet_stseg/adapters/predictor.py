@@ -741,7 +741,8 @@ class StSPredictor(PluginPredictor):
         # crops cut from the case -> fine pass -> pasted back and fused into the canvas (the first
         # crop over a voxel replaces the coarse probabilities there). On the CPU one fine batch at a
         # time: a chunk's sampling grids, crops, logits and probabilities (46 3D crops at S = 64:
-        # ~400 MiB) then never coexist with the network's activations, at no cost in time
+        # ~400 MiB) then never coexist with the network's activations (the same sampling work, in
+        # smaller calls)
         step = sts.max_crops if self.device.type != "cpu" else min(sts.max_crops,
                                                                      self.fine_batch_size(crop.patch_size))
         for start in range(0, len(boxes), step):
