@@ -424,7 +424,8 @@ def scaling(args, cmd: str) -> str:
         *report_header("Inference time: cascade vs nnU-Net's sliding window (CPU)", cmd),
         f"Budget: 2D generated images, S = {args.size}, TTA {'on' if args.tta else 'off'}, random-weight planned "
         f"networks (nnU-Net's default width unless --features), oracle coarse mask (crops = its components on the "
-        f"coarse grid: objects that touch there share one), best of 2 timed runs after a warm-up; nnU-Net preprocessing and export excluded. 'standard' = nnU-Net's "
+        f"coarse grid: objects that touch there share one), best of 2 timed runs after a warm-up; nnU-Net "
+        f"preprocessing and export excluded. 'standard' = nnU-Net's "
         f"planned `2d` configuration predicting the same preprocessed image with its sliding window.", "",
         f"## Versus objects per image ({args.scaling_size} x {args.scaling_size})", "",
         "| objects placed | crops | cascade s | standard 2d s | standard patch |", "|---|---|---|---|---|"]
