@@ -37,6 +37,8 @@ MAX_ORIGINS_ENV = "STSEG_POLAR_MAX_ORIGINS"
 PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
 MIN_CONFIDENCE_ENV = "STSEG_POLAR_MIN_CONFIDENCE"
 CONFIDENCE_WEIGHTING_ENV = "STSEG_POLAR_CONFIDENCE_WEIGHTING"
+IN_PROCESS_ENV = "STSEG_PREDICT_IN_PROCESS"
+IN_PROCESS_LOG = "case(s) in this process"  # in the predictor's log line when it predicts without workers
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sts.objects_report"),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
             "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold"),
+    Setting(IN_PROCESS_ENV, "auto, 0 or 1",
+            "1: nnUNetv2_predict predicts our models in its own process (as -npp 0 -nps 0 asks, -num_parts kept); "
+            "0: always nnU-Net's worker processes as -npp/-nps ask; auto (unset): in its own process for the cascade "
+            "family on the CPU device of a machine with at most 2 usable cores"),
     Setting("STSEG_LOG_LEVEL", "debug or info",
             "debug: one line per predicted case with the seconds of every stage (also with "
             "nnUNetv2_predict --verbose)"),
@@ -164,6 +170,13 @@ def debug_log() -> bool:
     return _read("STSEG_LOG_LEVEL", str.lower, lambda v: v in ("debug", "info")) == "debug"
 
 
+def predict_in_process() -> bool | None:
+    """``STSEG_PREDICT_IN_PROCESS``: True (1), False (0) or None (unset or ``auto``: the predictor
+    decides from the device and the cores, :func:`nnunet_stseg.adapters.predictor.in_process_rule`)."""
+    value = _read(IN_PROCESS_ENV, lambda raw: {"0": False, "1": True, "auto": "auto"}.get(raw.lower()), lambda v: True)
+    return None if value == "auto" else value
+
+
 def plan_overrides() -> dict[str, object]:
     """The plan values that environment variables replace for this process, ``{plan key: value}``
     (checked: a bad value raises before any work starts).
@@ -195,4 +208,5 @@ __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_OR
            "PROPOSAL_THRESHOLD_ENV", "proposal_threshold",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
-           "schedule_settings", "debug_log"]
+           "schedule_settings", "debug_log", "IN_PROCESS_ENV", "IN_PROCESS_LOG",
+           "predict_in_process"]

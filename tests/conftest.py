@@ -132,6 +132,16 @@ _ENV_FIXED = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def worker_processes_as_asked():
+    """A test that passes ``-npp``/``-nps`` >= 1 means nnU-Net's worker path; on a machine with at
+    most 2 cores our predictors would predict in their own process instead (``auto``). The choice
+    itself is tested with the variable set explicitly (test_integration_cli.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STSEG_PREDICT_IN_PROCESS", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def nnunet_dirs(tmp_path_factory):
     """raw / preprocessed / results folders of a private nnU-Net installation for this session."""

@@ -8,7 +8,7 @@ every trainer family through the stock CLIs in ``trained_models.py``, and one ex
   without preprocessing (no fake training reads data).
 - ``nnUNetv2_train D C F -tr T`` writes what a finished training leaves: ``checkpoint_final.pth``
   and a training log in ``nnUNet_results/<dataset>/<T>__nnUNetPlans__<C>/fold_F``.
-- ``nnUNetv2_predict -i IN -o OUT ...`` writes, for every case in IN, a segmentation with the
+- ``nnUNetv2_predict -i IN -o OUT ...`` (or ``nnUNetv2_predict_from_modelfolder``) writes, for every case in IN, a segmentation with the
   case's geometry (channel 0 above its mean) through nnU-Net's reader/writer for the file ending.
 
 Every call is recorded (command and environment) in ``calls``.
@@ -92,7 +92,7 @@ class FakeNNUNet:
             text = "planned in-process\n"
         elif tool == "nnUNetv2_train":
             text = self._train(args, env)
-        elif tool == "nnUNetv2_predict":
+        elif tool in ("nnUNetv2_predict", "nnUNetv2_predict_from_modelfolder"):
             text = self._predict(args)
         else:
             raise ValueError(f"FakeNNUNet does not know {tool}")

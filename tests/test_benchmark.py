@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,37 @@ def test_size_loss_report(tmp_path):
     trace = [l for l in out.read_text().splitlines() if l.startswith("| 6 |") or l.startswith("| 14 |")]
     assert [l.split("|")[2].strip() for l in trace] == ["0", "1", "2", "4"] * 2
     assert all(l.split("|")[5].strip() == "8" for l in trace[:1])  # the start: argmax size 8
+
+
+def test_prediction_modes_report(tmp_path, monkeypatch):
+    """Orchestration of ``--prediction_modes`` (the stand-in predicts): each mode over the images
+    and on the first image alone, the in-process variable and worker flags as the table says, and
+    the label maps compared with the in-process ones."""
+    from nnunet_stseg.commands import prediction_modes
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+
+    from fake_nnunet import FakeNNUNet
+
+    fake, inputs = FakeNNUNet(), []
+
+    def counting(cmd, env, log=None, quiet=False):  # the input folders exist only while the command runs
+        inputs.append(len(list(Path(cmd[cmd.index("-i") + 1]).iterdir())))
+        return fake(cmd, env, log, quiet)
+
+    monkeypatch.setattr(prediction_modes, "run_measured", counting)
+    ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=977, dim=2, n_train=1, n_test=3)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "dataset.json").write_text((ds / "dataset.json").read_text())
+    out = tmp_path / "modes.md"
+    main(["--prediction_modes", "-m", str(model), "-i", str(ds / "imagesTs"), "--out", str(out)])
+    calls = fake.of("nnUNetv2_predict_from_modelfolder")
+    assert [c.env["STSEG_PREDICT_IN_PROCESS"] for c in calls] == ["1", "1", "0", "0", "0", "0"]
+    assert [("-npp" in c.args) for c in calls] == [False, False, False, False, True, True]
+    assert inputs == [3, 1] * 3, "each mode: all images, then the first alone"
+    text = out.read_text()
+    for mode in ("in process", "workers, -npp 3 -nps 3", "workers, -npp 1 -nps 1"):
+        assert re.search(rf"\| {re.escape(mode)} \| [0-9.]+ \| [0-9.]+ \| [0-9]+ \| [0-9]+ \| 3 of 3 \|", text), text
+    assert "3 images from" in text
+    with pytest.raises(SystemExit, match="no images"):
+        main(["--prediction_modes", "-m", str(model), "-i", str(tmp_path)])

@@ -79,6 +79,8 @@ def test_native_experiment_smoke(tmp_path, monkeypatch):
     for arm, r in results["arms"].items():
         assert r["n"] == 3 and 0 <= r["Dice"][0] <= 100 and r["ms_per_image"] > 0 and r["train_s"] > 0
         assert r["one_image_s"] > 0 and len(list((work / f"pred_one_{arm}").glob("*.png"))) == 1
+        # the fake's log has no in-process line: the default run counts as workers, the other mode is run too
+        assert r["mode"] == "workers" and set(r["ms_per_image_by_mode"]) == {"workers", "in_process"}
         for img in (ds / "imagesTs").glob("*.png"):
             pred = imread(str(Path(r["prediction"]) / img.name.replace("_0000", "")))
             assert pred.shape == imread(str(img)).shape[:2], arm
@@ -87,6 +89,8 @@ def test_native_experiment_smoke(tmp_path, monkeypatch):
     trained = sorted((c.args[1], c.args[c.args.index("-tr") + 1]) for c in fake.of("nnUNetv2_train"))
     assert ("2d_w4", "nnUNetTrainer_StSCoarse") in trained and ("2d_sts_fine_32", "nnUNetTrainer_StSFine") in trained
     assert all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in fake.of("nnUNetv2_train"))
+    modes = [c.env.get("STSEG_PREDICT_IN_PROCESS") for c in fake.of("nnUNetv2_predict")]
+    assert modes.count("1") == 2, modes  # the other mode, once per arm
     assert (tmp_path / "native_examples.png").read_bytes()[:4] == b"\x89PNG"
     again = tmp_path / "again.md"  # --report_only recognises the native results without --native
     main(["--workdir", str(work), "--report_only", "--out", str(again)])
@@ -133,23 +137,27 @@ def test_report_only_needs_a_finished_run(tmp_path, capsys):
 def test_native_findings_compare_each_cascade_with_nnunet_2d():
     from nnunet_stseg.commands.experiment_kvasir import native_findings, report_native
 
-    def arm(dice, recall, ms, train):
+    def arm(dice, recall, ms, train, mode="in_process"):
+        other = {"in_process": "workers", "workers": "in_process"}[mode]
         return {"Dice": (dice, 10.0), "IoU": (dice - 10, 10.0), "Precision": (dice, 5.0), "Recall": (recall, 5.0),
                 "ms_per_image": ms, "peak_rss_mb": 1000.0, "train_s": train, "one_image_s": 10.0,
-                "ms_per_more_image": ms - 100.0}
+                "ms_per_more_image": ms - 100.0, "mode": mode, "ms_per_image_by_mode": {mode: ms, other: 2 * ms}}
 
     results = {"budget": {"features": 16, "batch_size": 8, "epochs": 4, "iters": 50, "device": "cpu", "seed": 0,
                           "n_test": 100, "standard_patch": [640, 640]},
-               "arms": {"nnunet_2d": arm(80.0, 85.0, 2000.0, 3000.0), "cascade_64": arm(78.5, 86.0, 400.0, 500.0),
+               "arms": {"nnunet_2d": arm(80.0, 85.0, 2000.0, 3000.0, "workers"),
+                        "cascade_64": arm(78.5, 86.0, 400.0, 500.0),
                         "cascade_128": arm(70.0, 75.0, 2500.0, 900.0)}}
     c64, c128, cost = native_findings(results)
     assert "S = 64 vs nnU-Net 2d: DSC -1.50 points, recall +1.00, inference 5.0 x faster (0.20 x its time per " \
-           "image; 0.16 x per further image), training 500 vs 3000 s: within 2 DSC points, predicting faster" in c64
+           "image; 0.16 x per further image; both arms with nnU-Net's workers 0.40 x, both in process 0.10 x), " \
+           "training 500 vs 3000 s: within 2 DSC points, predicting faster" in c64
     assert "S = 128" in c128 and "DSC -10.00" in c128 and "more than 2 DSC points behind, not faster" in c128
     assert "took 15.0 s here (its 200 iterations" in cost
     text = report_native(results, "cmd")
     assert "| cascade S = 64 | 78.50 ± 10.00 |" in text and c64 in text
-    assert "| 400 | 10.0 | 300 | 1000 | 500 |" in text
+    assert "| 400 | 10.0 | 300 | 400 | 800 | 1000 | 500 |" in text
+    assert "nnU-Net 2d with nnU-Net's worker processes, cascade S = 64 in the command's own process" in text
     results["arms"]["cascade_64"]["Dice"] = (80.5, 10.0)
     assert "DSC +0.50 points" in native_findings(results)[0] and "ahead in DSC, predicting faster" in native_findings(results)[0]
     del results["arms"]["nnunet_2d"]

@@ -32,11 +32,13 @@ def _geometry(img: sitk.Image) -> tuple:
 
 
 def _predict(res, out: Path, *extra: str, config=None, trainer="nnUNetTrainer_StSFine", folds=("0",),
-             command="nnUNetv2_predict", check=True, env=None) -> subprocess.CompletedProcess:
+             command="nnUNetv2_predict", check=True, env=None, cores=None) -> subprocess.CompletedProcess:
     program, *subcommand = command.split()
     cmd = [find_command(program), *subcommand,
            *_predict_args(res, out, *extra, config=config, trainer=trainer, folds=folds)]
-    proc = subprocess.run(cmd, env=env or res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    limit = (lambda: os.sched_setaffinity(0, cores)) if cores else None  # noqa: E731
+    proc = subprocess.run(cmd, env=env or res.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=limit)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
     return proc
@@ -174,27 +176,54 @@ def test_own_predict_command_matches_stock_bit_for_bit(pipeline_2d, tmp_path):
     assert digest() == inputs_before
 
 
-def test_continue_prediction_and_parts(pipeline_2d, tmp_path):
+@pytest.mark.parametrize("mode", ["workers", "in_process", "auto_on_one_core"])
+def test_continue_prediction_and_parts(pipeline_2d, tmp_path, mode):
+    """-num_parts/-part_id and --continue_prediction with nnU-Net's worker processes (one each), in
+    the command's own process (``STSEG_PREDICT_IN_PROCESS=1``: the parts are kept, which nnU-Net's
+    own sequential path ignores; same label maps as the worker path), and with ``auto`` where the
+    command may use one core only (in process: the CPU device with at most 2 usable cores)."""
     res = pipeline_2d
-    out = tmp_path / "parts"  # worker path (one worker each): nnU-Net's sequential path ignores -num_parts
+    setting = {"workers": "0", "in_process": "1", "auto_on_one_core": "auto"}[mode]
+    env = {**res.env, "STSEG_PREDICT_IN_PROCESS": setting}
+    cores = {min(os.sched_getaffinity(0))} if mode == "auto_on_one_core" else None
+    in_process = mode != "workers"
+    out = tmp_path / "parts"
     cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
-    _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "0")
+    proc = _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "0", env=env, cores=cores)
     first = sorted(p.name for p in out.glob("*.nii.gz"))
     assert 0 < len(first) < len(cases), "part 0 of 2 should predict a strict subset"
-    _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "1")
+    assert (f"predicting {len(first)} case(s) in this process" in proc.stdout) == in_process, proc.stdout[-2000:]
+    _predict(res, out, "--disable_tta", *ONE_WORKER, "-num_parts", "2", "-part_id", "1", env=env, cores=cores)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [c + ".nii.gz" for c in cases]
     _assert_outputs_match_inputs(res, out, {0, 1})
+    if mode == "in_process":
+        workers = tmp_path / "workers"
+        _predict(res, workers, "--disable_tta", *ONE_WORKER, env={**res.env, "STSEG_PREDICT_IN_PROCESS": "0"})
+        for f in sorted(workers.glob("*.nii.gz")):
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(f))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(out / f.name)))), f.name
 
     # --continue_prediction redoes only what is missing
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     removed = out / f"{cases[0]}.nii.gz"
     removed.unlink()
-    proc = _predict(res, out, "--disable_tta", *ONE_WORKER, "--continue_prediction")
+    proc = _predict(res, out, "--disable_tta", *ONE_WORKER, "--continue_prediction", env=env, cores=cores)
     assert removed.is_file()
     for name, t in mtimes.items():
         if name != removed.name:
             assert (out / name).stat().st_mtime_ns == t, f"{name} was predicted again"
     assert proc.stdout.count("object(s) cropped") + proc.stdout.count("fallback") == 1
+
+
+def test_a_full_resolution_model_keeps_the_workers_on_one_core(pipeline_2d, tmp_path):
+    """``auto`` predicts in process only for models with small networks: the coarse model alone (a
+    plain nnU-Net network over the whole image) keeps nnU-Net's workers even on one usable core."""
+    res = pipeline_2d
+    env = {**res.env, "STSEG_PREDICT_IN_PROCESS": "auto"}
+    proc = _predict(res, tmp_path / "coarse", "--disable_tta", *ONE_WORKER, config=res.coarse_config,
+                    trainer="nnUNetTrainer_StSCoarse", env=env, cores={min(os.sched_getaffinity(0))})
+    assert "in this process" not in proc.stdout
+    assert len(list((tmp_path / "coarse").glob("*.nii.gz"))) == len(list((res.dataset_folder / "imagesTs").iterdir()))
 
 
 def test_missing_coarse_model_is_a_clear_error(pipeline_2d, tmp_path, monkeypatch):

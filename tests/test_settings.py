@@ -20,19 +20,21 @@ ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": s
              "STSEG_PROPOSAL_THRESHOLD": settings.proposal_threshold,
              "STSEG_POLAR_MIN_CONFIDENCE": settings.polar_min_confidence,
              "STSEG_POLAR_CONFIDENCE_WEIGHTING": settings.polar_confidence_weighting,
-             "STSEG_LOG_LEVEL": settings.debug_log}
+             "STSEG_LOG_LEVEL": settings.debug_log, "STSEG_PREDICT_IN_PROCESS": settings.predict_in_process}
 GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
         "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
         "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False),
         "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_POLAR_MIN_CONFIDENCE": ("0.7", 0.7),
-        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True), "STSEG_LOG_LEVEL": ("DEBUG", True)}
+        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True), "STSEG_LOG_LEVEL": ("DEBUG", True),
+        "STSEG_PREDICT_IN_PROCESS": ("0", False)}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
        "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
        "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"],
        "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_POLAR_MIN_CONFIDENCE": ["1", "-0.5", "high"],
-       "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"], "STSEG_LOG_LEVEL": ["verbose", "2"]}
+       "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"], "STSEG_LOG_LEVEL": ["verbose", "2"],
+       "STSEG_PREDICT_IN_PROCESS": ["yes", "2", "workers"]}
 
 
 def test_the_table_and_the_accessors_cover_the_same_variables():
@@ -55,6 +57,12 @@ def test_every_setting_unset_valid_and_invalid(monkeypatch, name):
         expected = re.escape(f"environment variable {name}={bad!r}: expected {settings.SETTINGS[name].expected}")
         with pytest.raises(ValueError, match=expected):
             read()
+
+
+def test_in_process_auto_means_the_predictor_decides(monkeypatch):
+    for raw, value in (("1", True), ("AUTO", None), ("auto", None), ("0", False)):
+        monkeypatch.setenv("STSEG_PREDICT_IN_PROCESS", raw)
+        assert settings.predict_in_process() is value
 
 
 def test_no_module_reads_stseg_variables_but_settings():

@@ -51,6 +51,7 @@ class CropGuidedPredictor(PluginPredictor):
     sts: StSConfig | None = None
     e2e: E2EParams | None = None
     last_timings: dict | None = None
+    small_networks = True  # one network on the coarse grid and on crops
 
     model_name = "end-to-end model"
 

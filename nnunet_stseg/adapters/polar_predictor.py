@@ -215,7 +215,7 @@ class PolarPredictor(StSPredictor):
         multilabel = self.label_manager.has_regions
         t0 = self._clock()
 
-        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device, half precision
+        probs = self.coarse_probabilities(data)  # (K, Z, H, W) on the work device, float32
         ta = self._clock()
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()

@@ -57,6 +57,47 @@ from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
 
+IN_PROCESS_MAX_CORES = 2
+"""On the CPU device, a machine with at most this many usable cores predicts in the command's own
+process (:func:`in_process_rule`); measured on 2 cores, see docs/design.md."""
+
+
+def usable_cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or ``taskset``'s limit),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_process_rule(device_type: str, cores: int, small_networks: bool, setting: bool | None = None) -> bool:
+    """Whether ``nnUNetv2_predict`` should predict in its own process (nnU-Net's sequential path)
+    rather than with the worker processes ``-npp``/``-nps`` ask for. ``small_networks``: the
+    model's networks run on a coarse grid or on crops (the cascade), not over the whole image at full
+    resolution. ``setting`` is ``STSEG_PREDICT_IN_PROCESS`` (None: decide here).
+
+    nnU-Net starts its workers with 'spawn': each imports torch and nnU-Net again (about 4 s of CPU
+    on a 2-core machine) and every case crosses process boundaries twice. On the CPU device the
+    network already uses every core, so where cores are few and the networks are small, the workers
+    cost more than they overlap: on 2 cores a 100-image native Kvasir run of the cascade took
+    28.3 s with -npp 3 -nps 3, 18.9 s with 1 and 1, 13.0 s in one process (62 ms per further image
+    against 70 and 138; ``benchmark --prediction_modes``). A full-resolution network keeps the main process busy long enough for the
+    workers to pay (nnU-Net 2d there: 1407 ms per image with workers, 1712 in one process), and on
+    a GPU the workers overlap with the device: both keep nnU-Net's workers.
+
+    >>> in_process_rule("cpu", 2, True), in_process_rule("cpu", 16, True), in_process_rule("cuda", 2, True)
+    (True, False, False)
+    >>> in_process_rule("cpu", 2, False), in_process_rule("cpu", 2, True, setting=False)
+    (False, False)
+    >>> in_process_rule("cuda", 16, False, setting=True)
+    True
+    """
+    if setting is not None:
+        return setting
+    return small_networks and device_type == "cpu" and cores <= IN_PROCESS_MAX_CORES
+
+
 class MissingModelError(FileNotFoundError):
     """A model that prediction needs is not there. Under nnU-Net's commands it is printed as one
     ``[nnunet-stseg] ERROR`` line instead of a traceback (see :func:`_one_line_for_missing_models`)."""
@@ -102,6 +143,9 @@ class PluginPredictor(nnUNetPredictor):
 
     depth_channel: bool = False
     applied_overrides: dict | None = None  # plan key -> {"plans": value, "used": value}
+    # networks on a coarse grid or on crops only (see in_process_rule); a plain model's network runs
+    # over the whole image at full resolution
+    small_networks: bool = False
 
     def _log(self, msg: str) -> None:
         print(f"[nnunet-stseg] {msg}", flush=True)
@@ -216,6 +260,38 @@ class PluginPredictor(nnUNetPredictor):
         self._report_failures(failures)
         return result
 
+    # nnU-Net reads this signature (it records its arguments with inspect + locals()): keep it
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
+        """nnU-Net's, or, when :func:`in_process_rule` says so (or ``-npp``/``-nps`` are both 0), the
+        cases of this part (``-num_parts``/``-part_id``, ``--continue_prediction``: selected here
+        as nnU-Net's worker path selects them; its own sequential path ignores the parts) predicted
+        one after the other in this process. Same preprocessing, network and export either way."""
+        setting = settings.predict_in_process()
+        asked_none = num_processes_preprocessing == 0 and num_processes_segmentation_export == 0
+        if not (asked_none or in_process_rule(self.device.type, usable_cpu_cores(), self.small_networks, setting)):
+            return super().predict_from_files(list_of_lists_or_source_folder,
+                                              output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                              overwrite, num_processes_preprocessing,
+                                              num_processes_segmentation_export, folder_with_segs_from_prev_stage,
+                                              num_parts, part_id)
+        cases, outputs, _ = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, part_id, num_parts, save_probabilities)
+        if not cases:
+            return
+        why = ("-npp 0 -nps 0" if asked_none else f"{settings.IN_PROCESS_ENV}=1" if setting else
+               f"CPU device, {usable_cpu_cores()} usable cores, small networks: worker processes would cost more "
+               f"than they overlap; {settings.IN_PROCESS_ENV}=0 starts them")
+        self._log(f"predicting {len(cases)} {settings.IN_PROCESS_LOG} ({why})")
+        if outputs:
+            os.makedirs(os.path.dirname(os.path.abspath(outputs[0])), exist_ok=True)
+        return self.predict_from_files_sequential(cases, outputs, save_probabilities, True,
+                                                  folder_with_segs_from_prev_stage)
+
     def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                       save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
@@ -295,6 +371,7 @@ class StSPredictor(PluginPredictor):
     last_timings: dict | None = None
     last_objects: dict | None = None  # the objects report of the last case (also written as <case>.objects.json)
     sts_role = "fine"  # the configuration role this predictor runs
+    small_networks = True
     # where the cascade finds its objects: "coarse" (the coarse model's grid, since 0.8) or "full" (the
     # coarse probabilities brought to the full grid first, as before 0.8: `benchmark --compare_paths`)
     objects_grid = "coarse"
@@ -628,13 +705,14 @@ class StSPredictor(PluginPredictor):
 
     def coarse_probabilities(self, data: torch.Tensor) -> torch.Tensor:
         """Coarse model probabilities (K, *data.shape[1:]) on the full-resolution grid
-        (:attr:`work_device`, half precision, as the cascade's canvas and nnU-Net's own logits):
-        :meth:`coarse_output` linearly upsampled (the polar stage's origins are found there, and
-        its fused slices replace them)."""
+        (:attr:`work_device`, float32): :meth:`coarse_output` linearly upsampled (the polar stage's
+        origins are found there, and its fused slices replace them). Not half precision: the
+        polar stage thresholds these maps and drops components below the size rule, so a
+        half-precision rounding at 0.5 could move a component across the rule (0.8.4 did: 61 of
+        36,864 voxels of the test suite's polar model changed, whole small components)."""
         probs = self.coarse_output(data)
         t0 = self._clock()
-        probs = upsample_probabilities(probs, tuple(data.shape[1:]), torch.float16,
-                                       background_from_rest=not self.label_manager.has_regions)
+        probs = upsample_probabilities(probs, tuple(data.shape[1:]))
         self._add_seconds(coarse_to_full_grid=self._clock() - t0)
         return probs
 

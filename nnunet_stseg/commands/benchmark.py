@@ -498,12 +498,17 @@ def main(argv=None) -> None:
     p.add_argument("--compare_paths", action="store_true",
                    help="instead: a trained cascade's predictions with objects found on the coarse grid (0.8) vs on "
                         "the full grid (before), image by image (see nnunet_stseg/commands/compare_paths.py)")
-    p.add_argument("-m", "--model", type=Path, default=None, help="--compare_paths: the fine model's folder")
-    p.add_argument("-i", "--images", type=Path, default=None, help="--compare_paths: folder of images")
+    p.add_argument("--prediction_modes", action="store_true",
+                   help="instead: nnUNetv2_predict of model -m on images -i in its own process and with nnU-Net's "
+                        "workers (STSEG_PREDICT_IN_PROCESS)")
+    p.add_argument("-m", "--model", type=Path, default=None,
+                   help="--compare_paths: the fine model's folder; --prediction_modes: the model's folder")
+    p.add_argument("-i", "--images", type=Path, default=None, help="--compare_paths, --prediction_modes: images")
     p.add_argument("--labels", type=Path, default=None, help="--compare_paths: folder of ground-truth labels")
     p.add_argument("-f", "--folds", type=int, nargs="+", default=[0], help="--compare_paths: folds (0)")
-    p.add_argument("--limit", type=int, default=None, help="--compare_paths: the first N images only")
-    p.add_argument("-device", "--device", default="cpu", help="--compare_paths: cpu, cuda, mps (cpu)")
+    p.add_argument("--limit", type=int, default=None, help="--compare_paths, --prediction_modes: the first N images")
+    p.add_argument("-device", "--device", default="cpu",
+                   help="--compare_paths, --prediction_modes: cpu, cuda, mps (cpu)")
     p.add_argument("--size_loss", action="store_true",
                    help="instead: what the size loss of nnUNetTrainer_StSSizes costs (flips, training step)")
     p.add_argument("--size_loss_sides", type=int, nargs="+", default=[64, 128, 256])
@@ -517,6 +522,12 @@ def main(argv=None) -> None:
         if args.model is None or args.images is None:
             p.error("--compare_paths needs -m MODEL_FOLDER and -i IMAGES")
         report = compare_paths(args, cmd)
+    elif args.prediction_modes:
+        from nnunet_stseg.commands.prediction_modes import prediction_modes
+
+        if args.model is None or args.images is None:
+            p.error("--prediction_modes needs -m MODEL_FOLDER and -i IMAGES")
+        report = prediction_modes(args, cmd)
     elif args.size_loss:
         from nnunet_stseg.commands.benchmark_sizes import size_loss_report
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import (COARSE_RESAMPLINGS, DEFAULT_COARSE_RESAMPLING, DEFAULT_COARSE_TRAINER,
                                           DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
@@ -207,6 +208,16 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                                                                 trainer, [0], device, "--disable_tta"), env,
                                            logs / f"predict_one_{arm}.log")
         r["ms_per_more_image"] = 1000 * (r["ms_per_image"] * n_test / 1000 - r["one_image_s"]) / max(1, n_test - 1)
+        # the mode our predictor chose on this machine, and the same test set in the other one
+        # (nnU-Net's worker processes at its default -npp/-nps, or the command's own process)
+        in_process = settings.IN_PROCESS_LOG in (logs / f"predict_{arm}.log").read_text()
+        other = "workers" if in_process else "in_process"
+        seconds, _ = run_measured(predict_command_line(ds / "imagesTs", workdir / f"pred_{other}_{arm}", dataset_id,
+                                                       config, trainer, [0], device, "--disable_tta"),
+                                  {**env, settings.IN_PROCESS_ENV: "0" if in_process else "1"},
+                                  logs / f"predict_{other}_{arm}.log")
+        r["mode"] = "in_process" if in_process else "workers"
+        r["ms_per_image_by_mode"] = {r["mode"]: r["ms_per_image"], other: 1000 * seconds / n_test}
         if arm.startswith("cascade_"):  # training time of the whole cascade = coarse + fine
             coarse_log = logs / f"train_{coarse_config}.json"
             if coarse_log.is_file():
@@ -218,6 +229,10 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
 
 def report_native(results: dict, cmd: str) -> str:
     b = results["budget"]
+    mode_words = {"in_process": "in the command's own process", "workers": "with nnU-Net's worker processes"}
+    mode = ("How each arm predicts by default on this machine (our predictors' choice, `docs/design.md`): "
+            + ", ".join(f"{_native_arm_name(a)} {mode_words[r['mode']]}" for a, r in results["arms"].items()
+                        if "mode" in r))
     lines = [*report_header("Kvasir-SEG at native resolution: segment-then-segment vs nnU-Net's standard 2d", cmd),
              f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
              f"iterations, device {b['device']} (the cascade trains two networks: coarse and fine); split seed "
@@ -227,16 +242,25 @@ def report_native(results: dict, cmd: str) -> str:
              f"image = wall time of that command over the test set, model loading included; 'one image s' = the "
              f"same command on the first test image alone, mostly its start-up; 'ms / further image' = (whole "
              f"run - one image) / (images - 1): the cost of each image once the command runs); nnU-Net's final "
-             f"validation skipped (`STSEG_SKIP_VALIDATION=1`).", "",
-             f"| arm | {OVERLAP_HEAD_PERCENT} | ms / image | one image s | ms / further image | peak RSS MB "
-             "| train s |",
-             "|---" * 11 + "|"]
+             f"validation skipped (`STSEG_SKIP_VALIDATION=1`). {mode}. 'ms / image in process' and 'ms / image, "
+             f"workers' = the whole test set in each mode (`{settings.IN_PROCESS_ENV}=1` / `=0`, nnU-Net's -npp 3 "
+             "-nps 3); one of the two is the default run.", "",
+             f"| arm | {OVERLAP_HEAD_PERCENT} | ms / image | one image s | ms / further image | ms / image in process "
+             "| ms / image, workers | peak RSS MB | train s |",
+             "|---" * 13 + "|"]
     for arm, r in results["arms"].items():
         cells = overlap_cells(r, digits=2)
-        lines.append(f"| {arm.replace('_', ' S = ') if arm.startswith('cascade') else 'nnU-Net 2d'} | {cells} | "
+        by_mode = r.get("ms_per_image_by_mode", {})
+        lines.append(f"| {_native_arm_name(arm)} | {cells} | "
                      f"{r['ms_per_image']:.0f} | {r.get('one_image_s', float('nan')):.1f} | "
-                     f"{r.get('ms_per_more_image', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | {r['train_s']:.0f} |")
+                     f"{r.get('ms_per_more_image', float('nan')):.0f} | "
+                     f"{by_mode.get('in_process', float('nan')):.0f} | {by_mode.get('workers', float('nan')):.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['train_s']:.0f} |")
     return "\n".join(lines + ["", *native_findings(results)]) + "\n"
+
+
+def _native_arm_name(arm: str) -> str:
+    return arm.replace("_", " S = ") if arm.startswith("cascade") else "nnU-Net 2d"
 
 
 def native_findings(results: dict) -> list[str]:
@@ -253,12 +277,15 @@ def native_findings(results: dict) -> list[str]:
         gap = r["Dice"][0] - base["Dice"][0]
         speed = base["ms_per_image"] / max(r["ms_per_image"], 1e-9)
         more = r.get("ms_per_more_image", float("nan")) / base.get("ms_per_more_image", float("nan"))
+        same_mode = {m: r.get("ms_per_image_by_mode", {}).get(m, float("nan"))
+                     / base.get("ms_per_image_by_mode", {}).get(m, float("nan")) for m in ("workers", "in_process")}
         verdict = ("ahead in DSC" if gap > 0 else "within 2 DSC points" if gap >= -2
                    else "more than 2 DSC points behind") + (", predicting faster" if speed > 1 else ", not faster")
         out.append(f"- Cascade at S = {arm.split('_')[1]} vs nnU-Net 2d: DSC {gap:+.2f} points, recall "
                    f"{r['Recall'][0] - base['Recall'][0]:+.2f}, inference {speed:.1f} x faster ({1 / speed:.2f} x "
-                   f"its time per image; {more:.2f} x per further image), training "
-                   f"{r['train_s']:.0f} vs {base['train_s']:.0f} s: {verdict}.")
+                   f"its time per image; {more:.2f} x per further image; both arms with nnU-Net's workers "
+                   f"{same_mode['workers']:.2f} x, both in process {same_mode['in_process']:.2f} x), "
+                   f"training {r['train_s']:.0f} vs {base['train_s']:.0f} s: {verdict}.")
     iterations = b["epochs"] * b["iters"]
     out.append(f"- One training iteration of nnU-Net 2d (patch {' x '.join(map(str, b['standard_patch']))}, batch "
                f"{b['batch_size']}) took {base['train_s'] / iterations:.1f} s here (its {iterations} iterations, "
