@@ -230,9 +230,9 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
 def report_native(results: dict, cmd: str) -> str:
     b = results["budget"]
     mode_words = {"in_process": "in the command's own process", "workers": "with nnU-Net's worker processes"}
-    mode = ("How each arm predicts by default on this machine (our predictors' choice, `docs/design.md`): "
-            + ", ".join(f"{_native_arm_name(a)} {mode_words[r['mode']]}" for a, r in results["arms"].items()
-                        if "mode" in r))
+    modes = [f"{_native_arm_name(a)} {mode_words[r['mode']]}" for a, r in results["arms"].items() if "mode" in r]
+    mode = (" How each arm predicts by default on this machine (our predictors' choice, `docs/design.md`): "
+            + ", ".join(modes) + "." if modes else "")
     lines = [*report_header("Kvasir-SEG at native resolution: segment-then-segment vs nnU-Net's standard 2d", cmd),
              f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
              f"iterations, device {b['device']} (the cascade trains two networks: coarse and fine); split seed "
@@ -242,7 +242,7 @@ def report_native(results: dict, cmd: str) -> str:
              f"image = wall time of that command over the test set, model loading included; 'one image s' = the "
              f"same command on the first test image alone, mostly its start-up; 'ms / further image' = (whole "
              f"run - one image) / (images - 1): the cost of each image once the command runs); nnU-Net's final "
-             f"validation skipped (`STSEG_SKIP_VALIDATION=1`). {mode}. 'ms / image in process' and 'ms / image, "
+             f"validation skipped (`STSEG_SKIP_VALIDATION=1`).{mode} 'ms / image in process' and 'ms / image, "
              f"workers' = the whole test set in each mode (`{settings.IN_PROCESS_ENV}=1` / `=0`, nnU-Net's -npp 3 "
              "-nps 3); one of the two is the default run.", "",
              f"| arm | {OVERLAP_HEAD_PERCENT} | ms / image | one image s | ms / further image | ms / image in process "
