@@ -205,8 +205,7 @@ class PolarPredictor(StSPredictor):
         origin with its confidence, and how many origins were dropped as not confident."""
         if self._sts_config().objects_report:
             found = objects_at_origins(foreground_from_probabilities(probs, multilabel).cpu().numpy(),
-                                       foreground_probability(probs, multilabel).float().cpu().numpy(), origins,
-                                       confidence)
+                                       foreground_probability(probs, multilabel).cpu().numpy(), origins, confidence)
             self._keep_objects({**found, "n_origins_below_confidence": n_unconfident}, fallback)
 
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
@@ -220,8 +219,7 @@ class PolarPredictor(StSPredictor):
         foreground = foreground_from_probabilities(probs, multilabel).cpu().numpy()
         source = self.origin_source()
         candidates, confidence = self._origins_for_case(
-            data, foreground, foreground_probability(probs, multilabel).float().cpu().numpy() if source == "coarse"
-            else None)
+            data, foreground, foreground_probability(probs, multilabel).cpu().numpy() if source == "coarse" else None)
         confident = confidence >= pp.min_origin_confidence
         origins, confidence = candidates[confident], confidence[confident]
         n_unconfident = int((~confident).sum())

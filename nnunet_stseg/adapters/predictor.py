@@ -82,9 +82,10 @@ def in_process_rule(device_type: str, cores: int, small_networks: bool, setting:
     network already uses every core, so where cores are few and the networks are small, the workers
     cost more than they overlap: on 2 cores a 100-image native Kvasir run of the cascade took
     28.3 s with -npp 3 -nps 3, 18.9 s with 1 and 1, 13.0 s in one process (62 ms per further image
-    against 70 and 138; ``benchmark --prediction_modes``). A full-resolution network keeps the main process busy long enough for the
-    workers to pay (nnU-Net 2d there: 1407 ms per image with workers, 1712 in one process), and on
-    a GPU the workers overlap with the device: both keep nnU-Net's workers.
+    against 70 and 138; ``benchmark --prediction_modes``). A full-resolution network keeps the main
+    process busy long enough for the workers to pay (nnU-Net 2d there: 1407 ms per image with
+    workers, 1712 in one process), and on a GPU the workers overlap with the device: both keep
+    nnU-Net's workers.
 
     >>> in_process_rule("cpu", 2, True), in_process_rule("cpu", 16, True), in_process_rule("cuda", 2, True)
     (True, False, False)
@@ -270,9 +271,9 @@ class PluginPredictor(nnUNetPredictor):
         cases of this part (``-num_parts``/``-part_id``, ``--continue_prediction``: selected here
         as nnU-Net's worker path selects them; its own sequential path ignores the parts) predicted
         one after the other in this process. Same preprocessing, network and export either way."""
-        setting = settings.predict_in_process()
+        setting, cores = settings.predict_in_process(), usable_cpu_cores()
         asked_none = num_processes_preprocessing == 0 and num_processes_segmentation_export == 0
-        if not (asked_none or in_process_rule(self.device.type, usable_cpu_cores(), self.small_networks, setting)):
+        if not (asked_none or in_process_rule(self.device.type, cores, self.small_networks, setting)):
             return super().predict_from_files(list_of_lists_or_source_folder,
                                               output_folder_or_list_of_truncated_output_files, save_probabilities,
                                               overwrite, num_processes_preprocessing,
@@ -284,7 +285,7 @@ class PluginPredictor(nnUNetPredictor):
         if not cases:
             return
         why = ("-npp 0 -nps 0" if asked_none else f"{settings.IN_PROCESS_ENV}=1" if setting else
-               f"CPU device, {usable_cpu_cores()} usable cores, small networks: worker processes would cost more "
+               f"CPU device, {cores} usable cores, small networks: worker processes would cost more "
                f"than they overlap; {settings.IN_PROCESS_ENV}=0 starts them")
         self._log(f"predicting {len(cases)} {settings.IN_PROCESS_LOG} ({why})")
         if outputs:
