@@ -45,8 +45,9 @@ from nnunet_stseg.adapters.config import (COARSE_RESAMPLINGS, DEFAULT_COARSE_RES
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                                          pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
-                                          report_header, run, run_measured, set_batch_size, shared_data, train_fold)
+                                          link_into, pipeline_env, plan_command_line, plan_unless_planned,
+                                          predict_command_line, report_header, run, run_measured, set_batch_size,
+                                          shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
@@ -199,11 +200,7 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
                                logs / f"predict_{arm}.log", dataset_json, n_test, logs / f"train_{config}.json")
         # the same command on the first test image alone: its wall time is mostly the command's
         # start-up (imports, worker processes, loading the model), which the whole run shares out
-        one = workdir / "one_image"
-        one.mkdir(exist_ok=True)
-        first = sorted((ds / "imagesTs").glob("*.png"))[0]
-        if not (one / first.name).exists():
-            (one / first.name).symlink_to(first)
+        one = link_into(workdir / "one_image", sorted((ds / "imagesTs").glob("*.png"))[:1])
         r["one_image_s"], _ = run_measured(predict_command_line(one, workdir / f"pred_one_{arm}", dataset_id, config,
                                                                 trainer, [0], device, "--disable_tta"), env,
                                            logs / f"predict_one_{arm}.log")

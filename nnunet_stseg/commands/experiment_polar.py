@@ -56,7 +56,7 @@ from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE
                                           coarse_config_name, polar_config_name)
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
-from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser,
+from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser, link_into,
                                           pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
                                           prepare_cardiac, report_header, run_measured, shared_data, train_fold)
 from nnunet_stseg.core.centres import detection_by_threshold
@@ -82,12 +82,9 @@ def _kvasir_validation_images(ds: Path, workdir: Path) -> list[tuple[int, list[P
     """The split's validation images (fold 0), linked into one folder for nnUNetv2_predict."""
     from nnunet_stseg.data.kvasir import SPLIT_FILE
 
-    folder = workdir / "inputs" / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
-    for case in json.loads((ds / SPLIT_FILE).read_text())["val"]:
-        for img in (ds / "imagesTr").glob(f"{case}_*.png"):
-            if not (folder / img.name).exists():
-                (folder / img.name).symlink_to(img)
+    folder = link_into(workdir / "inputs" / "validation",
+                       [img for case in json.loads((ds / SPLIT_FILE).read_text())["val"]
+                        for img in (ds / "imagesTr").glob(f"{case}_*.png")])
     return [(0, sorted(folder.glob("*.png")))]
 
 

@@ -21,17 +21,10 @@ import numpy as np
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.discovery import with_trainer_discovery
-from nnunet_stseg.commands.runner import find_command, report_header, run_measured
+from nnunet_stseg.commands.runner import find_command, link_into, report_header, run_measured
 
 MODES = (("in process", "1", ()), ("workers, -npp 3 -nps 3", "0", ()),
          ("workers, -npp 1 -nps 1", "0", ("-npp", "1", "-nps", "1")))
-
-
-def _linked(images: list[Path], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in images:
-        (folder / f.name).symlink_to(f.resolve())
-    return folder
 
 
 def _label_maps(folder: Path, ending: str) -> dict[str, np.ndarray]:
@@ -54,7 +47,7 @@ def prediction_modes(args, cmd: str) -> str:
     rows, reference = [], None
     with tempfile.TemporaryDirectory(prefix="stseg_modes_") as tmp:
         tmp = Path(tmp)
-        all_in, one_in = _linked(images, tmp / "in_all"), _linked(images[:1], tmp / "in_one")
+        all_in, one_in = link_into(tmp / "in_all", images), link_into(tmp / "in_one", images[:1])
         for name, setting, flags in MODES:
             out = tmp / f"out_{setting}_{len(flags)}"
             base = [find_command("nnUNetv2_predict_from_modelfolder"), "-m", str(args.model), "-f",

@@ -286,15 +286,22 @@ def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Pa
     write_json_atomic(splits, pp / "splits_final.json", indent=1)
     evals = []
     for f, split in enumerate(splits):
-        folder = workdir / "inputs" / f"fold_{f}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for case in split["val"]:
-            for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz"):
-                link = folder / img.name
-                if not link.exists():
-                    link.symlink_to(img)
+        folder = link_into(workdir / "inputs" / f"fold_{f}",
+                           [img for case in split["val"] for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz")])
         evals.append((f, sorted(folder.glob("*.nii.gz"))))
     return ds, evals
+
+
+def link_into(folder: Path, files) -> Path:
+    """``folder`` (made if missing) with a symbolic link to each of ``files`` under its own name,
+    pointing at the resolved file (a relative path stays valid); links already there are kept.
+    Returns ``folder``: an input folder for ``nnUNetv2_predict`` without copying images."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in map(Path, files):
+        if not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f.resolve())
+    return folder
 
 
 def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
@@ -316,4 +323,4 @@ def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
 __all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
            "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
            "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
-           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "report_header"]
+           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "report_header"]
