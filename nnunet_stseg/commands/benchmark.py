@@ -505,7 +505,8 @@ def main(argv=None) -> None:
                    help="--compare_paths: the fine model's folder; --prediction_modes: the model's folder")
     p.add_argument("-i", "--images", type=Path, default=None, help="--compare_paths, --prediction_modes: images")
     p.add_argument("--labels", type=Path, default=None, help="--compare_paths: folder of ground-truth labels")
-    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0], help="--compare_paths: folds (0)")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0],
+                   help="--compare_paths, --prediction_modes: folds (0)")
     p.add_argument("--limit", type=int, default=None, help="--compare_paths, --prediction_modes: the first N images")
     p.add_argument("-device", "--device", default="cpu",
                    help="--compare_paths, --prediction_modes: cpu, cuda, mps (cpu)")
@@ -516,17 +517,16 @@ def main(argv=None) -> None:
     p.add_argument("--size_loss_steps", type=int, default=1000, help="steps of the free-logit trace (1000)")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
+    on_a_model = "--compare_paths" if args.compare_paths else "--prediction_modes" if args.prediction_modes else None
+    if on_a_model and (args.model is None or args.images is None):
+        p.error(f"{on_a_model} needs -m MODEL_FOLDER and -i IMAGES")
     if args.compare_paths:
         from nnunet_stseg.commands.compare_paths import compare_paths
 
-        if args.model is None or args.images is None:
-            p.error("--compare_paths needs -m MODEL_FOLDER and -i IMAGES")
         report = compare_paths(args, cmd)
     elif args.prediction_modes:
         from nnunet_stseg.commands.prediction_modes import prediction_modes
 
-        if args.model is None or args.images is None:
-            p.error("--prediction_modes needs -m MODEL_FOLDER and -i IMAGES")
         report = prediction_modes(args, cmd)
     elif args.size_loss:
         from nnunet_stseg.commands.benchmark_sizes import size_loss_report
