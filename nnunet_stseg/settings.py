@@ -73,6 +73,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sts.objects_report"),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
             "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold"),
+    Setting("STSEG_PROPOSAL_CONFIRMATION", "a number in [0.5, 1), or none (every proposal fused)",
+            "fine-stage mean foreground probability a cascade proposal below the coarse decision needs to be fused",
+            "sts.crop.proposal_confirmation"),
     Setting(IN_PROCESS_ENV, "auto, 0 or 1",
             "1: nnUNetv2_predict predicts our models in its own process (as -npp 0 -nps 0 asks, -num_parts kept); "
             "0: always nnU-Net's worker processes as -npp/-nps ask; auto (unset): in its own process for the cascade "
@@ -82,6 +85,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "nnUNetv2_predict --verbose)"),
 )}
 PROPOSAL_THRESHOLD_ENV = "STSEG_PROPOSAL_THRESHOLD"
+PROPOSAL_CONFIRMATION_ENV = "STSEG_PROPOSAL_CONFIRMATION"
 
 
 def _read(name: str, parse: Callable[[str], object], valid: Callable[[object], bool]):
@@ -165,6 +169,13 @@ def proposal_threshold() -> float | str | None:
                  lambda v: v == "none" or 0 < v <= 0.5)
 
 
+def proposal_confirmation() -> float | str | None:
+    """The override of ``sts.crop.proposal_confirmation``: a number, ``"none"`` (every proposal
+    fused) or None (not set)."""
+    return _read(PROPOSAL_CONFIRMATION_ENV, lambda raw: "none" if raw.lower() == "none" else float(raw),
+                 lambda v: v == "none" or 0.5 <= v < 1)
+
+
 def debug_log() -> bool:
     """True when ``STSEG_LOG_LEVEL=debug``: the predictors log each case's stage timings."""
     return _read("STSEG_LOG_LEVEL", str.lower, lambda v: v in ("debug", "info")) == "debug"
@@ -190,7 +201,7 @@ def plan_overrides() -> dict[str, object]:
     values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
               "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report(),
               MIN_CONFIDENCE_ENV: polar_min_confidence(), CONFIDENCE_WEIGHTING_ENV: polar_confidence_weighting(),
-              PROPOSAL_THRESHOLD_ENV: proposal_threshold()}
+              PROPOSAL_THRESHOLD_ENV: proposal_threshold(), PROPOSAL_CONFIRMATION_ENV: proposal_confirmation()}
     return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
 
 
@@ -205,7 +216,7 @@ def schedule_settings() -> dict[str, object]:
 
 __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
            "MIN_CONFIDENCE_ENV", "CONFIDENCE_WEIGHTING_ENV", "polar_min_confidence", "polar_confidence_weighting",
-           "PROPOSAL_THRESHOLD_ENV", "proposal_threshold",
+           "PROPOSAL_THRESHOLD_ENV", "proposal_threshold", "PROPOSAL_CONFIRMATION_ENV", "proposal_confirmation",
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
            "schedule_settings", "debug_log", "IN_PROCESS_ENV", "IN_PROCESS_LOG",

@@ -39,7 +39,10 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     # thresholds are tried on the validation images only, for both fine models; then 6 test arms
     predictions = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1],
                     c.env.get("STSEG_PROPOSAL_THRESHOLD")) for c in fake.of("nnUNetv2_predict")
-                   if "--save_probabilities" not in c.args]
+                   if "--save_probabilities" not in c.args and "STSEG_PROPOSAL_CONFIRMATION" not in c.env]
+    confirmed = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1],
+                  c.env["STSEG_PROPOSAL_THRESHOLD"], c.env["STSEG_PROPOSAL_CONFIRMATION"])
+                 for c in fake.of("nnUNetv2_predict") if "STSEG_PROPOSAL_CONFIRMATION" in c.env]
     # plus one export of the coarse model's probabilities on the test images (why misses stay missed)
     exports = [c for c in fake.of("nnUNetv2_predict") if "--save_probabilities" in c.args]
     assert [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1]) for c in exports] == \
@@ -52,16 +55,23 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     results = json.loads((work / "results.json").read_text())
     row = results["sizes"]["16"]
     chosen = row["chosen_threshold"]
-    assert set(chosen.values()) <= {"none", "0.3", "0.1"}
+    assert {chosen["fine"], chosen["rejecting"]} <= {"none", "0.3", "0.1"}
+    # confirmed proposals: the published fine stage, every threshold x confirmation on the validation
+    # images, then the chosen pair and the lowest threshold's best confirmation on the test images
+    assert sorted(v[1:] for v in confirmed if v[0] == "val_images") == sorted(
+        ("2d_sts_fine_16", t, c) for t in ("0.3", "0.1") for c in ("0.6", "0.7", "0.8", "0.9"))
+    assert [v[1:] for v in confirmed if v[0] == "imagesTs"] == [
+        ("2d_sts_fine_16", *chosen["confirmed"]), ("2d_sts_fine_16", "0.1", chosen["confirmed_lowest"][1])]
     assert test == [("2d_sts_coarse_16", None), ("2d_sts_fine_16", "none"), ("2d_sts_fine_16", chosen["fine"]),
-                    ("2d_sts_fine_16_rf", "none"), ("2d_sts_fine_16_rf", chosen["rejecting"]),
-                    ("2d_sts_fine_16", "0.1"), ("2d_sts_fine_16_rf", "0.1"), ("2d_sts_coarse_32", None)]
-    for name, _ in experiment.ARMS:
+                    ("2d_sts_fine_16", "0.1"), ("2d_sts_fine_16_rf", "none"),
+                    ("2d_sts_fine_16_rf", chosen["rejecting"]), ("2d_sts_fine_16_rf", "0.1"), ("2d_sts_coarse_32", None)]
+    for name, _ in experiment.ARMS[:-1]:  # all but nnU-Net 2d (--native)
         assert row[name]["n"] == 3 and 0 <= row[name]["missed"] <= 3
     text = out.read_text()
     for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
                   "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
-                  "| recall-first, lowest t | 0.1 |"):
+                  "| recall-first, lowest t | 0.1 | - |", "| cascade + confirmed lowest-t proposals | 0.1 | 0.",
+                  "| threshold | none | 0.6 | 0.7 | 0.8 | 0.9 |"):
         assert label in text
     assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
     # resumed: nothing trained or predicted again; the report is the same
@@ -73,3 +83,42 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     again = tmp_path / "again.md"
     main(["--workdir", str(work), "--report_only", "--out", str(again)])
     assert f"Command: `nnunet-stseg experiment-recall {' '.join(args)}`" in again.read_text()
+
+
+@pytest.mark.slow  # converts and plans 30 real images at native resolution (in-process)
+def test_native_recall_experiment_reuses_the_native_networks(tmp_path, monkeypatch):
+    """``--native``: the networks of ``experiment-kvasir --native`` (trained by it when missing, in
+    the same work folder), the proposal rules chosen on the native validation images, the cascade
+    arms and nnU-Net 2d's scores from that experiment in one table; a second run trains and predicts
+    nothing."""
+    fake = FakeNNUNet().install(monkeypatch, experiment, experiment_kvasir)
+    work, out = tmp_path / "native", tmp_path / "native.md"
+    args = ["--native", "--workdir", str(work), "--src", str(KVASIR), "--sizes", "32", "--features", "4", "--epochs",
+            "1", "--iters", "3", "--thresholds", "0.3", "--confirmations", "0.8", "--limit", "30", "--out", str(out)]
+    main(args)
+    trained = sorted(c.args[1] for c in fake.of("nnUNetv2_train"))
+    assert trained == ["2d_sts_coarse_32", "2d_sts_fine_32", "2d_w4"], "the native experiment's networks, no others"
+    native = json.loads((work / "results.json").read_text())
+    assert native["budget"]["batch_size"] == 2 and set(native["arms"]) == {"nnunet_2d", "cascade_32"}
+    results = json.loads((work / "recall_results.json").read_text())
+    row = results["sizes"]["32"]
+    assert {name for name, _ in experiment.ARMS} & set(row) == {
+        "baseline", "cascade", "cascade_low", "cascade_lowest", "cascade_confirmed", "cascade_confirmed_lowest",
+        "nnunet_2d"}
+    assert row["nnunet_2d"]["Dice"] == native["arms"]["nnunet_2d"]["Dice"]
+    split = json.loads(next((work / "nnUNet_raw").glob("Dataset721_*/stseg_split.json")).read_text())
+    assert sorted(p.name for p in (work / "val_images").iterdir()) == sorted(f"{c}_0000.png" for c in split["val"])
+    validation = sorted((c.env.get("STSEG_PROPOSAL_THRESHOLD"), c.env.get("STSEG_PROPOSAL_CONFIRMATION", "-"))
+                        for c in fake.of("nnUNetv2_predict")
+                        if Path(c.args[c.args.index("-i") + 1]).name == "val_images")
+    assert validation == [("0.3", "-"), ("0.3", "0.8"), ("none", "-")]
+    assert (work / "pred_cascade_32").is_dir() and (work / "pred_recall_cascade_32").is_dir(), \
+        "the native experiment's own prediction folders are left alone"
+    text = out.read_text()
+    for label in ("| nnU-Net 2d | - | - |", "| cascade + confirmed lowest-t proposals | 0.3 | 0.8 |", "| baseline 32 |",
+                  "Kvasir-SEG at native resolution", "Validation DSC % per proposal threshold (fine): none"):
+        assert label in text, label
+    fake.calls.clear()
+    main(args)
+    assert not fake.of("nnUNetv2_train") and not fake.of("nnUNetv2_predict")
+    assert out.read_text().splitlines()[3:] == text.splitlines()[3:]

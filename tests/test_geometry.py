@@ -1326,11 +1326,14 @@ def test_negative_boxes_hold_no_foreground_and_stay_inside_the_image(seed, depth
 
 def test_plans_without_the_issue_22_keys_keep_the_published_behaviour():
     old = CropParams.from_dict({"patch_size": [1, 32, 32]})
-    assert old.proposal_threshold is None and old.negative_fraction == 0.0
+    assert old.proposal_threshold is None and old.negative_fraction == 0.0 and old.proposal_confirmation is None
     assert CropParams(patch_size=(1, 32, 32)) == old, "the defaults are the published method (measured)"
-    new = CropParams(patch_size=(1, 32, 32), proposal_threshold=0.3, negative_fraction=0.25)
+    new = CropParams(patch_size=(1, 32, 32), proposal_threshold=0.3, negative_fraction=0.25, proposal_confirmation=0.8)
     assert CropParams.from_dict(new.to_dict()) == new
     with pytest.raises(ValueError, match=r"proposal_threshold must be in \(0, 0.5\]"):
         CropParams(patch_size=(1, 32, 32), proposal_threshold=0.7)
+    for bad in (0.4, 1.0):
+        with pytest.raises(ValueError, match=r"proposal_confirmation must be in \[0.5, 1\)"):
+            CropParams(patch_size=(1, 32, 32), proposal_confirmation=bad)
     with pytest.raises(ValueError, match="negative_fraction must be in"):
         CropParams(patch_size=(1, 32, 32), negative_fraction=1.0)

@@ -47,7 +47,8 @@ def planned(tmp_path_factory):
 
 def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: bool = False,
                fallback: str | None = None, min_object_size: float | None = None,
-               coarse: torch.Tensor | None = None, proposal_threshold: float | None = None):
+               coarse: torch.Tensor | None = None, proposal_threshold: float | None = None,
+               proposal_confirmation: float | None = None):
     """Our predictor with the identity fine network and the coarse model replaced by an oracle:
     the one-hot ``labels`` (or the probabilities ``coarse``)."""
     import json
@@ -64,6 +65,8 @@ def _predictor(root: Path, ds: Path, config: str, labels: np.ndarray, regions: b
         sts["crop"]["min_object_size"] = min_object_size
     if proposal_threshold is not None:
         sts["crop"]["proposal_threshold"] = proposal_threshold
+    if proposal_confirmation is not None:
+        sts["crop"]["proposal_confirmation"] = proposal_confirmation
     dataset_json = json.loads((ds / "dataset.json").read_text())
     if regions:
         dataset_json["labels"] = {"background": 0, "any_object": [1, 2], "class_2": 2}
@@ -238,6 +241,69 @@ def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_sta
     for bad in ("0.7", "low"):
         monkeypatch.setenv("STSEG_PROPOSAL_THRESHOLD", bad)
         with pytest.raises(ValueError, match=r"STSEG_PROPOSAL_THRESHOLD=.*expected a number in \(0, 0.5\]"):
+            _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
+
+
+def test_the_fine_stage_confirms_or_rejects_proposals_below_the_decision(planned, capsys, monkeypatch):
+    """Two proposals below the coarse decision (coarse foreground 0.35): a real object the fine
+    stage (identity network) sees sharply (foreground 0.95 in its input) and a false blob it sees as
+    a faint foreground (0.55, just above its own decision). Without ``proposal_confirmation`` both
+    are fused, so the false blob becomes foreground; with 0.8 the blob is rejected and keeps the
+    coarse probabilities (background) while the real object and every argmax object are fused as
+    before; the objects report gives each object's fine confidence and which proposal was
+    rejected. ``STSEG_PROPOSAL_CONFIRMATION=none`` fuses every proposal again."""
+    root, ds = planned
+    labels = _label_volume(ds[2])
+    components, n = ndimage.label(labels[0] > 0)
+    faint = components[None] == n
+    cls = int(labels[faint].max())
+    probs = one_hot(labels)
+    probs[:, faint] = 0.0
+    probs[0, faint], probs[cls, faint] = 0.65, 0.35
+    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(far), far.shape)
+    assert far[y, x] > 8
+    blob = np.zeros_like(faint)
+    blob[0, y - 4:y + 4, x - 4:x + 4] = True
+    probs[:, blob] = 0.0
+    probs[0, blob], probs[1, blob] = 0.65, 0.35
+    data = one_hot(labels)  # what the fine stage sees (the identity network returns it)
+    data[:, faint] = 0.0
+    data[0, faint], data[cls, faint] = 0.05, 0.95
+    data[:, blob] = 0.0
+    data[0, blob], data[1, blob] = 0.45, 0.55
+    config = fine_config_name("2d", 64)
+
+    def predict(confirmation=None):
+        p, lm, net = _predictor(root, ds[2], config, labels, coarse=probs, proposal_threshold=0.3,
+                                proposal_confirmation=confirmation)
+        seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data.clone())).numpy()
+        return seg, p, net
+
+    seg, p, net = predict()
+    assert (seg[faint] == cls).mean() > 0.9 and (seg[blob] == 1).mean() > 0.9, "every proposal fused"
+    everything = seg
+
+    seg, p, net = predict(0.8)
+    assert net.crops_seen == n + 1, "the fine stage still sees every proposal"
+    assert not seg[blob].any() and np.array_equal(seg[~blob], everything[~blob])
+    assert "1 of 2 proposal(s) below the coarse decision rejected by the fine stage" in capsys.readouterr().out
+    below = [o for o in p.last_objects["objects"] if o["proposal"] == "below the coarse decision"]
+    assert sorted(o["rejected_by_fine_stage"] for o in below) == [False, True]
+    rejected = next(o for o in below if o["rejected_by_fine_stage"])
+    kept = next(o for o in below if not o["rejected_by_fine_stage"])
+    assert 0.5 < rejected["fine_mean_foreground_probability"] <= 0.55 + 1e-4
+    assert kept["fine_mean_foreground_probability"] > 0.8
+    assert all("rejected_by_fine_stage" not in o and o["fine_mean_foreground_probability"] > 0.9
+               for o in p.last_objects["objects"] if o["proposal"] == "coarse argmax")
+
+    monkeypatch.setenv("STSEG_PROPOSAL_CONFIRMATION", "none")
+    seg, p, net = predict(0.8)
+    assert np.array_equal(seg, everything)
+    assert p.applied_overrides == {"sts.crop.proposal_confirmation": {"plans": 0.8, "used": None}}
+    for bad in ("0.4", "1", "sure"):
+        monkeypatch.setenv("STSEG_PROPOSAL_CONFIRMATION", bad)
+        with pytest.raises(ValueError, match=r"STSEG_PROPOSAL_CONFIRMATION=.*expected a number in \[0.5, 1\)"):
             _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
 
 

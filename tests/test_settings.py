@@ -18,6 +18,7 @@ ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": s
              "STSEG_POLAR_ORIGINS": settings.polar_origin_source, "STSEG_POLAR_MAX_ORIGINS": settings.polar_max_origins,
              "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold, "STSEG_OBJECTS_REPORT": settings.objects_report,
              "STSEG_PROPOSAL_THRESHOLD": settings.proposal_threshold,
+             "STSEG_PROPOSAL_CONFIRMATION": settings.proposal_confirmation,
              "STSEG_POLAR_MIN_CONFIDENCE": settings.polar_min_confidence,
              "STSEG_POLAR_CONFIDENCE_WEIGHTING": settings.polar_confidence_weighting,
              "STSEG_LOG_LEVEL": settings.debug_log, "STSEG_PREDICT_IN_PROCESS": settings.predict_in_process}
@@ -25,14 +26,16 @@ GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSE
         "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
         "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False),
-        "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_POLAR_MIN_CONFIDENCE": ("0.7", 0.7),
+        "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_PROPOSAL_CONFIRMATION": ("0.5", 0.5),
+        "STSEG_POLAR_MIN_CONFIDENCE": ("0.7", 0.7),
         "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True), "STSEG_LOG_LEVEL": ("DEBUG", True),
         "STSEG_PREDICT_IN_PROCESS": ("0", False)}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
        "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
        "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"],
-       "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_POLAR_MIN_CONFIDENCE": ["1", "-0.5", "high"],
+       "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_PROPOSAL_CONFIRMATION": ["0.49", "1", "sure"],
+       "STSEG_POLAR_MIN_CONFIDENCE": ["1", "-0.5", "high"],
        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"], "STSEG_LOG_LEVEL": ["verbose", "2"],
        "STSEG_PREDICT_IN_PROCESS": ["yes", "2", "workers"]}
 
@@ -117,6 +120,14 @@ def test_apply_plan_overrides_reports_only_what_changed():
     assert changed == {"sts.crop.proposal_threshold": {"plans": 0.3, "used": None}}
     assert apply_plan_overrides(cascade, None, {"sts.crop.proposal_threshold": 0.3})[2] == {}
     assert apply_plan_overrides(sts, None, {"sts.crop.proposal_threshold": 0.2})[0] == sts, "polar: no crop"
+    # the fine stage's confirmation of proposals: the same rules
+    new, _, changed = apply_plan_overrides(cascade, None, {"sts.crop.proposal_confirmation": 0.8,
+                                                           "sts.crop.proposal_threshold": "none"})
+    assert (new.crop.proposal_confirmation, new.crop.proposal_threshold) == (0.8, None)
+    assert changed == {"sts.crop.proposal_threshold": {"plans": 0.3, "used": None},
+                       "sts.crop.proposal_confirmation": {"plans": None, "used": 0.8}}
+    assert apply_plan_overrides(new, None, {"sts.crop.proposal_confirmation": "none"})[0].crop.proposal_confirmation \
+        is None
 
 
 def test_the_overrides_record_next_to_the_predictions(tmp_path, monkeypatch):

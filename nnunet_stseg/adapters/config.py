@@ -472,12 +472,13 @@ def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides:
     if report is not None and bool(report) != sts.objects_report:
         changed["sts.objects_report"] = {"plans": sts.objects_report, "used": bool(report)}
         sts = replace(sts, objects_report=bool(report))
-    threshold = overrides.get("sts.crop.proposal_threshold")
-    if sts.crop is not None and threshold is not None:
-        threshold = None if threshold == "none" else float(threshold)
-        if threshold != sts.crop.proposal_threshold:
-            changed["sts.crop.proposal_threshold"] = {"plans": sts.crop.proposal_threshold, "used": threshold}
-            sts = replace(sts, crop=replace(sts.crop, proposal_threshold=threshold))
+    for key in ("proposal_threshold", "proposal_confirmation"):  # "none" switches either off
+        value = overrides.get(f"sts.crop.{key}")
+        if sts.crop is not None and value is not None:
+            value = None if value == "none" else float(value)
+            if value != getattr(sts.crop, key):
+                changed[f"sts.crop.{key}"] = {"plans": getattr(sts.crop, key), "used": value}
+                sts = replace(sts, crop=replace(sts.crop, **{key: value}))
     polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins",
                   "sts.polar.min_origin_confidence": "min_origin_confidence",
                   "sts.polar.confidence_weighting": "confidence_weighting"}

@@ -51,7 +51,7 @@ from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (FoundObjects, _box_slices, component_voxels, crop_and_resample, find_objects,
                                         foreground_from_probabilities, foreground_probability, nonlinearity,
-                                        probabilities_to_logits, recall_proposals, resample_image,
+                                        probabilities_to_logits, recall_proposals, resample_image, segmented_confidence,
                                         upsample_probabilities, whole_image_boxes)
 from nnunet_stseg.core.objects import objects_report
 
@@ -630,6 +630,16 @@ class StSPredictor(PluginPredictor):
                 record["proposal"] = ["below the coarse decision" if b else "coarse argmax" for b in below]
         self._keep_objects(record, fallback)
 
+    def _record_fine_confidence(self, confidence: np.ndarray, rejected: np.ndarray | None) -> None:
+        """Add the fine stage's confidence in each object (:func:`segmented_confidence`, (N,)) and,
+        with ``proposal_confirmation``, which proposals it rejected ((N,) bool) to the case's objects
+        report."""
+        found = self.__dict__.get("_case_objects")
+        if found is not None and len(found["tight"]) == len(confidence):
+            found["fine_confidence"] = confidence
+            if rejected is not None:
+                found["rejected"] = rejected
+
     def _keep_objects(self, found: dict, fallback: str | None) -> None:
         """Keep a case's found objects (the ``found`` of :func:`~nnunet_stseg.core.objects.objects_report`,
         on the preprocessed grid) until the case's report is written."""
@@ -824,6 +834,10 @@ class StSPredictor(PluginPredictor):
         # smaller calls)
         step = sts.max_crops if self.device.type != "cpu" else min(sts.max_crops,
                                                                      self.fine_batch_size(crop.patch_size))
+        # with proposal_confirmation, a proposal below the decision is fused only when the fine stage
+        # segments it with confidence (the argmax objects always are)
+        confirmation = crop.proposal_confirmation if fallback is None else None
+        confidence = np.zeros(len(boxes))
         for start in range(0, len(boxes), step):
             chunk = boxes[start:start + step]
             crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
@@ -833,11 +847,25 @@ class StSPredictor(PluginPredictor):
             tc = self._clock()
             probs = nonlinearity(fine_logits, multilabel)
             probs = probs[:, :, None] if two_d else probs
-            canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
-                                         covered=covered)
+            if fallback is None:
+                confidence[start:start + len(chunk)] = segmented_confidence(probs, multilabel).cpu().numpy()
+            if confirmation is not None:
+                keep = ~below[start:start + len(chunk)] | (confidence[start:start + len(chunk)] >= confirmation)
+                probs, chunk = (probs, chunk) if keep.all() else (probs[torch.from_numpy(keep).to(probs.device)],
+                                                                  chunk[keep])
+            if len(chunk):
+                canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
+                                             covered=covered)
             fine_s += tc - tb
             release_freed_heap(int(np.prod(shape)))  # this chunk's box-sized resamplings
         del image, covered
+        if fallback is None:
+            rejected = below & (confidence < confirmation) if confirmation is not None else None
+            self._record_fine_confidence(confidence, rejected)
+            if rejected is not None and rejected.any():
+                self._log(f"{int(rejected.sum())} of {int(below.sum())} proposal(s) below the coarse decision "
+                          f"rejected by the fine stage (mean foreground probability < proposal_confirmation="
+                          f"{confirmation})")
         logits = probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
         # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the
         # network and the canvas's upsampling

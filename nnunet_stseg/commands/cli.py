@@ -57,6 +57,10 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--proposal_threshold", type=_threshold_or_none, default=None,
                         help="recall-first proposals: coarse regions with foreground probability >= this value "
                              "(in (0, 0.5]) are cropped too; 'none' = argmax components only (none)")
+    parser.add_argument("--proposal_confirmation", type=_threshold_or_none, default=None,
+                        help="a proposal below the coarse decision is fused only when the fine stage's mean "
+                             "foreground probability over what it segments there reaches this value (in [0.5, 1)); "
+                             "'none' = every proposal fused (none)")
     parser.add_argument("--negative_fraction", type=float, default=None,
                         help="fraction of fine training crops drawn where there is no object, so that the fine "
                              "stage can reject a false proposal; 0 = object crops only (0)")
@@ -113,8 +117,9 @@ def plan_options_from_args(args: argparse.Namespace):
     crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size", "size_rule_grid",
                                           "jitter_image_fraction", "jitter_box_fraction", "negative_fraction")
             if getattr(args, k) is not None}
-    if args.proposal_threshold is not None:
-        crop["proposal_threshold"] = None if args.proposal_threshold == "none" else args.proposal_threshold
+    for key in ("proposal_threshold", "proposal_confirmation"):
+        if getattr(args, key) is not None:
+            crop[key] = None if getattr(args, key) == "none" else getattr(args, key)
     # one size rule for crops and polar origins
     polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid",
                                            "min_origin_confidence", "confidence_weighting")

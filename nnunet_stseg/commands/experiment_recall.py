@@ -24,19 +24,34 @@ comparisons):
 | cascade | fine | argmax components (the published cascade) |
 | cascade + low proposals | fine | its validation-chosen threshold |
 | cascade + lowest-t proposals | fine | the lowest threshold tried (most recall) |
+| cascade + confirmed proposals | fine | the threshold and ``proposal_confirmation`` chosen together |
+| cascade + confirmed lowest-t proposals | fine | the lowest threshold, its best confirmation |
 | rejecting fine | fine_rejects | argmax components |
 | recall-first | fine_rejects | its validation-chosen threshold |
 | recall-first, lowest t | fine_rejects | the lowest threshold tried (the issue's design point) |
 | baseline 2S | - | - (the coarse model of 2S) |
 
-The lowest-t arms show what recall-first proposals do on the test images whatever validation
-chose; they never choose a default. Why the cascade's misses stay missed: the coarse model's
+Confirmed proposals (0.8.6): the published fine stage sees every proposal, and one below the
+coarse decision is fused only when its mean foreground probability over what it segments there
+reaches ``proposal_confirmation`` (``STSEG_PROPOSAL_CONFIRMATION``); every pair of a threshold
+and a value of ``--confirmations`` is tried on the validation images. The lowest-t arms show
+what recall-first proposals do on the test images whatever validation chose; they never choose
+a default. Why the cascade's misses stay missed: the coarse model's
 probabilities on the test images are exported once (``--save_probabilities``) and the report
 bins its highest foreground probability inside every missed polyp. Per arm: DSC, IoU, precision, recall (mean +- sd over images), empty predictions, images missed
-(DSC < 0.1), crops per image and proposals below the coarse decision (from the
-``<case>.objects.json`` files), whole ``nnUNetv2_predict`` time per image; a per-image table of
+(DSC < 0.1), crops per image, proposals below the coarse decision and those the fine stage
+rejected (from the ``<case>.objects.json`` files), whole ``nnUNetv2_predict`` time per image; a per-image table of
 every image some arm misses. Resumable: finished trainings and arms are kept (``--repredict``
 predicts every arm again). GPU users: ``--epochs 1000 --iters 250 -device cuda``.
+
+``--native`` (the issue's second protocol): Kvasir-SEG at native resolution, S = 64 against
+nnU-Net 2d, in the work folder of ``experiment-kvasir --native`` (default
+``work_dirs/kvasir_native``), whose networks and nnU-Net 2d scores it reuses (what is missing is
+trained and scored there first, with this command's budget: 4 x 50 iterations, batch 2 by
+default); the published fine stage's proposal rules are chosen on the native validation images
+and its arms scored next to nnU-Net 2d (``recall_results.json``)::
+
+    nnunet-stseg experiment-recall --native --out docs/benchmarks/kvasir_recall_native.md
 """
 from __future__ import annotations
 
@@ -44,6 +59,7 @@ import json
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,12 +71,13 @@ from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
                                           plan_command_line, plan_unless_planned, predict_command_line, publish_report,
                                           report_header, results_or_run, run, shared_data)
-from nnunet_stseg.settings import PROPOSAL_THRESHOLD_ENV
+from nnunet_stseg.settings import PROPOSAL_CONFIRMATION_ENV, PROPOSAL_THRESHOLD_ENV
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
-        ("cascade_lowest", "cascade + lowest-t proposals"), ("rejecting", "rejecting fine"),
+        ("cascade_lowest", "cascade + lowest-t proposals"), ("cascade_confirmed", "cascade + confirmed proposals"),
+        ("cascade_confirmed_lowest", "cascade + confirmed lowest-t proposals"), ("rejecting", "rejecting fine"),
         ("recall_first", "recall-first"), ("recall_first_lowest", "recall-first, lowest t"),
-        ("baseline_2s", "baseline 2S"))
+        ("baseline_2s", "baseline 2S"), ("nnunet_2d", "nnU-Net 2d"))
 
 
 def rejecting_config_name(size: int) -> str:
@@ -98,11 +115,11 @@ def validation_folders(ds: Path, workdir: Path) -> tuple[Path, Path]:
 
 
 def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, limit: int | None = None,
-                       src: Path | None = None, dataset_id: int = 720) -> SimpleNamespace:
-    """The work folder the Kvasir-SEG 256 x 256 experiments share (recall-first, end-to-end): the
-    stock commands' environment and logs, the dataset converted once with the seeded split, links
-    to its validation images. Fields: ``workdir, env, logs, ds, dataset_json, n_test, val_images,
-    val_labels, n_val``."""
+                       src: Path | None = None, dataset_id: int = 720, size: int | None = 256) -> SimpleNamespace:
+    """The work folder the Kvasir-SEG 256 x 256 experiments share (recall-first, end-to-end; ``size``
+    None: native resolution): the stock commands' environment and logs, the dataset converted once
+    with the seeded split, links to its validation images. Fields: ``workdir, env, logs, ds,
+    dataset_json, n_test, val_images, val_labels, n_val``."""
     from nnunet_stseg.data.kvasir import convert_kvasir, kvasir_ids
 
     workdir = Path(workdir).resolve()
@@ -112,7 +129,7 @@ def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, li
     raw = Path(env["nnUNet_raw"])
     existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     src = Path(src) if src else shared_data() / "kvasir-seg"
-    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=256, seed=seed,
+    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=size, seed=seed,
                                                      ids=kvasir_ids(src)[:limit] if limit else None)
     val_images, val_labels = validation_folders(ds, workdir)
     return SimpleNamespace(workdir=workdir, env=env, logs=logs, ds=ds,
@@ -122,13 +139,17 @@ def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, li
 
 
 def proposal_counts(prediction: Path) -> dict:
-    """Crops per image and proposals below the coarse decision per image, from the objects reports."""
+    """Crops per image, proposals below the coarse decision per image and those of them the fine
+    stage rejected (``proposal_confirmation``), from the objects reports."""
     reports = [json.loads(f.read_text()) for f in sorted(Path(prediction).glob("*.objects.json"))]
     if not reports:
-        return {"crops_per_image": float("nan"), "low_proposals_per_image": float("nan")}
+        return {"crops_per_image": float("nan"), "low_proposals_per_image": float("nan"),
+                "rejected_per_image": float("nan")}
     crops = [r["n_objects"] for r in reports]
     low = [sum(o.get("proposal") == "below the coarse decision" for o in r["objects"]) for r in reports]
-    return {"crops_per_image": float(np.mean(crops)), "low_proposals_per_image": float(np.mean(low))}
+    rejected = [sum(bool(o.get("rejected_by_fine_stage")) for o in r["objects"]) for r in reports]
+    return {"crops_per_image": float(np.mean(crops)), "low_proposals_per_image": float(np.mean(low)),
+            "rejected_per_image": float(np.mean(rejected))}
 
 
 def missed(prediction: Path) -> int:
@@ -231,38 +252,100 @@ def choose_threshold(scores: dict[str, float]) -> str:
     return max((t for t, v in scores.items() if v >= best - 1e-9), key=height)
 
 
+def confirmed_key(threshold: str, confirmation: str) -> str:
+    return f"{threshold}_c{confirmation}"
+
+
+def choose_confirmed(scores: dict[tuple[str, str], float]) -> tuple[str, str]:
+    """The (threshold, confirmation) pair with the highest validation DSC; ties go to the higher
+    threshold (fewer crops), then the lower confirmation (fewer rejections).
+
+    >>> choose_confirmed({("0.3", "0.8"): 0.71, ("0.1", "0.8"): 0.72, ("0.1", "0.6"): 0.72})
+    ('0.1', '0.6')
+    """
+    best = max(scores.values())
+    return max((k for k, v in scores.items() if v >= best - 1e-9), key=lambda k: (float(k[0]), -float(k[1])))
+
+
+def arm_runner(w: SimpleNamespace, device: str, dataset_id: int, save: Callable[[], None], prefix: str = ""):
+    """The function that predicts and scores one arm of a row once (kept in the row under its name
+    + ``tag``; a resumed run skips it): ``arm(row, name, config, trainer, threshold, train_log,
+    validation=False, tag="", confirmation=None)``, on the test images or on the validation images,
+    with the proposal threshold and confirmation set through their environment variables (None:
+    the plans' value). Outputs go to ``pred_<prefix><key>_<S>``."""
+    def arm(row: dict, name: str, config: str, trainer: str, threshold: str | None, train_log: Path,
+            validation: bool = False, tag: str = "", confirmation: str | None = None) -> dict:
+        key = name + tag
+        if key not in row:
+            run_env = dict(w.env)
+            for variable, value in ((PROPOSAL_THRESHOLD_ENV, threshold), (PROPOSAL_CONFIRMATION_ENV, confirmation)):
+                if value is not None:
+                    run_env[variable] = value
+            out = w.workdir / f"pred_{prefix}{key}_{row['S']}"
+            images, labels, n = (w.val_images, w.val_labels, w.n_val) if validation else (None, None, w.n_test)
+            r = predict_and_score(w.ds, out, dataset_id, config, trainer, device, run_env,
+                                  w.logs / f"predict_{prefix}{key}_{row['S']}.log", w.dataset_json, n, train_log,
+                                  images, labels)
+            row[key] = {**r, **proposal_counts(out), "missed": missed(out), "threshold": threshold,
+                        "confirmation": confirmation}
+            save()
+        return row[key]
+    return arm
+
+
+def choose_fine_stage_proposals(row: dict, arm, fine: str, train_log: Path, budget: dict) -> dict:
+    """The published fine stage's proposal rules, chosen on the validation images: the threshold
+    alone (``fine``: 'none' = argmax components only, or one of the thresholds), the threshold and
+    ``proposal_confirmation`` together (``confirmed``) and the lowest threshold's best confirmation
+    (``confirmed_lowest``)."""
+    scores = {t: arm(row, "val_fine", fine, DEFAULT_FINE_TRAINER, t, train_log, validation=True, tag=f"_{t}")["Dice"][0]
+              for t in budget["thresholds"]}
+    confirmed = {(t, c): arm(row, "val_fine", fine, DEFAULT_FINE_TRAINER, t, train_log, validation=True,
+                             tag=f"_{confirmed_key(t, c)}", confirmation=c)["Dice"][0]
+                 for t in budget["thresholds"][1:] for c in budget["confirmations"]}
+    lowest = lowest_threshold(budget)
+    return {"fine": choose_threshold(scores), "confirmed": list(choose_confirmed(confirmed)),
+            "confirmed_lowest": list(choose_confirmed({k: v for k, v in confirmed.items() if k[0] == lowest}))}
+
+
+def lowest_threshold(budget: dict) -> str:
+    return min(budget["thresholds"][1:], key=float)
+
+
+def cascade_arms(row: dict, arm, fine: str, train_log: Path, chosen: dict, budget: dict) -> None:
+    """The test arms of the published fine stage: argmax proposals, the validation-chosen
+    threshold, the lowest threshold (the issue's design point, whatever validation chose: reported,
+    never used to choose a default), and both with confirmed proposals."""
+    arm(row, "cascade", fine, DEFAULT_FINE_TRAINER, "none", train_log)
+    arm(row, "cascade_low", fine, DEFAULT_FINE_TRAINER, chosen["fine"], train_log)
+    arm(row, "cascade_lowest", fine, DEFAULT_FINE_TRAINER, lowest_threshold(budget), train_log)
+    for name, (t, c) in (("cascade_confirmed", chosen["confirmed"]),
+                         ("cascade_confirmed_lowest", chosen["confirmed_lowest"])):
+        arm(row, name, fine, DEFAULT_FINE_TRAINER, t, train_log, confirmation=c)
+
+
+def proposal_budget(thresholds, confirmations) -> dict:
+    return {"thresholds": ["none", *[str(t) for t in thresholds]], "confirmations": [str(c) for c in confirmations]}
+
+
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, thresholds: list[float], negative_fraction: float, seed: int = 0,
                    limit: int | None = None, src: Path | None = None, repredict: bool = False,
-                   dataset_id: int = 720) -> dict:
+                   dataset_id: int = 720, confirmations: Sequence[float] = (0.6, 0.7, 0.8, 0.9)) -> dict:
     from nnunet_stseg.data.kvasir import install_split
 
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
-    workdir, env, logs, ds, dataset_json = w.workdir, w.env, w.logs, w.ds, w.dataset_json
-    n_test, val_images, val_labels, n_val = w.n_test, w.val_images, w.val_labels, w.n_val
+    workdir, env, logs, ds = w.workdir, w.env, w.logs, w.ds
     results_file = workdir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() and not repredict else {}
     plans_file = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
     results.update({"dataset_folder": str(ds), "budget": {
         "features": features, "epochs": epochs, "iters": iters, "device": device, "seed": seed, "dataset": ds.name,
-        "n_test": n_test, "n_val": n_val, "batch_size": batch_size, "negative_fraction": negative_fraction,
-        "thresholds": ["none", *[str(t) for t in thresholds]]}})
+        "n_test": w.n_test, "n_val": w.n_val, "batch_size": batch_size, "negative_fraction": negative_fraction,
+        **proposal_budget(thresholds, confirmations)}})
     results.setdefault("sizes", {})
-
-    def save() -> None:
-        write_json_atomic(results, results_file, indent=1)
-
-    def arm(row: dict, name: str, config: str, trainer: str, threshold: str | None, train_log: Path,
-            images: Path | None = None, labels: Path | None = None, n: int = n_test, tag: str = "") -> dict:
-        key = name + tag
-        if key not in row:
-            run_env = {**env, PROPOSAL_THRESHOLD_ENV: threshold} if threshold is not None else env
-            out = workdir / f"pred_{key}_{row['S']}"
-            r = predict_and_score(ds, out, dataset_id, config, trainer, device, run_env,
-                                  logs / f"predict_{key}_{row['S']}.log", dataset_json, n, train_log, images, labels)
-            row[key] = {**r, **proposal_counts(out), "missed": missed(out), "threshold": threshold}
-            save()
-        return row[key]
+    b = results["budget"]
+    arm = arm_runner(w, device, dataset_id, lambda: write_json_atomic(results, results_file, indent=1))
 
     for s in sizes:
         for size in (s, 2 * s):
@@ -279,27 +362,18 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                                 (rejecting, DEFAULT_FINE_TRAINER), (coarse_2s, DEFAULT_COARSE_TRAINER)):
             train[config] = logs / f"train_{config}.json"
             train_arm(ds.name, config, trainer, device, env, logs / f"train_{config}.log", train[config])
-        # thresholds of each fine model, chosen on the validation images
-        chosen = {}
-        for model, config in (("fine", fine), ("rejecting", rejecting)):
-            scores = {}
-            for t in results["budget"]["thresholds"]:
-                r = arm(row, f"val_{model}", config, DEFAULT_FINE_TRAINER, t, train[config], val_images, val_labels,
-                        n_val, tag=f"_{t}")
-                scores[t] = r["Dice"][0]
-            chosen[model] = choose_threshold(scores)
+        # proposal rules of each fine model, chosen on the validation images
+        chosen = choose_fine_stage_proposals(row, arm, fine, train[fine], b)
+        chosen["rejecting"] = choose_threshold({t: arm(row, "val_rejecting", rejecting, DEFAULT_FINE_TRAINER, t,
+                                                       train[rejecting], validation=True, tag=f"_{t}")["Dice"][0]
+                                                for t in b["thresholds"]})
         row["chosen_threshold"] = chosen
         row["negative_room"] = negative_room(plans_file.parent, rejecting)
         arm(row, "baseline", coarse, DEFAULT_COARSE_TRAINER, None, train[coarse])
-        arm(row, "cascade", fine, DEFAULT_FINE_TRAINER, "none", train[fine])
-        arm(row, "cascade_low", fine, DEFAULT_FINE_TRAINER, chosen["fine"], train[fine])
+        cascade_arms(row, arm, fine, train[fine], chosen, b)
         arm(row, "rejecting", rejecting, DEFAULT_FINE_TRAINER, "none", train[rejecting])
         arm(row, "recall_first", rejecting, DEFAULT_FINE_TRAINER, chosen["rejecting"], train[rejecting])
-        # the design point of the issue whatever validation chose: the lowest threshold tried (most recall);
-        # reported, never used to choose a default
-        lowest = str(min(thresholds))
-        arm(row, "cascade_lowest", fine, DEFAULT_FINE_TRAINER, lowest, train[fine])
-        arm(row, "recall_first_lowest", rejecting, DEFAULT_FINE_TRAINER, lowest, train[rejecting])
+        arm(row, "recall_first_lowest", rejecting, DEFAULT_FINE_TRAINER, lowest_threshold(b), train[rejecting])
         arm(row, "baseline_2s", coarse_2s, DEFAULT_COARSE_TRAINER, None, train[coarse_2s])
         if "coarse_peaks" not in row:  # the coarse model's probabilities on the test images, for miss_causes
             probabilities = workdir / f"coarse_probabilities_{s}"
@@ -307,7 +381,49 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                                      device, "--disable_tta", "--save_probabilities"), env,
                 logs / f"predict_coarse_probabilities_{s}.log")
             row["coarse_peaks"] = coarse_peaks_in_objects(probabilities, ds / "labelsTs")
-        save()
+        write_json_atomic(results, results_file, indent=1)
+    return results
+
+
+NATIVE_RESULTS = "recall_results.json"
+
+
+def run_native(workdir: Path, size: int, features: int, epochs: int, iters: int, batch_size: int, device: str,
+               thresholds: list[float], confirmations: Sequence[float], seed: int = 0, limit: int | None = None,
+               src: Path | None = None, repredict: bool = False, dataset_id: int = 721) -> dict:
+    """``--native``: the cascade at S with its proposal rules against nnU-Net 2d on Kvasir-SEG at
+    native resolution, in the work folder of ``experiment-kvasir --native`` (its networks and its
+    nnU-Net 2d scores are reused; what is missing is trained and scored by that experiment first,
+    with this budget). Rules chosen on the native validation images as at 256 x 256; the rejecting
+    fine stage is not run here. Results in ``recall_results.json``."""
+    from nnunet_stseg.commands.experiment_kvasir import run_native_experiment
+
+    workdir = Path(workdir).resolve()
+    native_file = workdir / "results.json"
+    native = json.loads(native_file.read_text()) if native_file.is_file() else {}
+    if not {f"cascade_{size}", "nnunet_2d"} <= set(native.get("arms", {})):
+        native = run_native_experiment(workdir, [size], features, epochs, iters, batch_size, device, dataset_id, seed,
+                                       limit, src)
+    nb = native["budget"]
+    w = kvasir_work_folder(workdir, nb["epochs"], nb["iters"], seed, limit, src, dataset_id, size=None)
+    results_file = workdir / NATIVE_RESULTS
+    results = json.loads(results_file.read_text()) if results_file.is_file() and not repredict else {}
+    results.update({"dataset_folder": str(w.ds), "native": True, "budget": {
+        **{k: nb[k] for k in ("features", "epochs", "iters", "device", "seed", "dataset", "batch_size")},
+        "n_test": w.n_test, "n_val": w.n_val, **proposal_budget(thresholds, confirmations)}})
+    row = results.setdefault("sizes", {}).setdefault(str(size), {})
+    row["S"] = size
+    arm = arm_runner(w, device, dataset_id, lambda: write_json_atomic(results, results_file, indent=1), "recall_")
+    coarse, fine = coarse_config_name("2d", size), fine_config_name("2d", size)
+    train = {c: w.logs / f"train_{c}.json" for c in (coarse, fine)}
+    row["chosen_threshold"] = choose_fine_stage_proposals(row, arm, fine, train[fine], results["budget"])
+    arm(row, "baseline", coarse, DEFAULT_COARSE_TRAINER, None, train[coarse])
+    cascade_arms(row, arm, fine, train[fine], row["chosen_threshold"], results["budget"])
+    base = native["arms"]["nnunet_2d"]  # scored by experiment-kvasir --native on the same test images
+    row["nnunet_2d"] = {**base, "missed": missed(Path(base["prediction"])), "threshold": None, "confirmation": None,
+                        "crops_per_image": float("nan"), "low_proposals_per_image": float("nan"),
+                        "rejected_per_image": float("nan")}
+    write_json_atomic(results, results_file, indent=1)
     return results
 
 
@@ -326,78 +442,155 @@ def detection_table(row: dict) -> list[str]:
     return lines
 
 
+def confirmation_table(row: dict, budget: dict) -> list[str]:
+    """Validation DSC % of the published fine stage with confirmed proposals: a row per proposal
+    threshold, a column per ``proposal_confirmation`` (empty for a run made before 0.8.6)."""
+    thresholds, confirmations = budget["thresholds"][1:], budget.get("confirmations", [])
+    if not any(f"val_fine_{confirmed_key(t, c)}" in row for t in thresholds for c in confirmations):
+        return []
+    chosen = row.get("chosen_threshold", {})
+    lines = ["Validation DSC % of the cascade with confirmed proposals (rows: proposal threshold; columns: "
+             "proposal_confirmation; 'none' = every proposal fused, from the line above):", "",
+             "| threshold | none | " + " | ".join(confirmations) + " |", "|---" * (len(confirmations) + 2) + "|"]
+    for t in thresholds:
+        cells = [row.get(f"val_fine_{t}", {}).get("Dice", [float("nan")])[0]]
+        cells += [row.get(f"val_fine_{confirmed_key(t, c)}", {}).get("Dice", [float("nan")])[0] for c in confirmations]
+        lines.append(f"| {t} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    if chosen.get("confirmed"):
+        lines += ["", f"Chosen: threshold {chosen['confirmed'][0]} with confirmation {chosen['confirmed'][1]}; at "
+                  f"the lowest threshold, confirmation {chosen['confirmed_lowest'][1]}."]
+    return [*lines, ""]
+
+
+def validation_line(row: dict, budget: dict) -> str:
+    """Validation DSC % per proposal threshold of the fine stage (and of the rejecting one where it ran)."""
+    rejecting = any(f"val_rejecting_{t}" in row for t in budget["thresholds"])
+    chosen = row.get("chosen_threshold", {})
+    cells = [f"{t}: {row[f'val_fine_{t}']['Dice'][0]:.2f}"
+             + (f" / {row[f'val_rejecting_{t}']['Dice'][0]:.2f}" if rejecting else "")
+             for t in budget["thresholds"] if f"val_fine_{t}" in row and (not rejecting or f"val_rejecting_{t}" in row)]
+    return (f"Validation DSC % per proposal threshold ({'fine / rejecting fine' if rejecting else 'fine'}): "
+            + ", ".join(cells) + f"; chosen: fine {chosen.get('fine')}"
+            + (f", rejecting fine {chosen.get('rejecting')}." if rejecting else "."))
+
+
+def size_section(s: str, row: dict, b: dict, title: str) -> list[str]:
+    """One S of a report: the validation choices, the arms' table, why misses stay missed, the
+    per-image table of the images some arm misses."""
+    lines = [f"## {title}", "", validation_line(row, b), "", *confirmation_table(row, b)]
+    room = row.get("negative_room")
+    if room:
+        shrunk = (f"; {room['shrunk']} of them smaller than 0.75 x the object crop (median side "
+                  f"{room['median_side_ratio']:.2f} x the case's smallest object crop)"
+                  if room.get("median_side_ratio") is not None else "")
+        lines += [f"Room for a negative crop (one draw per image as in training, nnU-Net's rotation margin, patch "
+                  f"{room['initial_patch']}): {room['fits']} of {room['cases']} training images with a polyp"
+                  f"{shrunk}; in the others the sample is an object crop, so the effective negative rate is "
+                  f"about {b['negative_fraction']} x {room['fits'] / max(room['cases'], 1):.2f} = "
+                  f"{b['negative_fraction'] * room['fits'] / max(room['cases'], 1):.2f}.", ""]
+    lines += [f"| arm | proposals | confirmation | {OVERLAP_HEAD_PERCENT} | missed (DSC < 0.1) | crops / image | "
+              f"below-decision proposals / image | rejected by the fine stage / image | ms / image |",
+              "|---" * 13 + "|"]
+    for name, label in ARMS:
+        if name not in row:
+            continue
+        r = row[name]
+        size = 2 * int(s) if name == "baseline_2s" else int(s)
+        label = label.replace("2S", str(size)).replace("S", str(size)) if name.startswith("baseline") else label
+        crops = "-" if np.isnan(r["crops_per_image"]) else f"{r['crops_per_image']:.2f}"
+        low = "-" if np.isnan(r["low_proposals_per_image"]) else f"{r['low_proposals_per_image']:.2f}"
+        rejected = r.get("rejected_per_image", float("nan"))
+        rejected = "-" if np.isnan(rejected) or not r.get("confirmation") else f"{rejected:.2f}"
+        lines.append(f"| {label} | {r['threshold'] or '-'} | {r.get('confirmation') or '-'} | "
+                     f"{overlap_cells(r, digits=2)} | {r['missed']} | {crops} | {low} | {rejected} | "
+                     f"{r['ms_per_image']:.0f} |")
+    return lines + ["", *miss_causes(row), f"Test images some arm misses (DSC; bold: missed), S = {s}:", "",
+                    *detection_table(row), ""]
+
+
 def report(results: dict, cmd: str) -> str:
     b = results["budget"]
+    if results.get("native"):
+        lines = [*report_header("Kvasir-SEG at native resolution: recall-first proposals vs nnU-Net 2d", cmd),
+                 f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
+                 f"iterations, device {b['device']}: the networks of `experiment-kvasir --native` in the same work "
+                 f"folder (its cascade's coarse and fine models, its nnU-Net 2d and that arm's scores). Split seed "
+                 f"{b['seed']} (80/10/10): proposal rules chosen on the {b['n_val']} validation images among "
+                 f"thresholds {', '.join(b['thresholds'])} and confirmations {', '.join(b['confirmations'])}, arms "
+                 f"scored on the {b['n_test']} test images at their native resolution; ms / image = the whole "
+                 "`nnUNetv2_predict --disable_tta` over the test set, each arm in its default mode (the cascade in "
+                 "the command's own process, nnU-Net 2d with its worker processes). The rejecting fine stage is "
+                 "not run at this resolution (at 256 x 256 it missed more polyps at both S).", ""]
+        for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
+            lines += size_section(s, row, b, f"Cascade at S = {s} vs nnU-Net 2d")
+        return "\n".join(lines) + "\n"
     lines = [*report_header("Kvasir-SEG: recall-first proposals and a fine stage that can reject", cmd),
              f"Budget per network: width {b['features']}, {b['epochs']} x {b['iters']} iterations, batch size "
              f"{b['batch_size'] or 'planned'}, device {b['device']}; split seed {b['seed']} (80/10/10): thresholds "
-             f"chosen on the {b['n_val']} validation images among {', '.join(b['thresholds'])}, arms scored on the "
-             f"{b['n_test']} test images at 256 x 256. Rejecting fine stage: negative_fraction "
+             f"chosen on the {b['n_val']} validation images among {', '.join(b['thresholds'])}"
+             + (f" (with confirmations {', '.join(b['confirmations'])} for the published fine stage)"
+                if b.get("confirmations") else "") +
+             f", arms scored on the {b['n_test']} test images at 256 x 256. Rejecting fine stage: negative_fraction "
              f"{b['negative_fraction']}. Every cascade arm of one S uses the same coarse model (pair comparisons, "
              f"one training run per network: at this budget the same arm varies by 2-4 DSC points between runs).", ""]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-        chosen = row.get("chosen_threshold", {})
-        lines += [f"## S = {s}", "",
-                  "Validation DSC % per proposal threshold (fine / rejecting fine): " + ", ".join(
-                      f"{t}: {row[f'val_fine_{t}']['Dice'][0]:.2f} / {row[f'val_rejecting_{t}']['Dice'][0]:.2f}"
-                      for t in b["thresholds"] if f"val_fine_{t}" in row and f"val_rejecting_{t}" in row)
-                  + f"; chosen: fine {chosen.get('fine')}, rejecting fine {chosen.get('rejecting')}.", ""]
-        room = row.get("negative_room")
-        if room:
-            shrunk = (f"; {room['shrunk']} of them smaller than 0.75 x the object crop (median side "
-                      f"{room['median_side_ratio']:.2f} x the case's smallest object crop)"
-                      if room.get("median_side_ratio") is not None else "")
-            lines += [f"Room for a negative crop (one draw per image as in training, nnU-Net's rotation margin, patch "
-                      f"{room['initial_patch']}): {room['fits']} of {room['cases']} training images with a polyp"
-                      f"{shrunk}; in the others the sample is an object crop, so the effective negative rate is "
-                      f"about {b['negative_fraction']} x {room['fits'] / max(room['cases'], 1):.2f} = "
-                      f"{b['negative_fraction'] * room['fits'] / max(room['cases'], 1):.2f}.", ""]
-        lines += [
-                  f"| arm | proposals | {OVERLAP_HEAD_PERCENT} | missed (DSC < 0.1) | crops / image | "
-                  f"below-decision proposals / image | ms / image |", "|---" * 11 + "|"]
-        for name, label in ARMS:
-            if name not in row:
-                continue
-            r = row[name]
-            size = 2 * int(s) if name == "baseline_2s" else int(s)
-            label = label.replace("2S", str(size)).replace("S", str(size)) if name.startswith("baseline") else label
-            crops = "-" if np.isnan(r["crops_per_image"]) else f"{r['crops_per_image']:.2f}"
-            low = "-" if np.isnan(r["low_proposals_per_image"]) else f"{r['low_proposals_per_image']:.2f}"
-            lines.append(f"| {label} | {r['threshold'] or '-'} | {overlap_cells(r, digits=2)} | {r['missed']} | "
-                         f"{crops} | {low} | {r['ms_per_image']:.0f} |")
-        lines += ["", *miss_causes(row), f"Test images some arm misses (DSC; bold: missed), S = {s}:", "",
-                  *detection_table(row), ""]
+        lines += size_section(s, row, b, f"S = {s}")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     p = command_parser("experiment-recall", __doc__)
-    p.add_argument("--workdir", type=Path, default=Path("work_dirs/kvasir_recall"))
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="work folder (work_dirs/kvasir_recall; with --native work_dirs/kvasir_native, shared with "
+                        "experiment-kvasir --native)")
     p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="input sizes S (32 64)")
-    add_budget_arguments(p, features=16, batch_size=16, epochs=30, iters=50)
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes S (32 64; 64 with --native)")
+    p.add_argument("--native", action="store_true",
+                   help="native resolution: the cascade of experiment-kvasir --native (trained there when missing) "
+                        "with the proposal rules against nnU-Net 2d")
+    add_budget_arguments(p, features=16, batch_size=None, epochs=None, iters=None,
+                         helps={"batch_size": "batch size of every network (16; 2 with --native)",
+                                "epochs": "epochs of every network (30; 4 with --native)",
+                                "iters": "iterations per epoch (50)"})
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.2, 0.1],
                    help="proposal thresholds tried on the validation images besides 'none' (0.3 0.2 0.1)")
+    p.add_argument("--confirmations", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9],
+                   help="proposal_confirmation values tried on the validation images with every threshold "
+                        "(0.6 0.7 0.8 0.9)")
     p.add_argument("--negative_fraction", type=float, default=0.25,
                    help="negative crops of the rejecting fine stage (0.25)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
     p.add_argument("--repredict", action="store_true", help="predict and score every arm again")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
-    p.add_argument("--report_only", action="store_true", help="rebuild the report from the work folder's results.json")
+    p.add_argument("--report_only", action="store_true", help="rebuild the report from the work folder's results")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
-    results_file = args.workdir.resolve() / "results.json"
+    native = args.native
+    workdir = (args.workdir or Path("work_dirs/kvasir_native" if native else "work_dirs/kvasir_recall")).resolve()
+    sizes = args.sizes or ([64] if native else [32, 64])
+    batch_size, epochs, iters = args.batch_size or (2 if native else 16), args.epochs or (4 if native else 30), \
+        args.iters or 50
+    if native and len(sizes) != 1:
+        p.error("--native takes one size S (the cascade compared with nnU-Net 2d)")
+    if native:
+        results = results_or_run(p, args.report_only, workdir / NATIVE_RESULTS, lambda: run_native(
+            workdir, sizes[0], args.features, epochs, iters, batch_size, args.device, args.thresholds,
+            args.confirmations, seed=args.seed, limit=args.limit, src=args.src, repredict=args.repredict), cmd)
+        publish_report(report(results, results.get("command", cmd)), args.out)
+        return
+    results_file = workdir / "results.json"
     results = results_or_run(p, args.report_only, results_file, lambda: run_experiment(
-        args.workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size, args.device,
+        workdir, sizes, args.features, epochs, iters, batch_size, args.device,
         args.thresholds, args.negative_fraction, seed=args.seed, limit=args.limit, src=args.src,
-        repredict=args.repredict), cmd)
+        repredict=args.repredict, confirmations=args.confirmations), cmd)
     if args.report_only:
-        preprocessed = next((args.workdir.resolve() / "nnUNet_preprocessed").glob("Dataset*"), None)
+        preprocessed = next((workdir / "nnUNet_preprocessed").glob("Dataset*"), None)
         for s, row in results["sizes"].items():  # results of a run made before this figure existed
             if "negative_room" not in row and preprocessed is not None:
                 row["negative_room"] = negative_room(preprocessed, rejecting_config_name(int(s)))
                 write_json_atomic(results, results_file, indent=1)
     publish_report(report(results, results.get("command", cmd)), args.out)
+
 
 if __name__ == "__main__":
     main()

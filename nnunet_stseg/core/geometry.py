@@ -51,6 +51,11 @@ class CropParams:
       components, components of ``foreground probability >= proposal_threshold`` that hold no
       argmax voxel become proposals too (at most ``max_crops`` more per case, the most probable
       first); None = argmax components only (the published method). In (0, 0.5].
+    - ``proposal_confirmation``: the fine stage confirms a proposal below the decision (0.8.6): its
+      crop is fused only when the fine network's mean foreground probability over the voxels it
+      labels foreground (:func:`segmented_confidence`) is at least this value; a rejected
+      proposal keeps the coarse probabilities (background: it holds no argmax voxel). Objects the
+      coarse argmax found are always fused. None = every proposal fused. In [0.5, 1).
     - ``negative_fraction``: training only: this fraction of the fine stage's crops is drawn where
       the label has no foreground (sized like the case's object crops, smaller where none fits), so
       the fine network learns to return nothing for a false proposal; 0 = crops around objects only
@@ -70,6 +75,7 @@ class CropParams:
     square: bool = True
     size_rule_grid: str = "full"
     proposal_threshold: float | None = None
+    proposal_confirmation: float | None = None
     negative_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -86,6 +92,9 @@ class CropParams:
         if self.proposal_threshold is not None and not 0 < self.proposal_threshold <= 0.5:
             raise ValueError(f"proposal_threshold must be in (0, 0.5] or None (argmax components only), got "
                              f"{self.proposal_threshold}")
+        if self.proposal_confirmation is not None and not 0.5 <= self.proposal_confirmation < 1:
+            raise ValueError(f"proposal_confirmation must be in [0.5, 1) or None (every proposal fused), got "
+                             f"{self.proposal_confirmation}")
         if not 0 <= self.negative_fraction < 1:
             raise ValueError(f"negative_fraction must be in [0, 1), got {self.negative_fraction}")
 
@@ -859,6 +868,25 @@ def foreground_probability(probs: torch.Tensor, multilabel: bool) -> torch.Tenso
     [0.30000001192092896, 0.800000011920929]
     """
     return probs.amax(0) if multilabel else 1.0 - probs[0]
+
+
+def segmented_confidence(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Per crop (N,): how sure the fine stage is of what it segments: its mean foreground
+    probability (:func:`foreground_probability`) over the voxels it labels foreground
+    (:func:`foreground_from_probabilities`); 0 where it labels none. ``probs``: (N, K, *spatial).
+    A proposal below the coarse decision is fused only when this reaches
+    ``CropParams.proposal_confirmation``: a real object comes back sharp, a false proposal as a
+    faint blob or nothing.
+
+    >>> probs = torch.tensor([[[0.1, 0.4, 0.9], [0.9, 0.6, 0.1]],    # sure of two voxels: (0.9 + 0.6) / 2
+    ...                       [[0.45, 0.8, 0.9], [0.55, 0.2, 0.1]],  # one faint voxel: 0.55
+    ...                       [[0.9, 0.8, 0.9], [0.1, 0.2, 0.1]]])   # nothing segmented: 0
+    >>> segmented_confidence(probs, multilabel=False).tolist()
+    [0.75, 0.550000011920929, 0.0]
+    """
+    foreground = foreground_probability(probs.transpose(0, 1), multilabel).flatten(1)  # (N, voxels)
+    segmented = foreground_from_probabilities(probs.transpose(0, 1), multilabel).flatten(1)
+    return (foreground * segmented).sum(1) / segmented.sum(1).clamp(min=1)
 
 
 def foreground_from_probabilities(probs: torch.Tensor, multilabel: bool) -> torch.Tensor:

@@ -152,6 +152,8 @@ def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: d
     """The JSON-ready report of one case. ``found``: ``tight`` boxes (N, 3, 2) on the preprocessed
     grid, ``voxels`` (N,), ``mean_probability`` (N,), ``fallback``, and where the stage has them:
     ``crop`` boxes (N, 3, 2; the cascade), ``proposal`` (N strings: which rule proposed it),
+    ``fine_confidence`` (N,: the fine stage's mean foreground probability over what it segments in
+    the object's crop), ``rejected`` (N bools: proposals below the decision the fine stage rejected),
     ``origins`` (N arrays (k, 3); the polar stage) and ``origin_confidences`` (N arrays (k,)),
     ``n_dropped`` and any other ``n_*`` counts (copied as they are). ``grid_spacing``: the
     preprocessed grid's spacing (3 values, transposed order). Without ``properties`` (a
@@ -201,6 +203,10 @@ def objects_report(found: dict, preprocessed_shape: Sequence[int], properties: d
                     o["confidence"] = round(float(c), 4)
         if "proposal" in found:
             obj["proposal"] = found["proposal"][i]
+            if "rejected" in found and found["proposal"][i] != "coarse argmax":
+                obj["rejected_by_fine_stage"] = bool(found["rejected"][i])
+        if "fine_confidence" in found:
+            obj["fine_mean_foreground_probability"] = round(float(found["fine_confidence"][i]), 4)
         obj.update({"extent_mm": (extent[1:] if is_2d else extent).round(3).tolist(),
                     "area_mm2" if is_2d else "volume_mm3": round(size, 3),
                     "mean_foreground_probability": round(float(found["mean_probability"][i]), 4)})
