@@ -71,7 +71,8 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
                   "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
                   "| recall-first, lowest t | 0.1 | - |", "| cascade + confirmed lowest-t proposals | 0.1 | 0.",
-                  "| threshold | none | 0.6 | 0.7 | 0.8 | 0.9 |"):
+                  "| threshold | none | 0.6 | 0.7 | 0.8 | 0.9 |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
+                  "| cascade + confirmed proposals | "):
         assert label in text
     assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
     # resumed: nothing trained or predicted again; the report is the same
@@ -116,9 +117,28 @@ def test_native_recall_experiment_reuses_the_native_networks(tmp_path, monkeypat
         "the native experiment's own prediction folders are left alone"
     text = out.read_text()
     for label in ("| nnU-Net 2d | - | - |", "| cascade + confirmed lowest-t proposals | 0.3 | 0.8 |", "| baseline 32 |",
-                  "Kvasir-SEG at native resolution", "Validation DSC % per proposal threshold (fine): none"):
+                  "Kvasir-SEG at native resolution", "Validation DSC % per proposal threshold (fine): none",
+                  "(DSC >= nnU-Net 2d's"):
         assert label in text, label
     fake.calls.clear()
     main(args)
     assert not fake.of("nnUNetv2_train") and not fake.of("nnUNetv2_predict")
     assert out.read_text().splitlines()[3:] == text.splitlines()[3:]
+
+
+def test_the_goal_table_checks_dsc_misses_and_precision():
+    """A recall-first arm meets the issue's goal only with DSC >= the baseline at 2S, misses at most
+    half the cascade's and precision not below the cascade's; each failed check is named."""
+    def arm(dice, missed, precision, ms):
+        return {"Dice": [dice, 1.0], "missed": missed, "Precision": [precision, 1.0], "ms_per_image": ms}
+
+    row = {"cascade": arm(73.0, 6, 82.0, 240), "baseline_2s": arm(76.0, 3, 81.0, 250),
+           "cascade_confirmed": arm(76.5, 3, 82.0, 262), "cascade_lowest": arm(72.0, 3, 79.0, 252),
+           "recall_first": arm(77.0, 4, 85.0, 250)}
+    lines = experiment.goal_table(row, "64")
+    assert "DSC >= baseline 128's 76.00; misses <= half the cascade's 6" in lines[0]
+    table = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and "---" not in line}
+    assert table["cascade + confirmed proposals"].endswith("| +0.50 | 3 | +0.00 | +22 | yes |")
+    assert table["cascade + lowest-t proposals"].endswith("| no (DSC, precision) |")
+    assert table["recall-first"].endswith("| no (misses) |")
+    assert experiment.goal_table({"cascade": row["cascade"]}, "64") == []
