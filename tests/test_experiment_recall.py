@@ -59,7 +59,7 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     # confirmed proposals: the published fine stage, every threshold x confirmation on the validation
     # images, then the chosen pair and the lowest threshold's best confirmation on the test images
     assert sorted(v[1:] for v in confirmed if v[0] == "val_images") == sorted(
-        ("2d_sts_fine_16", t, c) for t in ("0.3", "0.1") for c in ("0.6", "0.7", "0.8", "0.9"))
+        ("2d_sts_fine_16", t, str(c)) for t in ("0.3", "0.1") for c in experiment.CONFIRMATIONS)
     assert [v[1:] for v in confirmed if v[0] == "imagesTs"] == [
         ("2d_sts_fine_16", *chosen["confirmed"]), ("2d_sts_fine_16", "0.1", chosen["confirmed_lowest"][1])]
     assert test == [("2d_sts_coarse_16", None), ("2d_sts_fine_16", "none"), ("2d_sts_fine_16", chosen["fine"]),
@@ -71,7 +71,7 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
                   "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
                   "| recall-first, lowest t | 0.1 | - |", "| cascade + confirmed lowest-t proposals | 0.1 | 0.",
-                  "| threshold | none | 0.6 | 0.7 | 0.8 | 0.9 |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
+                  "| threshold | none | " + " | ".join(map(str, experiment.CONFIRMATIONS)) + " |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
                   "| cascade + confirmed proposals | "):
         assert label in text
     assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
