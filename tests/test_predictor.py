@@ -190,6 +190,27 @@ def test_coarse_fallback_removes_components_below_the_size_rule(planned):
     assert not seg.any()
 
 
+def _with_a_faint_object(labels: np.ndarray):
+    """One-hot coarse probabilities of ``labels`` in which the last object is faint (foreground
+    0.35 < the argmax decision): (its mask, its class, the probabilities, the number of objects)."""
+    components, n = ndimage.label(labels[0] > 0)
+    assert n >= 2
+    faint = components[None] == n
+    cls = int(labels[faint].max())
+    probs = one_hot(labels)
+    probs[:, faint] = 0.0
+    probs[0, faint], probs[cls, faint] = 0.65, 0.35
+    return faint, cls, probs, n
+
+
+def _far_from_objects(labels: np.ndarray):
+    """The distance of every pixel of a 2D case from the nearest object, and the farthest pixel (y, x)."""
+    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(far), far.shape)
+    assert far[y, x] > 8
+    return far, y, x
+
+
 def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_stays_empty(planned, capsys,
                                                                                          monkeypatch):
     """Coarse probabilities: every object certain but one, which is faint (0.35 < the argmax
@@ -201,16 +222,8 @@ def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_sta
     object is missed."""
     root, ds = planned
     labels = _label_volume(ds[2])
-    components, n = ndimage.label(labels[0] > 0)
-    assert n >= 2
-    faint = components[None] == n
-    cls = int(labels[faint].max())
-    probs = one_hot(labels)
-    probs[:, faint] = 0.0
-    probs[0, faint], probs[cls, faint] = 0.65, 0.35
-    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(far), far.shape)
-    assert far[y, x] > 8
+    faint, cls, probs, n = _with_a_faint_object(labels)
+    far, y, x = _far_from_objects(labels)
     probs[0, 0, y - 4:y + 4, x - 4:x + 4], probs[1, 0, y - 4:y + 4, x - 4:x + 4] = 0.65, 0.35  # false blob
     noise = (labels[0] == 0) & (far > 2)
     noise[y - 6:y + 6, x - 6:x + 6] = False
@@ -254,15 +267,8 @@ def test_the_fine_stage_confirms_or_rejects_proposals_below_the_decision(planned
     rejected. ``STSEG_PROPOSAL_CONFIRMATION=none`` fuses every proposal again."""
     root, ds = planned
     labels = _label_volume(ds[2])
-    components, n = ndimage.label(labels[0] > 0)
-    faint = components[None] == n
-    cls = int(labels[faint].max())
-    probs = one_hot(labels)
-    probs[:, faint] = 0.0
-    probs[0, faint], probs[cls, faint] = 0.65, 0.35
-    far = ndimage.distance_transform_edt(np.pad(labels[0] == 0, 1, constant_values=False))[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(far), far.shape)
-    assert far[y, x] > 8
+    faint, cls, probs, n = _with_a_faint_object(labels)
+    far, y, x = _far_from_objects(labels)
     blob = np.zeros_like(faint)
     blob[0, y - 4:y + 4, x - 4:x + 4] = True
     probs[:, blob] = 0.0
@@ -315,12 +321,7 @@ def test_recall_first_proposals_on_a_coarser_grid_reach_a_faint_object(planned, 
     segmented; the decided objects' crops are the same as without proposals."""
     root, ds = planned
     labels = _label_volume(ds[2])
-    components, n = ndimage.label(labels[0] > 0)
-    faint = components[None] == n
-    cls = int(labels[faint].max())
-    probs = one_hot(labels)
-    probs[:, faint] = 0.0
-    probs[0, faint], probs[cls, faint] = 0.65, 0.35
+    faint, cls, probs, n = _with_a_faint_object(labels)
     coarse = torch.nn.functional.avg_pool2d(probs, 2)  # (K, 1, Y / 2, X / 2): cells of 2 x 2 pixels
     assert coarse.shape[-1] * 2 == labels.shape[-1]
     config = fine_config_name("2d", 64)
