@@ -142,3 +142,29 @@ def test_the_goal_table_checks_dsc_misses_and_precision():
     assert table["cascade + lowest-t proposals"].endswith("| no (DSC, precision) |")
     assert table["recall-first"].endswith("| no (misses) |")
     assert experiment.goal_table({"cascade": row["cascade"]}, "64") == []
+
+
+def test_proposal_confidences_split_proposals_by_what_their_box_holds(tmp_path):
+    """Proposals below the decision on a polyp (>= 30 % of the box) and off any polyp (none of it)
+    are counted apart with their fine confidence; argmax objects and boxes partly on a polyp are
+    left out."""
+    import numpy as np
+    from skimage.io import imsave
+
+    gt = np.zeros((32, 32), np.uint8)
+    gt[4:12, 4:12] = 1
+    imsave(str(tmp_path / "case.png"), gt, check_contrast=False)
+
+    def obj(start, stop, proposal, confidence):
+        return {"box": {"start": [0, *start], "stop": [1, *stop]}, "proposal": proposal,
+                "fine_mean_foreground_probability": confidence}
+
+    low = "below the coarse decision"
+    objects = [obj((4, 4), (12, 12), low, 0.95), obj((20, 20), (28, 28), low, 0.85), obj((24, 0), (30, 6), low, 0.87),
+               obj((10, 10), (22, 22), low, 0.5), obj((4, 4), (12, 12), "coarse argmax", 0.99)]
+    (tmp_path / "case.objects.json").write_text(json.dumps({"objects": objects}))
+    c = experiment.proposal_confidences(tmp_path, tmp_path)
+    assert c["on_polyp"] == {"n": 1, "percentiles": [0.95, 0.95, 0.95]}
+    assert c["off_polyp"]["n"] == 2 and c["off_polyp"]["percentiles"][1] == 0.86
+    line = experiment.confidence_line({"proposal_confidence": c})[0]
+    assert "on a polyp (>= 30 % of the box) 1 (0.95 / 0.95 / 0.95), proposals off any polyp 2 (" in line

@@ -202,6 +202,44 @@ def negative_room(preprocessed: Path, configuration: str, n_cases: int = 200, se
             "shrunk": int((ratios < 0.75).sum()), "median_side_ratio": float(np.median(ratios)) if fits else None}
 
 
+def proposal_confidences(prediction: Path, labels: Path) -> dict:
+    """The fine stage's confidence (``fine_mean_foreground_probability`` of the objects reports) in
+    the proposals below the coarse decision of one arm's test predictions, split by what the
+    proposal's box holds: ``on_polyp`` (at least 30 % of its pixels are polyp), ``off_polyp`` (none
+    is); the counts and the 10th / 50th / 90th percentiles of each. A confirmation rule can only
+    work where the two differ."""
+    from skimage.io import imread
+
+    groups: dict[str, list[float]] = {"on_polyp": [], "off_polyp": []}
+    for f in sorted(Path(prediction).glob("*.objects.json")):
+        report = json.loads(f.read_text())
+        gt = imread(str(Path(labels) / f"{f.name[:-len('.objects.json')]}.png"))
+        gt = (gt if gt.ndim == 2 else gt[..., 0]) > 0
+        for o in report["objects"]:
+            if o.get("proposal") != "below the coarse decision" or "fine_mean_foreground_probability" not in o:
+                continue
+            (y0, x0), (y1, x1) = o["box"]["start"][-2:], o["box"]["stop"][-2:]
+            polyp = gt[max(y0, 0):y1, max(x0, 0):x1].mean() if y1 > y0 and x1 > x0 else 0.0
+            if polyp >= 0.3 or polyp == 0:
+                groups["on_polyp" if polyp >= 0.3 else "off_polyp"].append(o["fine_mean_foreground_probability"])
+    return {k: {"n": len(v), "percentiles": np.percentile(v, [10, 50, 90]).round(3).tolist() if v else None}
+            for k, v in groups.items()}
+
+
+def confidence_line(row: dict) -> list[str]:
+    c = row.get("proposal_confidence")
+    if not c:
+        return []
+
+    def part(k: str) -> str:
+        g = c[k]
+        return f"{g['n']}" + (" ({} / {} / {})".format(*g["percentiles"]) if g["percentiles"] else "")
+    return [f"Can the fine stage tell a true proposal from a false one? Its mean foreground probability over what "
+            f"it segments in the crops of the proposals below the decision (cascade + lowest-t proposals, test "
+            f"images; 10th / 50th / 90th percentile): proposals on a polyp (>= 30 % of the box) "
+            f"{part('on_polyp')}, proposals off any polyp {part('off_polyp')}.", ""]
+
+
 PEAK_BINS = (0.3, 0.1)  # the report's bins of the coarse model's peak probability inside a missed polyp
 
 
@@ -384,6 +422,9 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         arm(row, "recall_first", rejecting, DEFAULT_FINE_TRAINER, chosen["rejecting"], train[rejecting])
         arm(row, "recall_first_lowest", rejecting, DEFAULT_FINE_TRAINER, lowest_threshold(b), train[rejecting])
         arm(row, "baseline_2s", coarse_2s, DEFAULT_COARSE_TRAINER, None, train[coarse_2s])
+        if "proposal_confidence" not in row:
+            row["proposal_confidence"] = proposal_confidences(Path(row["cascade_lowest"]["prediction"]),
+                                                              ds / "labelsTs")
         if "coarse_peaks" not in row:  # the coarse model's probabilities on the test images, for miss_causes
             probabilities = workdir / f"coarse_probabilities_{s}"
             run(predict_command_line(ds / "imagesTs", probabilities, dataset_id, coarse, DEFAULT_COARSE_TRAINER, [0],
@@ -428,6 +469,8 @@ def run_native(workdir: Path, size: int, features: int, epochs: int, iters: int,
     row["chosen_threshold"] = choose_fine_stage_proposals(row, arm, fine, train[fine], results["budget"])
     arm(row, "baseline", coarse, DEFAULT_COARSE_TRAINER, None, train[coarse])
     cascade_arms(row, arm, fine, train[fine], row["chosen_threshold"], results["budget"])
+    if "proposal_confidence" not in row:
+        row["proposal_confidence"] = proposal_confidences(Path(row["cascade_lowest"]["prediction"]), w.ds / "labelsTs")
     base = native["arms"]["nnunet_2d"]  # scored by experiment-kvasir --native on the same test images
     row["nnunet_2d"] = {**base, "missed": missed(Path(base["prediction"])), "threshold": None, "confirmation": None,
                         "crops_per_image": float("nan"), "low_proposals_per_image": float("nan"),
@@ -545,7 +588,7 @@ def size_section(s: str, row: dict, b: dict, title: str) -> list[str]:
         lines.append(f"| {label} | {r['threshold'] or '-'} | {r.get('confirmation') or '-'} | "
                      f"{overlap_cells(r, digits=2)} | {r['missed']} | {crops} | {low} | {rejected} | "
                      f"{r['ms_per_image']:.0f} |")
-    return lines + ["", *goal_table(row, s), *miss_causes(row),
+    return lines + ["", *goal_table(row, s), *confidence_line(row), *miss_causes(row),
                     f"Test images some arm misses (DSC; bold: missed), S = {s}:", "", *detection_table(row), ""]
 
 
