@@ -59,7 +59,8 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     # confirmed proposals: the published fine stage, every threshold x confirmation on the validation
     # images, then the chosen pair and the lowest threshold's best confirmation on the test images
     assert sorted(v[1:] for v in confirmed if v[0] == "val_images") == sorted(
-        ("2d_sts_fine_16", t, str(c)) for t in ("0.3", "0.1") for c in experiment.CONFIRMATIONS)
+        ("2d_sts_fine_16", t, "0.9") for t in ("0.3", "0.1"))
+    assert row["confirmations"] == ["0.9"], "auto: the stand-in's predictions have no proposal below the decision"
     assert [v[1:] for v in confirmed if v[0] == "imagesTs"] == [
         ("2d_sts_fine_16", *chosen["confirmed"]), ("2d_sts_fine_16", "0.1", chosen["confirmed_lowest"][1])]
     assert test == [("2d_sts_coarse_16", None), ("2d_sts_fine_16", "none"), ("2d_sts_fine_16", chosen["fine"]),
@@ -71,7 +72,7 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
                   "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
                   "| recall-first, lowest t | 0.1 | - |", "| cascade + confirmed lowest-t proposals | 0.1 | 0.",
-                  "| threshold | none | " + " | ".join(map(str, experiment.CONFIRMATIONS)) + " |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
+                  "| threshold | none | 0.9 |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
                   "| cascade + confirmed proposals | "):
         assert label in text
     assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
@@ -168,3 +169,16 @@ def test_proposal_confidences_split_proposals_by_what_their_box_holds(tmp_path):
     assert c["off_polyp"]["n"] == 2 and c["off_polyp"]["percentiles"][1] == 0.86
     line = experiment.confidence_line({"proposal_confidence": c})[0]
     assert "on a polyp (>= 30 % of the box) 1 (0.95 / 0.95 / 0.95), proposals off any polyp 2 (" in line
+
+
+def test_auto_confirmations_are_percentiles_of_the_validation_proposals(tmp_path):
+    """``--confirmations auto``: the 25th/50th/75th/90th percentiles of the fine stage's confidence in
+    the proposals below the decision (argmax objects left out), kept in [0.5, 0.999]; 0.9 alone
+    when there is no such proposal."""
+    low, argmax = "below the coarse decision", "coarse argmax"
+    objects = [{"proposal": low, "fine_mean_foreground_probability": v} for v in (0.80, 0.84, 0.88, 0.92, 1.0)]
+    objects.append({"proposal": argmax, "fine_mean_foreground_probability": 0.1})
+    (tmp_path / "a.objects.json").write_text(json.dumps({"objects": objects}))
+    assert experiment.auto_confirmations(tmp_path) == ["0.84", "0.88", "0.92", "0.968"]
+    (tmp_path / "a.objects.json").write_text(json.dumps({"objects": objects[-1:]}))
+    assert experiment.auto_confirmations(tmp_path) == ["0.9"]

@@ -305,13 +305,27 @@ def choose_confirmed(scores: dict[tuple[str, str], float]) -> tuple[str, str]:
     return max((k for k, v in scores.items() if v >= best - 1e-9), key=lambda k: (float(k[0]), -float(k[1])))
 
 
-CONFIRMATIONS = (0.88, 0.9, 0.92, 0.94)
-"""The ``proposal_confirmation`` values tried on the validation images. Where the fine stage's
-confidence lies, measured on the S = 32 VALIDATION images (fine stage of this protocol,
-threshold 0.1, ``fine_mean_foreground_probability`` of the objects reports): 46 false proposals
-below the decision 0.86 / 0.89 / 0.92 (10th / 50th / 90th percentile), the 3 true ones 0.89 to
-0.94, the argmax objects on polyps 0.89 to 0.94; values below 0.85 reject nothing (0.8.6: a
-fine stage trained on object crops only is sure of whatever it segments)."""
+CONFIRMATION_PERCENTILES = (25, 50, 75, 90)
+"""``--confirmations auto`` (the default): the ``proposal_confirmation`` values tried are these
+percentiles of the fine stage's confidence in the proposals below the decision on the VALIDATION
+images at the lowest threshold (``fine_mean_foreground_probability`` of its objects reports), so
+that the rule rejects about a quarter to nine tenths of them whatever the model's calibration. A
+fixed grid does not carry over: on the S = 32 validation images at 256 x 256 the proposals lie
+at 0.86 / 0.89 / 0.92 (10th / 50th / 90th percentile), at native resolution (4 x 50
+iterations) at 0.82 / 0.85 / 0.87."""
+
+
+def auto_confirmations(prediction: Path) -> list[str]:
+    """The ``proposal_confirmation`` values of :data:`CONFIRMATION_PERCENTILES` for one validation
+    prediction folder (kept in [0.5, 0.999], three decimals, without repeats); ``["0.9"]`` when it
+    has no proposal below the decision."""
+    values = [o["fine_mean_foreground_probability"] for f in sorted(Path(prediction).glob("*.objects.json"))
+              for o in json.loads(f.read_text())["objects"]
+              if o.get("proposal") == "below the coarse decision" and "fine_mean_foreground_probability" in o]
+    if not values:
+        return ["0.9"]
+    grid = np.clip(np.percentile(values, CONFIRMATION_PERCENTILES), 0.5, 0.999).round(3)
+    return [str(float(v)) for v in dict.fromkeys(grid.tolist())]
 
 
 def arm_runner(w: SimpleNamespace, device: str, dataset_id: int, save: Callable[[], None], prefix: str = ""):
@@ -323,7 +337,7 @@ def arm_runner(w: SimpleNamespace, device: str, dataset_id: int, save: Callable[
     def arm(row: dict, name: str, config: str, trainer: str, threshold: str | None, train_log: Path,
             validation: bool = False, tag: str = "", confirmation: str | None = None) -> dict:
         key = name + tag
-        if key not in row:
+        if key not in row or (row[key].get("threshold"), row[key].get("confirmation")) != (threshold, confirmation):
             run_env = dict(w.env)
             for variable, value in ((PROPOSAL_THRESHOLD_ENV, threshold), (PROPOSAL_CONFIRMATION_ENV, confirmation)):
                 if value is not None:
@@ -347,12 +361,19 @@ def choose_fine_stage_proposals(row: dict, arm, fine: str, train_log: Path, budg
     (``confirmed_lowest``)."""
     scores = {t: arm(row, "val_fine", fine, DEFAULT_FINE_TRAINER, t, train_log, validation=True, tag=f"_{t}")["Dice"][0]
               for t in budget["thresholds"]}
+    lowest = lowest_threshold(budget)
+    if budget["confirmations"] == "auto":
+        row["confirmations"] = auto_confirmations(Path(row[f"val_fine_{lowest}"]["prediction"]))
     confirmed = {(t, c): arm(row, "val_fine", fine, DEFAULT_FINE_TRAINER, t, train_log, validation=True,
                              tag=f"_{confirmed_key(t, c)}", confirmation=c)["Dice"][0]
-                 for t in budget["thresholds"][1:] for c in budget["confirmations"]}
-    lowest = lowest_threshold(budget)
+                 for t in budget["thresholds"][1:] for c in row_confirmations(row, budget)}
     return {"fine": choose_threshold(scores), "confirmed": list(choose_confirmed(confirmed)),
             "confirmed_lowest": list(choose_confirmed({k: v for k, v in confirmed.items() if k[0] == lowest}))}
+
+
+def row_confirmations(row: dict, budget: dict) -> list[str]:
+    """The confirmations tried for one S: the budget's list, or the row's own (``auto``)."""
+    return row.get("confirmations", []) if budget.get("confirmations") == "auto" else budget.get("confirmations", [])
 
 
 def lowest_threshold(budget: dict) -> str:
@@ -372,13 +393,15 @@ def cascade_arms(row: dict, arm, fine: str, train_log: Path, chosen: dict, budge
 
 
 def proposal_budget(thresholds, confirmations) -> dict:
-    return {"thresholds": ["none", *[str(t) for t in thresholds]], "confirmations": [str(c) for c in confirmations]}
+    """The proposal rules of a run: thresholds ('none' first) and confirmations ('auto' or a list)."""
+    return {"thresholds": ["none", *[str(t) for t in thresholds]],
+            "confirmations": "auto" if confirmations == "auto" else [str(c) for c in confirmations]}
 
 
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, thresholds: list[float], negative_fraction: float, seed: int = 0,
                    limit: int | None = None, src: Path | None = None, repredict: bool = False,
-                   dataset_id: int = 720, confirmations: Sequence[float] = CONFIRMATIONS) -> dict:
+                   dataset_id: int = 720, confirmations: Sequence[float] | str = "auto") -> dict:
     from nnunet_stseg.data.kvasir import install_split
 
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
@@ -439,7 +462,7 @@ NATIVE_RESULTS = "recall_results.json"
 
 
 def run_native(workdir: Path, size: int, features: int, epochs: int, iters: int, batch_size: int, device: str,
-               thresholds: list[float], confirmations: Sequence[float], seed: int = 0, limit: int | None = None,
+               thresholds: list[float], confirmations: Sequence[float] | str, seed: int = 0, limit: int | None = None,
                src: Path | None = None, repredict: bool = False, dataset_id: int = 721) -> dict:
     """``--native``: the cascade at S with its proposal rules against nnU-Net 2d on Kvasir-SEG at
     native resolution, in the work folder of ``experiment-kvasir --native`` (its networks and its
@@ -497,7 +520,7 @@ def detection_table(row: dict) -> list[str]:
 def confirmation_table(row: dict, budget: dict) -> list[str]:
     """Validation DSC % of the published fine stage with confirmed proposals: a row per proposal
     threshold, a column per ``proposal_confirmation`` (empty for a run made before 0.8.6)."""
-    thresholds, confirmations = budget["thresholds"][1:], budget.get("confirmations", [])
+    thresholds, confirmations = budget["thresholds"][1:], row_confirmations(row, budget)
     if not any(f"val_fine_{confirmed_key(t, c)}" in row for t in thresholds for c in confirmations):
         return []
     chosen = row.get("chosen_threshold", {})
@@ -592,6 +615,13 @@ def size_section(s: str, row: dict, b: dict, title: str) -> list[str]:
                     f"Test images some arm misses (DSC; bold: missed), S = {s}:", "", *detection_table(row), ""]
 
 
+def confirmation_words(budget: dict) -> str:
+    if budget.get("confirmations") == "auto":
+        return ("at the " + "th, ".join(map(str, CONFIRMATION_PERCENTILES)) + "th percentiles of the fine stage's "
+                "confidence in the validation proposals below the decision at the lowest threshold (per S)")
+    return ", ".join(budget.get("confirmations", []))
+
+
 def report(results: dict, cmd: str) -> str:
     b = results["budget"]
     if results.get("native"):
@@ -600,7 +630,7 @@ def report(results: dict, cmd: str) -> str:
                  f"iterations, device {b['device']}: the networks of `experiment-kvasir --native` in the same work "
                  f"folder (its cascade's coarse and fine models, its nnU-Net 2d and that arm's scores). Split seed "
                  f"{b['seed']} (80/10/10): proposal rules chosen on the {b['n_val']} validation images among "
-                 f"thresholds {', '.join(b['thresholds'])} and confirmations {', '.join(b['confirmations'])}, arms "
+                 f"thresholds {', '.join(b['thresholds'])} and confirmations {confirmation_words(b)}, arms "
                  f"scored on the {b['n_test']} test images at their native resolution; ms / image = the whole "
                  "`nnUNetv2_predict --disable_tta` over the test set, each arm in its default mode (the cascade in "
                  "the command's own process, nnU-Net 2d with its worker processes). The rejecting fine stage is "
@@ -612,7 +642,7 @@ def report(results: dict, cmd: str) -> str:
              f"Budget per network: width {b['features']}, {b['epochs']} x {b['iters']} iterations, batch size "
              f"{b['batch_size'] or 'planned'}, device {b['device']}; split seed {b['seed']} (80/10/10): thresholds "
              f"chosen on the {b['n_val']} validation images among {', '.join(b['thresholds'])}"
-             + (f" (with confirmations {', '.join(b['confirmations'])} for the published fine stage)"
+             + (f" (with confirmations {confirmation_words(b)} for the published fine stage)"
                 if b.get("confirmations") else "") +
              f", arms scored on the {b['n_test']} test images at 256 x 256. Rejecting fine stage: negative_fraction "
              f"{b['negative_fraction']}. Every cascade arm of one S uses the same coarse model (pair comparisons, "
@@ -638,9 +668,9 @@ def main(argv=None) -> None:
                                 "iters": "iterations per epoch (50)"})
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.2, 0.1],
                    help="proposal thresholds tried on the validation images besides 'none' (0.3 0.2 0.1)")
-    p.add_argument("--confirmations", type=float, nargs="+", default=list(CONFIRMATIONS),
-                   help="proposal_confirmation values tried on the validation images with every threshold "
-                        f"({' '.join(map(str, CONFIRMATIONS))})")
+    p.add_argument("--confirmations", nargs="+", default=["auto"],
+                   help="proposal_confirmation values tried on the validation images with every threshold, or "
+                        "auto: percentiles of the fine stage's confidence in the validation proposals (auto)")
     p.add_argument("--negative_fraction", type=float, default=0.25,
                    help="negative crops of the rejecting fine stage (0.25)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
@@ -649,6 +679,13 @@ def main(argv=None) -> None:
     p.add_argument("--report_only", action="store_true", help="rebuild the report from the work folder's results")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
+    if args.confirmations == ["auto"]:
+        args.confirmations = "auto"
+    else:
+        try:
+            args.confirmations = [float(c) for c in args.confirmations]
+        except ValueError:
+            p.error(f"--confirmations: numbers in [0.5, 1) or auto, got {' '.join(args.confirmations)}")
     native = args.native
     workdir = (args.workdir or Path("work_dirs/kvasir_native" if native else "work_dirs/kvasir_recall")).resolve()
     sizes = args.sizes or ([64] if native else [32, 64])
