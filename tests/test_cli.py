@@ -37,12 +37,18 @@ def test_plan_options_from_the_command_line():
     assert o == PlanOptions(input_size=48, dims=("2d",), base_features=8, max_features=64, batch_size=4,
                             crop={"margin_fraction": 0.2, **rule}, fallback="whole",
                             depth_channel=True, polar=True, polar_params={"fusion_high": 0.3, **rule})
+    # the recall-first switches: a number, or 'none' for the published rule
+    o = _options("--proposal_threshold", "0.2", "--proposal_confirmation", "0.9", "--negative_fraction", "0.25")
+    assert o.crop == {"proposal_threshold": 0.2, "proposal_confirmation": 0.9, "negative_fraction": 0.25}
+    assert _options("--proposal_threshold", "none", "--proposal_confirmation", "None").crop == {
+        "proposal_threshold": None, "proposal_confirmation": None}
 
 
 @pytest.mark.parametrize("kwargs,message", [({"input_size": 4}, ">= 8"), ({"dims": ("4d",)}, "dimensionality"),
                                             ({"fallback": "none"}, "fallback"), ({"crop": {"margin": 1}}, "margin"),
                                             ({"polar_params": {"fusion_hi": 1}}, "fusion_hi"),
-                                            ({"batch_size": 0}, "batch_size")])
+                                            ({"batch_size": 0}, "batch_size"),
+                                            ({"crop": {"proposal_confirmation": 0.3}}, r"proposal_confirmation must be")])
 def test_plan_options_refuse_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PlanOptions(**kwargs)

@@ -549,6 +549,8 @@ class PlanOptions:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         checked_fields(CropParams, self.crop, "crop")
+        # the values too, before any planning work (the planner sets the patch size)
+        CropParams(**{"patch_size": (1, 8, 8), **{k: v for k, v in self.crop.items() if k != "patch_size"}})
         checked_fields(PolarParams, self.polar_params, "polar")
         if self.centre_loss not in CENTRE_LOSSES:
             raise ValueError(f"centre_loss must be one of {CENTRE_LOSSES}, got {self.centre_loss!r}")
