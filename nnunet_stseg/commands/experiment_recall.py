@@ -616,9 +616,11 @@ def size_section(s: str, row: dict, b: dict, title: str) -> list[str]:
 
 
 def confirmation_words(budget: dict) -> str:
+    """How the confirmations tried were set, for a report's budget line."""
     if budget.get("confirmations") == "auto":
-        return ("at the " + "th, ".join(map(str, CONFIRMATION_PERCENTILES)) + "th percentiles of the fine stage's "
-                "confidence in the validation proposals below the decision at the lowest threshold (per S)")
+        *first, last = map(str, CONFIRMATION_PERCENTILES)
+        return (f"the {'th, '.join(first)}th and {last}th percentile of the fine stage's confidence in the "
+                "validation proposals below the decision at the lowest threshold, per S")
     return ", ".join(budget.get("confirmations", []))
 
 
@@ -630,7 +632,7 @@ def report(results: dict, cmd: str) -> str:
                  f"iterations, device {b['device']}: the networks of `experiment-kvasir --native` in the same work "
                  f"folder (its cascade's coarse and fine models, its nnU-Net 2d and that arm's scores). Split seed "
                  f"{b['seed']} (80/10/10): proposal rules chosen on the {b['n_val']} validation images among "
-                 f"thresholds {', '.join(b['thresholds'])} and confirmations {confirmation_words(b)}, arms "
+                 f"thresholds {', '.join(b['thresholds'])} and confirmations at {confirmation_words(b)}; arms "
                  f"scored on the {b['n_test']} test images at their native resolution; ms / image = the whole "
                  "`nnUNetv2_predict --disable_tta` over the test set, each arm in its default mode (the cascade in "
                  "the command's own process, nnU-Net 2d with its worker processes). The rejecting fine stage is "
@@ -642,9 +644,9 @@ def report(results: dict, cmd: str) -> str:
              f"Budget per network: width {b['features']}, {b['epochs']} x {b['iters']} iterations, batch size "
              f"{b['batch_size'] or 'planned'}, device {b['device']}; split seed {b['seed']} (80/10/10): thresholds "
              f"chosen on the {b['n_val']} validation images among {', '.join(b['thresholds'])}"
-             + (f" (with confirmations {confirmation_words(b)} for the published fine stage)"
-                if b.get("confirmations") else "") +
-             f", arms scored on the {b['n_test']} test images at 256 x 256. Rejecting fine stage: negative_fraction "
+             + (f"; for the published fine stage also every threshold with each proposal_confirmation at "
+                f"{confirmation_words(b)}" if b.get("confirmations") else "") +
+             f"; arms scored on the {b['n_test']} test images at 256 x 256. Rejecting fine stage: negative_fraction "
              f"{b['negative_fraction']}. Every cascade arm of one S uses the same coarse model (pair comparisons, "
              f"one training run per network: at this budget the same arm varies by 2-4 DSC points between runs).", ""]
     for s, row in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):

@@ -61,9 +61,9 @@ class CropParams:
       the fine network learns to return nothing for a false proposal; 0 = crops around objects only
       (the published method).
 
-    Both default to the published method (None, 0): recall-first proposals did not raise the
-    validation DSC on Kvasir-SEG (docs/benchmarks/kvasir_recall.md); plans without the keys (made
-    before 0.3) get the same.
+    All three default to the published method (None, None, 0): none of them raised the validation
+    DSC on Kvasir-SEG consistently (docs/benchmarks/kvasir_recall.md); plans without the keys
+    (made before 0.3, or 0.8.6 for ``proposal_confirmation``) get the same.
     """
 
     patch_size: tuple[int, ...]
