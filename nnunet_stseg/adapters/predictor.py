@@ -835,8 +835,10 @@ class StSPredictor(PluginPredictor):
         step = sts.max_crops if self.device.type != "cpu" else min(sts.max_crops,
                                                                      self.fine_batch_size(crop.patch_size))
         # with proposal_confirmation, a proposal below the decision is fused only when the fine stage
-        # segments it with confidence (the argmax objects always are)
+        # segments it with confidence (the argmax objects always are); the confidence is computed only
+        # for that rule or the objects report (on a GPU each chunk's scores are a device sync)
         confirmation = crop.proposal_confirmation if fallback is None else None
+        scored = fallback is None and (confirmation is not None or sts.objects_report)
         confidence = np.zeros(len(boxes))
         for start in range(0, len(boxes), step):
             chunk = boxes[start:start + step]
@@ -847,7 +849,7 @@ class StSPredictor(PluginPredictor):
             tc = self._clock()
             probs = nonlinearity(fine_logits, multilabel)
             probs = probs[:, :, None] if two_d else probs
-            if fallback is None:
+            if scored:
                 confidence[start:start + len(chunk)] = segmented_confidence(probs, multilabel).cpu().numpy()
             if confirmation is not None:
                 keep = ~below[start:start + len(chunk)] | (confidence[start:start + len(chunk)] >= confirmation)
@@ -859,7 +861,7 @@ class StSPredictor(PluginPredictor):
             fine_s += tc - tb
             release_freed_heap(int(np.prod(shape)))  # this chunk's box-sized resamplings
         del image, covered
-        if fallback is None:
+        if scored:
             rejected = below & (confidence < confirmation) if confirmation is not None else None
             self._record_fine_confidence(confidence, rejected)
             if rejected is not None and rejected.any():

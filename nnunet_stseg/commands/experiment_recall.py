@@ -68,7 +68,7 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.commands.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
 from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, pipeline_env,
+from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
                                           plan_command_line, plan_unless_planned, predict_command_line, publish_report,
                                           report_header, results_or_run, run, shared_data)
 from nnunet_stseg.settings import PROPOSAL_CONFIRMATION_ENV, PROPOSAL_THRESHOLD_ENV
@@ -102,16 +102,9 @@ def validation_folders(ds: Path, workdir: Path) -> tuple[Path, Path]:
     """Folders of links to fold 0's validation images and labels (the converter's split)."""
     from nnunet_stseg.data.kvasir import SPLIT_FILE
 
-    split = json.loads((ds / SPLIT_FILE).read_text())
-    images, labels = workdir / "val_images", workdir / "val_labels"
-    for folder in (images, labels):
-        folder.mkdir(parents=True, exist_ok=True)
-    for case in split["val"]:
-        for src, dst in ((ds / "imagesTr" / f"{case}_0000.png", images / f"{case}_0000.png"),
-                         (ds / "labelsTr" / f"{case}.png", labels / f"{case}.png")):
-            if not dst.exists():
-                dst.symlink_to(src)
-    return images, labels
+    cases = json.loads((ds / SPLIT_FILE).read_text())["val"]
+    return (link_into(workdir / "val_images", [ds / "imagesTr" / f"{case}_0000.png" for case in cases]),
+            link_into(workdir / "val_labels", [ds / "labelsTr" / f"{case}.png" for case in cases]))
 
 
 def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, limit: int | None = None,
@@ -202,6 +195,15 @@ def negative_room(preprocessed: Path, configuration: str, n_cases: int = 200, se
             "shrunk": int((ratios < 0.75).sum()), "median_side_ratio": float(np.median(ratios)) if fits else None}
 
 
+def confidences_below_decision(prediction: Path):
+    """``(case, object)`` for every proposal below the coarse decision in a prediction folder's
+    objects reports that carries the fine stage's confidence (``fine_mean_foreground_probability``)."""
+    for f in sorted(Path(prediction).glob("*.objects.json")):
+        for o in json.loads(f.read_text())["objects"]:
+            if o.get("proposal") == "below the coarse decision" and "fine_mean_foreground_probability" in o:
+                yield f.name[:-len(".objects.json")], o
+
+
 def proposal_confidences(prediction: Path, labels: Path) -> dict:
     """The fine stage's confidence (``fine_mean_foreground_probability`` of the objects reports) in
     the proposals below the coarse decision of one arm's test predictions, split by what the
@@ -211,17 +213,15 @@ def proposal_confidences(prediction: Path, labels: Path) -> dict:
     from skimage.io import imread
 
     groups: dict[str, list[float]] = {"on_polyp": [], "off_polyp": []}
-    for f in sorted(Path(prediction).glob("*.objects.json")):
-        report = json.loads(f.read_text())
-        gt = imread(str(Path(labels) / f"{f.name[:-len('.objects.json')]}.png"))
-        gt = (gt if gt.ndim == 2 else gt[..., 0]) > 0
-        for o in report["objects"]:
-            if o.get("proposal") != "below the coarse decision" or "fine_mean_foreground_probability" not in o:
-                continue
-            (y0, x0), (y1, x1) = o["box"]["start"][-2:], o["box"]["stop"][-2:]
-            polyp = gt[max(y0, 0):y1, max(x0, 0):x1].mean() if y1 > y0 and x1 > x0 else 0.0
-            if polyp >= 0.3 or polyp == 0:
-                groups["on_polyp" if polyp >= 0.3 else "off_polyp"].append(o["fine_mean_foreground_probability"])
+    case_read, gt = None, None
+    for case, o in confidences_below_decision(prediction):  # grouped by case: each label read once
+        if case != case_read:
+            gt, case_read = imread(str(Path(labels) / f"{case}.png")), case
+            gt = (gt if gt.ndim == 2 else gt[..., 0]) > 0
+        (y0, x0), (y1, x1) = o["box"]["start"][-2:], o["box"]["stop"][-2:]
+        polyp = gt[max(y0, 0):y1, max(x0, 0):x1].mean() if y1 > y0 and x1 > x0 else 0.0
+        if polyp >= 0.3 or polyp == 0:
+            groups["on_polyp" if polyp >= 0.3 else "off_polyp"].append(o["fine_mean_foreground_probability"])
     return {k: {"n": len(v), "percentiles": np.percentile(v, [10, 50, 90]).round(3).tolist() if v else None}
             for k, v in groups.items()}
 
@@ -319,9 +319,7 @@ def auto_confirmations(prediction: Path) -> list[str]:
     """The ``proposal_confirmation`` values of :data:`CONFIRMATION_PERCENTILES` for one validation
     prediction folder (kept in [0.5, 0.999], three decimals, without repeats); ``["0.9"]`` when it
     has no proposal below the decision."""
-    values = [o["fine_mean_foreground_probability"] for f in sorted(Path(prediction).glob("*.objects.json"))
-              for o in json.loads(f.read_text())["objects"]
-              if o.get("proposal") == "below the coarse decision" and "fine_mean_foreground_probability" in o]
+    values = [o["fine_mean_foreground_probability"] for _, o in confidences_below_decision(prediction)]
     if not values:
         return ["0.9"]
     grid = np.clip(np.percentile(values, CONFIRMATION_PERCENTILES), 0.5, 0.999).round(3)
