@@ -55,7 +55,7 @@ def _environment(env: dict):
 
 
 class FakeNNUNet:
-    """Call it like ``nnunet_stseg.commands.runner.run_measured``; :meth:`install` puts it in place."""
+    """Call it like ``benchmarks.runner.run_measured``; :meth:`install` puts it in place."""
 
     def __init__(self):
         self.calls: list[Call] = []
@@ -63,11 +63,12 @@ class FakeNNUNet:
     def install(self, monkeypatch, *modules) -> "FakeNNUNet":
         import multiprocessing
 
-        import nnunet_stseg.commands.runner as runner
+        import benchmarks.runner as runner
+        import nnunet_stseg.commands.pipeline as pipeline
 
         from stand_ins import fork_context, one_torch_thread
 
-        for module in (runner, *modules):
+        for module in (pipeline, runner, *modules):
             if hasattr(module, "run_measured"):
                 monkeypatch.setattr(module, "run_measured", self)
         # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of

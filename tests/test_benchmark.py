@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_stseg.commands.benchmark import main
+from benchmarks.benchmark import main
 
 from stand_ins import fork_instead_of_spawn
 
@@ -102,7 +102,7 @@ def test_prediction_modes_report(tmp_path, monkeypatch):
     """Orchestration of ``--prediction_modes`` (the stand-in predicts): each mode over the images
     and on the first image alone, the in-process variable and worker flags as the table says, and
     the label maps compared with the in-process ones."""
-    from nnunet_stseg.commands import prediction_modes
+    from benchmarks import prediction_modes
     from nnunet_stseg.data.synthetic import make_synthetic_dataset
 
     from fake_nnunet import FakeNNUNet

@@ -18,6 +18,33 @@ def test_every_subcommand_has_help_under_its_name(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: nnunet-stseg {name}")
 
 
+def test_the_help_lists_the_user_commands_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.split("command\n", 1)[1].split("options:")[0].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert sorted(listed) == ["bundle", "demo", "env", "overlay", "plan", "predict", "sizes"]
+
+
+BENCHMARK_COMMANDS = ["benchmark", "experiment_cardiac3d", "experiment_depth", "experiment_e2e", "experiment_kvasir",
+                      "experiment_lsnet", "experiment_polar", "experiment_recall", "experiment_sizes", "kvasir",
+                      "polar_round_trip"]
+
+
+@pytest.mark.parametrize("name", BENCHMARK_COMMANDS)
+def test_every_benchmark_command_has_help_under_its_module_name(name, capsys):
+    """The experiments run from a checkout as ``python -m benchmarks.<name>``; their reports record
+    that command line."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"benchmarks.{name}").main(["--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks.{name}")
+
+
 def test_unknown_subcommand_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["experiment-foo"])

@@ -248,8 +248,8 @@ def test_e2e_configuration_is_a_fine_copy_with_its_own_role():
 def test_stock_commands_on_volumes(tmp_path):
     import SimpleITK as sitk
 
-    from nnunet_stseg.commands.runner import (pipeline_env, plan_command_line, predict_command_line, run,
-                                              train_command_line)
+    from nnunet_stseg.commands.pipeline import (pipeline_env, plan_command_line, predict_command_line, run,
+                                                train_command_line)
     from nnunet_stseg.data.synthetic import make_synthetic_dataset
 
     env = pipeline_env(tmp_path, 1, 3, 1)

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_stseg.commands.runner import predict_command_line, run
+from nnunet_stseg.commands.pipeline import predict_command_line, run
 
 from trained_models import model_folder
 

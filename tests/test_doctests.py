@@ -12,8 +12,8 @@ CORE = ["nnunet_stseg.core.geometry", "nnunet_stseg.core.fusion", "nnunet_stseg.
         "nnunet_stseg.core.depth", "nnunet_stseg.core.centres", "nnunet_stseg.core.metrics",
         "nnunet_stseg.core.objects", "nnunet_stseg.core.sizes"]
 WITH_EXAMPLES = CORE + ["nnunet_stseg.settings", "nnunet_stseg.adapters.config", "nnunet_stseg.adapters.results",
-                          "nnunet_stseg.adapters.compat", "nnunet_stseg.commands.experiment_recall",
-                          "nnunet_stseg.adapters.predictor"]
+                          "nnunet_stseg.adapters.compat", "benchmarks.experiment_recall",
+                          "nnunet_stseg.adapters.predictor", "nnunet_stseg.adapters.inference_io"]
 
 
 @pytest.mark.parametrize("name", WITH_EXAMPLES)

@@ -315,7 +315,7 @@ def test_validation_mirroring_switch(monkeypatch):
 def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):
     """The experiments' resume rule: nothing when finished, --c after an interruption, --val when
     only the validation is missing (not a retraining from scratch), a plain start otherwise."""
-    import nnunet_stseg.commands.runner as runner
+    import benchmarks.runner as runner
 
     calls = []
     monkeypatch.setattr(runner, "run", lambda cmd, env, log=None, quiet=False: calls.append(cmd[1:]) or 1.5)
@@ -382,7 +382,7 @@ def test_a_resumed_training_keeps_its_schedule(tmp_path, monkeypatch):
 def test_report_cells_count_the_cases_a_mean_of_precision_skips():
     """A missed case (empty prediction) lowers DSC and recall but not the mean precision; the
     report cells say how many cases that mean left out, and an old results file says n/a."""
-    from nnunet_stseg.commands.reports import OVERLAP_HEAD, overlap_cells, overlap_means
+    from benchmarks.reports import OVERLAP_HEAD, overlap_cells, overlap_means
     from nnunet_stseg.core.metrics import overlap
 
     gt = np.array([1, 1, 0, 0], bool)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import nnunet_stseg.commands.experiment_cardiac3d as experiment
-from nnunet_stseg.commands.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
-from nnunet_stseg.commands.runner import linked_subset
+import benchmarks.experiment_cardiac3d as experiment
+from benchmarks.experiment_cardiac3d import arm_names, arm_summary, findings, main, report
+from benchmarks.runner import linked_subset
 
 from fake_nnunet import FakeNNUNet
 

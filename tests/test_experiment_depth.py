@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_stseg.commands.experiment_depth import adipose_window, case_scores, score_arm
-from nnunet_stseg.commands.runner import per_patient_split
+from benchmarks.experiment_depth import adipose_window, case_scores, score_arm
+from benchmarks.runner import per_patient_split
 
 
 def test_per_patient_split_is_a_seeded_partition():
@@ -96,7 +96,7 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
     patient scored once; the report and Bland-Altman PNG are written; a re-run retrains nothing."""
     import json
 
-    from nnunet_stseg.commands.experiment_depth import main
+    from benchmarks.experiment_depth import main
     from nnunet_stseg.data.synthetic import make_synthetic_dataset
 
     ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=701, name="CardiacToy", dim=3, n_train=4, n_test=0,
@@ -131,7 +131,7 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path):
 
 
 def test_report_says_why_the_eat_correlation_is_undefined():
-    from nnunet_stseg.commands.experiment_depth import report
+    from benchmarks.experiment_depth import report
 
     def arm(pred_counts, r):
         scores = {f"{reg}_{m}": (0.5, 0.1) for reg in ("pericardium", "eat") for m in ("Dice", "IoU", "Precision",
@@ -152,7 +152,7 @@ def test_report_says_why_the_eat_correlation_is_undefined():
 
 
 def test_report_table_of_eat_by_the_adipose_rule():
-    from nnunet_stseg.commands.experiment_depth import report
+    from benchmarks.experiment_depth import report
 
     regions = ("pericardium", "eat", "eat_rule", "eat_rule_true_pericardium")
     arm = {**{f"{reg}_{m}": (0.25, 0.05) for reg in regions for m in ("Dice", "IoU", "Precision", "Recall")},

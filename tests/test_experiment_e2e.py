@@ -1,4 +1,4 @@
-"""Smoke run of ``nnunet-stseg experiment-e2e`` (issue 19) on 30 real Kvasir images, the nnU-Net
+"""Smoke run of ``python -m benchmarks.experiment_e2e`` (issue 19) on 30 real Kvasir images, the nnU-Net
 subprocesses replaced by ``fake_nnunet.FakeNNUNet`` (orchestration only: the coarse model before
 the end-to-end models, one configuration per box rule on the same data, the rule chosen on the
 VALIDATION images, every arm scored on the test images with its failed segmentations, resume,
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import nnunet_stseg.commands.experiment_e2e as experiment
-import nnunet_stseg.commands.experiment_kvasir as experiment_kvasir
-from nnunet_stseg.commands.experiment_e2e import main
+import benchmarks.experiment_e2e as experiment
+import benchmarks.experiment_kvasir as experiment_kvasir
+from benchmarks.experiment_e2e import main
 
 from fake_nnunet import FakeNNUNet
 
@@ -64,7 +64,7 @@ def test_e2e_experiment_smoke_and_resume(tmp_path, monkeypatch):
                   "Validation DSC % per box rule (per run): all:", "failed (Jaccard < 0.65)", "Published (seed 003"):
         assert label in text
     assert (tmp_path / "report_examples.png").is_file() and "![examples](report_examples.png)" in text
-    assert f"Command: `nnunet-stseg experiment-e2e {' '.join(args)} && nnunet-stseg experiment-e2e " \
+    assert f"Command: `python -m benchmarks.experiment_e2e {' '.join(args)} && python -m benchmarks.experiment_e2e " \
            f"{' '.join(args)} --runs 2`" in text
     # resumed (fewer runs asked: the second run is kept): nothing trained or predicted again, the same report
     fake.calls.clear()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import nnunet_stseg.commands.experiment_kvasir as experiment
-from nnunet_stseg.commands.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
+import benchmarks.experiment_kvasir as experiment
+from benchmarks.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
 
 from fake_nnunet import FakeNNUNet
 
@@ -52,7 +52,7 @@ def test_experiment_smoke_and_resume(tmp_path, monkeypatch):
     main(["--workdir", str(work), "--report_only", "--out", str(again)])
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == table
-    assert f"Command: `nnunet-stseg experiment-kvasir {' '.join(args)}`" in again.read_text()
+    assert f"Command: `python -m benchmarks.experiment_kvasir {' '.join(args)}`" in again.read_text()
     assert "images the baseline misses" in text
 
 
@@ -135,7 +135,7 @@ def test_report_only_needs_a_finished_run(tmp_path, capsys):
 
 
 def test_native_findings_compare_each_cascade_with_nnunet_2d():
-    from nnunet_stseg.commands.experiment_kvasir import native_findings, report_native
+    from benchmarks.experiment_kvasir import native_findings, report_native
 
     def arm(dice, recall, ms, train, mode="in_process"):
         other = {"in_process": "workers", "workers": "in_process"}[mode]

@@ -1,4 +1,4 @@
-"""Smoke runs of ``nnunet-stseg experiment-lsnet`` (issue 20) on real Kvasir images and real
+"""Smoke runs of ``python -m benchmarks.experiment_lsnet`` (issue 20) on real Kvasir images and real
 Cardiac Fat CT patients, the nnU-Net subprocesses replaced by ``fake_nnunet.FakeNNUNet``
 (orchestration only: which networks train in which order and on which configuration, which arms
 are predicted, the report, resume). The first-stage box IoU needs a real L-SNet checkpoint and is
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import nnunet_stseg.commands.experiment_kvasir as experiment_kvasir
-import nnunet_stseg.commands.experiment_lsnet as experiment
-from nnunet_stseg.commands.experiment_lsnet import main
+import benchmarks.experiment_kvasir as experiment_kvasir
+import benchmarks.experiment_lsnet as experiment
+from benchmarks.experiment_lsnet import main
 
 from fake_nnunet import FakeNNUNet
 
@@ -70,7 +70,7 @@ def test_lsnet_experiment_on_cardiac_fat_trains_every_fold(tmp_path, monkeypatch
     monkeypatch.setattr(experiment, "lnet_box_iou",
                         lambda model, images, labels, ending, fold=0: seen.append((Path(model).name, fold)) or [0.8])
     out = tmp_path / "report.md"
-    main(["--data", "cardiac", "--workdir", str(tmp_path / "work"), "--limit", "4", "--sizes", "32", "--features",
+    main(["--dataset", "cardiac", "--workdir", str(tmp_path / "work"), "--limit", "4", "--sizes", "32", "--features",
           "4", "--epochs", "1", "--iters", "2", "--batch_size", "2", "--canvas", "64", "--out", str(out)])
     trained = _trained(fake)
     assert [(c, f) for c, f, _ in trained[:5]] == [("2d_sts_coarse_32", "0"), ("2d_sts_fine_32", "0"),

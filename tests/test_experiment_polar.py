@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import nnunet_stseg.commands.experiment_polar as experiment
-from nnunet_stseg.commands.experiment_polar import ARMS, choose_thresholds, main, origin_counts, report
-from nnunet_stseg.commands.reports import example_overlays, score_folder
+import benchmarks.experiment_polar as experiment
+from benchmarks.experiment_polar import ARMS, choose_thresholds, main, origin_counts, report
+from benchmarks.reports import example_overlays, score_folder
 from nnunet_stseg.core.metrics import overlap
 from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
                                    PEAK_THRESHOLD_ENV)

@@ -1,4 +1,4 @@
-"""Smoke run of ``nnunet-stseg experiment-recall`` (issue 22) on 30 real Kvasir images, the nnU-Net
+"""Smoke run of ``python -m benchmarks.experiment_recall`` (issue 22) on 30 real Kvasir images, the nnU-Net
 subprocesses replaced by ``fake_nnunet.FakeNNUNet`` (orchestration only: which networks are
 trained with which plans, which thresholds are tried on the VALIDATION images, which arm predicts
 with which model and proposal rule, what is resumed, what the report says)."""
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import nnunet_stseg.commands.experiment_kvasir as experiment_kvasir
-import nnunet_stseg.commands.experiment_recall as experiment
-from nnunet_stseg.commands.experiment_recall import main
+import benchmarks.experiment_kvasir as experiment_kvasir
+import benchmarks.experiment_recall as experiment
+from benchmarks.experiment_recall import main
 
 from fake_nnunet import FakeNNUNet
 
@@ -84,7 +84,7 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     assert [line for line in out.read_text().splitlines() if line.startswith("| ")] == table
     again = tmp_path / "again.md"
     main(["--workdir", str(work), "--report_only", "--out", str(again)])
-    assert f"Command: `nnunet-stseg experiment-recall {' '.join(args)}`" in again.read_text()
+    assert f"Command: `python -m benchmarks.experiment_recall {' '.join(args)}`" in again.read_text()
 
 
 @pytest.mark.slow  # converts and plans 30 real images at native resolution (in-process)

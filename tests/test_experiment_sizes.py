@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nnunet_stseg.commands.experiment_sizes import main, paired_gains
+from benchmarks.experiment_sizes import main, paired_gains
 
 
 def _arm(iou: float, phase1: float | None = 2.0, phase2: float | None = None, val: float | None = None) -> dict:
@@ -18,7 +18,7 @@ def _arm(iou: float, phase1: float | None = 2.0, phase2: float | None = None, va
 
 
 def test_report_pairs_the_arms_and_draws_iou_against_m(tmp_path):
-    results = {"data": "kvasir", "command": "nnunet-stseg experiment-sizes --data kvasir",
+    results = {"data": "kvasir", "command": "python -m benchmarks.experiment_sizes --dataset kvasir",
                "budget": {"size": 64, "features": 16, "batch_size": 16, "epochs_pre": 8, "epochs": 4, "iters": 25,
                           "device": "cpu", "seed": 0, "size_weights": [1.0, 0.1], "folds": 1},
                "runs": {"fold0_m16": {"m": 16, "n_train": 800, "pre": _arm(40), "pixel": _arm(42, val=40),
@@ -35,7 +35,7 @@ def test_report_pairs_the_arms_and_draws_iou_against_m(tmp_path):
     precisions = [0.5, float("nan"), 0.9, float("nan")]
     summary.write_text(json.dumps({"metric_per_case": [{"metrics": {"1": {"Precision": p}}} for p in precisions]}))
     out = tmp_path / "report.md"
-    main(["--data", "kvasir", "--workdir", str(tmp_path), "--report_only", "--out", str(out)])
+    main(["--dataset", "kvasir", "--workdir", str(tmp_path), "--report_only", "--out", str(out)])
     text = out.read_text()
     assert paired_gains(results) == {16: [3.0], 32: [-1.0]}
     assert paired_gains(results, "sizes_w0.1", "val") == {16: [1.0], 32: [1.0]}

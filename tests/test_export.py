@@ -134,7 +134,7 @@ def test_release_freed_heap_returns_retained_pages_to_the_system():
     code = (
         "import numpy as np\n"
         "from nnunet_stseg.adapters.predictor import release_freed_heap\n"
-        "from nnunet_stseg.commands.benchmark import _status_mb\n"
+        "from benchmarks.benchmark import _status_mb\n"
         "def rss():\n"
         "    return int(_status_mb('VmRSS'))\n"
         "big = np.ones(30 << 20, np.uint8); del big  # glibc raises its mmap threshold past 30 MiB\n"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_stseg.commands.runner import find_command
+from nnunet_stseg.commands.pipeline import find_command
 
 from trained_models import NO_WORKERS, ONE_WORKER, copy_results, model_folder, strip_companions
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids, split_ids
+from benchmarks.kvasir import convert_kvasir, install_split, kvasir_ids, split_ids
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 needs_data = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")

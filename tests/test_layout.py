@@ -1,6 +1,8 @@
 """The package's layers (README "Layout", docs/design.md "Layout and layers"): every module imports
 only what its layer may, so the method core stays free of nnU-Net and nothing depends on the
-commands. Checked on the source (every import statement, also those inside functions)."""
+commands; the experiments and benchmarks (``benchmarks/``, a top-level folder that is never
+installed) may use everything, and nothing installed uses them. Checked on the source (every import
+statement, also those inside functions)."""
 from __future__ import annotations
 
 import ast
@@ -72,7 +74,9 @@ def test_imports_follow_the_layers(module, path):
     allowed, nnunet_ok = RULES[layer]
     bad = []
     for name in imported(path):
-        if name.split(".")[0] in ("nnunetv2", "batchgenerators", "batchgeneratorsv2") and not nnunet_ok:
+        if name.split(".")[0] == "benchmarks":
+            bad.append(name)  # never installed: a user's import would fail
+        elif name.split(".")[0] in ("nnunetv2", "batchgenerators", "batchgeneratorsv2") and not nnunet_ok:
             bad.append(name)
         elif name.startswith("nnunet_stseg.") and (layer, name) not in EXCEPTIONS:
             target = layer_of(name)
@@ -87,3 +91,31 @@ def test_the_core_runs_without_importing_nnunet():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'batchgenerators')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def test_benchmarks_are_not_installed_and_import_only_the_package():
+    """``benchmarks/`` is no package of the wheel, and its modules import the package, each other,
+    nnU-Net and libraries, never the tests."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert not [p for p in project["tool"]["setuptools"]["packages"] if p.split(".")[0] == "benchmarks"]
+    assert len(BENCHMARKS) > 10
+    for path in BENCHMARKS:
+        assert not {n for n in imported(path) if n.split(".")[0] in ("tests", "conftest", "trained_models",
+                                                                         "stand_ins")}, path.name
+
+
+def test_no_help_log_or_error_text_names_a_tracker_issue():
+    """Users read help texts, logs and errors: none of them (nor a docstring that serves as a
+    command's help) refers to the project's issue tracker."""
+    import re
+
+    pattern = re.compile(r"\bissues? #?\d+|\bthe issue's\b", re.IGNORECASE)
+    offenders = [f"{path.relative_to(ROOT)}:{i}" for folder in (*PACKAGE_DIRS.values(), ROOT / "benchmarks")
+                 for path in sorted(folder.rglob("*.py")) for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert offenders == []

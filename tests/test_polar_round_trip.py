@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_stseg.commands import polar_round_trip as prt
+from benchmarks import polar_round_trip as prt
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -103,7 +103,7 @@ def test_cli_end_to_end_on_fake_data(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.read_text()
     assert "## Cardiac Fat CT" in text and "## Kvasir-SEG" in text
-    assert "nnunet-stseg polar-roundtrip --data" in text and "--sizes 32 128" in text
+    assert "python -m benchmarks.polar_round_trip --data" in text and "--sizes 32 128" in text
     assert "no GPU used" in text and "wall time" in text
     assert "1 patients, 3 slices read, 2 with at least one object; 2 objects measured" in text
     assert "1 images, 1 masks read, 1 with at least one object; 1 objects measured" in text

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from nnunet_stseg.adapters.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
                                                 remove_partial_folder)
-from nnunet_stseg.commands.runner import find_command
+from nnunet_stseg.commands.pipeline import find_command
 
 from trained_models import NO_WORKERS
 
@@ -225,7 +225,7 @@ def _bad_batch(res, folder: Path) -> dict[str, str]:
     # a 3D volume for a model trained on 2D images
     vol = sitk.GetImageFromArray(np.ones((5, 16, 16), np.float32))
     sitk.WriteImage(vol, str(folder / "bad_3d_volume_0000.nii.gz"))
-    return {"bad_truncated": "truncated", "bad_channels": "2 channel(s)", "bad_3d_volume": "trained on 2D images"}
+    return {"bad_truncated": "truncated", "bad_channels": "has 2 channels (files _0000 to _0001), the model expects 1", "bad_3d_volume": "trained on 2D images"}
 
 
 @pytest.mark.slow
@@ -250,6 +250,8 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(pipeline, tmp_path, mode)
         assert any(l.startswith("[nnunet-stseg] ERROR") and case in l for l in proc.stdout.splitlines()), \
             proc.stdout[-3000:]
     assert "3 case(s) could not be predicted" in proc.stdout
+    # the run ends with its summary, not with a traceback of it
+    assert "Traceback" not in proc.stdout and "BatchIncomplete" not in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from nnunet_stseg.adapters.bundle import COMPANIONS_KEY
 from nnunet_stseg.adapters.discovery import ENV_VAR, with_trainer_discovery
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER,
                                           DEFAULT_POLAR_TRAINER)
-from nnunet_stseg.commands.runner import find_command
+from nnunet_stseg.commands.pipeline import find_command
 from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
 
 from stand_ins import fork_instead_of_spawn

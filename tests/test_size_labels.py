@@ -15,7 +15,7 @@ import torch
 
 from nnunet_stseg.adapters.size_labels import (SIZES_FILE, SizeLabelError, check_size_dataset, import_sizes,
                                                simulate_size_labels)
-from nnunet_stseg.commands.runner import find_command
+from nnunet_stseg.commands.pipeline import find_command
 from nnunet_stseg.core.sizes import object_size
 from nnunet_stseg.data.synthetic import make_synthetic_dataset
 

@@ -26,8 +26,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE
                                           LNET_TRAINER, coarse_config_name, e2e_config_name, fine_config_name,
                                           lsnet_config_name, polar_config_name)
 from nnunet_stseg.adapters.results import model_folder as results_model_folder
-from nnunet_stseg.commands.runner import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
-                                          train_command_line)
+from nnunet_stseg.commands.pipeline import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
+                                            train_command_line)
 from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
 
 from stand_ins import fork_instead_of_spawn

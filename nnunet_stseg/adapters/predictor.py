@@ -101,12 +101,18 @@ def in_process_rule(device_type: str, cores: int, small_networks: bool, setting:
 
 class MissingModelError(FileNotFoundError):
     """A model that prediction needs is not there. Under nnU-Net's commands it is printed as one
-    ``[nnunet-stseg] ERROR`` line instead of a traceback (see :func:`_one_line_for_missing_models`)."""
+    ``[nnunet-stseg] ERROR`` line instead of a traceback (see :func:`_message_without_traceback`)."""
 
 
-def _one_line_for_missing_models(previous_hook):
+class BatchIncomplete(RuntimeError):
+    """Some cases of a batch failed; the others were predicted and written. Under nnU-Net's
+    commands its summary ends the run (exit code 1), without a traceback: each failed case was
+    already reported in its own line."""
+
+
+def _message_without_traceback(previous_hook):
     def hook(exc_type, exc, tb):
-        if isinstance(exc, MissingModelError):
+        if isinstance(exc, (MissingModelError, BatchIncomplete)):
             print(f"[nnunet-stseg] ERROR: {exc}", file=sys.stderr, flush=True)
         else:
             previous_hook(exc_type, exc, tb)
@@ -114,8 +120,8 @@ def _one_line_for_missing_models(previous_hook):
     return hook
 
 
-if not getattr(sys.excepthook, "nnunet_stseg", False):  # uncaught in a command (nnUNetv2_predict...): one line
-    sys.excepthook = _one_line_for_missing_models(sys.excepthook)
+if not getattr(sys.excepthook, "nnunet_stseg", False):  # uncaught in a command (nnUNetv2_predict...): no traceback
+    sys.excepthook = _message_without_traceback(sys.excepthook)
 
 
 def missing_model_message(what: str, folder, dataset_name: str, plans_name: str, trainer: str, configuration: str,
@@ -358,10 +364,6 @@ class PluginPredictor(nnUNetPredictor):
             lines = "\n".join(f"  {f['error']}" for f in failures)
             raise BatchIncomplete(f"{len(failures)} case(s) could not be predicted (all other cases were written; "
                                   f"list in {FAILED_CASES_FILE}):\n{lines}")
-
-
-class BatchIncomplete(RuntimeError):
-    """Some cases of a batch failed; the others were predicted and written."""
 
 
 class StSPredictor(PluginPredictor):
@@ -939,7 +941,7 @@ def release_freed_heap(voxels: int | None = None) -> None:
 CPU_BATCH_VOXELS = 64 ** 3
 """Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): one
 3D crop at S = 64 (as fast per crop as larger batches on a CPU, with half the activations of two:
-``nnunet-stseg benchmark --fine_batches 1 2 4``), 64 2D crops at S = 64 (up to ``crops_per_batch``)."""
+``python -m benchmarks.benchmark --fine_batches 1 2 4``), 64 2D crops at S = 64 (up to ``crops_per_batch``)."""
 
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",

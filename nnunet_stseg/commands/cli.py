@@ -1,5 +1,9 @@
-"""The ``nnunet-stseg`` command: one entry point, one subcommand per job
-(``nnunet-stseg <command> --help`` shows each command's options)."""
+"""nnunet-stseg: segment-then-segment and related methods for nnU-Net v2.
+
+Plan with `nnunet-stseg plan`, then train and predict with nnU-Net's own commands
+(nnUNetv2_train, nnUNetv2_predict) after `eval "$(nnunet-stseg env)"` once per shell.
+`nnunet-stseg <command> --help` shows a command's options. The experiments and benchmarks
+run from a source checkout: `python -m benchmarks.<name> --help`."""
 from __future__ import annotations
 
 import argparse
@@ -12,27 +16,9 @@ from nnunet_stseg.adapters.discovery import ensure_trainer_discovery, shell_expo
 
 # subcommand -> (module whose main(argv) runs it, imported only when chosen; one-line help)
 DELEGATED = {
-    "demo": ("nnunet_stseg.commands.demo", "the whole pipeline on a small generated dataset, through the stock CLIs"),
-    "synthetic": ("nnunet_stseg.data.synthetic", "generate the ellipse dataset in nnU-Net's raw format"),
-    "kvasir": ("nnunet_stseg.data.kvasir", "convert Kvasir-SEG into nnU-Net's raw format"),
     "sizes": ("nnunet_stseg.commands.sizes", "size-labelled datasets: check, import sizes from a CSV, simulate"),
-    "benchmark": ("nnunet_stseg.commands.benchmark", "inference time per stage, scaling and memory benchmarks"),
-    "experiment-kvasir": ("nnunet_stseg.commands.experiment_kvasir",
-                          "Kvasir-SEG: cascade vs downscaled baseline per S; native resolution"),
-    "experiment-recall": ("nnunet_stseg.commands.experiment_recall",
-                          "Kvasir-SEG: recall-first proposals and a fine stage that can reject (issue 22)"),
-    "experiment-e2e": ("nnunet_stseg.commands.experiment_e2e",
-                       "Kvasir-SEG: the end-to-end crop-guided network vs the cascade and the baseline (issue 19)"),
-    "experiment-lsnet": ("nnunet_stseg.commands.experiment_lsnet",
-                         "Kvasir-SEG / Cardiac Fat CT: L-SNet and the cascade with L-Net as first stage vs the cascade "
-                         "(issue 20)"),
-    "experiment-sizes": ("nnunet_stseg.commands.experiment_sizes",
-                         "learning from object sizes with simulated weak labels (Kvasir-SEG, Cardiac Fat CT)"),
-    "experiment-depth": ("nnunet_stseg.commands.experiment_depth", "the depth channel on Cardiac Fat CT"),
-    "experiment-polar": ("nnunet_stseg.commands.experiment_polar", "the polar stage on Cardiac Fat CT or Kvasir-SEG"),
-    "experiment-cardiac3d": ("nnunet_stseg.commands.experiment_cardiac3d", "the 3D cascade on Cardiac Fat CT"),
-    "polar-roundtrip": ("nnunet_stseg.commands.polar_round_trip", "what a polar resolution loses on real masks"),
     "overlay": ("nnunet_stseg.commands.overlay", "QA pictures of a prediction folder: outlines, found objects, index"),
+    "demo": ("nnunet_stseg.commands.demo", "the whole pipeline on a small generated dataset, through the stock CLIs"),
 }
 
 

@@ -7,7 +7,7 @@ nnU-Net commands (``nnUNetv2_train``, ``nnUNetv2_predict``), exactly as a user w
 
 Every command is printed before it runs. The result is a table (coarse network alone vs the
 cascade, scored on the held-out test images) and an overlay picture ``overlay.png``.
-The commands are built by :mod:`nnunet_stseg.commands.runner`, as in the experiments and in the
+The commands are built by :mod:`nnunet_stseg.commands.pipeline`, as in the experiments and in the
 tests' shared models (`tests/trained_models.py`).
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.runner import (evaluate, find_command, pipeline_env, plan_command_line, predict_command_line,
-                                          run, train_command_line)
+from nnunet_stseg.commands.pipeline import (evaluate, find_command, pipeline_env, plan_command_line,
+                                            predict_command_line, run, train_command_line)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,26 @@ import numpy as np
 
 from nnunet_stseg.adapters.inference_io import OBJECTS_SUFFIX
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.reports import display_image, read_image
+
+
+def display_image(img: np.ndarray) -> np.ndarray:
+    """Greyscale scaled to the 1st-99th percentile for display; RGB (H, W, 3) uint8 unchanged."""
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        return img
+    lo, hi = np.percentile(img, (1, 99))
+    return np.clip((img.astype(np.float32) - lo) / max(float(hi - lo), 1e-6), 0, 1)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image or label file as an array: PNG (scikit-image) or anything SimpleITK reads."""
+    if path.suffix == ".png":
+        from skimage.io import imread
+
+        return np.asarray(imread(str(path)))
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
 
 ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp")
 

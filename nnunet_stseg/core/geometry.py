@@ -47,7 +47,7 @@ class CropParams:
       swamping small objects on large images: the object's centre always stays in its crop,
       its edges may be cut, which is the coarse-mask error the fine network must tolerate).
     - ``square``: make boxes square/cubic in physical units (mm), not in voxels.
-    - ``proposal_threshold``: recall-first proposals (issue 22): besides the coarse argmax
+    - ``proposal_threshold``: recall-first proposals: besides the coarse argmax
       components, components of ``foreground probability >= proposal_threshold`` that hold no
       argmax voxel become proposals too (at most ``max_crops`` more per case, the most probable
       first); None = argmax components only (the published method). In (0, 0.5].

@@ -253,7 +253,7 @@ def make_synthetic_dataset(raw_root: str | Path, dataset_id: int = 990, name: st
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI wrapper around make_synthetic_dataset; prints the created dataset folder."""
-    parser = argparse.ArgumentParser(prog="nnunet-stseg synthetic",
+    parser = argparse.ArgumentParser(prog="python -m nnunet_stseg.data.synthetic",
                                      description="Generate a tiny synthetic nnU-Net v2 raw dataset "
                                                  "(ellipses/ellipsoids with non-trivial geometry).")
     parser.add_argument("--raw_root", type=str, default=os.environ.get("nnUNet_raw"),

@@ -1,23 +1,23 @@
 """Inference cost of the segment-then-segment cascade, per stage, for a 2D and a 3D case.
 
-    nnunet-stseg benchmark                          # prints a markdown table
-    nnunet-stseg benchmark --out docs/benchmarks/inference_cpu.md
-    nnunet-stseg benchmark --scaling --plot docs/benchmarks/scaling_cpu.png --out docs/benchmarks/scaling_cpu.md
+    python -m benchmarks.benchmark                          # prints a markdown table
+    python -m benchmarks.benchmark --out docs/benchmarks/inference_cpu.md
+    python -m benchmarks.benchmark --scaling --plot docs/benchmarks/scaling_cpu.png --out docs/benchmarks/scaling_cpu.md
 
 ``--scaling`` instead times the cascade next to nnU-Net's own ``2d`` sliding-window prediction
 of the same preprocessed image, against the number of objects (1 to 50 at 512 x 512) and against
 the image size (256 to 2048 at 5 objects), and draws both curves.
 
 ``--size_loss`` times the size loss of ``nnUNetTrainer_StSSizes`` (see
-:mod:`nnunet_stseg.commands.benchmark_sizes`)::
+:mod:`benchmarks.benchmark_sizes`)::
 
-    nnunet-stseg benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
+    python -m benchmarks.benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
 
 ``--compare_paths`` compares a trained cascade's predictions with its objects found on the coarse
 grid (since 0.8) and on the full grid (before), image by image (see
-:mod:`nnunet_stseg.commands.compare_paths`)::
+:mod:`benchmarks.compare_paths`)::
 
-    nnunet-stseg benchmark --compare_paths -m MODEL_FOLDER -i IMAGES --labels LABELS --out report.md
+    python -m benchmarks.benchmark --compare_paths -m MODEL_FOLDER -i IMAGES --labels LABELS --out report.md
 
 ``--memory`` runs the 3D case on a large volume (default 1000 x 512 x 512) for several object
 counts, each in a fresh process, to show what bounds the peak memory of a prediction, and nnU-Net's
@@ -25,13 +25,13 @@ own 3d_fullres sliding window on the same volume (its network at the same width,
 ``--memory_standard_step`` 1.0 by default: windows without overlap, the same arrays as nnU-Net's
 0.5 in an eighth of the time; 0 leaves that arm out):
 
-    nnunet-stseg benchmark --memory --out docs/benchmarks/memory_cpu.md
+    python -m benchmarks.benchmark --memory --out docs/benchmarks/memory_cpu.md
 
 ``--fine_batches`` times the planned 3D fine network (``--shape3d``'s plan, S = ``--size``) on
 crops in batches of each given size, with the peak memory of its activations, to show what
 ``CPU_BATCH_VOXELS`` trades (each batch size in a fresh process)::
 
-    nnunet-stseg benchmark --fine_batches 1 2 4 --out docs/benchmarks/fine_batch_cpu.md
+    python -m benchmarks.benchmark --fine_batches 1 2 4 --out docs/benchmarks/fine_batch_cpu.md
 
 What is measured: one generated case per dimensionality (objects placed at random), nnU-Net
 preprocessing through the planned fine configuration, then the cascade stages as the predictor
@@ -61,7 +61,7 @@ import torch
 
 from nnunet_stseg.adapters.config import COARSE_RESAMPLINGS
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.runner import command_line, command_parser, report_header
+from benchmarks.runner import command_line, command_parser, report_header
 
 
 _WORK_FOLDERS: list[tuple[int, Path]] = []  # (process id, folder) made by _setup; removed by that process
@@ -521,15 +521,15 @@ def main(argv=None) -> None:
     if on_a_model and (args.model is None or args.images is None):
         p.error(f"{on_a_model} needs -m MODEL_FOLDER and -i IMAGES")
     if args.compare_paths:
-        from nnunet_stseg.commands.compare_paths import compare_paths
+        from benchmarks.compare_paths import compare_paths
 
         report = compare_paths(args, cmd)
     elif args.prediction_modes:
-        from nnunet_stseg.commands.prediction_modes import prediction_modes
+        from benchmarks.prediction_modes import prediction_modes
 
         report = prediction_modes(args, cmd)
     elif args.size_loss:
-        from nnunet_stseg.commands.benchmark_sizes import size_loss_report
+        from benchmarks.benchmark_sizes import size_loss_report
 
         report = size_loss_report(args, cmd)
     elif args.scaling:

@@ -1,7 +1,7 @@
-"""Experiment 3 of issue 5: 3D segment-then-segment vs nnU-Net 3d_fullres and nnU-Net 3d at S on
+"""Experiment: 3D segment-then-segment vs nnU-Net 3d_fullres and nnU-Net 3d at S on
 the Cardiac Fat CT dataset (pericardium and EAT), per-patient cross-validation, same budget.
 
-    nnunet-stseg experiment-cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
+    python -m benchmarks.experiment_cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
         --out docs/benchmarks/cardiac3d.md
 
 Three arms, every network with the same U-Net base width, batch size and schedule, all trained
@@ -33,10 +33,10 @@ from pathlib import Path
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
-from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, pipeline_env,
-                                          plan_command_line, plan_unless_planned, predict_command_line, prepare_cardiac,
-                                          report_header, run_measured, set_batch_size, train_fold)
+from benchmarks.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, pipeline_env,
+                               plan_command_line, plan_unless_planned, predict_command_line, prepare_cardiac,
+                               report_header, run_measured, set_batch_size, train_fold)
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 
@@ -188,7 +188,7 @@ def report(results: dict, examples: str | None = None) -> str:
 
 
 def findings(results: dict) -> list[str]:
-    """The comparisons the issue asks about, in words, from the numbers."""
+    """The comparisons the experiment is about, in words, from the numbers."""
     fullres_arm, coarse_arm, cascade_arm = arm_names(results["size"])
     arms = results.get("arms", {})
     if not all(a in arms for a in (fullres_arm, coarse_arm, cascade_arm)):
@@ -211,7 +211,7 @@ def plot_examples(results: dict, workdir: Path, path: Path) -> Path | None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-cardiac3d", __doc__)
+    p = command_parser("experiment_cardiac3d", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/cardiac3d"))
     p.add_argument("-s", "--size", type=int, default=64, help="S: coarse volume and fine crop size per axis (64)")
     add_budget_arguments(p, features=8, batch_size=2, epochs=8, iters=15, folds=2)

@@ -1,8 +1,8 @@
-"""``nnunet-stseg benchmark --compare_paths``: a trained cascade's predictions with its objects found
+"""``python -m benchmarks.benchmark --compare_paths``: a trained cascade's predictions with its objects found
 on the coarse model's grid (since 0.8) against the same predictions with the coarse probabilities
 brought to the full grid first (before 0.8), image by image, in one process::
 
-    nnunet-stseg benchmark --compare_paths -m MODEL_FOLDER -i IMAGES [--labels LABELS] [-f 0]
+    python -m benchmarks.benchmark --compare_paths -m MODEL_FOLDER -i IMAGES [--labels LABELS] [-f 0]
 
 Both paths load the same models and read the same images; the table gives how close the label maps
 are (Dice of every label between the two paths), each path's seconds per stage, and, with
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_stseg.commands.runner import report_header
+from benchmarks.runner import report_header
 from nnunet_stseg.core.metrics import overlap
 
 PATHS = ("full", "coarse")  # StSPredictor.objects_grid: before 0.8, since 0.8

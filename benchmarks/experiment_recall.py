@@ -1,9 +1,9 @@
-"""Experiment (issue 22): recall-first proposals and a fine stage that can reject, on Kvasir-SEG 256².
+"""Experiment: recall-first proposals and a fine stage that can reject, on Kvasir-SEG 256².
 
-    nnunet-stseg experiment-recall --workdir work_dirs/kvasir_recall --sizes 32 64 \
+    python -m benchmarks.experiment_recall --workdir work_dirs/kvasir_recall --sizes 32 64 \
         --out docs/benchmarks/kvasir_recall.md
 
-The protocol of ``experiment-kvasir`` (Kvasir-SEG resized to 256 x 256, the same seeded 80/10/10
+The protocol of ``benchmarks.experiment_kvasir`` (Kvasir-SEG resized to 256 x 256, the same seeded 80/10/10
 split, width, batch size and schedule for every network, scored on the 100 test images at 256²).
 For every S, one coarse model (the downscaled baseline at S) and two fine models trained on the
 same split with the same budget:
@@ -28,7 +28,7 @@ comparisons):
 | cascade + confirmed lowest-t proposals | fine | the lowest threshold, its best confirmation |
 | rejecting fine | fine_rejects | argmax components |
 | recall-first | fine_rejects | its validation-chosen threshold |
-| recall-first, lowest t | fine_rejects | the lowest threshold tried (the issue's design point) |
+| recall-first, lowest t | fine_rejects | the lowest threshold tried (the design point) |
 | baseline 2S | - | - (the coarse model of 2S) |
 
 Confirmed proposals (0.8.6): the published fine stage sees every proposal, and one below the
@@ -44,14 +44,14 @@ rejected (from the ``<case>.objects.json`` files), whole ``nnUNetv2_predict`` ti
 every image some arm misses. Resumable: finished trainings and arms are kept (``--repredict``
 predicts every arm again). GPU users: ``--epochs 1000 --iters 250 -device cuda``.
 
-``--native`` (the issue's second protocol): Kvasir-SEG at native resolution, S = 64 against
-nnU-Net 2d, in the work folder of ``experiment-kvasir --native`` (default
+``--native`` (the second protocol): Kvasir-SEG at native resolution, S = 64 against
+nnU-Net 2d, in the work folder of ``benchmarks.experiment_kvasir --native`` (default
 ``work_dirs/kvasir_native``), whose networks and nnU-Net 2d scores it reuses (what is missing is
 trained and scored there first, with this command's budget: 4 x 50 iterations, batch 2 by
 default); the published fine stage's proposal rules are chosen on the native validation images
 and its arms scored next to nnU-Net 2d (``recall_results.json``)::
 
-    nnunet-stseg experiment-recall --native --out docs/benchmarks/kvasir_recall_native.md
+    python -m benchmarks.experiment_recall --native --out docs/benchmarks/kvasir_recall_native.md
 """
 from __future__ import annotations
 
@@ -66,11 +66,11 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
-from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
-                                          plan_command_line, plan_unless_planned, predict_command_line, publish_report,
-                                          report_header, results_or_run, run, shared_data)
+from benchmarks.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
+from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
+                               plan_command_line, plan_unless_planned, predict_command_line, publish_report,
+                               report_header, results_or_run, run, shared_data)
 from nnunet_stseg.settings import PROPOSAL_CONFIRMATION_ENV, PROPOSAL_THRESHOLD_ENV
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
@@ -100,7 +100,7 @@ def add_fine_variants(plans_file: Path, size: int, negative_fraction: float) -> 
 
 def validation_folders(ds: Path, workdir: Path) -> tuple[Path, Path]:
     """Folders of links to fold 0's validation images and labels (the converter's split)."""
-    from nnunet_stseg.data.kvasir import SPLIT_FILE
+    from benchmarks.kvasir import SPLIT_FILE
 
     cases = json.loads((ds / SPLIT_FILE).read_text())["val"]
     return (link_into(workdir / "val_images", [ds / "imagesTr" / f"{case}_0000.png" for case in cases]),
@@ -113,7 +113,7 @@ def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, li
     None: native resolution): the stock commands' environment and logs, the dataset converted once
     with the seeded split, links to its validation images. Fields: ``workdir, env, logs, ds,
     dataset_json, n_test, val_images, val_labels, n_val``."""
-    from nnunet_stseg.data.kvasir import convert_kvasir, kvasir_ids
+    from benchmarks.kvasir import convert_kvasir, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
@@ -380,7 +380,7 @@ def lowest_threshold(budget: dict) -> str:
 
 def cascade_arms(row: dict, arm, fine: str, train_log: Path, chosen: dict, budget: dict) -> None:
     """The test arms of the published fine stage: argmax proposals, the validation-chosen
-    threshold, the lowest threshold (the issue's design point, whatever validation chose: reported,
+    threshold, the lowest threshold (the design point, whatever validation chose: reported,
     never used to choose a default), and both with confirmed proposals."""
     arm(row, "cascade", fine, DEFAULT_FINE_TRAINER, "none", train_log)
     arm(row, "cascade_low", fine, DEFAULT_FINE_TRAINER, chosen["fine"], train_log)
@@ -400,7 +400,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                    device: str, thresholds: list[float], negative_fraction: float, seed: int = 0,
                    limit: int | None = None, src: Path | None = None, repredict: bool = False,
                    dataset_id: int = 720, confirmations: Sequence[float] | str = "auto") -> dict:
-    from nnunet_stseg.data.kvasir import install_split
+    from benchmarks.kvasir import install_split
 
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds = w.workdir, w.env, w.logs, w.ds
@@ -463,11 +463,11 @@ def run_native(workdir: Path, size: int, features: int, epochs: int, iters: int,
                thresholds: list[float], confirmations: Sequence[float] | str, seed: int = 0, limit: int | None = None,
                src: Path | None = None, repredict: bool = False, dataset_id: int = 721) -> dict:
     """``--native``: the cascade at S with its proposal rules against nnU-Net 2d on Kvasir-SEG at
-    native resolution, in the work folder of ``experiment-kvasir --native`` (its networks and its
+    native resolution, in the work folder of ``benchmarks.experiment_kvasir --native`` (its networks and its
     nnU-Net 2d scores are reused; what is missing is trained and scored by that experiment first,
     with this budget). Rules chosen on the native validation images as at 256 x 256; the rejecting
     fine stage is not run here. Results in ``recall_results.json``."""
-    from nnunet_stseg.commands.experiment_kvasir import run_native_experiment
+    from benchmarks.experiment_kvasir import run_native_experiment
 
     workdir = Path(workdir).resolve()
     native_file = workdir / "results.json"
@@ -492,7 +492,7 @@ def run_native(workdir: Path, size: int, features: int, epochs: int, iters: int,
     cascade_arms(row, arm, fine, train[fine], row["chosen_threshold"], results["budget"])
     if "proposal_confidence" not in row:
         row["proposal_confidence"] = proposal_confidences(Path(row["cascade_lowest"]["prediction"]), w.ds / "labelsTs")
-    base = native["arms"]["nnunet_2d"]  # scored by experiment-kvasir --native on the same test images
+    base = native["arms"]["nnunet_2d"]  # scored by benchmarks.experiment_kvasir --native on the same test images
     row["nnunet_2d"] = {**base, "missed": missed(Path(base["prediction"])), "threshold": None, "confirmation": None,
                         "crops_per_image": float("nan"), "low_proposals_per_image": float("nan"),
                         "rejected_per_image": float("nan")}
@@ -552,7 +552,7 @@ RECALL_ARMS = ("cascade_low", "cascade_lowest", "cascade_confirmed", "cascade_co
 
 
 def goal_table(row: dict, s: str) -> list[str]:
-    """The issue's goal for every recall-first arm: DSC at least the reference's (the baseline at
+    """The goal for every recall-first arm: DSC at least the reference's (the baseline at
     2S; nnU-Net 2d at native resolution), the cascade's misses at least halved, precision not
     below the cascade's; and what the extra proposals cost per image against the cascade."""
     reference = "baseline_2s" if "baseline_2s" in row else "nnunet_2d"
@@ -561,7 +561,7 @@ def goal_table(row: dict, s: str) -> list[str]:
     ref, cascade = row[reference], row["cascade"]
     ref_label = f"baseline {2 * int(s)}" if reference == "baseline_2s" else "nnU-Net 2d"
     labels = dict(ARMS)
-    lines = [f"The issue's goal per recall-first arm (DSC >= {ref_label}'s {ref['Dice'][0]:.2f}; misses <= half the "
+    lines = [f"The goal per recall-first arm (DSC >= {ref_label}'s {ref['Dice'][0]:.2f}; misses <= half the "
              f"cascade's {cascade['missed']}; precision >= the cascade's {cascade['Precision'][0]:.2f}):", "",
              f"| arm | DSC - {ref_label} | missed | precision - cascade | extra ms / image vs cascade | goal met |",
              "|---" * 6 + "|"]
@@ -627,7 +627,7 @@ def report(results: dict, cmd: str) -> str:
     if results.get("native"):
         lines = [*report_header("Kvasir-SEG at native resolution: recall-first proposals vs nnU-Net 2d", cmd),
                  f"Budget per network: width {b['features']}, batch {b['batch_size']}, {b['epochs']} x {b['iters']} "
-                 f"iterations, device {b['device']}: the networks of `experiment-kvasir --native` in the same work "
+                 f"iterations, device {b['device']}: the networks of `benchmarks.experiment_kvasir --native` in the same work "
                  f"folder (its cascade's coarse and fine models, its nnU-Net 2d and that arm's scores). Split seed "
                  f"{b['seed']} (80/10/10): proposal rules chosen on the {b['n_val']} validation images among "
                  f"thresholds {', '.join(b['thresholds'])} and confirmations at {confirmation_words(b)}; arms "
@@ -653,14 +653,14 @@ def report(results: dict, cmd: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-recall", __doc__)
+    p = command_parser("experiment_recall", __doc__)
     p.add_argument("--workdir", type=Path, default=None,
                    help="work folder (work_dirs/kvasir_recall; with --native work_dirs/kvasir_native, shared with "
-                        "experiment-kvasir --native)")
-    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
+                        "benchmarks.experiment_kvasir --native)")
+    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default kvasir-seg/ in the --data folder)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes S (32 64; 64 with --native)")
     p.add_argument("--native", action="store_true",
-                   help="native resolution: the cascade of experiment-kvasir --native (trained there when missing) "
+                   help="native resolution: the cascade of benchmarks.experiment_kvasir --native (trained there when missing) "
                         "with the proposal rules against nnU-Net 2d")
     add_budget_arguments(p, features=16, batch_size=None, epochs=None, iters=None,
                          helps={"batch_size": "batch size of every network (16; 2 with --native)",

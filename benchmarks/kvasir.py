@@ -1,7 +1,7 @@
 """Kvasir-SEG (original distribution layout) -> nnU-Net v2 raw dataset, with the paper's split.
 
-    nnunet-stseg kvasir --src ../shared/data/kvasir-seg -d 720 --size 256   # the paper's protocol
-    nnunet-stseg kvasir --src ../shared/data/kvasir-seg -d 721              # native resolution
+    python -m benchmarks.kvasir --src ../shared/data/kvasir-seg -d 720 --size 256   # the paper's protocol
+    python -m benchmarks.kvasir --src ../shared/data/kvasir-seg -d 721              # native resolution
 
 - A seeded 80/10/10 split of the sorted image ids (seed 0 by default): train + validation go to
   ``imagesTr`` (nnU-Net fold 0 = exactly this train/validation split, installed into
@@ -125,7 +125,7 @@ def install_split(raw_dataset_folder: str | Path, preprocessed_dataset_folder: s
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="nnunet-stseg kvasir", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kvasir", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, required=True, help="Kvasir-SEG folder (images/, masks/)")
     p.add_argument("--raw_root", type=Path, default=os.environ.get("nnUNet_raw"),

@@ -1,6 +1,6 @@
 """Experiment: segment-then-segment vs the downscaled baseline on Kvasir-SEG (the paper's protocol).
 
-    nnunet-stseg experiment-kvasir --workdir work_dirs/kvasir --sizes 32 48 64 128
+    python -m benchmarks.experiment_kvasir --workdir work_dirs/kvasir --sizes 32 48 64 128
 
 For every input size S, two arms with the same network width and training budget:
 - baseline: nnU-Net 2D on the image downscaled to S (the ``2d_sts_coarse_S`` configuration; nnU-Net's
@@ -16,13 +16,13 @@ and is resumable: finished trainings are kept (re-run the same command; the test
 scores are made again). ``--report_only`` rebuilds the report, plot and overlays from the work
 folder's ``results.json`` without training or predicting.
 
-Experiment 2 of issue 5, ``--native``: Kvasir-SEG at its original resolution (332-1920 px wide,
+Experiment 2, ``--native``: Kvasir-SEG at its original resolution (332-1920 px wide,
 same seeded split), segment-then-segment at each S (default 64 and 128) vs nnU-Net's standard 2d
 configuration (its planned patch and sliding window, narrowed to the same width: ``2d_w<width>``),
 every network trained with the same width, batch size (``--batch_size``, default 2) and schedule;
 scored at native resolution:
 
-    nnunet-stseg experiment-kvasir --native --sizes 64 128 --workdir work_dirs/kvasir_native \
+    python -m benchmarks.experiment_kvasir --native --sizes 64 128 --workdir work_dirs/kvasir_native \
         --out docs/benchmarks/kvasir_native.md
 
 The default budget (``--epochs 20 --iters 100``, width 16; ``--epochs 4 --iters 50 --batch_size 2``
@@ -43,11 +43,11 @@ from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import (COARSE_RESAMPLINGS, DEFAULT_COARSE_RESAMPLING, DEFAULT_COARSE_TRAINER,
                                           DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                                          link_into, pipeline_env, plan_command_line, plan_unless_planned,
-                                          predict_command_line, report_header, run, run_measured, set_batch_size,
-                                          shared_data, train_fold)
+from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
+                               link_into, pipeline_env, plan_command_line, plan_unless_planned,
+                               predict_command_line, report_header, run, run_measured, set_batch_size,
+                               shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
@@ -86,7 +86,7 @@ def rescore(results: dict) -> None:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, device: str = "cpu",
                    dataset_id: int = 720, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    batch_size: int | None = None, coarse_resampling: str = "antialiased") -> dict:
-    from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
+    from benchmarks.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
@@ -153,9 +153,9 @@ def train_arm(dataset: str, config: str, trainer: str, device: str, env: dict, l
 def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int,
                           batch_size: int = 2, device: str = "cpu", dataset_id: int = 721, seed: int = 0,
                           limit: int | None = None, src: Path | None = None) -> dict:
-    """Issue 5, experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
+    """Experiment 2: the cascade at each S vs nnU-Net's standard 2d configuration on
     Kvasir-SEG at native resolution, same width, batch size and schedule for every network."""
-    from nnunet_stseg.data.kvasir import convert_kvasir, install_split, kvasir_ids
+    from benchmarks.kvasir import convert_kvasir, install_split, kvasir_ids
 
     workdir = Path(workdir).resolve()
     env = pipeline_env(workdir, epochs, iters)
@@ -261,7 +261,7 @@ def _native_arm_name(arm: str) -> str:
 
 
 def native_findings(results: dict) -> list[str]:
-    """Each cascade against nnU-Net 2d in words (the issue's question: within 2 DSC points while
+    """Each cascade against nnU-Net 2d in words (the question: within 2 DSC points while
     predicting faster?) and what one training iteration of nnU-Net 2d costs at this budget."""
     arms, b = results["arms"], results["budget"]
     base = arms.get("nnunet_2d")
@@ -294,7 +294,7 @@ def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: 
     """Overlays of the test images with the lowest, median and highest DSC of ``ranked_by``."""
     from skimage.io import imread
 
-    from nnunet_stseg.commands.reports import overlay_grid, pick_cases
+    from benchmarks.reports import overlay_grid, pick_cases
 
     if not all((folder / "summary_test.json").is_file() for folder in predictions.values()):
         return None
@@ -393,10 +393,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-kvasir", __doc__)
+    p = command_parser("experiment_kvasir", __doc__)
     p.add_argument("--workdir", type=Path, default=None,
                    help="default work_dirs/kvasir (work_dirs/kvasir_native with --native)")
-    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
+    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default kvasir-seg/ in the --data folder)")
     p.add_argument("--native", action="store_true",
                    help="experiment 2: native resolution, cascade at each S vs nnU-Net's standard 2d")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes S (default 32 48 64 128; "

@@ -1,8 +1,8 @@
-"""Experiment: learning from object sizes (issue 21) with simulated weak labels, so the truth is known.
+"""Experiment: learning from object sizes with simulated weak labels, so the truth is known.
 
-    nnunet-stseg experiment-sizes --data kvasir --workdir work_dirs/sizes_kvasir \\
+    python -m benchmarks.experiment_sizes --dataset kvasir --workdir work_dirs/sizes_kvasir \\
         --out docs/benchmarks/sizes_kvasir.md
-    nnunet-stseg experiment-sizes --data cardiac --workdir work_dirs/sizes_cardiac \\
+    python -m benchmarks.experiment_sizes --dataset cardiac --workdir work_dirs/sizes_cardiac \\
         --out docs/benchmarks/sizes_cardiacfat.md
 
 Data: Kvasir-SEG resized to S x S (default 64; the seeded 80/10/10 split of the other Kvasir
@@ -38,9 +38,9 @@ import numpy as np
 
 from nnunet_stseg.adapters.config import DEFAULT_SIZES_TRAINER
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                                          find_command, per_patient_split, pipeline_env, predict_command_line,
-                                          report_header, run, run_measured, set_batch_size, shared_data, train_fold)
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
+                               find_command, per_patient_split, pipeline_env, predict_command_line,
+                               report_header, run, run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 TRAINER = DEFAULT_SIZES_TRAINER
@@ -69,7 +69,7 @@ def link_cases(ds: Path, cases: list[str], folder: Path) -> tuple[Path, Path]:
 def kvasir_source(workdir: Path, raw: Path, size: int, seed: int, src: Path | None, limit: int | None) -> tuple[
         Path, list[dict]]:
     """Kvasir-SEG at size x size with its seeded split; one 'fold': train, val, test case lists."""
-    from nnunet_stseg.data.kvasir import SPLIT_FILE, convert_kvasir, kvasir_ids
+    from benchmarks.kvasir import SPLIT_FILE, convert_kvasir, kvasir_ids
 
     existing = sorted(raw.glob(f"Dataset{KVASIR_BASE_ID:03d}_*"))
     if existing:
@@ -91,8 +91,8 @@ def cardiac_slices(raw: Path, size: int, min_fraction: float = 0.01, limit: int 
     import torch
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    from nnunet_stseg.commands.runner import CARDIAC_FAT_ID
-    from nnunet_stseg.data.kvasir import _save_png_atomic
+    from benchmarks.runner import CARDIAC_FAT_ID
+    from benchmarks.kvasir import _save_png_atomic
 
     out = raw / f"Dataset{CARDIAC_BASE_ID:03d}_CardiacFatSlices{size}"
     if (out / "dataset.json").is_file():
@@ -191,7 +191,7 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
 
 def train(name: str, config: str, env: dict, device: str, log: Path, pretrained: Path | None = None) -> Path:
     """Train fold 0 of one arm with the stock ``nnUNetv2_train`` unless finished (``--c`` after an
-    interruption, :func:`~nnunet_stseg.commands.runner.train_fold`); returns the fold folder."""
+    interruption, :func:`~benchmarks.runner.train_fold`); returns the fold folder."""
     from nnunet_stseg.adapters.results import model_folder
 
     fold_dir = model_folder(name, TRAINER, config, results_root=env["nnUNet_results"]) / "fold_0"
@@ -208,7 +208,7 @@ def score(pred: Path, labels: Path, dataset_json: dict) -> dict:
     import torch
     from PIL import Image
 
-    from nnunet_stseg.commands.experiment_kvasir import per_image_stats
+    from benchmarks.experiment_kvasir import per_image_stats
     from nnunet_stseg.core.sizes import object_size
 
     summary = pred / "summary_test.json"
@@ -431,7 +431,7 @@ def findings(results: dict) -> list[str]:
     if ratios:
         out.append(f"- epoch time of pixel + size / pixel only (same batch of labelled images, plus the size batch): "
                    f"{np.mean(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}); the paper: about 10x. These "
-                   f"wall times include whatever else shared the machine during each run; `nnunet-stseg benchmark "
+                   f"wall times include whatever else shared the machine during each run; `python -m benchmarks.benchmark "
                    f"--size_loss` measures the step ratio alone")
     out.append("- published (MSD hippocampus 48 x 32, other budget): about +5 IoU points for m < 100, "
                "negligible for larger m")
@@ -475,8 +475,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-sizes", __doc__)
-    p.add_argument("--data", choices=("kvasir", "cardiac"), required=True)
+    p = command_parser("experiment_sizes", __doc__)
+    p.add_argument("--dataset", choices=("kvasir", "cardiac"), required=True)
     p.add_argument("--workdir", type=Path, default=None, help="work folder (work_dirs/sizes_<data>)")
     p.add_argument("--size", type=int, default=64, help="images resized to size x size (64)")
     p.add_argument("--pixel_labels", type=int, nargs="+", default=None,
@@ -484,7 +484,7 @@ def main(argv=None) -> None:
     add_budget_arguments(p, features=16, batch_size=16, epochs=10, iters=25, folds=2,
                          helps={"epochs": "epochs after phase 1 (both arms)", "folds": "cardiac: per-patient folds"})
     p.add_argument("--epochs_pre", type=int, default=20, help="phase-1 epochs (pixel labels only) (20)")
-    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
+    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default kvasir-seg/ in the --data folder)")
     p.add_argument("--size_weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS),
                    help="size-loss weights, one pixel + size arm each, chosen on validation (1 0.1)")
     p.add_argument("--no_paper_arm", action="store_true", help="skip the size-loss-alone arm at the smallest m")
@@ -493,15 +493,15 @@ def main(argv=None) -> None:
     p.add_argument("--report_only", action="store_true", help="rebuild the report from the work folder's results.json")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
-    workdir = (args.workdir or Path(f"work_dirs/sizes_{args.data}")).resolve()
-    m_values = args.pixel_labels or ([16, 32, 64, 128] if args.data == "kvasir" else [8, 16, 32, 64])
+    workdir = (args.workdir or Path(f"work_dirs/sizes_{args.dataset}")).resolve()
+    m_values = args.pixel_labels or ([16, 32, 64, 128] if args.dataset == "kvasir" else [8, 16, 32, 64])
     if args.report_only:
         if not (workdir / "results.json").is_file():
             p.error(f"--report_only: {workdir / 'results.json'} does not exist; run the experiment first")
         results = json.loads((workdir / "results.json").read_text())
         count_empty(results, workdir)
     else:
-        results = run_experiment(args.data, workdir, args.size, m_values, args.features, args.batch_size,
+        results = run_experiment(args.dataset, workdir, args.size, m_values, args.features, args.batch_size,
                                  args.epochs_pre, args.epochs, args.iters, args.device, args.seed, args.folds,
                                  args.src, args.limit, not args.no_paper_arm, tuple(args.size_weights))
         results["command"] = cmd

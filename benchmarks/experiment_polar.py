@@ -1,9 +1,9 @@
 """Experiment: Cartesian nnU-Net at input size S vs the polar stage with coarse-centroid origins vs
-the polar stage with heatmap origins (issue 3 evidence).
+the polar stage with heatmap origins.
 
-    nnunet-stseg experiment-polar --dataset cardiac --workdir work_dirs/polar_cardiac \\
+    python -m benchmarks.experiment_polar --dataset cardiac --workdir work_dirs/polar_cardiac \\
         --out docs/benchmarks/polar_cardiacfat.md
-    nnunet-stseg experiment-polar --dataset kvasir --size 64 --workdir work_dirs/polar_kvasir \\
+    python -m benchmarks.experiment_polar --dataset kvasir --size 64 --workdir work_dirs/polar_kvasir \\
         --out docs/benchmarks/polar_kvasir.md
 
 Three arms with the same width, batch size and schedule per network, all trained and run with the
@@ -55,10 +55,10 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_POLAR_TRAINER,
                                           coarse_config_name, polar_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
-from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser, link_into,
-                                          pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
-                                          prepare_cardiac, report_header, run_measured, shared_data, train_fold)
+from benchmarks.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
+from benchmarks.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser, link_into,
+                               pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
+                               prepare_cardiac, report_header, run_measured, shared_data, train_fold)
 from nnunet_stseg.core.centres import detection_by_threshold
 from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
                                    PEAK_THRESHOLD_ENV)
@@ -80,7 +80,7 @@ PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
 
 def _kvasir_validation_images(ds: Path, workdir: Path) -> list[tuple[int, list[Path]]]:
     """The split's validation images (fold 0), linked into one folder for nnUNetv2_predict."""
-    from nnunet_stseg.data.kvasir import SPLIT_FILE
+    from benchmarks.kvasir import SPLIT_FILE
 
     folder = link_into(workdir / "inputs" / "validation",
                        [img for case in json.loads((ds / SPLIT_FILE).read_text())["val"]
@@ -105,7 +105,7 @@ def ensure_centre_loss(plans_file: Path, configuration: str, loss: str) -> None:
 
 def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = None
                     ) -> tuple[Path, list[tuple[int, list[Path]]]]:
-    from nnunet_stseg.data.kvasir import convert_kvasir, kvasir_ids
+    from benchmarks.kvasir import convert_kvasir, kvasir_ids
 
     src = shared_data() / "kvasir-seg"
     if not (src / "images").is_dir():
@@ -140,7 +140,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
                         logs / "plan.log")
     ensure_centre_loss(plans_file, coarse_c, centre_loss)
     if dataset == "kvasir":
-        from nnunet_stseg.data.kvasir import install_split
+        from benchmarks.kvasir import install_split
 
         install_split(ds, pp)
     # where confidence thresholds are chosen: Kvasir's validation images; Cardiac: the other folds
@@ -403,7 +403,7 @@ def report(results: dict, examples: str | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-polar", __doc__)
+    p = command_parser("experiment_polar", __doc__)
     p.add_argument("--dataset", choices=("cardiac", "kvasir"), default="cardiac")
     p.add_argument("--workdir", type=Path, default=None, help="default work_dirs/polar_<dataset>")
     p.add_argument("-s", "--size", type=int, default=128, help="S: Cartesian input size and polar image size (128)")

@@ -1,7 +1,7 @@
-"""``nnunet-stseg benchmark --prediction_modes``: what ``nnUNetv2_predict`` costs for one trained
+"""``python -m benchmarks.benchmark --prediction_modes``: what ``nnUNetv2_predict`` costs for one trained
 model when it predicts in its own process and when it uses nnU-Net's worker processes::
 
-    nnunet-stseg benchmark --prediction_modes -m MODEL_FOLDER -i IMAGES [--limit N] [-f 0]
+    python -m benchmarks.benchmark --prediction_modes -m MODEL_FOLDER -i IMAGES [--limit N] [-f 0]
 
 The stock ``nnUNetv2_predict_from_modelfolder`` runs (TTA off, CPU) with
 ``STSEG_PREDICT_IN_PROCESS=1``, then ``=0`` with nnU-Net's default ``-npp 3 -nps 3`` and with
@@ -21,7 +21,7 @@ import numpy as np
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.discovery import with_trainer_discovery
-from nnunet_stseg.commands.runner import find_command, link_into, report_header, run_measured
+from benchmarks.runner import find_command, link_into, report_header, run_measured
 
 MODES = (("in process", "1", ()), ("workers, -npp 3 -nps 3", "0", ()),
          ("workers, -npp 1 -nps 1", "0", ("-npp", "1", "-nps", "1")))

@@ -1,7 +1,7 @@
-"""What the size loss costs (issue 21): the bulk flip evaluation against one distance transform per
+"""What the size loss costs: the bulk flip evaluation against one distance transform per
 flipped pixel, and a training step with the size loss against nnU-Net's supervised step.
 
-    nnunet-stseg benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
+    python -m benchmarks.benchmark --size_loss --out docs/benchmarks/size_loss_cpu.md
 
 Per image side (default 64, 128, 256; batch 16, one elliptic object per image, masks sampled from
 a soft prediction as in training): milliseconds for the sizes after every single flip of the batch
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from nnunet_stseg.commands.runner import report_header
+from benchmarks.runner import report_header
 from nnunet_stseg.core.sizes import flip_candidates, flipped_sizes, object_size, sample_masks, size_loss_gradient
 
 
@@ -130,7 +130,7 @@ def free_logit_trace(target: float, steps: int = 1000, lr: float = 2.0, seed: in
 
 def size_loss_report(args, cmd: str) -> str:
     torch.manual_seed(0)
-    lines = [*report_header("What the size loss costs (issue 21)", cmd),
+    lines = [*report_header("What the size loss costs", cmd),
              f"Batch {args.size_loss_batch}, one elliptic object per image, masks sampled from a soft prediction; "
              f"U-Net of nnU-Net's 2D layout, width {args.features or 16}, random weights; torch threads "
              f"{torch.get_num_threads()}. Naive = one distance transform per flipped pixel, timed on 64 flips and "

@@ -1,9 +1,9 @@
-"""What the commands share: running the stock nnU-Net commands as a user would (printed first,
-output logged, resumable training), their environment, scoring with nnU-Net's metrics, plans
-edits for narrow networks, per-patient splits, and the machine line every report carries.
+"""What the experiments and benchmarks share: the stock nnU-Net commands run as a user would
+(:mod:`nnunet_stseg.commands.pipeline`, re-exported here), resumable training, plans edits for
+narrow networks, per-patient splits, where the real data are, and the header every report carries.
 
-Experiments, the demo, the benchmarks and the tests' shared models all use these; a new
-experiment starts here instead of copying from another one.
+A new experiment starts here instead of copying from another one. Run from a checkout's root:
+``.venv/bin/python -m benchmarks.<module> ...``.
 """
 from __future__ import annotations
 
@@ -11,35 +11,46 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_stseg.adapters.discovery import with_trainer_discovery
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
+from nnunet_stseg.commands.pipeline import (evaluate, find_command, pipeline_env, plan_command_line,
+                                            predict_command_line, run, run_measured, train_command_line)
 
-# a source checkout: the repository, and the project's shared data next to it (../shared/data)
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# the checkout (this folder is never installed), and the project's shared data next to it
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ENV = "STSEG_DATA"
+_data_folder: Path | None = None  # set by --data
 
 
 def shared_data() -> Path:
-    """``../shared/data`` next to the repository: where experiments and benchmarks find the real
-    datasets by default (each command also takes the folder as an option)."""
-    return REPO_ROOT.parent / "shared" / "data"
+    """Where the experiments find the real datasets: ``--data DIR`` (every command of this folder
+    takes it), else ``$STSEG_DATA``, else ``../shared/data`` next to the checkout."""
+    if _data_folder is not None:
+        return _data_folder
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else REPO_ROOT.parent / "shared" / "data"
+
+
+class _DataFolder(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        global _data_folder
+        _data_folder = Path(value).resolve()
+        setattr(namespace, self.dest, _data_folder)
 
 
 def command_parser(name: str, description: str | None) -> argparse.ArgumentParser:
-    """The parser of ``nnunet-stseg <name>`` (its docstring as the help text)."""
-    return argparse.ArgumentParser(prog=f"nnunet-stseg {name}", description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The parser of ``python -m benchmarks.<name>`` (its docstring as the help text), with ``--data``."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action=_DataFolder, default=None, metavar="DIR",
+                        help=f"folder of the real datasets (default ${DATA_ENV}, else ../shared/data next to the "
+                             f"checkout: {REPO_ROOT.parent / 'shared' / 'data'})")
+    return parser
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, features: int, batch_size: int | None, epochs: int | None,
@@ -61,69 +72,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, features: int, batc
 
 
 def command_line(parser: argparse.ArgumentParser, argv) -> str:
-    """The command as typed, for the report (``nnunet-stseg <name> <arguments>``)."""
+    """The command as typed, for the report (``python -m benchmarks.<name> <arguments>``)."""
     return " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)]).strip()
-
-
-def find_command(name: str) -> str:
-    """A console script next to the running interpreter (the venv's), else from PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"command {name} not found next to {sys.executable} or on PATH; is nnunetv2 installed?")
-    return found
-
-
-def pipeline_env(workdir: Path, epochs: int, iters: int, val_iters: int = 2) -> dict:
-    """Environment for the stock commands: nnU-Net folders under ``workdir``, our trainers
-    discoverable, CPU-friendly settings and the short schedule."""
-    env = with_trainer_discovery(dict(os.environ))
-    env.update({
-        "nnUNet_raw": str(workdir / "nnUNet_raw"),
-        "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
-        "nnUNet_results": str(workdir / "nnUNet_results"),
-        "nnUNet_compile": env.get("nnUNet_compile", "f"),
-        "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0"),
-        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "1"),
-        "STSEG_NUM_EPOCHS": str(epochs),
-        "STSEG_ITERS_PER_EPOCH": str(iters),
-        "STSEG_VAL_ITERS": str(val_iters),
-    })
-    return env
-
-
-def run_measured(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> tuple[float, float]:
-    """Run a command, print it first; on failure show the tail of its output. Returns the wall
-    seconds and the peak RSS in MB of its largest process (from ``wait4`` on that child)."""
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    t0 = time.perf_counter()
-    with (open(log, "w+") if log is not None else tempfile.TemporaryFile("w+")) as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(text.splitlines()[-40:])
-        raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    if not quiet:
-        for line in text.splitlines():
-            if "[nnunet-stseg]" in line or "Mean Validation Dice" in line:
-                print("   " + line)
-    return seconds, usage.ru_maxrss / 1024
-
-
-def run(cmd: list[str], env: dict, log: Path | None = None, quiet: bool = False) -> float:
-    """:func:`run_measured` when only the seconds matter."""
-    return run_measured(cmd, env, log, quiet)[0]
-
-
-def train_command_line(dataset, config: str, fold: int, trainer: str, device: str = "cpu", *flags: str) -> list[str]:
-    """The stock ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -device DEVICE [flags]``."""
-    return [find_command("nnUNetv2_train"), str(dataset), config, str(fold), "-tr", trainer, "-device", device, *flags]
 
 
 def plan_unless_planned(plans_file: Path, configuration: str, plan_cmd: list[str], env: dict, log: Path) -> None:
@@ -132,22 +82,6 @@ def plan_unless_planned(plans_file: Path, configuration: str, plan_cmd: list[str
     if Path(plans_file).is_file() and configuration in json.loads(Path(plans_file).read_text())["configurations"]:
         return
     run(plan_cmd, env, log)
-
-
-def plan_command_line(dataset, size: int, dims: tuple[str, ...], features: int, *flags: str,
-                      batch_size: int | None = None, processes: int = 2) -> list[str]:
-    """Our ``nnunet-stseg plan -d DATASET -s SIZE --dims ... --features F [--batch_size B] -np N [flags]``."""
-    return [find_command("nnunet-stseg"), "plan", "-d", str(dataset), "-s", str(size), "--dims", *dims,
-            "--features", str(features), *(["--batch_size", str(batch_size)] if batch_size else []),
-            "-np", str(processes), *flags]
-
-
-def predict_command_line(images, output, dataset, config: str, trainer: str, folds, device: str = "cpu",
-                         *flags: str) -> list[str]:
-    """The stock ``nnUNetv2_predict -i IMAGES -o OUTPUT -d DATASET -c CONFIG -tr TRAINER -f FOLDS
-    -device DEVICE [flags]``."""
-    return [find_command("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", str(dataset), "-c", config,
-            "-tr", trainer, "-f", *[str(f) for f in folds], "-device", device, *flags]
 
 
 def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, env: dict, log: Path,
@@ -163,19 +97,6 @@ def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, 
         return None
     extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else list(start_flags)
     return run(train_command_line(dataset, config, fold, trainer, device, *extra), env, log)
-
-
-def evaluate(pred_dir: Path, gt_dir: Path, dataset_json: dict, output: Path) -> dict:
-    """nnU-Net's own metrics plus precision/recall; returns the foreground mean."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-    from nnunet_stseg.core.metrics import add_precision_recall
-
-    labels = [v for k, v in dataset_json["labels"].items() if k != "background"]
-    compute_metrics_on_folder(str(gt_dir), str(pred_dir), str(output), SimpleITKIO(), dataset_json["file_ending"],
-                              labels, None, num_processes=1, chill=True)
-    return add_precision_recall(str(output))["foreground_mean"]
 
 
 def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict]:

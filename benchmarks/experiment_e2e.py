@@ -1,4 +1,4 @@
-"""The end-to-end crop-guided network on Kvasir-SEG at 256 x 256 (issue 19; seed 003, section 5.2).
+"""The end-to-end crop-guided network on Kvasir-SEG at 256 x 256 (seed 003, section 5.2).
 
 Arms per S, all scored on the same 100 test images of the seeded split with the stock
 ``nnUNetv2_predict`` (TTA off): the downscaled baseline (the coarse model), our two-stage cascade
@@ -9,11 +9,11 @@ every other network: the cascade's and the end-to-end model's budgets are both t
 worth (coarse + fine, or coarse pre-training + joint training). The box rule used by default is
 chosen on the 100 validation images, never on the test images.
 
-It shares the work folder of ``nnunet-stseg experiment-recall`` (same split, plans, coarse and
+It shares the work folder of ``python -m benchmarks.experiment_recall`` (same split, plans, coarse and
 fine models; whatever is missing is trained here) and keeps its own ``results_e2e.json``.
 
-    nnunet-stseg experiment-e2e --sizes 32 64
-    nnunet-stseg experiment-e2e --sizes 32 --runs 2 --out docs/benchmarks/kvasir_e2e.md   # a second run at 32
+    python -m benchmarks.experiment_e2e --sizes 32 64
+    python -m benchmarks.experiment_e2e --sizes 32 --runs 2 --out docs/benchmarks/kvasir_e2e.md   # a second run at 32
 
 GPU users: ``--epochs 1000 --iters 250 -device cuda``.
 """
@@ -28,11 +28,11 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TR
                                           coarse_config_name, e2e_config_name, fine_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.experiment_kvasir import plot_examples, predict_and_score, train_arm
-from nnunet_stseg.commands.experiment_recall import kvasir_work_folder
-from nnunet_stseg.commands.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                                          plan_unless_planned, publish_report, report_header, results_or_run)
+from benchmarks.experiment_kvasir import plot_examples, predict_and_score, train_arm
+from benchmarks.experiment_recall import kvasir_work_folder
+from benchmarks.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
+                               plan_unless_planned, publish_report, report_header, results_or_run)
 
 FAILED_JACCARD = 0.65  # the thesis's (ISIC 2018's) failed segmentation: Jaccard below this
 ARMS = (("baseline", "downscaled baseline (coarse model)"), ("cascade", "two-stage cascade"),
@@ -113,7 +113,7 @@ def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    dataset_id: int = 720, runs: int = 1) -> dict:
-    from nnunet_stseg.data.kvasir import install_split
+    from benchmarks.kvasir import install_split
 
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds, dataset_json = w.workdir, w.env, w.logs, w.ds, w.dataset_json
@@ -243,10 +243,10 @@ def example_figure(results: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-e2e", __doc__)
+    p = command_parser("experiment_e2e", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/kvasir_recall"),
-                   help="work folder, shared with experiment-recall (work_dirs/kvasir_recall)")
-    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
+                   help="work folder, shared with benchmarks.experiment_recall (work_dirs/kvasir_recall)")
+    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default kvasir-seg/ in the --data folder)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="input sizes S (32 64)")
     add_budget_arguments(p, features=16, batch_size=16, epochs=30, iters=50)
     p.add_argument("--runs", type=int, default=1,

@@ -1,4 +1,4 @@
-"""L-SNet on Kvasir-SEG at 256 x 256 (issue 20; seed 001).
+"""L-SNet on Kvasir-SEG at 256 x 256 (seed 001).
 
 Arms per S, all scored on the same 100 test images of the seeded split with the stock
 ``nnUNetv2_predict`` (TTA off), same width and schedule for every network:
@@ -16,11 +16,11 @@ paper's mIoU: per object, the best IoU of any box, averaged; the coarse model's 
 components' bounding boxes, L-Net's its keypoints' regressed boxes without the margin) and the
 parameters each first stage has.
 
-It shares the work folder of ``nnunet-stseg experiment-recall`` (same split, plans, coarse and
+It shares the work folder of ``python -m benchmarks.experiment_recall`` (same split, plans, coarse and
 fine models; whatever is missing is trained here) and keeps its own ``results_lsnet.json``.
 
-    nnunet-stseg experiment-lsnet --sizes 64 --out docs/benchmarks/kvasir_lsnet.md
-    nnunet-stseg experiment-lsnet --data cardiac --sizes 64 --batch_size 8 --epochs 15 \\
+    python -m benchmarks.experiment_lsnet --sizes 64 --out docs/benchmarks/kvasir_lsnet.md
+    python -m benchmarks.experiment_lsnet --dataset cardiac --sizes 64 --batch_size 8 --epochs 15 \\
         --out docs/benchmarks/lsnet_cardiacfat.md
 
 GPU users: ``--epochs 1000 --iters 250 -device cuda``.
@@ -36,12 +36,12 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
                                           LNET_TRAINER, coarse_config_name, fine_config_name, lsnet_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.commands.experiment_e2e import failed_segmentations
-from nnunet_stseg.commands.experiment_kvasir import plot_examples, predict_and_score, train_arm
-from nnunet_stseg.commands.experiment_recall import kvasir_work_folder
-from nnunet_stseg.commands.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
-from nnunet_stseg.commands.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                                          plan_unless_planned, publish_report, report_header, results_or_run)
+from benchmarks.experiment_e2e import failed_segmentations
+from benchmarks.experiment_kvasir import plot_examples, predict_and_score, train_arm
+from benchmarks.experiment_recall import kvasir_work_folder
+from benchmarks.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
+                               plan_unless_planned, publish_report, report_header, results_or_run)
 
 ARMS = (("baseline", "nnU-Net 2d at S (downscaled whole image)"),
         ("cascade", "cascade, coarse segmentation as first stage"),
@@ -91,7 +91,7 @@ def _slice_boxes(mask: np.ndarray) -> list[np.ndarray]:
 def coarse_box_iou(prediction: Path, labels: Path, file_ending: str) -> list[float]:
     """Per ground-truth object (per slice), the best IoU of the bounding boxes of a downscaled
     model's predicted components (its segmentation at full resolution, as the cascade reads it)."""
-    from nnunet_stseg.commands.reports import read_image
+    from benchmarks.reports import read_image
     from nnunet_stseg.core.lsnet import best_box_iou
 
     ious = []
@@ -165,7 +165,7 @@ def parameter_counts(results_root: Path, dataset: str, size: int) -> dict:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    dataset_id: int = 720) -> dict:
-    from nnunet_stseg.data.kvasir import install_split
+    from benchmarks.kvasir import install_split
 
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds, dataset_json, n_test = w.workdir, w.env, w.logs, w.ds, w.dataset_json, w.n_test
@@ -191,7 +191,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                    "cascade": (fine_config_name("2d", s), DEFAULT_FINE_TRAINER), **add_lsnet_variants(plans_file, s)}
         train = {}
         for arm, (config, trainer) in configs.items():  # in order: coarse, fine, L-Net, then both L-SNets
-            # the coarse and fine models are experiment-recall's (its file names); two trainers share an L-SNet one
+            # the coarse and fine models are benchmarks.experiment_recall's (its file names); two trainers share an L-SNet one
             name = f"train_{config}" if arm in ("baseline", "cascade") else f"train_{trainer}_{config}"
             train[arm] = logs / f"{name}.json"
             train_arm(ds.name, config, trainer, device, env, logs / f"{name}.log", train[arm])
@@ -232,9 +232,9 @@ def run_cardiac_experiment(workdir: Path, size: int, features: int, epochs: int,
     validation patients), e.g. half of the cross-validation when time is short."""
     import os
 
-    from nnunet_stseg.commands.reports import score_folder
-    from nnunet_stseg.commands.runner import (CARDIAC_FAT_ID, pipeline_env, predict_command_line, prepare_cardiac,
-                                              run_measured, train_fold)
+    from benchmarks.reports import score_folder
+    from benchmarks.runner import (CARDIAC_FAT_ID, pipeline_env, predict_command_line, prepare_cardiac,
+                                   run_measured, train_fold)
     from nnunet_stseg.planners.sts_planner import lsnet_configuration
 
     workdir = Path(workdir).resolve()
@@ -401,16 +401,16 @@ def example_figure(results: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-lsnet", __doc__)
-    p.add_argument("--data", choices=("kvasir", "cardiac"), default="kvasir",
+    p = command_parser("experiment_lsnet", __doc__)
+    p.add_argument("--dataset", choices=("kvasir", "cardiac"), default="kvasir",
                    help="kvasir: 256 x 256, the seeded split; cardiac: Cardiac Fat CT, per-patient 2-fold CV")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="work folder (kvasir: shared with experiment-recall, work_dirs/kvasir_recall; cardiac: "
+                   help="work folder (kvasir: shared with benchmarks.experiment_recall, work_dirs/kvasir_recall; cardiac: "
                         "work_dirs/lsnet_cardiac)")
     p.add_argument("--canvas", type=int, default=256, help="cardiac: L-Net/L-SNet training canvas (256)")
     p.add_argument("--only_folds", type=int, nargs="+", default=None,
                    help="cardiac: train and score only these folds of the 2-fold split (default both)")
-    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default ../shared/data/kvasir-seg)")
+    p.add_argument("--src", type=Path, default=None, help="Kvasir-SEG folder (default kvasir-seg/ in the --data folder)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64], help="input sizes S (64)")
     add_budget_arguments(p, features=16, batch_size=16, epochs=30, iters=50)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images / patients (smoke runs)")
@@ -418,7 +418,7 @@ def main(argv=None) -> None:
     p.add_argument("--report_only", action="store_true", help="rebuild the report from results_lsnet.json")
     args = p.parse_args(argv)
     cmd = command_line(p, argv)
-    if args.data == "cardiac":
+    if args.dataset == "cardiac":
         workdir = (args.workdir or Path("work_dirs/lsnet_cardiac")).resolve()
         results = results_or_run(p, args.report_only, workdir / "results_lsnet.json", lambda: run_cardiac_experiment(
             workdir, args.sizes[0], args.features, args.epochs, args.iters, args.batch_size, args.device,

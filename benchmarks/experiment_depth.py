@@ -1,6 +1,6 @@
-"""Experiment: does the depth channel help a 2D network on cardiac CT? (issue 4 evidence)
+"""Experiment: does the depth channel help a 2D network on cardiac CT?
 
-    nnunet-stseg experiment-depth --workdir work_dirs/depth --out docs/benchmarks/depth_cardiacfat.md
+    python -m benchmarks.experiment_depth --workdir work_dirs/depth --out docs/benchmarks/depth_cardiacfat.md
 
 Data: the Cardiac Fat CT dataset in nnU-Net raw format (``../shared/data/nnUNet_raw/
 Dataset701_CardiacFatCT``; read in place, nothing is copied), per-patient K-fold cross-validation
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from nnunet_stseg.commands.reports import OVERLAP_HEAD, overlap_cells, overlap_means
-from nnunet_stseg.commands.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
-                                          per_patient_split, pipeline_env, plan_command_line, plan_unless_planned,
-                                          set_batch_size, shared_data, train_fold)
+from benchmarks.reports import OVERLAP_HEAD, overlap_cells, overlap_means
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
+                               per_patient_split, pipeline_env, plan_command_line, plan_unless_planned,
+                               set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import overlap
 
 DATASET_ID = 701
@@ -309,7 +309,7 @@ def bland_altman_plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = command_parser("experiment-depth", __doc__)
+    p = command_parser("experiment_depth", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/depth"))
     p.add_argument("--raw", type=Path, default=None, help="nnU-Net raw folder holding Dataset701 "
                                                           "(default ../shared/data/nnUNet_raw)")

@@ -10,8 +10,8 @@ resolution: a perfect polar prediction still loses this much.
 Data (read in place): Cardiac Fat CT pericardium masks (``label > 0``, slice by slice) and
 Kvasir-SEG polyp masks at their original resolution (threshold 127)::
 
-    nnunet-stseg polar-roundtrip                     # everything, writes docs/benchmarks/polar_round_trip.md
-    nnunet-stseg polar-roundtrip --limit_kvasir 100 --sizes 64 256
+    python -m benchmarks.polar_round_trip                     # everything, writes docs/benchmarks/polar_round_trip.md
+    python -m benchmarks.polar_round_trip --limit_kvasir 100 --sizes 64 256
 """
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_stseg.atomic import write_atomic
-from nnunet_stseg.commands.runner import REPO_ROOT, machine_line, shared_data
+from benchmarks.runner import REPO_ROOT, machine_line, shared_data
 from nnunet_stseg.core.polar import component_centroids, round_trip_dice
 
-PROG = "nnunet-stseg polar-roundtrip"
-DEFAULT_DATA = shared_data()
+PROG = "python -m benchmarks.polar_round_trip"
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks" / "polar_round_trip.md"
 CARDIAC_DIR = Path("nnUNet_raw") / "Dataset701_CardiacFatCT" / "labelsTr"
 KVASIR_DIR = Path("kvasir-seg") / "masks"
@@ -253,7 +252,8 @@ def make_figure(results: dict):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data root (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"shared data root (default: $STSEG_DATA, else {shared_data()})")
     p.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     p.add_argument("--sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024], help="polar sizes P")
     p.add_argument("--min_pixels", type=int, default=25, help="skip smaller components (default: %(default)s)")
@@ -303,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Measure, then write the markdown report and the plot."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.data = args.data or shared_data()
     if min(args.sizes) < 2:
         raise SystemExit(f"{PROG}: error: every polar size must be >= 2, got {args.sizes}")
     args.plot = args.plot or args.out.with_name("polar_round_trip.png")
