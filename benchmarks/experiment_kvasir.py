@@ -111,7 +111,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         pp_plans = Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json"
         planned = pp_plans.is_file() and coarse_c in json.loads(pp_plans.read_text())["configurations"]
         if not planned:
-            run(plan_command_line(dataset_id, s, ("2d",), features, "--coarse_resampling", coarse_resampling,
+            run(plan_command_line(dataset_id, s, ("2d",), features, "--set", f"coarse_resampling={coarse_resampling}",
                                   batch_size=batch_size), env, logs / f"plan_{s}.log")
         install_split(ds, Path(env["nnUNet_preprocessed"]) / ds.name)
         configurations = json.loads(pp_plans.read_text())["configurations"]

@@ -11,17 +11,17 @@ stock nnU-Net commands:
 - ``cartesian``: ``nnUNetTrainer_StSCoarse`` on ``2d_sts_coarse_S`` (the whole slice downscaled to
   S; nnU-Net's export resamples its output to the original grid);
 - ``polar_coarse``: ``nnUNetTrainer_StSPolar`` on ``2d_sts_polar_S``, origins = centroids of that
-  Cartesian model's components (``STSEG_POLAR_ORIGINS=coarse``);
+  Cartesian model's components (``STSEG_OVERRIDES=polar.origin_source=coarse``);
 - ``polar_coarse_max1``: the same with at most one origin per slice, the largest component's
-  (``STSEG_POLAR_MAX_ORIGINS=1``; for data with one object per slice, stray coarse fragments then
+  (``polar.max_origins=1``; for data with one object per slice, stray coarse fragments then
   give no polar view of their own);
 - ``polar_heatmap``: the same polar model, origins = peaks of ``nnUNetTrainer_StSCentre`` trained on
-  ``2d_sts_coarse_S`` (``STSEG_POLAR_ORIGINS=heatmap``); slices with coarse foreground but no peak
+  ``2d_sts_coarse_S`` (``polar.origin_source=heatmap``); slices with coarse foreground but no peak
   keep the Cartesian prediction;
 - ``polar_heatmap_argmax``: the same, one origin per slice at the heatmap's maximum whatever its
-  value (``STSEG_POLAR_MAX_ORIGINS=1 STSEG_POLAR_PEAK_THRESHOLD=0``, the paper's argmax rule);
+  value (``polar.max_origins=1,centre.peak_threshold=0``, the paper's argmax rule);
 - ``polar_coarse_confident`` / ``polar_heatmap_confident``: origins that must earn their place
-  (``STSEG_POLAR_MIN_CONFIDENCE``, views weighted by confidence): a coarse component's mean
+  (``polar.min_origin_confidence``, views weighted by confidence): a coarse component's mean
   foreground probability, a heatmap peak's height (candidates from 0.1). The threshold is chosen
   per origin source on validation data, never on the images scored: Kvasir on the 100 validation
   images of the split; Cardiac Fat for the patients of fold f on the validation patients of the
@@ -60,8 +60,7 @@ from benchmarks.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_lin
                                pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
                                prepare_cardiac, report_header, run_measured, shared_data, train_fold)
 from nnunet_stseg.core.centres import detection_by_threshold
-from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
-                                   PEAK_THRESHOLD_ENV)
+from nnunet_stseg.settings import overrides_env
 
 ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "polar_heatmap_argmax",
         "polar_coarse_confident", "polar_heatmap_confident")
@@ -69,9 +68,10 @@ ARMS = ("cartesian", "polar_coarse", "polar_coarse_max1", "polar_heatmap", "pola
 # probability, >= 0.5 for an argmax component; heatmap: peak height, candidates from HEATMAP_FLOOR)
 CONFIDENCE_GRID = {"coarse": (0.0, 0.7, 0.8, 0.9), "heatmap": (0.1, 0.3, 0.5, 0.7)}
 HEATMAP_FLOOR = "0.1"
-# every arm starts from the plans' values, whatever the caller's environment holds
-UNSET_OVERRIDES = {ORIGIN_SOURCE_ENV: "", MAX_ORIGINS_ENV: "", PEAK_THRESHOLD_ENV: "", MIN_CONFIDENCE_ENV: "",
-                   CONFIDENCE_WEIGHTING_ENV: ""}
+# the plan overrides of an arm's prediction (STSEG_OVERRIDES); every arm starts from the plans'
+# values, whatever the caller's environment holds
+ORIGIN_SOURCE, MAX_ORIGINS, PEAK_THRESHOLD = "polar.origin_source", "polar.max_origins", "centre.peak_threshold"
+MIN_CONFIDENCE, CONFIDENCE_WEIGHTING = "polar.min_origin_confidence", "polar.confidence_weighting"
 KVASIR_ID = 720
 # methods.md section 3, U-Net DSC Cartesian -> polar with model-predicted centres (other data splits)
 PUBLISHED = {"cardiac": "EAT DSC 0.7544 -> 0.7840 (thesis, EAT data)",
@@ -170,14 +170,14 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
             results["centre_validation"][str(f)] = {k: v.get(k) for k in ("precision", "recall", "f1",
                                                                           "median_distance_px", "sigma_px", "loss",
                                                                           "calibration", "tp", "fn")}
-    # arm: configuration, trainer, environment of the prediction
-    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
-                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "coarse"}),
-                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "coarse",
-                                                                       MAX_ORIGINS_ENV: "1"}),
-                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "heatmap"}),
-                "polar_heatmap_argmax": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE_ENV: "heatmap",
-                                                                          MAX_ORIGINS_ENV: "1", PEAK_THRESHOLD_ENV: "0"})}
+    # arm: configuration, trainer, plan overrides of the prediction
+    arm_runs = {"cartesian": (coarse_c, DEFAULT_COARSE_TRAINER, {ORIGIN_SOURCE: "coarse"}),
+                "polar_coarse": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE: "coarse"}),
+                "polar_coarse_max1": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE: "coarse",
+                                                                       MAX_ORIGINS: "1"}),
+                "polar_heatmap": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE: "heatmap"}),
+                "polar_heatmap_argmax": (polar_c, DEFAULT_POLAR_TRAINER, {ORIGIN_SOURCE: "heatmap",
+                                                                          MAX_ORIGINS: "1", PEAK_THRESHOLD: "0"})}
     if redo_predictions:  # e.g. after a predictor change: the trained models are kept
         shutil.rmtree(workdir / "predictions", ignore_errors=True)
         for key in ("inference_s", "arms", "origins", "confidence"):
@@ -193,7 +193,7 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
                 continue
             seconds, _ = run_measured(predict_command_line(images[0].parent, out, did, config, trainer, [f], device,
                                                             "--disable_tta", "-npp", "1", "-nps", "1"),
-                                      {**env, **UNSET_OVERRIDES, **arm_env}, logs / f"predict_{arm}_{f}.log")
+                                      {**env, **overrides_env(arm_env)}, logs / f"predict_{arm}_{f}.log")
             if timed:
                 infer[key] = {"seconds": seconds, "images": len(images),
                               "slices": _count_slices(images) if dataset == "cardiac" else len(images)}
@@ -215,8 +215,8 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
         arm = f"polar_{source}_confident"
         sweep = {}
         for t in grid:
-            arm_env = {ORIGIN_SOURCE_ENV: source, MIN_CONFIDENCE_ENV: str(t), CONFIDENCE_WEIGHTING_ENV: "1",
-                       **({PEAK_THRESHOLD_ENV: HEATMAP_FLOOR} if source == "heatmap" else {})}
+            arm_env = {ORIGIN_SOURCE: source, MIN_CONFIDENCE: str(t), CONFIDENCE_WEIGHTING: "1",
+                       **({PEAK_THRESHOLD: HEATMAP_FLOOR} if source == "heatmap" else {})}
             out = workdir / "predictions" / "tuning" / f"{source}_{t}"
             predict(f"tuning_{source}_{t}", out, tuning, polar_c, DEFAULT_POLAR_TRAINER, arm_env, timed=False)
             cases = score_folder(out, tuning_gt, file_ending, regions)["cases"]
@@ -229,8 +229,8 @@ def run_experiment(dataset: str, workdir: Path, size: int, features: int, batch_
         if dataset == "kvasir":  # the test images, at the threshold chosen on the validation images
             t = chosen[0]
             predict(arm, out, evals, polar_c, DEFAULT_POLAR_TRAINER,
-                    {ORIGIN_SOURCE_ENV: source, MIN_CONFIDENCE_ENV: t, CONFIDENCE_WEIGHTING_ENV: "1",
-                     **({PEAK_THRESHOLD_ENV: HEATMAP_FLOOR} if source == "heatmap" else {})})
+                    {ORIGIN_SOURCE: source, MIN_CONFIDENCE: t, CONFIDENCE_WEIGHTING: "1",
+                     **({PEAK_THRESHOLD: HEATMAP_FLOOR} if source == "heatmap" else {})})
             results.setdefault("origins", {})[arm] = origin_counts([logs / f"predict_{arm}_{f}.log" for f, _ in evals])
         else:  # each fold's patients, predicted by their fold model at the threshold the other folds chose
             out.mkdir(parents=True, exist_ok=True)
@@ -381,10 +381,10 @@ def report(results: dict, examples: str | None = None) -> str:
                           for row, d in zip(v["calibration"], detection or [None] * len(v["calibration"]))]
     lines += ["", "Arms: `cartesian` = nnU-Net on the whole image downscaled to S; `polar_coarse` = polar "
               "stage, one origin per component of the Cartesian model's mask; `polar_coarse_max1` = the same, "
-              "only the largest component per slice (`STSEG_POLAR_MAX_ORIGINS=1`); `polar_heatmap` = origins "
+              "only the largest component per slice (`polar.max_origins=1`); `polar_heatmap` = origins "
               "from the centre-point heatmap model (its peaks >= the planned threshold); `polar_heatmap_argmax` = "
-              "one origin per slice at the heatmap's maximum whatever its value (`STSEG_POLAR_MAX_ORIGINS=1 "
-              "STSEG_POLAR_PEAK_THRESHOLD=0`, the paper's argmax rule); `polar_coarse_confident` / "
+              "one origin per slice at the heatmap's maximum whatever its value (`polar.max_origins=1,"
+              "centre.peak_threshold=0`, the paper's argmax rule); `polar_coarse_confident` / "
               "`polar_heatmap_confident` = origins whose confidence (coarse component's mean foreground "
               "probability / heatmap peak height, candidates from 0.1) reaches the threshold chosen on "
               "validation data, views weighted by confidence, a slice without a confident origin keeps the "

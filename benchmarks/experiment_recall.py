@@ -33,7 +33,7 @@ comparisons):
 
 Confirmed proposals (0.8.6): the published fine stage sees every proposal, and one below the
 coarse decision is fused only when its mean foreground probability over what it segments there
-reaches ``proposal_confirmation`` (``STSEG_PROPOSAL_CONFIRMATION``); every pair of a threshold
+reaches ``proposal_confirmation`` (``STSEG_OVERRIDES=crop.proposal_confirmation=...``); every pair of a threshold
 and a value of ``--confirmations`` is tried on the validation images. The lowest-t arms show
 what recall-first proposals do on the test images whatever validation chose; they never choose
 a default. Why the cascade's misses stay missed: the coarse model's
@@ -71,7 +71,7 @@ from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
                                plan_command_line, plan_unless_planned, predict_command_line, publish_report,
                                report_header, results_or_run, run, shared_data)
-from nnunet_stseg.settings import PROPOSAL_CONFIRMATION_ENV, PROPOSAL_THRESHOLD_ENV
+from nnunet_stseg.settings import overrides_env
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
         ("cascade_lowest", "cascade + lowest-t proposals"), ("cascade_confirmed", "cascade + confirmed proposals"),
@@ -330,16 +330,14 @@ def arm_runner(w: SimpleNamespace, device: str, dataset_id: int, save: Callable[
     """The function that predicts and scores one arm of a row once (kept in the row under its name
     + ``tag``; a resumed run skips it): ``arm(row, name, config, trainer, threshold, train_log,
     validation=False, tag="", confirmation=None)``, on the test images or on the validation images,
-    with the proposal threshold and confirmation set through their environment variables (None:
+    with the proposal threshold and confirmation set through ``STSEG_OVERRIDES`` (None:
     the plans' value). Outputs go to ``pred_<prefix><key>_<S>``."""
     def arm(row: dict, name: str, config: str, trainer: str, threshold: str | None, train_log: Path,
             validation: bool = False, tag: str = "", confirmation: str | None = None) -> dict:
         key = name + tag
         if key not in row or (row[key].get("threshold"), row[key].get("confirmation")) != (threshold, confirmation):
-            run_env = dict(w.env)
-            for variable, value in ((PROPOSAL_THRESHOLD_ENV, threshold), (PROPOSAL_CONFIRMATION_ENV, confirmation)):
-                if value is not None:
-                    run_env[variable] = value
+            run_env = {**w.env, **overrides_env({"crop.proposal_threshold": threshold,
+                                                 "crop.proposal_confirmation": confirmation})}
             out = w.workdir / f"pred_{prefix}{key}_{row['S']}"
             images, labels, n = (w.val_images, w.val_labels, w.n_val) if validation else (None, None, w.n_test)
             r = predict_and_score(w.ds, out, dataset_id, config, trainer, device, run_env,

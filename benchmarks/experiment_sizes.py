@@ -31,6 +31,7 @@ CPU budget; GPU users pass e.g. ``--epochs_pre 200 --epochs 100 --iters 250 -dev
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
     """The size-labelled copy of ``source`` (pixel labels on ``pixel_cases``), planned and
     preprocessed by the stock command, with the three configurations of the arms. Returns the
     dataset name and {arm: configuration}."""
-    from nnunet_stseg.adapters.config import SIZES_KEY
+    from nnunet_stseg.adapters.config import SIZES_KEY, with_block
     from nnunet_stseg.adapters.size_labels import simulate_size_labels
 
     raw, pp_root = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
@@ -179,9 +180,7 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
     configs = {}
     for arm, block in blocks.items():
         cname = f"{base}_{arm}"
-        cfg = dict(plans["configurations"][base])
-        cfg[SIZES_KEY] = block
-        plans["configurations"][cname] = cfg
+        plans["configurations"][cname] = with_block(copy.deepcopy(plans["configurations"][base]), SIZES_KEY, block)
         configs[arm] = cname
     write_json_atomic(plans, plans_file, indent=1)
     for cname in configs.values():

@@ -9,9 +9,12 @@ Two kinds:
 
 - **schedule** variables change how our trainers run (CPU-sized schedules, validation); the
   trainer writes the values it used into its training log;
-- **plan overrides** replace a value stored in the plans for one prediction
-  (:func:`plan_overrides`); the predictor applies them once, logs them, and writes them next to
-  the predictions (``nnunet_stseg_overrides.json``) so the run can be reproduced.
+- **plan overrides** replace values stored in the plans for one prediction: one variable,
+  ``STSEG_OVERRIDES="polar.max_origins=1,crop.proposal_threshold=0.1"`` (the keys of ``nnunet-stseg
+  plan --set`` that do not change the networks); the predictor checks them against the plans'
+  dataclasses, applies them once, logs them, and writes them next to the predictions
+  (``nnunet_stseg_overrides.json``) so the run can be reproduced. The single-value variables of
+  0.8 (``STSEG_POLAR_ORIGINS``, ...) still work in 0.9, with a deprecation warning.
 
 >>> import os
 >>> os.environ["STSEG_NUM_EPOCHS"] = "3"
@@ -27,6 +30,8 @@ ValueError: environment variable STSEG_NUM_EPOCHS='three': expected a whole numb
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +43,7 @@ PEAK_THRESHOLD_ENV = "STSEG_POLAR_PEAK_THRESHOLD"
 MIN_CONFIDENCE_ENV = "STSEG_POLAR_MIN_CONFIDENCE"
 CONFIDENCE_WEIGHTING_ENV = "STSEG_POLAR_CONFIDENCE_WEIGHTING"
 IN_PROCESS_ENV = "STSEG_PREDICT_IN_PROCESS"
+OVERRIDES_ENV = "STSEG_OVERRIDES"
 IN_PROCESS_LOG = "case(s) in this process"  # in the predictor's log line when it predicts without workers
 
 
@@ -50,6 +56,7 @@ class Setting:
     expected: str
     meaning: str
     plan_key: str | None = None
+    deprecated: bool = False  # a single-value plan override of 0.8: STSEG_OVERRIDES replaces it
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
@@ -60,22 +67,25 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("STSEG_SKIP_VALIDATION", "0 or 1", "1: skip the final validation after training"),
     Setting("STSEG_VAL_MIRRORING", "0 or 1", "0: final validation without test-time mirroring"),
     Setting("STSEG_POLAR_ORIGINS", "coarse or heatmap", "origin source of the polar stage at prediction",
-            "sts.polar.origin_source"),
+            "sts.polar.origin_source", deprecated=True),
     Setting("STSEG_POLAR_MAX_ORIGINS", "a whole number >= 1", "polar origins per slice at prediction",
-            "sts.polar.max_origins"),
+            "sts.polar.max_origins", deprecated=True),
     Setting("STSEG_POLAR_PEAK_THRESHOLD", "a number in [0, 1) (0 = no threshold)",
-            "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold"),
+            "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold", deprecated=True),
     Setting(MIN_CONFIDENCE_ENV, "a number in [0, 1) (0 = keep every origin)",
-            "confidence an origin needs to be used by the polar stage", "sts.polar.min_origin_confidence"),
+            "confidence an origin needs to be used by the polar stage", "sts.polar.min_origin_confidence", deprecated=True),
     Setting(CONFIDENCE_WEIGHTING_ENV, "0 or 1", "1: polar views weighted by their origin's confidence in the fusion",
-            "sts.polar.confidence_weighting"),
+            "sts.polar.confidence_weighting", deprecated=True),
     Setting("STSEG_OBJECTS_REPORT", "0 or 1", "0: no <case>.objects.json next to the predictions",
-            "sts.objects_report"),
+            "sts.objects_report", deprecated=True),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
-            "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold"),
+            "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold", deprecated=True),
     Setting("STSEG_PROPOSAL_CONFIRMATION", "a number in [0.5, 1), or none (every proposal fused)",
             "fine-stage mean foreground probability a cascade proposal below the coarse decision needs to be fused",
-            "sts.crop.proposal_confirmation"),
+            "sts.crop.proposal_confirmation", deprecated=True),
+    Setting(OVERRIDES_ENV, "comma-separated block.key=value pairs, e.g. polar.max_origins=1,crop.proposal_threshold=0.1",
+            "plan values replaced for one prediction (any key of `nnunet-stseg plan --set` that does not change the "
+            "networks)", "sts.*"),
     Setting(IN_PROCESS_ENV, "auto, 0 or 1",
             "1: nnUNetv2_predict predicts our models in its own process (as -npp 0 -nps 0 asks, -num_parts kept); "
             "0: always nnU-Net's worker processes as -npp/-nps ask; auto (unset): in its own process for the cascade "
@@ -189,20 +199,58 @@ def predict_in_process() -> bool | None:
 
 
 def plan_overrides() -> dict[str, object]:
-    """The plan values that environment variables replace for this process, ``{plan key: value}``
-    (checked: a bad value raises before any work starts).
+    """The plan values replaced for this process, ``{sts.block.key: value}``: the pairs of
+    ``STSEG_OVERRIDES`` (values as typed; the predictor checks keys and values against the plans'
+    dataclasses before any work) and the deprecated single-value variables (checked here; each set
+    one warns once; ``STSEG_OVERRIDES`` wins over them).
 
     >>> import os
-    >>> os.environ["STSEG_POLAR_MAX_ORIGINS"] = "1"
+    >>> os.environ["STSEG_OVERRIDES"] = "polar.max_origins=1, crop.proposal_threshold=none"
     >>> plan_overrides()
-    {'sts.polar.max_origins': 1}
-    >>> del os.environ["STSEG_POLAR_MAX_ORIGINS"]
+    {'sts.polar.max_origins': '1', 'sts.crop.proposal_threshold': 'none'}
+    >>> del os.environ["STSEG_OVERRIDES"]
     """
-    values = {"STSEG_POLAR_ORIGINS": polar_origin_source(), "STSEG_POLAR_MAX_ORIGINS": polar_max_origins(),
-              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold(), "STSEG_OBJECTS_REPORT": objects_report(),
-              MIN_CONFIDENCE_ENV: polar_min_confidence(), CONFIDENCE_WEIGHTING_ENV: polar_confidence_weighting(),
-              PROPOSAL_THRESHOLD_ENV: proposal_threshold(), PROPOSAL_CONFIRMATION_ENV: proposal_confirmation()}
-    return {SETTINGS[name].plan_key: v for name, v in values.items() if v is not None}
+    legacy = {"STSEG_POLAR_ORIGINS": polar_origin_source, "STSEG_POLAR_MAX_ORIGINS": polar_max_origins,
+              "STSEG_POLAR_PEAK_THRESHOLD": polar_peak_threshold, "STSEG_OBJECTS_REPORT": objects_report,
+              MIN_CONFIDENCE_ENV: polar_min_confidence, CONFIDENCE_WEIGHTING_ENV: polar_confidence_weighting,
+              PROPOSAL_THRESHOLD_ENV: proposal_threshold, PROPOSAL_CONFIRMATION_ENV: proposal_confirmation}
+    values: dict[str, object] = {}
+    for name, read in legacy.items():
+        value = read()
+        if value is not None:
+            key = SETTINGS[name].plan_key
+            warnings.warn(f"{name} is deprecated and will be removed in 0.10; use "
+                          f"{OVERRIDES_ENV}={key.removeprefix('sts.')}={os.environ[name].strip()}", FutureWarning,
+                          stacklevel=2)
+            values[key] = value
+    values.update(overrides_variable() or {})
+    return values
+
+
+def overrides_variable() -> dict[str, str] | None:
+    """``STSEG_OVERRIDES`` as ``{sts.block.key: raw value}`` (pairs split at the commas outside
+    brackets, so a list value keeps its commas), None when unset; a malformed pair is an error."""
+    raw = os.environ.get(OVERRIDES_ENV, "").strip()
+    if not raw:
+        return None
+    pairs = {}
+    for item in re.split(r",(?![^\[]*\])", raw):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w.]*", key.strip()):
+            raise ValueError(f"environment variable {OVERRIDES_ENV}={raw!r}: expected {SETTINGS[OVERRIDES_ENV].expected}")
+        pairs[f"sts.{key.strip().removeprefix('sts.')}"] = value.strip()
+    return pairs
+
+
+def overrides_env(values: dict[str, object]) -> dict[str, str]:
+    """The environment that gives a child process these plan overrides (``{block.key: value}``),
+    with every deprecated single-value variable cleared so that the caller's own do not leak in.
+
+    >>> overrides_env({"polar.origin_source": "heatmap", "polar.max_origins": 1})["STSEG_OVERRIDES"]
+    'polar.origin_source=heatmap,polar.max_origins=1'
+    """
+    return {**{name: "" for name, s in SETTINGS.items() if s.deprecated},
+            OVERRIDES_ENV: ",".join(f"{k}={v}" for k, v in values.items() if v is not None)}
 
 
 def schedule_settings() -> dict[str, object]:
@@ -220,4 +268,4 @@ __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_OR
            "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
            "schedule_settings", "debug_log", "IN_PROCESS_ENV", "IN_PROCESS_LOG",
-           "predict_in_process"]
+           "predict_in_process", "OVERRIDES_ENV", "overrides_variable", "overrides_env"]

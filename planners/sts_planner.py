@@ -29,7 +29,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 
 from nnunet_stseg.adapters.config import (E2E_KEY, LSNET_KEY, CentreParams, E2EParams, LSNetParams, PlanOptions,
                                           PolarParams, StSConfig, coarse_config_name, e2e_config_name, fine_config_name,
-                                          lsnet_config_name, polar_config_name)
+                                          lsnet_config_name, polar_config_name, with_block)
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
 from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
 from nnunet_stseg.core.geometry import CropParams
@@ -122,38 +122,37 @@ def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, 
                          f"the polar stage needs some")
     factor = float(np.mean(np.asarray(c_spacing[-2:]) / np.asarray(fine["spacing"][-2:])))
     coarse_radius = radius / factor
-    coarse["sts"]["centre"] = CentreParams(sigma=round(default_sigma(coarse_radius), 3),
-                                           median_object_radius=round(coarse_radius, 3),
-                                           objects_measured=n_objects, loss=options.centre_loss).to_dict()
+    coarse["sts"]["centre"] = CentreParams(**{"sigma": round(default_sigma(coarse_radius), 3),
+                                              "median_object_radius": round(coarse_radius, 3),
+                                              "objects_measured": n_objects, "loss": options.centre_loss,
+                                              **options.centre_params}).to_dict()
     params = PolarParams(**{"polar_shape": (s, s), **options.polar_params})
     if tuple(params.polar_shape) != (s, s):
         raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
                          f"{list(params.polar_shape)} would not match it")
     polar_cfg = deepcopy(fine)
     polar_cfg["sts"] = StSConfig("polar", s, coarse["sts"]["coarse_configuration"], options.coarse_trainer,
-                                 fallback="coarse", polar=params).to_dict()
+                                 fallback="coarse", polar=params, **options.sts_params).to_dict()
     return polar_cfg
 
 
 def e2e_configuration(fine: dict, params: dict | None = None) -> dict:
     """The end-to-end configuration: a copy of the 2d fine one (same full-resolution data, crop
-    parameters and coarse companion) with role ``e2e`` and an ``sts_e2e`` block
+    parameters and coarse companion) with role ``e2e`` and an ``sts.e2e`` block
     (:class:`~nnunet_stseg.adapters.config.E2EParams`; both modules take the coarse configuration's
     architecture, read by the trainer from the plans)."""
     cfg = deepcopy(fine)
     cfg["sts"]["role"] = "e2e"
-    cfg[E2E_KEY] = E2EParams(**(params or {})).to_dict()
-    return cfg
+    return with_block(cfg, E2E_KEY, E2EParams(**(params or {})).to_dict())
 
 
 def lsnet_configuration(fine: dict, params: dict | None = None) -> dict:
     """The L-SNet configuration: a copy of the 2d fine one (same full-resolution data, crop
     parameters, S-Net architecture and patch, coarse companion: L-Net's architecture and input
-    size) with role ``lsnet`` and an ``sts_lsnet`` block (:class:`~nnunet_stseg.adapters.config.LSNetParams`)."""
+    size) with role ``lsnet`` and an ``sts.lsnet`` block (:class:`~nnunet_stseg.adapters.config.LSNetParams`)."""
     cfg = deepcopy(fine)
     cfg["sts"]["role"] = "lsnet"
-    cfg[LSNET_KEY] = LSNetParams(**(params or {})).to_dict()
-    return cfg
+    return with_block(cfg, LSNET_KEY, LSNetParams(**(params or {})).to_dict())
 
 
 def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: PlanOptions) -> list[str]:
@@ -184,7 +183,7 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
         coarse["sts"] = StSConfig("coarse", s, coarse_name, options.coarse_trainer,
                                   coarse_resampling=options.coarse_resampling).to_dict()
         fine["sts"] = StSConfig("fine", s, coarse_name, options.coarse_trainer, crop=crop,
-                                fallback=options.fallback).to_dict()
+                                fallback=options.fallback, **options.sts_params).to_dict()
         if options.depth_channel and d == "2d":
             check_depth_applicable(fine["patch_size"], plans.get("original_median_shape_after_transp", [1]),
                                    f"--depth for dataset {plans['dataset_name']}")

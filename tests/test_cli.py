@@ -58,17 +58,59 @@ def _options(*argv: str) -> PlanOptions:
 def test_plan_options_from_the_command_line():
     assert _options() == PlanOptions()
     o = _options("-s", "48", "--dims", "2d", "--features", "8", "--max_features", "64", "--batch_size", "4",
-                 "--margin_fraction", "0.2", "--min_object_size", "3", "--fallback", "whole", "--depth", "--polar",
-                 "--fusion_high", "0.3", "--size_rule_grid", "coarse")
+                 "--set", "crop.margin_fraction=0.2", "--set", "crop.min_object_size=3", "--set", "fallback=whole",
+                 "--depth", "--polar", "--set", "polar.fusion_high=0.3", "--set", "crop.size_rule_grid=coarse")
     rule = {"min_object_size": 3.0, "size_rule_grid": "coarse"}  # one size rule for crops and polar origins
     assert o == PlanOptions(input_size=48, dims=("2d",), base_features=8, max_features=64, batch_size=4,
                             crop={"margin_fraction": 0.2, **rule}, fallback="whole",
                             depth_channel=True, polar=True, polar_params={"fusion_high": 0.3, **rule})
+    # the polar stage's own size rule, when given, is its own
+    assert _options("--set", "crop.min_object_size=3", "--set", "polar.min_object_size=7").polar_params == {
+        "min_object_size": 7.0}
     # the recall-first switches: a number, or 'none' for the published rule
-    o = _options("--proposal_threshold", "0.2", "--proposal_confirmation", "0.9", "--negative_fraction", "0.25")
+    o = _options("--set", "crop.proposal_threshold=0.2", "--set", "crop.proposal_confirmation=0.9",
+                 "--set", "crop.negative_fraction=0.25")
     assert o.crop == {"proposal_threshold": 0.2, "proposal_confirmation": 0.9, "negative_fraction": 0.25}
-    assert _options("--proposal_threshold", "none", "--proposal_confirmation", "None").crop == {
+    assert _options("--set", "crop.proposal_threshold=none", "--set", "crop.proposal_confirmation=None").crop == {
         "proposal_threshold": None, "proposal_confirmation": None}
+    # every block under sts: top-level keys, centre, e2e, L-SNet
+    o = _options("--set", "max_crops=8", "--set", "objects_report=0", "--set", "centre.loss=mse",
+                 "--set", "centre.peak_threshold=0.3", "--set", "e2e.box_rule=objects", "--set", "lsnet.gamma=0",
+                 "--set", "coarse_resampling=nnunet")
+    assert (o.sts_params, o.centre_loss, o.centre_params, o.e2e_params, o.lsnet_params, o.coarse_resampling) == (
+        {"max_crops": 8, "objects_report": False}, "mse", {"peak_threshold": 0.3}, {"box_rule": "objects"},
+        {"gamma": 0.0}, "nnunet")
+
+
+def test_plan_set_refuses_unknown_keys_and_bad_values(capsys):
+    with pytest.raises(ValueError, match=r"--set: unknown key 'crop\.margin'; valid keys: .*crop\.margin_fraction"):
+        _options("--set", "crop.margin=0.2")
+    with pytest.raises(ValueError, match="not block.key=value"):
+        _options("--set", "crop.margin_fraction")
+    with pytest.raises(ValueError, match="crop.margin_min='wide' is not float"):
+        _options("--set", "crop.margin_min=wide")
+    with pytest.raises(ValueError, match="sizes configure"):
+        _options("--set", "sizes.size_weight=1")
+    with pytest.raises(ValueError, match="proposal_confirmation must be"):
+        _options("--set", "crop.proposal_confirmation=0.3")
+    # the command says it in one line, before any planning work
+    with pytest.raises(SystemExit, match="nnunet-stseg plan: error: --set: unknown key 'polar.fusion'"):
+        main(["plan", "-d", "1", "--set", "polar.fusion=0.3"])
+
+
+def test_the_plan_options_of_0_8_still_work_with_a_warning(capsys):
+    o = _options("--margin_fraction", "0.2", "--min_object_size", "3", "--confidence_weighting",
+                 "--proposal_threshold", "none", "--fallback", "whole", "--e2e_box_rule", "objects")
+    assert o == PlanOptions(crop={"margin_fraction": 0.2, "min_object_size": 3.0, "proposal_threshold": None},
+                            polar_params={"min_object_size": 3.0, "confidence_weighting": True}, fallback="whole",
+                            e2e_params={"box_rule": "objects"})
+    err = capsys.readouterr().err
+    assert "--margin_fraction is deprecated and will be removed in 0.10; use --set crop.margin_fraction=0.2" in err
+    assert "use --set polar.confidence_weighting=true" in err
+    # and they are not in the help any more
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "--margin_fraction" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kwargs,message", [({"input_size": 4}, ">= 8"), ({"dims": ("4d",)}, "dimensionality"),

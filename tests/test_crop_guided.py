@@ -218,8 +218,10 @@ def test_e2e_block_is_checked():
     assert E2EParams.from_configuration({}).box_rule == "all"
     with pytest.raises(ValueError, match="box_rule must be one of"):
         E2EParams.from_configuration({"sts_e2e": {"box_rule": "largest"}}, "configuration 'x'")
-    with pytest.raises(ValueError, match="unknown sts_e2e parameters"):
-        E2EParams.from_configuration({"sts_e2e": {"margin": 3}}, "configuration 'x'")
+    with pytest.raises(ValueError, match="unknown sts.e2e parameters"):
+        E2EParams.from_configuration({"sts_e2e": {"margin": 3}}, "configuration 'x'")  # plans before 0.9
+    with pytest.raises(ValueError, match=r"configuration 'x': unknown sts\.e2e parameters \['margin'\]"):
+        E2EParams.from_configuration({"sts": {"e2e": {"margin": 3}}}, "configuration 'x'")
     with pytest.raises(ValueError, match="coarse_loss_weight >= 0"):
         E2EParams(coarse_loss_weight=-1)
     with pytest.raises(ValueError, match="no depth channel"):
@@ -235,7 +237,8 @@ def test_e2e_configuration_is_a_fine_copy_with_its_own_role():
                                                       ).to_dict()}
     cfg = e2e_configuration(fine, {"box_rule": "objects"})
     assert cfg["sts"]["role"] == "e2e" and fine["sts"]["role"] == "fine"
-    assert cfg["sts_e2e"]["box_rule"] == "objects"
+    assert cfg["sts"]["e2e"]["box_rule"] == "objects" and "sts_e2e" not in cfg
+    assert StSConfig.from_configuration(cfg).e2e == E2EParams(box_rule="objects")
     assert StSConfig.from_configuration(cfg).crop == CropParams((1, 32, 32))
     json.dumps(cfg)  # plans stay JSON
 
@@ -257,7 +260,7 @@ def test_stock_commands_on_volumes(tmp_path):
                                 seed=1)
     logs = tmp_path / "logs"
     logs.mkdir()
-    run(plan_command_line(989, 32, ("2d",), 8, "--e2e", "--e2e_box_rule", "objects", processes=1),
+    run(plan_command_line(989, 32, ("2d",), 8, "--e2e", "--set", "e2e.box_rule=objects", processes=1),
         env, logs / "plan.log")
     run(train_command_line(989, "2d_sts_coarse_32", 0, "nnUNetTrainer_StSCoarse"),
         {**env, "STSEG_SKIP_VALIDATION": "1"}, logs / "coarse.log")

@@ -39,7 +39,7 @@ def test_e2e_experiment_smoke_and_resume(tmp_path, monkeypatch):
     configs = plans["configurations"]
     for name, rule in (("2d_sts_e2e_16", "all"), ("2d_sts_e2e_16_objects", "objects"), ("2d_sts_e2e_16_r2", "all"),
                        ("2d_sts_e2e_16_objects_r2", "objects")):
-        assert configs[name]["sts"]["role"] == "e2e" and configs[name]["sts_e2e"]["box_rule"] == rule
+        assert configs[name]["sts"]["role"] == "e2e" and configs[name]["sts"]["e2e"]["box_rule"] == rule
         assert configs[name]["data_identifier"] == configs["2d_sts_fine_16"]["data_identifier"]
     predictions = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1])
                    for c in fake.of("nnUNetv2_predict")]

@@ -41,7 +41,7 @@ def test_lsnet_experiment_on_kvasir_smoke_and_resume(tmp_path, monkeypatch):
     configs = json.loads(next((work / "nnUNet_preprocessed").glob("Dataset720_*/nnUNetPlans.json")).read_text())[
         "configurations"]
     for name, gamma in (("2d_sts_lsnet_16", 0.1), ("2d_sts_lsnet_16_g0", 0.0)):
-        block = configs[name]["sts_lsnet"]
+        block = configs[name]["sts"]["lsnet"]
         assert configs[name]["sts"]["role"] == "lsnet" and block["gamma"] == gamma
         assert block["start_configuration"] == "2d_sts_lsnet_16" and block["locator_from_coarse"] is False
         assert block["fallback"] == experiment.FALLBACK
@@ -80,8 +80,8 @@ def test_lsnet_experiment_on_cardiac_fat_trains_every_fold(tmp_path, monkeypatch
     assert all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in fake.of("nnUNetv2_train"))
     configs = json.loads(next((tmp_path / "work" / "nnUNet_preprocessed").glob("Dataset701_*/nnUNetPlans.json"))
                          .read_text())["configurations"]
-    assert configs["2d_sts_lsnet_32_g0"]["sts_lsnet"]["canvas"] == [64, 64]
-    assert configs["2d_sts_lsnet_32"]["sts_lsnet"]["fallback"] == "empty"  # slices without pericardium
+    assert configs["2d_sts_lsnet_32_g0"]["sts"]["lsnet"]["canvas"] == [64, 64]
+    assert configs["2d_sts_lsnet_32"]["sts"]["lsnet"]["fallback"] == "empty"  # slices without pericardium
     assert sorted(seen) == sorted((f"nnUNetTrainer_{t}__nnUNetPlans__{c}", f) for t, c in
                                   (("StSLNet", "2d_sts_lsnet_32"), ("StSLSNet", "2d_sts_lsnet_32_g0"),
                                    ("StSLSNet", "2d_sts_lsnet_32")) for f in (0, 1))

@@ -15,8 +15,7 @@ import benchmarks.experiment_polar as experiment
 from benchmarks.experiment_polar import ARMS, choose_thresholds, main, origin_counts, report
 from benchmarks.reports import example_overlays, score_folder
 from nnunet_stseg.core.metrics import overlap
-from nnunet_stseg.settings import (CONFIDENCE_WEIGHTING_ENV, MAX_ORIGINS_ENV, MIN_CONFIDENCE_ENV, ORIGIN_SOURCE_ENV,
-                                   PEAK_THRESHOLD_ENV)
+from nnunet_stseg.settings import OVERRIDES_ENV
 
 from fake_nnunet import FakeNNUNet
 
@@ -129,10 +128,15 @@ def test_experiment_smoke_on_kvasir(tmp_path, monkeypatch):
         assert results["arms"][arm]["n_cases"] == 3 and 0 <= results["arms"][arm]["polyp_Dice"][0] <= 1
     # each arm's origin settings reach its nnUNetv2_predict (the centre-point model loaded once per
     # heatmap run is checked on real models: test_polar.py::test_polar_pipeline_through_the_stock_clis)
-    settings = {c.args[c.args.index("-o") + 1].rsplit("/", 1)[-1]:
-                (c.env[ORIGIN_SOURCE_ENV], c.env[MAX_ORIGINS_ENV], c.env[PEAK_THRESHOLD_ENV], c.env[MIN_CONFIDENCE_ENV],
-                 c.env[CONFIDENCE_WEIGHTING_ENV])
-                for c in fake.of("nnUNetv2_predict")}
+    keys = ("polar.origin_source", "polar.max_origins", "centre.peak_threshold", "polar.min_origin_confidence",
+            "polar.confidence_weighting")
+
+    def given(env: dict) -> tuple:
+        assert env["STSEG_POLAR_ORIGINS"] == "", "a deprecated variable of the caller must not leak in"
+        pairs = dict(item.split("=") for item in env[OVERRIDES_ENV].split(","))
+        return tuple(str(pairs.get(k, "")) for k in keys)
+
+    settings = {c.args[c.args.index("-o") + 1].rsplit("/", 1)[-1]: given(c.env) for c in fake.of("nnUNetv2_predict")}
     chosen = {source: results["confidence"][source]["chosen"]["0"] for source in ("coarse", "heatmap")}
     assert settings == {"cartesian": ("coarse", "", "", "", ""), "polar_coarse": ("coarse", "", "", "", ""),
                         "polar_coarse_max1": ("coarse", "1", "", "", ""), "polar_heatmap": ("heatmap", "", "", "", ""),

@@ -19,6 +19,12 @@ KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 pytestmark = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG not found at {KVASIR}")
 
 
+def _given(call) -> dict[str, str]:
+    """The plan overrides a fake nnU-Net call was given (``STSEG_OVERRIDES``)."""
+    raw = call.env.get("STSEG_OVERRIDES", "")
+    return dict(item.split("=", 1) for item in raw.split(",")) if raw else {}
+
+
 @pytest.mark.slow  # converts and plans 30 real images (in-process)
 def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     fake = FakeNNUNet().install(monkeypatch, experiment, experiment_kvasir)
@@ -38,11 +44,11 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
         plans["configurations"]["2d_sts_fine_16"]["data_identifier"], "the variant reuses the preprocessed data"
     # thresholds are tried on the validation images only, for both fine models; then 6 test arms
     predictions = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1],
-                    c.env.get("STSEG_PROPOSAL_THRESHOLD")) for c in fake.of("nnUNetv2_predict")
-                   if "--save_probabilities" not in c.args and "STSEG_PROPOSAL_CONFIRMATION" not in c.env]
+                    _given(c).get("crop.proposal_threshold")) for c in fake.of("nnUNetv2_predict")
+                   if "--save_probabilities" not in c.args and "crop.proposal_confirmation" not in _given(c)]
     confirmed = [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1],
-                  c.env["STSEG_PROPOSAL_THRESHOLD"], c.env["STSEG_PROPOSAL_CONFIRMATION"])
-                 for c in fake.of("nnUNetv2_predict") if "STSEG_PROPOSAL_CONFIRMATION" in c.env]
+                  _given(c)["crop.proposal_threshold"], _given(c)["crop.proposal_confirmation"])
+                 for c in fake.of("nnUNetv2_predict") if "crop.proposal_confirmation" in _given(c)]
     # plus one export of the coarse model's probabilities on the test images (why misses stay missed)
     exports = [c for c in fake.of("nnUNetv2_predict") if "--save_probabilities" in c.args]
     assert [(Path(c.args[c.args.index("-i") + 1]).name, c.args[c.args.index("-c") + 1]) for c in exports] == \
@@ -110,7 +116,7 @@ def test_native_recall_experiment_reuses_the_native_networks(tmp_path, monkeypat
     assert row["nnunet_2d"]["Dice"] == native["arms"]["nnunet_2d"]["Dice"]
     split = json.loads(next((work / "nnUNet_raw").glob("Dataset721_*/stseg_split.json")).read_text())
     assert sorted(p.name for p in (work / "val_images").iterdir()) == sorted(f"{c}_0000.png" for c in split["val"])
-    validation = sorted((c.env.get("STSEG_PROPOSAL_THRESHOLD"), c.env.get("STSEG_PROPOSAL_CONFIRMATION", "-"))
+    validation = sorted((_given(c).get("crop.proposal_threshold"), _given(c).get("crop.proposal_confirmation", "-"))
                         for c in fake.of("nnUNetv2_predict")
                         if Path(c.args[c.args.index("-i") + 1]).name == "val_images")
     assert validation == [("0.3", "-"), ("0.3", "0.8"), ("none", "-")]

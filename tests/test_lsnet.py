@@ -184,7 +184,7 @@ def test_lsnet_block_is_checked():
     assert params.margin_fraction == pytest.approx(15 / 512, abs=1e-4)
     with pytest.raises(ValueError, match="fallback must be one of"):
         LSNetParams.from_configuration({"sts_lsnet": {"fallback": "coarse"}}, "configuration 'x'")
-    with pytest.raises(ValueError, match="unknown sts_lsnet parameters"):
+    with pytest.raises(ValueError, match="unknown sts.lsnet parameters"):
         LSNetParams.from_configuration({"sts_lsnet": {"margin": 15}}, "configuration 'x'")
     with pytest.raises(ValueError, match="0 <= gamma <= 1"):
         LSNetParams(gamma=2.0)
@@ -204,6 +204,6 @@ def test_lsnet_configuration_is_a_fine_copy_with_its_own_role():
     fine = {"patch_size": [32, 32], "sts": StSConfig("fine", 32, "2d_sts_coarse_32", crop=CropParams((1, 32, 32))
                                                       ).to_dict()}
     cfg = lsnet_configuration(fine, {"gamma": 0.0})
-    assert cfg["sts"]["role"] == "lsnet" and fine["sts"]["role"] == "fine" and cfg["sts_lsnet"]["gamma"] == 0.0
+    assert cfg["sts"]["role"] == "lsnet" and fine["sts"]["role"] == "fine" and cfg["sts"]["lsnet"]["gamma"] == 0.0
     assert trainer_for_role(cfg["sts"]) == "nnUNetTrainer_StSLSNet"
     json.dumps(cfg)  # plans stay JSON

@@ -316,3 +316,42 @@ def test_planner_works_with_in_process_augmentation_setting(planned_2d, monkeypa
     plans = planner.plan_experiment()
     assert os.environ["nnUNet_n_proc_DA"] == "0"
     assert {"2d_sts_coarse_32", "2d_sts_fine_32"} <= set(plans["configurations"])
+
+
+def test_plans_of_every_format_still_load():
+    """Plans written by every version that changed the format of the blocks load to the values they
+    meant: before 0.7 a centre block without ``loss`` (an ``mse`` model), before 0.8 a coarse block
+    without ``coarse_resampling`` (nnU-Net's resampling), before 0.9 the end-to-end, L-SNet and size
+    blocks beside ``sts`` (``sts_e2e``, ``sts_lsnet``, ``sts_sizes``) instead of inside it."""
+    from nnunet_stseg.adapters.config import CentreParams, E2EParams, LSNetParams, SizeParams
+    from nnunet_stseg.core.geometry import CropParams
+    from nnunet_stseg.planners.sts_planner import e2e_configuration, lsnet_configuration
+
+    fine = {"sts": StSConfig("fine", 32, "2d_sts_coarse_32", crop=CropParams((1, 32, 32))).to_dict()}
+    e2e = e2e_configuration(fine, {"box_rule": "objects", "canvas": [64, 64]})
+    lsnet = lsnet_configuration(fine, {"gamma": 0.0, "fallback": "best"})
+    sizes = {"sts": {"sizes": {"size_weight": 0.5, "pretrain_epochs": 3}}}
+    assert "sts_e2e" not in e2e and e2e["sts"]["e2e"]["box_rule"] == "objects"  # 0.9 writes them inside
+
+    def before_0_9(cfg: dict) -> dict:
+        old = copy.deepcopy(cfg)
+        for key in ("e2e", "lsnet", "sizes"):
+            if key in old["sts"]:
+                old[f"sts_{key}"] = old["sts"].pop(key)
+        return old
+
+    for new in (e2e, lsnet):
+        old = before_0_9(new)
+        assert set(old["sts"]) == set(fine["sts"])
+        assert StSConfig.from_configuration(old) == StSConfig.from_configuration(new)
+    assert StSConfig.from_configuration(before_0_9(e2e)).e2e == E2EParams(box_rule="objects", canvas=[64, 64])
+    assert LSNetParams.from_configuration(before_0_9(lsnet)) == LSNetParams(gamma=0.0, fallback="best")
+    assert SizeParams.from_configuration(before_0_9(sizes)) == SizeParams(size_weight=0.5, pretrain_epochs=3)
+    # before 0.8 and before 0.7: the coarse block without coarse_resampling, its centre without loss
+    coarse = StSConfig("coarse", 32, "2d_sts_coarse_32", centre=CentreParams(sigma=2.0)).to_dict()
+    del coarse["coarse_resampling"], coarse["centre"]["loss"]
+    old_coarse = StSConfig.from_configuration({"sts": coarse})
+    assert (old_coarse.coarse_resampling, old_coarse.centre.loss) == ("nnunet", "mse")
+    # a block in both places is not ambiguous: the one inside sts is the plan's
+    both = {**e2e, "sts_e2e": {"box_rule": "all"}}
+    assert E2EParams.from_configuration(both).box_rule == "objects"

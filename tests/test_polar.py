@@ -441,25 +441,31 @@ def test_each_slice_is_fused_once_when_its_last_origin_is_in(planned_polar, monk
 
 
 def test_max_origins_override_keeps_the_largest_component(planned_polar, monkeypatch):
-    """STSEG_POLAR_MAX_ORIGINS=1 (one object per slice): only the largest coarse component gives a
-    polar view; a bad value is a clear error."""
+    """STSEG_OVERRIDES=polar.max_origins=1 (one object per slice): only the largest coarse component
+    gives a polar view; a bad value is a clear error."""
     root, ds, _ = planned_polar
     labels = _labels(ds)
     cents, areas = component_centroids(labels[0] > 0)
     assert len(cents) >= 2
-    monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
+    monkeypatch.setenv("STSEG_OVERRIDES", "polar.max_origins=1")
     p, lm, net, data = _polar_predictor(root, ds, labels, labels, regions=False)
     p.predict_logits_from_preprocessed_data(data)
     assert p.last_timings["n_origins"] == 1
     assert np.allclose(p.origins(labels > 0)[0][0, 1:], cents[np.argmax(areas)])
     assert p.applied_overrides == {"sts.polar.max_origins": {"plans": 32, "used": 1}}
-    monkeypatch.setenv(MAX_ORIGINS_ENV, "3")
+    monkeypatch.setenv("STSEG_OVERRIDES", "polar.max_origins=3")
     assert p.max_origins() == 1, "overrides are applied once, when the model's configuration is read"
-    for bad in ("0", "two"):
-        monkeypatch.setenv(MAX_ORIGINS_ENV, bad)
+    for bad, message in (("0", "max_origins must be >= 1"), ("two", "polar.max_origins='two' is not int")):
+        monkeypatch.setenv("STSEG_OVERRIDES", f"polar.max_origins={bad}")
         p.sts = None  # read the configuration again, as loading a model does
-        with pytest.raises(ValueError, match=f"{MAX_ORIGINS_ENV}={bad!r}: expected a whole number >= 1"):
+        with pytest.raises(ValueError, match=message):
             p.max_origins()
+    # the variable of 0.8 still works, with a deprecation warning
+    monkeypatch.delenv("STSEG_OVERRIDES")
+    monkeypatch.setenv(MAX_ORIGINS_ENV, "1")
+    p.sts = None
+    with pytest.warns(FutureWarning, match="STSEG_POLAR_MAX_ORIGINS is deprecated"):
+        assert p.max_origins() == 1
 
 
 def test_no_origin_keeps_the_coarse_prediction(planned_polar, capsys):
@@ -593,12 +599,12 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
     coarse_log = (res.workdir / "logs" / "predict_polar.log").read_text()
     assert "origin(s) (coarse)" in coarse_log or "no origin (empty coarse mask" in coarse_log
     heat_log = (res.workdir / "logs" / "predict_polar_heatmap.log").read_text()
-    # STSEG_POLAR_ORIGINS=heatmap replaced a plan value: logged and recorded next to the predictions;
+    # STSEG_OVERRIDES=polar.origin_source=heatmap replaced a plan value: logged and recorded next to the predictions;
     # =coarse is the plans' own value: nothing to record
     assert "plan values overridden by the environment: sts.polar.origin_source coarse -> heatmap" in heat_log
     record = json.loads((res.predictions["polar_heatmap"] / "nnunet_stseg_overrides.json").read_text())
     assert record == {"plan_overrides": {"sts.polar.origin_source": {"plans": "coarse", "used": "heatmap"}},
-                      "variables": {"STSEG_POLAR_ORIGINS": "heatmap"}}
+                      "variables": {"STSEG_OVERRIDES": "polar.origin_source=heatmap"}}
     assert not (res.predictions["polar"] / "nnunet_stseg_overrides.json").exists()
     assert heat_log.count("centre-point model") == 1, "the centre-point model is loaded once per run"
     assert "origin(s) (heatmap)" in heat_log or "no heatmap peak" in heat_log
@@ -615,18 +621,18 @@ def test_polar_pipeline_through_the_stock_clis(trained_2d, tmp_path, monkeypatch
         predict_entry(["-i", str(res.dataset_folder / "imagesTs"), "-o", str(tmp_path / "centre_out"), "-d",
                        str(res.dataset_id), "-c", res.coarse_config, "-tr", "nnUNetTrainer_StSCentre", "-f", "0",
                        "-device", "cpu", *NO_WORKERS])
-    assert "STSEG_POLAR_ORIGINS=heatmap" in str(e.value)
+    assert "STSEG_OVERRIDES=polar.origin_source=heatmap" in str(e.value)
     assert not list((tmp_path / "centre_out").glob("*.nii.gz"))
 
 
 def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkeypatch, capsys):
-    """STSEG_POLAR_ORIGINS=heatmap: origins come from the centre model's peaks; with no peak the
+    """STSEG_OVERRIDES=polar.origin_source=heatmap: origins come from the centre model's peaks; with no peak the
     coarse prediction is kept as it is (every image counts), tiny components included."""
     root, ds, _ = planned_polar
     labels = _labels(ds)
     coarse = labels.copy()
     coarse[0, 2:4, 2:12] = 1  # a 2-px component: no origin from it either way
-    monkeypatch.setenv("STSEG_POLAR_ORIGINS", "heatmap")
+    monkeypatch.setenv("STSEG_OVERRIDES", "polar.origin_source=heatmap")
     p, lm, net, data = _polar_predictor(root, ds, labels, coarse, regions=False)
     p.centre = object()  # stands in for the centre model; its peaks are given below
     p.heatmap_origins = lambda data: (np.zeros((0, 3)), np.zeros(0))
@@ -641,9 +647,9 @@ def test_heatmap_origins_and_coarse_fallback_without_peaks(planned_polar, monkey
     assert p.last_timings["n_origins"] == len(centroids) and net.calls == 1
     assert _dice(seg > 0, labels > 0) >= 0.95 and not seg[0, 2:4, 2:12].any()
     assert "origin(s) (heatmap)" in capsys.readouterr().out
-    monkeypatch.setenv("STSEG_POLAR_ORIGINS", "magic")
+    monkeypatch.setenv("STSEG_OVERRIDES", "polar.origin_source=magic")
     p.sts = None  # the configuration is read again (as when a model is loaded): the bad value is refused
-    with pytest.raises(ValueError, match="STSEG_POLAR_ORIGINS='magic'"):
+    with pytest.raises(ValueError, match="origin_source must be one of \\('coarse', 'heatmap'\\), got 'magic'"):
         p.predict_logits_from_preprocessed_data(data)
 
 
@@ -702,7 +708,7 @@ def test_missing_centre_model_is_a_clear_error(planned_polar, tmp_path):
         p.attach_centre([0], centre_folder=str(missing))
     text = str(e.value)
     assert str(missing) in text and "fold_0" in text
-    assert "nnUNetv2_train" in text and "-tr nnUNetTrainer_StSCentre" in text and "STSEG_POLAR_ORIGINS=coarse" in text
+    assert "nnUNetv2_train" in text and "-tr nnUNetTrainer_StSCentre" in text and "STSEG_OVERRIDES=polar.origin_source=coarse" in text
 
 
 def test_origin_size_rule_follows_the_cascades_size_rule_grid(planned_polar):

@@ -218,7 +218,7 @@ def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_sta
     recall-first threshold 0.3 in the plans (``plan --proposal_threshold 0.3``) and the identity
     fine model, the faint object is cropped and segmented, the false proposal comes back empty (the output is exactly the labels), the
     noise gives no crop, and the objects report says which proposals were below the decision;
-    with STSEG_PROPOSAL_THRESHOLD=none, or the plans' default (the published rule), the faint
+    with STSEG_OVERRIDES=crop.proposal_threshold=none, or the plans' default (the published rule), the faint
     object is missed."""
     root, ds = planned
     labels = _label_volume(ds[2])
@@ -244,16 +244,17 @@ def test_recall_first_proposals_recover_a_faint_object_and_an_empty_proposal_sta
     proposals = sorted(o["proposal"] for o in p.last_objects["objects"])
     assert proposals == ["below the coarse decision"] * 2 + ["coarse argmax"] * (n - 1)
 
-    monkeypatch.setenv("STSEG_PROPOSAL_THRESHOLD", "none")
+    monkeypatch.setenv("STSEG_OVERRIDES", "crop.proposal_threshold=none")
     p, lm, net = _predictor(root, ds[2], config, labels, coarse=probs, proposal_threshold=0.3)
     seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(one_hot(labels))).numpy()
     assert not seg[faint].any() and np.array_equal(seg[~faint], labels[~faint])
     assert p.last_timings["n_boxes"] == n - 1
     assert p.applied_overrides == {"sts.crop.proposal_threshold": {"plans": 0.3, "used": None}}
     assert all("proposal" not in o for o in p.last_objects["objects"])
-    for bad in ("0.7", "low"):
-        monkeypatch.setenv("STSEG_PROPOSAL_THRESHOLD", bad)
-        with pytest.raises(ValueError, match=r"STSEG_PROPOSAL_THRESHOLD=.*expected a number in \(0, 0.5\]"):
+    for bad, message in (("0.7", r"proposal_threshold must be in \(0, 0.5\]"),
+                         ("low", "crop.proposal_threshold='low' is not float")):
+        monkeypatch.setenv("STSEG_OVERRIDES", f"crop.proposal_threshold={bad}")
+        with pytest.raises(ValueError, match=message):
             _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
 
 
@@ -264,7 +265,7 @@ def test_the_fine_stage_confirms_or_rejects_proposals_below_the_decision(planned
     are fused, so the false blob becomes foreground; with 0.8 the blob is rejected and keeps the
     coarse probabilities (background) while the real object and every argmax object are fused as
     before; the objects report gives each object's fine confidence and which proposal was
-    rejected. ``STSEG_PROPOSAL_CONFIRMATION=none`` fuses every proposal again."""
+    rejected. ``STSEG_OVERRIDES=crop.proposal_confirmation=none`` fuses every proposal again."""
     root, ds = planned
     labels = _label_volume(ds[2])
     faint, cls, probs, n = _with_a_faint_object(labels)
@@ -303,13 +304,15 @@ def test_the_fine_stage_confirms_or_rejects_proposals_below_the_decision(planned
     assert all("rejected_by_fine_stage" not in o and o["fine_mean_foreground_probability"] > 0.9
                for o in p.last_objects["objects"] if o["proposal"] == "coarse argmax")
 
-    monkeypatch.setenv("STSEG_PROPOSAL_CONFIRMATION", "none")
+    monkeypatch.setenv("STSEG_OVERRIDES", "crop.proposal_confirmation=none")
     seg, p, net = predict(0.8)
     assert np.array_equal(seg, everything)
     assert p.applied_overrides == {"sts.crop.proposal_confirmation": {"plans": 0.8, "used": None}}
-    for bad in ("0.4", "1", "sure"):
-        monkeypatch.setenv("STSEG_PROPOSAL_CONFIRMATION", bad)
-        with pytest.raises(ValueError, match=r"STSEG_PROPOSAL_CONFIRMATION=.*expected a number in \[0.5, 1\)"):
+    for bad, message in (("0.4", r"proposal_confirmation must be in \[0.5, 1\)"),
+                         ("1", r"proposal_confirmation must be in \[0.5, 1\)"),
+                         ("sure", "crop.proposal_confirmation='sure' is not float")):
+        monkeypatch.setenv("STSEG_OVERRIDES", f"crop.proposal_confirmation={bad}")
+        with pytest.raises(ValueError, match=message):
             _predictor(root, ds[2], config, labels, coarse=probs)[0]._sts_config()
 
 

@@ -21,7 +21,8 @@ ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": s
              "STSEG_PROPOSAL_CONFIRMATION": settings.proposal_confirmation,
              "STSEG_POLAR_MIN_CONFIDENCE": settings.polar_min_confidence,
              "STSEG_POLAR_CONFIDENCE_WEIGHTING": settings.polar_confidence_weighting,
-             "STSEG_LOG_LEVEL": settings.debug_log, "STSEG_PREDICT_IN_PROCESS": settings.predict_in_process}
+             "STSEG_LOG_LEVEL": settings.debug_log, "STSEG_PREDICT_IN_PROCESS": settings.predict_in_process,
+             "STSEG_OVERRIDES": settings.overrides_variable}
 GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
         "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
@@ -29,7 +30,10 @@ GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSE
         "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_PROPOSAL_CONFIRMATION": ("0.5", 0.5),
         "STSEG_POLAR_MIN_CONFIDENCE": ("0.7", 0.7),
         "STSEG_POLAR_CONFIDENCE_WEIGHTING": ("1", True), "STSEG_LOG_LEVEL": ("DEBUG", True),
-        "STSEG_PREDICT_IN_PROCESS": ("0", False)}
+        "STSEG_PREDICT_IN_PROCESS": ("0", False),
+        "STSEG_OVERRIDES": ("polar.max_origins=1, e2e.canvas=[64, 64],sts.crop.proposal_threshold=none",
+                            {"sts.polar.max_origins": "1", "sts.e2e.canvas": "[64, 64]",
+                             "sts.crop.proposal_threshold": "none"})}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
        "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
@@ -37,7 +41,8 @@ BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": [
        "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_PROPOSAL_CONFIRMATION": ["0.49", "1", "sure"],
        "STSEG_POLAR_MIN_CONFIDENCE": ["1", "-0.5", "high"],
        "STSEG_POLAR_CONFIDENCE_WEIGHTING": ["yes"], "STSEG_LOG_LEVEL": ["verbose", "2"],
-       "STSEG_PREDICT_IN_PROCESS": ["yes", "2", "workers"]}
+       "STSEG_PREDICT_IN_PROCESS": ["yes", "2", "workers"],
+       "STSEG_OVERRIDES": ["polar.max_origins", "=1", "polar max=1", "polar.max_origins=1,crop.square"]}
 
 
 def test_the_table_and_the_accessors_cover_the_same_variables():
@@ -93,11 +98,45 @@ def test_plan_overrides_are_checked_and_keyed_by_plan_value(monkeypatch):
     monkeypatch.setenv("STSEG_POLAR_ORIGINS", "heatmap")
     monkeypatch.setenv("STSEG_POLAR_PEAK_THRESHOLD", "0.1")
     monkeypatch.setenv("STSEG_NUM_EPOCHS", "2")  # a schedule setting, not a plan override
-    assert settings.plan_overrides() == {"sts.polar.origin_source": "heatmap", "sts.centre.peak_threshold": 0.1}
+    # the single-value variables of 0.8 still work, each with a warning that names its replacement
+    with pytest.warns(FutureWarning) as warned:
+        assert settings.plan_overrides() == {"sts.polar.origin_source": "heatmap", "sts.centre.peak_threshold": 0.1}
+    assert sorted(str(w.message) for w in warned) == [
+        "STSEG_POLAR_ORIGINS is deprecated and will be removed in 0.10; use STSEG_OVERRIDES=polar.origin_source=heatmap",
+        "STSEG_POLAR_PEAK_THRESHOLD is deprecated and will be removed in 0.10; use "
+        "STSEG_OVERRIDES=centre.peak_threshold=0.1"]
     assert settings.schedule_settings() == {"STSEG_NUM_EPOCHS": 2}
+    # the one variable wins over them
+    monkeypatch.setenv("STSEG_OVERRIDES", "polar.origin_source=coarse,polar.max_origins=2")
+    with pytest.warns(FutureWarning):
+        assert settings.plan_overrides() == {"sts.polar.origin_source": "coarse", "sts.centre.peak_threshold": 0.1,
+                                             "sts.polar.max_origins": "2"}
     monkeypatch.setenv("STSEG_POLAR_MAX_ORIGINS", "many")
-    with pytest.raises(ValueError, match="STSEG_POLAR_MAX_ORIGINS"):
+    with pytest.raises(ValueError, match="STSEG_POLAR_MAX_ORIGINS"), pytest.warns(FutureWarning):
         settings.plan_overrides()
+
+
+def test_per_run_overrides_are_checked_against_the_plans_dataclasses():
+    """STSEG_OVERRIDES takes the keys of `plan --set` that do not change the networks; an unknown
+    key lists the valid ones, a trained-with key says why it is refused, a value out of range is
+    refused by its dataclass."""
+    cascade = StSConfig("fine", 32, "2d_sts_coarse_32", crop=CropParams(patch_size=(1, 32, 32)))
+    new, _, changed = apply_plan_overrides(cascade, None, {"sts.max_crops": "8", "sts.crop.margin_min": "2"})
+    assert (new.max_crops, new.crop.margin_min) == (8, 2.0)
+    assert changed == {"sts.max_crops": {"plans": 64, "used": 8}, "sts.crop.margin_min": {"plans": 4.0, "used": 2.0}}
+    with pytest.raises(ValueError, match=r"unknown key 'crop\.margin'; valid keys: crop\.jitter_box_fraction, .*crop\.margin_min"):
+        apply_plan_overrides(cascade, None, {"sts.crop.margin": "2"})
+    with pytest.raises(ValueError, match="unknown key 'crop.patch_size'"):
+        apply_plan_overrides(cascade, None, {"sts.crop.patch_size": "[1, 64, 64]"})
+    with pytest.raises(ValueError, match="coarse_resampling' \\(the networks were trained with it"):
+        apply_plan_overrides(cascade, None, {"sts.coarse_resampling": "nnunet"})
+    with pytest.raises(ValueError, match="max_crops='many' is not int"):
+        apply_plan_overrides(cascade, None, {"sts.max_crops": "many"})
+    with pytest.raises(ValueError, match="proposal_threshold"):
+        apply_plan_overrides(cascade, None, {"sts.crop.proposal_threshold": "0.9"})
+    polar = StSConfig("polar", 32, "2d_sts_coarse_32", polar=PolarParams((32, 32)))
+    with pytest.raises(ValueError, match="max_origins must be >= 1"):
+        apply_plan_overrides(polar, None, {"sts.polar.max_origins": "0"})
 
 
 def test_apply_plan_overrides_reports_only_what_changed():

@@ -24,7 +24,7 @@ from nnunet_stseg.adapters.discovery import ENV_VAR, with_trainer_discovery
 from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER,
                                           DEFAULT_POLAR_TRAINER)
 from nnunet_stseg.commands.pipeline import find_command
-from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
+from nnunet_stseg.settings import overrides_env
 
 from stand_ins import fork_instead_of_spawn
 from trained_models import copy_results, model_folder, strip_companions
@@ -148,7 +148,7 @@ def test_the_exported_polar_model_brings_its_centre_point_model(trained_2d, tmp_
     out = tmp_path / "out"
     proc = _run(["nnUNetv2_predict_from_modelfolder", "-i", str(res.dataset_folder / "imagesTs"), "-o", str(out),
                  "-m", str(installed), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                {**env, ORIGIN_SOURCE_ENV: "heatmap"})
+                {**env, **overrides_env({"polar.origin_source": "heatmap"})})
     assert "centre-point model: embedded copy of" in proc.stdout
     _same_segmentations(out, res.predictions["polar_heatmap"])
 

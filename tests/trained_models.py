@@ -28,7 +28,7 @@ from nnunet_stseg.adapters.config import (DEFAULT_CENTRE_TRAINER, DEFAULT_COARSE
 from nnunet_stseg.adapters.results import model_folder as results_model_folder
 from nnunet_stseg.commands.pipeline import (evaluate, pipeline_env, plan_command_line, predict_command_line, run,
                                             train_command_line)
-from nnunet_stseg.settings import ORIGIN_SOURCE_ENV
+from nnunet_stseg.settings import overrides_env
 
 from stand_ins import fork_instead_of_spawn
 
@@ -96,7 +96,7 @@ def _start(workdir: Path, dataset_id: int, dim: int, **dataset_kwargs) -> Simple
 
 
 def _plan(res: SimpleNamespace, dims: tuple[str, ...], *flags: str) -> None:
-    res.seconds["plan"] = run(plan_command_line(res.dataset_id, SIZE, dims, FEATURES, "--fallback", "whole", *flags,
+    res.seconds["plan"] = run(plan_command_line(res.dataset_id, SIZE, dims, FEATURES, "--set", "fallback=whole", *flags,
                                                 processes=1), res.env, res.workdir / "logs" / "plan.log")
 
 
@@ -120,7 +120,7 @@ def build_2d(workdir: Path) -> SimpleNamespace:
     res.coarse_config, res.fine_config = coarse_config_name("2d", SIZE), fine_config_name("2d", SIZE)
     res.polar_config, res.e2e_config = polar_config_name(SIZE), e2e_config_name("2d", SIZE)
     res.lsnet_config = lsnet_config_name(SIZE)
-    _plan(res, ("2d",), "--polar", "--e2e", "--lsnet", "--lsnet_fallback", "best")
+    _plan(res, ("2d",), "--polar", "--e2e", "--lsnet", "--set", "lsnet.fallback=best")
     for fold in (0, 1):
         _train(res, res.coarse_config, fold, DEFAULT_COARSE_TRAINER, validate=False)
         _train(res, res.fine_config, fold, DEFAULT_FINE_TRAINER, validate=True)
@@ -133,7 +133,7 @@ def build_2d(workdir: Path) -> SimpleNamespace:
     _evaluate(res, "cascade")
     for arm, origins in (("polar", "coarse"), ("polar_heatmap", "heatmap")):
         _predict(res, arm, res.polar_config, DEFAULT_POLAR_TRAINER, (0,), "--disable_tta", *NO_WORKERS,
-                 extra_env={ORIGIN_SOURCE_ENV: origins})
+                 extra_env=overrides_env({"polar.origin_source": origins}))
     _predict(res, "e2e", res.e2e_config, DEFAULT_E2E_TRAINER, (0,), "--save_probabilities", *NO_WORKERS)
     _predict(res, "lsnet", res.lsnet_config, DEFAULT_LSNET_TRAINER, (0,), "--save_probabilities", *NO_WORKERS)
     return res

@@ -91,8 +91,9 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        sts = StSConfig.from_configuration(self.configuration_manager.configuration, f"configuration '{configuration}'")
-        if sts.role != "coarse" or sts.centre is None:
+        sts = StSConfig.for_role(self.configuration_manager.configuration, "coarse", f"configuration '{configuration}'",
+                                 self.__class__.__name__)
+        if sts.centre is None:
             raise ValueError(f"{self.__class__.__name__} trains on a 2d coarse configuration planned with "
                              f"`nnunet-stseg plan --polar` (it needs sts.centre); '{configuration}' has none")
         self.centre: CentreParams = sts.centre
@@ -106,7 +107,7 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
             sts = configuration_manager.configuration.get("sts", {})
             raise ValueError(
                 f"{cls.__name__} predicts object centres (a heatmap), not segmentations; nnUNetv2_predict cannot "
-                f"export it. Use it through the polar stage: STSEG_POLAR_ORIGINS=heatmap nnUNetv2_predict ... -c "
+                f"export it. Use it through the polar stage: STSEG_OVERRIDES=polar.origin_source=heatmap nnUNetv2_predict ... -c "
                 f"2d_sts_polar_{sts.get('input_size', 'S')} -tr nnUNetTrainer_StSPolar")
         network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels, 1,
                                                      enable_deep_supervision)

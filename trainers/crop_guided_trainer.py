@@ -2,7 +2,7 @@
 
 ``nnunet-stseg plan -d D -s S --e2e`` adds ``2d_sts_e2e_<S>``: a copy of the 2d fine configuration
 (full-resolution data, crop parameters, the coarse configuration it belongs to) with role ``e2e``
-and an ``sts_e2e`` block (:class:`~nnunet_stseg.adapters.config.E2EParams`). Then:
+and an ``sts.e2e`` block (:class:`~nnunet_stseg.adapters.config.E2EParams`). Then:
 
     nnUNetv2_train D 2d_sts_e2e_<S> F -tr nnUNetTrainer_StSEndToEnd
     nnUNetv2_predict -i IN -o OUT -d D -c 2d_sts_e2e_<S> -tr nnUNetTrainer_StSEndToEnd -f F
@@ -12,7 +12,7 @@ configuration's architecture (the fine module with one more input channel), so t
 from the coarse model of the same fold, trained with ``nnUNetTrainer_StSCoarse`` (the thesis's
 pre-training on downscaled images); without it, training starts from scratch and the log says so.
 
-Training samples are whole images (a random slice of a volume) resampled to ``sts_e2e.canvas``
+Training samples are whole images (a random slice of a volume) resampled to ``sts.e2e.canvas``
 (default: the configuration's median image size) and augmented by nnU-Net's own transforms at that
 size; the model runs on the batch as at inference, except that each image contributes one of its
 boxes; the loss is :class:`~nnunet_stseg.core.crop_guided.CropGuidedLoss` around nnU-Net's loss
@@ -70,7 +70,6 @@ class WholeImageModelTrainer(_StSScheduleMixin, nnUNetTrainer):
     of the whole model at full resolution by ``predictor_class``."""
 
     role = "e2e"
-    plan_flag = "--e2e"
     model_name = "end-to-end model"
     validation_title = "End-to-end"  # the log's "<title> validation complete"
     params_class: type = E2EParams
@@ -81,11 +80,7 @@ class WholeImageModelTrainer(_StSScheduleMixin, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         where = f"configuration '{configuration}'"
         cfg = self.configuration_manager.configuration
-        self.sts = StSConfig.from_configuration(cfg, where)
-        if self.sts.role != self.role:
-            raise ValueError(f"{self.__class__.__name__} trains a {self.model_name} configuration (role '{self.role}', "
-                             f"added by `nnunet-stseg plan -d DATASET -s SIZE {self.plan_flag}`); '{configuration}' "
-                             f"has role '{self.sts.role}'")
+        self.sts = StSConfig.for_role(cfg, self.role, where, self.__class__.__name__)
         if len(self.configuration_manager.patch_size) != 2:
             raise ValueError(f"the {self.model_name} is 2D (slice by slice on 3D volumes); '{configuration}' is 3D")
         if cfg.get(DEPTH_KEY, False):
@@ -194,7 +189,7 @@ class nnUNetTrainer_StSEndToEnd(WholeImageModelTrainer):
         pre-trained on downscaled images), the fine module's extra channel at zero weight."""
         path = self.fold_checkpoint(self.sts.coarse_trainer, self.sts.coarse_configuration)
         if not self.e2e.pretrained:
-            self.print_to_log_file("sts_e2e.pretrained is false: both modules start from scratch",
+            self.print_to_log_file("sts.e2e.pretrained is false: both modules start from scratch",
                                    also_print_to_console=True)
             return
         if not os.path.isfile(path):

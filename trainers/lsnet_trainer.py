@@ -2,7 +2,7 @@
 
 ``nnunet-stseg plan -d D -s S --lsnet`` adds ``2d_sts_lsnet_<S>``: a copy of the 2d fine
 configuration (full-resolution data; S-Net = the fine architecture and patch; L-Net = the coarse
-configuration's architecture and input size) with role ``lsnet`` and an ``sts_lsnet`` block
+configuration's architecture and input size) with role ``lsnet`` and an ``sts.lsnet`` block
 (:class:`~nnunet_stseg.adapters.config.LSNetParams`). Two trainings per fold, one checkpoint each:
 
     nnUNetv2_train D 2d_sts_lsnet_<S> F -tr nnUNetTrainer_StSLNet    # L-Net; S-Net = the fine model, frozen
@@ -74,7 +74,6 @@ class nnUNetTrainer_StSLNet(WholeImageModelTrainer):
     """Trains L-Net with the cascade's fine model as a frozen S-Net (see the module docstring)."""
 
     role = "lsnet"
-    plan_flag = "--lsnet"
     model_name = "L-SNet"
     validation_title = "L-SNet"
     params_class = LSNetParams
@@ -156,7 +155,7 @@ class nnUNetTrainer_StSLNet(WholeImageModelTrainer):
         net = self._plain_network()
         coarse = self.fold_checkpoint(self.sts.coarse_trainer, self.sts.coarse_configuration)
         if not self.params.locator_from_coarse:
-            self.print_to_log_file("sts_lsnet.locator_from_coarse is false: L-Net starts from scratch",
+            self.print_to_log_file("sts.lsnet.locator_from_coarse is false: L-Net starts from scratch",
                                    also_print_to_console=True)
         elif os.path.isfile(coarse):
             net.locator.features.unet.load_state_dict(self._load(coarse))
@@ -180,7 +179,7 @@ class nnUNetTrainer_StSLNet(WholeImageModelTrainer):
 
 class nnUNetTrainer_StSLSNet(nnUNetTrainer_StSLNet):
     """Trains L-SNet jointly (see the module docstring), from the ``nnUNetTrainer_StSLNet`` model of
-    the fold (of ``sts_lsnet.start_configuration``, default this configuration)."""
+    the fold (of ``sts.lsnet.start_configuration``, default this configuration)."""
 
     trains_segmenter = True
 

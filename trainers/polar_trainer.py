@@ -100,7 +100,7 @@ class nnUNetTrainer_StSPolar(nnUNetTrainer_StSFine):
 
     def companion_folders(self) -> dict[str, str]:
         """The coarse model and the centre-point model (heatmap origins; embedded whenever it exists,
-        since ``STSEG_POLAR_ORIGINS=heatmap`` can ask for it at prediction time)."""
+        since ``STSEG_OVERRIDES=polar.origin_source=heatmap`` can ask for it at prediction time)."""
         centre = model_folder(self.plans_manager.dataset_name, DEFAULT_CENTRE_TRAINER, self.sts.coarse_configuration,
                               self.plans_manager.plans_name)
         return {**super().companion_folders(), "centre": str(centre)}

@@ -3,7 +3,7 @@ section 6; dataset convention in :mod:`nnunet_stseg.adapters.size_labels`).
 
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainer_StSSizes
 
-Phase 1 (``sts_sizes.pretrain_epochs``): nnU-Net's own training on the pixel-labelled cases of the
+Phase 1 (``sts.sizes.pretrain_epochs``): nnU-Net's own training on the pixel-labelled cases of the
 fold. Phase 2: every step also takes ``size_batch_size`` size-only images (whole images, only
 size-keeping flips), samples a binary mask from the network's foreground probabilities, and adds
 the single-sample estimate of the expected squared size error's gradient

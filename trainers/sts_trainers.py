@@ -33,7 +33,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.bundle import embed_companions
-from nnunet_stseg.adapters.config import StSConfig, grid_spacing3, trainer_for_role
+from nnunet_stseg.adapters.config import StSConfig, grid_spacing3
 from nnunet_stseg.adapters.inference_io import COARSE_RESAMPLING_KEY, coarse_resampling_of
 from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
@@ -272,11 +272,8 @@ class nnUNetTrainer_StSFine(_StSScheduleMixin, DepthChannelTrainerMixin, nnUNetT
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.sts = StSConfig.from_configuration(self.configuration_manager.configuration,
-                                                f"configuration '{configuration}'")
-        if self.sts.role != self.sts_role:
-            raise ValueError(f"{self.__class__.__name__} trains the {self.sts_role} configuration; '{configuration}' "
-                             f"is the {self.sts.role} one (train it with {trainer_for_role(self.sts)})")
+        self.sts = StSConfig.for_role(self.configuration_manager.configuration, self.sts_role,
+                                      f"configuration '{configuration}'", self.__class__.__name__)
         self._apply_schedule_overrides()
         self._check_depth_channel()
 

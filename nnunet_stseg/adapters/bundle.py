@@ -136,11 +136,9 @@ def companion_folders_of(model_dir: str | os.PathLike) -> dict[str, Path]:
 
     trainer, configuration, _ = model_configuration(model_dir)
     plans = PlansManager(json.loads((Path(model_dir) / "plans.json").read_text()))
-    sts = StSConfig.from_configuration(plans.get_configuration(configuration).configuration,
-                                       f"{model_dir}: configuration '{configuration}'")
-    if sts.role not in ("fine", "polar"):
-        raise ValueError(f"{model_dir} holds the {sts.role} model ({trainer}); bundle the fine or polar model folder "
-                         f"that predicts with it")
+    sts = StSConfig.for_role(plans.get_configuration(configuration).configuration, ("fine", "polar"),
+                             f"{model_dir}: configuration '{configuration}'",
+                             "bundle (the folder of the model that predicts with the others)")
     parent = Path(model_dir).parent
     out = {"coarse": parent / model_folder_name(sts.coarse_trainer, sts.coarse_configuration, plans.plans_name)}
     if sts.role == "polar":

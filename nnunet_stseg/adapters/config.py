@@ -1,8 +1,15 @@
-"""The `sts` block that segment-then-segment keeps in an nnU-Net configuration.
+"""The `sts` block that our methods keep in an nnU-Net configuration.
 
 nnU-Net keeps unknown configuration keys (``ConfigurationManager.configuration``), so every
-parameter of the method lives in the dataset's plans next to the standard configurations and is
+parameter of the methods lives in the dataset's plans next to the standard configurations and is
 copied with them into each results folder: training and prediction read the same numbers.
+
+One shape: every parameter is ``sts.<key>`` or ``sts.<block>.<key>`` with the blocks ``crop``,
+``polar``, ``centre``, ``e2e``, ``lsnet`` and ``sizes`` (:data:`BLOCKS`). ``nnunet-stseg plan --set
+block.key=value`` writes them, ``STSEG_OVERRIDES=block.key=value,...`` replaces them for one
+prediction; both are checked against the dataclasses here (:func:`parse_assignments`). Plans written
+before 0.9 kept the end-to-end, L-SNet and size blocks beside ``sts`` (``sts_e2e``, ``sts_lsnet``,
+``sts_sizes``); they still load (:meth:`PlanBlock.from_configuration`).
 """
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class PolarParams:
     - ``origin_source``: where inference origins come from: ``coarse`` = centroids of the
       connected components of the coarse model's mask (per slice); ``heatmap`` = peaks of the
       centre-point model (``nnUNetTrainer_StSCentre`` on the coarse configuration). The
-      environment variable ``STSEG_POLAR_ORIGINS`` overrides it at prediction time.
+      per-run override ``STSEG_OVERRIDES=polar.origin_source=heatmap`` changes it at prediction time.
     - ``centre_shift_probability`` / ``centre_shift_fraction``: training centre augmentation, with
       this probability shift y and x by a uniform value in +-fraction * min(H, W) (0.3, 0.05).
     - ``fusion_low`` / ``fusion_high``: hysteresis thresholds t1, t2 of the multi-object fusion.
@@ -170,23 +177,36 @@ class CentreParams:
         return cls(**{"loss": "mse", **checked_fields(cls, d, "centre")})
 
 
-SIZES_KEY = "sts_sizes"
+SIZES_KEY = "sizes"
 DEFAULT_SIZES_TRAINER = "nnUNetTrainer_StSSizes"
 
 
-def optional_block(cls, configuration: dict, key: str, where: str = "configuration"):
-    """The dataclass ``cls`` from the configuration's block ``key`` (its defaults when the block is
-    absent); an unknown key or a bad value is an error naming ``where``."""
-    try:
-        return cls(**checked_fields(cls, configuration.get(key) or {}, key))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+def block_of(configuration: dict, key: str) -> dict | None:
+    """The configuration's ``sts.<key>`` block, or the ``sts_<key>`` block beside ``sts`` that plans
+    written before 0.9 have; None when neither is there."""
+    block = (configuration.get(STS_KEY) or {}).get(key)
+    return block if block is not None else configuration.get(f"{STS_KEY}_{key}")
+
+
+def with_block(configuration: dict, key: str, block: dict) -> dict:
+    """``configuration`` (changed in place and returned) with ``sts.<key>`` = ``block``; a legacy
+    ``sts_<key>`` beside it is removed, so one place holds the values."""
+    configuration.pop(f"{STS_KEY}_{key}", None)
+    configuration.setdefault(STS_KEY, {})[key] = block
+    return configuration
 
 
 class PlanBlock:
-    """A dataclass of method parameters kept as its own block ``KEY`` of the configuration it
-    trains (``sts_sizes``, ``sts_e2e``, ``sts_lsnet``): written with :meth:`to_dict`, read with
-    :meth:`from_configuration` (defaults when the block is absent)."""
+    """A dataclass of method parameters kept as the block ``sts.<KEY>`` of the configuration it
+    trains (``sts.sizes``, ``sts.e2e``, ``sts.lsnet``): written with :meth:`to_dict`, read with
+    :meth:`from_configuration` (defaults when the block is absent; the legacy ``sts_<KEY>`` of
+    plans before 0.9 too).
+
+    >>> E2EParams.from_configuration({"sts": {"e2e": {"box_rule": "objects"}}}).box_rule
+    'objects'
+    >>> E2EParams.from_configuration({"sts_e2e": {"box_rule": "objects"}}).box_rule  # plans before 0.9
+    'objects'
+    """
 
     KEY: ClassVar[str] = ""
 
@@ -195,7 +215,12 @@ class PlanBlock:
 
     @classmethod
     def from_configuration(cls, configuration: dict, where: str = "configuration"):
-        return optional_block(cls, configuration, cls.KEY, where)
+        """The block of ``configuration`` (its defaults when absent); an unknown key or a bad value
+        is an error naming ``where``."""
+        try:
+            return cls(**checked_fields(cls, block_of(configuration, cls.KEY) or {}, f"{STS_KEY}.{cls.KEY}"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def checked_canvas(canvas: Sequence[int] | None, key: str) -> list[int] | None:
@@ -211,7 +236,7 @@ def checked_canvas(canvas: Sequence[int] | None, key: str) -> list[int] | None:
 @dataclass
 class SizeParams(PlanBlock):
     """Learning from object sizes (methods.md section 6; ``nnUNetTrainer_StSSizes``), stored as the
-    ``sts_sizes`` block of the configuration it trains (defaults when the block is absent).
+    ``sts.sizes`` block of the configuration it trains (defaults when the block is absent).
 
     - ``pretrain_epochs``: phase 1, pixel loss on the pixel-labelled cases only; None = half the
       schedule. Phase 2 (the rest) adds the size loss on the size-only cases.
@@ -238,12 +263,12 @@ class SizeParams(PlanBlock):
         if (self.pretrain_epochs is not None and int(self.pretrain_epochs) < 0) or self.size_weight < 0 \
                 or self.pixel_weight < 0 or int(self.samples) < 1 \
                 or (self.size_batch_size is not None and int(self.size_batch_size) < 1):
-            raise ValueError(f"{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1 and "
+            raise ValueError(f"sts.{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1 and "
                              f"size_batch_size >= 1 (or null), got {self}")
 
 
 
-E2E_KEY = "sts_e2e"
+E2E_KEY = "e2e"
 DEFAULT_E2E_TRAINER = "nnUNetTrainer_StSEndToEnd"
 
 
@@ -255,7 +280,7 @@ def e2e_config_name(dim: str, size: int) -> str:
 @dataclass
 class E2EParams(PlanBlock):
     """The end-to-end crop-guided network (methods.md section 2; ``nnUNetTrainer_StSEndToEnd``),
-    stored as the ``sts_e2e`` block of the configuration it trains (defaults when it is absent).
+    stored as the ``sts.e2e`` block of the configuration it trains (defaults when it is absent).
     The model's other parameters come from the configuration's ``sts`` block: the coarse
     configuration (both modules' architecture and input size m; its model of the same fold is the
     pre-trained start) and ``crop`` (context margin, size rule and squaring of per-object boxes).
@@ -285,13 +310,13 @@ class E2EParams(PlanBlock):
 
     def __post_init__(self) -> None:
         if self.box_rule not in BOX_RULES:
-            raise ValueError(f"{E2E_KEY}.box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
+            raise ValueError(f"sts.{E2E_KEY}.box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
         if self.coarse_loss_weight < 0 or self.fine_loss_weight <= 0:
-            raise ValueError(f"{E2E_KEY} needs coarse_loss_weight >= 0 and fine_loss_weight > 0, got {self}")
-        self.canvas = checked_canvas(self.canvas, E2E_KEY)
+            raise ValueError(f"sts.{E2E_KEY} needs coarse_loss_weight >= 0 and fine_loss_weight > 0, got {self}")
+        self.canvas = checked_canvas(self.canvas, f"sts.{E2E_KEY}")
 
 
-LSNET_KEY = "sts_lsnet"
+LSNET_KEY = "lsnet"
 DEFAULT_LSNET_TRAINER = "nnUNetTrainer_StSLSNet"
 LNET_TRAINER = "nnUNetTrainer_StSLNet"
 
@@ -304,7 +329,7 @@ def lsnet_config_name(size: int) -> str:
 @dataclass
 class LSNetParams(PlanBlock):
     """L-SNet (methods.md section 5; ``nnUNetTrainer_StSLNet`` then ``nnUNetTrainer_StSLSNet``),
-    stored as the ``sts_lsnet`` block of the configuration it trains (defaults when it is absent).
+    stored as the ``sts.lsnet`` block of the configuration it trains (defaults when it is absent).
     L-Net takes the coarse configuration's architecture and input size m (the whole image
     downscaled), S-Net the configuration's own (the fine one's: patch S).
 
@@ -350,14 +375,14 @@ class LSNetParams(PlanBlock):
 
     def __post_init__(self) -> None:
         if self.fallback not in LSNET_FALLBACKS:
-            raise ValueError(f"{LSNET_KEY}.fallback must be one of {LSNET_FALLBACKS}, got {self.fallback!r}")
+            raise ValueError(f"sts.{LSNET_KEY}.fallback must be one of {LSNET_FALLBACKS}, got {self.fallback!r}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.margin_fraction < 0.5 or self.sigma <= 0:
-            raise ValueError(f"{LSNET_KEY} needs 0 <= gamma <= 1, 0 <= margin_fraction < 0.5 and sigma > 0, got {self}")
+            raise ValueError(f"sts.{LSNET_KEY} needs 0 <= gamma <= 1, 0 <= margin_fraction < 0.5 and sigma > 0, got {self}")
         if not 0 < self.threshold < 1 or self.top_k < 1 or self.feature_stride < 1:
-            raise ValueError(f"{LSNET_KEY} needs 0 < threshold < 1, top_k >= 1 and feature_stride >= 1, got {self}")
+            raise ValueError(f"sts.{LSNET_KEY} needs 0 < threshold < 1, top_k >= 1 and feature_stride >= 1, got {self}")
         if min(self.dice_weight, self.box_loss_weight) < 0 or self.segmentation_loss_weight <= 0:
-            raise ValueError(f"{LSNET_KEY} needs non-negative loss weights (segmentation > 0), got {self}")
-        self.canvas = checked_canvas(self.canvas, LSNET_KEY)
+            raise ValueError(f"sts.{LSNET_KEY} needs non-negative loss weights (segmentation > 0), got {self}")
+        self.canvas = checked_canvas(self.canvas, f"sts.{LSNET_KEY}")
 
 
 @dataclass
@@ -377,10 +402,12 @@ class StSConfig:
     - ``polar``: :class:`PolarParams` of a polar configuration (role ``polar``).
     - ``centre``: :class:`CentreParams` of the centre-point model (on a 2d coarse configuration).
     - ``objects_report``: write ``<case>.objects.json`` (what was found, in the input's voxel and
-      world coordinates) next to each prediction (``STSEG_OBJECTS_REPORT=0`` switches it off).
+      world coordinates) next to each prediction (``STSEG_OVERRIDES=objects_report=0`` switches it off).
     - ``coarse_resampling`` (coarse configurations): how the images reach the coarse grid, the same
       function for its training data and at prediction (:data:`COARSE_RESAMPLINGS`); a block without
       the key (plans before 0.8) means ``nnunet``, so models trained then predict as they did.
+    - ``e2e`` / ``lsnet``: :class:`E2EParams` / :class:`LSNetParams` of an end-to-end or L-SNet
+      configuration (read from ``sts_e2e`` / ``sts_lsnet`` beside the block in plans before 0.9).
     """
 
     role: Literal["coarse", "fine", "polar", "e2e", "lsnet"]
@@ -395,6 +422,8 @@ class StSConfig:
     centre: CentreParams | None = None
     objects_report: bool = True
     coarse_resampling: str = "nnunet"
+    e2e: E2EParams | None = None
+    lsnet: LSNetParams | None = None
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
@@ -409,6 +438,9 @@ class StSConfig:
             d["centre"] = self.centre.to_dict()
         if self.role == "coarse":
             d["coarse_resampling"] = self.coarse_resampling
+        for key in (E2E_KEY, LSNET_KEY):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key).to_dict()
         return d
 
     @classmethod
@@ -420,15 +452,20 @@ class StSConfig:
                 f"{where} has no '{STS_KEY}' block: it was not planned for segment-then-segment. "
                 f"Run `nnunet-stseg plan -d DATASET -s SIZE` first and train with the configurations it prints.")
         block = dict(block)
-        unknown = sorted(set(block) - {f.name for f in fields(cls)})
+        known = {f.name for f in fields(cls)} | {SIZES_KEY}
+        unknown = sorted(set(block) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown} in its '{STS_KEY}' block (a typo?); known: "
-                             f"{sorted(f.name for f in fields(cls))}")
+                             f"{sorted(known)}")
         crop = block.pop("crop", None)
         polar = block.pop("polar", None)
         centre = block.pop("centre", None)
+        block.pop(SIZES_KEY, None)  # a size-trained configuration's block (SizeParams), not the cascade's
         if block.get("role") not in ROLES:
             raise ValueError(f"{where}: sts.role must be one of {ROLES}, got {block.get('role')!r}")
+        methods = {key: params.from_configuration(configuration, where) if block_of(configuration, key) is not None
+                   else None for key, params in ((E2E_KEY, E2EParams), (LSNET_KEY, LSNetParams))}
+        block.update(methods)
         cfg = cls(crop=CropParams.from_dict(crop) if crop is not None else None,
                   polar=PolarParams.from_dict(polar) if polar is not None else None,
                   centre=CentreParams.from_dict(centre) if centre is not None else None, **block)
@@ -445,6 +482,33 @@ class StSConfig:
             raise ValueError(f"{where}: polar configuration without sts.polar parameters")
         return cfg
 
+    @classmethod
+    def for_role(cls, configuration: dict, roles: str | Sequence[str], where: str, user: str) -> "StSConfig":
+        """The block of a configuration that must have one of ``roles``: the one check every
+        trainer, predictor and command of ours makes before it uses a configuration. ``user`` says
+        who needs it, for the error (which also says how the configuration at hand is trained).
+
+        >>> fine = {"sts": StSConfig("fine", 64, "2d_sts_coarse_64", crop=CropParams((1, 64, 64))).to_dict()}
+        >>> StSConfig.for_role(fine, ("fine", "polar"), "configuration '2d_sts_fine_64'", "bundle").role
+        'fine'
+        >>> StSConfig.for_role(fine, "e2e", "configuration '2d_sts_fine_64'", "the end-to-end model")
+        Traceback (most recent call last):
+        ...
+        ValueError: configuration '2d_sts_fine_64' is the fine configuration (trained with nnUNetTrainer_StSFine); ...
+        """
+        sts = cls.from_configuration(configuration, where)
+        roles = (roles,) if isinstance(roles, str) else tuple(roles)
+        if sts.role not in roles:
+            wanted = " or ".join(f"{'an' if r[0] in 'aeiou' else 'a'} {r} configuration"
+                                 + (f" (`nnunet-stseg plan {PLAN_SWITCHES[r]}` adds it)" if r in PLAN_SWITCHES else "")
+                                 for r in roles)
+            raise ValueError(f"{where} is the {sts.role} configuration (trained with {trainer_for_role(sts)}); "
+                             f"{user} needs {wanted}")
+        return sts
+
+
+PLAN_SWITCHES = {"polar": "--polar", "e2e": "--e2e", "lsnet": "--lsnet"}  # the plan switch that adds a role
+
 
 def trainer_for_role(sts: StSConfig | dict) -> str:
     """The trainer that trains (and whose name predicts) a configuration of ours, from its ``sts``
@@ -455,45 +519,144 @@ def trainer_for_role(sts: StSConfig | dict) -> str:
     return trainers[block["role"]]
 
 
+BLOCKS = {"crop": CropParams, "polar": PolarParams, "centre": CentreParams, E2E_KEY: E2EParams,
+          LSNET_KEY: LSNetParams, SIZES_KEY: SizeParams}
+"""The blocks of ``sts`` and their dataclasses: ``sts.<block>.<key>``."""
+TOP_LEVEL_KEYS = ("fallback", "crops_per_batch", "max_crops", "objects_report", "coarse_resampling")
+"""The keys of ``sts`` itself that ``plan --set`` takes (the rest: role, S and the coarse companion,
+are the plan's structure)."""
+FIXED_BY_TRAINING = ("crop.patch_size", "polar.polar_shape", "coarse_resampling", "centre.sigma")
+"""Keys the networks were trained with: ``plan --set`` may choose them (except the shapes, which
+come from S), a per-run override may not."""
+PLANNED_KEYS = ("crop.patch_size", "polar.polar_shape", "centre.median_object_radius", "centre.objects_measured")
+"""Keys the planner works out itself; no ``--set`` for them."""
+
+
+def settable_keys(per_run: bool = False) -> list[str]:
+    """Every ``block.key`` that ``nnunet-stseg plan --set`` takes (``per_run``: those that
+    ``STSEG_OVERRIDES`` takes, i.e. without the keys the networks were trained with).
+
+    >>> "crop.margin_fraction" in settable_keys() and "polar.max_origins" in settable_keys(per_run=True)
+    True
+    >>> "crop.patch_size" in settable_keys(), "coarse_resampling" in settable_keys(per_run=True)
+    (False, False)
+    """
+    keys = [*TOP_LEVEL_KEYS, *(f"{b}.{f.name}" for b, cls in BLOCKS.items() for f in fields(cls))]
+    return sorted(k for k in keys if k not in PLANNED_KEYS and not (per_run and k in FIXED_BY_TRAINING))
+
+
+def parse_value(raw: str):
+    """A ``key=value`` value as Python: JSON (numbers, true/false, null, lists), ``none`` = null,
+    anything else the string itself.
+
+    >>> parse_value("0.1"), parse_value("none"), parse_value("heatmap"), parse_value("[128, 128]")
+    (0.1, None, 'heatmap', [128, 128])
+    """
+    import json
+
+    raw = raw.strip()
+    if raw.lower() == "none":
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _coerced(key: str, value, where: str):
+    """``value`` as the type of the dataclass field ``key`` (``block.key`` or a top-level key): 0/1
+    for a switch, a whole number for a float; a value of the wrong kind is an error naming ``where``."""
+    import typing
+
+    block, _, name = key.rpartition(".")
+    hint = typing.get_type_hints(BLOCKS[block] if block else StSConfig)[name]
+    kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    kind = kinds[0] if kinds else object
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+    elif kind is bool:
+        if value in (0, 1) or isinstance(value, bool):
+            return bool(value)
+    elif kind in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)):
+            return kind(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # lists, tuples, literals: the dataclass checks them
+        return value
+    raise ValueError(f"{where}: {key}={value!r} is not {getattr(kind, '__name__', kind)}")
+
+
+def parse_assignments(items, where: str, per_run: bool = False) -> dict[str, object]:
+    """``block.key=value`` items (``plan --set``, ``STSEG_OVERRIDES``) as ``{block.key: value}``,
+    checked by :func:`checked_values`.
+
+    >>> parse_assignments(["polar.max_origins=1", "crop.proposal_threshold=0.1"], "--set")
+    {'polar.max_origins': 1, 'crop.proposal_threshold': 0.1}
+    >>> parse_assignments(["crop.margin=0.2"], "--set")
+    Traceback (most recent call last):
+    ...
+    ValueError: --set: unknown key 'crop.margin'; valid keys: crop.jitter_box_fraction, ..., crop.square
+    """
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{where}: {item!r} is not block.key=value (e.g. crop.margin_fraction=0.2)")
+        values[key.strip()] = raw
+    return checked_values(values, where, per_run)
+
+
+def checked_values(values: dict[str, object], where: str, per_run: bool = False) -> dict[str, object]:
+    """``{block.key: value}`` with every key checked against the dataclasses (an unknown key lists
+    the valid ones; a leading ``sts.`` is allowed) and every value converted to its field's type;
+    the dataclasses check the values' ranges when they are applied. A string value is read by
+    :func:`parse_value` first. ``per_run``: the keys a prediction may change (:func:`settable_keys`)."""
+    valid = settable_keys(per_run)
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        key = key.removeprefix(f"{STS_KEY}.")
+        if key not in valid:
+            fixed = " (the networks were trained with it: plan it with --set and retrain)" \
+                if per_run and key in FIXED_BY_TRAINING else ""
+            block = key.rpartition(".")[0]
+            same_block = [k for k in valid if k.startswith(f"{block}.")] if block in BLOCKS else []
+            listed = same_block or [k for k in valid if "." not in k] + [f"{b}.*" for b in BLOCKS]
+            raise ValueError(f"{where}: unknown key {key!r}{fixed}; valid keys: {', '.join(listed)}")
+        out[key] = _coerced(key, parse_value(value) if isinstance(value, str) else value, where)
+    return out
+
+
 def apply_plan_overrides(sts: StSConfig, centre: CentreParams | None, overrides: dict[str, object]
                          ) -> tuple[StSConfig, CentreParams | None, dict[str, dict]]:
-    """Plan values replaced by ``overrides`` (``{plan key: value}``, as
-    :func:`nnunet_stseg.settings.plan_overrides` returns them); keys that do not apply (a polar
-    key for a cascade) are ignored. Returns the new ``sts`` and ``centre`` and what changed,
-    ``{plan key: {"plans": old, "used": new}}``, for the log and the record next to the outputs.
+    """Plan values replaced for one run by ``overrides`` (``{block.key: value}``, as
+    :func:`nnunet_stseg.settings.plan_overrides` returns them: checked with
+    :func:`parse_assignments`); keys of a block this model does not have (a polar key for a
+    cascade) are ignored. Returns the new ``sts`` and ``centre`` and what changed,
+    ``{sts.block.key: {"plans": old, "used": new}}``, for the log and the record next to the outputs.
 
     >>> sts = StSConfig("polar", 64, "2d_sts_coarse_64", polar=PolarParams((64, 64)))
-    >>> new, _, changed = apply_plan_overrides(sts, None, {"sts.polar.max_origins": 1})
+    >>> new, _, changed = apply_plan_overrides(sts, None, {"polar.max_origins": 1})
     >>> new.polar.max_origins, changed
     (1, {'sts.polar.max_origins': {'plans': 32, 'used': 1}})
     """
+    overrides = checked_values(overrides, "plan overrides", per_run=True)
     changed: dict[str, dict] = {}
-    report = overrides.get("sts.objects_report")
-    if report is not None and bool(report) != sts.objects_report:
-        changed["sts.objects_report"] = {"plans": sts.objects_report, "used": bool(report)}
-        sts = replace(sts, objects_report=bool(report))
-    for key in ("proposal_threshold", "proposal_confirmation"):  # "none" switches either off
-        value = overrides.get(f"sts.crop.{key}")
-        if sts.crop is not None and value is not None:
-            value = None if value == "none" else float(value)
-            if value != getattr(sts.crop, key):
-                changed[f"sts.crop.{key}"] = {"plans": getattr(sts.crop, key), "used": value}
-                sts = replace(sts, crop=replace(sts.crop, **{key: value}))
-    polar_keys = {"sts.polar.origin_source": "origin_source", "sts.polar.max_origins": "max_origins",
-                  "sts.polar.min_origin_confidence": "min_origin_confidence",
-                  "sts.polar.confidence_weighting": "confidence_weighting"}
-    if sts.polar is not None:
-        updates = {polar_keys[k]: v for k, v in overrides.items() if k in polar_keys}
-        for k, v in overrides.items():
-            if k in polar_keys and getattr(sts.polar, polar_keys[k]) != v:
-                changed[k] = {"plans": getattr(sts.polar, polar_keys[k]), "used": v}
-        sts = replace(sts, polar=replace(sts.polar, **updates)) if updates else sts
-    threshold = overrides.get("sts.centre.peak_threshold")
-    if centre is not None and threshold is not None:
-        if centre.peak_threshold != threshold:
-            changed["sts.centre.peak_threshold"] = {"plans": centre.peak_threshold, "used": threshold}
-        centre = replace(centre, peak_threshold=float(threshold))
-    return sts, centre, changed
+    values = {"": sts, "centre": centre}
+    for key, value in overrides.items():
+        block, _, name = key.rpartition(".")
+        target = values.get(block) if block in ("", "centre") else getattr(values[""], block, None)
+        if target is None or getattr(target, name) == value:
+            continue
+        changed[f"{STS_KEY}.{key}"] = {"plans": getattr(target, name), "used": value}
+        target = replace(target, **{name: value})
+        if block in ("", "centre"):
+            values[block] = target
+        else:
+            values[""] = replace(values[""], **{block: target})
+    return values[""], values["centre"], changed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -511,6 +674,10 @@ class PlanOptions:
     - ``coarse_resampling``: :class:`StSConfig` ``coarse_resampling`` of the coarse configurations.
     - ``e2e``: add the 2d end-to-end configuration; ``e2e_params``: :class:`E2EParams` fields.
     - ``lsnet``: add the 2d L-SNet configuration; ``lsnet_params``: :class:`LSNetParams` fields.
+    - ``sts_params``: :class:`StSConfig` fields of the fine and polar blocks (``crops_per_batch``,
+      ``max_crops``, ``objects_report``); ``centre_params``: :class:`CentreParams` fields.
+
+    ``plan --set block.key=value`` fills these through :func:`plan_option_values`.
 
     >>> PlanOptions(input_size=32, crop={"margin_fraction": 0.2}).crop
     {'margin_fraction': 0.2}
@@ -537,6 +704,8 @@ class PlanOptions:
     e2e_params: dict = field(default_factory=dict)
     lsnet: bool = False
     lsnet_params: dict = field(default_factory=dict)
+    sts_params: dict = field(default_factory=dict)
+    centre_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if int(self.input_size) < 8:
@@ -558,10 +727,44 @@ class PlanOptions:
             raise ValueError(f"coarse_resampling must be one of {COARSE_RESAMPLINGS}, got {self.coarse_resampling!r}")
         E2EParams(**checked_fields(E2EParams, self.e2e_params, E2E_KEY))
         LSNetParams(**checked_fields(LSNetParams, self.lsnet_params, LSNET_KEY))
+        checked_fields(CentreParams, self.centre_params, "centre")
+        CentreParams(**{"sigma": 1.0, **self.centre_params})
+        unknown = sorted(set(self.sts_params) - {"crops_per_batch", "max_crops", "objects_report"})
+        if unknown:
+            raise ValueError(f"unknown sts parameters {unknown}; known: ['crops_per_batch', 'max_crops', "
+                             f"'objects_report']")
+        if any(int(self.sts_params.get(k, 1)) < 1 for k in ("crops_per_batch", "max_crops")):
+            raise ValueError(f"crops_per_batch and max_crops must be >= 1, got {self.sts_params}")
         for name in ("base_features", "max_features", "batch_size"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def plan_option_values(values: dict[str, object]) -> dict[str, object]:
+    """``plan --set`` values (``{block.key: value}``, checked by :func:`checked_values`) as
+    :class:`PlanOptions` keyword arguments. The cascade and the polar stage share one size rule:
+    ``crop.min_object_size`` / ``crop.size_rule_grid`` set the polar stage's too unless ``polar.*``
+    gives its own.
+
+    >>> plan_option_values({"crop.min_object_size": 3.0, "fallback": "whole", "max_crops": 8})
+    {'crop': {'min_object_size': 3.0}, 'polar_params': {'min_object_size': 3.0}, 'fallback': 'whole', 'sts_params': {'max_crops': 8}}
+    """
+    kwargs: dict[str, object] = {}
+    names = {"crop": "crop", "polar": "polar_params", "centre": "centre_params", E2E_KEY: "e2e_params",
+             LSNET_KEY: "lsnet_params", "": "sts_params"}
+    values = checked_values(values, "--set")
+    for key, value in values.items():
+        block, _, name = key.rpartition(".")
+        if block == SIZES_KEY:
+            raise ValueError(f"--set {key}: the size-trained configuration is set with `nnunet-stseg sizes configure`")
+        if key in ("fallback", "coarse_resampling", "centre.loss"):
+            kwargs[{"centre.loss": "centre_loss"}.get(key, key)] = value
+            continue
+        kwargs.setdefault(names[block], {})[name] = value
+        if block == "crop" and name in ("min_object_size", "size_rule_grid") and f"polar.{name}" not in values:
+            kwargs.setdefault("polar_params", {})[name] = value
+    return kwargs
 
 
 def plan_dims(options: PlanOptions, available: Sequence[str]) -> list[str]:

@@ -8,7 +8,7 @@ no companion model is looked up. Per case, on the full-resolution grid of the co
 image is one slice; a 3D volume is predicted slice by slice, ``crops_per_batch`` slices at a time):
 
 1. the whole model on each slice: coarse module on the slice downscaled to m, boxes from its
-   decision (``sts_e2e.box_rule``), crops + coarse probability -> fine module;
+   decision (``sts.e2e.box_rule``), crops + coarse probability -> fine module;
 2. each crop's probabilities pasted back onto its box and fused (max over crops for foreground,
    :func:`~nnunet_stseg.core.fusion.fuse_crops`); outside every box: background (the thesis's
    model output is the fine module's, and the boxes hold all the coarse foreground);
@@ -36,11 +36,8 @@ def configure_network(net: CropGuidedNetwork, configuration: dict, multilabel: b
     """Check that ``configuration`` is an end-to-end one and give its network the output kind (the
     label manager's, which the network's builder does not see; the box parameters it got from the
     plans when it was built); returns the two blocks."""
-    sts = StSConfig.from_configuration(configuration, where)
-    if sts.role != "e2e":
-        raise ValueError(f"{where} has sts.role={sts.role!r}; the end-to-end model needs a configuration planned "
-                         f"with `nnunet-stseg plan --e2e` (role 'e2e')")
-    e2e = E2EParams.from_configuration(configuration, where)
+    sts = StSConfig.for_role(configuration, "e2e", where, "the end-to-end model")
+    e2e = sts.e2e or E2EParams()
     net.multilabel = bool(multilabel)
     return sts, e2e
 

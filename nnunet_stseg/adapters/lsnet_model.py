@@ -2,7 +2,7 @@
 
 - L-Net: the coarse configuration's planned encoder-decoder (``dynamic_network_architectures``'
   U-Net, built by nnU-Net) read at the decoder stage whose stride is nearest to
-  ``sts_lsnet.feature_stride`` (:class:`UNetFeatures`), with
+  ``sts.lsnet.feature_stride`` (:class:`UNetFeatures`), with
   :class:`~nnunet_stseg.core.lsnet.LocalisationHeads` on it. The U-Net keeps all its layers (its
   unused last decoder stages and segmentation layers included) so that the coarse model's state
   dict loads into it unchanged.
@@ -56,7 +56,7 @@ class UNetFeatures(nn.Module):
 
 def build_lsnet(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int) -> LSNet:
     """L-Net on the coarse configuration's architecture, S-Net on this configuration's, both
-    without deep supervision, with the configuration's ``sts_lsnet`` parameters (the output kind is
+    without deep supervision, with the configuration's ``sts.lsnet`` parameters (the output kind is
     set by :func:`configure_lsnet`)."""
     sts = StSConfig.from_configuration(configuration_manager.configuration, "the L-SNet configuration")
     params = LSNetParams.from_configuration(configuration_manager.configuration, "the L-SNet configuration")
@@ -75,13 +75,10 @@ def build_lsnet(plans_manager, configuration_manager, num_input_channels: int, n
 
 def configure_lsnet(net: LSNet, configuration: dict, multilabel: bool, where: str) -> tuple[StSConfig, LSNetParams]:
     """Check that ``configuration`` is an L-SNet one and give its network the output kind (the label
-    manager's, which the builder does not see); returns the ``sts`` and ``sts_lsnet`` blocks."""
-    sts = StSConfig.from_configuration(configuration, where)
-    if sts.role != "lsnet":
-        raise ValueError(f"{where} has sts.role={sts.role!r}; L-SNet needs a configuration planned with "
-                         f"`nnunet-stseg plan --lsnet` (role 'lsnet')")
+    manager's, which the builder does not see); returns the ``sts`` block (with its ``lsnet`` parameters)."""
+    sts = StSConfig.for_role(configuration, "lsnet", where, "L-SNet")
     net.multilabel = bool(multilabel)
-    return sts, LSNetParams.from_configuration(configuration, where)
+    return sts, sts.lsnet or LSNetParams()
 
 
 class LSNetPredictor(CropGuidedPredictor):

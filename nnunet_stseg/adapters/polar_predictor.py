@@ -7,7 +7,7 @@ by convention, same folds, same nnU-Net preprocessing, export, ``--save_probabil
 1. coarse model -> foreground mask on the full-resolution grid (as the cascade);
 2. origins = centroids of its connected components, per slice (2D images: the image), or, with
    origin source ``heatmap``, the peaks of the centre-point model (``nnUNetTrainer_StSCentre`` on
-   the coarse configuration, same folds; ``STSEG_POLAR_ORIGINS`` overrides the plans' choice);
+   the coarse configuration, same folds; ``STSEG_OVERRIDES=polar.origin_source=...`` overrides the plans' choice);
 3. one polar image per origin (S angles x S radii, radius to the farthest image corner), all
    origins of the case in batches through the polar network (folds + mirroring TTA along the
    angle axis, which is a Cartesian reflection);
@@ -57,17 +57,17 @@ class PolarPredictor(StSPredictor):
     centre_params: CentreParams | None = None
 
     def origin_source(self) -> str:
-        """``coarse`` or ``heatmap`` (``sts.polar.origin_source``, or ``STSEG_POLAR_ORIGINS``)."""
+        """``coarse`` or ``heatmap`` (``sts.polar.origin_source``, or its per-run override)."""
         return self._sts_config().polar.origin_source
 
     def max_origins(self) -> int:
-        """Origins per slice (``sts.polar.max_origins``, or ``STSEG_POLAR_MAX_ORIGINS``; 1 suits data
+        """Origins per slice (``sts.polar.max_origins``, or its per-run override; 1 suits data
         with one object per slice: a stray coarse fragment then gives no polar view of its own)."""
         return int(self._sts_config().polar.max_origins)
 
     def peak_threshold(self) -> float | None:
         """Heatmap value from which a local maximum is an origin (``sts.centre.peak_threshold`` of
-        the centre model, or ``STSEG_POLAR_PEAK_THRESHOLD``); 0 means no threshold (None), so that
+        the centre model, or its per-run override); 0 means no threshold (None), so that
         with one origin per slice every slice gets the heatmap's maximum (the paper's argmax rule)."""
         value = float(self.centre_params.peak_threshold)
         return value if value > 0 else None
@@ -97,7 +97,7 @@ class PolarPredictor(StSPredictor):
         centre, source = self._attach_companion("centre", "heatmap origins need the centre-point model",
                                                 DEFAULT_CENTRE_TRAINER, self._sts_config().coarse_configuration, folds,
                                                 checkpoint_name, centre_folder,
-                                                " (or predict with STSEG_POLAR_ORIGINS=coarse)",
+                                                " (or predict with STSEG_OVERRIDES=polar.origin_source=coarse)",
                                                 stseg_centre_model=True)
         self.set_centre_params(CentreParams.from_dict(centre.configuration_manager.configuration["sts"]["centre"]))
         self.centre = centre

@@ -386,11 +386,8 @@ class StSPredictor(PluginPredictor):
         """The configuration's ``sts`` block with the environment's plan overrides applied, read
         once per loaded model (the overrides are logged and recorded in :attr:`applied_overrides`)."""
         if self.sts is None:
-            sts = StSConfig.from_configuration(self.configuration_manager.configuration,
-                                               f"the {self.sts_role} model's configuration")
-            if sts.role != self.sts_role:
-                raise ValueError(f"configuration has sts.role={sts.role!r}; {self.__class__.__name__} predicts "
-                                 f"with the {self.sts_role} configuration")
+            sts = StSConfig.for_role(self.configuration_manager.configuration, self.sts_role,
+                                     f"the {self.sts_role} model's configuration", type(self).__name__)
             sts, _, changed = apply_plan_overrides(sts, None, settings.plan_overrides())
             self.sts = sts
             self._record_overrides(changed)

@@ -31,28 +31,6 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="base feature count of the U-Nets (nnU-Net default 32; e.g. 8 for CPU)")
     parser.add_argument("--max_features", type=int, default=None, help="cap on features per stage")
     parser.add_argument("--batch_size", type=int, default=None, help="override the planned batch size")
-    parser.add_argument("--margin_fraction", type=float, default=None, help="crop context per side (0.125)")
-    parser.add_argument("--margin_min", type=float, default=None, help="minimum context in voxels (4)")
-    parser.add_argument("--min_object_size", type=float, default=None,
-                        help="coarse components narrower than this many voxels give no crop and no polar origin (5)")
-    parser.add_argument("--size_rule_grid", choices=("full", "coarse"), default=None,
-                        help="count those voxels on the full-resolution grid (default, the paper's) or on the "
-                             "coarse model's grid")
-    parser.add_argument("--jitter_image_fraction", type=float, default=None, help="training jitter (0.0625)")
-    parser.add_argument("--jitter_box_fraction", type=float, default=None, help="training jitter cap (0.25)")
-    parser.add_argument("--proposal_threshold", type=_threshold_or_none, default=None,
-                        help="recall-first proposals: coarse regions with foreground probability >= this value "
-                             "(in (0, 0.5]) are cropped too; 'none' = argmax components only (none)")
-    parser.add_argument("--proposal_confirmation", type=_threshold_or_none, default=None,
-                        help="a proposal below the coarse decision is fused only when the fine stage's mean "
-                             "foreground probability over what it segments there reaches this value (in [0.5, 1)); "
-                             "'none' = every proposal fused (none)")
-    parser.add_argument("--negative_fraction", type=float, default=None,
-                        help="fraction of fine training crops drawn where there is no object, so that the fine "
-                             "stage can reject a false proposal; 0 = object crops only (0)")
-    parser.add_argument("--fallback", choices=("coarse", "whole"), default="coarse",
-                        help="cases without any coarse component: keep the coarse prediction or run the fine "
-                             "network on the whole image")
     parser.add_argument("--depth", action="store_true",
                         help="2d pipelines get the depth channel (normalised slice depth; 3D datasets only)")
     parser.add_argument("--polar", action="store_true",
@@ -60,71 +38,65 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--e2e", action="store_true",
                         help="also add the 2d end-to-end crop-guided configuration 2d_sts_e2e_S "
                              "(train with -tr nnUNetTrainer_StSEndToEnd)")
-    parser.add_argument("--e2e_box_rule", choices=("all", "objects"), default=None,
-                        help="end-to-end model: one box around all coarse foreground (the thesis's, default) or "
-                             "one box per coarse object (the cascade's)")
     parser.add_argument("--lsnet", action="store_true",
                         help="also add the 2d L-SNet configuration 2d_sts_lsnet_S (train -tr nnUNetTrainer_StSLNet, "
                              "then -tr nnUNetTrainer_StSLSNet)")
-    parser.add_argument("--lsnet_gamma", type=float, default=None,
-                        help="L-SNet: factor on the S-Net loss's gradient into L-Net (0.1; 0 = no joint training)")
-    parser.add_argument("--lsnet_fallback", choices=("empty", "best", "whole"), default=None,
-                        help="L-SNet: an image without keypoint gets no RoI (empty, the paper's), one at its "
-                             "strongest peak (best) or the whole image (whole)")
-    parser.add_argument("--fusion_high", type=float, default=None,
-                        help="polar multi-object fusion: hysteresis high threshold t2 (0.4)")
-    parser.add_argument("--min_origin_confidence", type=float, default=None,
-                        help="polar stage: origins whose confidence (coarse component mean probability, heatmap "
-                             "peak height) is below this are dropped; 0 keeps every origin (0)")
-    parser.add_argument("--confidence_weighting", action="store_true", default=None,
-                        help="polar stage: weight each view by its origin's confidence in the fusion")
-    parser.add_argument("--centre_loss", choices=("focal", "mse"), default="focal",
-                        help="centre-point model's loss: CenterNet focal loss (default) or the relative squared "
-                             "error of versions before 0.7")
-    parser.add_argument("--coarse_resampling", choices=("antialiased", "nnunet"), default="antialiased",
-                        help="how images reach the coarse grid, for its training data and at prediction: "
-                             "antialiased linear on the network's device (default), or the plans' nnU-Net "
-                             "resampling (CPU spline without antialiasing; versions before 0.8)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                        help="a method parameter written into the plans' sts block, repeatable, e.g. "
+                             "--set crop.margin_fraction=0.2 --set fallback=whole --set polar.fusion_high=0.3; "
+                             "a wrong key lists the valid ones (docs/design.md, 'Parameters and defaults')")
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--verify_dataset_integrity", action="store_true")
     parser.add_argument("-gpu_memory_target", type=float, default=8.0, help="as nnUNetv2_plan_experiment")
+    for flag, key in DEPRECATED_PLAN_FLAGS.items():  # accepted, not shown: --set replaces them
+        if key.endswith("=true"):
+            parser.add_argument(f"--{flag}", dest=f"deprecated_{flag}", action="store_const", const="true",
+                                default=None, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{flag}", dest=f"deprecated_{flag}", default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def _threshold_or_none(raw: str) -> float | str:
-    return "none" if raw.lower() == "none" else float(raw)
+DEPRECATED_PLAN_FLAGS = {
+    "margin_fraction": "crop.margin_fraction", "margin_min": "crop.margin_min",
+    "min_object_size": "crop.min_object_size", "size_rule_grid": "crop.size_rule_grid",
+    "jitter_image_fraction": "crop.jitter_image_fraction", "jitter_box_fraction": "crop.jitter_box_fraction",
+    "proposal_threshold": "crop.proposal_threshold", "proposal_confirmation": "crop.proposal_confirmation",
+    "negative_fraction": "crop.negative_fraction", "fallback": "fallback", "fusion_high": "polar.fusion_high",
+    "min_origin_confidence": "polar.min_origin_confidence", "confidence_weighting": "polar.confidence_weighting=true",
+    "centre_loss": "centre.loss", "coarse_resampling": "coarse_resampling", "e2e_box_rule": "e2e.box_rule",
+    "lsnet_gamma": "lsnet.gamma", "lsnet_fallback": "lsnet.fallback"}
+"""The plan options of 0.8 that ``--set`` replaces: accepted in 0.9 with a warning, gone in 0.10."""
 
 
 def plan_options_from_args(args: argparse.Namespace):
-    """The :class:`~nnunet_stseg.adapters.config.PlanOptions` of ``nnunet-stseg plan``'s arguments."""
-    from nnunet_stseg.adapters.config import PlanOptions
+    """The :class:`~nnunet_stseg.adapters.config.PlanOptions` of ``nnunet-stseg plan``'s arguments
+    (``--set`` checked against the plans' dataclasses)."""
+    from nnunet_stseg.adapters.config import PlanOptions, parse_assignments, plan_option_values
 
-    crop = {k: getattr(args, k) for k in ("margin_fraction", "margin_min", "min_object_size", "size_rule_grid",
-                                          "jitter_image_fraction", "jitter_box_fraction", "negative_fraction")
-            if getattr(args, k) is not None}
-    for key in ("proposal_threshold", "proposal_confirmation"):
-        if getattr(args, key) is not None:
-            crop[key] = None if getattr(args, key) == "none" else getattr(args, key)
-    # one size rule for crops and polar origins
-    polar = {k: getattr(args, k) for k in ("fusion_high", "min_object_size", "size_rule_grid",
-                                           "min_origin_confidence", "confidence_weighting")
-             if getattr(args, k) is not None}
+    assignments = []
+    for flag, key in DEPRECATED_PLAN_FLAGS.items():
+        value = getattr(args, f"deprecated_{flag}", None)
+        if value is not None:
+            assignment = key if key.endswith("=true") else f"{key}={value}"
+            print(f"[nnunet-stseg] WARNING: --{flag} is deprecated and will be removed in 0.10; use --set {assignment}",
+                  file=sys.stderr)
+            assignments.append(assignment)
+    values = plan_option_values(parse_assignments([*assignments, *args.assignments], "--set"))
     return PlanOptions(input_size=args.input_size, dims=args.dims, base_features=args.features,
-                       max_features=args.max_features, batch_size=args.batch_size, crop=crop, fallback=args.fallback,
-                       depth_channel=args.depth, polar=args.polar, polar_params=polar, centre_loss=args.centre_loss,
-                       coarse_resampling=args.coarse_resampling, e2e=args.e2e,
-                       e2e_params={"box_rule": args.e2e_box_rule} if args.e2e_box_rule else {},
-                       lsnet=args.lsnet, lsnet_params={k: v for k, v in (("gamma", args.lsnet_gamma),
-                                                                         ("fallback", args.lsnet_fallback))
-                                                       if v is not None})
+                       max_features=args.max_features, batch_size=args.batch_size, depth_channel=args.depth,
+                       polar=args.polar, e2e=args.e2e, lsnet=args.lsnet, **values)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
     from nnunet_stseg.planners.plan_and_preprocess import plan_and_preprocess
 
     ensure_trainer_discovery()
-    options = plan_options_from_args(args)
+    try:
+        options = plan_options_from_args(args)
+    except ValueError as e:  # a wrong --set key or value: the message, not a traceback
+        raise SystemExit(f"nnunet-stseg plan: error: {e}") from None
     for d in args.dataset:
         plan_and_preprocess(d, options, num_processes=args.num_processes, preprocess=not args.no_pp,
                             verify_dataset_integrity=args.verify_dataset_integrity,

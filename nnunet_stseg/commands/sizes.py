@@ -4,7 +4,7 @@ size labels on a fully labelled dataset (the convention: :mod:`nnunet_stseg.adap
     nnunet-stseg sizes check -d 731                       # refuse inconsistent input, name the case
     nnunet-stseg sizes import -d 731 --csv sizes.csv      # case_id,size_mm rows -> size-only cases
     nnunet-stseg sizes simulate --source DIR -d 732 --pixel_labels 32 --seed 0   # weak labels from full ones
-    nnunet-stseg sizes configure -d 731 -c 2d --pretrain_epochs 500 --size_weight 1   # the trainer's sts_sizes
+    nnunet-stseg sizes configure -d 731 -c 2d --pretrain_epochs 500 --size_weight 1   # the trainer's sts.sizes
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     q.add_argument("--seed", type=int, default=0, help="draws the m cases (0)")
     q.add_argument("--object_labels", type=int, nargs="+", default=None,
                    help="source label values that form the object (default: every foreground label)")
-    q = sub.add_parser("configure", help="set the sts_sizes block (nnUNetTrainer_StSSizes) of a planned configuration")
+    q = sub.add_parser("configure", help="set the sts.sizes block (nnUNetTrainer_StSSizes) of a planned configuration")
     q.add_argument("-d", "--dataset", required=True, help="dataset id or name (planned: nnUNet_preprocessed)")
     q.add_argument("-c", "--configuration", default="2d", help="configuration (2d)")
     q.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
@@ -73,12 +73,13 @@ def main(argv=None) -> None:
 
 
 def configure(args) -> str:
-    """Write the ``sts_sizes`` block into the configuration of the preprocessed plans (checked by
-    :class:`~nnunet_stseg.adapters.config.SizeParams`); returns what was written."""
+    """Write the ``sts.sizes`` block into the configuration of the preprocessed plans (checked by
+    :class:`~nnunet_stseg.adapters.config.SizeParams`; a legacy ``sts_sizes`` is moved there);
+    returns what was written."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_stseg.adapters.config import SIZES_KEY, SizeParams
+    from nnunet_stseg.adapters.config import SIZES_KEY, SizeParams, block_of, with_block
     from nnunet_stseg.atomic import write_json_atomic
 
     if nnUNet_preprocessed is None:
@@ -91,18 +92,18 @@ def configure(args) -> str:
         raise SizeLabelError(f"{plans_file}: no configuration {args.configuration!r}; it has "
                              f"{sorted(plans['configurations'])}")
     cfg = plans["configurations"][args.configuration]
-    block = dict(cfg.get(SIZES_KEY) or {})
+    block = dict(block_of(cfg, SIZES_KEY) or {})
     block.update({k: getattr(args, k) for k in ("pretrain_epochs", "size_weight", "pixel_weight", "samples",
                                                 "size_batch_size") if getattr(args, k) is not None})
     if args.no_mirror:
         block["mirror"] = False
     try:
-        params = SizeParams.from_configuration({SIZES_KEY: block}, f"{plans_file}: {args.configuration}")
+        params = SizeParams.from_configuration({"sts": {SIZES_KEY: block}}, f"{plans_file}: {args.configuration}")
     except ValueError as e:
         raise SizeLabelError(str(e)) from None
-    cfg[SIZES_KEY] = params.to_dict()
+    with_block(cfg, SIZES_KEY, params.to_dict())
     write_json_atomic(plans, plans_file, indent=4)
-    return f"{plans_file}: {args.configuration}.{SIZES_KEY} = {json.dumps(params.to_dict())}"
+    return f"{plans_file}: {args.configuration}.sts.{SIZES_KEY} = {json.dumps(params.to_dict())}"
 
 
 def _dataset_folder(spec: str) -> Path:
