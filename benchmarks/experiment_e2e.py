@@ -28,13 +28,12 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TR
                                           coarse_config_name, e2e_config_name, fine_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.experiment_kvasir import plot_examples, predict_and_score, train_arm
-from benchmarks.experiment_recall import kvasir_work_folder
+from benchmarks.kvasir_arms import (FAILED_JACCARD, failed_segmentations, kvasir_work_folder, plot_examples,
+                                   predict_and_score, train_arm)
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
                                plan_unless_planned, publish_report, report_header, results_or_run)
 
-FAILED_JACCARD = 0.65  # the thesis's (ISIC 2018's) failed segmentation: Jaccard below this
 ARMS = (("baseline", "downscaled baseline (coarse model)"), ("cascade", "two-stage cascade"),
         ("e2e_all", "end-to-end, one box around all (thesis)"), ("e2e_objects", "end-to-end, a box per object"))
 RULES = {"e2e_all": "all", "e2e_objects": "objects"}  # the end-to-end arms (their first run) and box rules
@@ -72,12 +71,6 @@ def add_e2e_variants(plans_file: Path, size: int, runs: int = 1) -> dict[str, st
             names[arm + run_suffix(k)] = name
     write_json_atomic(plans, plans_file, indent=1)
     return names
-
-
-def failed_segmentations(prediction: Path) -> int:
-    """Test images whose Jaccard index (IoU) is below :data:`FAILED_JACCARD`."""
-    summary = json.loads((prediction / "summary_test.json").read_text())
-    return sum(next(iter(c["metrics"].values()))["IoU"] < FAILED_JACCARD for c in summary["metric_per_case"])
 
 
 def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config: str) -> str:

@@ -43,12 +43,12 @@ from nnunet_stseg import settings
 from nnunet_stseg.adapters.config import (COARSE_RESAMPLINGS, DEFAULT_COARSE_RESAMPLING, DEFAULT_COARSE_TRAINER,
                                           DEFAULT_FINE_TRAINER, coarse_config_name, fine_config_name)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
+from benchmarks.kvasir_arms import (MISSED_DICE, per_case_dice, per_image_stats, plot_examples, predict_and_score,
+                                   train_arm)
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                               link_into, pipeline_env, plan_command_line, plan_unless_planned,
-                               predict_command_line, report_header, run, run_measured, set_batch_size,
-                               shared_data, train_fold)
-from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, link_into,
+                               pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
+                               report_header, run, run_measured, set_batch_size, shared_data)
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -57,18 +57,6 @@ PUBLISHED = {
     "cascade": {32: (76.47, 66.77, 82.66, 77.28), 48: (81.68, 73.45, 85.01, 85.76), 64: (83.82, 75.90, 86.32, 86.72),
                 96: (85.25, 77.89, 86.01, 89.90), 128: (81.36, 74.58, 82.49, 85.23)},
 }
-METRICS = ("Dice", "IoU", "Precision", "Recall")
-
-
-def per_image_stats(summary_file: Path) -> dict:
-    """Mean and sd over test images (in %) of each metric for the foreground label (precision over
-    the images with a non-empty prediction), and the number of empty predictions."""
-    summary = json.loads(summary_file.read_text())
-    per_case = [next(iter(c["metrics"].values())) for c in summary["metric_per_case"]]
-    out = {m: tuple(100 * v for v in mean_sd([c[m] for c in per_case])) for m in METRICS}
-    out["empty_predictions"] = count_empty_predictions([c["Precision"] for c in per_case])
-    out["n"] = len(per_case)
-    return out
 
 
 def rescore(results: dict) -> None:
@@ -126,28 +114,6 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         results["sizes"][s] = row
         write_json_atomic(results, workdir / "results.json", indent=1)
     return results
-
-
-def predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, trainer: str, device: str, env: dict,
-                      log: Path, dataset_json: dict, n_test: int, train_log: Path, images: Path | None = None,
-                      labels: Path | None = None) -> dict:
-    """Predict the test images (or ``images``, scored against ``labels``) with the stock
-    ``nnUNetv2_predict`` (TTA off), score them with nnU-Net's metrics; timing and peak RSS of the
-    whole command."""
-    seconds, peak = run_measured(predict_command_line(images or ds / "imagesTs", out, dataset_id, config, trainer, [0],
-                                                       device, "--disable_tta"), env, log)
-    evaluate(out, labels or ds / "labelsTs", dataset_json, out / "summary_test.json")
-    return {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
-            "peak_rss_mb": peak, "prediction": str(out),
-            "train_s": json.loads(train_log.read_text())["seconds"] if train_log.is_file() else float("nan")}
-
-
-def train_arm(dataset: str, config: str, trainer: str, device: str, env: dict, log: Path, train_log: Path) -> None:
-    """Train fold 0 unless finished (an interrupted run resumes with ``--c``); its seconds go to
-    ``train_log``."""
-    t = train_fold(dataset, config, 0, trainer, device, env, log)
-    if t is not None:
-        write_json_atomic({"seconds": t}, train_log)
 
 
 def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int,
@@ -288,32 +254,6 @@ def native_findings(results: dict) -> list[str]:
                f"{b['batch_size']}) took {base['train_s'] / iterations:.1f} s here (its {iterations} iterations, "
                "start-up included): that cost is what sets this budget on a 2-core CPU.")
     return out
-
-
-def plot_examples(ds: Path, predictions: dict[str, Path], ranked_by: str, path: Path) -> Path | None:
-    """Overlays of the test images with the lowest, median and highest DSC of ``ranked_by``."""
-    from skimage.io import imread
-
-    from benchmarks.reports import overlay_grid, pick_cases
-
-    if not all((folder / "summary_test.json").is_file() for folder in predictions.values()):
-        return None
-    dice = {arm: {name[:-len(".png")]: d for name, d in per_case_dice(folder / "summary_test.json").items()}
-            for arm, folder in predictions.items()}
-    rows = [(case, imread(str(ds / "imagesTs" / f"{case}_0000.png")), imread(str(ds / "labelsTs" / f"{case}.png")) > 0,
-             {arm: (imread(str(folder / f"{case}.png")) > 0, f"DSC {dice[arm][case]:.3f}")
-              for arm, folder in predictions.items()})
-            for case in pick_cases(dice[ranked_by])]
-    return overlay_grid(rows, path) if rows else None
-
-
-MISSED_DICE = 0.1
-
-
-def per_case_dice(summary_file: Path) -> dict[str, float]:
-    """Foreground Dice of every test image, keyed by file name."""
-    return {Path(c["prediction_file"]).name: next(iter(c["metrics"].values()))["Dice"]
-            for c in json.loads(Path(summary_file).read_text())["metric_per_case"]}
 
 
 def miss_breakdown(results: dict) -> list[str]:

@@ -36,9 +36,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
                                           LNET_TRAINER, coarse_config_name, fine_config_name, lsnet_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.experiment_e2e import failed_segmentations
-from benchmarks.experiment_kvasir import plot_examples, predict_and_score, train_arm
-from benchmarks.experiment_recall import kvasir_work_folder
+from benchmarks.kvasir_arms import (failed_segmentations, kvasir_work_folder, plot_examples, predict_and_score,
+                                   train_arm)
 from benchmarks.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
                                plan_unless_planned, publish_report, report_header, results_or_run)

@@ -66,11 +66,11 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.experiment_kvasir import MISSED_DICE, per_case_dice, predict_and_score, train_arm
+from benchmarks.kvasir_arms import MISSED_DICE, kvasir_work_folder, per_case_dice, predict_and_score, train_arm
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
-                               plan_command_line, plan_unless_planned, predict_command_line, publish_report,
-                               report_header, results_or_run, run, shared_data)
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
+                               plan_unless_planned, predict_command_line, publish_report, report_header,
+                               results_or_run, run)
 from nnunet_stseg.settings import overrides_env
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
@@ -96,39 +96,6 @@ def add_fine_variants(plans_file: Path, size: int, negative_fraction: float) -> 
     configs[rejecting]["sts"]["crop"]["negative_fraction"] = float(negative_fraction)
     write_json_atomic(plans, plans_file, indent=1)
     return fine, rejecting
-
-
-def validation_folders(ds: Path, workdir: Path) -> tuple[Path, Path]:
-    """Folders of links to fold 0's validation images and labels (the converter's split)."""
-    from benchmarks.kvasir import SPLIT_FILE
-
-    cases = json.loads((ds / SPLIT_FILE).read_text())["val"]
-    return (link_into(workdir / "val_images", [ds / "imagesTr" / f"{case}_0000.png" for case in cases]),
-            link_into(workdir / "val_labels", [ds / "labelsTr" / f"{case}.png" for case in cases]))
-
-
-def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, limit: int | None = None,
-                       src: Path | None = None, dataset_id: int = 720, size: int | None = 256) -> SimpleNamespace:
-    """The work folder the Kvasir-SEG 256 x 256 experiments share (recall-first, end-to-end; ``size``
-    None: native resolution): the stock commands' environment and logs, the dataset converted once
-    with the seeded split, links to its validation images. Fields: ``workdir, env, logs, ds,
-    dataset_json, n_test, val_images, val_labels, n_val``."""
-    from benchmarks.kvasir import convert_kvasir, kvasir_ids
-
-    workdir = Path(workdir).resolve()
-    env = pipeline_env(workdir, epochs, iters)
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    raw = Path(env["nnUNet_raw"])
-    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
-    src = Path(src) if src else shared_data() / "kvasir-seg"
-    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=size, seed=seed,
-                                                     ids=kvasir_ids(src)[:limit] if limit else None)
-    val_images, val_labels = validation_folders(ds, workdir)
-    return SimpleNamespace(workdir=workdir, env=env, logs=logs, ds=ds,
-                           dataset_json=json.loads((ds / "dataset.json").read_text()),
-                           n_test=len(list((ds / "imagesTs").glob("*.png"))), val_images=val_images,
-                           val_labels=val_labels, n_val=len(list(val_images.glob("*.png"))))
 
 
 def proposal_counts(prediction: Path) -> dict:

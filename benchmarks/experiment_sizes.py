@@ -202,12 +202,12 @@ def train(name: str, config: str, env: dict, device: str, log: Path, pretrained:
 
 
 def score(pred: Path, labels: Path, dataset_json: dict) -> dict:
-    """nnU-Net's metrics (mean +- sd over images, %; :func:`experiment_kvasir.per_image_stats`) and
+    """nnU-Net's metrics (mean +- sd over images, %; :func:`benchmarks.kvasir_arms.per_image_stats`) and
     the squared size error (pixels^2 of the S grid; mean +- sd) of a prediction folder."""
     import torch
     from PIL import Image
 
-    from benchmarks.experiment_kvasir import per_image_stats
+    from benchmarks.kvasir_arms import per_image_stats
     from nnunet_stseg.core.sizes import object_size
 
     summary = pred / "summary_test.json"

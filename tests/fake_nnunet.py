@@ -63,13 +63,16 @@ class FakeNNUNet:
     def install(self, monkeypatch, *modules) -> "FakeNNUNet":
         import multiprocessing
 
-        import benchmarks.runner as runner
-        import nnunet_stseg.commands.pipeline as pipeline
+        import sys
 
         from stand_ins import fork_context, one_torch_thread
 
-        for module in (pipeline, runner, *modules):
-            if hasattr(module, "run_measured"):
+        # every module that holds the runner's function: the package's, and every benchmarks module
+        # loaded (each imported the name itself), plus ``modules`` given
+        loaded = [m for name, m in list(sys.modules.items())
+                  if name == "nnunet_stseg.commands.pipeline" or name.startswith("benchmarks.")]
+        for module in (*loaded, *modules):
+            if getattr(module, "run_measured", None) is not None:
                 monkeypatch.setattr(module, "run_measured", self)
         # the experiments' own scoring (nnU-Net's compute_metrics_on_folder) forks instead of
         # spawning its worker pool: see stand_ins.fork_instead_of_spawn

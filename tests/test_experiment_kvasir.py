@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import benchmarks.experiment_kvasir as experiment
-from benchmarks.experiment_kvasir import PUBLISHED, main, miss_breakdown, per_image_stats
+from benchmarks.experiment_kvasir import PUBLISHED, main, miss_breakdown
+from benchmarks.kvasir_arms import per_image_stats
 
 from fake_nnunet import FakeNNUNet
 

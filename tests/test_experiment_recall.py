@@ -78,7 +78,7 @@ def test_recall_experiment_smoke_and_resume(tmp_path, monkeypatch):
     for label in ("| baseline 16 |", "| cascade |", "| cascade + low proposals |", "| rejecting fine |",
                   "| recall-first |", "| baseline 32 |", "| cascade + lowest-t proposals | 0.1 |",
                   "| recall-first, lowest t | 0.1 | - |", "| cascade + confirmed lowest-t proposals | 0.1 | 0.",
-                  "| threshold | none | 0.9 |", "The issue's goal per recall-first arm (DSC >= baseline 32's",
+                  "| threshold | none | 0.9 |", "The goal per recall-first arm (DSC >= baseline 32's",
                   "| cascade + confirmed proposals | "):
         assert label in text
     assert "Validation DSC % per proposal threshold" in text and "chosen: fine" in text
@@ -134,7 +134,7 @@ def test_native_recall_experiment_reuses_the_native_networks(tmp_path, monkeypat
 
 
 def test_the_goal_table_checks_dsc_misses_and_precision():
-    """A recall-first arm meets the issue's goal only with DSC >= the baseline at 2S, misses at most
+    """A recall-first arm meets the goal only with DSC >= the baseline at 2S, misses at most
     half the cascade's and precision not below the cascade's; each failed check is named."""
     def arm(dice, missed, precision, ms):
         return {"Dice": [dice, 1.0], "missed": missed, "Precision": [precision, 1.0], "ms_per_image": ms}
