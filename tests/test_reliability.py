@@ -408,3 +408,24 @@ def test_interrupted_fine_training_resumes_with_c(pipeline, tmp_path):
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 12
     assert not list(fold.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("reader,channels,message", [
+    ("SimpleITKIO", 2, "has 2 channels (files _0000 to _0001), the model expects 1 (file _0000)"),
+    ("NaturalImage2DIO", 3, "has 3 channels (an RGB image), the model expects 1 (a greyscale image; a PNG/JPEG/BMP "
+                            "carries its colour channels in one file)")])
+def test_a_wrong_channel_count_is_worded_for_the_reader(planned_2d, reader, channels, message):
+    """The check runs in the preprocessor our predictors use, with the plans manager they use (whose
+    reader class is a wrapper of the plans' reader): the message names channels as that reader
+    stores them."""
+    from nnunet_stseg.adapters.inference_io import CaseError, CheckedPreprocessor, PluginPlansManager
+    from nnunet_stseg.adapters.config import fine_config_name
+
+    plans = {**planned_2d.plans, "image_reader_writer": reader}
+    pm = PluginPlansManager(plans)
+    cm = pm.get_configuration(fine_config_name("2d", planned_2d.size))
+    data = np.zeros((channels, 1, 16, 16), np.float32)
+    properties = {"spacing": [999.0, 1.0, 1.0], "shape_before_cropping": data.shape[1:]}
+    with pytest.raises(CaseError) as e:
+        CheckedPreprocessor(verbose=False).run_case_npy(data, None, properties, pm, cm, planned_2d.dataset_json)
+    assert str(e.value) == message

@@ -104,25 +104,25 @@ def check_file_complete(path: str) -> None:
 COLOUR_CHANNELS = {1: "a greyscale image", 2: "a greyscale image with alpha", 3: "an RGB image", 4: "an RGBA image"}
 
 
-def channel_count_message(found: int, expected: int, reader_class: type) -> str:
-    """Why a case has the wrong number of channels, in the words of the reader that read it: a
-    natural-image reader (PNG, JPEG, BMP) takes a colour image's channels from its one file; the
-    volume readers take one channel per file (``_0000``, ``_0001``, ...).
+def channel_count_message(found: int, expected: int, reader: str) -> str:
+    """Why a case has the wrong number of channels, in the words of the reader that read it
+    (``reader``: the name of the plans' ``image_reader_writer``): a natural-image reader (PNG, JPEG,
+    BMP) takes a colour image's channels from its one file; the volume readers take one channel
+    per file (``_0000``, ``_0001``, ...).
 
-    >>> from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
-    >>> channel_count_message(1, 3, NaturalImage2DIO)
+    >>> channel_count_message(1, 3, "NaturalImage2DIO")
     'has 1 channel (a greyscale image), the model expects 3 (an RGB image; a PNG/JPEG/BMP carries its colour channels in one file)'
-    >>> from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    >>> channel_count_message(2, 1, SimpleITKIO)
+    >>> channel_count_message(2, 1, "SimpleITKIO")
     'has 2 channels (files _0000 to _0001), the model expects 1 (file _0000)'
     """
     def files(n: int) -> str:
         return "file _0000" if n == 1 else f"files _0000 to _{n - 1:04d}"
 
+    def colours(n: int) -> str:
+        return COLOUR_CHANNELS.get(n, f"{n} channels")
+
     plural = "s" if found != 1 else ""
-    if reader_class.__name__ == "NaturalImage2DIO":
-        def colours(n: int) -> str:
-            return COLOUR_CHANNELS.get(n, f"{n} channels")
+    if reader == "NaturalImage2DIO":
         return (f"has {found} channel{plural} ({colours(found)}), the model expects {expected} ({colours(expected)}; "
                 f"a PNG/JPEG/BMP carries its colour channels in one file)")
     return f"has {found} channel{plural} ({files(found)}), the model expects {expected} ({files(expected)})"
@@ -172,7 +172,8 @@ class CheckedPreprocessor(DefaultPreprocessor):
             raise CaseError(f"is a 3D volume ({data.shape[1]} slice(s)); this model was trained on 2D images")
         expected = len(configuration_manager.normalization_schemes)
         if data.shape[0] != expected:
-            raise CaseError(channel_count_message(data.shape[0], expected, plans_manager.image_reader_writer_class))
+            raise CaseError(channel_count_message(data.shape[0], expected,
+                                                  str(plans_manager.plans.get("image_reader_writer", ""))))
         finite = np.isfinite(data)
         if not finite.all():
             raise CaseError(f"contains {int(finite.size - finite.sum())} NaN/Inf voxel(s); fix or mask them first")
