@@ -119,3 +119,41 @@ def test_no_help_log_or_error_text_names_a_tracker_issue():
                  for path in sorted(folder.rglob("*.py")) for i, line in enumerate(path.read_text().splitlines(), 1)
                  if pattern.search(line)]
     assert offenders == []
+
+
+HOOKS_MODULE = "nnunet_stseg.adapters.nnunet_hooks"
+FRAME_ATTRIBUTES = {"_getframe", "currentframe", "f_back", "f_locals"}
+
+
+def hooks_into_nnunet(path: Path) -> list[str]:
+    """What in a module's source is one of the tricks that belong to :data:`HOOKS_MODULE`: reading
+    frames (``sys._getframe``, ``inspect.currentframe``, ``.f_back``, ``.f_locals``), assigning an
+    object's ``__class__`` or ``sys.excepthook`` (also through ``setattr``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("sys", "inspect"):
+            found += [f"line {node.lineno}: import of {a.name}" for a in node.names if a.name in FRAME_ATTRIBUTES]
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in (t for top in targets for t in ast.walk(top)):
+                if isinstance(target, ast.Attribute) and (
+                        target.attr == "__class__" or (target.attr == "excepthook" and isinstance(target.value, ast.Name)
+                                                       and target.value.id == "sys")):
+                    found.append(f"line {node.lineno}: assignment to .{target.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and node.args[1].value in ("__class__", "excepthook")):
+            found.append(f"line {node.lineno}: setattr of {node.args[1].value}")
+    return found
+
+
+def test_the_hooks_into_nnunet_live_in_one_module():
+    """Every frame inspection, class swap and excepthook is in ``adapters/nnunet_hooks.py``, whose
+    docstring lists them with the nnU-Net behaviour each relies on (docs/design.md)."""
+    assert HOOKS_MODULE in dict(ALL)
+    assert hooks_into_nnunet(dict(ALL)[HOOKS_MODULE]), "the check finds the hooks where they are"
+    offenders = {module: found for module, path in ALL if module != HOOKS_MODULE
+                 for found in [hooks_into_nnunet(path)] if found}
+    assert offenders == {}, f"move these into {HOOKS_MODULE}: {offenders}"

@@ -19,7 +19,6 @@ a peak of each height band is a true centre) instead of segmentations.
 """
 from __future__ import annotations
 
-import sys
 from os.path import join
 
 import numpy as np
@@ -28,7 +27,7 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_stseg.adapters.config import CentreParams, StSConfig
-from nnunet_stseg.adapters.predictor import loading_frame
+from nnunet_stseg.adapters.nnunet_hooks import loading_predictor
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.centres import (calibration_table, centre_probability, heatmap_peaks, heatmap_targets,
                                        match_peaks_to_objects, peak_hits)
@@ -102,8 +101,8 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision: bool = True):
-        frame = loading_frame(sys._getframe(1))
-        if frame is not None and not getattr(frame.f_locals["self"], "stseg_centre_model", False):
+        predictor = loading_predictor()
+        if predictor is not None and not getattr(predictor, "stseg_centre_model", False):
             sts = configuration_manager.configuration.get("sts", {})
             raise ValueError(
                 f"{cls.__name__} predicts object centres (a heatmap), not segmentations; nnUNetv2_predict cannot "

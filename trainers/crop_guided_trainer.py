@@ -23,7 +23,6 @@ whole model on the fold's full-resolution validation cases, like the cascade's.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_stseg.adapters.config import E2EParams, StSConfig, grid_spacing3
 from nnunet_stseg.adapters.crop_guided_predictor import CropGuidedPredictor, configure_network
-from nnunet_stseg.adapters.predictor import adopt_predictor
+from nnunet_stseg.adapters.nnunet_hooks import adopt_predictor_from_caller
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.core.crop_guided import CropGuidedLoss, CropGuidedNetwork, crop_targets
 from nnunet_stseg.core.depth import DEPTH_KEY
@@ -160,7 +159,7 @@ class nnUNetTrainer_StSEndToEnd(WholeImageModelTrainer):
                                    enable_deep_supervision: bool = True):
         """Both modules with the coarse configuration's architecture (the fine one with one more input
         channel: the coarse probability), without deep supervision."""
-        adopt_predictor(sys._getframe(1), CropGuidedPredictor)
+        adopt_predictor_from_caller(CropGuidedPredictor)
         sts = StSConfig.from_configuration(configuration_manager.configuration, "the end-to-end configuration")
         coarse_cm = plans_manager.get_configuration(sts.coarse_configuration)
         coarse = nnUNetTrainer.build_network_architecture(plans_manager, coarse_cm, num_input_channels,

@@ -14,14 +14,13 @@ Its value is the depth of the slice the loader picked (see :mod:`nnunet_stseg.co
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_stseg.adapters.predictor import adopt_predictor
+from nnunet_stseg.adapters.nnunet_hooks import adopt_predictor_from_caller
 from nnunet_stseg.core.depth import DEPTH_KEY, append_depth_channel, check_depth_applicable, depths_from_properties
 from nnunet_stseg.trainers.loaders import build_dataloaders
 
@@ -123,7 +122,7 @@ class DepthChannelTrainerMixin:
                                    enable_deep_supervision: bool = True):
         depth = cls.uses_depth_channel(configuration_manager)
         # nnU-Net's predictor calls this while loading our model: give it our prediction behaviour
-        adopt_predictor(sys._getframe(1), cls.predictor_class, depth=depth)
+        adopt_predictor_from_caller(cls.predictor_class, depth=depth)
         return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager,
                                                         num_input_channels + int(depth), num_output_channels,
                                                         enable_deep_supervision)

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from nnunet_stseg.adapters.config import DEFAULT_FINE_TRAINER, LNET_TRAINER, LSNetParams, fine_config_name
 from nnunet_stseg.adapters.lsnet_model import LSNetPredictor, build_lsnet, configure_lsnet
-from nnunet_stseg.adapters.predictor import adopt_predictor
+from nnunet_stseg.adapters.nnunet_hooks import adopt_predictor_from_caller
 from nnunet_stseg.core.crop_guided import CropGuidedOutput, crop_targets
 from nnunet_stseg.core.lsnet import LocalisationLoss, LocalisationOutput, parameter_count
 from nnunet_stseg.trainers.centre_trainer import target_foreground
@@ -84,7 +83,7 @@ class nnUNetTrainer_StSLNet(WholeImageModelTrainer):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision: bool = True):
         """L-Net on the coarse configuration's architecture, S-Net on this one's (no deep supervision)."""
-        adopt_predictor(sys._getframe(1), LSNetPredictor)
+        adopt_predictor_from_caller(LSNetPredictor)
         return build_lsnet(plans_manager, configuration_manager, num_input_channels, num_output_channels)
 
     def initialize(self):

@@ -4,7 +4,7 @@ in a worker process.
 
 What is checked: the installed nnunetv2 version, and the names and parameters of the methods we
 override or call (the predictor's private helpers, the frame of
-``initialize_from_trained_model_folder`` that :func:`~nnunet_stseg.adapters.predictor.adopt_predictor`
+``initialize_from_trained_model_folder`` that :func:`~nnunet_stseg.adapters.nnunet_hooks.adopt_predictor`
 reads, the data loader and trainer hooks our loaders use). A version outside the range whose
 interface still matches is a warning (pip's pin normally prevents it); a changed interface is an
 error whatever the version.

@@ -11,7 +11,8 @@ trained with one of our trainers, nnU-Net calls that trainer's ``build_network_a
 ``initialize_from_trained_model_folder``; the trainer then calls :func:`adopt_predictor`, which
 turns that one predictor into an :class:`StSPredictor` (fine stage of the cascade) or a
 :class:`PluginPredictor` (our other models). A guarded dispatch: other trainers and other
-predictors are untouched.
+predictors are untouched. This and every other hook into nnU-Net's internals (frames, class
+swaps, the managers' interception, the excepthook) live in :mod:`nnunet_stseg.adapters.nnunet_hooks`.
 
 :class:`PluginPredictor` swaps its configuration and plans managers for ours
 (:mod:`nnunet_stseg.adapters.inference_io`): the preprocessor checks the input and, for depth models,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import time
 from os.path import isdir, isfile, join
 from pathlib import Path
@@ -43,11 +43,12 @@ from nnunet_stseg.adapters.bundle import (COMPANION_CHECKPOINT, companion_model_
 from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OBJECTS_SUFFIX, CaseError,
-                                                PluginConfigurationManager, PluginPlansManager, coarse_resampling_of,
-                                                one_line, remove_partial_folder, report_case_error)
+                                                coarse_resampling_of, one_line, remove_partial_folder,
+                                                report_case_error)
+from nnunet_stseg.adapters.nnunet_hooks import (ManagedManagers, install_excepthook, restore_original_class,
+                                                adopt_predictor, adopted_class, loading_frame)  # noqa: F401 (re-exported)
 from nnunet_stseg.adapters.results import model_folder, model_folder_name, train_command
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.core.depth import DEPTH_KEY
 from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (FoundObjects, _box_slices, component_voxels, crop_and_resample, find_objects,
                                         foreground_from_probabilities, foreground_probability, nonlinearity,
@@ -101,7 +102,8 @@ def in_process_rule(device_type: str, cores: int, small_networks: bool, setting:
 
 class MissingModelError(FileNotFoundError):
     """A model that prediction needs is not there. Under nnU-Net's commands it is printed as one
-    ``[nnunet-stseg] ERROR`` line instead of a traceback (see :func:`_message_without_traceback`)."""
+    ``[nnunet-stseg] ERROR`` line instead of a traceback (see
+    :func:`~nnunet_stseg.adapters.nnunet_hooks.install_excepthook`)."""
 
 
 class BatchIncomplete(RuntimeError):
@@ -110,18 +112,7 @@ class BatchIncomplete(RuntimeError):
     already reported in its own line."""
 
 
-def _message_without_traceback(previous_hook):
-    def hook(exc_type, exc, tb):
-        if isinstance(exc, (MissingModelError, BatchIncomplete)):
-            print(f"[nnunet-stseg] ERROR: {exc}", file=sys.stderr, flush=True)
-        else:
-            previous_hook(exc_type, exc, tb)
-    hook.nnunet_stseg = True
-    return hook
-
-
-if not getattr(sys.excepthook, "nnunet_stseg", False):  # uncaught in a command (nnUNetv2_predict...): no traceback
-    sys.excepthook = _message_without_traceback(sys.excepthook)
+install_excepthook(MissingModelError, BatchIncomplete)  # uncaught in a command (nnUNetv2_predict...): no traceback
 
 
 def missing_model_message(what: str, folder, dataset_name: str, plans_name: str, trainer: str, configuration: str,
@@ -137,7 +128,7 @@ def missing_coarse_message(folder, dataset_name: str, plans_name: str, sts: StSC
                                  sts.coarse_trainer, sts.coarse_configuration, fold)
 
 
-class PluginPredictor(nnUNetPredictor):
+class PluginPredictor(ManagedManagers, nnUNetPredictor):
     """nnU-Net's predictor as our trainers' models get it (see the module docstring):
 
     - preprocessing by :class:`CheckedPreprocessor` (input checks; the depth channel when
@@ -186,44 +177,9 @@ class PluginPredictor(nnUNetPredictor):
         the instance gets its own class back (nnU-Net's, or the user's subclass) before nnU-Net
         loads; a model of ours adopts it again while it loads, any other model runs as it would
         have without us."""
-        original = self.__dict__.pop(_ORIGINAL_CLASS, nnUNetPredictor)
-        for attr in _PLUGIN_STATE + _MANAGERS:
-            self.__dict__.pop(attr, None)
-        self.__class__ = original
+        original = restore_original_class(self)
         return original.initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
                                                              checkpoint_name)
-
-    def _managed(self, name: str):
-        """The wrapped plans/configuration manager; one nnU-Net assigned as a plain attribute
-        before this predictor was adopted is wrapped now (the assignment order is nnU-Net's)."""
-        if self.__dict__.get(f"_{name}") is None and self.__dict__.get(name) is not None:
-            setattr(self, name, self.__dict__.pop(name))
-        return self.__dict__.get(f"_{name}")
-
-    @property
-    def configuration_manager(self):
-        return self._managed("configuration_manager")
-
-    @configuration_manager.setter
-    def configuration_manager(self, value) -> None:
-        if value is not None:
-            configuration = dict(value.configuration)
-            if self.depth_channel:
-                configuration[DEPTH_KEY] = True
-            else:
-                configuration.pop(DEPTH_KEY, None)
-            value = PluginConfigurationManager(configuration)
-        self.__dict__["_configuration_manager"] = value
-
-    @property
-    def plans_manager(self):
-        return self._managed("plans_manager")
-
-    @plans_manager.setter
-    def plans_manager(self, value) -> None:
-        if value is not None and not isinstance(value, PluginPlansManager):
-            value = PluginPlansManager(value.plans)
-        self.__dict__["_plans_manager"] = value
 
     def enable_depth_channel(self, enabled: bool = True) -> None:
         """Switch the depth channel on (or off) for the configuration set now or later."""
@@ -892,17 +848,6 @@ def companion_logits(model: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor
     return model.predict_sliding_window_return_logits(data)
 
 
-def loading_frame(caller_frame):
-    """The frame of nnU-Net's ``initialize_from_trained_model_folder`` up the stack from
-    ``caller_frame`` (an nnU-Net predictor loading a model), or None."""
-    frame = caller_frame
-    while frame is not None and frame.f_code.co_name != "initialize_from_trained_model_folder":
-        frame = frame.f_back
-    if frame is None or not isinstance(frame.f_locals.get("self"), nnUNetPredictor):
-        return None
-    return frame
-
-
 @functools.cache
 def _glibc_trim():
     """glibc's ``malloc_trim`` (None off glibc: macOS, Windows, musl)."""
@@ -939,66 +884,6 @@ CPU_BATCH_VOXELS = 64 ** 3
 """Voxels of crops in one fine forward pass on the CPU (:meth:`StSPredictor.fine_batch_size`): one
 3D crop at S = 64 (as fast per crop as larger batches on a CPU, with half the activations of two:
 ``python -m benchmarks.benchmark --fine_batches 1 2 4``), 64 2D crops at S = 64 (up to ``crops_per_batch``)."""
-
-# what our predictors keep on the instance: dropped whenever the predictor loads another model
-_PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
-                 "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
-                 "_case_memo", "_stage_seconds", "_fine_weights", "_fine_on")
-_MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
-_ORIGINAL_CLASS = "_stseg_original_class"
-
-
-def _is_ours(cls: type) -> bool:
-    """One of our predictor classes (replaced, never combined, when another model is loaded)."""
-    return cls.__module__.startswith("nnunet_stseg.")
-
-
-@functools.cache
-def _on_top_of(target: type, user_class: type) -> type:
-    """``target`` (ours) on top of a user's ``nnUNetPredictor`` subclass: our overrides come first
-    and their ``super()`` calls reach the user's overrides before nnU-Net's."""
-    return type(f"{target.__name__}On{user_class.__name__}", (target, user_class), {"__module__": __name__})
-
-
-def adopted_class(target: type, original: type) -> type:
-    """The class a predictor of class ``original`` gets to run a model of ours with ``target``'s
-    behaviour: ``target`` itself for nnU-Net's plain predictor (or one of ours), else ``target`` on
-    top of the user's subclass, so that its overrides keep working; one clear error when the two
-    cannot be combined."""
-    if original is nnUNetPredictor or issubclass(target, original) or _is_ours(original):
-        return target
-    try:
-        return _on_top_of(target, original)
-    except TypeError as e:
-        raise TypeError(f"a model trained with nnunet-stseg needs {target.__name__} behaviour, which cannot be "
-                        f"combined with the predictor class {original.__module__}.{original.__qualname__} ({e}); "
-                        f"load the model with nnunetv2's nnUNetPredictor or a plain subclass of it") from None
-
-
-def adopt_predictor(caller_frame, predictor_class: type | None = None, depth: bool = False) -> None:
-    """Called from our trainers' ``build_network_architecture``: if nnU-Net's
-    ``initialize_from_trained_model_folder`` is the caller, give that predictor the behaviour of
-    ``predictor_class`` (default :class:`PluginPredictor`; :func:`adopted_class` keeps a user's
-    subclass), start from clean state, and for a subclass of :class:`StSPredictor` remember the
-    model folder and folds so the coarse model of the same folds is loaded on first use; the depth
-    channel if ``depth``. Anything else calling is left alone. Loading another model later
-    (:meth:`PluginPredictor.initialize_from_trained_model_folder`) gives the predictor its own
-    class back."""
-    frame = loading_frame(caller_frame)
-    if frame is None:
-        return
-    predictor = frame.f_locals.get("self")
-    original = predictor.__dict__.get(_ORIGINAL_CLASS) or type(predictor)
-    target = predictor_class or PluginPredictor
-    predictor.__class__ = adopted_class(target, original)
-    for attr in _PLUGIN_STATE:
-        predictor.__dict__.pop(attr, None)
-    predictor.__dict__[_ORIGINAL_CLASS] = nnUNetPredictor if _is_ours(original) else original
-    predictor.depth_channel = bool(depth)
-    if issubclass(target, StSPredictor):
-        predictor._sts_source = (frame.f_locals.get("model_training_output_dir"), frame.f_locals.get("use_folds"),
-                                 frame.f_locals.get("checkpoint_name", "checkpoint_final.pth"))
-
 
 __all__ = ["StSPredictor", "PluginPredictor", "BatchIncomplete", "adopt_predictor", "adopted_class", "loading_frame",
            "companion_logits",
