@@ -9,12 +9,13 @@ made with ``pip install -e`` when missing), and every output file is compared by
 ``tests/trained_models.py``): ``<set>/nnUNet_raw``, ``<set>/nnUNet_preprocessed``,
 ``<set>/nnUNet_results``. A model is a results folder ``<trainer>__<plans>__<configuration>`` with
 at least one ``fold_*/checkpoint_final.pth``; it predicts ``nnUNet_raw/<dataset>/imagesTs`` with
-all its folds on the CPU.
+all its folds on the CPU (a polar model once more with heatmap origins: the centre-point model
+cannot predict alone).
 
-Compared: label maps, ``.npz`` probabilities (each stored array's bytes: a zip entry also carries
-the time it was written), ``.pkl`` properties, ``.objects.json`` reports, the copied plans. Not
-compared: ``predict_from_raw_data_args.json`` (it records the output folder). Exit code 1 if any
-file differs or exists on one side only, or a prediction failed on one side only.
+Compared: label maps, ``.npz`` probabilities (each stored array's bytes, not the zip's metadata),
+``.pkl`` properties, ``.objects.json`` reports, the copied plans. Not compared:
+``predict_from_raw_data_args.json`` (it records the output folder). Exit code 1 if any file
+differs or exists on one side only, or a prediction failed on one side only.
 
     .venv/bin/python -m benchmarks.compare_checkouts --before ../wt-base --after . --models /tmp/stseg_models
 """
@@ -22,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 NOT_COMPARED = {"predict_from_raw_data_args.json"}
+# further predictions of a model's trainer, with these variables: the centre-point model cannot
+# predict alone (it gives a heatmap), the polar model uses it with heatmap origins
+VARIANTS = {"nnUNetTrainer_StSPolar": {"heatmap": {"STSEG_POLAR_ORIGINS": "heatmap"}}}
 
 
 def venv_of(checkout: Path) -> Path:
@@ -50,23 +55,25 @@ def models_in(root: Path) -> list[tuple[Path, Path, list[str]]]:
     return found
 
 
-def predict(venv: Path, set_folder: Path, model: Path, folds: list[str], out: Path) -> bool:
-    """The stock ``nnUNetv2_predict`` of ``venv`` for one model; its output in ``out.log``."""
+def predict(venv: Path, set_folder: Path, model: Path, folds: list[str], out: Path, variables: dict) -> bool:
+    """The stock ``nnUNetv2_predict`` of ``venv`` for one model, with ``variables`` set; its output
+    in ``out.log``."""
     trainer, plans, configuration = model.name.split("__")
     discovery = subprocess.run([str(venv / "bin" / "nnunet-stseg"), "env", "--dir"], capture_output=True, text=True,
                                check=True).stdout.strip()
-    env = {**os.environ, "nnUNet_compile": "f", "nnUNet_extTrainer": discovery,
+    env = {**os.environ, **variables, "nnUNet_compile": "f", "nnUNet_extTrainer": discovery,
            **{k: str(set_folder / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
     images = set_folder / "nnUNet_raw" / model.parent.name / "imagesTs"
     cmd = [str(venv / "bin" / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", model.parent.name,
            "-c", configuration, "-tr", trainer, "-p", plans, "-f", *folds, "-device", "cpu", "--save_probabilities"]
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's files are not this run's
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.log", "w") as log:
         return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode == 0
 
 
 def content(path: Path):
-    """What is compared of a file: its bytes; for ``.npz``, each entry's bytes (no timestamps)."""
+    """What is compared of a file: its bytes; for ``.npz``, each stored array's bytes."""
     if path.suffix == ".npz":
         with zipfile.ZipFile(path) as z:
             return {name: z.read(name) for name in sorted(z.namelist())}
@@ -94,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         parser.error(f"no trained model under {args.models}")
     rows, failed = [], False
-    for set_folder, model, folds in models:
-        name = f"{set_folder.name}/{model.parent.name}/{model.name}"
-        out = {side: args.out / side / set_folder.name / model.name for side in venvs}
-        ok = {side: predict(venvs[side], set_folder, model, folds, out[side]) for side in venvs}
+    runs = [(s, m, f, variant, variables) for s, m, f in models
+            for variant, variables in {"": {}, **VARIANTS.get(m.name.split("__")[0], {})}.items()]
+    for set_folder, model, folds, variant, variables in runs:
+        name = f"{set_folder.name}/{model.parent.name}/{model.name}" + (f" ({variant})" if variant else "")
+        out = {side: args.out / side / set_folder.name / (model.name + (f"_{variant}" if variant else ""))
+               for side in venvs}
+        ok = {side: predict(venvs[side], set_folder, model, folds, out[side], variables) for side in venvs}
         if not all(ok.values()):
             rows.append((name, ",".join(folds), "-", "-", "prediction failed: " + " ".join(s for s in ok if not ok[s])))
             failed |= any(ok.values())  # failing on both sides is the same behaviour

@@ -173,6 +173,7 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
         fine_s += tc - tb
         if free_memory is not None:
             free_memory()  # this batch's box-sized resamplings
+    result.probabilities = canvas  # fuse_crops fused into it in place (out=canvas)
     if scored:
         result.confidence = confidence
         result.rejected = below & (confidence < confirmation) if confirmation is not None else None
