@@ -10,7 +10,7 @@ import pytest
 
 CORE = ["nnunet_stseg.core.geometry", "nnunet_stseg.core.fusion", "nnunet_stseg.core.polar",
         "nnunet_stseg.core.depth", "nnunet_stseg.core.centres", "nnunet_stseg.core.metrics",
-        "nnunet_stseg.core.objects", "nnunet_stseg.core.sizes"]
+        "nnunet_stseg.core.objects", "nnunet_stseg.core.sizes", "nnunet_stseg.core.cascade"]
 WITH_EXAMPLES = CORE + ["nnunet_stseg.settings", "nnunet_stseg.adapters.config", "nnunet_stseg.adapters.results",
                           "nnunet_stseg.adapters.compat", "benchmarks.experiment_recall",
                           "nnunet_stseg.adapters.predictor", "nnunet_stseg.adapters.inference_io"]

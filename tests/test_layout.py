@@ -87,7 +87,8 @@ def test_imports_follow_the_layers(module, path):
 
 def test_the_core_runs_without_importing_nnunet():
     code = ("import sys, nnunet_stseg.core.geometry, nnunet_stseg.core.fusion, nnunet_stseg.core.polar, "
-            "nnunet_stseg.core.depth, nnunet_stseg.core.centres, nnunet_stseg.core.metrics, nnunet_stseg.settings; "
+            "nnunet_stseg.core.depth, nnunet_stseg.core.centres, nnunet_stseg.core.metrics, nnunet_stseg.core.cascade, "
+            "nnunet_stseg.settings; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'batchgenerators')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 import nnunet_stseg.adapters.predictor as predictor_module
+import nnunet_stseg.core.cascade as cascade_module
 from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
 
 from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
@@ -363,8 +364,8 @@ def test_more_objects_than_max_crops_are_all_segmented_in_batches(planned, capsy
     p._sts_config().max_crops, p._sts_config().crops_per_batch = 10, 16
     batched = p.predict_logits_from_preprocessed_data(one_hot(speckle))
     cut = []  # on the CPU the crops are cut one fine batch at a time, whatever max_crops allows
-    crop_and_resample = predictor_module.crop_and_resample
-    monkeypatch.setattr(predictor_module, "crop_and_resample", lambda image, boxes, *a, **k: (
+    crop_and_resample = cascade_module.crop_and_resample
+    monkeypatch.setattr(cascade_module, "crop_and_resample", lambda image, boxes, *a, **k: (
         cut.append(len(boxes)), crop_and_resample(image, boxes, *a, **k))[1])
     p._sts_config().max_crops, p._sts_config().crops_per_batch = 10000, 16
     assert torch.allclose(p.predict_logits_from_preprocessed_data(one_hot(speckle)), one_batch, atol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, Literal, Sequence
 
+from nnunet_stseg.core.cascade import FALLBACKS
 from nnunet_stseg.core.centres import CENTRE_LOSSES
 from nnunet_stseg.core.crop_guided import BOX_RULES
 from nnunet_stseg.core.geometry import CropParams, checked_fields
@@ -27,7 +28,6 @@ DEFAULT_COARSE_TRAINER = "nnUNetTrainer_StSCoarse"
 DEFAULT_FINE_TRAINER = "nnUNetTrainer_StSFine"
 DEFAULT_POLAR_TRAINER = "nnUNetTrainer_StSPolar"
 DEFAULT_CENTRE_TRAINER = "nnUNetTrainer_StSCentre"
-FALLBACKS = ("coarse", "whole")
 ORIGIN_SOURCES = ("coarse", "heatmap")
 ROLES = ("coarse", "fine", "polar", "e2e", "lsnet")
 # how a coarse configuration's images are brought to its grid, in its training data and at prediction:

@@ -49,11 +49,9 @@ from nnunet_stseg.adapters.nnunet_hooks import (ManagedManagers, install_excepth
                                                 adopt_predictor, adopted_class, loading_frame)  # noqa: F401 (re-exported)
 from nnunet_stseg.adapters.results import model_folder, model_folder_name, train_command
 from nnunet_stseg.atomic import write_json_atomic
-from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import (FoundObjects, _box_slices, component_voxels, crop_and_resample, find_objects,
-                                        foreground_from_probabilities, foreground_probability, nonlinearity,
-                                        probabilities_to_logits, recall_proposals, resample_image, segmented_confidence,
-                                        upsample_probabilities, whole_image_boxes)
+from nnunet_stseg.core.cascade import CascadeResult, segment_then_segment
+from nnunet_stseg.core.geometry import (FoundObjects, foreground_probability, probabilities_to_logits, resample_image,
+                                        upsample_probabilities)
 from nnunet_stseg.core.objects import objects_report
 
 check_nnunet()  # a different nnU-Net fails here, with the supported range, not deep inside a worker
@@ -706,131 +704,71 @@ class StSPredictor(PluginPredictor):
                   f"other {max(0.0, total - network):.3f})")
 
     def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
+        """One case through the cascade: the coarse model (nnU-Net's sliding window), then
+        :func:`~nnunet_stseg.core.cascade.segment_then_segment` with the fine network; logs, the
+        objects report and the stage seconds here. Logits on the full grid, on the CPU."""
         sts = self._sts_config()
         self._ensure_coarse()
-        lm = self.label_manager
-        multilabel = lm.has_regions
+        multilabel = self.label_manager.has_regions
         shape = tuple(data.shape[1:])
+        crop = sts.crop
         t0 = self._clock()
-
-        # 1. coarse pass on the coarse grid
         coarse = self.coarse_output(data)  # (K, *grid)
         if self.objects_grid == "full":
             tu = self._clock()
             coarse = upsample_probabilities(coarse, shape)
             self._add_seconds(coarse_to_full_grid=self._clock() - tu)
-        grid = tuple(coarse.shape[1:])
-        foreground = foreground_from_probabilities(coarse, multilabel)
-        t1 = self._clock()
+        tc = self._clock()
+        voxels_per_cell = float(np.prod(shape)) / float(np.prod(coarse.shape[1:]))
 
-        # 2. boxes from connected components ON THE COARSE GRID, mapped to the full grid: the argmax
-        # components and, with recall-first proposals, the regions the coarse model saw below its
-        # decision (sts.crop.proposal_threshold)
-        crop = sts.crop
-        low = foreground_probability(coarse, multilabel) if crop.proposal_threshold is not None else None
-        proposals, n_extra = recall_proposals(foreground, low, crop.proposal_threshold, crop.active,
-                                              max_extra=sts.max_crops)
-        del low
-        # 3. the canvas: the coarse probabilities on the full grid, in half precision (as nnU-Net's own
-        # logits), the only K x volume array of the case; the objects' tight boxes are read off it
-        t2 = self._clock()
-        canvas = upsample_probabilities(coarse, shape, torch.float16, background_from_rest=not multilabel)
-        t3 = self._clock()
-        self._add_seconds(coarse_to_full_grid=t3 - t2)
-        found = find_objects(proposals, self._fine_spacing3(), crop, rule_spacing=self._rule_spacing3(),
-                             image_shape=shape, probabilities=canvas, multilabel=multilabel,
-                             decided=foreground if n_extra else None, proposal_threshold=crop.proposal_threshold)
-        below = found.below if n_extra else np.zeros(len(found.ids), bool)  # the kept proposals below the decision
-        del proposals, foreground
-        release_freed_heap(int(np.prod(shape)))  # the box search's many small arrays, before the crops
-        boxes, n_dropped = found.crop_boxes, found.n_dropped
-        fallback = None if len(boxes) else sts.fallback
-        self._record_objects(found, coarse, multilabel, fallback, below if crop.proposal_threshold else None,
-                             voxels_per_cell=float(np.prod(shape)) / float(np.prod(grid)))
-        del coarse
-        # components below the size rule are noise: background. Outside every crop the exported
-        # probabilities are then the coarse model's (the segmentation there is background either
-        # way; an ensemble averages soft probabilities, not certainties: docs/design.md). The kept
-        # objects' foreground lies in their crops, which replace the canvas there.
-        for component, box in zip(found.dropped_ids, found.dropped_boxes):
-            region = canvas[(slice(None), *_box_slices(box))]
-            noise = torch.as_tensor(component_voxels(canvas, found.labels, component, box, multilabel),
-                                    device=canvas.device)
-            region[:, noise] = 0.0
-            if not multilabel:
-                region[0, noise] = 1.0
-        if len(boxes) == 0:
-            self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
-                      f"fallback '{fallback}' ("
-                      f"{'coarse prediction kept' if fallback == 'coarse' else 'fine pass on the whole image'})")
-            if fallback == "coarse":
-                self._add_seconds(geometry=(t2 - t1) + self._clock() - t3)
-                self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": t2 - t1 + self._clock() - t3,
-                                     "fine_s": 0.0,
-                                     "n_boxes": 0, "n_dropped": n_dropped, "fallback": fallback}
-                return probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
-            boxes = whole_image_boxes(shape, crop.active)
-        else:
-            n_batches = -(-len(boxes) // sts.max_crops)
-            self._log(f"{len(boxes)} object(s) cropped"
-                      + (f" ({int(below.sum())} below the coarse decision, foreground probability >= "
-                         f"{crop.proposal_threshold})" if below.any() else "")
-                      + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
-                         f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
-                      + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
-        image = self._case_on_work_device(data)
-        two_d = len(self.configuration_manager.patch_size) == 2
-        covered, fine_s = [], 0.0  # the boxes pasted so far (no full-size coverage mask)
-        # 4. + 5. every object, max_crops at a time (the bound is on memory, never on the result):
-        # crops cut from the case -> fine pass -> pasted back and fused into the canvas (the first
-        # crop over a voxel replaces the coarse probabilities there). On the CPU one fine batch at a
-        # time: a chunk's sampling grids, crops, logits and probabilities (46 3D crops at S = 64:
-        # ~400 MiB) then never coexist with the network's activations (the same sampling work, in
-        # smaller calls)
-        step = sts.max_crops if self.device.type != "cpu" else min(sts.max_crops,
-                                                                     self.fine_batch_size(crop.patch_size))
-        # with proposal_confirmation, a proposal below the decision is fused only when the fine stage
-        # segments it with confidence (the argmax objects always are); the confidence is computed only
-        # for that rule or the objects report (on a GPU each chunk's scores are a device sync)
-        confirmation = crop.proposal_confirmation if fallback is None else None
-        scored = fallback is None and (confirmation is not None or sts.objects_report)
-        confidence = np.zeros(len(boxes))
-        for start in range(0, len(boxes), step):
-            chunk = boxes[start:start + step]
-            crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
-            crops = crops[:, :, 0] if two_d else crops
-            tb = self._clock()
-            fine_logits = self._forward_fine(crops)  # (N, K, ...): nonlinearity over the channel axis 1
-            tc = self._clock()
-            probs = nonlinearity(fine_logits, multilabel)
-            probs = probs[:, :, None] if two_d else probs
-            if scored:
-                confidence[start:start + len(chunk)] = segmented_confidence(probs, multilabel).cpu().numpy()
-            if confirmation is not None:
-                keep = ~below[start:start + len(chunk)] | (confidence[start:start + len(chunk)] >= confirmation)
-                probs, chunk = (probs, chunk) if keep.all() else (probs[torch.from_numpy(keep).to(probs.device)],
-                                                                  chunk[keep])
-            if len(chunk):
-                canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
-                                             covered=covered)
-            fine_s += tc - tb
-            release_freed_heap(int(np.prod(shape)))  # this chunk's box-sized resamplings
-        del image, covered
-        if scored:
-            rejected = below & (confidence < confirmation) if confirmation is not None else None
-            self._record_fine_confidence(confidence, rejected)
-            if rejected is not None and rejected.any():
-                self._log(f"{int(rejected.sum())} of {int(below.sum())} proposal(s) below the coarse decision "
-                          f"rejected by the fine stage (mean foreground probability < proposal_confirmation="
-                          f"{confirmation})")
-        logits = probabilities_to_logits(canvas, multilabel, inplace=True).cpu()
-        # geometry: boxes, crops, paste-back and fusion = everything after the coarse pass but the
-        # network and the canvas's upsampling
-        geometry_s = (t2 - t1) + (self._clock() - t3 - fine_s)
-        self._add_seconds(geometry=geometry_s, fine_network=fine_s)
-        self.last_timings = {"coarse_s": t1 - t0 + t3 - t2, "geometry_s": geometry_s, "fine_s": fine_s,
-                             "n_boxes": int(len(boxes)), "n_dropped": n_dropped, "fallback": fallback}
+        def found_objects(result: CascadeResult) -> None:
+            self._record_objects(result.found, coarse, multilabel, result.fallback,
+                                 result.below if crop.proposal_threshold else None, voxels_per_cell=voxels_per_cell)
+            self._log_objects(result, sts)
+
+        # on the CPU one fine batch at a time: a chunk's sampling grids, crops, logits and probabilities
+        # (46 3D crops at S = 64: ~400 MiB) then never coexist with the network's activations
+        batch = (sts.max_crops if self.device.type != "cpu" else
+                 min(sts.max_crops, self.fine_batch_size(crop.patch_size)))
+        result = segment_then_segment(
+            coarse, self._case_on_work_device(data), self._forward_fine, crop, multilabel=multilabel,
+            fine_spacing=self._fine_spacing3(), rule_spacing=self._rule_spacing3(), fallback=sts.fallback,
+            max_crops=sts.max_crops, batch=batch, score=sts.objects_report,
+            fine_dims=len(self.configuration_manager.patch_size), clock=self._clock, on_objects=found_objects,
+            free_memory=lambda: release_freed_heap(int(np.prod(shape))))
+        if result.confidence is not None:
+            self._record_fine_confidence(result.confidence, result.rejected)
+            if result.rejected is not None and result.rejected.any():
+                self._log(f"{int(result.rejected.sum())} of {int(result.below.sum())} proposal(s) below the coarse "
+                          f"decision rejected by the fine stage (mean foreground probability < "
+                          f"proposal_confirmation={crop.proposal_confirmation})")
+        tl = self._clock()
+        logits = probabilities_to_logits(result.probabilities, multilabel, inplace=True).cpu()
+        seconds = result.seconds
+        geometry_s = seconds["geometry"] + self._clock() - tl
+        fine_s = seconds.get("fine_network", 0.0)
+        self._add_seconds(coarse_to_full_grid=seconds["coarse_to_full_grid"], geometry=geometry_s,
+                          **({"fine_network": fine_s} if result.fallback != "coarse" else {}))
+        self.last_timings = {"coarse_s": tc - t0 + seconds["coarse_decision"] + seconds["coarse_to_full_grid"],
+                             "geometry_s": geometry_s, "fine_s": fine_s, "n_boxes": int(len(result.boxes)),
+                             "n_dropped": result.found.n_dropped, "fallback": result.fallback}
         return logits
+
+    def _log_objects(self, result: CascadeResult, sts: StSConfig) -> None:
+        """The case's line on what the coarse stage found (before the fine passes)."""
+        crop, n_dropped, below = sts.crop, result.found.n_dropped, result.below
+        if result.fallback is not None:
+            self._log(f"no coarse component{f' ({n_dropped} below the size threshold)' if n_dropped else ''}: "
+                      f"fallback '{result.fallback}' ("
+                      f"{'coarse prediction kept' if result.fallback == 'coarse' else 'fine pass on the whole image'})")
+            return
+        n_batches = -(-len(result.boxes) // sts.max_crops)
+        self._log(f"{len(result.boxes)} object(s) cropped"
+                  + (f" ({int(below.sum())} below the coarse decision, foreground probability >= "
+                     f"{crop.proposal_threshold})" if below.any() else "")
+                  + (f", {n_dropped} component(s) below the size rule ({crop.min_object_size} "
+                     f"{crop.size_rule_grid}-grid voxels) dropped" if n_dropped else "")
+                  + (f"; in {n_batches} batches of at most max_crops={sts.max_crops}" if n_batches > 1 else ""))
 
 
 def companion_logits(model: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
