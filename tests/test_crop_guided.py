@@ -278,5 +278,7 @@ def test_stock_commands_on_volumes(tmp_path):
                (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
     # a fine configuration is refused with the command that makes the right one
-    with pytest.raises(RuntimeError, match="plan -d DATASET -s SIZE --e2e"):
+    wrong = (r"configuration '2d_sts_fine_32' is the fine configuration \(trained with nnUNetTrainer_StSFine\); "
+             r"nnUNetTrainer_StSEndToEnd needs an e2e configuration \(`nnunet-stseg plan --e2e` adds it\)")
+    with pytest.raises(RuntimeError, match=wrong):
         run(train_command_line(989, "2d_sts_fine_32", 0, "nnUNetTrainer_StSEndToEnd"), env, logs / "wrong.log")
