@@ -28,11 +28,11 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TR
                                           coarse_config_name, e2e_config_name, fine_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.kvasir_arms import (FAILED_JACCARD, failed_segmentations, kvasir_work_folder, plot_examples,
-                                   predict_and_score, train_arm)
+from benchmarks.kvasir_arms import (FAILED_JACCARD, failed_segmentations, kvasir_work_folder, plan_size,
+                                   plot_examples, predict_and_score, train_arm)
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
-from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                               plan_unless_planned, publish_report, report_header, results_or_run)
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, publish_report, report_header,
+                               results_or_run)
 
 ARMS = (("baseline", "downscaled baseline (coarse model)"), ("cascade", "two-stage cascade"),
         ("e2e_all", "end-to-end, one box around all (thesis)"), ("e2e_objects", "end-to-end, a box per object"))
@@ -106,8 +106,6 @@ def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    dataset_id: int = 720, runs: int = 1) -> dict:
-    from benchmarks.kvasir import install_split
-
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds, dataset_json = w.workdir, w.env, w.logs, w.ds, w.dataset_json
     n_test, val_images, val_labels, n_val = w.n_test, w.val_images, w.val_labels, w.n_val
@@ -123,10 +121,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         write_json_atomic(results, results_file, indent=1)
 
     for s in sizes:
-        plan_unless_planned(plans_file, coarse_config_name("2d", s),
-                            plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
-                            logs / f"plan_{s}.log")
-        install_split(ds, plans_file.parent)
+        plan_size(w, dataset_id, s, features, batch_size)
         row = results["sizes"].setdefault(str(s), {})
         row["S"] = s
         row["runs"] = n_runs = max(runs, int(row.get("runs", 1)))  # a later call with fewer runs keeps the others

@@ -36,8 +36,8 @@ from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_T
                                           LNET_TRAINER, coarse_config_name, fine_config_name, lsnet_config_name)
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.kvasir_arms import (failed_segmentations, kvasir_work_folder, plot_examples, predict_and_score,
-                                   train_arm)
+from benchmarks.kvasir_arms import (failed_segmentations, kvasir_work_folder, plan_size, plot_examples,
+                                   predict_and_score, train_arm)
 from benchmarks.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
                                plan_unless_planned, publish_report, report_header, results_or_run)
@@ -164,8 +164,6 @@ def parameter_counts(results_root: Path, dataset: str, size: int) -> dict:
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, batch_size: int | None,
                    device: str, seed: int = 0, limit: int | None = None, src: Path | None = None,
                    dataset_id: int = 720) -> dict:
-    from benchmarks.kvasir import install_split
-
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds, dataset_json, n_test = w.workdir, w.env, w.logs, w.ds, w.dataset_json, w.n_test
     results_file = workdir / "results_lsnet.json"
@@ -181,10 +179,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         write_json_atomic(results, results_file, indent=1)
 
     for s in sizes:
-        plan_unless_planned(plans_file, coarse_config_name("2d", s),
-                            plan_command_line(dataset_id, s, ("2d",), features, batch_size=batch_size), env,
-                            logs / f"plan_{s}.log")
-        install_split(ds, plans_file.parent)
+        plan_size(w, dataset_id, s, features, batch_size)
         row = results["sizes"].setdefault(str(s), {"S": s})
         configs = {"baseline": (coarse_config_name("2d", s), DEFAULT_COARSE_TRAINER),
                    "cascade": (fine_config_name("2d", s), DEFAULT_FINE_TRAINER), **add_lsnet_variants(plans_file, s)}

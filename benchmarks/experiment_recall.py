@@ -66,11 +66,11 @@ import numpy as np
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
 from nnunet_stseg.atomic import write_json_atomic
-from benchmarks.kvasir_arms import MISSED_DICE, kvasir_work_folder, per_case_dice, predict_and_score, train_arm
+from benchmarks.kvasir_arms import (MISSED_DICE, kvasir_work_folder, per_case_dice, plan_size, predict_and_score,
+                                   train_arm)
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                               plan_unless_planned, predict_command_line, publish_report, report_header,
-                               results_or_run, run)
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, predict_command_line,
+                               publish_report, report_header, results_or_run, run)
 from nnunet_stseg.settings import overrides_env
 
 ARMS = (("baseline", "baseline S"), ("cascade", "cascade"), ("cascade_low", "cascade + low proposals"),
@@ -365,8 +365,6 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
                    device: str, thresholds: list[float], negative_fraction: float, seed: int = 0,
                    limit: int | None = None, src: Path | None = None, repredict: bool = False,
                    dataset_id: int = 720, confirmations: Sequence[float] | str = "auto") -> dict:
-    from benchmarks.kvasir import install_split
-
     w = kvasir_work_folder(workdir, epochs, iters, seed, limit, src, dataset_id)
     workdir, env, logs, ds = w.workdir, w.env, w.logs, w.ds
     results_file = workdir / "results.json"
@@ -382,10 +380,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
 
     for s in sizes:
         for size in (s, 2 * s):
-            plan_unless_planned(plans_file, coarse_config_name("2d", size),
-                                plan_command_line(dataset_id, size, ("2d",), features, batch_size=batch_size), env,
-                                logs / f"plan_{size}.log")
-        install_split(ds, plans_file.parent)
+            plan_size(w, dataset_id, size, features, batch_size)
         fine, rejecting = add_fine_variants(plans_file, s, negative_fraction)
         row = results["sizes"].setdefault(str(s), {})
         row["S"] = s

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks.runner import (evaluate, link_into, pipeline_env, predict_command_line, run_measured, shared_data,
-                               train_fold)
+from benchmarks.runner import (evaluate, link_into, pipeline_env, plan_command_line, plan_unless_planned,
+                               predict_command_line, run_measured, shared_data, train_fold)
+from nnunet_stseg.adapters.config import coarse_config_name
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
@@ -74,6 +75,20 @@ def predict_and_score(ds: Path, out: Path, dataset_id: int, config: str, trainer
     return {**per_image_stats(out / "summary_test.json"), "ms_per_image": 1000 * seconds / n_test,
             "peak_rss_mb": peak, "prediction": str(out),
             "train_s": json.loads(train_log.read_text())["seconds"] if train_log.is_file() else float("nan")}
+
+
+def plan_size(w: SimpleNamespace, dataset_id: int, size: int, features: int, batch_size: int | None) -> Path:
+    """The cascade's 2D configurations at ``size`` in the work folder ``w`` (planned unless they are:
+    a re-run keeps its plans and preprocessed data), the preprocessed dataset given the converter's
+    split. Returns the plans file."""
+    from benchmarks.kvasir import install_split
+
+    plans_file = Path(w.env["nnUNet_preprocessed"]) / w.ds.name / "nnUNetPlans.json"
+    plan_unless_planned(plans_file, coarse_config_name("2d", size),
+                        plan_command_line(dataset_id, size, ("2d",), features, batch_size=batch_size), w.env,
+                        w.logs / f"plan_{size}.log")
+    install_split(w.ds, plans_file.parent)
+    return plans_file
 
 
 def train_arm(dataset: str, config: str, trainer: str, device: str, env: dict, log: Path, train_log: Path) -> None:
