@@ -1,6 +1,6 @@
 """Do two checkouts predict the same? Every trained model in a folder, predicted by each checkout.
 
-A refactoring that must not change predictions (issue 39) is checked here, not argued: both
+A refactoring that must not change predictions is checked here, not argued: both
 checkouts predict the same test images with every model found under ``--models`` through the stock
 ``nnUNetv2_predict --save_probabilities`` of their own virtual environment (``<checkout>/.venv``,
 made with ``pip install -e`` when missing), and every output file is compared byte by byte.
@@ -31,7 +31,8 @@ from pathlib import Path
 
 NOT_COMPARED = {"predict_from_raw_data_args.json"}
 # further predictions of a model's trainer, with these variables: the centre-point model cannot
-# predict alone (it gives a heatmap), the polar model uses it with heatmap origins
+# predict alone (it gives a heatmap), the polar model uses it with heatmap origins (the variable of
+# 0.8, deprecated since 0.9 but read by both, so that checkouts of either side of 0.9 compare)
 VARIANTS = {"nnUNetTrainer_StSPolar": {"heatmap": {"STSEG_POLAR_ORIGINS": "heatmap"}}}
 
 
@@ -90,7 +91,8 @@ def compare(before: Path, after: Path) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_checkouts",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="checkout (with or without .venv)")
     parser.add_argument("--after", type=Path, required=True, help="checkout (with or without .venv)")
     parser.add_argument("--models", type=Path, required=True, help="folder of model sets (STSEG_TEST_MODELS)")

@@ -28,7 +28,7 @@ def test_the_help_lists_the_user_commands_only(capsys):
     assert sorted(listed) == ["bundle", "demo", "env", "overlay", "plan", "predict", "sizes"]
 
 
-BENCHMARK_COMMANDS = ["benchmark", "experiment_cardiac3d", "experiment_depth", "experiment_e2e", "experiment_kvasir",
+BENCHMARK_COMMANDS = ["benchmark", "compare_checkouts", "experiment_cardiac3d", "experiment_depth", "experiment_e2e", "experiment_kvasir",
                       "experiment_lsnet", "experiment_polar", "experiment_recall", "experiment_sizes", "kvasir",
                       "polar_round_trip"]
 
