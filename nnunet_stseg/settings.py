@@ -73,17 +73,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("STSEG_POLAR_PEAK_THRESHOLD", "a number in [0, 1) (0 = no threshold)",
             "heatmap value from which a peak is a polar origin", "sts.centre.peak_threshold", deprecated=True),
     Setting(MIN_CONFIDENCE_ENV, "a number in [0, 1) (0 = keep every origin)",
-            "confidence an origin needs to be used by the polar stage", "sts.polar.min_origin_confidence", deprecated=True),
+            "confidence an origin needs to be used by the polar stage", "sts.polar.min_origin_confidence",
+            deprecated=True),
     Setting(CONFIDENCE_WEIGHTING_ENV, "0 or 1", "1: polar views weighted by their origin's confidence in the fusion",
             "sts.polar.confidence_weighting", deprecated=True),
     Setting("STSEG_OBJECTS_REPORT", "0 or 1", "0: no <case>.objects.json next to the predictions",
             "sts.objects_report", deprecated=True),
     Setting("STSEG_PROPOSAL_THRESHOLD", "a number in (0, 0.5], or none (coarse argmax components only)",
-            "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold", deprecated=True),
+            "coarse foreground probability from which a region is a cascade proposal", "sts.crop.proposal_threshold",
+            deprecated=True),
     Setting("STSEG_PROPOSAL_CONFIRMATION", "a number in [0.5, 1), or none (every proposal fused)",
             "fine-stage mean foreground probability a cascade proposal below the coarse decision needs to be fused",
             "sts.crop.proposal_confirmation", deprecated=True),
-    Setting(OVERRIDES_ENV, "comma-separated block.key=value pairs, e.g. polar.max_origins=1,crop.proposal_threshold=0.1",
+    Setting(OVERRIDES_ENV,
+            "comma-separated block.key=value pairs, e.g. polar.max_origins=1,crop.proposal_threshold=0.1",
             "plan values replaced for one prediction (any key of `nnunet-stseg plan --set` that does not change the "
             "networks)", "sts.*"),
     Setting(IN_PROCESS_ENV, "auto, 0 or 1",
@@ -237,7 +240,8 @@ def overrides_variable() -> dict[str, str] | None:
     for item in re.split(r",(?![^\[]*\])", raw):
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][\w.]*", key.strip()):
-            raise ValueError(f"environment variable {OVERRIDES_ENV}={raw!r}: expected {SETTINGS[OVERRIDES_ENV].expected}")
+            raise ValueError(f"environment variable {OVERRIDES_ENV}={raw!r}: expected "
+                             f"{SETTINGS[OVERRIDES_ENV].expected}")
         pairs[f"sts.{key.strip().removeprefix('sts.')}"] = value.strip()
     return pairs
 

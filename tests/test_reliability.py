@@ -225,7 +225,8 @@ def _bad_batch(res, folder: Path) -> dict[str, str]:
     # a 3D volume for a model trained on 2D images
     vol = sitk.GetImageFromArray(np.ones((5, 16, 16), np.float32))
     sitk.WriteImage(vol, str(folder / "bad_3d_volume_0000.nii.gz"))
-    return {"bad_truncated": "truncated", "bad_channels": "has 2 channels (files _0000 to _0001), the model expects 1", "bad_3d_volume": "trained on 2D images"}
+    return {"bad_truncated": "truncated", "bad_channels": "has 2 channels (files _0000 to _0001), the model expects 1",
+            "bad_3d_volume": "trained on 2D images"}
 
 
 @pytest.mark.slow

@@ -102,7 +102,8 @@ def test_plan_overrides_are_checked_and_keyed_by_plan_value(monkeypatch):
     with pytest.warns(FutureWarning) as warned:
         assert settings.plan_overrides() == {"sts.polar.origin_source": "heatmap", "sts.centre.peak_threshold": 0.1}
     assert sorted(str(w.message) for w in warned) == [
-        "STSEG_POLAR_ORIGINS is deprecated and will be removed in 0.10; use STSEG_OVERRIDES=polar.origin_source=heatmap",
+        "STSEG_POLAR_ORIGINS is deprecated and will be removed in 0.10; use "
+        "STSEG_OVERRIDES=polar.origin_source=heatmap",
         "STSEG_POLAR_PEAK_THRESHOLD is deprecated and will be removed in 0.10; use "
         "STSEG_OVERRIDES=centre.peak_threshold=0.1"]
     assert settings.schedule_settings() == {"STSEG_NUM_EPOCHS": 2}
@@ -124,7 +125,8 @@ def test_per_run_overrides_are_checked_against_the_plans_dataclasses():
     new, _, changed = apply_plan_overrides(cascade, None, {"sts.max_crops": "8", "sts.crop.margin_min": "2"})
     assert (new.max_crops, new.crop.margin_min) == (8, 2.0)
     assert changed == {"sts.max_crops": {"plans": 64, "used": 8}, "sts.crop.margin_min": {"plans": 4.0, "used": 2.0}}
-    with pytest.raises(ValueError, match=r"unknown key 'crop\.margin'; valid keys: crop\.jitter_box_fraction, .*crop\.margin_min"):
+    with pytest.raises(ValueError, match=r"unknown key 'crop\.margin'; valid keys: crop\.jitter_box_fraction, "
+                                         r".*crop\.margin_min"):
         apply_plan_overrides(cascade, None, {"sts.crop.margin": "2"})
     with pytest.raises(ValueError, match="unknown key 'crop.patch_size'"):
         apply_plan_overrides(cascade, None, {"sts.crop.patch_size": "[1, 64, 64]"})

@@ -106,8 +106,8 @@ class nnUNetTrainer_StSCentre(nnUNetTrainer_StSCoarse):
             sts = configuration_manager.configuration.get("sts", {})
             raise ValueError(
                 f"{cls.__name__} predicts object centres (a heatmap), not segmentations; nnUNetv2_predict cannot "
-                f"export it. Use it through the polar stage: STSEG_OVERRIDES=polar.origin_source=heatmap nnUNetv2_predict ... -c "
-                f"2d_sts_polar_{sts.get('input_size', 'S')} -tr nnUNetTrainer_StSPolar")
+                f"export it. Use it through the polar stage: STSEG_OVERRIDES=polar.origin_source=heatmap "
+                f"nnUNetv2_predict ... -c 2d_sts_polar_{sts.get('input_size', 'S')} -tr nnUNetTrainer_StSPolar")
         network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels, 1,
                                                      enable_deep_supervision)
         centre = configuration_manager.configuration.get("sts", {}).get("centre")

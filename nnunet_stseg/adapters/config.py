@@ -747,8 +747,8 @@ def plan_option_values(values: dict[str, object]) -> dict[str, object]:
     ``crop.min_object_size`` / ``crop.size_rule_grid`` set the polar stage's too unless ``polar.*``
     gives its own.
 
-    >>> plan_option_values({"crop.min_object_size": 3.0, "fallback": "whole", "max_crops": 8})
-    {'crop': {'min_object_size': 3.0}, 'polar_params': {'min_object_size': 3.0}, 'fallback': 'whole', 'sts_params': {'max_crops': 8}}
+    >>> plan_option_values({"crop.min_object_size": 3.0, "max_crops": 8})
+    {'crop': {'min_object_size': 3.0}, 'polar_params': {'min_object_size': 3.0}, 'sts_params': {'max_crops': 8}}
     """
     kwargs: dict[str, object] = {}
     names = {"crop": "crop", "polar": "polar_params", "centre": "centre_params", E2E_KEY: "e2e_params",

@@ -111,7 +111,7 @@ def channel_count_message(found: int, expected: int, reader: str) -> str:
     per file (``_0000``, ``_0001``, ...).
 
     >>> channel_count_message(1, 3, "NaturalImage2DIO")
-    'has 1 channel (a greyscale image), the model expects 3 (an RGB image; a PNG/JPEG/BMP carries its colour channels in one file)'
+    'has 1 channel (a greyscale image), the model expects 3 (an RGB image; a PNG/JPEG/BMP carries ...)'
     >>> channel_count_message(2, 1, "SimpleITKIO")
     'has 2 channels (files _0000 to _0001), the model expects 1 (file _0000)'
     """
