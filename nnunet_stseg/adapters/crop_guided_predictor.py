@@ -151,7 +151,7 @@ class CropGuidedPredictor(PluginPredictor):
             voxels.append(int(seg[region].sum()))
             mean.append(float(fg[region].mean()) if fg[region].size else 0.0)
         self._keep_objects({"tight": boxes.reshape(-1, 3, 2), "voxels": np.asarray(voxels, np.int64),
-                            "mean_probability": np.asarray(mean), "n_dropped": 0, "n_passes": passes,
+                            "mean_probability": np.asarray(mean), "n_passes": passes,
                             "n_slice_passes_without_keypoint": fallbacks},
                            "background" if len(boxes) == 0 else (fallback if fallbacks else None))
 

@@ -787,7 +787,7 @@ def companion_logits(model: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor
     ``predict_logits_from_preprocessed_data`` loads them for every case) and the logits stay on the
     device (that method moves them to the host); with several folds, nnU-Net's method as it is
     (folds averaged on the host, with its thread limit)."""
-    if n_folds(model) != 1:
+    if len(getattr(model, "list_of_parameters", None) or []) != 1:
         return model.predict_logits_from_preprocessed_data(data)
     for _ in fold_weights(model):
         return model.predict_sliding_window_return_logits(data)
