@@ -122,6 +122,16 @@ def trained_3d(tmp_path_factory):
     return tm.from_json(build_once(tmp_path_factory, "trained_3d", lambda f: tm.to_json(tm.build_3d(f))))
 
 
+@pytest.fixture(scope="session")
+def planned_boxes(tmp_path_factory):
+    """A 2D dataset planned with the end-to-end and L-SNet configurations (dataset 988; see
+    ``stand_ins.plan_crop_guided``) for their predictors with a stand-in network."""
+    from stand_ins import plan_crop_guided
+
+    root = tmp_path_factory.mktemp("boxes")
+    return root, plan_crop_guided(root, 988)
+
+
 PLAN_SIZE = 32
 PLAN_FEATURES = 8
 

@@ -282,3 +282,63 @@ def test_stock_commands_on_volumes(tmp_path):
              r"nnUNetTrainer_StSEndToEnd needs an e2e configuration \(`nnunet-stseg plan --e2e` adds it\)")
     with pytest.raises(RuntimeError, match=wrong):
         run(train_command_line(989, "2d_sts_fine_32", 0, "nnUNetTrainer_StSEndToEnd"), env, logs / "wrong.log")
+
+
+# ---------------------------------------------------------------------------------------------
+# the predictor: folds, mirroring, the device, the objects report (a stand-in model with known boxes)
+# ---------------------------------------------------------------------------------------------
+
+def test_e2e_case_that_does_not_fit_on_the_device_is_predicted_again_on_the_cpu(planned_boxes, monkeypatch, capsys):
+    from stand_ins import assert_retried_on_the_cpu, crop_guided_predictor
+
+    p, _, data = crop_guided_predictor(*planned_boxes, "e2e", [[4, 20], [6, 22]])
+    assert_retried_on_the_cpu(monkeypatch, capsys, p, data)
+
+
+def test_e2e_folds_and_whole_case_mirroring(planned_boxes):
+    """One fold's weights are loaded once for every case; two folds are each loaded per case and
+    averaged; the whole case is mirrored over every subset of the in-plane axes (4 passes)."""
+    from stand_ins import crop_guided_predictor
+
+    p, net, data = crop_guided_predictor(*planned_boxes, "e2e", [[4, 20], [6, 22]])
+    loads = []
+    real_load = net.load_state_dict
+    net.load_state_dict = lambda state, *a, **k: loads.append(state) or real_load(state, *a, **k)
+    p.predict_logits_from_preprocessed_data(data)
+    p.predict_logits_from_preprocessed_data(data)
+    assert len(loads) == 1 and p.last_timings["passes"] == 4
+    p.list_of_parameters = [{"scale": torch.tensor(1.0)}, {"scale": torch.tensor(0.0)}]
+    loads.clear()
+    two = p.predict_logits_from_preprocessed_data(data)
+    p.predict_logits_from_preprocessed_data(data)
+    assert len(loads) == 4 and p.last_timings["passes"] == 8
+    p.list_of_parameters = [{"scale": torch.tensor(0.0)}]
+    zero = p.predict_logits_from_preprocessed_data(data)
+    p.list_of_parameters = [{"scale": torch.tensor(1.0)}]
+    one = p.predict_logits_from_preprocessed_data(data)
+    assert not torch.equal(two, one) and not torch.equal(two, zero)
+    p.use_mirroring = False
+    p.predict_logits_from_preprocessed_data(data)
+    assert p.last_timings["passes"] == 1
+
+
+def test_e2e_objects_report_has_each_slices_box(planned_boxes):
+    """One object per box the model used (per slice), with the foreground inside it; a case
+    without any box reports none and the ``background`` fallback; ``objects_report: false`` none."""
+    from stand_ins import crop_guided_predictor
+
+    p, _, data = crop_guided_predictor(*planned_boxes, "e2e", [[4, 20], [6, 22]])
+    p.use_mirroring = False
+    p.predict_logits_from_preprocessed_data(data)
+    report = p.last_objects
+    assert report["n_objects"] == 2 and report["fallback"] is None and report["n_passes"] == 1
+    assert [o["box"]["start"] for o in report["objects"]] == [[1, 4, 6], [2, 4, 6]]
+    assert [o["box"]["stop"] for o in report["objects"]] == [[2, 20, 22], [3, 20, 22]]
+    pixel = float(np.prod(p.configuration_manager.spacing[-2:]))
+    # the square inside the box (a 2D configuration's slice axis counts 1 mm)
+    assert [o["volume_mm3"] for o in report["objects"]] == [round(12 * 14 * pixel, 3)] * 2
+    p.predict_logits_from_preprocessed_data(torch.zeros_like(data))
+    assert p.last_objects["n_objects"] == 0 and p.last_objects["fallback"] == "background"
+    p, _, data = crop_guided_predictor(*planned_boxes, "e2e", [[4, 20], [6, 22]], objects_report=False)
+    p.predict_logits_from_preprocessed_data(data)
+    assert p.last_objects is None

@@ -207,3 +207,29 @@ def test_lsnet_configuration_is_a_fine_copy_with_its_own_role():
     assert cfg["sts"]["role"] == "lsnet" and fine["sts"]["role"] == "fine" and cfg["sts"]["lsnet"]["gamma"] == 0.0
     assert trainer_for_role(cfg["sts"]) == "nnUNetTrainer_StSLSNet"
     json.dumps(cfg)  # plans stay JSON
+
+
+# ---------------------------------------------------------------------------------------------
+# the predictor (the end-to-end model's, with L-SNet's fractional RoIs and its fallback)
+# ---------------------------------------------------------------------------------------------
+
+def test_lsnet_case_that_does_not_fit_on_the_device_is_predicted_again_on_the_cpu(planned_boxes, monkeypatch, capsys):
+    from stand_ins import assert_retried_on_the_cpu, crop_guided_predictor
+
+    p, _, data = crop_guided_predictor(*planned_boxes, "lsnet", [[3.5, 19.5], [5.25, 21.75]])
+    assert_retried_on_the_cpu(monkeypatch, capsys, p, data)
+
+
+def test_lsnet_objects_report_has_each_slices_roi_and_the_fallback(planned_boxes):
+    """One object per RoI (fractional: the voxels it touches), per slice; the slice without a
+    keypoint is counted and names L-SNet's fallback."""
+    from stand_ins import crop_guided_predictor
+
+    p, _, data = crop_guided_predictor(*planned_boxes, "lsnet", [[3.5, 19.5], [5.25, 21.75]])
+    p.predict_logits_from_preprocessed_data(data)
+    report = p.last_objects
+    assert report["n_objects"] == 2 and report["fallback"] == "empty" and report["n_passes"] == 4
+    assert report["n_slice_passes_without_keypoint"] == 4  # slice 0 in each of the 4 mirrored passes
+    assert [o["box"]["start"] for o in report["objects"]] == [[1, 3, 5], [2, 3, 5]]
+    assert [o["box"]["stop"] for o in report["objects"]] == [[2, 20, 22], [3, 20, 22]]
+    assert report["model"].endswith("lsnet")

@@ -730,3 +730,14 @@ def test_origin_size_rule_follows_the_cascades_size_rule_grid(planned_polar):
     assert p.origins(mask)[0][:, 1:].round(1).tolist() == [[50.5, 12.5]]
     with pytest.raises(ValueError, match="size_rule_grid must be 'full' or 'coarse'"):
         PolarParams(polar_shape=(32, 32), size_rule_grid="mm")
+
+
+def test_polar_case_that_does_not_fit_on_the_device_is_predicted_again_on_the_cpu(planned_polar, monkeypatch,
+                                                                                   capsys):
+    """The polar model shares the cascade's out-of-memory retry and ``--not_on_device``."""
+    from stand_ins import assert_retried_on_the_cpu
+
+    root, ds, _ = planned_polar
+    labels = _labels(ds)
+    p, lm, net, data = _polar_predictor(root, ds, labels, labels, False)
+    assert_retried_on_the_cpu(monkeypatch, capsys, p, data)

@@ -22,7 +22,7 @@ import nnunet_stseg.adapters.predictor as predictor_module
 import nnunet_stseg.core.cascade as cascade_module
 from nnunet_stseg.adapters.config import PlanOptions, fine_config_name
 
-from stand_ins import IdentityNet, fork_instead_of_spawn, nnunet_folders
+from stand_ins import IdentityNet, assert_retried_on_the_cpu, fork_instead_of_spawn, nnunet_folders
 from trained_models import model_folder
 
 
@@ -504,44 +504,14 @@ def test_out_of_device_memory_predicts_the_case_again_on_the_cpu(planned, capsys
     root, ds = planned
     labels = _label_volume(ds[2])
     p, lm, net = _predictor(root, ds[2], fine_config_name("2d", 64), labels)
-    data = one_hot(labels)
-    expected = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
-    real_case, seen = type(p)._predict_case, []
-
-    def case_on_a_small_gpu(self, x):
-        seen.append(self.work_device.type)
-        if self.work_device.type == "cuda":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        self.device = torch.device("cpu")  # the stand-in networks run on the host
-        try:
-            return real_case(self, x)
-        finally:
-            self.device = torch.device("cuda")
-
-    import nnunet_stseg.adapters.predictor as predictor_module
-
-    monkeypatch.setattr(predictor_module, "empty_cache", lambda device: seen.append(f"empty_cache {device}"))
-    p.device = torch.device("cuda")  # what nnUNetv2_predict -device cuda sets; nothing is moved there here
-    p.perform_everything_on_device = True  # nnU-Net's default on CUDA
-    p._predict_case = case_on_a_small_gpu.__get__(p)
-    seg = lm.convert_logits_to_segmentation(p.predict_logits_from_preprocessed_data(data)).numpy()
-    assert seen == ["cuda", "empty_cache cuda", "cpu"] and np.array_equal(seg, expected)
-    out = capsys.readouterr().out
-    assert "the case did not fit on cuda (" in out and "CUDA out of memory" in out and "again with its full" in out
-    assert p.work_device.type == "cuda", "the next case tries the device again"
-
-    seen.clear()
-    p.perform_everything_on_device = False  # --not_on_device
-    p.predict_logits_from_preprocessed_data(data)
-    assert seen == ["cpu"]
+    assert_retried_on_the_cpu(monkeypatch, capsys, p, one_hot(labels))
 
     def broken_case(self, x):
         raise ValueError("not a memory problem")
 
-    p.perform_everything_on_device = True
     p._predict_case = broken_case.__get__(p)
     with pytest.raises(ValueError, match="not a memory problem"):
-        p.predict_logits_from_preprocessed_data(data)
+        p.predict_logits_from_preprocessed_data(one_hot(labels))
 
 
 def test_one_folds_weights_are_loaded_once_and_every_fold_per_batch(planned):

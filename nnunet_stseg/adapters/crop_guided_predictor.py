@@ -13,22 +13,25 @@ image is one slice; a 3D volume is predicted slice by slice, ``crops_per_batch``
    :func:`~nnunet_stseg.core.fusion.fuse_crops`); outside every box: background (the thesis's
    model output is the fine module's, and the boxes hold all the coarse foreground);
 3. averaged over folds and mirroring TTA (the whole model runs on the mirrored slice and its
-   output is mirrored back), returned as logits for nnU-Net's export.
+   output is mirrored back; :mod:`~nnunet_stseg.adapters.passes`), returned as logits for
+   nnU-Net's export; the boxes go to ``<case>.objects.json`` (``sts.objects_report``).
+
+The full-resolution arrays live on ``work_device`` (the CPU with ``--not_on_device``), and a case
+that does not fit on the device is predicted again with them on the CPU, as the cascade's.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import time
 
 import numpy as np
 import torch
 
 from nnunet_stseg.adapters.config import E2EParams, StSConfig
+from nnunet_stseg.adapters.passes import autocast, fold_weights, mirror_axis_sets
 from nnunet_stseg.adapters.predictor import PluginPredictor
 from nnunet_stseg.core.crop_guided import CropGuidedNetwork
 from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import nonlinearity, probabilities_to_logits
+from nnunet_stseg.core.geometry import foreground_probability, nonlinearity, probabilities_to_logits
 
 
 def configure_network(net: CropGuidedNetwork, configuration: dict, multilabel: bool, where: str
@@ -64,23 +67,20 @@ class CropGuidedPredictor(PluginPredictor):
             self.sts = self.configure(net)
         return net
 
-    def _mirror_sets(self) -> list[tuple[int, ...]]:
-        """The flips of the TTA as axes of a (C, Z, Y, X) case: every subset of the allowed in-plane
-        mirroring axes (nnU-Net's sliding window does the same on its windows), or none."""
-        axes = self.allowed_mirroring_axes if self.use_mirroring and self.allowed_mirroring_axes else ()
-        dims = [int(a) + 2 for a in axes]  # 2d configuration: axis 0 of the patch = Y of the case
-        return [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+    def _sts_config(self) -> StSConfig:
+        self._model()
+        return self.sts
 
-    def _one_pass(self, net: CropGuidedNetwork, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _one_pass(self, net: CropGuidedNetwork, image: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Fused fine probabilities (K, Z, Y, X) of a (C, Z, Y, X) case for the weights now loaded,
-        and the number of boxes."""
+        and the boxes (N, 3, 2) on the case's grid (a slice's boxes span that slice)."""
         shape = tuple(image.shape[1:])
         per_batch = max(1, self.sts.crops_per_batch)
         fused = covered = None
-        n_boxes = 0
+        found = [np.zeros((0, 3, 2))]
         for z0 in range(0, shape[0], per_batch):
             slices = image[:, z0:z0 + per_batch].transpose(0, 1)  # (B, C, Y, X)
-            with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
+            with autocast(self.device):
                 out = net(slices.to(self.device))
             self.__dict__["_fallbacks"] = self.__dict__.get("_fallbacks", 0) + getattr(net, "last_fallbacks", 0)
             probs = nonlinearity(out.fine.float(), net.multilabel)[:, :, None]  # (N, K, 1, m, m)
@@ -89,34 +89,40 @@ class CropGuidedPredictor(PluginPredictor):
             if not boxes:  # L-SNet: no keypoint on any of these slices
                 continue
             boxes = np.concatenate(boxes)  # integer (the end-to-end model) or fractional (L-SNet's RoIs)
-            n_boxes += len(boxes)
+            found.append(boxes)
             fused, covered = fuse_crops(probs.to(image.device), boxes, shape, multilabel=net.multilabel,
                                         out=fused, covered=covered)
         if fused is None:  # nothing found on any slice: certain background
             fused = image.new_zeros((self.label_manager.num_segmentation_heads, *shape))
             if not net.multilabel:
                 fused[0] = 1.0
-        return fused, n_boxes
+        return fused, np.concatenate(found)
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """One case on the full-resolution grid (C, Z, Y, X) -> logits on that grid, on the CPU."""
+        """One case on the full-resolution grid (C, Z, Y, X) -> logits on that grid, on the CPU (on
+        the CPU again if it does not fit on the device: :meth:`_predict_case_or_on_cpu`)."""
+        return self._predict_case_or_on_cpu(data)
+
+    def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
+        """The whole model on every slice, once per fold (:func:`~.passes.fold_weights`) and
+        mirroring of the whole case (:func:`~.passes.mirror_axis_sets`: the boxes depend on the
+        image), probabilities averaged on :attr:`work_device`."""
         t0 = time.perf_counter()
         net = self._model().to(self.device)
         net.eval()
-        work = self.device if self.perform_everything_on_device else torch.device("cpu")
-        image = torch.as_tensor(data).to(work).float()
-        params = self.list_of_parameters if self.list_of_parameters else [None]
-        total, n = None, 0
-        for p in params:
-            if p is not None:
-                net.load_state_dict(p)
-            for dims in self._mirror_sets():
-                probs, n_boxes = self._one_pass(net, image.flip(dims) if dims else image)
+        self.__dict__.pop("_fallbacks", None)
+        image = self._case_on_work_device(data)
+        total, n, first = None, 0, None
+        for _ in fold_weights(self, net):
+            for dims in mirror_axis_sets(self, 2):  # 2d configuration: axis 0 of the patch = Y of the case
+                probs, boxes = self._one_pass(net, image.flip(dims) if dims else image)
                 probs = probs.flip(dims) if dims else probs
                 total = probs if total is None else total.add_(probs)
                 n += 1
+                first = boxes if first is None else first  # the first fold's pass without mirroring
         total /= n
+        n_boxes = len(boxes)
         fallbacks = self.__dict__.pop("_fallbacks", 0)
         self.last_timings = {"seconds": time.perf_counter() - t0, "passes": n, "n_boxes": n_boxes,
                              "slices_without_keypoint": fallbacks}
@@ -124,7 +130,30 @@ class CropGuidedPredictor(PluginPredictor):
                   f"{self.last_timings['seconds']:.2f} s"
                   + (f"; {fallbacks} slice pass(es) without keypoint above the threshold (fallback "
                      f"'{net.fallback}')" if fallbacks else ""))
+        if self.sts.objects_report:
+            self._keep_box_objects(total, first, n, fallbacks, getattr(net, "fallback", None))
         return probabilities_to_logits(total, self.label_manager.has_regions, inplace=True).cpu()
+
+    def _keep_box_objects(self, probs: torch.Tensor, boxes: np.ndarray, passes: int, fallbacks: int,
+                          fallback: str | None) -> None:
+        """The case's objects report: one object per box (crop or RoI) of the first fold's pass
+        without mirroring, with the foreground voxels and mean foreground probability of the
+        averaged prediction inside it; the fallback: ``background`` when no box was found, the
+        model's own (L-SNet) when a slice pass had no keypoint."""
+        multilabel = self.label_manager.has_regions
+        seg = self.label_manager.convert_probabilities_to_segmentation(probs).cpu().numpy() != 0
+        fg = foreground_probability(probs, multilabel).cpu().numpy()
+        voxels, mean = [], []
+        for box in boxes:
+            lo = np.floor(box[:, 0] + 1e-6).astype(int)
+            hi = np.maximum(lo + 1, np.ceil(box[:, 1] - 1e-6).astype(int))
+            region = tuple(slice(max(0, a), max(0, b)) for a, b in zip(lo, hi))
+            voxels.append(int(seg[region].sum()))
+            mean.append(float(fg[region].mean()) if fg[region].size else 0.0)
+        self._keep_objects({"tight": boxes.reshape(-1, 3, 2), "voxels": np.asarray(voxels, np.int64),
+                            "mean_probability": np.asarray(mean), "n_passes": passes,
+                            "n_slice_passes_without_keypoint": fallbacks},
+                           "background" if len(boxes) == 0 else (fallback if fallbacks else None))
 
 
 __all__ = ["CropGuidedPredictor", "configure_network"]

@@ -112,7 +112,7 @@ def loading_predictor():
 # what our predictors keep on the instance: dropped whenever the predictor loads another model
 _PLUGIN_STATE = ("depth_channel", "coarse", "sts", "e2e", "lsnet", "_fallbacks", "applied_overrides", "_sts_source",
                  "centre", "centre_params", "last_objects", "_case_objects", "_current_case", "last_timings",
-                 "_case_memo", "_stage_seconds", "_fine_weights", "_fine_on")
+                 "_case_memo", "_stage_seconds", "_stseg_weights", "_stseg_net_on", "_work_device")
 _MANAGERS = ("_configuration_manager", "_plans_manager")  # wrapped by PluginPredictor
 _ORIGINAL_CLASS = "_stseg_original_class"
 

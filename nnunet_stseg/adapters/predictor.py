@@ -23,7 +23,6 @@ inputs), so they all agree with training without re-implementing any of them.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -47,6 +46,7 @@ from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OB
                                                 report_case_error)
 from nnunet_stseg.adapters.nnunet_hooks import (ManagedManagers, install_excepthook, restore_original_class,
                                                 adopt_predictor, adopted_class, loading_frame)  # noqa: F401 (re-exported)
+from nnunet_stseg.adapters.passes import autocast, fold_weights, n_folds, network_on
 from nnunet_stseg.adapters.results import model_folder, model_folder_name, train_command
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.cascade import CascadeResult, segment_then_segment
@@ -139,6 +139,7 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
 
     depth_channel: bool = False
     applied_overrides: dict | None = None  # plan key -> {"plans": value, "used": value}
+    last_objects: dict | None = None  # the objects report of the last case (also written as <case>.objects.json)
     # networks on a coarse grid or on crops only (see in_process_rule); a plain model's network runs
     # over the whole image at full resolution
     small_networks: bool = False
@@ -299,6 +300,94 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
             self.configuration_manager.properties_sink = None
             self.__dict__.pop("_sequential_ofile", None)
 
+    # ------------------------------------------------------------------------------------------
+    # where a case's arrays live, and the out-of-memory retry on the CPU (every model kind)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def work_device(self) -> torch.device:
+        """Where the full-resolution arrays of a case live (image, coarse probabilities, fused
+        canvas, polar accumulators): the network's device, the CPU with ``--not_on_device``
+        (``perform_everything_on_device=False``), and the CPU for a case that ran out of device
+        memory. The networks always run on ``self.device``, as in nnU-Net."""
+        forced = self.__dict__.get("_work_device")
+        if forced is not None:
+            return forced
+        return self.device if self.perform_everything_on_device else torch.device("cpu")
+
+    def _case_on_work_device(self, data: torch.Tensor) -> torch.Tensor:
+        """The case on :attr:`work_device`, float32: the tensor itself on the CPU, ONE copy per case
+        on a GPU (the coarse input and the crops are both cut from it; forgotten after the case)."""
+        memo = self.__dict__.setdefault("_case_memo", {})
+        if "case" not in memo:
+            memo["case"] = torch.as_tensor(data).to(self.work_device, torch.float32)
+        return memo["case"]
+
+    def _predict_case(self, data: torch.Tensor) -> torch.Tensor:
+        """One case (C, *grid) -> logits on that grid, on the CPU (each model kind's own)."""
+        raise NotImplementedError
+
+    def _predict_case_or_on_cpu(self, data: torch.Tensor) -> torch.Tensor:
+        """:meth:`_predict_case`; if the case does not fit on the device (a ``RuntimeError``), it is
+        predicted again with its full-resolution arrays on the CPU, as nnU-Net's sliding window
+        does (the next case tries the device again). Then the case's objects report."""
+        try:
+            if self.work_device.type == "cpu":
+                logits = self._predict_case(data)
+            else:
+                try:
+                    logits = self._predict_case(data)
+                except RuntimeError as e:
+                    self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
+                              f"its full-resolution arrays on the CPU")
+                    self.__dict__.pop("_case_memo", None)
+                    self.__dict__.pop("_case_objects", None)
+                    empty_cache(self.device)
+                    self.__dict__["_work_device"] = torch.device("cpu")
+                    try:
+                        logits = self._predict_case(data)
+                    finally:
+                        self.__dict__.pop("_work_device", None)
+        finally:
+            self.__dict__.pop("_case_memo", None)  # made per case
+            release_freed_heap(int(np.prod(data.shape[1:])))  # before nnU-Net's export adds its label maps
+        self._report_objects(tuple(data.shape[1:]))
+        return logits
+
+    # ------------------------------------------------------------------------------------------
+    # the per-object report <case>.objects.json (every model kind)
+    # ------------------------------------------------------------------------------------------
+    def _sts_config(self) -> StSConfig:
+        """The model's ``sts`` block (each model kind reads its own)."""
+        raise NotImplementedError
+
+    def _fine_spacing3(self) -> list[float]:
+        return grid_spacing3(self.configuration_manager.spacing)
+
+    def _keep_objects(self, found: dict, fallback: str | None) -> None:
+        """Keep a case's found objects (the ``found`` of :func:`~nnunet_stseg.core.objects.objects_report`,
+        on the preprocessed grid) until the case's report is written."""
+        if self._sts_config().objects_report:
+            self.__dict__["_case_objects"] = {**found, "fallback": fallback}
+
+    def _report_objects(self, shape: tuple[int, ...]) -> None:
+        """The objects report of the case just predicted: :attr:`last_objects`, and
+        ``<case>.objects.json`` next to its output (written atomically) when it has one."""
+        found = self.__dict__.pop("_case_objects", None)
+        properties, ofile = self._take_case()
+        if found is None:
+            return
+        report = objects_report(found, shape, properties, self.plans_manager.transpose_backward,
+                                self._fine_spacing3())
+        report = {"case": os.path.basename(ofile) if ofile else None, "model": self._model_description(), **report}
+        self.last_objects = report
+        if ofile:
+            write_json_atomic(report, f"{ofile}{OBJECTS_SUFFIX}")
+
+    def _model_description(self) -> str:
+        source = getattr(self, "_sts_source", None)
+        name = f"{self.plans_manager.dataset_name} {self.configuration_manager.configuration.get('sts', {}).get('role')}"
+        return f"{name} model {source[0]}" if source else name
+
     def _take_case(self) -> tuple[dict | None, str | None]:
         """Properties and truncated output file of the case being predicted (None, None when the
         preprocessed array came without them, e.g. a trainer's validation)."""
@@ -326,7 +415,6 @@ class StSPredictor(PluginPredictor):
     coarse: nnUNetPredictor | None = None
     sts: StSConfig | None = None
     last_timings: dict | None = None
-    last_objects: dict | None = None  # the objects report of the last case (also written as <case>.objects.json)
     sts_role = "fine"  # the configuration role this predictor runs
     small_networks = True
     # where the cascade finds its objects: "coarse" (the coarse model's grid, since 0.8) or "full" (the
@@ -436,9 +524,6 @@ class StSPredictor(PluginPredictor):
     # ------------------------------------------------------------------------------------------
     # the cascade
     # ------------------------------------------------------------------------------------------
-    def _fine_spacing3(self) -> list[float]:
-        return grid_spacing3(self.configuration_manager.spacing)
-
     def _size_rule_grid(self) -> str:
         """``full`` or ``coarse``: the grid the size rule counts voxels on (``sts.crop.size_rule_grid``)."""
         return self._sts_config().crop.size_rule_grid
@@ -488,25 +573,6 @@ class StSPredictor(PluginPredictor):
             memo[key] = made
         return memo[key]
 
-    def _case_on_work_device(self, data: torch.Tensor) -> torch.Tensor:
-        """The case on :attr:`work_device`, float32: the tensor itself on the CPU, ONE copy per case
-        on a GPU (the coarse input and the crops are both cut from it; forgotten after the case)."""
-        memo = self.__dict__.setdefault("_case_memo", {})
-        if "case" not in memo:
-            memo["case"] = data.to(self.work_device, torch.float32)
-        return memo["case"]
-
-    @property
-    def work_device(self) -> torch.device:
-        """Where the full-resolution arrays of a case live (image, coarse probabilities, fused
-        canvas, polar accumulators): the network's device, the CPU with ``--not_on_device``
-        (``perform_everything_on_device=False``), and the CPU for a case that ran out of device
-        memory. The networks always run on ``self.device``, as in nnU-Net."""
-        forced = self.__dict__.get("_work_device")
-        if forced is not None:
-            return forced
-        return self.device if self.perform_everything_on_device else torch.device("cpu")
-
     @torch.inference_mode()
     # nnU-Net reads these two signatures (it records its arguments with inspect + locals()): keep them
     def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
@@ -530,32 +596,12 @@ class StSPredictor(PluginPredictor):
                                                      save_probabilities, overwrite, folder_with_segs_from_prev_stage)
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """One case (the full-resolution grid) -> logits on that grid, on the CPU. If the case does
-        not fit on the device (a ``RuntimeError``), it is predicted again with its full-resolution
-        arrays on the CPU, as nnU-Net's sliding window does."""
+        """One case (the full-resolution grid) -> logits on that grid, on the CPU (on the CPU
+        again if it does not fit on the device: :meth:`_predict_case_or_on_cpu`)."""
         self.__dict__["_stage_seconds"] = {}
         started = self._clock()
-        try:
-            if self.work_device.type == "cpu":
-                logits = self._predict_case(data)
-            else:
-                try:
-                    logits = self._predict_case(data)
-                except RuntimeError as e:
-                    self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
-                              f"its full-resolution arrays on the CPU")
-                    self.__dict__.pop("_case_memo", None)
-                    empty_cache(self.device)
-                    self.__dict__["_work_device"] = torch.device("cpu")
-                    try:
-                        logits = self._predict_case(data)
-                    finally:
-                        self.__dict__.pop("_work_device", None)
-        finally:
-            self.__dict__.pop("_case_memo", None)  # made per case
-            release_freed_heap(int(np.prod(data.shape[1:])))  # before nnU-Net's export adds its label maps
+        logits = self._predict_case_or_on_cpu(data)
         self._log_stage_seconds(self._clock() - started)
-        self._report_objects(tuple(data.shape[1:]))
         return logits
 
     def _record_objects(self, found: FoundObjects | None, coarse_probs: torch.Tensor | None, multilabel: bool,
@@ -593,31 +639,6 @@ class StSPredictor(PluginPredictor):
             if rejected is not None:
                 found["rejected"] = rejected
 
-    def _keep_objects(self, found: dict, fallback: str | None) -> None:
-        """Keep a case's found objects (the ``found`` of :func:`~nnunet_stseg.core.objects.objects_report`,
-        on the preprocessed grid) until the case's report is written."""
-        if self._sts_config().objects_report:
-            self.__dict__["_case_objects"] = {**found, "fallback": fallback}
-
-    def _report_objects(self, shape: tuple[int, ...]) -> None:
-        """The objects report of the case just predicted: :attr:`last_objects`, and
-        ``<case>.objects.json`` next to its output (written atomically) when it has one."""
-        found = self.__dict__.pop("_case_objects", None)
-        properties, ofile = self._take_case()
-        if found is None:
-            return
-        report = objects_report(found, shape, properties, self.plans_manager.transpose_backward,
-                                self._fine_spacing3())
-        report = {"case": os.path.basename(ofile) if ofile else None, "model": self._model_description(), **report}
-        self.last_objects = report
-        if ofile:
-            write_json_atomic(report, f"{ofile}{OBJECTS_SUFFIX}")
-
-    def _model_description(self) -> str:
-        source = getattr(self, "_sts_source", None)
-        name = f"{self.plans_manager.dataset_name} {self.configuration_manager.configuration.get('sts', {}).get('role')}"
-        return f"{name} model {source[0]}" if source else name
-
     def fine_batch_size(self, crop_shape) -> int:
         """Crops per fine forward pass: ``sts.crops_per_batch``; on the CPU also at most
         :data:`CPU_BATCH_VOXELS` voxels of crops (a 64^3 crop through a width-32 3D U-Net holds
@@ -630,30 +651,19 @@ class StSPredictor(PluginPredictor):
 
     def _forward_fine(self, crops: torch.Tensor) -> torch.Tensor:
         """Fine logits for (N, C, *patch) crops: batched on the network's device (under autocast on
-        CUDA, as nnU-Net's sliding window), averaged over folds (as nnU-Net averages logits over
-        folds) with the predictor's mirroring TTA; returned float32 on the crops' device. With one
-        fold its weights are loaded once, not for every batch (the polar stage calls this per batch)."""
+        CUDA, as nnU-Net's sliding window), averaged over folds (:func:`~.passes.fold_weights`, as
+        nnU-Net averages logits over folds) with nnU-Net's mirroring TTA of each batch; returned
+        float32 on the crops' device."""
         per_batch = self.fine_batch_size(crops.shape[2:])
-        net = self.network
-        ready = self.__dict__.get("_fine_on")
-        if ready is None or ready[0] is not net or ready[1] != self.device:  # .to() walks every module: once
-            net = self.network = net.to(self.device)
-            net.eval()
-            self.__dict__["_fine_on"] = (net, self.device)
-        params = self.list_of_parameters if self.list_of_parameters else [None]
+        net = network_on(self)
         total = None
-        for p in params:
-            loaded = self.__dict__.get("_fine_weights")
-            if p is not None and not (loaded is not None and loaded[0] is net and loaded[1] is p):
-                target = net._orig_mod if hasattr(net, "_orig_mod") else net
-                target.load_state_dict(p)
-                self.__dict__["_fine_weights"] = (net, p) if len(params) == 1 else None
-            with torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext():
+        for _ in fold_weights(self, net):
+            with autocast(self.device):
                 outs = [self._internal_maybe_mirror_and_predict(crops[i:i + per_batch].to(self.device))
                         for i in range(0, len(crops), per_batch)]
             out = torch.cat(outs).float()
             total = out if total is None else total + out
-        return (total / len(params)).to(crops.device)
+        return (total / n_folds(self)).to(crops.device)
 
     def coarse_output(self, data: torch.Tensor) -> torch.Tensor:
         """Coarse model probabilities (K, *coarse grid) on :attr:`work_device`: the case made by the
@@ -773,17 +783,14 @@ class StSPredictor(PluginPredictor):
 
 def companion_logits(model: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
     """Logits of a companion model (coarse, centre-point) for its input ``data``: nnU-Net's sliding
-    window. With one fold its weights are loaded once (nnU-Net's ``predict_logits_from_preprocessed_data``
-    loads them for every case) and the logits stay on the device (that method moves them to the
-    host); with several folds, nnU-Net's method as it is (folds averaged)."""
-    params = getattr(model, "list_of_parameters", None) or []
-    if len(params) != 1:
+    window. With one fold its weights are loaded once (:func:`~.passes.fold_weights`; nnU-Net's
+    ``predict_logits_from_preprocessed_data`` loads them for every case) and the logits stay on the
+    device (that method moves them to the host); with several folds, nnU-Net's method as it is
+    (folds averaged on the host, with its thread limit)."""
+    if len(getattr(model, "list_of_parameters", None) or []) != 1:
         return model.predict_logits_from_preprocessed_data(data)
-    if model.__dict__.get("_stseg_loaded") is not params[0]:
-        target = model.network._orig_mod if hasattr(model.network, "_orig_mod") else model.network
-        target.load_state_dict(params[0])
-        model.__dict__["_stseg_loaded"] = params[0]
-    return model.predict_sliding_window_return_logits(data)
+    for _ in fold_weights(model):
+        return model.predict_sliding_window_return_logits(data)
 
 
 @functools.cache
