@@ -497,7 +497,7 @@ def main(argv=None) -> None:
                    help="time the planned 3D fine network per CPU batch size (e.g. 1 2 4)")
     p.add_argument("--compare_paths", action="store_true",
                    help="instead: a trained cascade's predictions with objects found on the coarse grid (0.8) vs on "
-                        "the full grid (before), image by image (see nnunet_stseg/commands/compare_paths.py)")
+                        "the full grid (before), image by image (see benchmarks/compare_paths.py)")
     p.add_argument("--prediction_modes", action="store_true",
                    help="instead: nnUNetv2_predict of model -m on images -i in its own process and with nnU-Net's "
                         "workers (STSEG_PREDICT_IN_PROCESS)")
@@ -613,7 +613,7 @@ def per_stage(args, cmd: str) -> str:
         *report_header("Cascade inference cost per stage (CPU)", cmd),
         f"Budget: one case per row, S = {args.size}, TTA {'on' if args.tta else 'off'}, "
         f"{args.objects} objects per case, random-weight planned networks with an oracle coarse mask "
-        f"(see `nnunet_stseg/commands/benchmark.py`); each row in a fresh process: the cascade and nnU-Net's export "
+        f"(see `benchmarks/benchmark.py`); each row in a fresh process: the cascade and nnU-Net's export "
         f"run once to warm up, then {args.repeats} timed runs, the fastest one's seconds reported (at 2D sizes "
         "one run's seconds vary by more than the differences this table is read for).",
         "",
