@@ -33,6 +33,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_stseg.adapters.config import E2EParams, StSConfig, grid_spacing3
 from nnunet_stseg.adapters.crop_guided_predictor import CropGuidedPredictor, configure_network
 from nnunet_stseg.adapters.nnunet_hooks import adopt_predictor_from_caller
+from nnunet_stseg.adapters.passes import unwrapped
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.core.crop_guided import CropGuidedLoss, CropGuidedNetwork, crop_targets
 from nnunet_stseg.core.depth import DEPTH_KEY
@@ -93,8 +94,7 @@ class WholeImageModelTrainer(_StSScheduleMixin, nnUNetTrainer):
         self.configuration_manager = ConfigurationManager({**cfg, "patch_size": self.canvas})
 
     def _plain_network(self):
-        net = self.network.module if self.is_ddp else self.network
-        return net._orig_mod if hasattr(net, "_orig_mod") else net
+        return unwrapped(self.network.module if self.is_ddp else self.network)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Nothing to switch: the modules are built without deep supervision."""

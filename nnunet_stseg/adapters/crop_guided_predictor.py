@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from nnunet_stseg.adapters.config import E2EParams, StSConfig
-from nnunet_stseg.adapters.passes import autocast, fold_weights, mirror_axis_sets
+from nnunet_stseg.adapters.passes import autocast, fold_weights, mirror_axis_sets, unwrapped
 from nnunet_stseg.adapters.predictor import PluginPredictor
 from nnunet_stseg.core.crop_guided import CropGuidedNetwork
 from nnunet_stseg.core.fusion import fuse_crops
@@ -62,7 +62,7 @@ class CropGuidedPredictor(PluginPredictor):
         return sts
 
     def _model(self) -> CropGuidedNetwork:
-        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        net = unwrapped(self.network)
         if self.sts is None:
             self.sts = self.configure(net)
         return net

@@ -331,22 +331,21 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
         predicted again with its full-resolution arrays on the CPU, as nnU-Net's sliding window
         does (the next case tries the device again). Then the case's objects report."""
         try:
-            if self.work_device.type == "cpu":
+            try:
                 logits = self._predict_case(data)
-            else:
+            except RuntimeError as e:
+                if self.work_device.type == "cpu":  # nowhere left to go
+                    raise
+                self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
+                          f"its full-resolution arrays on the CPU")
+                self.__dict__.pop("_case_memo", None)
+                self.__dict__.pop("_case_objects", None)
+                empty_cache(self.device)
+                self.__dict__["_work_device"] = torch.device("cpu")
                 try:
                     logits = self._predict_case(data)
-                except RuntimeError as e:
-                    self._log(f"the case did not fit on {self.device} ({one_line(e, 160)}); predicting it again with "
-                              f"its full-resolution arrays on the CPU")
-                    self.__dict__.pop("_case_memo", None)
-                    self.__dict__.pop("_case_objects", None)
-                    empty_cache(self.device)
-                    self.__dict__["_work_device"] = torch.device("cpu")
-                    try:
-                        logits = self._predict_case(data)
-                    finally:
-                        self.__dict__.pop("_work_device", None)
+                finally:
+                    self.__dict__.pop("_work_device", None)
         finally:
             self.__dict__.pop("_case_memo", None)  # made per case
             release_freed_heap(int(np.prod(data.shape[1:])))  # before nnU-Net's export adds its label maps
