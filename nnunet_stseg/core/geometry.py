@@ -747,12 +747,15 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
     ndim = crop.ndim - 1
     box = np.asarray(box, dtype=np.float64).reshape(ndim, 2)
     region = np.asarray(box if region is None else region, dtype=np.int64).reshape(ndim, 2)
-    if mode == "linear" and np.array_equal(region, box) and ndim in (2, 3):
-        # the whole integer box: the same map is F.interpolate's (half-pixel centres, clamped at the
-        # border), separable and without a sampling grid: 3-4 x faster on a CPU
-        size = tuple(int(v) for v in region[:, 1] - region[:, 0])
-        return F.interpolate(crop[None].float(), size=size, mode="bilinear" if ndim == 2 else "trilinear",
-                             align_corners=False)[0]
+    integer = np.array_equal(box, np.round(box))
+    inside = np.all(region[:, 0] >= box[:, 0]) and np.all(region[:, 1] <= box[:, 1])
+    if mode == "linear" and integer and inside and ndim in (2, 3):
+        # an integer box, or rows of it: the same map is F.interpolate's (half-pixel centres, clamped
+        # at the border), separable and without a sampling grid (linear_rows): ~5 x faster on a CPU,
+        # and the cost is the region's alone
+        size = (box[:, 1] - box[:, 0]).astype(np.int64)
+        local = region - box[:, :1].astype(np.int64)
+        return linear_rows(crop.float(), size, tuple(local[0]), window=local[1:])
     coords = []
     for d in range(ndim):
         i = torch.arange(int(region[d, 0]), int(region[d, 1]), device=crop.device, dtype=torch.float32)
@@ -773,17 +776,68 @@ def slab_ranges(length: int, voxels_per_slice: int, slab_voxels: int) -> list[tu
     return [(a, min(a + step, int(length))) for a in range(0, int(length), step)]
 
 
+def linear_rows(probs: torch.Tensor, shape: Sequence[int], rows: tuple[int, int] | None = None,
+                dtype: torch.dtype | None = None, background_from_rest: bool = False,
+                window: np.ndarray | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``[z0, z1)`` (along the first axis) of ``probs`` (K, *grid) linearly interpolated to the
+    grid ``shape`` of the same field of view (half-pixel centres, clamped at the border: the values
+    ``F.interpolate(..., align_corners=False)`` gives, up to float rounding), optionally only the
+    in-plane ``window`` ((ndim - 1, 2) of the other axes). Separable: the source slices the rows need
+    are interpolated in-plane (one batched 2D interpolation), then blended along the first axis, so
+    the cost is that of the rows asked for. One arithmetic for every caller (the coarse canvas slab by
+    slab, a crop pasted back slab by slab, a box of the canvas read without the canvas): they agree
+    bit for bit. ``background_from_rest`` (softmax, channel 0 = background): channel 0 is 1 - the sum
+    of the others (one channel less to interpolate). Returns (K, z1 - z0, *window size) of ``dtype``
+    (default ``probs``'s), written into ``out`` when given.
+
+    >>> p = torch.tensor([[[[0.0, 1.0]]]])                  # (K, Z, Y, X) = (1, 1, 1, 2)
+    >>> linear_rows(p, (1, 1, 4))[0, 0, 0].tolist()
+    [0.0, 0.25, 0.75, 1.0]
+    >>> linear_rows(p, (1, 1, 4), window=np.array([[0, 1], [1, 3]]))[0, 0, 0].tolist()
+    [0.25, 0.75]
+    """
+    shape = tuple(int(s) for s in shape)
+    grid = tuple(probs.shape[1:])
+    k = probs.shape[0]
+    z0, z1 = (0, shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    plane = tuple(slice(int(a), int(b)) for a, b in window) if window is not None else ()
+    size = [z1 - z0, *(len(range(n)[s]) for n, s in zip(shape[1:], plane))] if plane else [z1 - z0, *shape[1:]]
+    if out is None:
+        out = torch.empty((k, *size), dtype=dtype or probs.dtype, device=probs.device)
+    if grid == shape:
+        out.copy_(probs[(slice(None), slice(z0, z1), *plane)])
+        return out
+    rest = 1 if background_from_rest and k > 1 else 0  # the first channel made from the others
+    # the first axis's source position of every output row, as F.interpolate computes it
+    src = np.maximum((np.arange(z0, z1) + 0.5) * grid[0] / shape[0] - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), grid[0] - 1)
+    hi = np.minimum(lo + 1, grid[0] - 1)
+    weights = src - np.floor(src)
+    first, last = int(lo[0]), int(hi[-1])
+    planes = probs[rest:, first:last + 1].transpose(0, 1).float()  # (n, K - rest, *in-plane grid)
+    if tuple(planes.shape[2:]) != shape[1:]:
+        planes = F.interpolate(planes, size=shape[1:], mode="bilinear" if len(shape) == 3 else "linear",
+                               align_corners=False)
+    if plane:
+        planes = planes[(slice(None), slice(None), *plane)]
+    # row by row (a plane each: no gathered copy of the source planes), the blend written into ``out``
+    for j, (a, b, w) in enumerate(zip(lo - first, hi - first, weights)):
+        row = planes[a] if w == 0.0 else torch.lerp(planes[a], planes[b], float(w))  # (K - rest, ...)
+        out[rest:, j] = row
+        if rest:
+            out[0, j] = torch.sub(1.0, row[0] if row.shape[0] == 1 else row.sum(0))
+    return out
+
+
 def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
                            slab_voxels: int = 2 ** 24, background_from_rest: bool = False) -> torch.Tensor:
     """Probabilities (K, *grid) on a coarse grid brought to the full grid ``shape`` of the same field
-    of view by linear interpolation (half-pixel centres: the values ``F.interpolate(...,
-    align_corners=False)`` gives), written slab by slab along the first axis into ONE new tensor of
-    ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision canvas never has a float32
-    twin. Separable, as linear interpolation is: each slab's source slices are upsampled in-plane
-    (one batched 2D interpolation), then blended along the first axis. ``background_from_rest``
-    (softmax probabilities, channel 0 = background): channel 0 is 1 - the sum of the others,
-    interpolated from them (interpolation keeps a sum of 1: the same map up to float rounding, one
-    channel less to interpolate: half the work for a foreground / background model).
+    of view by linear interpolation (:func:`linear_rows`), written slab by slab along the first axis
+    into ONE new tensor of ``dtype`` (default ``probs``'s) on ``probs``'s device: a half-precision
+    canvas never has a float32 twin. ``background_from_rest`` (softmax probabilities, channel 0 =
+    background): channel 0 is 1 - the sum of the others, interpolated from them (interpolation keeps
+    a sum of 1: the same map up to float rounding, one channel less to interpolate: half the work
+    for a foreground / background model).
 
     >>> p = torch.tensor([[[[0.0, 1.0]]]])                  # (K, Z, Y, X) = (1, 1, 1, 2)
     >>> upsample_probabilities(p, (1, 1, 4))[0, 0, 0].tolist()
@@ -794,35 +848,40 @@ def upsample_probabilities(probs: torch.Tensor, shape: Sequence[int], dtype: tor
     torch.Size([2, 12, 10, 12])
     """
     shape = tuple(int(s) for s in shape)
-    grid = tuple(probs.shape[1:])
     k = probs.shape[0]
     out = torch.empty((k, *shape), dtype=dtype or probs.dtype, device=probs.device)
-    if grid == shape:
-        out.copy_(probs)
-        return out
-    rest = 1 if background_from_rest and k > 1 else 0  # the first channel interpolated
-    # the first axis's source position of every output slice, as F.interpolate computes it
-    src = np.maximum((np.arange(shape[0]) + 0.5) * grid[0] / shape[0] - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), grid[0] - 1)
-    hi = np.minimum(lo + 1, grid[0] - 1)
-    weights = src - np.floor(src)
-    frac = torch.as_tensor(weights, dtype=torch.float32, device=probs.device)
-    mode = "bilinear" if len(shape) == 3 else "linear"
     for z0, z1 in slab_ranges(shape[0], k * int(np.prod(shape[1:])), slab_voxels):
-        first, last = int(lo[z0]), int(hi[z1 - 1])
-        planes = probs[rest:, first:last + 1].transpose(0, 1).float()  # (n, K - rest, *in-plane grid)
-        if tuple(planes.shape[2:]) != shape[1:]:
-            planes = F.interpolate(planes, size=shape[1:], mode=mode, align_corners=False)
-        if not weights[z0:z1].any():  # the output slices sit on source slices (e.g. a slice axis kept)
-            index = lo[z0:z1] - first
-            slab = planes if np.array_equal(index, np.arange(len(planes))) else planes[index]  # no copy if all
-        else:
-            w = frac[z0:z1].reshape(-1, *(1,) * (len(shape)))
-            slab = planes[lo[z0:z1] - first] * (1 - w) + planes[hi[z0:z1] - first] * w  # (z1 - z0, K - rest, ...)
-        out[rest:, z0:z1] = slab.transpose(0, 1)
-        if rest:
-            out[0, z0:z1] = torch.sub(1.0, slab[:, 0] if slab.shape[1] == 1 else slab.sum(1))
+        linear_rows(probs, shape, (z0, z1), background_from_rest=background_from_rest, out=out[:, z0:z1])
     return out
+
+
+class UpsampledProbabilities:
+    """The canvas :func:`upsample_probabilities` would make, without making it: indexing with
+    ``[:, *box slices]`` computes that box's values (:func:`linear_rows`: bit for bit the canvas's;
+    the cost of the box's rows, not of the volume). What the box search reads when the cascade
+    builds no full-size canvas.
+
+    >>> coarse = torch.rand(2, 3, 4, 5)
+    >>> lazy = UpsampledProbabilities(coarse, (6, 8, 10), torch.float16)
+    >>> canvas = upsample_probabilities(coarse, (6, 8, 10), torch.float16)
+    >>> lazy.shape, bool(torch.equal(lazy[:, 1:4, 2:7, 3:5], canvas[:, 1:4, 2:7, 3:5]))
+    (torch.Size([2, 6, 8, 10]), True)
+    """
+
+    def __init__(self, probs: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None,
+                 background_from_rest: bool = False):
+        self.probs, self.dtype, self.background_from_rest = probs, dtype or probs.dtype, background_from_rest
+        self.shape = torch.Size((probs.shape[0], *(int(s) for s in shape)))
+        self.device = probs.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if not (isinstance(index, tuple) and index[0] == slice(None) and len(index) == len(self.shape)
+                and all(isinstance(s, slice) and s.step is None for s in index)):
+            raise IndexError("UpsampledProbabilities takes [:, a:b, ...] (every axis a slice)")
+        ranges = [range(n)[s] for n, s in zip(self.shape[1:], index[1:])]
+        rows = (ranges[0].start, ranges[0].stop)
+        window = np.array([[r.start, r.stop] for r in ranges[1:]], dtype=np.int64)
+        return linear_rows(self.probs, self.shape[1:], rows, self.dtype, self.background_from_rest, window)
 
 
 def _box_slices(box: np.ndarray) -> tuple[slice, ...]:
