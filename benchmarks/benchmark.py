@@ -251,10 +251,12 @@ def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
 
 
 def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
-              resampling: str = "antialiased", repeats: int = 1) -> dict:
+              resampling: str = "antialiased", repeats: int = 1, probabilities: bool = False) -> dict:
     """The cascade on one generated case, then nnU-Net's export of its logits: one warm-up, then
     ``repeats`` timed runs (each prediction + export, the previous one's result released first);
-    the stage seconds are those of the fastest run; the peak covers the timed runs."""
+    the stage seconds are those of the fastest run; the peak covers the timed runs. Without
+    ``probabilities`` as ``nnUNetv2_predict`` without ``--save_probabilities`` runs it (the cascade
+    hands the export its label map), with it as with that flag (full-size logits, probabilities exported)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling, standard=False)
@@ -263,8 +265,9 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     def export(logits):
         # the managers nnUNetv2_predict hands the export with our predictor (slab-by-slab label map)
         export_prediction_from_logits(logits, ctx["props"], cascade.configuration_manager, cascade.plans_manager,
-                                      ctx["dataset_json"], str(ctx["work"] / "out"), False)
+                                      ctx["dataset_json"], str(ctx["work"] / "out"), probabilities)
 
+    cascade.__dict__["_labels_only"] = (not probabilities, ctx["props"])  # what cascade.labels_only() sets
     export(cascade.predict_logits_from_preprocessed_data(x))  # warm-up: allocator, thread pools, writer
     rss_before = _status_mb("VmRSS")
     # Read the process's peak before the reset: the kernel's ru_maxrss follows the reset VmHWM afterwards.
@@ -281,7 +284,8 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
         export(logits)
         t_export = time.perf_counter() - t0
         logits = None
-        total = timings["coarse_s"] + timings["geometry_s"] + timings["fine_s"] + t_export
+        total = (timings["coarse_s"] + timings["geometry_s"] + stages.get("to_labels", 0.0) + timings["fine_s"]
+                 + t_export)
         if best is None or total < best[0]:
             best = (total, t_cascade, t_export, timings, stages, peak_before_export_mb)
     total, t_cascade, t_export, timings, stages, peak_before_export_mb = best
@@ -289,7 +293,10 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   peak_predict_mb if reset else 0.0)
     networks = stages["coarse_network"] + stages["fine_network"]
+    outside = timings["geometry_s"] + stages.get("to_labels", 0.0)
     return {"case": kind, "resampling": resampling, **{f"{k}_s": v for k, v in stages.items()},
+            "probabilities": probabilities, "to_labels_s": stages.get("to_labels", 0.0),
+            "outside_per_crop_s": outside / max(1, timings["n_boxes"]), "outside_share": outside / total,
             "networks_s": networks, "other_share": 1 - networks / total,
             "limit_s": _forward_limit(ctx, timings["n_boxes"], tta), "image": "x".join(str(s) for s in shape),
             "grid": "x".join(str(s) for s in x.shape[1:]),
@@ -489,7 +496,9 @@ def main(argv=None) -> None:
     p.add_argument("--memory", action="store_true",
                    help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
-    p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50, 200])
+    p.add_argument("--memory_with_probabilities", action="store_true",
+                   help="--memory: also the first object count as with --save_probabilities")
     p.add_argument("--memory_standard_step", type=float, default=1.0,
                    help="--memory: tile step of nnU-Net's 3d_fullres arm (1.0: no overlap, same arrays as 0.5; 0: "
                         "leave the arm out)")
@@ -550,9 +559,11 @@ def memory(args, cmd: str) -> str:
     and of nnU-Net's own 3d_fullres on the same volume."""
     shape = tuple(args.memory_shape)
     rows = []
-    for n in args.memory_objects:
+    runs = [(n, False) for n in args.memory_objects]
+    runs += [(args.memory_objects[0], True)] if args.memory_with_probabilities else []
+    for n, probabilities in runs:
         r = _in_fresh_process(_run_case, ("3d", shape, n, args.size, args.features, args.tta, args.seed,
-                                             args.coarse_resampling[-1]))
+                                             args.coarse_resampling[-1], 1, probabilities))
         rows.append(r)
         print(r, flush=True)
     standard = None
@@ -577,18 +588,25 @@ def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str
         "own for 3d_fullres); 'of it before the export' = the same peak read when the prediction returned; "
         "'peak of the process' also covers loading the case and building the networks (the case is generated, "
         "planned and preprocessed in a process of its own).", "",
-        "| prediction | objects | crops | coarse s | geometry s | fine s | export s | before MiB "
+        "'to labels s' = converting the fused crops to labels (without `--save_probabilities` the cascade hands the "
+        "export its label map; with it the export converts the full-size logits); 'outside the networks' = geometry "
+        "+ to labels, per crop and as a share of the case's time (coarse + geometry + to labels + fine + export).", "",
+        "| prediction | objects | crops | coarse s | geometry s | to labels s | fine s | export s "
+        "| outside the networks s per crop | of the case's time | before MiB "
         "| peak during prediction MiB | of it before the export MiB | peak / float32 volume "
         "| peak of the process MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| cascade | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
-                     f"{r['fine_s']:.1f} | {r['export_s']:.1f} | {r['rss_before_mb']:.0f} | "
+        name = "cascade, --save_probabilities" if r.get("probabilities") else "cascade"
+        lines.append(f"| {name} | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
+                     f"{r.get('to_labels_s', 0.0):.3f} | {r['fine_s']:.1f} | {r['export_s']:.1f} | "
+                     f"{r.get('outside_per_crop_s', float('nan')):.3f} | {r.get('outside_share', float('nan')):.0%} | "
+                     f"{r['rss_before_mb']:.0f} | "
                      f"{r['peak_predict_mb']:.0f} | {r['peak_before_export_mb']:.0f} | "
                      f"{r['peak_predict_mb'] / volume_mb:.1f} | {r['peak_rss_mb']:.0f} |")
     if standard is not None:
-        lines.append(f"| nnU-Net 3d_fullres | {args.memory_objects[0]} | - | - | - | {standard['predict_s']:.1f} "
-                     f"(sliding window) | {standard['export_s']:.1f} | {standard['rss_before_mb']:.0f} | "
+        lines.append(f"| nnU-Net 3d_fullres | {args.memory_objects[0]} | - | - | - | - | {standard['predict_s']:.1f} "
+                     f"(sliding window) | {standard['export_s']:.1f} | - | - | {standard['rss_before_mb']:.0f} | "
                      f"{standard['peak_predict_mb']:.0f} | {standard['peak_before_export_mb']:.0f} | "
                      f"{standard['peak_predict_mb'] / volume_mb:.1f} | - |")
         lines += ["", f"nnU-Net 3d_fullres: patch {standard['patch']}, width {standard['features']}, windows "

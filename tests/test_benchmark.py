@@ -57,19 +57,22 @@ def test_memory_report(tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the benchmark's work folders go here
     main(["--memory", "-s", "32", "--features", "4", "--memory_shape", "16", "48", "48", "--memory_objects", "1", "3",
-          "--out", str(out)])
+          "--memory_with_probabilities", "--out", str(out)])
     text = out.read_text()
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade |")]
-    assert [r[1] for r in rows] == ["1", "3"]
-    for cells in rows:
-        before, during, before_export, process = float(cells[7]), float(cells[8]), float(cells[9]), float(cells[11])
+    table = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade")]
+    assert [(r[0], r[1]) for r in table] == [("cascade", "1"), ("cascade", "3"), ("cascade, --save_probabilities", "1")]
+    rows = table[:2]
+    for cells in table:
+        before, during, before_export, process = float(cells[10]), float(cells[11]), float(cells[12]), float(cells[14])
         assert 0 < before <= process and 0 < during <= process and 0 < before_export <= during
+        assert float(cells[8]) > 0  # seconds per crop outside the networks
+    assert float(table[2][5]) == 0.0 < float(rows[1][5])  # the conversion to labels: only without probabilities
     standard = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines()
                 if l.startswith("| nnU-Net 3d_fullres |")]
-    assert len(standard) == 1 and float(standard[0][8]) >= float(standard[0][9]) > 0
-    assert float(standard[0][8]) >= float(standard[0][7]) > 0
-    ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)\.", text)
-    assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][8]) / float(standard[0][8]), abs=0.01)
+    assert len(standard) == 1 and float(standard[0][11]) >= float(standard[0][12]) > 0
+    assert float(standard[0][11]) >= float(standard[0][10]) > 0
+    ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)", text)
+    assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][11]) / float(standard[0][11]), abs=0.01)
     assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"
 
 

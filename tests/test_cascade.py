@@ -196,3 +196,75 @@ def test_an_unknown_fallback_is_refused():
     with pytest.raises(ValueError, match="fallback"):
         segment_then_segment(one_hot(three_objects()), one_hot(three_objects()), Identity(), PATCH_2D,
                              multilabel=False, fine_spacing=SPACING, fallback="nothing")
+
+
+# ----------------------------------------------------------------------------------------------
+# the label map without a full-size canvas (to_labels) against the canvas converted as a whole
+# ----------------------------------------------------------------------------------------------
+def export_labels(multilabel: bool):
+    """The export's conversion of fused probabilities (K, *region) float16: their logits
+    (:func:`probabilities_to_logits`, as the predictor hands them to nnU-Net), then the first
+    largest class, or the regions in order."""
+    from nnunet_stseg.core.geometry import probabilities_to_logits
+
+    def convert(p: torch.Tensor) -> np.ndarray:
+        logits = probabilities_to_logits(p.clone(), multilabel, inplace=True).float()
+        if not multilabel:
+            return logits.argmax(0).to(torch.uint8).numpy()
+        out = np.zeros(p.shape[1:], np.uint8)
+        for i, region in enumerate(logits):
+            out[(torch.sigmoid(region) > 0.5).numpy()] = i + 1
+        return out
+    return convert
+
+
+def random_case(seed: int, shape: tuple[int, ...], grid: tuple[int, ...], k: int, multilabel: bool, density: float):
+    """Coarse probabilities (K, *grid) of smooth random blobs (touching and separate ones, on the
+    border), an image (1, *shape), and a fine 'network' that segments the image by intensity with a
+    class pattern of its own (crops of one object disagree where they overlap)."""
+    g = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.interpolate(torch.rand((1, k, *(max(2, n // 2) for n in grid)), generator=g),
+                                            size=grid, mode="trilinear", align_corners=False)[0]
+    field[0] += density  # background's margin: larger = fewer, smaller objects
+    coarse = torch.sigmoid((field[1:] - field[:1]) * 12) if multilabel else torch.softmax(field * 12, 0)
+    image = torch.nn.functional.interpolate(torch.rand((1, 1, *(max(2, n // 4) for n in shape)), generator=g),
+                                            size=shape, mode="trilinear", align_corners=False)[0]
+
+    def fine(crops: torch.Tensor) -> torch.Tensor:
+        x = crops[:, :1]
+        channels = [(x - 0.5) * 9 * (c + 1) * (-1) ** c + torch.sin(17 * x * (c + 1)) for c in range(k - 1 if multilabel else k)]
+        return torch.cat(channels, 1)
+    return coarse, image, fine
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("case", ["3d", "3d regions", "2d stage", "proposals", "whole", "empty"])
+def test_label_map_without_canvas_is_the_canvas_converted(case, seed):
+    """``to_labels``: the label map built crop group by crop group equals, voxel for voxel, the
+    full canvas converted as a whole (what the export made of it before), for many touching and
+    separate objects, objects on the border, overlapping crops fused across batches, regions, a 2D
+    stage, recall-first proposals with confirmation, both fallbacks and an empty volume."""
+    multilabel = case == "3d regions"
+    k = 3
+    shape, grid = ((1, 64, 72), (1, 16, 18)) if case == "2d stage" else ((16, 64, 72), (4, 16, 18))
+    density = {"empty": 5.0, "whole": 5.0}.get(case, (0.2 if case == "2d stage" else 0.35) + 0.1 * (seed % 3))
+    coarse, image, fine = random_case(seed, shape, grid, k, multilabel, density)
+    params = dict(patch_size=(1, 16, 16) if case == "2d stage" else (8, 12, 12), min_object_size=3)
+    if case == "proposals":
+        params.update(proposal_threshold=0.3, proposal_confirmation=0.9)
+    crop = CropParams(**params)
+    common = dict(multilabel=multilabel, fine_spacing=SPACING, fine_dims=2 if case == "2d stage" else 3,
+                  fallback="whole" if case == "whole" else "coarse", batch=3, max_crops=40)
+    whole = segment_then_segment(coarse, image, fine, crop, **common)
+    expected = export_labels(multilabel)(whole.probabilities)
+    lazy = segment_then_segment(coarse, image, fine, crop, to_labels=export_labels(multilabel), **common)
+    assert lazy.probabilities is None and lazy.labels.shape == shape
+    np.testing.assert_array_equal(lazy.labels, expected)
+    np.testing.assert_array_equal(lazy.boxes, whole.boxes)
+    assert lazy.fallback == whole.fallback and "to_labels" in lazy.seconds
+    if case == "empty":
+        assert whole.fallback == "coarse" and not expected.any()
+    elif case == "whole":
+        assert whole.fallback == "whole"
+    else:
+        assert len(whole.boxes) >= 2 and expected.any()

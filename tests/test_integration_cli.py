@@ -336,3 +336,29 @@ def test_ddp_cascade_validation_on_cpu_gloo(pipeline_2d, tmp_path):
     assert "Precision" in after["foreground_mean"]
     assert after["foreground_mean"]["Dice"] == pytest.approx(before["foreground_mean"]["Dice"], abs=1e-6)
     assert json.loads((fold_dir / "ddp_test.json").read_text())["batches_differ"]
+
+
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_label_maps_without_probabilities_equal_those_with(request, tmp_path, dims):
+    """Without --save_probabilities the cascade builds the label map from its crops (no full-size
+    probability canvas; its stage line shows the conversion 'to labels'): the same label maps, byte
+    for byte, as with --save_probabilities (2D: folds 0+1 with TTA against the shared run with worker
+    processes; 3D: two classes, anisotropic, oblique, both runs here)."""
+    res = request.getfixturevalue("pipeline_2d" if dims == "2d" else "trained_3d")
+    env = {**res.env, "STSEG_LOG_LEVEL": "debug"}
+    if dims == "2d":
+        with_probabilities, flags, folds = res.predictions["cascade"], (), ("0", "1")
+    else:
+        with_probabilities, flags, folds = tmp_path / "with", ("--disable_tta",), ("0",)
+        proc = _predict(res, with_probabilities, *flags, "--save_probabilities", *NO_WORKERS, folds=folds, env=env)
+        assert "to labels" not in proc.stdout
+    labels_only = tmp_path / "labels_only"
+    proc = _predict(res, labels_only, *flags, *NO_WORKERS, folds=folds, env=env)
+    assert "to labels" in proc.stdout
+    assert not list(labels_only.glob("*.npz"))
+    files = sorted(with_probabilities.glob("*.nii.gz"))
+    assert files
+    for f in files:
+        a, b = sitk.ReadImage(str(f)), sitk.ReadImage(str(labels_only / f.name))
+        assert _geometry(a) == _geometry(b)
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), f.name

@@ -222,6 +222,21 @@ class PluginConfigurationManager(ConfigurationManager):
             return antialiased_resampling
         return super().resampling_fn_data
 
+    @property
+    def resampling_fn_probabilities(self):
+        """nnU-Net's, except for a label map handed over in place of logits (:func:`is_label_map`),
+        which the predictor makes only when the export does not resample: passed on as it is."""
+        resample = super().resampling_fn_probabilities
+
+        def resample_or_pass(data, new_shape, *args, **kwargs):
+            if not is_label_map(data):
+                return resample(data, new_shape, *args, **kwargs)
+            if tuple(data.shape[1:]) != tuple(int(s) for s in new_shape):
+                raise RuntimeError(f"a label map of shape {tuple(data.shape[1:])} cannot be resampled to "
+                                   f"{tuple(new_shape)}; predict with --save_probabilities")
+            return data
+        return resample_or_pass
+
 
 class AtomicReaderWriter(BaseReaderWriter):
     """The plans' reader/writer (by name); ``write_seg`` writes into a private staging folder
@@ -326,6 +341,16 @@ def _first_max_labels(logits, fallback):
     return fallback(logits) if torch.isnan(best).any() else labels
 
 
+def is_label_map(array) -> bool:
+    """Whether a case's "logits" are a label map (1, *shape) of integers: what the cascade hands
+    nnU-Net's export when only the segmentation is exported (no full-size probabilities; logits are
+    always floating point)."""
+    dtype = getattr(array, "dtype", None)
+    integer = (dtype in (torch.uint8, torch.int16, torch.int32, torch.int64) if isinstance(array, torch.Tensor)
+               else dtype is not None and np.issubdtype(dtype, np.integer))
+    return integer and array.ndim >= 2 and array.shape[0] == 1
+
+
 class SlabwiseLabelManager(LabelManager):
     """nnU-Net's ``LabelManager`` whose conversions work a slab of slices at a time.
 
@@ -371,6 +396,9 @@ class SlabwiseLabelManager(LabelManager):
         return out if is_numpy or out.dtype == np.uint16 else torch.from_numpy(out).to(tensor.device)
 
     def apply_inference_nonlin(self, logits):
+        if is_label_map(logits):
+            raise RuntimeError("this prediction was made as a label map only; predict with --save_probabilities "
+                               "for probabilities")
         if isinstance(logits, np.ndarray):
             logits = torch.from_numpy(logits)
         return self._slabwise(logits, super().apply_inference_nonlin, True, torch.float32)
@@ -384,6 +412,12 @@ class SlabwiseLabelManager(LabelManager):
     def convert_logits_to_segmentation(self, predicted_logits):
         if not isinstance(predicted_logits, (np.ndarray, torch.Tensor)) or predicted_logits.ndim < 2:
             return super().convert_logits_to_segmentation(predicted_logits)
+        if is_label_map(predicted_logits):  # the cascade's label map: already the segmentation
+            labels = predicted_logits[0]
+            dtype = self._segmentation_dtype()
+            if isinstance(labels, torch.Tensor):
+                return labels if labels.dtype == torch.uint8 and dtype == np.uint8 else labels.cpu().numpy().astype(dtype)
+            return labels.astype(dtype, copy=False)
         convert = super().convert_logits_to_segmentation
         if not self.has_regions and (isinstance(predicted_logits, np.ndarray) or predicted_logits.device.type == "cpu"):
             convert = functools.partial(_first_max_labels, fallback=convert)
@@ -407,4 +441,4 @@ class PluginPlansManager(PlansManager):
 __all__ = ["ERROR_KEY", "COARSE_RESAMPLING_KEY", "antialiased_resampling", "coarse_resampling_of", "report_case_error",
            "PARTIAL_DIR", "FAILED_CASES_FILE", "OBJECTS_SUFFIX", "CaseError", "CheckedPreprocessor",
            "PluginConfigurationManager", "AtomicReaderWriter", "remove_partial_folder", "PluginPlansManager",
-           "one_line", "SlabwiseLabelManager", "SLAB_VOXELS"]
+           "one_line", "SlabwiseLabelManager", "SLAB_VOXELS", "is_label_map"]

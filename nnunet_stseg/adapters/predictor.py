@@ -23,6 +23,7 @@ inputs), so they all agree with training without re-implementing any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -42,8 +43,8 @@ from nnunet_stseg.adapters.bundle import (COMPANION_CHECKPOINT, companion_model_
 from nnunet_stseg.adapters.compat import check_nnunet
 from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OBJECTS_SUFFIX, CaseError,
-                                                coarse_resampling_of, one_line, remove_partial_folder,
-                                                report_case_error)
+                                                SlabwiseLabelManager, coarse_resampling_of, one_line,
+                                                remove_partial_folder, report_case_error)
 from nnunet_stseg.adapters.nnunet_hooks import (ManagedManagers, install_excepthook, restore_original_class,
                                                 adopt_predictor, adopted_class, loading_frame)  # noqa: F401 (re-exported)
 from nnunet_stseg.adapters.passes import autocast, fold_weights, n_folds, network_on
@@ -213,8 +214,9 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
                 yield item
 
         try:
-            result = super().predict_from_data_iterator(usable_cases(), save_probabilities,
-                                                        num_processes_segmentation_export)
+            with self.labels_only(not save_probabilities):
+                result = super().predict_from_data_iterator(usable_cases(), save_probabilities,
+                                                            num_processes_segmentation_export)
         finally:
             for folder in output_folders:  # every export has finished (or failed) here
                 remove_partial_folder(folder)
@@ -271,9 +273,10 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
             for files, ofile in zip(cases, outputs):
                 self.__dict__["_sequential_ofile"] = ofile
                 try:
-                    returned += super().predict_from_files_sequential(
-                        [files], [ofile] if ofile is not None else None, save_probabilities, True,
-                        folder_with_segs_from_prev_stage) or []
+                    with self.labels_only(not save_probabilities):
+                        returned += super().predict_from_files_sequential(
+                            [files], [ofile] if ofile is not None else None, save_probabilities, True,
+                            folder_with_segs_from_prev_stage) or []
                 except CaseError as e:
                     report_case_error(str(e))
                     failures.append({"output": ofile, "error": str(e)})
@@ -294,11 +297,48 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
         self.configuration_manager.properties_sink = []
         self.__dict__["_sequential_ofile"] = output_file_truncated
         try:
-            return super().predict_single_npy_array(input_image, image_properties, segmentation_previous_stage,
-                                                    output_file_truncated, save_or_return_probabilities)
+            with self.labels_only(not save_or_return_probabilities):
+                return super().predict_single_npy_array(input_image, image_properties, segmentation_previous_stage,
+                                                        output_file_truncated, save_or_return_probabilities)
         finally:
             self.configuration_manager.properties_sink = None
             self.__dict__.pop("_sequential_ofile", None)
+
+    @contextlib.contextmanager
+    def labels_only(self, enabled: bool = True, properties: dict | None = None):
+        """Within: the cases' exports need their segmentation only (no ``--save_probabilities``), so
+        a model kind that can (the cascade) hands nnU-Net's export a label map instead of full-size
+        logits (:func:`~.inference_io.is_label_map`), when the export does not resample the case.
+        ``properties``: the case's, for a caller that predicts a preprocessed array itself."""
+        previous = self.__dict__.get("_labels_only")
+        self.__dict__["_labels_only"] = (bool(enabled), properties)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.__dict__.pop("_labels_only", None)
+            else:
+                self.__dict__["_labels_only"] = previous
+
+    def _label_conversion(self, shape: tuple[int, ...]):
+        """The export's own conversion of fused probabilities (K, *region) to labels, when only
+        the label map of this case is exported (:meth:`labels_only`), the label manager is ours and
+        the export will not resample the case (its grid is the one before resampling); else None."""
+        enabled, properties = self.__dict__.get("_labels_only") or (False, None)
+        manager = self.plans_manager.get_label_manager(self.dataset_json) if enabled else None
+        if not isinstance(manager, SlabwiseLabelManager):  # the export's label manager (nnU-Net's own plans: ours)
+            return None
+        if properties is None:
+            case = self.__dict__.get("_current_case")
+            sink = getattr(self.configuration_manager, "properties_sink", None)
+            properties = case[0] if case is not None else sink[-1] if sink else None
+        before = (properties or {}).get("shape_after_cropping_and_before_resampling")
+        if before is None or tuple(int(v) for v in before) != tuple(shape):
+            return None
+        multilabel = manager.has_regions
+        # on the CPU, as the export converts the logits it is handed (the same ties, the same labels)
+        return lambda p: manager.convert_logits_to_segmentation(
+            probabilities_to_logits(p.cpu(), multilabel, inplace=True))
 
     # ------------------------------------------------------------------------------------------
     # where a case's arrays live, and the out-of-memory retry on the CPU (every model kind)
@@ -744,7 +784,7 @@ class StSPredictor(PluginPredictor):
             fine_spacing=self._fine_spacing3(), rule_spacing=self._rule_spacing3(), fallback=sts.fallback,
             max_crops=sts.max_crops, batch=batch, score=sts.objects_report,
             fine_dims=len(self.configuration_manager.patch_size), clock=self._clock, on_objects=found_objects,
-            free_memory=lambda: release_freed_heap(int(np.prod(shape))))
+            free_memory=lambda: release_freed_heap(int(np.prod(shape))), to_labels=self._label_conversion(shape))
         if result.confidence is not None:
             self._record_fine_confidence(result.confidence, result.rejected)
             if result.rejected is not None and result.rejected.any():
@@ -752,12 +792,16 @@ class StSPredictor(PluginPredictor):
                           f"decision rejected by the fine stage (mean foreground probability < "
                           f"proposal_confirmation={crop.proposal_confirmation})")
         tl = self._clock()
-        logits = probabilities_to_logits(result.probabilities, multilabel, inplace=True).cpu()
+        if result.labels is not None:  # only the segmentation is exported: the label map in place of logits
+            logits = torch.from_numpy(result.labels)[None]
+        else:
+            logits = probabilities_to_logits(result.probabilities, multilabel, inplace=True).cpu()
         seconds = result.seconds
         geometry_s = seconds["geometry"] + self._clock() - tl
         fine_s = seconds.get("fine_network", 0.0)
         self._add_seconds(coarse_to_full_grid=seconds["coarse_to_full_grid"], geometry=geometry_s,
-                          **({"fine_network": fine_s} if result.fallback != "coarse" else {}))
+                          **({"fine_network": fine_s} if result.fallback != "coarse" else {}),
+                          **({"to_labels": seconds["to_labels"]} if "to_labels" in seconds else {}))
         self.last_timings = {"coarse_s": tc - t0 + seconds["coarse_decision"] + seconds["coarse_to_full_grid"],
                              "geometry_s": geometry_s, "fine_s": fine_s, "n_boxes": int(len(result.boxes)),
                              "n_dropped": result.found.n_dropped, "fallback": result.fallback}

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from nnunet_stseg.core.fusion import fuse_crops
-from nnunet_stseg.core.geometry import (CropParams, FoundObjects, _box_slices, component_voxels, crop_and_resample,
-                                        find_objects, foreground_from_probabilities, foreground_probability,
-                                        nonlinearity, recall_proposals, segmented_confidence,
+from nnunet_stseg.core.fusion import covered_by, fuse_crops
+from nnunet_stseg.core.geometry import (CropParams, FoundObjects, UpsampledProbabilities, _as_numpy, _box_slices,
+                                        component_voxels, crop_and_resample, find_objects,
+                                        foreground_from_probabilities, foreground_probability, nonlinearity,
+                                        overlap_groups, recall_proposals, segmented_confidence,
                                         upsample_probabilities, whole_image_boxes)
 
 __all__ = ["CascadeResult", "segment_then_segment"]
@@ -31,17 +32,18 @@ image (one crop per slice for a 2D stage)."""
 @dataclass
 class CascadeResult:
     """What :func:`segment_then_segment` made of one case. ``probabilities`` (K, *shape) float16:
-    the fused canvas (the coarse probabilities where no crop was fused). ``boxes`` (N, ndim, 2):
+    the fused canvas (the coarse probabilities where no crop was fused); None when only the label
+    map was asked for (``to_labels``): then ``labels`` (*shape) numpy, integer. ``boxes`` (N, ndim, 2):
     the crops cut (the whole-image boxes with fallback ``whole``, none with ``coarse``);
     ``below`` (len(found.ids),): the objects that were recall-first proposals below the coarse
     decision; ``confidence`` (N,): the fine stage's :func:`segmented_confidence` per crop, when it
     was scored; ``rejected`` (N,): the proposals ``proposal_confirmation`` kept out of the fusion
     (None without that rule); ``fallback``: None, or what a case without objects got;
     ``n_extra``: proposals below the decision added to the argmax components; ``seconds``: the
-    stages' seconds (``coarse_decision``, ``coarse_to_full_grid``, ``geometry``, and
-    ``fine_network`` when a fine pass ran)."""
+    stages' seconds (``coarse_decision``, ``coarse_to_full_grid``, ``geometry``, ``fine_network``
+    when a fine pass ran, ``to_labels`` with ``to_labels``)."""
 
-    probabilities: torch.Tensor
+    probabilities: torch.Tensor | None
     found: FoundObjects
     boxes: np.ndarray
     below: np.ndarray
@@ -50,6 +52,7 @@ class CascadeResult:
     confidence: np.ndarray | None = None
     rejected: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    labels: np.ndarray | None = None
 
 
 def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
@@ -59,7 +62,8 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
                          fallback: str = "coarse", max_crops: int = 64, batch: int = 64, score: bool = False,
                          fine_dims: int = 3, clock: Callable[[], float] = time.perf_counter,
                          on_objects: Callable[[CascadeResult], None] | None = None,
-                         free_memory: Callable[[], None] | None = None) -> CascadeResult:
+                         free_memory: Callable[[], None] | None = None,
+                         to_labels: Callable[[torch.Tensor], torch.Tensor | np.ndarray] | None = None) -> CascadeResult:
     """One case through the cascade after the coarse network.
 
     ``coarse`` (K, *grid): the coarse model's probabilities (softmax, channel 0 = background, or
@@ -78,6 +82,17 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
        first crop over a voxel replaces the coarse probabilities there, later ones are OR-ed in).
        With ``crop.proposal_confirmation`` a proposal below the decision is fused only when the
        fine stage is confident of it; ``score`` computes the confidence anyway (a report).
+
+    ``to_labels`` (probabilities (K, *region) float16 -> labels (*region), the export's own
+    conversion): only the label map is wanted (no probabilities are exported). Then no full-size
+    probability canvas is made: the box search reads the coarse probabilities' upsampling box by box
+    (:class:`UpsampledProbabilities`, the canvas's values bit for bit), the crops are fused per group
+    of overlapping crops on a canvas of the group's bounding box (:func:`overlap_groups`), converted
+    there and written into a background label map (``result.labels``); the same labels as the canvas
+    converted as a whole (outside every crop the canvas says background: the foreground of every kept
+    component lies inside its crop, and the dropped ones are made background). A case that falls back
+    to the coarse prediction still makes its canvas (then converts it). Work per crop in proportion to
+    the crop.
 
     ``on_objects(result)`` is called once the crops are known, before any fine pass (``result``
     without confidence and seconds yet); ``free_memory()`` where the geometry has just dropped
@@ -111,7 +126,9 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     # the canvas: the coarse probabilities on the full grid, in half precision (as nnU-Net's own
     # logits), the only K x volume array of the case; the objects' tight boxes are read off it
     t2 = clock()
-    canvas = upsample_probabilities(coarse, shape, torch.float16, background_from_rest=not multilabel)
+    lazy = to_labels is not None
+    canvas = (UpsampledProbabilities if lazy else upsample_probabilities)(
+        coarse, shape, torch.float16, background_from_rest=not multilabel)
     t3 = clock()
     found = find_objects(proposals, fine_spacing, crop, rule_spacing=rule_spacing, image_shape=shape,
                          probabilities=canvas, multilabel=multilabel, decided=foreground if n_extra else None,
@@ -121,12 +138,18 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     if free_memory is not None:
         free_memory()  # the box search's many small arrays, before the crops
     boxes = found.crop_boxes
-    result = CascadeResult(canvas, found, boxes, below, None if len(boxes) else fallback, n_extra)
+    t_canvas = 0.0
+    if lazy and len(boxes) == 0 and fallback == "coarse":  # the coarse prediction is the result: its canvas
+        t4 = clock()
+        canvas = upsample_probabilities(coarse, shape, torch.float16, background_from_rest=not multilabel)
+        t_canvas = clock() - t4
+    result = CascadeResult(None if lazy else canvas, found, boxes, below, None if len(boxes) else fallback, n_extra)
     # components below the size rule are noise: background. Outside every crop the probabilities
     # stay the coarse model's (the segmentation there is background either way; an ensemble
     # averages soft probabilities, not certainties). The kept objects' foreground lies in their
     # crops, which replace the canvas there.
-    for component, box in zip(found.dropped_ids, found.dropped_boxes):
+    for component, box in zip(found.dropped_ids if isinstance(canvas, torch.Tensor) else (),
+                              found.dropped_boxes):
         region = canvas[(slice(None), *_box_slices(box))]
         noise = torch.as_tensor(component_voxels(canvas, found.labels, component, box, multilabel),
                                 device=canvas.device)
@@ -139,8 +162,13 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     if on_objects is not None:
         on_objects(result)
     if len(boxes) == 0:  # fallback 'coarse'
-        result.seconds = {"coarse_decision": t1 - t0, "coarse_to_full_grid": t3 - t2,
-                          "geometry": (t2 - t1) + clock() - t3}
+        t5 = clock()
+        if lazy:
+            result.labels = _as_numpy(to_labels(canvas))
+            del canvas
+        result.seconds = {"coarse_decision": t1 - t0, "coarse_to_full_grid": t3 - t2 + t_canvas,
+                          "geometry": (t2 - t1) + t5 - t3 - t_canvas,
+                          **({"to_labels": clock() - t5} if lazy else {})}
         return result
 
     # 2. every crop, ``batch`` at a time (the bound is on memory, never on the result): cut from the
@@ -151,7 +179,9 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     confirmation = crop.proposal_confirmation if result.fallback is None else None
     scored = result.fallback is None and (confirmation is not None or score)
     confidence = np.zeros(len(boxes))
-    covered, fine_s = [], 0.0  # the boxes pasted so far (no full-size coverage mask)
+    covered, fine_s, labels_s = [], 0.0, 0.0  # the boxes pasted so far (no full-size coverage mask)
+    if lazy:
+        groups = _CropGroups(boxes, shape, canvas.shape[0], coarse.device, to_labels, multilabel)
     for start in range(0, len(boxes), batch):
         chunk = boxes[start:start + batch]
         crops = crop_and_resample(image, chunk, crop.patch_size, "linear")
@@ -163,21 +193,76 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
         probs = probs[:, :, None] if two_d else probs
         if scored:
             confidence[start:start + len(chunk)] = segmented_confidence(probs, multilabel).cpu().numpy()
+        keep = np.ones(len(chunk), bool)
         if confirmation is not None:
             keep = ~below[start:start + len(chunk)] | (confidence[start:start + len(chunk)] >= confirmation)
             probs, chunk = (probs, chunk) if keep.all() else (probs[torch.from_numpy(keep).to(probs.device)],
                                                               chunk[keep])
-        if len(chunk):
+        if lazy:
+            labels_s += groups.fuse(probs, np.arange(start, start + len(keep))[keep], start + len(keep), clock)
+        elif len(chunk):
             canvas, covered = fuse_crops(probs, chunk, shape, multilabel=multilabel, mode="linear", out=canvas,
                                          covered=covered)
         fine_s += tc - tb
         if free_memory is not None:
             free_memory()  # this batch's box-sized resamplings
-    result.probabilities = canvas  # fuse_crops fused into it in place (out=canvas)
+    if lazy:
+        result.labels = groups.labels
+    else:
+        result.probabilities = canvas  # fuse_crops fused into it in place (out=canvas)
     if scored:
         result.confidence = confidence
         result.rejected = below & (confidence < confirmation) if confirmation is not None else None
-    # geometry: boxes, crops, paste-back and fusion = everything but the networks and the canvas's upsampling
+    # geometry: boxes, crops, paste-back and fusion = everything but the networks, the canvas's
+    # upsampling and the conversion to labels
     result.seconds = {"coarse_decision": t1 - t0, "coarse_to_full_grid": t3 - t2,
-                      "geometry": (t2 - t1) + (clock() - t3 - fine_s), "fine_network": fine_s}
+                      "geometry": (t2 - t1) + (clock() - t3 - fine_s - labels_s), "fine_network": fine_s,
+                      **({"to_labels": labels_s} if lazy else {})}
     return result
+
+
+class _CropGroups:
+    """The label map of a case built from its crops without a full-size probability canvas: each
+    group of overlapping crops (:func:`overlap_groups`) is fused on a half-precision canvas of the
+    group's bounding box (the same fusion, in the same order, as on the full canvas), converted by
+    ``to_labels`` once its last crop is in, and the voxels its crops cover are written into the
+    background label map; then the group's canvas is dropped."""
+
+    def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool):
+        self.boxes, self.shape, self.k, self.device = boxes, shape, k, device
+        self.to_labels, self.multilabel = to_labels, multilabel
+        self.group = overlap_groups(boxes)
+        n = int(self.group.max()) + 1 if len(boxes) else 0
+        self.hull = np.stack([np.stack([boxes[self.group == g, :, 0].min(0), boxes[self.group == g, :, 1].max(0)], -1)
+                              for g in range(n)]) if n else np.zeros((0, len(shape), 2), np.int64)
+        self.last = np.array([np.flatnonzero(self.group == g).max() for g in range(n)], np.int64)
+        self.open: dict[int, tuple[torch.Tensor, list]] = {}
+        # the background label (and the labels' dtype): the conversion of certain background
+        probe = torch.zeros((k, *(1,) * len(shape)), dtype=torch.float16, device=device)
+        if not multilabel:
+            probe[0] = 1.0
+        self.labels = np.zeros(shape, dtype=_as_numpy(to_labels(probe)).dtype)
+
+    def fuse(self, probs: torch.Tensor, indices: np.ndarray, done: int, clock) -> float:
+        """Fuse crops ``indices`` (their probabilities ``probs`` (n, K, *patch)); then close every
+        group whose last crop is below ``done``. Returns the seconds spent converting to labels."""
+        for p, i in zip(probs, indices):
+            g = int(self.group[i])
+            hull = self.hull[g]
+            if g not in self.open:
+                size = tuple(int(v) for v in hull[:, 1] - hull[:, 0])
+                self.open[g] = (torch.zeros((self.k, *size), dtype=torch.float16, device=self.device), [])
+            canvas, covered = self.open[g]
+            fuse_crops(p[None], self.boxes[i:i + 1] - hull[None, :, :1], canvas.shape[1:], multilabel=self.multilabel,
+                       mode="linear", out=canvas, covered=covered)
+        seconds = 0.0
+        for g in [g for g in self.open if self.last[g] < done]:
+            canvas, covered = self.open.pop(g)
+            t0 = clock()
+            labels = _as_numpy(self.to_labels(canvas))
+            seconds += clock() - t0
+            del canvas
+            local = np.stack([np.zeros(len(self.shape), np.int64), self.hull[g, :, 1] - self.hull[g, :, 0]], -1)
+            mask = covered_by(covered, local, "cpu").numpy()
+            self.labels[_box_slices(self.hull[g])][mask] = labels[mask]
+        return seconds

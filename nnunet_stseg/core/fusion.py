@@ -85,7 +85,7 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
             sl = (slice(None), *_box_slices(part))
             pasted = resample_crop_to_box(crop, box, mode, part).to(fused.device)
             if earlier is not None:
-                seen = _covered_by(earlier, part, fused.device)
+                seen = covered_by(earlier, part, fused.device)
             else:
                 seen = None if covered is None else covered[sl[1:]]
             if seen is not None and not bool(seen.any()):
@@ -130,8 +130,13 @@ def _paste_slabs(voxels: np.ndarray) -> list[np.ndarray]:
     return parts
 
 
-def _covered_by(pasted: list[np.ndarray], voxels: np.ndarray, device) -> torch.Tensor:
-    """Mask of the voxels of ``voxels`` (ndim, 2) that any of the ``pasted`` boxes covers."""
+def covered_by(pasted: list[np.ndarray], voxels: np.ndarray, device) -> torch.Tensor:
+    """Bool mask (*size of ``voxels``) of the voxels of ``voxels`` (ndim, 2) that any of the ``pasted``
+    boxes (each (ndim, 2)) covers.
+
+    >>> covered_by([np.array([[0, 2], [1, 3]])], np.array([[1, 3], [0, 3]]), "cpu").int().tolist()
+    [[0, 1, 1], [0, 0, 0]]
+    """
     seen = torch.zeros(tuple(int(v) for v in voxels[:, 1] - voxels[:, 0]), dtype=torch.bool, device=device)
     for b in pasted:
         lo, hi = np.maximum(b[:, 0], voxels[:, 0]), np.minimum(b[:, 1], voxels[:, 1])

@@ -476,6 +476,28 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
                         None if holds is None else ~holds[keep])
 
 
+def overlap_groups(boxes: np.ndarray) -> np.ndarray:
+    """Group id (N,) of integer boxes (N, ndim, 2): boxes that share a voxel, directly or through
+    other boxes, get the same id (0, 1, ... in order of first appearance). The crops of one group
+    are fused with each other; crops of different groups never touch the same voxel.
+
+    >>> overlap_groups(np.array([[[0, 4], [0, 4]], [[6, 9], [6, 9]], [[3, 7], [3, 7]], [[20, 22], [0, 2]]])).tolist()
+    [0, 0, 0, 1]
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    boxes = np.asarray(boxes).reshape(len(boxes), -1, 2)
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    lo = np.maximum(boxes[:, None, :, 0], boxes[None, :, :, 0])
+    hi = np.minimum(boxes[:, None, :, 1], boxes[None, :, :, 1])
+    _, groups = connected_components(np.all(hi > lo, axis=-1), directed=False)
+    _, first = np.unique(groups, return_index=True)
+    order = np.empty(len(first), np.int64)
+    order[np.argsort(first)] = np.arange(len(first))  # ids in order of each group's first box
+    return order[groups]
+
+
 def recall_proposals(foreground, probability, threshold: float | None, active: Sequence[bool],
                      max_extra: int | None = None) -> tuple[np.ndarray, int]:
     """The proposal mask of recall-first proposals: the coarse argmax ``foreground`` plus every
