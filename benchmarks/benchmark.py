@@ -251,12 +251,14 @@ def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
 
 
 def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
-              resampling: str = "antialiased", repeats: int = 1, probabilities: bool = False) -> dict:
+              resampling: str = "antialiased", repeats: int = 1, probabilities: bool = False,
+              forward_limit: bool = False) -> dict:
     """The cascade on one generated case, then nnU-Net's export of its logits: one warm-up, then
     ``repeats`` timed runs (each prediction + export, the previous one's result released first);
     the stage seconds are those of the fastest run; the peak covers the timed runs. Without
     ``probabilities`` as ``nnUNetv2_predict`` without ``--save_probabilities`` runs it (the cascade
-    hands the export its label map), with it as with that flag (full-size logits, probabilities exported)."""
+    hands the export its label map), with it as with that flag (full-size logits, probabilities exported).
+    ``forward_limit``: also time the networks alone on the same inputs (``limit_s``; 4 more passes)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling, standard=False)
@@ -298,7 +300,7 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
             "probabilities": probabilities, "to_labels_s": stages.get("to_labels", 0.0),
             "outside_per_crop_s": outside / max(1, timings["n_boxes"]), "outside_share": outside / total,
             "networks_s": networks, "other_share": 1 - networks / total,
-            "limit_s": _forward_limit(ctx, timings["n_boxes"], tta), "image": "x".join(str(s) for s in shape),
+            "limit_s": _forward_limit(ctx, timings["n_boxes"], tta) if forward_limit else float("nan"), "image": "x".join(str(s) for s in shape),
             "grid": "x".join(str(s) for s in x.shape[1:]),
             "objects": n_objects, "crops": timings["n_boxes"], "preprocess_s": ctx["t_pre"],
             "coarse_s": timings["coarse_s"], "geometry_s": timings["geometry_s"], "fine_s": timings["fine_s"],
@@ -624,7 +626,7 @@ def per_stage(args, cmd: str) -> str:
     for kind, shape in (("2d", tuple(args.shape2d)), ("3d", tuple(args.shape3d))):
         for resampling in args.coarse_resampling:
             r = _in_fresh_process(_run_case, (kind, shape, args.objects, args.size, args.features, args.tta,
-                                                 args.seed, resampling, args.repeats))
+                                                 args.seed, resampling, args.repeats, False, True))
             rows.append(r)
             print(f"{kind} {resampling}: {r}", flush=True)
     lines = [

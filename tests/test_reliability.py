@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_stseg.adapters.config import DEFAULT_E2E_TRAINER, DEFAULT_LSNET_TRAINER, DEFAULT_POLAR_TRAINER
 from nnunet_stseg.adapters.inference_io import (FAILED_CASES_FILE, PARTIAL_DIR, AtomicReaderWriter, _writer_tag,
                                                 remove_partial_folder)
 from nnunet_stseg.commands.pipeline import find_command
@@ -253,6 +254,30 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(pipeline, tmp_path, mode)
     assert "3 case(s) could not be predicted" in proc.stdout
     # the run ends with its summary, not with a traceback of it
     assert "Traceback" not in proc.stdout and "BatchIncomplete" not in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["polar", "e2e", "lsnet"])
+def test_bad_inputs_are_reported_for_every_model_kind(pipeline, tmp_path, kind):
+    """The polar, end-to-end and L-SNet predictors share the cascade's bad-case handling: the same
+    batch (nnU-Net's sequential path) gives the good cases' outputs, one line per bad case naming
+    its file, the failed-cases file and a non-zero exit without a traceback."""
+    config, trainer = {"polar": (pipeline.polar_config, DEFAULT_POLAR_TRAINER),
+                       "e2e": (pipeline.e2e_config, DEFAULT_E2E_TRAINER),
+                       "lsnet": (pipeline.lsnet_config, DEFAULT_LSNET_TRAINER)}[kind]
+    bad = _bad_batch(pipeline, tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _predict(pipeline, tmp_path / "in", out, *NO_WORKERS, trainer=trainer, config=config)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    good = sorted([f.name.replace("_0000", "") for f in (pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz")]
+                  + ["nan_read_as_zero.nii.gz"])
+    assert sorted(f.name for f in out.glob("*.nii.gz")) == good, proc.stdout[-3000:]
+    report = json.loads((out / FAILED_CASES_FILE).read_text())["failed_cases"]
+    for case, part in bad.items():
+        line = next(r["error"] for r in report if Path(r["output"]).name == case)
+        assert f"{case}_0000.nii.gz" in line and part in line and "\n" not in line
+    assert "3 case(s) could not be predicted" in proc.stdout
+    assert "Traceback" not in proc.stdout and not (out / PARTIAL_DIR).exists(), proc.stdout[-3000:]
 
 
 @pytest.mark.slow

@@ -132,6 +132,9 @@ def test_per_run_overrides_are_checked_against_the_plans_dataclasses():
         apply_plan_overrides(cascade, None, {"sts.crop.patch_size": "[1, 64, 64]"})
     with pytest.raises(ValueError, match="coarse_resampling' \\(the networks were trained with it"):
         apply_plan_overrides(cascade, None, {"sts.coarse_resampling": "nnunet"})
+    for key in ("sts.e2e.box_rule", "sts.lsnet.fallback"):  # held by the built network: refused, with why
+        with pytest.raises(ValueError, match=f"{key[4:]}' \\(the networks were trained with it"):
+            apply_plan_overrides(cascade, None, {key: "all"})
     with pytest.raises(ValueError, match="max_crops='many' is not int"):
         apply_plan_overrides(cascade, None, {"sts.max_crops": "many"})
     with pytest.raises(ValueError, match="proposal_threshold"):

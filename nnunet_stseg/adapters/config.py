@@ -528,6 +528,9 @@ are the plan's structure)."""
 FIXED_BY_TRAINING = ("crop.patch_size", "polar.polar_shape", "coarse_resampling", "centre.sigma")
 """Keys the networks were trained with: ``plan --set`` may choose them (except the shapes, which
 come from S), a per-run override may not."""
+BUILT_IN_BLOCKS = ("e2e", "lsnet", "sizes")
+"""Blocks no per-run override reaches: the end-to-end and L-SNet networks are built with their
+block's values (box rule, margins, RoI sizes), and ``sizes`` is about training only."""
 PLANNED_KEYS = ("crop.patch_size", "polar.polar_shape", "centre.median_object_radius", "centre.objects_measured")
 """Keys the planner works out itself; no ``--set`` for them."""
 
@@ -542,7 +545,11 @@ def settable_keys(per_run: bool = False) -> list[str]:
     (False, False)
     """
     keys = [*TOP_LEVEL_KEYS, *(f"{b}.{f.name}" for b, cls in BLOCKS.items() for f in fields(cls))]
-    return sorted(k for k in keys if k not in PLANNED_KEYS and not (per_run and k in FIXED_BY_TRAINING))
+    return sorted(k for k in keys if k not in PLANNED_KEYS and not (per_run and _fixed_by_training(k)))
+
+
+def _fixed_by_training(key: str) -> bool:
+    return key in FIXED_BY_TRAINING or key.partition(".")[0] in BUILT_IN_BLOCKS
 
 
 def parse_value(raw: str):
@@ -620,7 +627,7 @@ def checked_values(values: dict[str, object], where: str, per_run: bool = False)
         key = key.removeprefix(f"{STS_KEY}.")
         if key not in valid:
             fixed = " (the networks were trained with it: plan it with --set and retrain)" \
-                if per_run and key in FIXED_BY_TRAINING else ""
+                if per_run and _fixed_by_training(key) else ""
             block = key.rpartition(".")[0]
             same_block = [k for k in valid if k.startswith(f"{block}.")] if block in BLOCKS else []
             listed = same_block or [k for k in valid if "." not in k] + [f"{b}.*" for b in BLOCKS]
