@@ -211,6 +211,9 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
                     continue
                 # nnU-Net predicts each item right after taking it: the objects report's case
                 self.__dict__["_current_case"] = (properties, item.get("ofile"))
+                # a label map only for a case exported to a file (an array returned to the caller is
+                # converted with the predictor's own label manager, nnU-Net's)
+                self.__dict__["_labels_only"] = (not save_probabilities and bool(item.get("ofile")), None)
                 yield item
 
         try:
@@ -273,7 +276,7 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
             for files, ofile in zip(cases, outputs):
                 self.__dict__["_sequential_ofile"] = ofile
                 try:
-                    with self.labels_only(not save_probabilities):
+                    with self.labels_only(not save_probabilities and ofile is not None):
                         returned += super().predict_from_files_sequential(
                             [files], [ofile] if ofile is not None else None, save_probabilities, True,
                             folder_with_segs_from_prev_stage) or []
@@ -297,7 +300,7 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
         self.configuration_manager.properties_sink = []
         self.__dict__["_sequential_ofile"] = output_file_truncated
         try:
-            with self.labels_only(not save_or_return_probabilities):
+            with self.labels_only(not save_or_return_probabilities and output_file_truncated is not None):
                 return super().predict_single_npy_array(input_image, image_properties, segmentation_previous_stage,
                                                         output_file_truncated, save_or_return_probabilities)
         finally:
