@@ -198,6 +198,12 @@ def _timed(fn, repeats: int = 1) -> tuple[float, object]:
     return best, out
 
 
+def _to_labels_cell(row: dict) -> str:
+    """'-' where the cascade handed logits to the export (with probabilities), else the conversion's seconds."""
+    seconds = row.get("to_labels_s")
+    return "-" if seconds is None else f"{seconds:.3f}"
+
+
 def _status_mb(field: str) -> float:
     """A memory figure of this process from /proc/self/status (Linux), in MiB; nan elsewhere."""
     try:
@@ -297,7 +303,7 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     networks = stages["coarse_network"] + stages["fine_network"]
     outside = timings["geometry_s"] + stages.get("to_labels", 0.0)
     return {"case": kind, "resampling": resampling, **{f"{k}_s": v for k, v in stages.items()},
-            "probabilities": probabilities, "to_labels_s": stages.get("to_labels", 0.0),
+            "probabilities": probabilities, "to_labels_s": stages.get("to_labels"),
             "outside_per_crop_s": outside / max(1, timings["n_boxes"]), "outside_share": outside / total,
             "networks_s": networks, "other_share": 1 - networks / total,
             "limit_s": _forward_limit(ctx, timings["n_boxes"], tta) if forward_limit else float("nan"), "image": "x".join(str(s) for s in shape),
@@ -601,7 +607,7 @@ def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str
     for r in rows:
         name = "cascade, --save_probabilities" if r.get("probabilities") else "cascade"
         lines.append(f"| {name} | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
-                     f"{r.get('to_labels_s', 0.0):.3f} | {r['fine_s']:.1f} | {r['export_s']:.1f} | "
+                     f"{_to_labels_cell(r)} | {r['fine_s']:.1f} | {r['export_s']:.1f} | "
                      f"{r.get('outside_per_crop_s', float('nan')):.3f} | {r.get('outside_share', float('nan')):.0%} | "
                      f"{r['rss_before_mb']:.0f} | "
                      f"{r['peak_predict_mb']:.0f} | {r['peak_before_export_mb']:.0f} | "
