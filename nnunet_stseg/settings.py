@@ -64,6 +64,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("STSEG_ITERS_PER_EPOCH", "a whole number >= 1", "training iterations per epoch (nnU-Net: 250)"),
     Setting("STSEG_VAL_ITERS", "a whole number >= 1", "validation iterations per epoch (nnU-Net: 50)"),
     Setting("STSEG_SAVE_EVERY", "a whole number >= 1", "epochs between checkpoint_latest.pth saves (nnU-Net: 50)"),
+    Setting("STSEG_PATIENCE", "a whole number >= 1",
+            "stop training when the validation loss (the size trainer's size phase: the validation size error) has "
+            "not improved for this many epochs; checkpoint_best.pth is then the best epoch by it"),
     Setting("STSEG_SKIP_VALIDATION", "0 or 1", "1: skip the final validation after training"),
     Setting("STSEG_VAL_MIRRORING", "0 or 1", "0: final validation without test-time mirroring"),
     Setting("STSEG_POLAR_ORIGINS", "coarse or heatmap", "origin source of the polar stage at prediction",
@@ -136,6 +139,10 @@ def val_iters() -> int | None:
 
 def save_every() -> int | None:
     return _positive_int("STSEG_SAVE_EVERY")
+
+
+def patience() -> int | None:
+    return _positive_int("STSEG_PATIENCE")
 
 
 def skip_validation() -> bool:
@@ -260,7 +267,7 @@ def overrides_env(values: dict[str, object]) -> dict[str, str]:
 def schedule_settings() -> dict[str, object]:
     """The schedule variables that are set, ``{name: value}`` (checked), for training logs."""
     values = {"STSEG_NUM_EPOCHS": num_epochs(), "STSEG_ITERS_PER_EPOCH": iters_per_epoch(),
-              "STSEG_VAL_ITERS": val_iters(), "STSEG_SAVE_EVERY": save_every(),
+              "STSEG_VAL_ITERS": val_iters(), "STSEG_SAVE_EVERY": save_every(), "STSEG_PATIENCE": patience(),
               "STSEG_SKIP_VALIDATION": _switch("STSEG_SKIP_VALIDATION"),
               "STSEG_VAL_MIRRORING": _switch("STSEG_VAL_MIRRORING")}
     return {k: v for k, v in values.items() if v is not None}
@@ -269,7 +276,7 @@ def schedule_settings() -> dict[str, object]:
 __all__ = ["SETTINGS", "Setting", "OVERRIDES_FILE", "ORIGIN_SOURCE_ENV", "MAX_ORIGINS_ENV", "PEAK_THRESHOLD_ENV",
            "MIN_CONFIDENCE_ENV", "CONFIDENCE_WEIGHTING_ENV", "polar_min_confidence", "polar_confidence_weighting",
            "PROPOSAL_THRESHOLD_ENV", "proposal_threshold", "PROPOSAL_CONFIRMATION_ENV", "proposal_confirmation",
-           "num_epochs", "iters_per_epoch", "val_iters", "save_every", "skip_validation", "validation_mirroring",
+           "num_epochs", "iters_per_epoch", "val_iters", "save_every", "patience", "skip_validation", "validation_mirroring",
            "polar_origin_source", "polar_max_origins", "polar_peak_threshold", "objects_report", "plan_overrides",
            "schedule_settings", "debug_log", "IN_PROCESS_ENV", "IN_PROCESS_LOG",
            "predict_in_process", "OVERRIDES_ENV", "overrides_variable", "overrides_env"]

@@ -13,8 +13,11 @@ def _complete_preprocessed(folder: str, identifiers: Sequence[str]) -> bool:
 
 
 def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes: int = 2, preprocess: bool = True,
-                        verify_dataset_integrity: bool = False, gpu_memory_target: float = 8.0) -> list[str]:
-    """Fingerprint (reused if present), plan with :class:`nnUNetPlannerStS` and ``options``,
+                        verify_dataset_integrity: bool = False, gpu_memory_target: float | None = None,
+                        planner_name: str = "ExperimentPlanner") -> list[str]:
+    """Fingerprint (reused if present), plan with nnU-Net's planner ``planner_name`` (``-pl``;
+    its plans identifier, e.g. ``nnUNetResEncUNetMPlans``, and network class) plus our
+    configurations (:func:`~nnunet_stseg.planners.sts_planner.sts_planner_class`) and ``options``,
     preprocess our configurations (the coarse ones by our
     :class:`~nnunet_stseg.adapters.inference_io.CheckedPreprocessor`, whose resampling is the
     predictor's: ``nnUNetv2_preprocess`` would resample them with nnU-Net's own function).
@@ -27,14 +30,16 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from nnunet_stseg.adapters.inference_io import CheckedPreprocessor
-    from nnunet_stseg.planners.sts_planner import nnUNetPlannerStS
+    from nnunet_stseg.planners.sts_planner import sts_planner_class
 
     name = maybe_convert_to_dataset_name(dataset_id)
     fingerprint = os.path.join(str(nnUNet_preprocessed), name, "dataset_fingerprint.json")
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
                                 check_dataset_integrity=verify_dataset_integrity,
                                 clean=not os.path.isfile(fingerprint), verbose=False)
-    planner = nnUNetPlannerStS(dataset_id, options=options, gpu_memory_target_in_gb=gpu_memory_target)
+    planner_class = sts_planner_class(planner_name)
+    memory = {} if gpu_memory_target is None else {"gpu_memory_target_in_gb": gpu_memory_target}
+    planner = planner_class(dataset_id, options=options, **memory)  # None: the planner's own target
     plans = planner.plan_experiment()
     added = planner.sts_configurations
     if preprocess:
@@ -62,14 +67,17 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
           f"{os.path.join(str(nnUNet_preprocessed), name, planner.plans_identifier + '.json')}: {', '.join(added)}")
     print("[nnunet-stseg] next steps (per fold F):")
     print(f"  {shell_export_line()}")
+    plans_flag = "" if planner.plans_identifier == "nnUNetPlans" else f" -p {planner.plans_identifier}"
     for c in added:
         if plans["configurations"][c]["sts"]["role"] == "lsnet":  # L-Net (with the fine model as S-Net) first
-            print(f"  nnUNetv2_train {dataset_id} {c} F -tr {LNET_TRAINER}")
-        print(f"  nnUNetv2_train {dataset_id} {c} F -tr {trainer_for_role(plans['configurations'][c]['sts'])}")
+            print(f"  nnUNetv2_train {dataset_id} {c} F -tr {LNET_TRAINER}{plans_flag}")
+        print(f"  nnUNetv2_train {dataset_id} {c} F -tr {trainer_for_role(plans['configurations'][c]['sts'])}"
+              f"{plans_flag}")
     for c in added:
         sts = plans["configurations"][c]["sts"]
         if sts["role"] != "coarse":
-            print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr {trainer_for_role(sts)} -f F")
+            print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr {trainer_for_role(sts)}{plans_flag} "
+                  f"-f F")
     return added
 
 

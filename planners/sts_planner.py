@@ -17,22 +17,39 @@ standard configurations:
   patch; its input is the S x S polar image (angles x radii) around one object. The 2d coarse
   configuration then also gets ``sts.centre``: the centre-point heatmap's sigma, chosen from the
   median size of the training labels' objects (read once at planning).
+
+Without S (``PlanOptions.input_size`` None, ``nnunet-stseg plan`` without ``-s``) the planner first
+makes the object fingerprint of the training labels (:func:`object_fingerprint`, cached as
+``object_fingerprint.json`` next to nnU-Net's ``dataset_fingerprint.json``) and chooses S, the coarse
+grid (per-axis downsampling from the small objects' extents; the coarse network's patch planned
+by nnU-Net for that grid, with its sliding window where the coarse image is larger), the size rule
+and ``max_crops`` by the rules of :mod:`nnunet_stseg.core.autoplan`; explicit ``--set`` values win
+over each choice. What was chosen, why, and what was given goes into the fine configuration's
+``sts.planning`` and the log.
 """
 from __future__ import annotations
 
+import json
 import os
 from copy import deepcopy
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from nnunet_stseg.adapters.config import (E2E_KEY, LSNET_KEY, CentreParams, E2EParams, LSNetParams, PlanOptions,
                                           PolarParams, StSConfig, coarse_config_name, e2e_config_name, fine_config_name,
-                                          lsnet_config_name, polar_config_name, with_block)
+                                          grid_spacing3, lsnet_config_name, polar_config_name, with_block)
+from nnunet_stseg.core import autoplan
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
+from nnunet_stseg.core.fingerprint import object_records, summarise_objects
 from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
 from nnunet_stseg.core.geometry import CropParams
+
+
+class PlanningError(ValueError):
+    """A dataset or an option the planner cannot plan for; ``nnunet-stseg plan`` prints the message
+    as one error line (no traceback)."""
 
 
 def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[float], size: int
@@ -78,26 +95,34 @@ def set_width(config: dict, base_features: int | None, max_features: int | None)
 def _check_dims(plans: dict, dims: Sequence[str], available: Sequence[str]) -> None:
     for d in dims:
         if d not in available:
-            raise ValueError(f"dataset {plans['dataset_name']} has no {'3d_fullres' if d == '3d' else d} "
+            raise PlanningError(f"dataset {plans['dataset_name']} has no {'3d_fullres' if d == '3d' else d} "
                              f"configuration, so it cannot get a {d} segment-then-segment pipeline "
                              f"(3d needs 3D images)")
 
 
-def _cascade_pair(planner: ExperimentPlanner, base: dict, coarse_name: str, options: PlanOptions
-                  ) -> tuple[dict, dict, list[float]]:
+def _fine_architecture(planner: ExperimentPlanner, base: dict, s: int) -> dict:
+    """nnU-Net's plan for an isotropic S patch on the base configuration's data (the fine network)."""
+    nd = len(base["patch_size"])
+    approx_voxels = float(np.prod(base["median_image_size_in_voxels"], dtype=np.float64)
+                          * planner.dataset_json["numTraining"])
+    return planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
+
+
+def _cascade_pair(planner: ExperimentPlanner, base: dict, coarse_name: str, s: int, options: PlanOptions,
+                  coarse_grid: tuple[list[float], list[float]] | None = None) -> tuple[dict, dict, list[float]]:
     """The coarse and fine configurations of one dimensionality (without their ``sts`` blocks) and
-    the coarse grid's spacing. Raises when nnU-Net would not keep S as the fine patch."""
-    s, nd = int(options.input_size), len(base["patch_size"])
+    the coarse grid's spacing: ``coarse_grid`` (spacing, median shape), else the median image at S
+    voxels per axis. Raises when nnU-Net would not keep S as the fine patch."""
+    nd = len(base["patch_size"])
     n_train = planner.dataset_json["numTraining"]
     spacing, median = base["spacing"], base["median_image_size_in_voxels"]
-    c_spacing, c_median = coarse_spacing_and_shape(spacing, median, s)
+    c_spacing, c_median = coarse_grid if coarse_grid is not None else coarse_spacing_and_shape(spacing, median, s)
     coarse = planner.get_plans_for_configuration(c_spacing, c_median, planner.generate_data_identifier(coarse_name),
                                                  float(np.prod(c_median, dtype=np.float64) * n_train), {})
     coarse["batch_dice"] = base.get("batch_dice", False)
-    approx_voxels = float(np.prod(median, dtype=np.float64) * n_train)
-    arch = planner.get_plans_for_configuration([1.0] * nd, [s] * nd, base["data_identifier"], approx_voxels, {})
+    arch = _fine_architecture(planner, base, s)
     if list(arch["patch_size"]) != [s] * nd:
-        raise ValueError(f"nnU-Net turns S={s} into a {list(arch['patch_size'])} patch (the patch must stay "
+        raise PlanningError(f"nnU-Net turns S={s} into a {list(arch['patch_size'])} patch (the patch must stay "
                          f"divisible at every pooling step), so crops could not be exactly S per axis; choose "
                          f"an S that nnU-Net keeps, e.g. {int(arch['patch_size'][-1])} or 32, 48, 64, 128")
     fine = deepcopy(base)
@@ -115,10 +140,10 @@ def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, 
                          options: PlanOptions) -> dict:
     """The 2d polar configuration (a copy of the 2d fine one with a ``polar`` block); also writes
     the centre-point model's ``sts.centre`` into ``coarse``, sigma from the training objects."""
-    s = int(options.input_size)
+    s = int(fine["patch_size"][-1])
     radius, n_objects = median_object_radius_2d(planner, plans["transpose_forward"])
     if n_objects == 0:
-        raise ValueError(f"dataset {plans['dataset_name']} has no foreground objects in its training labels; "
+        raise PlanningError(f"dataset {plans['dataset_name']} has no foreground objects in its training labels; "
                          f"the polar stage needs some")
     factor = float(np.mean(np.asarray(c_spacing[-2:]) / np.asarray(fine["spacing"][-2:])))
     coarse_radius = radius / factor
@@ -128,7 +153,7 @@ def _polar_configuration(planner: ExperimentPlanner, plans: dict, coarse: dict, 
                                               **options.centre_params}).to_dict()
     params = PolarParams(**{"polar_shape": (s, s), **options.polar_params})
     if tuple(params.polar_shape) != (s, s):
-        raise ValueError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
+        raise PlanningError(f"the polar network's patch is S x S = {s} x {s}; polar_shape "
                          f"{list(params.polar_shape)} would not match it")
     polar_cfg = deepcopy(fine)
     polar_cfg["sts"] = StSConfig("polar", s, coarse["sts"]["coarse_configuration"], options.coarse_trainer,
@@ -155,35 +180,184 @@ def lsnet_configuration(fine: dict, params: dict | None = None) -> dict:
     return with_block(cfg, LSNET_KEY, LSNetParams(**(params or {})).to_dict())
 
 
+OBJECT_FINGERPRINT_FILE = "object_fingerprint.json"
+FINGERPRINT_VERSION = 1
+
+
+def _label_classes(dataset_json: dict) -> list[int]:
+    """The integer label values of the dataset's classes (regions: their member labels)."""
+    values = set()
+    for name, value in dataset_json["labels"].items():
+        if name in ("background", "ignore"):
+            continue
+        values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if int(v) > 0)
+    return sorted(values)
+
+
+def object_fingerprint(planner: ExperimentPlanner, transpose_forward: Sequence[int]) -> dict:
+    """The object fingerprint of the training labels (:mod:`nnunet_stseg.core.fingerprint`): objects
+    per class and over all classes, for a 2D stage (per slice, in nnU-Net's transposed axis order)
+    and, on 3D data, a 3D stage; plus the median image extent in mm. Read from
+    ``object_fingerprint.json`` in the preprocessed dataset folder when it was made for the same
+    training cases, else made (one pass over the labels) and written there."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from tqdm import tqdm
+
+    from nnunet_stseg.atomic import write_json_atomic
+
+    path = os.path.join(str(nnUNet_preprocessed), planner.dataset_name, OBJECT_FINGERPRINT_FILE)
+    cases = get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json)
+    keys = sorted(cases)
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("version") == FINGERPRINT_VERSION and cached.get("cases") == keys:
+            print(f"[nnunet-stseg] object fingerprint reused: {path}")
+            return cached
+    classes = _label_classes(planner.dataset_json)
+    ignore = planner.dataset_json["labels"].get("ignore")
+    reader = determine_reader_writer_from_dataset_json(planner.dataset_json, cases[keys[0]]["images"][0])()
+    axes = tuple(int(a) for a in transpose_forward)
+    per_stage: dict[str, list] = {"2d": [], "3d": []}
+    image_mm = []
+    for key in tqdm(keys, desc="object fingerprint", unit="case", mininterval=5):
+        seg, props = reader.read_seg(cases[key]["label"])
+        seg = seg[0].transpose(axes)
+        if ignore is not None:
+            seg = np.where(seg == int(ignore), 0, seg)
+        spacing = [float(props["spacing"][a]) for a in axes]
+        image_mm.append(np.asarray(seg.shape, dtype=float) * spacing)
+        per_stage["2d"] += object_records(seg, spacing, [False, True, True], classes, key)
+        if seg.shape[0] > 1:
+            per_stage["3d"] += object_records(seg, spacing, [True, True, True], classes, key)
+    fingerprint = {"version": FINGERPRINT_VERSION, "cases": keys, "classes": classes,
+                   "median_image_mm": [round(float(v), 4) for v in np.median(image_mm, axis=0)],
+                   **{stage: summarise_objects(records, keys) if records else None
+                      for stage, records in per_stage.items()}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(fingerprint, path, indent=1)
+    print(f"[nnunet-stseg] object fingerprint of {len(keys)} training cases written to {path}")
+    return fingerprint
+
+
+class AutoChoices(NamedTuple):
+    """What :func:`choose_from_objects` decided for one dimensionality."""
+
+    s: int
+    coarse_grid: tuple[list[float], list[float]]
+    crop: dict
+    sts_params: dict
+    planning: dict
+    notes: list[str]
+
+
+def _largest_kept_s(planner: ExperimentPlanner, base: dict, candidates: Sequence[int]) -> int | None:
+    """The largest candidate S that nnU-Net keeps as the fine patch (its memory target and pooling)."""
+    nd = len(base["patch_size"])
+    for s in sorted(candidates, reverse=True):
+        if list(_fine_architecture(planner, base, s)["patch_size"]) == [s] * nd:
+            return s
+    return None
+
+
+def choose_from_objects(planner: ExperimentPlanner, base: dict, dim: str, fingerprint: dict, options: PlanOptions,
+                        rules: autoplan.AutoPlanRules = autoplan.AutoPlanRules()) -> AutoChoices:
+    """S, the coarse grid, the size rule and ``max_crops`` of one dimensionality from the object
+    fingerprint (:mod:`nnunet_stseg.core.autoplan`); values in ``options`` (``--set``) are kept."""
+    summary = fingerprint.get(dim) or fingerprint["2d"]
+    if not summary or "all" not in summary:
+        raise PlanningError(f"dataset {planner.dataset_name} has no foreground objects in its training labels: nothing "
+                         f"to choose S and the coarse grid from; give -s")
+    active = [dim == "3d", True, True]
+    spacing3 = grid_spacing3(base["spacing"])
+    median = [float(v) for v in base["median_image_size_in_voxels"]]
+    median3 = median if len(median) == 3 else [1.0] + median
+    finest = min(sp for sp, a in zip(spacing3, active) if a)
+    notes = []
+    small = autoplan.smallest_extents(summary, rules.small_quantile)
+    c_spacing3, c_median3, factors = autoplan.coarse_grid(spacing3, median3, small, active, rules)
+    if all(f == 1.0 for f, a in zip(factors.value, active) if a):
+        notes.append(f"{dim}: the small objects ({rules.small_quantile} extent {', '.join(f'{v:g}' for v in small)} mm) "
+                     f"are under {rules.coarse_voxels:g} voxels of the full-resolution grid wide: no coarse grid coarser "
+                     f"than the full resolution keeps them; the coarse stage runs at full resolution")
+    downsampled = any(f > 1.0 for f, a in zip(factors.value, active) if a)
+    for name, cls in summary.items():
+        if name == "all" or not cls["extent_mm"][1] or not downsampled:
+            continue
+        narrow = [cls["extent_mm"][a][rules.small_quantile] / (rules.coarse_voxels * c_spacing3[a])
+                  for a in range(3) if active[a] and c_spacing3[a] > spacing3[a]]
+        if narrow and min(narrow) < 0.99:
+            notes.append(f"{dim}: class {name}: its {rules.small_quantile} objects are under {rules.coarse_voxels:g} "
+                         f"coarse voxels wide on the chosen grid (smaller classes decided it)")
+    typical = [summary["all"]["extent_mm"][a][rules.typical_quantile] for a in range(3)]
+    crop = CropParams(patch_size=(8,) * 3, **{k: v for k, v in options.crop.items() if k != "patch_size"})
+    largest = _largest_kept_s(planner, base, rules.s_candidates)
+    if largest is None:
+        raise PlanningError(f"nnU-Net keeps none of S = {list(rules.s_candidates)} as the {dim} fine patch within its "
+                            f"memory target (-gpu_memory_target): give -s, or a larger target")
+    image_voxels = max(m * sp / finest for m, sp, a in zip(median3, spacing3, active) if a)
+    s_choice = autoplan.input_size(typical, spacing3, active, crop.margin_fraction, crop.margin_min, largest, rules,
+                                   image_voxels)
+    # along the axes the size rule measures (those about as fine as the finest, core.geometry.size_thresholds)
+    smallest_voxels = min(summary["all"]["extent_mm"][a]["p1"] / finest for a in range(3)
+                          if active[a] and spacing3[a] <= finest * 1.01)
+    rule_choice = autoplan.size_rule(smallest_voxels, rules)
+    channels = len(planner.dataset_json["channel_names"]) + len(_label_classes(planner.dataset_json)) + 1
+    crops_choice = autoplan.max_crops(summary["all"]["objects_per_case"]["max"], s_choice.value, sum(active),
+                                      channels, rules)
+    cannot = autoplan.cascade_cannot_help(typical, fingerprint["median_image_mm"], active, rules)
+    if cannot:
+        notes.append(f"{dim}: {cannot}")
+    chosen = {"input_size": s_choice, "coarse_downsampling": factors, "min_object_size": rule_choice,
+              "max_crops": crops_choice}
+    given = {k: v for k, v in {**options.crop, **options.sts_params}.items() if k in ("min_object_size", "max_crops")}
+    planning = {"chosen": {k: {"value": c.value, "why": c.why} for k, c in chosen.items() if k not in given},
+                "given": given, "notes": notes, "rules": rules.to_dict(), "fingerprint": OBJECT_FINGERPRINT_FILE,
+                "finest_spacing_mm": finest}
+    c_grid = ([c_spacing3[a] for a in range(3 - len(median), 3)], [c_median3[a] for a in range(3 - len(median), 3)])
+    return AutoChoices(int(s_choice.value), c_grid,
+                       {} if "min_object_size" in given else {"min_object_size": rule_choice.value},
+                       {} if "max_crops" in given else {"max_crops": crops_choice.value}, planning, notes)
+
+
 def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: PlanOptions) -> list[str]:
     """Add the configurations ``options`` asks for to ``plans`` (in place): coarse + fine for every
     dimensionality, the depth channel on the 2d ones, the 2d polar configuration. Returns the names
     added. Nothing is added when any of them cannot be planned."""
-    s = int(options.input_size)
     configs = plans["configurations"]
     available = [d for d, base in (("2d", "2d"), ("3d", "3d_fullres")) if base in configs]
     dims = list(options.dims) if options.dims else available
     _check_dims(plans, dims, available)
     if options.polar and "2d" not in dims:
-        raise ValueError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
+        raise PlanningError("the polar stage is 2D (slice by slice on 3D data): include 2d in --dims")
     if options.e2e and "2d" not in dims:
-        raise ValueError("the end-to-end model is 2D (slice by slice on 3D data): include 2d in --dims")
+        raise PlanningError("the end-to-end model is 2D (slice by slice on 3D data): include 2d in --dims")
     if options.e2e and options.depth_channel:
-        raise ValueError("the end-to-end model has no depth channel: plan --e2e and --depth into different plans")
+        raise PlanningError("the end-to-end model has no depth channel: plan --e2e and --depth into different plans")
     if options.lsnet and "2d" not in dims:
-        raise ValueError("L-SNet is 2D (slice by slice on 3D data): include 2d in --dims")
+        raise PlanningError("L-SNet is 2D (slice by slice on 3D data): include 2d in --dims")
     if options.lsnet and options.depth_channel:
-        raise ValueError("L-SNet has no depth channel: plan --lsnet and --depth into different plans")
+        raise PlanningError("L-SNet has no depth channel: plan --lsnet and --depth into different plans")
+    fingerprint = object_fingerprint(planner, plans["transpose_forward"]) if options.input_size is None else None
     new: dict[str, dict] = {}
     for d in dims:
         base = configs["3d_fullres" if d == "3d" else "2d"]
+        auto = choose_from_objects(planner, base, d, fingerprint, options) if fingerprint is not None else None
+        s = auto.s if auto else int(options.input_size)
         coarse_name, fine_name = coarse_config_name(d, s), fine_config_name(d, s)
-        coarse, fine, c_spacing = _cascade_pair(planner, base, coarse_name, options)
-        crop = CropParams(patch_size=(s,) * 3 if len(base["patch_size"]) == 3 else (1, s, s), **options.crop)
+        coarse, fine, c_spacing = _cascade_pair(planner, base, coarse_name, s, options,
+                                                auto.coarse_grid if auto else None)
+        crop = CropParams(patch_size=(s,) * 3 if len(base["patch_size"]) == 3 else (1, s, s),
+                          **{**(auto.crop if auto else {}), **options.crop})
         coarse["sts"] = StSConfig("coarse", s, coarse_name, options.coarse_trainer,
                                   coarse_resampling=options.coarse_resampling).to_dict()
         fine["sts"] = StSConfig("fine", s, coarse_name, options.coarse_trainer, crop=crop,
-                                fallback=options.fallback, **options.sts_params).to_dict()
+                                fallback=options.fallback, **{**(auto.sts_params if auto else {}), **options.sts_params},
+                                planning=auto.planning if auto else None).to_dict()
+        if auto:
+            _log_choices(d, auto, coarse)
         if options.depth_channel and d == "2d":
             check_depth_applicable(fine["patch_size"], plans.get("original_median_shape_after_transp", [1]),
                                    f"--depth for dataset {plans['dataset_name']}")
@@ -199,12 +373,26 @@ def add_sts_configurations(planner: ExperimentPlanner, plans: dict, options: Pla
     return list(new)
 
 
-class nnUNetPlannerStS(ExperimentPlanner):
-    """nnU-Net's default planner plus the segment-then-segment configurations.
+def _log_choices(dim: str, auto: AutoChoices, coarse: dict) -> None:
+    """One line per choice (and given value), then the notes, as the planner decided them."""
+    for key, record in auto.planning["chosen"].items():
+        print(f"[nnunet-stseg] {dim}: {key} = {record['value']} (chosen: {record['why']})")
+    for key, value in auto.planning["given"].items():
+        print(f"[nnunet-stseg] {dim}: {key} = {value} (given)")
+    patch, shape = [int(v) for v in coarse["patch_size"]], [int(v) for v in coarse["median_image_size_in_voxels"]]
+    print(f"[nnunet-stseg] {dim}: coarse network patch {patch} on a median coarse image of {shape}"
+          + (" (nnU-Net's sliding window at prediction)" if any(p < m for p, m in zip(patch, shape)) else ""))
+    for note in auto.notes:
+        print(f"[nnunet-stseg] NOTE {note}")
 
-    Runs the standard planning (so the usual ``2d``/``3d_fullres`` configurations exist and
-    are untouched), then adds ours and saves the plans again. Existing custom configurations in
-    the plans file are kept, as nnU-Net does."""
+
+class StSPlannerMixin:
+    """Adds the segment-then-segment configurations to whatever nnU-Net planner it is mixed into.
+
+    Runs that planner's standard planning (so its ``2d``/``3d_fullres`` configurations exist and
+    are untouched, and ours get its network class, e.g. the residual encoder U-Net of
+    ``nnUNetPlannerResEncM``), then adds ours and saves the plans again under that planner's plans
+    identifier. Existing custom configurations in the plans file are kept, as nnU-Net does."""
 
     def __init__(self, dataset_name_or_id, options: PlanOptions | None = None, **kwargs):
         super().__init__(dataset_name_or_id, **kwargs)
@@ -226,3 +414,28 @@ class nnUNetPlannerStS(ExperimentPlanner):
         self.plans = plans
         self.save_plans(plans)
         return plans
+
+
+class nnUNetPlannerStS(StSPlannerMixin, ExperimentPlanner):
+    """nnU-Net's default planner plus the segment-then-segment configurations (plans
+    ``nnUNetPlans``); :func:`sts_planner_class` gives the same for any other nnU-Net planner."""
+
+
+def sts_planner_class(planner_name: str = "ExperimentPlanner") -> type:
+    """The planner class that adds our configurations to the nnU-Net planner named like
+    ``nnUNetv2_plan_experiment -pl`` names it (e.g. ``nnUNetPlannerResEncM``).
+
+    >>> sts_planner_class().__name__, sts_planner_class("nnUNetPlannerResEncM").__name__
+    ('nnUNetPlannerStS', 'nnUNetPlannerStS_nnUNetPlannerResEncM')
+    """
+    if planner_name in ("ExperimentPlanner", "nnUNetPlannerStS"):
+        return nnUNetPlannerStS
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    base = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"), planner_name,
+                                       current_module="nnunetv2.experiment_planning")
+    if base is None or not issubclass(base, ExperimentPlanner):
+        raise PlanningError(f"no nnU-Net planner named {planner_name!r} (nnUNetv2_plan_experiment -pl takes e.g. "
+                            f"ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL, nnUNetPlannerResEncXL)")
+    return type(f"nnUNetPlannerStS_{planner_name}", (StSPlannerMixin, base), {"__doc__": StSPlannerMixin.__doc__})

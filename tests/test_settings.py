@@ -14,7 +14,7 @@ from nnunet_stseg.core.geometry import CropParams
 ROOT = Path(__file__).resolve().parents[1]
 ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": settings.iters_per_epoch,
              "STSEG_VAL_ITERS": settings.val_iters, "STSEG_SAVE_EVERY": settings.save_every,
-             "STSEG_SKIP_VALIDATION": settings.skip_validation, "STSEG_VAL_MIRRORING": settings.validation_mirroring,
+             "STSEG_PATIENCE": settings.patience, "STSEG_SKIP_VALIDATION": settings.skip_validation, "STSEG_VAL_MIRRORING": settings.validation_mirroring,
              "STSEG_POLAR_ORIGINS": settings.polar_origin_source, "STSEG_POLAR_MAX_ORIGINS": settings.polar_max_origins,
              "STSEG_POLAR_PEAK_THRESHOLD": settings.polar_peak_threshold, "STSEG_OBJECTS_REPORT": settings.objects_report,
              "STSEG_PROPOSAL_THRESHOLD": settings.proposal_threshold,
@@ -24,7 +24,7 @@ ACCESSORS = {"STSEG_NUM_EPOCHS": settings.num_epochs, "STSEG_ITERS_PER_EPOCH": s
              "STSEG_LOG_LEVEL": settings.debug_log, "STSEG_PREDICT_IN_PROCESS": settings.predict_in_process,
              "STSEG_OVERRIDES": settings.overrides_variable}
 GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSEG_VAL_ITERS": ("1", 1),
-        "STSEG_SAVE_EVERY": ("5", 5), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
+        "STSEG_SAVE_EVERY": ("5", 5), "STSEG_PATIENCE": ("10", 10), "STSEG_SKIP_VALIDATION": ("1", True), "STSEG_VAL_MIRRORING": ("0", False),
         "STSEG_POLAR_ORIGINS": ("heatmap", "heatmap"), "STSEG_POLAR_MAX_ORIGINS": ("1", 1),
         "STSEG_POLAR_PEAK_THRESHOLD": ("0", 0.0), "STSEG_OBJECTS_REPORT": ("0", False),
         "STSEG_PROPOSAL_THRESHOLD": ("0.2", 0.2), "STSEG_PROPOSAL_CONFIRMATION": ("0.5", 0.5),
@@ -35,7 +35,7 @@ GOOD = {"STSEG_NUM_EPOCHS": ("3", 3), "STSEG_ITERS_PER_EPOCH": ("12", 12), "STSE
                             {"sts.polar.max_origins": "1", "sts.e2e.canvas": "[64, 64]",
                              "sts.crop.proposal_threshold": "none"})}
 BAD = {"STSEG_NUM_EPOCHS": ["0", "-3", "abc", "1.5"], "STSEG_ITERS_PER_EPOCH": ["0"], "STSEG_VAL_ITERS": ["x"],
-       "STSEG_SAVE_EVERY": ["-1"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
+       "STSEG_SAVE_EVERY": ["-1"], "STSEG_PATIENCE": ["0", "ten"], "STSEG_SKIP_VALIDATION": ["yes", "2"], "STSEG_VAL_MIRRORING": ["no"],
        "STSEG_POLAR_ORIGINS": ["magic", "Coarse"], "STSEG_POLAR_MAX_ORIGINS": ["0", "two"],
        "STSEG_POLAR_PEAK_THRESHOLD": ["1", "-0.1", "half"], "STSEG_OBJECTS_REPORT": ["off"],
        "STSEG_PROPOSAL_THRESHOLD": ["0", "0.6", "low"], "STSEG_PROPOSAL_CONFIRMATION": ["0.49", "1", "sure"],

@@ -42,7 +42,8 @@ def test_simulated_dataset_follows_the_convention(weak):
     dataset_json = json.loads((weak / "dataset.json").read_text())
     assert dataset_json["labels"] == {"background": 0, "object": 1, "ignore": 2}
     sizes = json.loads((weak / SIZES_FILE).read_text())
-    assert sizes["unit"] == "mm" and set(sizes["sizes"]) == set(report.size_only_cases)
+    assert sizes["unit"] == "mm" and set(sizes["sizes"]) == set(report.size_only_cases + report.pixel_cases)
+    assert not report.warnings, "the pixel-labelled cases' sizes are their labels' sizes"
     case = report.size_only_cases[0]
     source_label = _read(weak.parent / "Dataset975_SizeSrc" / "labelsTr" / f"{case}.nii.gz") > 0
     assert sizes["sizes"][case] == pytest.approx(0.5 * float(object_size(torch.from_numpy(source_label)[None])[0]))
@@ -121,7 +122,8 @@ def test_import_writes_size_only_labels_with_the_images_geometry(tmp_path):
     label = sitk.ReadImage(str(weak / "labelsTr" / "Extra_001.nii.gz"))
     assert label.GetSpacing() == pytest.approx((0.8, 0.8)) and label.GetOrigin() == pytest.approx((12.0, -3.0))
     assert (sitk.GetArrayFromImage(label) == 2).all()
-    assert json.loads((weak / SIZES_FILE).read_text())["sizes"] == {"Extra_001": 9.6}
+    sizes = json.loads((weak / SIZES_FILE).read_text())["sizes"]
+    assert sizes["Extra_001"] == 9.6 and len(sizes) == 9, "merged with the simulated cases' sizes"
     assert json.loads((weak / "dataset.json").read_text())["numTraining"] == 9
     csv.write_text("case_id,size_mm\nMissing_002,3\n")
     with pytest.raises(SizeLabelError, match="case Missing_002: no image"):

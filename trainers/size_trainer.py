@@ -4,17 +4,21 @@ section 6; dataset convention in :mod:`nnunet_stseg.adapters.size_labels`).
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainer_StSSizes
 
 Phase 1 (``sts.sizes.pretrain_epochs``): nnU-Net's own training on the pixel-labelled cases of the
-fold. Phase 2: every step also takes ``size_batch_size`` size-only images (whole images, only
-size-keeping flips), samples a binary mask from the network's foreground probabilities, and adds
+fold. Phase 2: every step also takes ``size_batch_size`` images with a known size (the size-only
+cases and the pixel-labelled training cases ``object_sizes.json`` lists: the paper's phase 2 runs
+over the whole training set; whole images, only size-keeping flips), samples a binary mask from the network's foreground probabilities, and adds
 the single-sample estimate of the expected squared size error's gradient
 (:func:`nnunet_stseg.core.sizes.size_loss_gradient`) to nnU-Net's pixel loss on the labelled
 batch; both batches go through the network in one pass. The network is an ordinary nnU-Net
 network: ``nnUNetv2_predict`` runs it. Per epoch the phase, its time and the size error of the
-argmax prediction on the size batch are written to ``size_training.json`` in the fold folder.
+argmax prediction on the size batch, and the size error E on the validation batches (the
+paper's validation E) are written to ``size_training.json`` in the fold folder. With
+``STSEG_PATIENCE`` the size phase stops when E stops improving, as in the paper.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -33,14 +37,14 @@ from nnunet_stseg.adapters.config import SizeParams
 from nnunet_stseg.adapters.size_labels import SIZES_FILE, SizeLabelError, binary_labels, in_plane_spacing, read_sizes
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.metrics import add_precision_recall
-from nnunet_stseg.core.sizes import object_size, size_loss_gradient
+from nnunet_stseg.core.sizes import object_size, size_loss_gradient, squared_size_error
 from nnunet_stseg.trainers.sts_trainers import _StSScheduleMixin
 
 LOG_FILE = "size_training.json"
 
 
 class SizeBatches:
-    """Batches of whole size-only images padded to the patch: image (B, C, H, W) float32, a mask of
+    """Batches of whole images with a known size, padded to the patch: image (B, C, H, W) float32, a mask of
     the real image (B, H, W) bool (padding is background), target sizes in pixels (B,)."""
 
     def __init__(self, cases: dict[str, tuple[np.ndarray, float]], patch: tuple[int, int], batch_size: int,
@@ -70,7 +74,8 @@ class SizeBatches:
 
 
 class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
-    """nnU-Net's trainer plus the size loss on size-only cases (phase 2); see the module docstring."""
+    """nnU-Net's trainer plus the size loss on the cases with a known size (phase 2); see the module
+    docstring."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -82,6 +87,7 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         self.size_cases: dict[str, tuple[np.ndarray, float]] = {}
         self.size_batches: SizeBatches | None = None
         self._epoch_record: dict = {}
+        self._val_size_errors: list[float] = []
 
     # ------------------------------------------------------------------ setup
     @property
@@ -104,7 +110,8 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
 
     def do_split(self):
         """nnU-Net's split, with the size-only cases (all ``ignore``, listed in ``object_sizes.json``)
-        taken out of the pixel training set and out of the validation set."""
+        taken out of the pixel training set and out of the validation set; every training case with
+        a size (size-only or pixel-labelled) is loaded for the size loss."""
         tr_keys, val_keys = super().do_split()
         sizes_mm = read_sizes(os.path.dirname(self.sizes_file()))
         where = f"configuration {self.configuration_name}"
@@ -117,16 +124,17 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         listed = [k for k in tr_keys if k in sizes_mm]
         dataset = self.dataset_class(self.preprocessed_dataset_folder, listed)
         patch = tuple(int(p) for p in self.configuration_manager.patch_size)
-        size_only = {}
+        size_cases, size_only = {}, set()
         for key in listed:
             data, seg, _, _ = dataset.load_case(key)
-            if not bool(np.all(np.asarray(seg) == self.ignore_value)):
-                continue
             image = np.asarray(data)[:, 0].astype(np.float32)  # (C, 1, H, W) -> (C, H, W)
             if data.shape[1] != 1 or any(s > p for s, p in zip(image.shape[1:], patch)):
-                raise SizeLabelError(f"size-only case {key}: preprocessed shape {tuple(data.shape[1:])} does not fit "
-                                     f"one {patch} patch; size supervision needs each whole 2D image in one patch")
-            size_only[key] = (image, sizes_mm[key] / pixel_mm)
+                raise SizeLabelError(f"case {key} (listed in {SIZES_FILE}): preprocessed shape {tuple(data.shape[1:])} "
+                                     f"does not fit one {patch} patch; size supervision needs each whole 2D image in "
+                                     f"one patch")
+            size_cases[key] = (image, sizes_mm[key] / pixel_mm)
+            if bool(np.all(np.asarray(seg) == self.ignore_value)):
+                size_only.add(key)
         pixel_keys = [k for k in tr_keys if k not in size_only]
         if not pixel_keys:
             raise SizeLabelError(f"fold {self.fold}: no pixel-labelled training case; phase 1 needs some")
@@ -134,10 +142,11 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         if dropped:
             kept = set(self._pixel_labelled(dropped))
             val_keys = [k for k in val_keys if k not in sizes_mm or k in kept]
-        self.size_cases = size_only
+        self.size_cases = size_cases
         self.print_to_log_file(
-            f"size supervision: {len(pixel_keys)} pixel-labelled and {len(size_only)} size-only training cases "
-            f"(sizes from {self.sizes_file()}, {pixel_mm:g} mm per pixel); phase 1 (pixel loss only) "
+            f"size supervision: {len(pixel_keys)} pixel-labelled and {len(size_only)} size-only training cases; the "
+            f"size loss uses the {len(size_cases)} with a size (sizes from {self.sizes_file()}, {pixel_mm:g} mm per "
+            f"pixel); phase 1 (pixel loss only) "
             f"{self.pretrain_epochs} epochs, then the size loss (weight {self.size_params.size_weight:g}, pixel "
             f"weight {self.size_params.pixel_weight:g}, {self.size_params.samples} sample(s))")
         return pixel_keys, val_keys
@@ -147,6 +156,11 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         return [k for k in keys if not np.all(np.asarray(dataset.load_case(k)[1]) == self.ignore_value)]
 
     def on_train_start(self):
+        log = self.size_log()
+        if self.local_rank == 0 and any(r.get("epoch", 0) >= self.current_epoch for r in log):
+            # epochs of an interrupted or replaced run after the checkpoint this one starts from
+            write_json_atomic([r for r in log if r.get("epoch", 0) < self.current_epoch],
+                              join(self.output_folder, LOG_FILE), indent=1)
         super().on_train_start()
         if self.label_manager.num_segmentation_heads not in (1, 2):
             raise SizeLabelError("size supervision needs one foreground class (a binary network)")
@@ -207,11 +221,51 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         if record["phase"] == 2:
             self.print_to_log_file(f"size phase: sampled relative size loss {record['size_loss']:.4f}, squared size "
                                    f"error of the argmax {record['size_error_px2']:.1f} px^2")
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step, plus the squared size error E of the argmax prediction against
+        the label's size on each validation image (pixels^2; the paper's validation E)."""
+        out = super().validation_step(batch)
+        data, target = batch["data"].to(self.device), batch["target"]
+        target = (target[0] if isinstance(target, list) else target)[:, 0].to(self.device)
+        output = self.network(data)
+        predicted = self.foreground_probability(output[0] if isinstance(output, (list, tuple)) else output) > 0.5
+        errors = squared_size_error(predicted, object_size(target == self.foreground_value))
+        self._val_size_errors.extend(float(e) for e in errors)
+        return out
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._val_size_errors = []
+
+    def on_validation_epoch_end(self, val_outputs):
+        super().on_validation_epoch_end(val_outputs)
+        record = self._epoch_record
+        record["val_size_error_px2"] = float(np.mean(self._val_size_errors)) if self._val_size_errors else None
+        if record["val_size_error_px2"] is not None:
+            self.print_to_log_file(f"validation size error E {record['val_size_error_px2']:.2f} px^2")
         if self.local_rank == 0:
-            path = join(self.output_folder, LOG_FILE)
-            log = json.loads(Path(path).read_text()) if os.path.isfile(path) else []
-            log = [r for r in log if r.get("epoch") != record["epoch"]] + [record]
-            write_json_atomic(log, path, indent=1)
+            log = [r for r in self.size_log() if r.get("epoch") != record["epoch"]] + [record]
+            write_json_atomic(log, join(self.output_folder, LOG_FILE), indent=1)
+
+    def size_log(self) -> list[dict]:
+        """The per-epoch records of ``size_training.json`` (empty before the first epoch)."""
+        path = join(self.output_folder, LOG_FILE)
+        return json.loads(Path(path).read_text()) if os.path.isfile(path) else []
+
+    def monitored_values(self, last_epoch: int) -> tuple[str, list[float]]:
+        """The plateau rule (``STSEG_PATIENCE``) in the size phase watches the validation size error
+        E (the paper's phase-2 rule); a training without a size phase watches the validation loss;
+        phase 1 of a training with a size phase to come runs its ``pretrain_epochs`` (nothing
+        watched)."""
+        if self.size_params.size_weight <= 0 or not self.size_cases:
+            return super().monitored_values(last_epoch)
+        if last_epoch < self.pretrain_epochs:
+            return "validation loss", []
+        records = sorted((r for r in self.size_log() if r.get("phase") == 2 and r["epoch"] <= last_epoch),
+                         key=lambda r: r["epoch"])
+        return "validation size error E (px^2)", [
+            math.nan if r.get("val_size_error_px2") is None else float(r["val_size_error_px2"]) for r in records]
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)

@@ -17,11 +17,15 @@ validation with nnU-Net's mirroring is 8 sliding-window passes per case, hours o
 ``nnUNetv2_train ... --val`` without it to make the validation later. ``STSEG_VAL_MIRRORING=0``
 makes the final validation without mirroring (what ``nnUNetv2_predict --disable_tta`` does for
 prediction: one network pass per window instead of 2^d); the checkpoint keeps its mirroring axes,
-so later predictions still mirror.
+so later predictions still mirror. ``STSEG_PATIENCE=N`` trains to a validation plateau: training
+stops once the monitored validation value (the validation loss; the size trainer's size phase: the
+validation size error) has not improved for N epochs (``STSEG_NUM_EPOCHS`` is then the most it may
+run), and ``checkpoint_best.pth`` is the best epoch by that value instead of nnU-Net's EMA Dice.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from glob import glob
 from os.path import join
@@ -41,6 +45,7 @@ from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.geometry import (CropParams, component_boxes, crop_and_resample, fit_to_image, jitter,
                                         sample_negative_box, smallest_crop_size, square_and_pad, whole_image_boxes)
 from nnunet_stseg.core.metrics import add_precision_recall
+from nnunet_stseg.core.plateau import best_epoch, plateau_reached
 from nnunet_stseg.trainers.depth_channel import DepthChannelTrainerMixin
 from nnunet_stseg.trainers.loaders import ResampledSampleLoader, build_dataloaders
 from nnunet_stseg.trainers.validation import validate_whole_model, validation_predictor
@@ -49,18 +54,65 @@ SCHEDULE_FILE = "nnunet_stseg_schedule.json"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
 
 
+class PlateauReached(Exception):
+    """Raised at the end of an epoch (or at the start of a resumed training) when the validation
+    plateau rule of ``STSEG_PATIENCE`` says stop; :meth:`_StSScheduleMixin.run_training` ends the
+    training as nnU-Net ends it after its last epoch."""
+
+
 class _StSScheduleMixin:
     """Applies the STSEG_* schedule overrides after nnU-Net's own __init__, keeps a resumed
-    training on the schedule it was started with, and writes checkpoints atomically (an
-    interrupted save never leaves a truncated checkpoint for ``--c`` to load)."""
+    training on the schedule it was started with, stops at a validation plateau when asked, and
+    writes checkpoints atomically (an interrupted save never leaves a truncated checkpoint for
+    ``--c`` to load)."""
+
+    patience: int | None = None  # STSEG_PATIENCE: epochs without improvement before training stops
 
     def schedule(self) -> dict:
         """The effective schedule (nnU-Net's defaults or the STSEG_* values)."""
-        return {k: int(getattr(self, k)) for k in SCHEDULE_KEYS}
+        out = {k: int(getattr(self, k)) for k in SCHEDULE_KEYS}
+        if self.patience:
+            out["patience"] = int(self.patience)
+        return out
+
+    def monitored_values(self, last_epoch: int) -> tuple[str, list[float]]:
+        """What the plateau rule watches: (name, one value per epoch of the current phase up to
+        ``last_epoch``; lower is better). Here nnU-Net's validation loss; the size trainer watches
+        its validation size error in the size phase."""
+        return "validation loss", [float(v) for v in self.logger.get_value("val_losses", None)[:last_epoch + 1]]
 
     def on_train_start(self):
         self._check_schedule_record()
         super().on_train_start()
+        if self.patience and self._plateau_reached(*self.monitored_values(self.current_epoch - 1)):
+            raise PlateauReached  # a resumed training (--c) that had already stopped
+
+    def _plateau_reached(self, name: str, values: list[float]) -> bool:
+        if not values or not plateau_reached(values, self.patience):
+            return False
+        best = best_epoch(values)
+        self.print_to_log_file(f"validation plateau: the {name} has not improved for {self.patience} epochs (best "
+                               + (f"{values[best]:.4f}, {len(values) - 1 - best} epochs ago" if best is not None
+                                  else "none finite") + "); training stops, checkpoint_best.pth holds the best epoch")
+        return True
+
+    def on_epoch_end(self):
+        if not self.patience:
+            return super().on_epoch_end()
+        name, values = self.monitored_values(self.current_epoch)
+        if values and best_epoch(values) == len(values) - 1:
+            self.print_to_log_file(f"new best {name}: {values[-1]:.4f} (checkpoint_best.pth)")
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        self._best_ema = math.inf  # nnU-Net's EMA-Dice rule must not replace the plateau rule's best checkpoint
+        super().on_epoch_end()
+        if self._plateau_reached(name, values):
+            raise PlateauReached
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except PlateauReached:
+            self.on_train_end()
 
     def _check_schedule_record(self) -> None:
         """A fresh training records its schedule in the fold folder; a resumed one (``--c``) must
@@ -89,7 +141,8 @@ class _StSScheduleMixin:
     def _apply_schedule_overrides(self) -> None:
         used = settings.schedule_settings()  # read (and checked) once
         for name, attr in (("STSEG_NUM_EPOCHS", "num_epochs"), ("STSEG_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
-                           ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch"), ("STSEG_SAVE_EVERY", "save_every")):
+                           ("STSEG_VAL_ITERS", "num_val_iterations_per_epoch"), ("STSEG_SAVE_EVERY", "save_every"),
+                           ("STSEG_PATIENCE", "patience")):
             if name in used:
                 setattr(self, attr, used[name])
         if used:

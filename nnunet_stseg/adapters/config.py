@@ -408,6 +408,8 @@ class StSConfig:
       the key (plans before 0.8) means ``nnunet``, so models trained then predict as they did.
     - ``e2e`` / ``lsnet``: :class:`E2EParams` / :class:`LSNetParams` of an end-to-end or L-SNet
       configuration (read from ``sts_e2e`` / ``sts_lsnet`` beside the block in plans before 0.9).
+    - ``planning`` (fine configurations planned without ``-s``): what the planner chose from the
+      object fingerprint and why, and which values were given (a record; nothing reads it back).
     """
 
     role: Literal["coarse", "fine", "polar", "e2e", "lsnet"]
@@ -424,6 +426,7 @@ class StSConfig:
     coarse_resampling: str = "nnunet"
     e2e: E2EParams | None = None
     lsnet: LSNetParams | None = None
+    planning: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "input_size": int(self.input_size),
@@ -441,6 +444,8 @@ class StSConfig:
         for key in (E2E_KEY, LSNET_KEY):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key).to_dict()
+        if self.planning is not None:
+            d["planning"] = self.planning
         return d
 
     @classmethod
@@ -671,7 +676,8 @@ class PlanOptions:
     """What ``nnunet-stseg plan`` decides about a dataset's plans, passed by keyword from the
     command line to the planner (one typed object instead of positional arguments).
 
-    - ``input_size``: S; ``dims``: pipelines to add (``2d``, ``3d``; default: every one the
+    - ``input_size``: S (None: S, the coarse grid, the size rule and ``max_crops`` are chosen from
+      the training labels' objects, :mod:`nnunet_stseg.core.autoplan`); ``dims``: pipelines to add (``2d``, ``3d``; default: every one the
       dataset has); ``base_features`` / ``max_features`` / ``batch_size``: network width and batch
       (None = nnU-Net's plan); ``coarse_trainer``: recorded in the ``sts`` blocks;
     - ``crop``: :class:`CropParams` fields to set (e.g. ``{"margin_fraction": 0.2}``);
@@ -694,7 +700,7 @@ class PlanOptions:
     ValueError: unknown crop parameters ['max_crop']; known: ['jitter_box_fraction', ...]
     """
 
-    input_size: int = 64
+    input_size: int | None = None
     dims: tuple[str, ...] | None = None
     base_features: int | None = None
     max_features: int | None = None
@@ -715,7 +721,7 @@ class PlanOptions:
     centre_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if int(self.input_size) < 8:
+        if self.input_size is not None and int(self.input_size) < 8:
             raise ValueError(f"input size S must be >= 8, got {self.input_size}")
         if self.dims is not None:
             object.__setattr__(self, "dims", tuple(self.dims))

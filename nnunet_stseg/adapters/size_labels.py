@@ -10,7 +10,8 @@ The convention (docs/design.md "Learning from object sizes"):
 - ``object_sizes.json`` next to ``dataset.json``: ``{"unit": "mm", "sizes": {"<case>": <size>}}``.
   The size is 2 x the largest chessboard distance of an object pixel to the background
   (:mod:`nnunet_stseg.core.sizes`) in millimetres; the trainer divides it by the configuration's
-  in-plane spacing. Pixel-labelled cases may have a size too (checked against the label, unused).
+  in-plane spacing. Pixel-labelled cases may have a size too (checked against the label); the
+  size loss of phase 2 uses it as well (the paper's phase 2 runs over the whole training set).
 A label file partly made of ``ignore`` is refused: size supervision needs a case to be either
 fully labelled or size-only.
 """
@@ -168,7 +169,7 @@ def check_size_dataset(dataset_folder: str | Path) -> SizeDatasetReport:
                 measured = float(object_size(torch.from_numpy(seg[0] == foreground)[None])[0]) * spacing
                 if abs(measured - sizes[case]) > max(2 * spacing, 0.1 * measured):
                     report.warnings.append(f"{case}: size {sizes[case]:g} mm in {SIZES_FILE}, its label measures "
-                                           f"{measured:g} mm (the pixel label is used)")
+                                           f"{measured:g} mm (the pixel loss uses the label, the size loss this size)")
     if not report.pixel_cases and not problems:
         problems.append(f"{folder}: no pixel-labelled training case; phase 1 of size supervision needs some")
     if problems:
@@ -224,9 +225,10 @@ def simulate_size_labels(source: str | Path, target_root: str | Path, dataset_id
                          cases: list[str] | None = None) -> Path:
     """A size-labelled copy of a fully labelled 2D raw dataset (to measure the method where the truth
     is known): ``pixel_cases`` keep their labels (binary: the union of ``object_labels``, default all
-    foreground), every other training case (of ``cases``, default all) becomes size-only with the
-    size measured on its label. Images are linked, not copied; ``imagesTs``/``labelsTs`` are linked
-    too (test labels made binary). Returns the new dataset folder."""
+    foreground), every other training case (of ``cases``, default all) becomes size-only; every case's
+    size, measured on its label, goes into ``object_sizes.json`` (pixel-labelled ones too). Images are
+    linked, not copied; ``imagesTs``/``labelsTs`` are linked too (test labels made binary). Returns the
+    new dataset folder."""
     import torch
 
     from nnunet_stseg.core.sizes import object_size
@@ -277,6 +279,6 @@ def simulate_size_labels(source: str | Path, target_root: str | Path, dataset_id
                     description=f"size-labelled copy of {source.name}: {len(pixel)} pixel-labelled case(s), "
                                 f"{len(all_cases) - len(pixel)} size-only")
     write_json_atomic(new_json, out / "dataset.json", indent=1)
-    write_json_atomic({"unit": "mm", "sizes": {c: sizes[c] for c in all_cases if c not in pixel}},
+    write_json_atomic({"unit": "mm", "sizes": {c: sizes[c] for c in all_cases}},
                       out / SIZES_FILE, indent=1)
     return out

@@ -24,7 +24,10 @@ DELEGATED = {
 
 def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-d", "--dataset", type=int, nargs="+", required=True, help="dataset id(s)")
-    parser.add_argument("-s", "--input_size", type=int, default=64, help="S: network input size per axis (64)")
+    parser.add_argument("-s", "--input_size", type=int, default=None,
+                        help="S: network input size per axis; with it the coarse grid is the median image at S "
+                             "voxels per axis (0.9's plans). Default: S, the coarse grid, the size rule and max_crops "
+                             "are chosen from the objects of the training labels, and the log says why")
     parser.add_argument("--dims", nargs="+", choices=("2d", "3d"), default=None,
                         help="pipelines to add (default: 2d, plus 3d for 3D datasets)")
     parser.add_argument("--features", type=int, default=None,
@@ -48,7 +51,11 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--verify_dataset_integrity", action="store_true")
-    parser.add_argument("-gpu_memory_target", type=float, default=8.0, help="as nnUNetv2_plan_experiment")
+    parser.add_argument("-pl", "--planner", default="ExperimentPlanner",
+                        help="nnU-Net's planner, as nnUNetv2_plan_experiment -pl (e.g. nnUNetPlannerResEncM): its plans "
+                             "file and network class; train and predict with -p <its plans> (printed at the end)")
+    parser.add_argument("-gpu_memory_target", type=float, default=None,
+                        help="as nnUNetv2_plan_experiment (default: the planner's own, 8 GB for ExperimentPlanner)")
     for flag, key in DEPRECATED_PLAN_FLAGS.items():  # accepted, not shown: --set replaces them
         if key.endswith("=true"):
             parser.add_argument(f"--{flag}", dest=f"deprecated_{flag}", action="store_const", const="true",
@@ -97,10 +104,15 @@ def _run_plan(args: argparse.Namespace) -> None:
         options = plan_options_from_args(args)
     except ValueError as e:  # a wrong --set key or value: the message, not a traceback
         raise SystemExit(f"nnunet-stseg plan: error: {e}") from None
+    from nnunet_stseg.planners.sts_planner import PlanningError
+
     for d in args.dataset:
-        plan_and_preprocess(d, options, num_processes=args.num_processes, preprocess=not args.no_pp,
-                            verify_dataset_integrity=args.verify_dataset_integrity,
-                            gpu_memory_target=args.gpu_memory_target)
+        try:
+            plan_and_preprocess(d, options, num_processes=args.num_processes, preprocess=not args.no_pp,
+                                verify_dataset_integrity=args.verify_dataset_integrity,
+                                gpu_memory_target=args.gpu_memory_target, planner_name=args.planner)
+        except PlanningError as e:  # the dataset or an option does not fit: the message, not a traceback
+            raise SystemExit(f"nnunet-stseg plan: error: dataset {d}: {e}") from None
 
 
 def predict_entry(argv: Sequence[str] | None = None) -> None:
