@@ -85,18 +85,20 @@ def plan_unless_planned(plans_file: Path, configuration: str, plan_cmd: list[str
 
 
 def train_fold(dataset: str, config: str, fold: int, trainer: str, device: str, env: dict, log: Path,
-               need_validation: bool = False, start_flags: tuple[str, ...] = ()) -> float | None:
+               need_validation: bool = False, start_flags: tuple[str, ...] = (),
+               plans: str = "nnUNetPlans") -> float | None:
     """Train one fold with the stock ``nnUNetv2_train`` unless it is finished, so that a re-run
     experiment resumes where it stopped: an interrupted training continues with ``--c``; with
     ``need_validation``, a finished one without its validation gets only ``--val``. ``start_flags``
-    go only to a fresh start (e.g. ``-pretrained_weights FILE``). Returns the wall seconds, or None
-    when there was nothing to do."""
-    fold_dir = model_folder(dataset, trainer, config, results_root=env["nnUNet_results"]) / f"fold_{fold}"
+    go only to a fresh start (e.g. ``-pretrained_weights FILE``); ``plans``: ``-p``. Returns the
+    wall seconds, or None when there was nothing to do."""
+    fold_dir = model_folder(dataset, trainer, config, plans, results_root=env["nnUNet_results"]) / f"fold_{fold}"
     finished = (fold_dir / "checkpoint_final.pth").is_file()
     if finished and not (need_validation and not (fold_dir / "validation" / "summary.json").is_file()):
         return None
     extra = ["--val"] if finished else ["--c"] if (fold_dir / "checkpoint_latest.pth").is_file() else list(start_flags)
-    return run(train_command_line(dataset, config, fold, trainer, device, *extra), env, log)
+    plans_flag = [] if plans == "nnUNetPlans" else ["-p", plans]
+    return run(train_command_line(dataset, config, fold, trainer, device, *plans_flag, *extra), env, log)
 
 
 def per_patient_split(case_ids: list[str], n_folds: int, seed: int) -> list[dict]:

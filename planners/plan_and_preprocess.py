@@ -14,10 +14,12 @@ def _complete_preprocessed(folder: str, identifiers: Sequence[str]) -> bool:
 
 def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes: int = 2, preprocess: bool = True,
                         verify_dataset_integrity: bool = False, gpu_memory_target: float | None = None,
-                        planner_name: str = "ExperimentPlanner") -> list[str]:
+                        planner_name: str = "ExperimentPlanner", plans_name: str | None = None) -> list[str]:
     """Fingerprint (reused if present), plan with nnU-Net's planner ``planner_name`` (``-pl``;
     its plans identifier, e.g. ``nnUNetResEncUNetMPlans``, and network class) plus our
-    configurations (:func:`~nnunet_stseg.planners.sts_planner.sts_planner_class`) and ``options``,
+    configurations (:func:`~nnunet_stseg.planners.sts_planner.sts_planner_class`) and ``options``
+    into the planner's plans file, or ``plans_name`` (nnU-Net's ``-overwrite_plans_name``: two plans
+    of one dataset side by side, e.g. with and without ``-s``),
     preprocess our configurations (the coarse ones by our
     :class:`~nnunet_stseg.adapters.inference_io.CheckedPreprocessor`, whose resampling is the
     predictor's: ``nnUNetv2_preprocess`` would resample them with nnU-Net's own function).
@@ -38,8 +40,10 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
                                 check_dataset_integrity=verify_dataset_integrity,
                                 clean=not os.path.isfile(fingerprint), verbose=False)
     planner_class = sts_planner_class(planner_name)
-    memory = {} if gpu_memory_target is None else {"gpu_memory_target_in_gb": gpu_memory_target}
-    planner = planner_class(dataset_id, options=options, **memory)  # None: the planner's own target
+    kwargs = {} if gpu_memory_target is None else {"gpu_memory_target_in_gb": gpu_memory_target}
+    if plans_name is not None:
+        kwargs["plans_name"] = plans_name
+    planner = planner_class(dataset_id, options=options, **kwargs)  # None: the planner's own values
     plans = planner.plan_experiment()
     added = planner.sts_configurations
     if preprocess:

@@ -165,11 +165,15 @@ def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     assert fine["sts"]["planning"]["given"] == {"min_object_size": 2.0, "max_crops": 3}
     assert set(fine["sts"]["planning"]["chosen"]) == {"input_size", "coarse_downsampling"}
     assert "3d: max_crops = 3 (given)" in proc.stdout
-    # with -s: 0.9's plans (the median image at S voxels per axis, no planning record)
-    proc = _plan(tmp_path, 731, "--dims", "3d", "-s", "32")
-    plans = json.loads((tmp_path / "pp" / ds.name / "nnUNetPlans.json").read_text())
+    # with -s, into plans of another name: 0.9's plans (the median image at S voxels per axis, no
+    # planning record) beside the self-configured ones, which stay as they were
+    proc = _plan(tmp_path, 731, "--dims", "3d", "-s", "32", "-overwrite_plans_name", "nnUNetPlansS32")
+    assert proc.returncode == 0 and "-p nnUNetPlansS32" in proc.stdout, proc.stdout[-3000:]
+    plans = json.loads((tmp_path / "pp" / ds.name / "nnUNetPlansS32.json").read_text())
     assert plans["configurations"]["3d_sts_coarse_32"]["spacing"] == pytest.approx([2.0, 2.4, 2.4])
     assert "planning" not in plans["configurations"]["3d_sts_fine_32"]["sts"]
+    auto = json.loads((tmp_path / "pp" / ds.name / "nnUNetPlans.json").read_text())["configurations"]
+    assert auto[fine_name]["sts"]["planning"]["given"] == {"min_object_size": 2.0, "max_crops": 3}
 
 
 def test_plan_without_s_refuses_a_dataset_without_objects_and_notes_large_ones(tmp_path):

@@ -67,10 +67,37 @@ def test_report_rows_and_findings():
     assert "36-43 slices of 512 x 512" in text and "2-fold per-patient cross-validation of 2 patients" in text
     (line,) = findings(r)
     assert "3d at S: pericardium DSC +5.0 points, EAT +10.0" in line
-    assert "3d_fullres: pericardium -5.0 points, EAT -10.0, inference 5.0 x faster" in line
+    assert "3d_fullres: pericardium DSC -5.0 points, EAT -10.0, inference 5.0 x faster" in line
     assert "peak memory 2000 vs 3500 MB, training 64 vs 210 s" in line
     del r["arms"]["nnunet_3d_fullres"]
     assert findings(r) == [] and "| nnunet_3d_fullres |" not in report(r)
+
+
+def test_report_of_another_dataset_names_its_labels_and_the_self_configured_arm():
+    r = _results()
+    full, coarse, cascade = arm_names(64)
+    r["regions"] = {"liver": [1], "spleen": [4]}
+    for arm, (liver, spleen) in {full: (0.9, 0.8), coarse: (0.8, 0.5), cascade: (0.85, 0.6),
+                                 "cascade_auto": (0.88, 0.75)}.items():
+        r["arms"][arm] = {**{f"liver_{m}": (liver, 0.01) for m in ("Dice", "IoU", "Precision", "Recall")},
+                          "spleen_Dice": (spleen, 0.05), "n_cases": 2, "cases": {}}
+    r["networks"].update({"nnUNetPlansAuto/3d_sts_coarse_48": {"patch_size": [16, 48, 48], "spacing": [7.7, 4, 4],
+                                                               "median_image": [36, 80, 80]},
+                          "nnUNetPlansAuto/3d_sts_fine_48": {"patch_size": [48, 48, 48], "spacing": [7.7, 1.25, 1.25]}})
+    r["arm_configs"]["cascade_auto"] = {"configuration": "nnUNetPlansAuto/3d_sts_fine_48",
+                                        "trained": ["nnUNetPlansAuto/3d_sts_coarse_48", "nnUNetPlansAuto/3d_sts_fine_48"]}
+    r["train_s"].update({"nnUNetPlansAuto/3d_sts_coarse_48/0": 30.0, "nnUNetPlansAuto/3d_sts_fine_48/0": 40.0})
+    r["inference"]["cascade_auto/0"] = {"seconds": 9.0, "volumes": 1, "peak_rss_mb": 1500.0}
+    r["auto_planning"] = {"chosen": {"input_size": {"value": 48, "why": "the p50 object's crop"}}, "notes": ["n1"]}
+    text = report(r)
+    assert "| arm | network input | liver DSC | IoU | precision | recall | empty predictions | spleen DSC |" in text
+    assert ("| cascade_auto | coarse grid at 7.7 x 4 x 4 mm (sliding window, patch 16 x 48 x 48) + crops at "
+            "48 x 48 x 48 | 0.880 ± 0.010 |") in text
+    assert arm_summary(r, "cascade_auto")["train_s"] == 70.0
+    assert "input_size = 48 (the p50 object's crop) NOTE: n1" in text and "Pericardium" not in text
+    auto_line = findings(r)[1]
+    assert "vs the cascade at S = 64: liver DSC +3.0 points, spleen +15.0" in auto_line
+    assert "vs 3d_fullres: liver DSC -2.0 points, spleen -5.0" in auto_line
 
 
 def test_linked_subset_takes_the_first_patients(tmp_path):
@@ -108,13 +135,16 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
 
     ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=993, name="Heart3D", dim=3, n_train=6, n_test=0,
                                 shape=(20, 40, 40), num_classes=2, spacing=(1.0, 1.0, 2.5), empty_cases=0)
+    dataset_json = json.loads((ds / "dataset.json").read_text())  # named as Cardiac Fat CT: its two regions
+    (ds / "dataset.json").write_text(json.dumps({**dataset_json, "labels": {"background": 0, "pericardium": 1,
+                                                                             "EAT": 2}}))
     work, out = tmp_path / "work", tmp_path / "docs" / "report.md"
     out.parent.mkdir()
     args = ["--workdir", str(work), "--dataset", str(ds), "--size", "16", "--features", "4", "--batch_size", "2",
-            "--epochs", "1", "--iters", "2", "--limit", "4", "--out", str(out)]
+            "--epochs", "1", "--iters", "2", "--limit", "4", "--auto", "--out", str(out)]
     main(args)
     results = json.loads((work / "results.json").read_text())
-    arms = arm_names(16)
+    arms = (*arm_names(16), "cascade_auto")
     assert set(results["arms"]) == set(arms) and results["patients"] and sum(map(len, results["patients"].values())) == 4
     for arm in arms:
         assert results["arms"][arm]["n_cases"] == 4 and 0 <= results["arms"][arm]["pericardium_Dice"][0] <= 1
@@ -123,11 +153,18 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
         assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
         assert np.allclose(pred.GetOrigin(), ref.GetOrigin())
     assert results["networks"]["3d_fullres_w4"]["features_per_stage"][0] == 4
-    trainings = fake.of("nnUNetv2_train")  # 3 networks x 2 folds, none with its final validation
-    assert len(trainings) == 6 and all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in trainings)
-    assert sorted({(c.args[1], c.args[2]) for c in trainings}) == sorted(
+    trainings = fake.of("nnUNetv2_train")  # 5 networks x 2 folds, none with its final validation
+    assert len(trainings) == 10 and all(c.env.get("STSEG_SKIP_VALIDATION") == "1" for c in trainings)
+    auto_coarse, auto_fine = results["arm_configs"]["cascade_auto"]["trained"]
+    assert sorted({(c.args[1], c.args[2]) for c in trainings if "-p" not in c.args}) == sorted(
         (config, fold) for config in ("3d_fullres_w4", "3d_sts_coarse_16", "3d_sts_fine_16") for fold in ("0", "1"))
-    assert len(fake.of("nnUNetv2_predict")) == 6  # 3 arms x 2 folds
+    assert sorted({(c.args[1], c.args[2], c.args[c.args.index("-p") + 1]) for c in trainings if "-p" in c.args}) == \
+        sorted((config.split("/")[1], fold, "nnUNetPlansAuto") for config in (auto_coarse, auto_fine)
+               for fold in ("0", "1"))
+    assert "planning" in json.loads((work / "nnUNet_preprocessed" / ds.name / "nnUNetPlansAuto.json").read_text())[
+        "configurations"][auto_fine.split("/")[1]]["sts"]
+    predictions = fake.of("nnUNetv2_predict")
+    assert len(predictions) == 8 and sum("-p" in c.args for c in predictions) == 2  # 4 arms x 2 folds
     text = out.read_text()
     assert all(f"| {arm} |" in text for arm in arms) and (out.parent / "report_examples.png").is_file()
     checkpoints = sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))

@@ -54,6 +54,9 @@ def _plan_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-pl", "--planner", default="ExperimentPlanner",
                         help="nnU-Net's planner, as nnUNetv2_plan_experiment -pl (e.g. nnUNetPlannerResEncM): its plans "
                              "file and network class; train and predict with -p <its plans> (printed at the end)")
+    parser.add_argument("-overwrite_plans_name", dest="plans_name", default=None,
+                        help="write the plans under this name instead of the planner's (as nnU-Net's flag; train and "
+                             "predict with -p NAME), e.g. to keep plans with and without -s side by side")
     parser.add_argument("-gpu_memory_target", type=float, default=None,
                         help="as nnUNetv2_plan_experiment (default: the planner's own, 8 GB for ExperimentPlanner)")
     for flag, key in DEPRECATED_PLAN_FLAGS.items():  # accepted, not shown: --set replaces them
@@ -110,7 +113,8 @@ def _run_plan(args: argparse.Namespace) -> None:
         try:
             plan_and_preprocess(d, options, num_processes=args.num_processes, preprocess=not args.no_pp,
                                 verify_dataset_integrity=args.verify_dataset_integrity,
-                                gpu_memory_target=args.gpu_memory_target, planner_name=args.planner)
+                                gpu_memory_target=args.gpu_memory_target, planner_name=args.planner,
+                                plans_name=args.plans_name)
         except PlanningError as e:  # the dataset or an option does not fit: the message, not a traceback
             raise SystemExit(f"nnunet-stseg plan: error: dataset {d}: {e}") from None
 
