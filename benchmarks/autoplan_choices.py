@@ -57,13 +57,12 @@ def kvasir_dataset(raw: Path, dataset_id: int, size: int | None) -> Path | None:
 
 
 def dataset_choices(dataset: Path, env: dict, log: Path) -> dict:
-    """Plan one dataset without -s (unless planned already) and collect the choices per dimensionality."""
+    """Plan one dataset without -s (nnU-Net's fingerprint and our object fingerprint are reused when
+    present) and collect the choices per dimensionality."""
     pp = Path(env["nnUNet_preprocessed"]) / dataset.name
     plans_file = pp / "nnUNetPlans.json"
-    if not plans_file.is_file() or not any("planning" in c.get("sts", {})
-                                           for c in json.loads(plans_file.read_text())["configurations"].values()):
-        dataset_id = int(dataset.name[len("Dataset"):len("Dataset") + 3])
-        run([find_command("nnunet-stseg"), "plan", "-d", str(dataset_id), "--no_pp", "-np", "2"], env, log)
+    dataset_id = int(dataset.name[len("Dataset"):len("Dataset") + 3])
+    run([find_command("nnunet-stseg"), "plan", "-d", str(dataset_id), "--no_pp", "-np", "2"], env, log)
     plans = json.loads(plans_file.read_text())
     fingerprint = json.loads((pp / "object_fingerprint.json").read_text())
     out = {"median_image_mm": fingerprint["median_image_mm"], "cases": len(fingerprint["cases"]), "dims": {}}
@@ -76,9 +75,10 @@ def dataset_choices(dataset: Path, env: dict, log: Path) -> dict:
         summary = fingerprint[dim] or fingerprint["2d"]
         out["dims"][dim] = {
             "configuration": name, "spacing": cfg["spacing"], "median_image": cfg["median_image_size_in_voxels"],
-            "objects": summary["all"]["objects"], "objects_per_case_max": summary["all"]["objects_per_case"]["max"],
-            "p5_mm": [e.get("p5") for e in summary["all"]["extent_mm"]],
-            "p50_mm": [e.get("p50") for e in summary["all"]["extent_mm"]],
+            "objects": summary["objects"]["objects"], "objects_per_case_max": summary["objects"]["objects_per_case"]["max"],
+            "specks": fingerprint.get(f"{dim}_specks", 0),
+            "p5_mm": [e.get("p5") for e in summary["objects"]["extent_mm"]],
+            "p50_mm": [e.get("p50") for e in summary["objects"]["extent_mm"]],
             "classes": {k: v["objects"] for k, v in summary.items() if k != "all"},
             "s": sts["input_size"], "coarse_spacing": coarse["spacing"],
             "coarse_image": coarse["median_image_size_in_voxels"], "coarse_patch": coarse["patch_size"],
@@ -88,23 +88,26 @@ def dataset_choices(dataset: Path, env: dict, log: Path) -> dict:
 
 
 def _fmt(values, digits=1) -> str:
-    return " x ".join("-" if v is None else f"{float(v):.{digits}f}".rstrip("0").rstrip(".") for v in values)
+    """'41 x 512 x 512', '3 x 0.7 x 0.7': numbers with at most ``digits`` decimals, no trailing zeros."""
+    return " x ".join("-" if v is None else f"{round(float(v), digits):g}" for v in values)
 
 
 def report(results: dict, cmd: str) -> str:
     lines = [*report_header("What the self-configuring planner chooses on the real datasets", cmd),
              "No training: `nnunet-stseg plan -d D --no_pp` without `-s` on each dataset (nnU-Net's default planner "
-             "and memory target). Extents: the object fingerprint's p5 / p50 per axis (z x y x x, mm; 2D stages: "
-             "objects per slice, the slice axis is its thickness) over the foreground union. The constants of the "
+             "and memory target). Objects: the components of the foreground union (what the cascade crops; 2D stages: "
+             "per slice), specks (under 1 % of the median object's volume) left out and counted; extents: their p5 / "
+             "p50 per axis (z x y x x, mm; 2D stages: the slice axis is its thickness). The constants of the "
              "rules are the defaults of `AutoPlanRules` (docs/design.md \"Self-configuring cascade\"), not yet "
              "chosen on data.", "",
-             "| dataset | dim | cases | median image (voxels) | spacing mm | objects (max / case) | p5 extent mm | "
+             "| dataset | dim | cases | median image (voxels) | spacing mm | objects (max / case) | specks | p5 extent mm | "
              "p50 extent mm | S | coarse spacing mm | coarse image | coarse patch | min_object_size | max_crops |",
-             "|---" * 14 + "|"]
+             "|---" * 15 + "|"]
     for key, r in results["datasets"].items():
         for dim, d in r["dims"].items():
             lines.append(f"| {DATASETS[int(key)]} | {dim} | {r['cases']} | {_fmt(d['median_image'], 0)} | "
                          f"{_fmt(d['spacing'], 2)} | {d['objects']} ({d['objects_per_case_max']:g}) | "
+                         f"{d.get('specks', 0)} | "
                          f"{_fmt(d['p5_mm'])} | {_fmt(d['p50_mm'])} | {d['s']} | {_fmt(d['coarse_spacing'], 2)} | "
                          f"{_fmt(d['coarse_image'], 0)} | {_fmt(d['coarse_patch'], 0)} | {d['min_object_size']:g} | "
                          f"{d['max_crops']} |")

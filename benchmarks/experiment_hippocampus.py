@@ -20,6 +20,10 @@ Per seed and m, all with the stock ``nnUNetv2_train -tr nnUNetTrainer_StSSizes``
   augmentation of the size images, logistic noise, one sample, until the validation size error E
   has not improved for ``--patience_sizes`` epochs (at most ``--epochs``);
 - (c) our default (``SizeParams``): pixel loss on the m slices + size loss, weight 0.1, same rule.
+Both phase-2 arms fine-tune at ``--phase2_lr`` (default 0.001, nnU-Net's SGD and poly schedule):
+at nnU-Net's own 0.01 the first phase-2 epoch undid much of phase 1 (m = 16, seed 0: the validation
+E rose from 5.6 px² at phase 1's best epoch to 17 and never got below 6.8; test IoU 57.7 -> 40.6 for
+the paper's arm); runs at another rate are kept as their own arms (``paper_lr0.01``).
 Test slices are predicted from each arm's checkpoint_best.pth (``nnUNetv2_predict --disable_tta``);
 the arms of one (seed, m) share their phase-1 weights, so (b) - (a) and (c) - (a) are paired.
 ``--report_only`` rebuilds the report and plots from ``results.json``; an interrupted run
@@ -45,15 +49,40 @@ from nnunet_stseg.atomic import write_atomic, write_json_atomic
 
 M_VALUES = ("16", "32", "64", "128", "256", "512", "all")
 ARMS = {"pre": "(a) pre-trained only", "paper": "(b) size loss alone (paper)", "ours": "(c) pixel + size, weight 0.1"}
+DEFAULT_PHASE2_LR = 1e-3
+NNUNET_LR = 1e-2
+
+
+def arm_key(arm: str, lr: float) -> str:
+    """The results key (and configuration suffix) of a phase-2 arm at this learning rate: ``paper``
+    at the default rate, ``paper_lr0.01`` at another.
+
+    >>> arm_key("paper", 1e-3), arm_key("ours", 1e-2)
+    ('paper', 'ours_lr0.01')
+    """
+    return arm if lr == DEFAULT_PHASE2_LR else f"{arm}_lr{lr:g}"
+
+
+def arm_label(key: str) -> str:
+    """'(b) size loss alone (paper)' plus the phase-2 learning rate where it is not the default."""
+    arm, _, lr = key.partition("_lr")
+    return ARMS[arm] + (f", phase-2 lr {lr}" if lr else "")
 PAPER_TEXT = ("about +5 % IoU from the size labels when m < 100, negligible for larger m (section 4.2; the text "
               "copy of the paper in ../shared/seeds has no readable Fig. 7, so no per-m values are quoted)")
 
 
-def arm_blocks(paper_weight: float, size_weight: float) -> dict[str, dict]:
-    """The ``sts.sizes`` block of each arm's configuration."""
+def arm_blocks(paper_weight: float, size_weight: float, lr: float = DEFAULT_PHASE2_LR) -> dict[str, dict]:
+    """The ``sts.sizes`` block of each arm's configuration, by results key (phase 2 at ``lr``)."""
     return {"pre": {"size_weight": 0.0},
-            "paper": {"pretrain_epochs": 0, "size_weight": paper_weight, "pixel_weight": 0.0, "mirror": False},
-            "ours": {"pretrain_epochs": 0, "size_weight": size_weight}}
+            arm_key("paper", lr): {"pretrain_epochs": 0, "size_weight": paper_weight, "pixel_weight": 0.0,
+                                   "mirror": False, "initial_lr": lr},
+            arm_key("ours", lr): {"pretrain_epochs": 0, "size_weight": size_weight, "initial_lr": lr}}
+
+
+def config_suffix(key: str) -> str:
+    """Configuration suffix of an arm: its key, with the rate always spelled out for phase 2 (the
+    runs at nnU-Net's rate predate the default and are kept under ``_lr0.01``)."""
+    return key if key == "pre" or "_lr" in key else f"{key}_lr{DEFAULT_PHASE2_LR:g}"
 
 
 def plan_source(source: Path, env: dict, features: int, batch_size: int, log: Path) -> dict:
@@ -81,15 +110,13 @@ def prepare(source: Path, split: dict, pixel_cases: list[str], dataset_id: int, 
     name = f"Dataset{dataset_id:03d}_HippocampusSizes{tag}"
     base = source_plans["base"]
     done = pp_root / name / ".preprocessed"
+    configs = {key: f"{base}_{config_suffix(key)}" for key in blocks}
     if not done.is_file():
         shutil.rmtree(pp_root / name, ignore_errors=True)
         simulate_size_labels(source, raw, dataset_id, pixel_cases + split["val"], cases=split["train"] + split["val"],
                              name=name.split("_", 1)[1])
         plans = copy.deepcopy(source_plans["plans"])
         plans["dataset_name"] = name
-        for arm, block in blocks.items():
-            plans["configurations"][f"{base}_{arm}"] = with_block(copy.deepcopy(plans["configurations"][base]),
-                                                                  SIZES_KEY, block)
         (pp_root / name).mkdir(parents=True, exist_ok=True)
         write_json_atomic(plans, pp_root / name / "nnUNetPlans.json", indent=1)
         shutil.copy(raw / name / "dataset.json", pp_root / name / "dataset.json")
@@ -99,7 +126,14 @@ def prepare(source: Path, split: dict, pixel_cases: list[str], dataset_id: int, 
         write_json_atomic([{"train": split["train"], "val": split["val"]}], pp_root / name / "splits_final.json",
                           indent=1)
         done.write_text("ok\n")
-    return name, {arm: f"{base}_{arm}" for arm in blocks}
+    plans_file = pp_root / name / "nnUNetPlans.json"  # the arms' configurations, added where missing
+    plans = json.loads(plans_file.read_text())
+    missing = {key: c for key, c in configs.items() if c not in plans["configurations"]}
+    for key, c in missing.items():
+        plans["configurations"][c] = with_block(copy.deepcopy(plans["configurations"][base]), SIZES_KEY, blocks[key])
+    if missing:
+        write_json_atomic(plans, plans_file, indent=1)
+    return name, configs
 
 
 def training_curves(fold_dir: Path) -> dict:
@@ -148,7 +182,7 @@ def run_arm(name: str, config: str, env: dict, device: str, workdir: Path, key: 
 def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_seed: int, features: int,
                    batch_size: int, epochs_pre: int, epochs: int, iters: int, val_iters: int, patience: int,
                    patience_sizes: int, paper_weight: float, size_weight: float, device: str,
-                   src: Path | None) -> dict:
+                   src: Path | None, phase2_lr: float = DEFAULT_PHASE2_LR) -> dict:
     workdir = Path(workdir).resolve()
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     # checkpoint_latest every 5 epochs: an interrupted run loses little (the held-out slices are predicted below)
@@ -164,13 +198,14 @@ def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_s
     split = json.loads((source / "stseg_split.json").read_text())
     split.update(images=source / "imagesTs", labels=source / "labelsTs")
     source_plans = plan_source(source, env_pre, features, batch_size, workdir / "logs" / "plan.log")
-    blocks = arm_blocks(paper_weight, size_weight)
+    blocks = arm_blocks(paper_weight, size_weight, phase2_lr)
     results_file = workdir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.update(budget={"features": features, "batch_size": batch_size, "epochs_pre": epochs_pre, "epochs": epochs,
                            "iters": iters, "val_iters": val_iters, "patience": patience,
                            "patience_sizes": patience_sizes, "paper_weight": paper_weight, "size_weight": size_weight,
-                           "device": device, "split_seed": split_seed, "seeds": seeds},
+                           "phase2_lr": DEFAULT_PHASE2_LR, "device": device, "split_seed": split_seed,
+                           "seeds": sorted(set(results.get("budget", {}).get("seeds", [])) | set(seeds))},
                    data={"train": len(split["train"]), "val": len(split["val"]), "test": len(split["test"]),
                          "volumes": {k: len(v) for k, v in split["volumes"].items()}})
     results.setdefault("runs", {})
@@ -186,7 +221,7 @@ def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_s
             row = results["runs"].get(key, {})
             row.update(seed=seed, m=len(pixel_cases), dataset=name)
             row["pre"], pre_dir = run_arm(name, configs["pre"], env_pre, device, workdir, key, "pre", split, None)
-            for arm in ("paper", "ours"):
+            for arm in (arm_key("paper", phase2_lr), arm_key("ours", phase2_lr)):
                 row[arm], _ = run_arm(name, configs[arm], env_sizes, device, workdir, key, arm, split,
                                       pre_dir / "checkpoint_best.pth")
             results["runs"][key] = row
@@ -213,6 +248,17 @@ def paired(results: dict, arm: str) -> dict[int, list[float]]:
     return out
 
 
+def arm_keys(results: dict) -> list[str]:
+    """The arms the results hold: pre-trained only, the phase-2 arms at the default rate, then any at
+    another rate (e.g. nnU-Net's 0.01)."""
+    present = {k for row in results["runs"].values() for k in row if k.split("_lr")[0] in ARMS}
+    return sorted(present, key=lambda k: (list(ARMS).index(k.split("_lr")[0]) if "_lr" not in k else 10, k))
+
+
+def phase2_keys(results: dict) -> list[str]:
+    return [k for k in arm_keys(results) if k != "pre"]
+
+
 def report(results: dict, cmd: str, plot_names: tuple[str, str] | None) -> str:
     b, d = results["budget"], results["data"]
     lines = [*report_header("Learning from object sizes on hippocampus slices (the paper's data), trained to "
@@ -223,17 +269,19 @@ def report(results: dict, cmd: str, plot_names: tuple[str, str] | None) -> str:
              f"{b['features']}, batch {b['batch_size']} (+ as many size images per step in phase 2), epochs of "
              f"{b['iters']} iterations with {b['val_iters']} validation batches; phase 1 until the validation loss "
              f"has not improved for {b['patience']} epochs (at most {b['epochs_pre']}), phase 2 until the validation "
-             f"size error E has not improved for {b['patience_sizes']} epochs (at most {b['epochs']}); every arm "
+             f"size error E has not improved for {b['patience_sizes']} epochs (at most {b['epochs']}) from an initial "
+             f"learning rate of {b.get('phase2_lr', NNUNET_LR):g} (nnU-Net's SGD and poly schedule; nnU-Net's own "
+             f"{NNUNET_LR:g} where an arm says so); every arm "
              f"predicted from its best epoch (checkpoint_best.pth, `--disable_tta`); device {b['device']}; seeds "
              f"{', '.join(map(str, b['seeds']))} (each seed: its own draw of the m slices and its own phase-1 "
              f"training). IoU: mean over test slices (the paper's eq. 23 per image). E: squared size error, pixels².",
              "", "| m | seed | arm | IoU % | DSC % | E px² | empty | epochs | epoch s (phase 1 / 2) | train s |",
              "|---" * 10 + "|"]
     for key, row in sorted(results["runs"].items(), key=lambda kv: (kv[1]["m"], kv[1]["seed"])):
-        for arm, label in ARMS.items():
+        for arm in arm_keys(results):
             if arm not in row:
                 continue
-            r = row[arm]
+            label, r = arm_label(arm), row[arm]
             ep = r.get("epoch_s", {})
             epoch = " / ".join(f"{ep[p]:.1f}" for p in ("phase1", "phase2") if p in ep) or "n/a"
             train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "n/a"
@@ -241,12 +289,12 @@ def report(results: dict, cmd: str, plot_names: tuple[str, str] | None) -> str:
                          f"{r['Dice'][0]:.1f} | {r['size_error_px2'][0]:.1f} | {r.get('empty_predictions', 'n/a')} | "
                          f"{r.get('epochs', 'n/a')} | {epoch} | {train_s} |")
     lines += ["", "Paired test IoU differences against (a), same phase-1 weights, per seed (points):"]
-    for arm in ("paper", "ours"):
+    for arm in phase2_keys(results):
         for m, gains in sorted(paired(results, arm).items()):
-            lines.append(f"- {ARMS[arm]}, m = {m}: {', '.join(f'{g:+.1f}' for g in gains)}"
+            lines.append(f"- {arm_label(arm)}, m = {m}: {', '.join(f'{g:+.1f}' for g in gains)}"
                          + (f" (mean {np.mean(gains):+.1f})" if len(gains) > 1 else ""))
     ratios = [row[arm]["epoch_s"]["phase2"] / row["pre"]["epoch_s"]["phase1"] for row in results["runs"].values()
-              for arm in ("paper", "ours") if arm in row and "phase2" in row[arm].get("epoch_s", {})
+              for arm in phase2_keys(results) if arm in row and "phase2" in row[arm].get("epoch_s", {})
               and "phase1" in row["pre"].get("epoch_s", {})]
     if ratios:
         lines.append(f"- epoch time of phase 2 / a supervised epoch (same iterations; phase 2 adds a size batch): "
@@ -269,11 +317,11 @@ def plots(results: dict, iou_path: Path, curves_path: Path, curve_m: int) -> Non
 
     b = results["budget"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for arm, style in (("pre", "o-"), ("paper", "s-"), ("ours", "^-")):
+    for arm, style in zip(arm_keys(results), ("o-", "s-", "^-", "s--", "^--", "x:")):
         by_m = _by_m(results, arm)
         ms = sorted(by_m)
         if ms:
-            ax.plot(ms, [np.mean(list(by_m[m].values())) for m in ms], style, label=ARMS[arm])
+            ax.plot(ms, [np.mean(list(by_m[m].values())) for m in ms], style, label=arm_label(arm))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("m (pixel-labelled training slices)")
     ax.set_ylabel("test IoU % (mean over seeds)")
@@ -287,12 +335,17 @@ def plots(results: dict, iou_path: Path, curves_path: Path, curve_m: int) -> Non
     row = min(rows, key=lambda r: (r["m"], r["seed"])) if rows else None
     fig, (ax_e, ax_i) = plt.subplots(1, 2, figsize=(9, 3.4))
     if row is not None:
-        for arm, style in (("paper", "s-"), ("ours", "^-")):
+        for arm, style in zip(phase2_keys(results), ("s-", "^-", "s--", "^--", "x:")):
             curves = row.get(arm, {}).get("curves", {})
             e = [np.nan if v is None else v for v in curves.get("val_size_error", [])]
-            ax_e.plot(range(len(e)), e, style, ms=3, label=ARMS[arm])
+            ax_e.plot(range(len(e)), e, style, ms=3, label=arm_label(arm))
             ax_i.plot(range(len(curves.get("val_iou", []))), [100 * v for v in curves.get("val_iou", [])], style,
-                      ms=3, label=ARMS[arm])
+                      ms=3, label=arm_label(arm))
+        pre = row.get("pre", {}).get("curves", {})
+        best = int(np.nanargmin(pre["val_loss"])) if pre.get("val_loss") else None
+        if best is not None and best < len(pre.get("val_size_error", [])):  # where phase 2 starts from
+            ax_e.axhline(pre["val_size_error"][best], color="k", ls=":", lw=1, label="(a) at its best epoch")
+            ax_i.axhline(100 * pre["val_iou"][best], color="k", ls=":", lw=1)
         fig.suptitle(f"validation during phase 2, m = {row['m']}, seed {row['seed']}", fontsize=9)
     ax_e.set_xlabel("phase-2 epoch")
     ax_e.set_ylabel("validation E (px²)")
@@ -319,6 +372,9 @@ def main(argv=None) -> None:
                    help="phase-2 epochs without a better validation size error E (10)")
     p.add_argument("--paper_weight", type=float, default=1.0, help="size-loss weight of arm (b) (1)")
     p.add_argument("--size_weight", type=float, default=0.1, help="size-loss weight of arm (c) (0.1)")
+    p.add_argument("--phase2_lr", type=float, default=DEFAULT_PHASE2_LR,
+                   help=f"initial learning rate of the phase-2 arms ({DEFAULT_PHASE2_LR:g}; nnU-Net's own {NNUNET_LR:g} "
+                        f"is kept under its own arm names)")
     p.add_argument("--src", type=Path, default=None, help=f"Dataset{SOURCE_ID}_Hippocampus (default: the data folder's)")
     p.add_argument("--curve_m", type=int, default=64, help="m whose phase-2 validation curves are plotted (64)")
     p.add_argument("--out", type=Path, default=None, help="markdown report (the plots go next to it)")
@@ -329,7 +385,7 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, workdir / "results.json", lambda: run_experiment(
         workdir, args.pixel_labels, args.seeds, args.seed, args.features, args.batch_size, args.epochs_pre,
         args.epochs, args.iters, args.val_iters, args.patience, args.patience_sizes, args.paper_weight,
-        args.size_weight, args.device, args.src), cmd)
+        args.size_weight, args.device, args.src, args.phase2_lr), cmd)
     stem = args.out.with_suffix("") if args.out else workdir / "sizes_hippocampus"
     names = (Path(f"{stem}_iou.png"), Path(f"{stem}_curves.png"))
     plots(results, *names, curve_m=args.curve_m)

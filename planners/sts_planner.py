@@ -29,7 +29,9 @@ over each choice. What was chosen, why, and what was given goes into the fine co
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from copy import deepcopy
 from typing import NamedTuple, Sequence
@@ -42,7 +44,7 @@ from nnunet_stseg.adapters.config import (E2E_KEY, LSNET_KEY, CentreParams, E2EP
                                           grid_spacing3, lsnet_config_name, polar_config_name, with_block)
 from nnunet_stseg.core import autoplan
 from nnunet_stseg.core.centres import default_sigma, equivalent_radii
-from nnunet_stseg.core.fingerprint import object_records, summarise_objects
+from nnunet_stseg.core.fingerprint import SPECK_FRACTION, object_records, objects_without_specks, summarise_objects
 from nnunet_stseg.core.depth import DEPTH_KEY, check_depth_applicable
 from nnunet_stseg.core.geometry import CropParams
 
@@ -181,7 +183,7 @@ def lsnet_configuration(fine: dict, params: dict | None = None) -> dict:
 
 
 OBJECT_FINGERPRINT_FILE = "object_fingerprint.json"
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 
 def _label_classes(dataset_json: dict) -> list[int]:
@@ -233,9 +235,11 @@ def object_fingerprint(planner: ExperimentPlanner, transpose_forward: Sequence[i
         if seg.shape[0] > 1:
             per_stage["3d"] += object_records(seg, spacing, [True, True, True], classes, key)
     fingerprint = {"version": FINGERPRINT_VERSION, "cases": keys, "classes": classes,
-                   "median_image_mm": [round(float(v), 4) for v in np.median(image_mm, axis=0)],
-                   **{stage: summarise_objects(records, keys) if records else None
-                      for stage, records in per_stage.items()}}
+                   "median_image_mm": [round(float(v), 4) for v in np.median(image_mm, axis=0)]}
+    for stage, records in per_stage.items():
+        objects, specks = objects_without_specks(records)
+        fingerprint[stage] = summarise_objects(records + objects, keys) if records else None
+        fingerprint[f"{stage}_specks"] = specks
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json_atomic(fingerprint, path, indent=1)
     print(f"[nnunet-stseg] object fingerprint of {len(keys)} training cases written to {path}")
@@ -267,7 +271,7 @@ def choose_from_objects(planner: ExperimentPlanner, base: dict, dim: str, finger
     """S, the coarse grid, the size rule and ``max_crops`` of one dimensionality from the object
     fingerprint (:mod:`nnunet_stseg.core.autoplan`); values in ``options`` (``--set``) are kept."""
     summary = fingerprint.get(dim) or fingerprint["2d"]
-    if not summary or "all" not in summary:
+    if not summary or "objects" not in summary:
         raise PlanningError(f"dataset {planner.dataset_name} has no foreground objects in its training labels: nothing "
                          f"to choose S and the coarse grid from; give -s")
     active = [dim == "3d", True, True]
@@ -276,23 +280,28 @@ def choose_from_objects(planner: ExperimentPlanner, base: dict, dim: str, finger
     median3 = median if len(median) == 3 else [1.0] + median
     finest = min(sp for sp, a in zip(spacing3, active) if a)
     notes = []
-    small = autoplan.smallest_extents(summary, rules.small_quantile)
+    crop = CropParams(patch_size=(8,) * 3, **{k: v for k, v in options.crop.items() if k != "patch_size"})
+    if "margin_fraction" in options.crop:  # the coarse voxel must stay within the crop's margin
+        rules = dataclasses.replace(rules, coarse_voxels=autoplan.object_voxels(crop.margin_fraction))
+    objects = summary["objects"]  # the union components the cascade crops, specks left out
+    small = [e.get(rules.small_quantile, math.nan) for e in objects["extent_mm"]]
     c_spacing3, c_median3, factors = autoplan.coarse_grid(spacing3, median3, small, active, rules)
     if all(f == 1.0 for f, a in zip(factors.value, active) if a):
         notes.append(f"{dim}: the small objects ({rules.small_quantile} extent {', '.join(f'{v:g}' for v in small)} mm) "
                      f"are under {rules.coarse_voxels:g} voxels of the full-resolution grid wide: no coarse grid coarser "
                      f"than the full resolution keeps them; the coarse stage runs at full resolution")
-    downsampled = any(f > 1.0 for f, a in zip(factors.value, active) if a)
-    for name, cls in summary.items():
-        if name == "all" or not cls["extent_mm"][1] or not downsampled:
+    specks = fingerprint.get(f"{dim}_specks", 0)
+    if specks:
+        notes.append(f"{dim}: {specks} label component(s) under {100 * SPECK_FRACTION:g} % of the median object's volume "
+                     f"left out as specks")
+    for name, cls in summary.items():  # a class whose typical object no coarse grid keeps
+        if name in ("all", "objects") or not cls["extent_mm"][1]:
             continue
-        narrow = [cls["extent_mm"][a][rules.small_quantile] / (rules.coarse_voxels * c_spacing3[a])
-                  for a in range(3) if active[a] and c_spacing3[a] > spacing3[a]]
-        if narrow and min(narrow) < 0.99:
-            notes.append(f"{dim}: class {name}: its {rules.small_quantile} objects are under {rules.coarse_voxels:g} "
-                         f"coarse voxels wide on the chosen grid (smaller classes decided it)")
-    typical = [summary["all"]["extent_mm"][a][rules.typical_quantile] for a in range(3)]
-    crop = CropParams(patch_size=(8,) * 3, **{k: v for k, v in options.crop.items() if k != "patch_size"})
+        if min(cls["extent_mm"][a]["p50"] / spacing3[a] for a in range(3) if active[a]) < rules.coarse_voxels:
+            notes.append(f"{dim}: class {name}: its median object is under {rules.coarse_voxels:g} voxels of the "
+                         f"full-resolution grid on some axis: too small for any coarse grid coarser than the full "
+                         f"resolution (the fine stage segments it inside the crops of larger objects only)")
+    typical = [objects["extent_mm"][a][rules.typical_quantile] for a in range(3)]
     largest = _largest_kept_s(planner, base, rules.s_candidates)
     if largest is None:
         raise PlanningError(f"nnU-Net keeps none of S = {list(rules.s_candidates)} as the {dim} fine patch within its "
@@ -301,11 +310,11 @@ def choose_from_objects(planner: ExperimentPlanner, base: dict, dim: str, finger
     s_choice = autoplan.input_size(typical, spacing3, active, crop.margin_fraction, crop.margin_min, largest, rules,
                                    image_voxels)
     # along the axes the size rule measures (those about as fine as the finest, core.geometry.size_thresholds)
-    smallest_voxels = min(summary["all"]["extent_mm"][a]["p1"] / finest for a in range(3)
+    smallest_voxels = min(objects["extent_mm"][a]["p1"] / finest for a in range(3)
                           if active[a] and spacing3[a] <= finest * 1.01)
     rule_choice = autoplan.size_rule(smallest_voxels, rules)
     channels = len(planner.dataset_json["channel_names"]) + len(_label_classes(planner.dataset_json)) + 1
-    crops_choice = autoplan.max_crops(summary["all"]["objects_per_case"]["max"], s_choice.value, sum(active),
+    crops_choice = autoplan.max_crops(objects["objects_per_case"]["max"], s_choice.value, sum(active),
                                       channels, rules)
     cannot = autoplan.cascade_cannot_help(typical, fingerprint["median_image_mm"], active, rules)
     if cannot:

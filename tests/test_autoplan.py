@@ -54,18 +54,25 @@ def test_a_2d_stage_counts_objects_per_slice_and_empty_cases_count_as_zero():
 
 
 # ------------------------------------------------------------------ rules
-def test_coarse_grid_keeps_small_objects_four_voxels_wide_and_never_upsamples():
-    # y: 8 mm / (4 x 0.5) = 4; x: capped by the image (64 voxels / 8 = 8 > 4 is not the cap here)
-    sp, shape, choice = autoplan.coarse_grid([1.0, 0.5, 0.5], [1, 64, 64], [math.nan, 8.0, 8.0],
+def test_coarse_grid_keeps_small_objects_eight_voxels_wide_and_never_upsamples():
+    # y, x: 16 mm / (8 x 0.5) = 4 (the image would allow 64 / 8 = 8)
+    sp, shape, choice = autoplan.coarse_grid([1.0, 0.5, 0.5], [1, 64, 64], [math.nan, 16.0, 16.0],
                                              [False, True, True])
     assert choice.value == [1.0, 4.0, 4.0] and sp == [1.0, 2.0, 2.0] and shape == [1, 16, 16]
     # the image bound: at most 64 / 8 = 8 even for large objects
     _, shape, choice = autoplan.coarse_grid([1.0, 1.0, 1.0], [32, 64, 64], [400.0, 400.0, 400.0], [True] * 3)
     assert choice.value == [4.0, 8.0, 8.0] and shape == [8, 8, 8]
+    # in-plane axes share the smaller objects' bound (16 mm -> 4, 24 mm -> 6: both 4), z keeps its own
+    _, _, choice = autoplan.coarse_grid([2.0, 0.5, 0.5], [40, 256, 256], [32.0, 16.0, 24.0], [True] * 3)
+    assert choice.value == [2.0, 4.0, 4.0]
+    # the margin decides the voxels per object: a wider margin tolerates a coarser grid
+    _, _, choice = autoplan.coarse_grid([1.0, 1.0, 1.0], [64, 64, 64], [32.0] * 3, [True] * 3,
+                                        AutoPlanRules(coarse_voxels=autoplan.object_voxels(0.25)))
+    assert choice.value == [8.0, 8.0, 8.0]
     # objects under 4 voxels: factor 1, not an upsampling
     _, _, choice = autoplan.coarse_grid([3.0, 0.7, 0.7], [40, 512, 512], [3.0, 2.0, 2.0], [True] * 3)
     assert choice.value == [1.0, 1.0, 1.0]
-    assert "stays >= 4 coarse voxels" in choice.why
+    assert "stays >= 8 coarse voxels" in choice.why
 
 
 def test_input_size_holds_the_typical_crop_without_downsampling():
@@ -131,6 +138,7 @@ def _plan(tmp_path: Path, dataset_id: int, *args: str) -> subprocess.CompletedPr
                           env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow  # the stock commands on a generated dataset
 def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     shape = (24, 96, 96)  # 2 mm slices, 0.8 mm pixels
     small, large = ((6, 12), (10, 20), (10, 20)), ((4, 20), (40, 80), (40, 80))  # 10 x 10 px, 40 x 40 px
@@ -142,13 +150,13 @@ def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     fingerprint = json.loads((tmp_path / "pp" / ds.name / "object_fingerprint.json").read_text())
     assert fingerprint["3d"]["1"]["extent_mm"][1]["p5"] == pytest.approx(8.0)  # 10 px of 0.8 mm
     assert fingerprint["3d"]["all"]["objects_per_case"]["max"] == 2 and fingerprint["3d"]["2"]["objects"] == 4
-    # the rules on the fingerprint: y/x 8 mm / (4 x 0.8) = 2.5; z 12 mm / (4 x 2) = 1.5
+    # the rules on the fingerprint: y/x 8 mm / (8 x 0.8) = 1.25; z 12 mm / (8 x 2) < 1: kept
     fine_name = next(k for k in plans["configurations"] if k.startswith("3d_sts_fine_"))
     fine = plans["configurations"][fine_name]
     coarse = plans["configurations"][fine["sts"]["coarse_configuration"]]
-    assert coarse["spacing"] == pytest.approx([3.0, 2.0, 2.0])
+    assert coarse["spacing"] == pytest.approx([2.0, 1.0, 1.0])
     planning = fine["sts"]["planning"]
-    assert planning["chosen"]["coarse_downsampling"]["value"] == [1.5, 2.5, 2.5]
+    assert planning["chosen"]["coarse_downsampling"]["value"] == [1.0, 1.25, 1.25]
     # typical (p50 over both classes' union objects): 10 / 40 px -> S holds the crop
     typical = fingerprint["3d"]["all"]["extent_mm"]
     expected_s = autoplan.input_size([typical[a]["p50"] for a in range(3)], [2.0, 0.8, 0.8], [True] * 3,
@@ -156,7 +164,7 @@ def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     assert fine_name == f"3d_sts_fine_{expected_s}" and planning["chosen"]["input_size"]["value"] == expected_s
     assert fine["sts"]["max_crops"] == 8 and fine["sts"]["crop"]["min_object_size"] == 5.0
     assert f"3d: input_size = {expected_s} (chosen: the p50 object's crop is" in proc.stdout
-    assert "3d: coarse_downsampling = [1.5, 2.5, 2.5]" in proc.stdout
+    assert "3d: coarse_downsampling = [1.0, 1.25, 1.25]" in proc.stdout
     # re-planned with two values given: the fingerprint is reused, the given values win and are recorded
     proc = _plan(tmp_path, 731, "--dims", "3d", "--set", "crop.min_object_size=2", "--set", "max_crops=3")
     assert proc.returncode == 0 and "object fingerprint reused" in proc.stdout, proc.stdout[-3000:]
@@ -176,6 +184,7 @@ def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     assert auto[fine_name]["sts"]["planning"]["given"] == {"min_object_size": 2.0, "max_crops": 3}
 
 
+@pytest.mark.slow  # the stock commands on a generated dataset
 def test_plan_without_s_refuses_a_dataset_without_objects_and_notes_large_ones(tmp_path):
     shape = (8, 64, 64)
     ignored_only = [_objects(shape, [(2, ((0, 8), (4, 20), (4, 20)))])] * 3  # labelled, but only 'ignore'
@@ -191,11 +200,13 @@ def test_plan_without_s_refuses_a_dataset_without_objects_and_notes_large_ones(t
     assert "2d: input_size = 64 (chosen" in proc.stdout, "S never exceeds the 64-pixel image"
 
 
-def test_a_self_configured_3d_cascade_with_a_sliding_coarse_window_trains_and_predicts(tmp_path):
-    """Small objects in a larger volume and a small memory target: the planner keeps the coarse grid
-    fine enough for the objects, nnU-Net plans a coarse patch smaller than the coarse image, and the
-    stock nnUNetv2_train / nnUNetv2_predict run the cascade (the coarse stage by nnU-Net's sliding
-    window); the label maps keep the input geometry."""
+@pytest.mark.slow  # the stock commands on a generated dataset
+def test_a_self_configured_3d_cascade_on_the_resenc_planner_slides_its_coarse_window(tmp_path):
+    """`plan -pl nnUNetPlannerResEncM` without `-s` on small objects in a larger volume, with a small
+    memory target: the configurations go into nnUNetResEncUNetMPlans.json with the residual encoder
+    U-Net, the coarse grid stays fine enough for the objects and nnU-Net plans a coarse patch smaller
+    than the coarse image; the stock nnUNetv2_train / nnUNetv2_predict `-p nnUNetResEncUNetMPlans` run
+    the cascade (the coarse stage by nnU-Net's sliding window), the label maps keep the input geometry."""
     from nnunet_stseg.adapters.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER
     from nnunet_stseg.commands.pipeline import find_command, pipeline_env, predict_command_line, run, \
         train_command_line
@@ -204,50 +215,27 @@ def test_a_self_configured_3d_cascade_with_a_sliding_coarse_window_trains_and_pr
     env = {**pipeline_env(tmp_path, 1, 2, 1), "STSEG_SKIP_VALIDATION": "1"}
     ds = make_synthetic_dataset(env["nnUNet_raw"], 734, "AutoSliding", dim=3, n_train=5, n_test=1, shape=(32, 112, 112),
                                 objects_per_image=(2, 3), radius=(3, 5), spacing=(1.0, 1.0, 1.0), empty_cases=0, seed=2)
-    run([find_command("nnunet-stseg"), "plan", "-d", "734", "--dims", "3d", "--features", "4", "--batch_size", "2",
-         "-gpu_memory_target", "0.1", "-np", "1"], env, tmp_path / "plan.log")
-    plans = json.loads((Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json").read_text())
+    run([find_command("nnunet-stseg"), "plan", "-d", "734", "--dims", "3d", "-pl", "nnUNetPlannerResEncM", "--features",
+         "4", "--batch_size", "2", "-gpu_memory_target", "0.2", "-np", "1"], env, tmp_path / "plan.log")
+    plans_name = "nnUNetResEncUNetMPlans"
+    log = (tmp_path / "plan.log").read_text()
+    assert f"-p {plans_name}" in log and "sliding window" in log, "the printed commands name the plans"
+    assert not (Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json").exists()
+    plans = json.loads((Path(env["nnUNet_preprocessed"]) / ds.name / f"{plans_name}.json").read_text())
     fine_name = next(k for k in plans["configurations"] if k.startswith("3d_sts_fine_"))
     coarse_name = plans["configurations"][fine_name]["sts"]["coarse_configuration"]
     coarse = plans["configurations"][coarse_name]
     assert any(p < m for p, m in zip(coarse["patch_size"], coarse["median_image_size_in_voxels"])), \
         "the coarse image is larger than its patch: prediction slides a window over it"
-    assert "sliding window" in (tmp_path / "plan.log").read_text()
+    for name in (coarse_name, fine_name):
+        assert plans["configurations"][name]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     for config, trainer in ((coarse_name, DEFAULT_COARSE_TRAINER), (fine_name, DEFAULT_FINE_TRAINER)):
-        run(train_command_line(734, config, 0, trainer), env, tmp_path / f"train_{config}.log")
+        run(train_command_line(734, config, 0, trainer, "cpu", "-p", plans_name), env, tmp_path / f"train_{config}.log")
     out = tmp_path / "pred"
-    run(predict_command_line(ds / "imagesTs", out, 734, fine_name, DEFAULT_FINE_TRAINER, [0], "cpu", "--disable_tta"),
-        env, tmp_path / "predict.log")
+    run(predict_command_line(ds / "imagesTs", out, 734, fine_name, DEFAULT_FINE_TRAINER, [0], "cpu", "--disable_tta",
+                             "-p", plans_name), env, tmp_path / "predict.log")
+    assert (Path(env["nnUNet_results"]) / ds.name / f"{DEFAULT_FINE_TRAINER}__{plans_name}__{fine_name}").is_dir()
     for image in sorted((ds / "imagesTs").glob("*_0000.nii.gz")):
         pred, ref = sitk.ReadImage(str(out / image.name.replace("_0000", ""))), sitk.ReadImage(str(image))
         assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
         assert pred.GetOrigin() == ref.GetOrigin() and pred.GetDirection() == ref.GetDirection()
-
-
-def test_plan_on_nnunets_residual_encoder_planner_trains_and_predicts_with_its_plans(tmp_path):
-    """`plan -pl nnUNetPlannerResEncM`: our configurations go into nnUNetResEncUNetMPlans.json with
-    the residual encoder U-Net, and the stock commands run them with `-p nnUNetResEncUNetMPlans`."""
-    from nnunet_stseg.adapters.config import DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER
-    from nnunet_stseg.commands.pipeline import find_command, pipeline_env, predict_command_line, run, \
-        train_command_line
-    from nnunet_stseg.data.synthetic import make_synthetic_dataset
-
-    env = {**pipeline_env(tmp_path, 1, 2, 1), "STSEG_SKIP_VALIDATION": "1"}
-    ds = make_synthetic_dataset(env["nnUNet_raw"], 735, "AutoResEnc", dim=2, n_train=5, n_test=1, seed=3)
-    run([find_command("nnunet-stseg"), "plan", "-d", "735", "-pl", "nnUNetPlannerResEncM", "--features", "4",
-         "--batch_size", "2", "-np", "1"], env, tmp_path / "plan.log")
-    plans_name = "nnUNetResEncUNetMPlans"
-    assert f"-p {plans_name}" in (tmp_path / "plan.log").read_text(), "the printed commands name the plans"
-    plans = json.loads((Path(env["nnUNet_preprocessed"]) / ds.name / f"{plans_name}.json").read_text())
-    fine_name = next(k for k in plans["configurations"] if k.startswith("2d_sts_fine_"))
-    coarse_name = plans["configurations"][fine_name]["sts"]["coarse_configuration"]
-    for name in (coarse_name, fine_name):
-        assert plans["configurations"][name]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
-    assert not (Path(env["nnUNet_preprocessed"]) / ds.name / "nnUNetPlans.json").exists()
-    for config, trainer in ((coarse_name, DEFAULT_COARSE_TRAINER), (fine_name, DEFAULT_FINE_TRAINER)):
-        run(train_command_line(735, config, 0, trainer, "cpu", "-p", plans_name), env, tmp_path / f"train_{config}.log")
-    out = tmp_path / "pred"
-    run(predict_command_line(ds / "imagesTs", out, 735, fine_name, DEFAULT_FINE_TRAINER, [0], "cpu", "--disable_tta",
-                             "-p", plans_name), env, tmp_path / "predict.log")
-    assert len(list(out.glob("*.nii.gz"))) == 1
-    assert (Path(env["nnUNet_results"]) / ds.name / f"{DEFAULT_FINE_TRAINER}__{plans_name}__{fine_name}").is_dir()

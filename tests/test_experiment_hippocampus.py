@@ -22,7 +22,7 @@ def test_report_pairs_each_seed_with_its_own_phase_1(tmp_path):
                           "size_weight": 0.1, "device": "cpu", "split_seed": 0, "seeds": [0, 1]},
                "data": {"train": 4285, "val": 600, "test": 1218, "volumes": {"train": 182, "val": 26, "test": 52}},
                "runs": {"seed0_m16": {"seed": 0, "m": 16, "pre": _arm(60), "paper": _arm(64, 2, 5.0),
-                                      "ours": _arm(61, 2, 4.0)},
+                                      "ours": _arm(61, 2, 4.0), "paper_lr0.01": _arm(45, 2, 5.0)},
                         "seed1_m16": {"seed": 1, "m": 16, "pre": _arm(55), "paper": _arm(54, 2, 5.0),
                                       "ours": _arm(58, 2, 4.0)},
                         "seed0_m4285": {"seed": 0, "m": 4285, "pre": _arm(80)}}}
@@ -34,8 +34,9 @@ def test_report_pairs_each_seed_with_its_own_phase_1(tmp_path):
     assert "- (b) size loss alone (paper), m = 16: +4.0, -1.0 (mean +1.5)" in text
     assert "- (c) pixel + size, weight 0.1, m = 16: +1.0, +3.0 (mean +2.0)" in text
     assert "| 16 | 1 | (c) pixel + size, weight 0.1 | 58.0 ± 4.0 |" in text
+    assert "- (b) size loss alone (paper), phase-2 lr 0.01, m = 16: -15.0" in text, "another rate: its own arm"
     assert "| 4285 | 0 | (a) pre-trained only | 80.0 ± 4.0 |" in text
-    assert "2.25x (range 2.00-2.50)" in text  # phase-2 epoch over the same seed's phase-1 epoch
+    assert "2.30x (range 2.00-2.50)" in text  # phase-2 epoch over the same seed's phase-1 epoch
     assert "from 182 / 26 / 52 volumes" in text and "Machine:" in text
     for name in ("report_iou.png", "report_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in text

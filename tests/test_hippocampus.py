@@ -115,6 +115,7 @@ def test_plateau_rule_on_a_hand_made_validation_curve():
         plateau_reached(curve, 0)
 
 
+@pytest.mark.slow  # trains through the stock commands
 def test_stock_training_on_the_converted_slices_stops_at_the_plateau(tmp_path):
     """converter -> size labels (nnunet-stseg sizes simulate) -> nnUNetv2_plan_and_preprocess ->
     nnUNetv2_train -tr nnUNetTrainer_StSSizes with STSEG_PATIENCE: the size phase watches the
@@ -132,7 +133,8 @@ def test_stock_training_on_the_converted_slices_stops_at_the_plateau(tmp_path):
     env = with_trainer_discovery({**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pp"),
                                   "nnUNet_results": str(tmp_path / "res"), "nnUNet_compile": "f",
                                   "nnUNet_def_n_proc": "1"})
-    subprocess.run([find_command("nnUNetv2_plan_and_preprocess"), "-d", "783", "-c", "2d", "-np", "1"], env=env,
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # nnU-Net 2.8.1's planner needs >= 1
+    subprocess.run([find_command("nnUNetv2_plan_and_preprocess"), "-d", "783", "-c", "2d", "-np", "1"], env=plan_env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     pp = tmp_path / "pp" / weak.name
     (pp / "splits_final.json").write_text(json.dumps([{"train": split["train"], "val": split["val"]}]))

@@ -83,6 +83,8 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         self._apply_schedule_overrides()
         where = f"configuration {configuration} of {plans.get('plans_name', 'the plans')}"
         self.size_params = SizeParams.from_configuration(self.configuration_manager.configuration, where)
+        if self.size_params.initial_lr is not None:  # read by nnU-Net's configure_optimizers at the start
+            self.initial_lr = float(self.size_params.initial_lr)
         self.foreground_value, self.ignore_value = binary_labels(dataset_json, "dataset.json")
         self.size_cases: dict[str, tuple[np.ndarray, float]] = {}
         self.size_batches: SizeBatches | None = None

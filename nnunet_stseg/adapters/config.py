@@ -248,6 +248,10 @@ class SizeParams(PlanBlock):
     - ``samples``: Bernoulli samples per image for the gradient estimate (the paper: 1).
     - ``size_batch_size``: size-only images per phase-2 step (None: the configuration's batch).
     - ``mirror``: random flips of the size-only images (they keep the size; the paper used none).
+    - ``initial_lr``: the training's initial learning rate (None: nnU-Net's 0.01). A phase 2 run
+      from phase-1 weights (``pretrain_epochs`` 0, ``-pretrained_weights``) is a fine-tuning: at
+      nnU-Net's 0.01 the first epoch undid much of the pre-training on hippocampus slices
+      (docs/design.md "Learning from object sizes").
     """
 
     KEY = SIZES_KEY
@@ -258,13 +262,15 @@ class SizeParams(PlanBlock):
     samples: int = 1
     size_batch_size: int | None = None
     mirror: bool = True
+    initial_lr: float | None = None
 
     def __post_init__(self) -> None:
         if (self.pretrain_epochs is not None and int(self.pretrain_epochs) < 0) or self.size_weight < 0 \
                 or self.pixel_weight < 0 or int(self.samples) < 1 \
-                or (self.size_batch_size is not None and int(self.size_batch_size) < 1):
-            raise ValueError(f"sts.{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1 and "
-                             f"size_batch_size >= 1 (or null), got {self}")
+                or (self.size_batch_size is not None and int(self.size_batch_size) < 1) \
+                or (self.initial_lr is not None and not 0 < float(self.initial_lr) < 1):
+            raise ValueError(f"sts.{SIZES_KEY} needs pretrain_epochs >= 0 (or null), weights >= 0, samples >= 1, "
+                             f"size_batch_size >= 1 (or null) and 0 < initial_lr < 1 (or null), got {self}")
 
 
 

@@ -45,7 +45,9 @@ def main(argv=None) -> None:
                              ("size_weight", float, "weight of the size loss (0.1; 0 = pixel labels only)"),
                              ("pixel_weight", float, "pixel loss weight in phase 2 (1; 0 = the paper's phase 2)"),
                              ("samples", int, "Bernoulli samples per image (1)"),
-                             ("size_batch_size", int, "size-only images per step (default: the batch size)")):
+                             ("size_batch_size", int, "size-only images per step (default: the batch size)"),
+                             ("initial_lr", float, "initial learning rate (default nnU-Net's 0.01; a phase 2 from "
+                                                   "phase-1 weights fine-tunes better at 0.001)")):
         q.add_argument(f"--{name}", type=kind, default=None, help=text)
     q.add_argument("--no_mirror", action="store_true", help="no random flips of the size-only images")
     args = p.parse_args(argv)
@@ -94,7 +96,7 @@ def configure(args) -> str:
     cfg = plans["configurations"][args.configuration]
     block = dict(block_of(cfg, SIZES_KEY) or {})
     block.update({k: getattr(args, k) for k in ("pretrain_epochs", "size_weight", "pixel_weight", "samples",
-                                                "size_batch_size") if getattr(args, k) is not None})
+                                                "size_batch_size", "initial_lr") if getattr(args, k) is not None})
     if args.no_mirror:
         block["mirror"] = False
     try:

@@ -14,8 +14,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["AutoPlanRules", "Choice", "coarse_grid", "input_size", "size_rule", "max_crops", "cascade_cannot_help",
-           "smallest_extents"]
+__all__ = ["AutoPlanRules", "Choice", "object_voxels", "coarse_grid", "input_size", "size_rule", "max_crops", "cascade_cannot_help"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,11 @@ class AutoPlanRules:
     """The constants of the rules (why each value: docs/design.md "Self-configuring cascade").
 
     - ``small_quantile`` / ``coarse_voxels``: the coarse grid keeps the dataset's small objects
-      (this quantile of every class's extent per axis) at least this many coarse voxels wide.
+      (this quantile of the extent per axis of the objects the cascade crops: foreground union
+      components, specks left out) at least this many coarse voxels wide. 8 = 1 / the crop's
+      default ``margin_fraction`` 0.125: a box one coarse voxel off (what a coarse mask can be) still
+      lies inside the margin of the small object's crop. The planner uses 1 / ``margin_fraction``
+      (within 4..16) when the margin is set otherwise (:func:`object_voxels`).
     - ``min_coarse_voxels``: no axis of the median coarse image gets fewer voxels than this.
     - ``typical_quantile`` / ``s_candidates``: S is the smallest candidate that holds the typical
       object's crop (this quantile of the crop extents) without downsampling it.
@@ -36,7 +39,7 @@ class AutoPlanRules:
     """
 
     small_quantile: str = "p5"
-    coarse_voxels: float = 4.0
+    coarse_voxels: float = 8.0
     min_coarse_voxels: int = 8
     typical_quantile: str = "p50"
     s_candidates: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 256)
@@ -52,28 +55,19 @@ class AutoPlanRules:
         return d
 
 
+def object_voxels(margin_fraction: float) -> float:
+    """Coarse voxels a small object must span so that a one-voxel error of its box stays within the
+    crop's margin (``margin_fraction`` of the object on each side): 1 / margin_fraction, within 4..16.
+
+    >>> object_voxels(0.125), object_voxels(0.05), object_voxels(0.5)
+    (8.0, 16.0, 4.0)
+    """
+    return 16.0 if margin_fraction <= 0 else float(min(16.0, max(4.0, 1.0 / margin_fraction)))
+
+
 class Choice(NamedTuple):
     value: object
     why: str
-
-
-def smallest_extents(summary: dict, quantile: str) -> list[float]:
-    """Per axis, the smallest ``quantile`` of the object extent (mm) over the classes of a
-    fingerprint summary (``"all"`` only when the dataset has a single class, where it is that
-    class); NaN on an axis no class has objects along.
-
-    >>> s = {"1": {"extent_mm": [{"p5": 3.0}, {"p5": 10.0}, {"p5": 12.0}]},
-    ...      "2": {"extent_mm": [{"p5": 9.0}, {"p5": 4.0}, {"p5": 30.0}]},
-    ...      "all": {"extent_mm": [{"p5": 3.0}, {"p5": 4.0}, {"p5": 12.0}]}}
-    >>> smallest_extents(s, "p5")
-    [3.0, 4.0, 12.0]
-    """
-    classes = [k for k in summary if k != "all"] or ["all"]
-    out = []
-    for axis in range(3):
-        values = [summary[c]["extent_mm"][axis][quantile] for c in classes if summary[c]["extent_mm"][axis]]
-        out.append(float(min(values)) if values else math.nan)
-    return out
 
 
 def coarse_grid(spacing: Sequence[float], median_shape: Sequence[float], small_extent_mm: Sequence[float],
@@ -81,30 +75,24 @@ def coarse_grid(spacing: Sequence[float], median_shape: Sequence[float], small_e
     """The coarse grid: per active axis the largest downsampling factor that keeps a small object
     (``small_extent_mm``) ``rules.coarse_voxels`` coarse voxels wide and the median image at least
     ``rules.min_coarse_voxels`` voxels long; never upsampled (factor >= 1); inactive axes kept; axes
-    of one spacing get the smallest of their factors (a square in-plane grid stays square).
+    of one spacing share the smallest of their objects' bounds (a square in-plane grid stays square).
     Returns (coarse spacing, coarse median shape, Choice(factors, why)).
 
     >>> sp, shape, why = coarse_grid([3.0, 0.7, 0.7], [100, 512, 512], [3.0, 14.0, 14.0], [True] * 3)
-    >>> sp, shape, why.value   # 14 mm / 4 voxels = 3.5 mm in-plane (factor 5); z stays at 3 mm
-    ([3.0, 3.5, 3.5], [100, 102, 102], [1.0, 5.0, 5.0])
+    >>> sp, shape, why.value   # 14 mm / 8 voxels = 1.75 mm in-plane (factor 2.5); z stays at 3 mm
+    ([3.0, 1.75, 1.75], [100, 205, 205], [1.0, 2.5, 2.5])
     """
     spacing = np.asarray(spacing, dtype=float)
     median = np.asarray(median_shape, dtype=float)
     small = np.asarray(small_extent_mm, dtype=float)
-    factors = []
-    for a in range(len(spacing)):
-        if not active[a] or not np.isfinite(small[a]):
-            factors.append(1.0)
-            continue
-        by_objects = small[a] / (rules.coarse_voxels * spacing[a])
-        by_image = median[a] / rules.min_coarse_voxels
-        factors.append(float(max(1.0, min(by_objects, by_image))))
-    factors_arr = np.asarray(factors)
-    for a in range(len(spacing)):  # axes of one spacing keep one factor (an in-plane grid stays square)
-        same = [b for b in range(len(spacing)) if active[b] and abs(spacing[b] - spacing[a]) <= 0.01 * spacing[a]]
-        if active[a] and same:
-            factors_arr[a] = min(factors_arr[b] for b in same)
-    factors_arr = np.round(factors_arr, 3)
+    by_objects = np.where(np.isfinite(small), small / (rules.coarse_voxels * spacing), np.inf)
+    # axes of one spacing share the objects' bound (an in-plane grid stays square); each keeps its image bound
+    shared = [min(by_objects[b] for b in range(len(spacing)) if active[b]
+                  and abs(spacing[b] - spacing[a]) <= 0.01 * spacing[a]) if active[a] else 1.0
+              for a in range(len(spacing))]
+    factors = [1.0 if not active[a] or not np.isfinite(shared[a])
+               else float(max(1.0, min(shared[a], median[a] / rules.min_coarse_voxels))) for a in range(len(spacing))]
+    factors_arr = np.round(np.asarray(factors), 3)
     c_spacing = [float(v) for v in spacing * factors_arr]
     c_shape = [int(max(1, round(m / f))) for m, f in zip(median, factors_arr)]
     why = (f"the {rules.small_quantile} object extent per axis ({', '.join(_mm(v) for v in small)}) stays "

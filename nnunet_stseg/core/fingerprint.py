@@ -3,7 +3,9 @@ objects (connected components, full connectivity among the stage's active axes: 
 a 3D stage, per-slice components for a 2D stage). nnU-Net fingerprints spacings, shapes and
 intensities; the cascade's planner needs the objects' sizes too. Pure numpy / scipy.
 
-One record per object, summaries per class and over all classes (the foreground union):
+One record per object, summaries per class, over all classes (``all``: the components of the
+foreground union, what the cascade crops) and over those union components that are objects, not
+specks (``objects``, :func:`objects_without_specks`: what the planner's rules read):
 
 >>> seg = np.zeros((1, 20, 20), np.uint8); seg[0, 2:6, 2:4] = 1; seg[0, 10:20, 5:15] = 2
 >>> recs = object_records(seg, [1.0, 0.5, 0.5], active=[False, True, True], classes=[1, 2])
@@ -19,9 +21,10 @@ from scipy import ndimage
 
 from nnunet_stseg.core.geometry import connectivity_structure
 
-__all__ = ["QUANTILES", "object_records", "summarise_objects"]
+__all__ = ["QUANTILES", "SPECK_FRACTION", "object_records", "objects_without_specks", "summarise_objects"]
 
 QUANTILES = {"p1": 1, "p5": 5, "p50": 50, "p95": 95, "max": 100}
+SPECK_FRACTION = 0.01  # a union component under 1 % of the median one's volume is a speck, not an object
 
 
 def _components(mask: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]], np.ndarray]:
@@ -67,6 +70,25 @@ def object_records(seg: np.ndarray, spacing: Sequence[float], active: Sequence[b
     return out
 
 
+def objects_without_specks(records: Sequence[dict], fraction: float = SPECK_FRACTION) -> tuple[list[dict], int]:
+    """The union components (class ``"all"``: what the cascade crops) that are objects, relabelled
+    class ``"objects"``, and how many specks were left out: components whose volume is under
+    ``fraction`` of the median union component's (label noise, a fragment of one stray voxel),
+    which would otherwise decide every low quantile of a dataset with few objects per case.
+
+    >>> recs = [{"class": "all", "volume_mm3": v} for v in (1000, 1200, 900, 2)]
+    >>> kept, specks = objects_without_specks(recs)
+    >>> [r["volume_mm3"] for r in kept], specks, kept[0]["class"]
+    ([1000, 1200, 900], 1, 'objects')
+    """
+    union = [r for r in records if r["class"] == "all"]
+    if not union:
+        return [], 0
+    floor = fraction * float(np.median([r["volume_mm3"] for r in union]))
+    kept = [{**r, "class": "objects"} for r in union if r["volume_mm3"] >= floor]
+    return kept, len(union) - len(kept)
+
+
 def _quantiles(values: Sequence[float]) -> dict[str, float]:
     values = np.asarray(values, dtype=float)
     return {k: round(float(np.percentile(values, q)), 4) for k, q in QUANTILES.items()} if len(values) else {}
@@ -84,7 +106,7 @@ def summarise_objects(records: Sequence[dict], cases: Sequence[str]) -> dict[str
     (1, 1.0, 4.0)
     """
     out: dict[str, dict] = {}
-    for name in sorted({r["class"] for r in records}, key=lambda c: (c == "all", c)):
+    for name in sorted({r["class"] for r in records}, key=lambda c: (c in ("all", "objects"), c)):
         mine = [r for r in records if r["class"] == name]
         per_case = [sum(r["case"] == c for r in mine) for c in cases]
         extents = np.asarray([r["extent_mm"] for r in mine], dtype=float)
