@@ -199,13 +199,16 @@ def test_configure_writes_a_checked_sizes_block(tmp_path, monkeypatch, capsys):
     for var in ("nnUNet_raw", "nnUNet_results"):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pp"))
-    main(["configure", "-d", "979", "--pretrain_epochs", "50", "--size_weight", "0.5", "--no_mirror"])
+    main(["configure", "-d", "979", "--pretrain_epochs", "50", "--size_weight", "0.5", "--no_mirror",
+          "--initial_lr", "0.001"])
     block = json.loads((pp / "nnUNetPlans.json").read_text())["configurations"]["2d"]["sts"]["sizes"]
     assert block == {"pretrain_epochs": 50, "size_weight": 0.5, "pixel_weight": 1.0, "samples": 1,
-                     "size_batch_size": None, "mirror": False}
+                     "size_batch_size": None, "mirror": False, "initial_lr": 0.001}
     main(["configure", "-d", "979", "--samples", "2"])  # later calls keep what was set
     assert json.loads((pp / "nnUNetPlans.json").read_text())["configurations"]["2d"]["sts"]["sizes"]["size_weight"] == 0.5
     with pytest.raises(SystemExit, match=r"\[nnunet-stseg\] ERROR: .*samples >= 1"):
         main(["configure", "-d", "979", "--samples", "0"])
+    with pytest.raises(SystemExit, match=r"0 < initial_lr < 1"):
+        main(["configure", "-d", "979", "--initial_lr", "2"])
     with pytest.raises(SystemExit, match="no configuration '3d_fullres'"):
         main(["configure", "-d", "979", "-c", "3d_fullres", "--samples", "1"])

@@ -6,8 +6,8 @@ section 6; dataset convention in :mod:`nnunet_stseg.adapters.size_labels`).
 Phase 1 (``sts.sizes.pretrain_epochs``): nnU-Net's own training on the pixel-labelled cases of the
 fold. Phase 2: every step also takes ``size_batch_size`` images with a known size (the size-only
 cases and the pixel-labelled training cases ``object_sizes.json`` lists: the paper's phase 2 runs
-over the whole training set; whole images, only size-keeping flips), samples a binary mask from the network's foreground probabilities, and adds
-the single-sample estimate of the expected squared size error's gradient
+over the whole training set; whole images, only size-keeping flips), samples a binary mask from
+the network's foreground probabilities, and adds the single-sample estimate of the expected squared size error's gradient
 (:func:`nnunet_stseg.core.sizes.size_loss_gradient`) to nnU-Net's pixel loss on the labelled
 batch; both batches go through the network in one pass. The network is an ordinary nnU-Net
 network: ``nnUNetv2_predict`` runs it. Per epoch the phase, its time and the size error of the
@@ -44,8 +44,8 @@ LOG_FILE = "size_training.json"
 
 
 class SizeBatches:
-    """Batches of whole images with a known size, padded to the patch: image (B, C, H, W) float32, a mask of
-    the real image (B, H, W) bool (padding is background), target sizes in pixels (B,)."""
+    """Batches of whole images with a known size, padded to the patch: image (B, C, H, W) float32,
+    a mask of the real image (B, H, W) bool (padding is background), target sizes in pixels (B,)."""
 
     def __init__(self, cases: dict[str, tuple[np.ndarray, float]], patch: tuple[int, int], batch_size: int,
                  mirror: bool, seed: int | None = None):
