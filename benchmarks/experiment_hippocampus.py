@@ -182,7 +182,7 @@ def run_arm(name: str, config: str, env: dict, device: str, workdir: Path, key: 
 def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_seed: int, features: int,
                    batch_size: int, epochs_pre: int, epochs: int, iters: int, val_iters: int, patience: int,
                    patience_sizes: int, paper_weight: float, size_weight: float, device: str,
-                   src: Path | None, phase2_lr: float = DEFAULT_PHASE2_LR) -> dict:
+                   src: Path | None, phase2_lr: float = DEFAULT_PHASE2_LR, command: str = "") -> dict:
     workdir = Path(workdir).resolve()
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     # checkpoint_latest every 5 epochs: an interrupted run loses little (the held-out slices are predicted below)
@@ -205,7 +205,9 @@ def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_s
                            "iters": iters, "val_iters": val_iters, "patience": patience,
                            "patience_sizes": patience_sizes, "paper_weight": paper_weight, "size_weight": size_weight,
                            "phase2_lr": DEFAULT_PHASE2_LR, "device": device, "split_seed": split_seed,
-                           "seeds": sorted(set(results.get("budget", {}).get("seeds", [])) | set(seeds))},
+                           "seeds": sorted(set(results.get("budget", {}).get("seeds", [])) | set(seeds)),
+                           "m_values": list(m_values)},
+                   command=command or results.get("command", ""),
                    data={"train": len(split["train"]), "val": len(split["val"]), "test": len(split["test"]),
                          "volumes": {k: len(v) for k, v in split["volumes"].items()}})
     results.setdefault("runs", {})
@@ -288,6 +290,11 @@ def report(results: dict, cmd: str, plot_names: tuple[str, str] | None) -> str:
             lines.append(f"| {row['m']} | {row['seed']} | {label} | {r['IoU'][0]:.1f} ± {r['IoU'][1]:.1f} | "
                          f"{r['Dice'][0]:.1f} | {r['size_error_px2'][0]:.1f} | {r.get('empty_predictions', 'n/a')} | "
                          f"{r.get('epochs', 'n/a')} | {epoch} | {train_s} |")
+    planned = len(b.get("m_values", [])) * len(b["seeds"])
+    done = sum(all(k in row for k in ARMS) for row in results["runs"].values())
+    if planned and done < planned:
+        lines += ["", f"**Runs so far: {done} of {planned} (seed, m) pairs finished**; the command above continues "
+                      "the experiment where it stopped (finished trainings and predictions are kept)."]
     lines += ["", "Paired test IoU differences against (a), same phase-1 weights, per seed (points):"]
     for arm in phase2_keys(results):
         for m, gains in sorted(paired(results, arm).items()):
@@ -385,7 +392,7 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, workdir / "results.json", lambda: run_experiment(
         workdir, args.pixel_labels, args.seeds, args.seed, args.features, args.batch_size, args.epochs_pre,
         args.epochs, args.iters, args.val_iters, args.patience, args.patience_sizes, args.paper_weight,
-        args.size_weight, args.device, args.src, args.phase2_lr), cmd)
+        args.size_weight, args.device, args.src, args.phase2_lr, cmd), cmd)
     stem = args.out.with_suffix("") if args.out else workdir / "sizes_hippocampus"
     names = (Path(f"{stem}_iou.png"), Path(f"{stem}_curves.png"))
     plots(results, *names, curve_m=args.curve_m)
