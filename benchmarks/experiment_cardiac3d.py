@@ -24,9 +24,11 @@ with the stock ``nnUNetv2_train`` and run with the stock ``nnUNetv2_predict``:
 Data: ``../shared/data/nnUNet_raw/Dataset701_CardiacFatCT`` read in place (or ``--dataset``, any
 raw 3D NIfTI dataset), patients dealt into ``--folds`` folds with ``--seed`` (``splits_final.json``),
 every patient predicted by the fold model that did not train on it, at its original resolution.
-Scores per patient: pericardium (labels 1 + 2) DSC, IoU, precision, recall and EAT (label 2) DSC;
-mean +- sd over patients. Inference: wall time of each ``nnUNetv2_predict`` call (TTA off, model
-loading included) per volume, and its peak resident memory. Training time per network.
+Scores per patient: pericardium (labels 1 + 2) DSC, IoU, precision, recall and EAT (label 2) DSC
+(another dataset: the first label in full, the others' DSC), and every region's 95th-percentile
+surface distance (HD95, mm); mean +- sd over patients. Inference: wall time of each
+``nnUNetv2_predict`` call (TTA off, model loading included) per volume, and its peak resident
+memory. Training time per network.
 
 The trainings skip nnU-Net's final validation (``STSEG_SKIP_VALIDATION=1``): the held-out patients
 are predicted by the experiment itself, without test-time mirroring. Resumable: finished trainings
@@ -168,7 +170,7 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
                                                               *plans_flag), env, logs / f"predict_{arm}_{f}.log")
             infer[infer_key] = {"seconds": seconds, "volumes": len(images), "peak_rss_mb": rss}
             write_json_atomic(results, results_file, indent=1)
-        results.setdefault("arms", {})[arm] = score_folder(out, gt_dir, ".nii.gz", regions)
+        results.setdefault("arms", {})[arm] = score_folder(out, gt_dir, ".nii.gz", regions, surface=True)
         write_json_atomic(results, results_file, indent=1)
     results["files"] = {"gt_dir": str(gt_dir), "file_ending": ".nii.gz",
                         "image_dirs": sorted({str(p.parent) for _, images in evals for p in images})}
@@ -251,6 +253,16 @@ def report(results: dict, examples: str | None = None) -> str:
         s = arm_summary(results, arm)
         lines.append(f"| {arm} | {_input_line(results, arm)} | {' | '.join(cells)} | {s['s_per_volume']:.1f} | "
                      f"{s['peak_rss_mb']:.0f} | {s['train_s']:.0f} |")
+    scored = [a for a in arms if a in results.get("arms", {}) and f"{first}_HD95" in results["arms"][a]]
+    if scored:
+        lines += ["", "95th-percentile symmetric surface distance (mm, mean ± sd over the patients where both the "
+                  "prediction and the label hold the region; `core.metrics.hd95`):", "",
+                  "| arm | " + " | ".join(f"{_display(r)} HD95 mm" for r in regions) + " |",
+                  "|---" * (1 + len(regions)) + "|"]
+        for arm in scored:
+            r = results["arms"][arm]
+            lines.append(f"| {arm} | " + " | ".join(f"{r[f'{g}_HD95'][0]:.1f} ± {r[f'{g}_HD95'][1]:.1f}"
+                                                    for g in regions) + " |")
     planning = results.get("auto_planning")
     if planning:
         lines += ["", "The self-configured cascade's plan (`sts.planning`): " + "; ".join(

@@ -60,16 +60,29 @@ def examples_markdown(examples: Path | None, caption: str) -> str:
     return f"\n{caption} (ground truth green, prediction red):\n\n![examples]({examples.name})\n"
 
 
-def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]]) -> dict:
-    """Per-case overlap of every region (name -> labels) and its mean +- sd over cases."""
+def score_folder(pred_dir: Path, gt_dir: Path, file_ending: str, regions: dict[str, tuple[int, ...]],
+                 surface: bool = False) -> dict:
+    """Per-case overlap of every region (name -> labels) and its mean +- sd over cases; with
+    ``surface`` also the 95th-percentile surface distance in mm (``core.metrics.hd95``, the file's
+    spacing; ``{region}_HD95`` over the cases where it is defined)."""
+    import SimpleITK as sitk
+
+    from nnunet_stseg.core.metrics import hd95
+
     cases = {}
     for f in sorted(pred_dir.glob(f"*{file_ending}")):
         pred, gt = read_image(f), read_image(gt_dir / f.name)
-        cases[f.name[:-len(file_ending)]] = {name: overlap(np.isin(pred, labels), np.isin(gt, labels))
-                                             for name, labels in regions.items()}
+        spacing = sitk.ReadImage(str(gt_dir / f.name)).GetSpacing()[::-1] if surface else None
+        case = {}
+        for name, labels in regions.items():
+            p, g = np.isin(pred, labels), np.isin(gt, labels)
+            case[name] = {**overlap(p, g), **({"HD95": hd95(p, g, spacing)} if surface else {})}
+        cases[f.name[:-len(file_ending)]] = case
     summary = {"n_cases": len(cases), "cases": cases}
     for name in regions:
         summary.update(overlap_means(name, [c[name] for c in cases.values()]))
+        if surface:
+            summary[f"{name}_HD95"] = mean_sd([c[name]["HD95"] for c in cases.values()])
     return summary
 
 

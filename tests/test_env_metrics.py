@@ -395,3 +395,16 @@ def test_report_cells_count_the_cases_a_mean_of_precision_skips():
     assert len(cells) == len(OVERLAP_HEAD.split(" | ")) and cells[2] == "1.000 ± 0.000" and cells[-1] == "1"
     del scores["polyp_empty_predictions"]
     assert overlap_cells(scores, "polyp").endswith("| n/a")
+
+
+def test_hd95_is_in_millimetres_of_each_axis_and_undefined_for_one_empty_mask():
+    from nnunet_stseg.core.metrics import hd95
+
+    a = np.zeros((12, 20, 20), bool)
+    a[2:6, 5:15, 5:15] = True
+    shifted = np.roll(a, 3, axis=0)  # three slices further along z
+    assert hd95(a, shifted, (2.0, 0.5, 0.5)) == pytest.approx(6.0)  # 3 slices of 2 mm
+    assert hd95(a, shifted, (1.0, 0.5, 0.5)) == pytest.approx(3.0)
+    assert hd95(a, np.roll(a, 1, axis=2), (2.0, 0.5, 0.5)) == pytest.approx(0.5)  # one pixel in x
+    assert hd95(a, a, (1, 1, 1)) == 0.0 and hd95(np.zeros_like(a), np.zeros_like(a), (1, 1, 1)) == 0.0
+    assert math.isnan(hd95(a, np.zeros_like(a), (1, 1, 1)))

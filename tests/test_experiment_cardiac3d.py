@@ -95,6 +95,9 @@ def test_report_of_another_dataset_names_its_labels_and_the_self_configured_arm(
             "48 x 48 x 48 | 0.880 ± 0.010 |") in text
     assert arm_summary(r, "cascade_auto")["train_s"] == 70.0
     assert "input_size = 48 (the p50 object's crop) NOTE: n1" in text and "Pericardium" not in text
+    assert "HD95" not in text, "results scored before the surface distance have no HD95 table"
+    r["arms"]["cascade_auto"].update({"liver_HD95": (12.5, 3.0), "spleen_HD95": (30.0, 5.5)})
+    assert "| cascade_auto | 12.5 ± 3.0 | 30.0 ± 5.5 |" in report(r)
     auto_line = findings(r)[1]
     assert "vs the cascade at S = 64: liver DSC +3.0 points, spleen +15.0" in auto_line
     assert "vs 3d_fullres: liver DSC -2.0 points, spleen -5.0" in auto_line
@@ -148,6 +151,7 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
     assert set(results["arms"]) == set(arms) and results["patients"] and sum(map(len, results["patients"].values())) == 4
     for arm in arms:
         assert results["arms"][arm]["n_cases"] == 4 and 0 <= results["arms"][arm]["pericardium_Dice"][0] <= 1
+        assert results["arms"][arm]["pericardium_HD95"][0] >= 0
         case = next(iter(sorted((work / "predictions" / arm).glob("*.nii.gz"))))
         pred, ref = sitk.ReadImage(str(case)), sitk.ReadImage(str(ds / "labelsTr" / case.name))
         assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())

@@ -19,7 +19,7 @@ import numpy as np
 
 from nnunet_stseg.atomic import write_json_atomic
 
-__all__ = ["add_precision_recall", "overlap", "mean_sd", "count_empty_predictions"]
+__all__ = ["add_precision_recall", "overlap", "hd95", "mean_sd", "count_empty_predictions"]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -59,6 +59,37 @@ def overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
     return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
             "IoU": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
             "Precision": _ratio(tp, tp + fp), "Recall": _ratio(tp, tp + fn)}
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim),
+                                          border_value=0)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
+    """95th percentile of the symmetric surface distances (mm) between two binary masks with voxel
+    ``spacing`` (one value per axis): the distances of every surface voxel of each mask to the
+    other's surface, pooled. 0 when both are empty, NaN when only one is (undefined, left out of a
+    mean as precision is).
+
+    >>> a = np.zeros((1, 10, 10), bool); a[0, 2:5, 2:5] = True
+    >>> b = np.zeros((1, 10, 10), bool); b[0, 2:5, 4:7] = True
+    >>> hd95(a, b, (1.0, 1.0, 2.0)), hd95(a, a, (1, 1, 1)), hd95(a, np.zeros_like(a), (1, 1, 1))
+    (4.0, 0.0, nan)
+    """
+    from scipy import ndimage
+
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if not pred.any() and not gt.any():
+        return 0.0
+    if not pred.any() or not gt.any():
+        return float("nan")
+    sp, sg = _surface(pred), _surface(gt)
+    to_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sg]
+    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
 
 
 def add_precision_recall(summary_file: str) -> dict:
