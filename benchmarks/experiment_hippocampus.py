@@ -20,10 +20,10 @@ Per seed and m, all with the stock ``nnUNetv2_train -tr nnUNetTrainer_StSSizes``
   augmentation of the size images, logistic noise, one sample, until the validation size error E
   has not improved for ``--patience_sizes`` epochs (at most ``--epochs``);
 - (c) our default (``SizeParams``): pixel loss on the m slices + size loss, weight 0.1, same rule.
-Both phase-2 arms fine-tune at ``--phase2_lr`` (default 0.001, nnU-Net's SGD and poly schedule):
-at nnU-Net's own 0.01 the first phase-2 epoch undid much of phase 1 (m = 16, seed 0: the validation
-E rose from 5.6 px² at phase 1's best epoch to 17 and never got below 6.8; test IoU 57.7 -> 40.6 for
-the paper's arm); runs at another rate are kept as their own arms (``paper_lr0.01``).
+Both phase-2 arms continue phase 1's whole network (the size trainer loads the segmentation layers
+nnU-Net's ``-pretrained_weights`` leaves random) and fine-tune at ``--phase2_lr`` (default 0.001,
+nnU-Net's SGD and poly schedule); the first runs, at nnU-Net's 0.01 and with the random output
+layer (m = 16, seed 0), are kept as their own arms (``paper_lr0.01``, ``ours_lr0.01``).
 Test slices are predicted from each arm's checkpoint_best.pth (``nnUNetv2_predict --disable_tta``);
 the arms of one (seed, m) share their phase-1 weights, so (b) - (a) and (c) - (a) are paired.
 ``--report_only`` rebuilds the report and plots from ``results.json``; an interrupted run
@@ -66,7 +66,8 @@ def arm_key(arm: str, lr: float) -> str:
 def arm_label(key: str) -> str:
     """'(b) size loss alone (paper)' plus the phase-2 learning rate where it is not the default."""
     arm, _, lr = key.partition("_lr")
-    return ARMS[arm] + (f", phase-2 lr {lr}" if lr else "")
+    return ARMS[arm] + (f", phase-2 lr {lr}" + (", output layer re-initialised" if float(lr) == NNUNET_LR else "")
+                        if lr else "")
 PAPER_TEXT = ("about +5 % IoU from the size labels when m < 100, negligible for larger m (section 4.2; the text "
               "copy of the paper in ../shared/seeds has no readable Fig. 7, so no per-m values are quoted)")
 

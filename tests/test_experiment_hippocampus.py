@@ -34,7 +34,8 @@ def test_report_pairs_each_seed_with_its_own_phase_1(tmp_path):
     assert "- (b) size loss alone (paper), m = 16: +4.0, -1.0 (mean +1.5)" in text
     assert "- (c) pixel + size, weight 0.1, m = 16: +1.0, +3.0 (mean +2.0)" in text
     assert "| 16 | 1 | (c) pixel + size, weight 0.1 | 58.0 ± 4.0 |" in text
-    assert "- (b) size loss alone (paper), phase-2 lr 0.01, m = 16: -15.0" in text, "another rate: its own arm"
+    assert ("- (b) size loss alone (paper), phase-2 lr 0.01, output layer re-initialised, m = 16: -15.0" in text), \
+        "another rate: its own arm"
     assert "| 4285 | 0 | (a) pre-trained only | 80.0 ± 4.0 |" in text
     assert "2.30x (range 2.00-2.50)" in text  # phase-2 epoch over the same seed's phase-1 epoch
     assert "from 182 / 26 / 52 volumes" in text and "Machine:" in text

@@ -161,3 +161,27 @@ def test_stock_training_on_the_converted_slices_stops_at_the_plateau(tmp_path):
     proc = subprocess.run(command + ["--c"], env=train_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode == 0 and "validation plateau" in proc.stdout, proc.stdout[-3000:]
     assert len(json.loads((fold / "size_training.json").read_text())) == len(log), "no epoch after the plateau"
+
+
+def test_phase_2_takes_the_segmentation_layers_that_nnunet_leaves_random(tmp_path):
+    """nnU-Net's -pretrained_weights skips `.seg_layers.`; the size trainer loads them too when the
+    label set (their shapes) is the same, and leaves them otherwise."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnunet_stseg.adapters.nnunet_hooks import load_segmentation_layers, pretrained_weights_argument
+
+    def net(classes: int) -> PlainConvUNet:
+        return PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv2d, 3, (1, 2, 2), 2, classes, 2, conv_bias=True,
+                             norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU, deep_supervision=True)
+
+    torch.manual_seed(0)
+    trained, fresh, other = net(2), net(2), net(3)
+    torch.save({"network_weights": trained.state_dict()}, tmp_path / "phase1.pth")
+    keys = load_segmentation_layers(fresh, str(tmp_path / "phase1.pth"))
+    assert keys and all(".seg_layers." in k for k in keys)
+    assert all(torch.equal(fresh.state_dict()[k], trained.state_dict()[k]) for k in keys)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    assert load_segmentation_layers(other, str(tmp_path / "phase1.pth")) == []
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items()), "other labels: untouched"
+    assert pretrained_weights_argument(["x", "-pretrained_weights=/a/b.pth"]) == "/a/b.pth"
+    assert pretrained_weights_argument(["nnUNetv2_train", "1", "2d", "0"]) is None

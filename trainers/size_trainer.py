@@ -158,6 +158,7 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
         return [k for k in keys if not np.all(np.asarray(dataset.load_case(k)[1]) == self.ignore_value)]
 
     def on_train_start(self):
+        self._continue_pretrained_model()
         log = self.size_log()
         if self.local_rank == 0 and any(r.get("epoch", 0) >= self.current_epoch for r in log):
             # epochs of an interrupted or replaced run after the checkpoint this one starts from
@@ -172,6 +173,20 @@ class nnUNetTrainer_StSSizes(_StSScheduleMixin, nnUNetTrainer):
                                             self.size_params.mirror, seed=self.current_epoch + 1000 * self.local_rank)
         if self.local_rank == 0:
             shutil.copy(self.sizes_file(), join(self.output_folder, SIZES_FILE))
+
+    def _continue_pretrained_model(self) -> None:
+        """A fresh start with ``-pretrained_weights FILE`` (phase 2 from phase 1's checkpoint)
+        continues that model whole: nnU-Net loaded everything but the segmentation layers, which
+        it leaves random for another label set; the labels are the same here, so they are loaded
+        too (when their shapes match). Without it phase 2 began with a random output layer."""
+        from nnunet_stseg.adapters.nnunet_hooks import load_segmentation_layers, pretrained_weights_argument
+
+        source = pretrained_weights_argument()
+        if self.current_epoch > 0 or source is None or not os.path.isfile(source):
+            return
+        loaded = load_segmentation_layers(self.network, source)
+        self.print_to_log_file(f"segmentation layers also taken from {source} ({len(loaded)} tensors)" if loaded else
+                               f"segmentation layers of {source} do not match this network: left as nnU-Net made them")
 
     # ------------------------------------------------------------------ training
     def foreground_probability(self, logits: torch.Tensor) -> torch.Tensor:

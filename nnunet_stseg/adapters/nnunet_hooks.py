@@ -38,6 +38,13 @@ imported) checks the signatures the hooks read, so a changed nnU-Net is one clea
    print one ``[nnunet-stseg] ERROR`` line instead of a traceback; every other error goes to the
    previous hook. Relies on: nnU-Net's entry points not catching these errors (they do not) and
    not installing their own excepthook. Installed once per process (the hook is marked).
+6. **The pretrained-weights argument** (:func:`pretrained_weights_argument`,
+   :func:`load_segmentation_layers`): ``nnUNetv2_train -pretrained_weights FILE`` loads every
+   weight but the segmentation layers (keys with ``.seg_layers.``: nnU-Net's fine-tuning assumes
+   another label set) and keeps no record of FILE on the trainer. A trainer that continues a model
+   on the same labels (the size trainer's phase 2) reads FILE from the command line as nnU-Net's
+   parser does and loads those layers too, where their shapes match. Relies on: the flag's name
+   and nnU-Net loading FILE before ``on_train_start`` (``maybe_load_checkpoint``).
 
 Not here, because they are ordinary subclassing or configuration through nnU-Net's public
 extension points rather than tricks: our overrides of nnU-Net methods (also the private
@@ -231,5 +238,42 @@ class ManagedManagers:
         self.__dict__["_plans_manager"] = value
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. the pretrained-weights argument of nnUNetv2_train
+# ----------------------------------------------------------------------------------------------
+def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
+    """FILE of ``-pretrained_weights FILE`` (or ``-pretrained_weights=FILE``) on the command line
+    of this process, None without it.
+
+    >>> pretrained_weights_argument(["nnUNetv2_train", "1", "2d", "0", "-pretrained_weights", "a.pth"])
+    'a.pth'
+    """
+    argv = list(sys.argv if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "-pretrained_weights" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("-pretrained_weights="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_segmentation_layers(network, checkpoint_file: str) -> list[str]:
+    """Load the segmentation layers (``.seg_layers.`` keys) of ``checkpoint_file`` into ``network``
+    where name and shape match; returns the keys loaded (none when the label sets differ)."""
+    import torch
+
+    state = torch.load(checkpoint_file, map_location="cpu", weights_only=False)["network_weights"]
+    module = getattr(network, "module", network)
+    module = getattr(module, "_orig_mod", module)
+    own = module.state_dict()
+    keys = [k for k in own if ".seg_layers." in k and k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    if keys and len(keys) == sum(".seg_layers." in k for k in own):
+        own.update({k: state[k] for k in keys})
+        module.load_state_dict(own)
+        return keys
+    return []
+
+
 __all__ = ["install_excepthook", "loading_frame", "loading_predictor", "adopted_class", "adopt_predictor",
-           "adopt_predictor_from_caller", "restore_original_class", "ManagedManagers"]
+           "adopt_predictor_from_caller", "restore_original_class", "ManagedManagers", "pretrained_weights_argument",
+           "load_segmentation_layers"]
