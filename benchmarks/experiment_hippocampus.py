@@ -307,7 +307,9 @@ def report(results: dict, cmd: str, plot_names: tuple[str, str] | None) -> str:
     if ratios:
         lines.append(f"- epoch time of phase 2 / a supervised epoch (same iterations; phase 2 adds a size batch): "
                      f"{np.mean(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}); the paper: about 10x "
-                     f"(its epochs: passes over different sets)")
+                     f"(its epochs: passes over different sets). Wall times, with whatever else shared the "
+                     f"2-core machine during each run (the first phase-2 runs overlapped test runs); "
+                     f"`python -m benchmarks.benchmark --size_loss` measures the step ratio alone")
     lines.append(f"- published: {PAPER_TEXT}")
     if plot_names:
         lines += ["", f"![test IoU against m]({plot_names[0]})", "",
