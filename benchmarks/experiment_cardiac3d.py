@@ -77,9 +77,9 @@ def _voxels(images: list[Path]) -> list[list[int]]:
     return [list(sitk.ReadImage(str(p)).GetSize())[::-1] for p in images]
 
 
-def _auto_configurations(plans_file: Path) -> tuple[str, str]:
-    """(coarse, fine) configuration names of the self-configured cascade in ``plans_file``."""
-    configs = json.loads(plans_file.read_text())["configurations"]
+def _auto_configurations(configs: dict) -> tuple[str, str]:
+    """(coarse, fine) configuration names of the self-configured cascade among a plans file's
+    ``configurations``."""
     fine = next(name for name, cfg in configs.items() if cfg.get("sts", {}).get("role") == "fine")
     return configs[fine]["sts"]["coarse_configuration"], fine
 
@@ -115,10 +115,11 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
             run_measured([find_command("nnunet-stseg"), "plan", "-d", str(did), "--dims", dim, "--features",
                           str(features), "--batch_size", str(batch_size), "-overwrite_plans_name", AUTO_PLANS, "-np",
                           "2"], env, logs / "plan_auto.log")
-        auto_coarse, auto_fine = _auto_configurations(auto_file)
-        planning = json.loads(auto_file.read_text())["configurations"][auto_fine]["sts"]["planning"]
+        auto_configs = json.loads(auto_file.read_text())["configurations"]
+        auto_coarse, auto_fine = _auto_configurations(auto_configs)
+        planning = auto_configs[auto_fine]["sts"]["planning"]
         for c in (auto_coarse, auto_fine):
-            networks[f"{AUTO_PLANS}/{c}"] = _network(json.loads(auto_file.read_text())["configurations"][c])
+            networks[f"{AUTO_PLANS}/{c}"] = _network(auto_configs[c])
             plans_of[f"{AUTO_PLANS}/{c}"] = AUTO_PLANS
     results_file = workdir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}

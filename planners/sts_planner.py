@@ -63,22 +63,34 @@ def coarse_spacing_and_shape(spacing: Sequence[float], median_shape: Sequence[fl
     return [float(s) for s in spacing * factor], [int(min(size, round(m))) for m in median_shape / factor]
 
 
+def _training_cases(planner: ExperimentPlanner) -> dict:
+    """nnU-Net's ``{case: {"images": [...], "label": ...}}`` of the dataset's training cases."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    return get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json)
+
+
+def _training_labels(planner: ExperimentPlanner, cases: dict, transpose_forward: Sequence[int], desc: str):
+    """Each training label as nnU-Net's reader returns it, in nnU-Net's transposed axis order:
+    yields ``(case, seg (Z, Y, X), spacing per axis in mm)``, sorted by case, with a progress bar."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from tqdm import tqdm
+
+    keys = sorted(cases)
+    reader = determine_reader_writer_from_dataset_json(planner.dataset_json, cases[keys[0]]["images"][0])()
+    axes = tuple(int(a) for a in transpose_forward)
+    for key in tqdm(keys, desc=desc, unit="case", mininterval=5):
+        seg, props = reader.read_seg(cases[key]["label"])
+        yield key, seg[0].transpose(axes), [float(props["spacing"][a]) for a in axes]
+
+
 def median_object_radius_2d(planner: ExperimentPlanner, transpose_forward: Sequence[int]) -> tuple[float, int]:
     """Median equivalent radius (pixels of the full-resolution grid) of the 2D objects of the
     training labels (8-connected components of each slice's foreground, in nnU-Net's transposed
     axis order, so slices are what the 2d configurations see), and how many objects there were."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from tqdm import tqdm
-
-    cases = get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json)
-    first = next(iter(cases.values()))
-    reader = determine_reader_writer_from_dataset_json(planner.dataset_json, first["images"][0])()
-    radii = []
-    for case in tqdm(cases.values(), desc="object sizes for the centre heatmap", unit="case"):
-        seg, _ = reader.read_seg(case["label"])
-        seg = seg[0].transpose(tuple(int(a) for a in transpose_forward))
-        radii.append(equivalent_radii(seg > 0))
+    radii = [equivalent_radii(seg > 0) for _, seg, _ in
+             _training_labels(planner, _training_cases(planner), transpose_forward,
+                              "object sizes for the centre heatmap")]
     radii = np.concatenate(radii) if radii else np.zeros(0)
     if len(radii) == 0:
         return float("nan"), 0
@@ -202,15 +214,12 @@ def object_fingerprint(planner: ExperimentPlanner, transpose_forward: Sequence[i
     and, on 3D data, a 3D stage; plus the median image extent in mm. Read from
     ``object_fingerprint.json`` in the preprocessed dataset folder when it was made for the same
     training cases, else made (one pass over the labels) and written there."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from tqdm import tqdm
 
     from nnunet_stseg.atomic import write_json_atomic
 
     path = os.path.join(str(nnUNet_preprocessed), planner.dataset_name, OBJECT_FINGERPRINT_FILE)
-    cases = get_filenames_of_train_images_and_targets(planner.raw_dataset_folder, planner.dataset_json)
+    cases = _training_cases(planner)
     keys = sorted(cases)
     if os.path.isfile(path):
         with open(path) as f:
@@ -220,16 +229,11 @@ def object_fingerprint(planner: ExperimentPlanner, transpose_forward: Sequence[i
             return cached
     classes = _label_classes(planner.dataset_json)
     ignore = planner.dataset_json["labels"].get("ignore")
-    reader = determine_reader_writer_from_dataset_json(planner.dataset_json, cases[keys[0]]["images"][0])()
-    axes = tuple(int(a) for a in transpose_forward)
     per_stage: dict[str, list] = {"2d": [], "3d": []}
     image_mm = []
-    for key in tqdm(keys, desc="object fingerprint", unit="case", mininterval=5):
-        seg, props = reader.read_seg(cases[key]["label"])
-        seg = seg[0].transpose(axes)
+    for key, seg, spacing in _training_labels(planner, cases, transpose_forward, "object fingerprint"):
         if ignore is not None:
             seg = np.where(seg == int(ignore), 0, seg)
-        spacing = [float(props["spacing"][a]) for a in axes]
         image_mm.append(np.asarray(seg.shape, dtype=float) * spacing)
         per_stage["2d"] += object_records(seg, spacing, [False, True, True], classes, key)
         if seg.shape[0] > 1:
