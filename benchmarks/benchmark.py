@@ -505,6 +505,8 @@ def main(argv=None) -> None:
                    help="instead: peak memory of a large 3D case (--memory_shape) for each of --memory_objects")
     p.add_argument("--memory_shape", type=int, nargs=3, default=(1000, 512, 512))
     p.add_argument("--memory_objects", type=int, nargs="+", default=[5, 50, 200])
+    p.add_argument("--memory_rows", type=Path, default=None,
+                   help="--memory: rebuild the report from the rows an earlier run kept (<out>.json), measuring nothing")
     p.add_argument("--memory_with_probabilities", action="store_true",
                    help="--memory: also the first object count as with --save_probabilities")
     p.add_argument("--memory_standard_step", type=float, default=1.0,
@@ -562,10 +564,27 @@ def main(argv=None) -> None:
         write_atomic(args.out, report)
 
 
+def _libraries_mb() -> dict:
+    """Resident memory of a fresh process once torch, nnU-Net's predictor and ours are imported."""
+    import nnunetv2.inference.predict_from_raw_data  # noqa: F401
+
+    import nnunet_stseg.adapters.predictor  # noqa: F401
+    return {"libraries_mb": _status_mb("VmRSS")}
+
+
 def memory(args, cmd: str) -> str:
     """Peak RSS of the whole cascade (preprocessed case in, nnU-Net export out) on a large volume,
-    and of nnU-Net's own 3d_fullres on the same volume."""
+    and of nnU-Net's own 3d_fullres on the same volume. The measured rows are kept in
+    ``<out>.json`` (``--memory_rows`` rebuilds the report from them)."""
+    import json
+
+    if args.memory_rows is not None:
+        saved = json.loads(Path(args.memory_rows).read_text())
+        args.memory_objects = saved.get("memory_objects", [r["objects"] for r in saved["rows"]])
+        return memory_report(saved["rows"], saved["standard"], tuple(saved["shape"]), args, saved["command"],
+                             saved["libraries_mb"])
     shape = tuple(args.memory_shape)
+    libraries_mb = _in_fresh_process(_libraries_mb, ())["libraries_mb"]
     rows = []
     runs = [(n, False) for n in args.memory_objects]
     runs += [(args.memory_objects[0], True)] if args.memory_with_probabilities else []
@@ -579,10 +598,16 @@ def memory(args, cmd: str) -> str:
         standard = _in_fresh_process(_run_standard_case, (shape, args.memory_objects[0], args.size, args.features,
                                                         args.seed, args.memory_standard_step))
         print(standard, flush=True)
-    return memory_report(rows, standard, shape, args, cmd)
+    if args.out is not None:
+        write_atomic(Path(args.out).with_suffix(".json"), json.dumps(
+            {"command": cmd, "shape": shape, "memory_objects": args.memory_objects, "libraries_mb": libraries_mb,
+             "rows": rows, "standard": standard},
+            indent=1, default=str) + "\n")
+    return memory_report(rows, standard, shape, args, cmd, libraries_mb)
 
 
-def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str) -> str:
+def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str,
+                  libraries_mb: float | None = None) -> str:
     volume_mb = 4 * int(np.prod(shape)) / 2 ** 20
     lines = [
         *report_header("Peak memory of a large 3D prediction (CPU)", cmd),
@@ -598,25 +623,32 @@ def memory_report(rows: list[dict], standard: dict | None, shape, args, cmd: str
         "planned and preprocessed in a process of its own).", "",
         "'to labels s' = converting the fused crops to labels (without `--save_probabilities` the cascade hands the "
         "export its label map; with it the export converts the full-size logits); 'outside the networks' = geometry "
-        "+ to labels, per crop and as a share of the case's time (coarse + geometry + to labels + fine + export).", "",
+        "+ to labels, per crop and as a share of the case's time (coarse + geometry + to labels + fine + export); "
+        "'geometry' alone as a share of the case's time; 'added' = (peak during prediction - before) / float32 "
+        "volume, what the prediction and the export themselves hold."
+        + ("" if libraries_mb is None else
+           f" Of 'before', {libraries_mb:.0f} MiB ({libraries_mb / volume_mb:.1f} x the float32 volume) is torch, "
+           "nnU-Net and this package imported in a fresh process, before any case or network."), "",
         "| prediction | objects | crops | coarse s | geometry s | to labels s | fine s | export s "
-        "| outside the networks s per crop | of the case's time | before MiB "
-        "| peak during prediction MiB | of it before the export MiB | peak / float32 volume "
+        "| outside the networks s per crop | of the case's time | geometry of the case's time | before MiB "
+        "| peak during prediction MiB | of it before the export MiB | peak / float32 volume | added / float32 volume "
         "| peak of the process MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "cascade, --save_probabilities" if r.get("probabilities") else "cascade"
         lines.append(f"| {name} | {r['objects']} | {r['crops']} | {r['coarse_s']:.1f} | {r['geometry_s']:.1f} | "
                      f"{_to_labels_cell(r)} | {r['fine_s']:.1f} | {r['export_s']:.1f} | "
                      f"{r.get('outside_per_crop_s', float('nan')):.3f} | {r.get('outside_share', float('nan')):.0%} | "
-                     f"{r['rss_before_mb']:.0f} | "
+                     f"{r['geometry_share']:.0%} | {r['rss_before_mb']:.0f} | "
                      f"{r['peak_predict_mb']:.0f} | {r['peak_before_export_mb']:.0f} | "
-                     f"{r['peak_predict_mb'] / volume_mb:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['peak_predict_mb'] / volume_mb:.1f} | "
+                     f"{(r['peak_predict_mb'] - r['rss_before_mb']) / volume_mb:.2f} | {r['peak_rss_mb']:.0f} |")
     if standard is not None:
         lines.append(f"| nnU-Net 3d_fullres | {args.memory_objects[0]} | - | - | - | - | {standard['predict_s']:.1f} "
-                     f"(sliding window) | {standard['export_s']:.1f} | - | - | {standard['rss_before_mb']:.0f} | "
+                     f"(sliding window) | {standard['export_s']:.1f} | - | - | - | {standard['rss_before_mb']:.0f} | "
                      f"{standard['peak_predict_mb']:.0f} | {standard['peak_before_export_mb']:.0f} | "
-                     f"{standard['peak_predict_mb'] / volume_mb:.1f} | - |")
+                     f"{standard['peak_predict_mb'] / volume_mb:.1f} | "
+                     f"{(standard['peak_predict_mb'] - standard['rss_before_mb']) / volume_mb:.2f} | - |")
         lines += ["", f"nnU-Net 3d_fullres: patch {standard['patch']}, width {standard['features']}, windows "
                   f"{standard['step']} patch apart (nnU-Net's default is 0.5: more windows, the same arrays), "
                   "TTA off. Cascade peak / 3d_fullres peak: "

@@ -1,5 +1,6 @@
 """The label-map path's crop groups on one generated large case: crops, their voxels, the groups of
-overlapping crops and their bounding boxes, the largest open group canvases, the stage seconds.
+overlapping crops and their bounding boxes, the most memory the crops kept for open groups took
+(their group's slabs are fused when its last crop is in), the stage seconds.
 
     python -m benchmarks.crop_groups 500x512x512 50     # shape, objects (random-weight networks, oracle coarse)
 """
@@ -30,11 +31,11 @@ def main():
               max(crops) / 1e6, "sum", sum(crops) / 1e6, "hull voxels M max", max(vol) / 1e6, "sum", sum(vol) / 1e6,
               flush=True)
 
-    def fuse(self, *a, **k):
-        r = orig_fuse(self, *a, **k)
-        mb = sum(cv.numel() * 2 for cv, _ in self.open.values()) / 2 ** 20
-        stats["max_open_mb"] = max(stats["max_open_mb"], mb)
-        return r
+    def fuse(self, probs, *a, **k):
+        # the crops kept for open groups, with this batch's, before the closed groups let theirs go
+        kept = sum(p.numel() * p.element_size() for crops in self.pending.values() for p, _ in crops)
+        stats["max_open_mb"] = max(stats["max_open_mb"], (kept + probs.numel() * probs.element_size()) / 2 ** 20)
+        return orig_fuse(self, probs, *a, **k)
     casc._CropGroups.__init__, casc._CropGroups.fuse = init, fuse
     print("batch", c.fine_batch_size((64, 64, 64)), flush=True)
     t0 = time.perf_counter()

@@ -8,5 +8,5 @@ environment in :mod:`nnunet_stseg.settings`. Importing this package does not imp
 """
 from nnunet_stseg.adapters.discovery import ensure_trainer_discovery, trainer_discovery_dir
 
-__version__ = "0.9.2"
+__version__ = "0.9.3"
 __all__ = ["ensure_trainer_discovery", "trainer_discovery_dir", "__version__"]

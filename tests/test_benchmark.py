@@ -62,19 +62,28 @@ def test_memory_report(tmp_path, monkeypatch):
     table = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade")]
     assert [(r[0], r[1]) for r in table] == [("cascade", "1"), ("cascade", "3"), ("cascade, --save_probabilities", "1")]
     rows = table[:2]
+    volume_mb = 4 * 16 * 48 * 48 / 2 ** 20
     for cells in table:
-        before, during, before_export, process = float(cells[10]), float(cells[11]), float(cells[12]), float(cells[14])
+        before, during, before_export, process = float(cells[11]), float(cells[12]), float(cells[13]), float(cells[16])
         assert 0 < before <= process and 0 < during <= process and 0 < before_export <= during
         assert float(cells[8]) > 0  # seconds per crop outside the networks
+        assert float(cells[15]) == pytest.approx((during - before) / volume_mb, abs=0.01 + 1 / volume_mb)
+        assert 0 <= float(cells[10].rstrip("%")) <= float(cells[9].rstrip("%"))  # geometry within outside
     # the conversion to labels: only without probabilities (sub-millisecond here, so only whether it ran)
     assert table[2][5] == "-" and all(float(r[5]) >= 0 for r in rows)
     standard = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines()
                 if l.startswith("| nnU-Net 3d_fullres |")]
-    assert len(standard) == 1 and float(standard[0][11]) >= float(standard[0][12]) > 0
-    assert float(standard[0][11]) >= float(standard[0][10]) > 0
+    assert len(standard) == 1 and float(standard[0][12]) >= float(standard[0][13]) > 0
+    assert float(standard[0][12]) >= float(standard[0][11]) > 0
     ratios = re.search(r"Cascade peak / 3d_fullres peak: 1 objects ([\d.]+), 3 objects ([\d.]+)", text)
-    assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][11]) / float(standard[0][11]), abs=0.01)
+    assert ratios and float(ratios[1]) == pytest.approx(float(rows[0][12]) / float(standard[0][12]), abs=0.01)
+    assert re.search(r"Of 'before', \d+ MiB \([\d.]+ x the float32 volume\) is torch, nnU-Net", text)
     assert not list(scratch.glob("stseg_bench_*")), "every generated case is removed"
+    # the rows are kept: the report is rebuilt from them, measuring nothing, with the measuring command
+    main(["--memory", "--memory_rows", str(out.with_suffix(".json")), "--out", str(tmp_path / "again.md")])
+    again = (tmp_path / "again.md").read_text()
+    assert [l for l in again.splitlines() if l.startswith("|")] == [l for l in text.splitlines() if l.startswith("|")]
+    assert re.search(r"Command: `[^`]*--memory_objects 1 3", again) and "--memory_rows" not in again
 
 
 def test_fine_batches_report(tmp_path, monkeypatch):

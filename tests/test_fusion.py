@@ -165,3 +165,30 @@ def test_large_boxes_pasted_slab_by_slab_give_the_same_canvas(monkeypatch):
     masked, _ = fuse_crops(crops, boxes, shape, background=background.clone())
     torch.testing.assert_close(slabs, whole, rtol=0, atol=1e-5)
     torch.testing.assert_close(masked, slabs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_window_of_the_canvas_fused_alone_equals_that_window_of_the_whole(integer):
+    """``window``: fusing the crops into a canvas of a few slices only (as the label-map path fuses
+    a group slab by slab) gives exactly those slices of the whole fusion, for boxes that cross the
+    window, lie inside it or miss it, integer or fractional (L-SNet's RoIs, partly outside)."""
+    from nnunet_stseg.core.fusion import fuse_crops
+
+    rng = np.random.default_rng(5)
+    shape = (14, 18, 20)
+    lo = rng.uniform(-2, 10, size=(9, 3))
+    boxes = np.stack([lo, lo + rng.uniform(2, 9, size=(9, 3))], axis=2)
+    if integer:
+        boxes = np.clip(np.round(boxes), 0, np.array(shape)[:, None]).astype(np.int64)
+        boxes[:, :, 1] = np.maximum(boxes[:, :, 1], boxes[:, :, 0] + 1)
+    crops = torch.rand((9, 3, 4, 5, 5), generator=torch.Generator().manual_seed(6)).softmax(1)
+    background = torch.rand((3, *shape), generator=torch.Generator().manual_seed(7)).softmax(0)
+    whole, _ = fuse_crops(crops, boxes, shape, background=background.clone(), covered=[])
+    for a, b in [(0, 3), (3, 8), (8, 14), (5, 6)]:
+        window = np.array([[a, b], [0, shape[1]], [0, shape[2]]])
+        part, pasted = fuse_crops(crops, boxes, shape, background=background[:, a:b].clone(), covered=[],
+                                  window=window)
+        assert len(pasted) == 9  # every box is remembered, those that miss the window too
+        torch.testing.assert_close(part, whole[:, a:b], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out has shape \(3, 14, 18, 20\), expected \(3, 2, 18, 20\)"):
+        fuse_crops(crops, boxes, shape, out=whole, window=np.array([[0, 2], [0, 18], [0, 20]]))

@@ -142,6 +142,48 @@ def test_nnunet_reader_geometry(dataset):
     np.testing.assert_allclose(props["spacing"], seg_props["spacing"])
 
 
+def _objects_drawn_on_the_whole_image(seed, shape, n_objects, radius, num_classes):
+    """The drawing rule of the generator written over the whole image (as before 0.9.3): the
+    generator now draws each object in its own box, and must draw the same images."""
+    from nnunet_stseg.data import synthetic as s
+
+    rng = np.random.default_rng(seed)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    image = rng.normal(0.0, s._NOISE_STD, size=shape)
+    for g, c, n in zip(grids, rng.uniform(-s._GRADIENT_AMPLITUDE, s._GRADIENT_AMPLITUDE, size=len(shape)), shape):
+        image = image + c * (g / max(n - 1, 1) - 0.5)
+    label = np.zeros(shape, np.uint8)
+    max_r = [(n - 3) // 2 for n in shape]
+    for _ in range(n_objects):
+        for _attempt in range(s._PLACEMENT_RETRIES):
+            semi = [min(float(rng.uniform(*radius)), float(m)) for m in max_r]
+            centre = [int(rng.integers(int(np.ceil(r)) + 1, n - 1 - int(np.ceil(r)))) for r, n in zip(semi, shape)]
+            grown = sum(((g - c) / (r + 1.0)) ** 2 for g, c, r in zip(grids, centre, semi)) <= 1.0
+            if np.any(label[grown]):
+                continue
+            mask = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, semi)) <= 1.0
+            cls = int(rng.integers(1, num_classes + 1))
+            label[mask] = cls
+            image[mask] += s._OBJECT_BASE_INTENSITY + cls
+            break
+    return image.astype(np.float32), label
+
+
+@pytest.mark.parametrize("shape, n_objects, radius", [((40, 50, 60), 12, (3.0, 8.0)), ((64, 48), 30, (1.5, 9.0)),
+                                                      ((21, 30, 30), 6, (4.0, 20.0))])
+def test_objects_drawn_in_their_boxes_equal_the_whole_image_rule(shape, n_objects, radius):
+    """Crowded images (retries, objects at the border margin, radii clipped to the image): the
+    box-by-box drawing makes exactly the images of the whole-image rule."""
+    from nnunet_stseg.data.synthetic import _make_case
+
+    for seed in range(3):
+        image, label = _make_case(np.random.default_rng(seed), shape, n_objects, radius, 3)
+        ref_image, ref_label = _objects_drawn_on_the_whole_image(seed, shape, n_objects, radius, 3)
+        np.testing.assert_array_equal(label, ref_label)
+        np.testing.assert_array_equal(image, ref_image)
+        assert label.any()
+
+
 def test_determinism(tmp_path):
     kw = dict(dim=2, n_train=3, n_test=1, shape=(32, 40), radius=(3, 5))
     a = make_synthetic_dataset(tmp_path / "a", seed=7, **kw)

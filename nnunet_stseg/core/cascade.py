@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from nnunet_stseg.core.fusion import covered_by, fuse_crops
+from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (CropParams, FoundObjects, UpsampledProbabilities, _as_numpy, _box_slices,
                                         component_voxels, crop_and_resample, find_objects,
                                         foreground_from_probabilities, foreground_probability, nonlinearity,
-                                        overlap_groups, recall_proposals, segmented_confidence,
+                                        overlap_groups, recall_proposals, segmented_confidence, slab_ranges,
                                         upsample_probabilities, whole_image_boxes)
 
 __all__ = ["CascadeResult", "segment_then_segment"]
@@ -221,48 +221,79 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     return result
 
 
-class _CropGroups:
-    """The label map of a case built from its crops without a full-size probability canvas: each
-    group of overlapping crops (:func:`overlap_groups`) is fused on a half-precision canvas of the
-    group's bounding box (the same fusion, in the same order, as on the full canvas), converted by
-    ``to_labels`` once its last crop is in, and the voxels its crops cover are written into the
-    background label map; then the group's canvas is dropped."""
+GROUP_SLAB_VOXELS = 1 << 24
+"""Voxels of one slab of a group's bounding box when its crops are fused into labels (16 M: a
+two-class half-precision canvas of 64 MiB): a group of crops as large as the volume costs a slab."""
 
-    def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool):
+
+class _CropGroups:
+    """The label map of a case built from its crops without a full-size probability canvas: the
+    crops of each group of overlapping crops (:func:`overlap_groups`) are kept (patch-sized) until
+    the group's last crop is in; then the group's bounding box is fused a slab of
+    :data:`GROUP_SLAB_VOXELS` at a time on a half-precision canvas (the same fusion, in the same
+    order, as on the full canvas), converted by ``to_labels``, and its foreground written into the
+    background label map. No array of the group's (or the volume's) size but the label map."""
+
+    def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool,
+                 slab_voxels: int | None = None):
         self.boxes, self.shape, self.k, self.device = boxes, shape, k, device
         self.to_labels, self.multilabel = to_labels, multilabel
+        self.slab_voxels = GROUP_SLAB_VOXELS if slab_voxels is None else int(slab_voxels)
         self.group = overlap_groups(boxes)
         n = int(self.group.max()) + 1 if len(boxes) else 0
         self.hull = np.stack([np.stack([boxes[self.group == g, :, 0].min(0), boxes[self.group == g, :, 1].max(0)], -1)
                               for g in range(n)]) if n else np.zeros((0, len(shape), 2), np.int64)
         self.last = np.array([np.flatnonzero(self.group == g).max() for g in range(n)], np.int64)
-        self.open: dict[int, tuple[torch.Tensor, list]] = {}
+        self.pending: dict[int, list[tuple[torch.Tensor, int]]] = {}  # group -> its crops so far, in order
         # the background label (and the labels' dtype): the conversion of certain background
         probe = torch.zeros((k, *(1,) * len(shape)), dtype=torch.float16, device=device)
         if not multilabel:
             probe[0] = 1.0
-        self.labels = np.zeros(shape, dtype=_as_numpy(to_labels(probe)).dtype)
+        background = _as_numpy(to_labels(probe))
+        self.background = background.reshape(-1)[0]
+        # zeros: pages the kernel maps on first write (the label map is mostly background)
+        self.labels = (np.zeros(shape, background.dtype) if self.background == 0
+                       else np.full(shape, self.background, dtype=background.dtype))
 
     def fuse(self, probs: torch.Tensor, indices: np.ndarray, done: int, clock) -> float:
-        """Fuse crops ``indices`` (their probabilities ``probs`` (n, K, *patch)); then close every
-        group whose last crop is below ``done``. Returns the seconds spent converting to labels."""
+        """Keep crops ``indices`` (their probabilities ``probs`` (n, K, *patch)); then fuse and
+        convert every group whose last crop is below ``done``. Returns the seconds spent converting
+        to labels."""
         for p, i in zip(probs, indices):
-            g = int(self.group[i])
-            hull = self.hull[g]
-            if g not in self.open:
-                size = tuple(int(v) for v in hull[:, 1] - hull[:, 0])
-                self.open[g] = (torch.zeros((self.k, *size), dtype=torch.float16, device=self.device), [])
-            canvas, covered = self.open[g]
-            fuse_crops(p[None], self.boxes[i:i + 1] - hull[None, :, :1], canvas.shape[1:], multilabel=self.multilabel,
-                       mode="linear", out=canvas, covered=covered)
+            self.pending.setdefault(int(self.group[i]), []).append((p, int(i)))
         seconds = 0.0
-        for g in [g for g in self.open if self.last[g] < done]:
-            canvas, covered = self.open.pop(g)
+        for g in [g for g in self.pending if self.last[g] < done]:
+            seconds += self._close(g, self.pending.pop(g), clock)
+        return seconds
+
+    def _close(self, g: int, crops: list[tuple[torch.Tensor, int]], clock) -> float:
+        """Fuse group ``g``'s crops slab by slab on a canvas of certain background (the OR of
+        probabilities in [0, 1] with certain background is the crop itself: the first crop over a
+        voxel replaces the canvas, with no coverage mask), convert, and write the foreground: a voxel
+        of the group's bounding box that no crop of the group covers converts to background, and no
+        other group's crop covers a voxel this group's crops cover."""
+        hull = self.hull[g]
+        size = hull[:, 1] - hull[:, 0]
+        seconds = 0.0
+        for a, b in slab_ranges(int(size[0]), int(np.prod(size[1:])), self.slab_voxels):
+            window = hull.copy()
+            window[0] = (hull[0, 0] + a, hull[0, 0] + b)
+            canvas = torch.zeros((self.k, *(int(v) for v in window[:, 1] - window[:, 0])), dtype=torch.float16,
+                                 device=self.device)
+            if not self.multilabel:
+                canvas[0] = 1.0
+            earlier: list[np.ndarray] = []
+            for p, i in crops:
+                box = self.boxes[i]
+                # a crop that meets no earlier one is copied in; else OR-ed with the canvas
+                overlaps = any(np.all(np.minimum(b[:, 1], box[:, 1]) > np.maximum(b[:, 0], box[:, 0])) for b in earlier)
+                fuse_crops(p[None], box[None], self.shape, multilabel=self.multilabel, mode="linear",
+                           coverage=False, covered=None if overlaps else [], out=canvas, window=window)
+                earlier.append(box)
             t0 = clock()
             labels = _as_numpy(self.to_labels(canvas))
             seconds += clock() - t0
             del canvas
-            local = np.stack([np.zeros(len(self.shape), np.int64), self.hull[g, :, 1] - self.hull[g, :, 0]], -1)
-            mask = covered_by(covered, local, "cpu").numpy()
-            self.labels[_box_slices(self.hull[g])][mask] = labels[mask]
+            found = labels != self.background
+            self.labels[_box_slices(window)][found] = labels[found]
         return seconds

@@ -23,7 +23,8 @@ from nnunet_stseg.core.geometry import _box_slices, paste_region, resample_crop_
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
                mode: str = "linear", coverage: bool = True, out: torch.Tensor | None = None,
-               covered: torch.Tensor | None = None, background: torch.Tensor | None = None):
+               covered: torch.Tensor | None = None, background: torch.Tensor | None = None,
+               window: np.ndarray | None = None):
     """Paste per-crop probabilities (N, K, *n) back into an image of ``image_shape`` and fuse.
 
     Softmax outputs (``multilabel=False``, channel 0 = background): foreground channels take the
@@ -42,6 +43,9 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     result (``background`` only on the first call). ``covered`` may also be a list of the voxel
     boxes (ndim, 2) pasted so far (start with ``[]``; it is extended and returned): the same
     fusion without a full-size mask, for integer boxes or any boxes' :func:`paste_region`.
+    ``window`` (ndim, 2) int: the fused array (and ``out``, ``background``, a ``covered`` mask)
+    holds only these voxels of the image, and each box is pasted where it meets them (the same
+    values there as on the whole image): a large group of crops fused a slab at a time.
 
     >>> crop = np.zeros((1, 2, 2, 2), np.float32); crop[0, 1] = 1.0  # one crop, all foreground
     >>> fused, covered = fuse_crops(crop, np.array([[[1, 3], [0, 2]]]), (4, 4), mode="nearest")
@@ -55,6 +59,9 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
     p = torch.as_tensor(probs)
     k = p.shape[1]
     image_shape = tuple(int(s) for s in image_shape)
+    window = (np.stack([np.zeros(len(image_shape), np.int64), np.asarray(image_shape, np.int64)], -1)
+              if window is None else np.asarray(window, np.int64).reshape(len(image_shape), 2))
+    canvas_shape = tuple(int(v) for v in window[:, 1] - window[:, 0])
     boxes = np.asarray(boxes)
     integer = np.issubdtype(boxes.dtype, np.integer)
     if len(boxes) and (np.any(boxes[:, :, 1] <= boxes[:, :, 0]) or (integer and (
@@ -62,43 +69,58 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
         raise ValueError("fuse_crops needs non-empty boxes, integer ones inside the image (as fit_to_image returns), "
                          f"got {boxes.tolist()} for image shape {image_shape}")
     if out is not None:
-        if tuple(out.shape) != (k, *image_shape):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(k, *image_shape)}")
+        if tuple(out.shape) != (k, *canvas_shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(k, *canvas_shape)}")
         fused = out
     elif background is not None:
-        if tuple(background.shape) != (k, *image_shape):
-            raise ValueError(f"background has shape {tuple(background.shape)}, expected {(k, *image_shape)}")
+        if tuple(background.shape) != (k, *canvas_shape):
+            raise ValueError(f"background has shape {tuple(background.shape)}, expected {(k, *canvas_shape)}")
         fused = background.float()
     else:
-        fused = p.new_zeros((k, *image_shape), dtype=torch.float32)
+        fused = p.new_zeros((k, *canvas_shape), dtype=torch.float32)
         if not multilabel:
             fused[0] = 1.0
     if covered is None and (coverage or background is not None):
-        covered = torch.zeros(image_shape, dtype=torch.bool, device=fused.device)
+        covered = torch.zeros(canvas_shape, dtype=torch.bool, device=fused.device)
+    scratch = None
     for crop, box in zip(p, boxes):
         voxels = box if integer else paste_region(box, image_shape)
         if np.any(voxels[:, 1] <= voxels[:, 0]):  # a fractional box outside the image
             continue
         earlier = list(covered) if isinstance(covered, list) else None
-        for part in _paste_slabs(np.asarray(voxels)):
+        voxels = np.asarray(voxels)
+        inside = np.stack([np.maximum(voxels[:, 0], window[:, 0]), np.minimum(voxels[:, 1], window[:, 1])], -1)
+        for part in _paste_slabs(inside) if np.all(inside[:, 1] > inside[:, 0]) else ():
             # one slab of a large box at a time: the float32 arrays below are a slab's, not the box's
-            sl = (slice(None), *_box_slices(part))
-            pasted = resample_crop_to_box(crop, box, mode, part).to(fused.device)
+            sl = (slice(None), *_box_slices(part - window[:, :1]))
+            size = tuple(int(v) for v in part[:, 1] - part[:, 0])
+            if scratch is None or scratch.numel() < k * int(np.prod(size)):
+                # one float32 buffer for every slab of this call: a fresh large array costs its page
+                # faults, about as much as the interpolation that fills it
+                scratch = torch.empty(k * int(np.prod(size)), dtype=torch.float32, device=p.device)
+            pasted = resample_crop_to_box(crop, box, mode, part, out=scratch[:k * int(np.prod(size))].view(k, *size))
+            pasted = pasted.to(fused.device)
+            fresh = earlier is not None and not any(
+                np.all(np.minimum(b[:, 1], part[:, 1]) > np.maximum(b[:, 0], part[:, 0])) for b in earlier)
             if earlier is not None:
-                seen = covered_by(earlier, part, fused.device)
+                seen = None if fresh else covered_by(earlier, part, fused.device)
             else:
                 seen = None if covered is None else covered[sl[1:]]
-            if seen is not None and not bool(seen.any()):
+            if fresh or (seen is not None and not bool(seen.any())):
                 fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
             else:
                 region = fused[sl]
+                # the OR, computed into the pasted values where no crop came before (certain
+                # background there gives the pasted values themselves)
+                combined = pasted if seen is None else pasted.clone()
                 if multilabel:
-                    combined = torch.maximum(region, pasted)
+                    torch.maximum(combined, region, out=combined)
                 else:
-                    combined = torch.cat([torch.minimum(region[:1], pasted[:1]),
-                                          torch.maximum(region[1:], pasted[1:])])
+                    torch.minimum(combined[:1], region[:1], out=combined[:1])
+                    torch.maximum(combined[1:], region[1:], out=combined[1:])
                 # first crop over a voxel replaces what the canvas had there (certain background: the same)
                 fused[sl] = combined if seen is None else torch.where(seen, combined, pasted)
+                del combined
             del pasted, seen
             if isinstance(covered, torch.Tensor):
                 covered[sl[1:]] = True

@@ -757,10 +757,11 @@ def paste_region(box: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
 
 
 def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linear",
-                         region: np.ndarray | None = None) -> torch.Tensor:
+                         region: np.ndarray | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`crop_and_resample` for one crop (K, *n): its values on the voxels of
     ``region`` (ndim, 2) int (default: ``box``, integer), with the exact inverse coordinate
-    mapping of ``box`` (ndim, 2; may be fractional). Returns (K, *region_size).
+    mapping of ``box`` (ndim, 2; may be fractional). Returns (K, *region_size) float32, written
+    into ``out`` (a float32 tensor of that shape on the crop's device) when given.
 
     >>> crop = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (C, Z, Y, X) = (1, 1, 2, 2)
     >>> resample_crop_to_box(crop, np.array([[0, 1], [0, 4], [0, 4]]), "nearest")[0, 0].tolist()
@@ -777,13 +778,14 @@ def resample_crop_to_box(crop: torch.Tensor, box: np.ndarray, mode: str = "linea
         # and the cost is the region's alone
         size = (box[:, 1] - box[:, 0]).astype(np.int64)
         local = region - box[:, :1].astype(np.int64)
-        return linear_rows(crop.float(), size, tuple(local[0]), window=local[1:])
+        return linear_rows(crop.float(), size, tuple(local[0]), window=local[1:], out=out)
     coords = []
     for d in range(ndim):
         i = torch.arange(int(region[d, 0]), int(region[d, 1]), device=crop.device, dtype=torch.float32)
         coords.append((2 * (i + 0.5 - float(box[d, 0])) / float(box[d, 1] - box[d, 0]) - 1)[None])
     grid = _grid_from_axes(coords)
-    return F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
+    values = F.grid_sample(crop[None].float(), grid, mode=_MODES[mode], padding_mode="border", align_corners=False)[0]
+    return values if out is None else out.copy_(values)
 
 
 def slab_ranges(length: int, voxels_per_slice: int, slab_voxels: int) -> list[tuple[int, int]]:
