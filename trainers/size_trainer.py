@@ -7,9 +7,9 @@ Phase 1 (``sts.sizes.pretrain_epochs``): nnU-Net's own training on the pixel-lab
 fold. Phase 2: every step also takes ``size_batch_size`` images with a known size (the size-only
 cases and the pixel-labelled training cases ``object_sizes.json`` lists: the paper's phase 2 runs
 over the whole training set; whole images, only size-keeping flips), samples a binary mask from
-the network's foreground probabilities, and adds the single-sample estimate of the expected squared size error's gradient
-(:func:`nnunet_stseg.core.sizes.size_loss_gradient`) to nnU-Net's pixel loss on the labelled
-batch; both batches go through the network in one pass. The network is an ordinary nnU-Net
+the network's foreground probabilities, and adds the single-sample estimate of the expected
+squared size error's gradient (:func:`nnunet_stseg.core.sizes.size_loss_gradient`) to nnU-Net's
+pixel loss on the labelled batch; both batches go through the network in one pass. The network is an ordinary nnU-Net
 network: ``nnUNetv2_predict`` runs it. Per epoch the phase, its time and the size error of the
 argmax prediction on the size batch, and the size error E on the validation batches (the
 paper's validation E) are written to ``size_training.json`` in the fold folder. With

@@ -262,9 +262,10 @@ def load_segmentation_layers(network, checkpoint_file: str) -> list[str]:
     where name and shape match; returns the keys loaded (none when the label sets differ)."""
     import torch
 
+    from nnunet_stseg.adapters.passes import unwrapped
+
     state = torch.load(checkpoint_file, map_location="cpu", weights_only=False)["network_weights"]
-    module = getattr(network, "module", network)
-    module = getattr(module, "_orig_mod", module)
+    module = unwrapped(getattr(network, "module", network))  # DDP, then torch.compile
     own = module.state_dict()
     keys = [k for k in own if ".seg_layers." in k and k in state and tuple(state[k].shape) == tuple(own[k].shape)]
     if keys and len(keys) == sum(".seg_layers." in k for k in own):

@@ -19,7 +19,7 @@ from nnunet_stseg.core.fusion import fuse_crops
 from nnunet_stseg.core.geometry import (CropParams, FoundObjects, UpsampledProbabilities, _as_numpy, _box_slices,
                                         component_voxels, crop_and_resample, find_objects,
                                         foreground_from_probabilities, foreground_probability, nonlinearity,
-                                        overlap_groups, recall_proposals, segmented_confidence, slab_ranges,
+                                        boxes_meet, overlap_groups, recall_proposals, segmented_confidence, slab_ranges,
                                         upsample_probabilities, whole_image_boxes)
 
 __all__ = ["CascadeResult", "segment_then_segment"]
@@ -234,11 +234,9 @@ class _CropGroups:
     order, as on the full canvas), converted by ``to_labels``, and its foreground written into the
     background label map. No array of the group's (or the volume's) size but the label map."""
 
-    def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool,
-                 slab_voxels: int | None = None):
+    def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool):
         self.boxes, self.shape, self.k, self.device = boxes, shape, k, device
         self.to_labels, self.multilabel = to_labels, multilabel
-        self.slab_voxels = GROUP_SLAB_VOXELS if slab_voxels is None else int(slab_voxels)
         self.group = overlap_groups(boxes)
         n = int(self.group.max()) + 1 if len(boxes) else 0
         self.hull = np.stack([np.stack([boxes[self.group == g, :, 0].min(0), boxes[self.group == g, :, 1].max(0)], -1)
@@ -275,7 +273,7 @@ class _CropGroups:
         hull = self.hull[g]
         size = hull[:, 1] - hull[:, 0]
         seconds = 0.0
-        for a, b in slab_ranges(int(size[0]), int(np.prod(size[1:])), self.slab_voxels):
+        for a, b in slab_ranges(int(size[0]), int(np.prod(size[1:])), GROUP_SLAB_VOXELS):
             window = hull.copy()
             window[0] = (hull[0, 0] + a, hull[0, 0] + b)
             canvas = torch.zeros((self.k, *(int(v) for v in window[:, 1] - window[:, 0])), dtype=torch.float16,
@@ -285,10 +283,10 @@ class _CropGroups:
             earlier: list[np.ndarray] = []
             for p, i in crops:
                 box = self.boxes[i]
-                # a crop that meets no earlier one is copied in; else OR-ed with the canvas
-                overlaps = any(np.all(np.minimum(b[:, 1], box[:, 1]) > np.maximum(b[:, 0], box[:, 0])) for b in earlier)
-                fuse_crops(p[None], box[None], self.shape, multilabel=self.multilabel, mode="linear",
-                           coverage=False, covered=None if overlaps else [], out=canvas, window=window)
+                # a crop that meets no earlier one is copied in (an empty list of pasted boxes);
+                # else OR-ed with the canvas everywhere (no coverage)
+                fuse_crops(p[None], box[None], self.shape, multilabel=self.multilabel, mode="linear", coverage=False,
+                           covered=None if boxes_meet(box, earlier) else [], out=canvas, window=window)
                 earlier.append(box)
             t0 = clock()
             labels = _as_numpy(self.to_labels(canvas))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nnunet_stseg.core.geometry import _box_slices, paste_region, resample_crop_to_box, slab_ranges
+from nnunet_stseg.core.geometry import _box_slices, boxes_meet, paste_region, resample_crop_to_box, slab_ranges
 
 
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
@@ -94,14 +94,13 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
             # one slab of a large box at a time: the float32 arrays below are a slab's, not the box's
             sl = (slice(None), *_box_slices(part - window[:, :1]))
             size = tuple(int(v) for v in part[:, 1] - part[:, 0])
-            if scratch is None or scratch.numel() < k * int(np.prod(size)):
+            n = k * int(np.prod(size))
+            if scratch is None or scratch.numel() < n:
                 # one float32 buffer for every slab of this call: a fresh large array costs its page
                 # faults, about as much as the interpolation that fills it
-                scratch = torch.empty(k * int(np.prod(size)), dtype=torch.float32, device=p.device)
-            pasted = resample_crop_to_box(crop, box, mode, part, out=scratch[:k * int(np.prod(size))].view(k, *size))
-            pasted = pasted.to(fused.device)
-            fresh = earlier is not None and not any(
-                np.all(np.minimum(b[:, 1], part[:, 1]) > np.maximum(b[:, 0], part[:, 0])) for b in earlier)
+                scratch = torch.empty(n, dtype=torch.float32, device=p.device)
+            pasted = resample_crop_to_box(crop, box, mode, part, out=scratch[:n].view(k, *size)).to(fused.device)
+            fresh = earlier is not None and not boxes_meet(part, earlier)
             if earlier is not None:
                 seen = None if fresh else covered_by(earlier, part, fused.device)
             else:

@@ -476,6 +476,15 @@ def find_objects(mask, spacing: Sequence[float], params: CropParams, rng: np.ran
                         None if holds is None else ~holds[keep])
 
 
+def boxes_meet(box: np.ndarray, others) -> bool:
+    """Whether integer ``box`` (ndim, 2) shares a voxel with any of ``others`` (each (ndim, 2)).
+
+    >>> boxes_meet(np.array([[0, 4], [0, 4]]), [np.array([[4, 6], [0, 4]]), np.array([[3, 5], [3, 9]])])
+    True
+    """
+    return any(bool(np.all(np.minimum(b[:, 1], box[:, 1]) > np.maximum(b[:, 0], box[:, 0]))) for b in others)
+
+
 def overlap_groups(boxes: np.ndarray) -> np.ndarray:
     """Group id (N,) of integer boxes (N, ndim, 2): boxes that share a voxel, directly or through
     other boxes, get the same id (0, 1, ... in order of first appearance). The crops of one group
