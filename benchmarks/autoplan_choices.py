@@ -79,7 +79,7 @@ def dataset_choices(dataset: Path, env: dict, log: Path) -> dict:
             "specks": fingerprint.get(f"{dim}_specks", 0),
             "p5_mm": [e.get("p5") for e in summary["objects"]["extent_mm"]],
             "p50_mm": [e.get("p50") for e in summary["objects"]["extent_mm"]],
-            "classes": {k: v["objects"] for k, v in summary.items() if k != "all"},
+            "classes": {k: v["objects"] for k, v in summary.items() if k not in ("all", "objects")},
             "s": sts["input_size"], "coarse_spacing": coarse["spacing"],
             "coarse_image": coarse["median_image_size_in_voxels"], "coarse_patch": coarse["patch_size"],
             "min_object_size": sts["crop"]["min_object_size"], "max_crops": sts["max_crops"],
