@@ -24,8 +24,23 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
     :class:`~nnunet_stseg.adapters.inference_io.CheckedPreprocessor`, whose resampling is the
     predictor's: ``nnUNetv2_preprocess`` would resample them with nnU-Net's own function).
     Preprocessing of a fine (or polar) configuration is skipped when
-    its shared full-resolution data (``3d_fullres``/``2d``) is already complete. Prints the stock
-    commands that train and predict them. Returns the names added."""
+    its shared full-resolution data (``3d_fullres``/``2d``) is already complete. With
+    ``num_processes`` 1 nnU-Net's pools are one thread of this process (no spawned worker that
+    imports torch again). Prints the stock commands that train and predict them. Returns the
+    names added."""
+    from nnunet_stseg.adapters.nnunet_hooks import pools_in_this_process
+
+    with pools_in_this_process(num_processes):
+        added, plans_identifier, plans = _plan_and_preprocess(
+            dataset_id, options, num_processes, preprocess, verify_dataset_integrity, gpu_memory_target, planner_name,
+            plans_name)
+    _print_next_steps(dataset_id, added, plans_identifier, plans)
+    return added
+
+
+def _plan_and_preprocess(dataset_id: int, options: PlanOptions, num_processes: int, preprocess: bool,
+                         verify_dataset_integrity: bool, gpu_memory_target: float | None, planner_name: str,
+                         plans_name: str | None) -> tuple[list[str], str, dict]:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -69,9 +84,14 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
             CheckedPreprocessor(verbose=False).run(dataset_id, c, planner.plans_identifier, num_processes)
     print("\n[nnunet-stseg] configurations added to "
           f"{os.path.join(str(nnUNet_preprocessed), name, planner.plans_identifier + '.json')}: {', '.join(added)}")
+    return added, planner.plans_identifier, plans
+
+
+def _print_next_steps(dataset_id: int, added: list[str], plans_identifier: str, plans: dict) -> None:
+    """The stock commands that train and predict the configurations ``added``."""
     print("[nnunet-stseg] next steps (per fold F):")
     print(f"  {shell_export_line()}")
-    plans_flag = "" if planner.plans_identifier == "nnUNetPlans" else f" -p {planner.plans_identifier}"
+    plans_flag = "" if plans_identifier == "nnUNetPlans" else f" -p {plans_identifier}"
     for c in added:
         if plans["configurations"][c]["sts"]["role"] == "lsnet":  # L-Net (with the fine model as S-Net) first
             print(f"  nnUNetv2_train {dataset_id} {c} F -tr {LNET_TRAINER}{plans_flag}")
@@ -82,7 +102,6 @@ def plan_and_preprocess(dataset_id: int, options: PlanOptions, *, num_processes:
         if sts["role"] != "coarse":
             print(f"  nnUNetv2_predict -i IN -o OUT -d {dataset_id} -c {c} -tr {trainer_for_role(sts)}{plans_flag} "
                   f"-f F")
-    return added
 
 
 __all__ = ["plan_and_preprocess"]

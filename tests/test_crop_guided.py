@@ -342,3 +342,28 @@ def test_e2e_objects_report_has_each_slices_box(planned_boxes):
     p, _, data = crop_guided_predictor(*planned_boxes, "e2e", [[4, 20], [6, 22]], objects_report=False)
     p.predict_logits_from_preprocessed_data(data)
     assert p.last_objects is None
+
+
+@pytest.mark.parametrize("kind", ["e2e", "lsnet"])
+def test_per_run_overrides_reach_what_the_model_uses_and_name_the_rest(planned_boxes, monkeypatch, capsys, kind):
+    """``STSEG_OVERRIDES`` for one run: the end-to-end model takes the box rule's crop keys, both
+    models the report switch; keys a model does not use are named in the log and not recorded."""
+    from stand_ins import crop_guided_predictor
+
+    monkeypatch.setenv("STSEG_OVERRIDES", "crop.margin_fraction=0.3,objects_report=0,polar.max_origins=1")
+    p, net, data = crop_guided_predictor(*planned_boxes, kind, [[4, 20], [6, 22]])
+    net.crop = None  # the stand-in's boxes are fixed; the real end-to-end network reads its box rule here
+    p.use_mirroring = False
+    p.predict_logits_from_preprocessed_data(data)
+    assert p.last_objects is None  # objects_report=0 applied
+    log = capsys.readouterr().out
+    ignored = ["sts.polar.max_origins"] if kind == "e2e" else ["sts.crop.margin_fraction", "sts.polar.max_origins"]
+    assert f"does not use (ignored): {', '.join(k.removeprefix('sts.') for k in ignored)}" in log, log
+    recorded = {"sts.objects_report"} | ({"sts.crop.margin_fraction"} if kind == "e2e" else set())
+    assert set(p.applied_overrides) == recorded
+    assert (p.sts.crop.margin_fraction == 0.3) == (kind == "e2e")
+    assert (net.crop is not None and net.crop.margin_fraction == 0.3) == (kind == "e2e")
+    monkeypatch.setenv("STSEG_OVERRIDES", "crop.margin_fractio=0.3")
+    p, _, data = crop_guided_predictor(*planned_boxes, kind, [[4, 20], [6, 22]])
+    with pytest.raises(ValueError, match="unknown key 'crop.margin_fractio'"):
+        p.predict_logits_from_preprocessed_data(data)

@@ -287,6 +287,7 @@ def test_validation_mirroring_switch(monkeypatch):
                 raise RuntimeError("validation failed")
             return self.inference_allowed_mirroring_axes
 
+    monkeypatch.setattr("nnunet_stseg.trainers.sts_trainers.default_num_processes", 2)
     monkeypatch.delenv("STSEG_SKIP_VALIDATION", raising=False)
     for value in ("", "1"):
         monkeypatch.setenv("STSEG_VAL_MIRRORING", value)
@@ -310,6 +311,44 @@ def test_validation_mirroring_switch(monkeypatch):
     monkeypatch.setenv("STSEG_VAL_MIRRORING", "no")
     with pytest.raises(ValueError, match="STSEG_VAL_MIRRORING='no': expected 0 or 1"):
         Trainer()._apply_schedule_overrides()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_final_validation_pools_of_one_process_are_threads(monkeypatch, processes):
+    """With nnUNet_def_n_proc=1 the pools nnU-Net starts in the final validation (export, metrics)
+    are one thread of the training process, with more they are nnU-Net's spawned workers; the
+    real ``multiprocessing.get_context`` is back afterwards, also when the validation fails."""
+    import multiprocessing
+    import multiprocessing.pool
+
+    from nnunet_stseg.trainers.sts_trainers import _StSScheduleMixin
+
+    real = multiprocessing.get_context
+
+    class Trainer(_StSScheduleMixin):
+        inference_allowed_mirroring_axes = None
+
+        def print_to_log_file(self, *args):
+            pass
+
+        def perform_actual_validation(self, save_probabilities=False):
+            with multiprocessing.get_context("spawn").Pool(processes) as pool:
+                assert pool.starmap(max, [(1, 2)]) == [2]
+                if save_probabilities:
+                    raise RuntimeError("validation failed")
+                return type(pool), multiprocessing.get_context("fork").get_start_method()
+
+    monkeypatch.setattr("nnunet_stseg.trainers.sts_trainers.default_num_processes", processes)
+    monkeypatch.delenv("STSEG_SKIP_VALIDATION", raising=False)
+    monkeypatch.delenv("STSEG_VAL_MIRRORING", raising=False)
+    t = Trainer()
+    t._apply_schedule_overrides()
+    pool_type, other = t.perform_actual_validation()
+    assert (pool_type is multiprocessing.pool.ThreadPool) == (processes == 1) and other == "fork"
+    assert multiprocessing.get_context is real
+    with pytest.raises(RuntimeError, match="validation failed"):
+        t.perform_actual_validation(True)
+    assert multiprocessing.get_context is real
 
 
 def test_train_fold_resumes_continues_or_only_validates(tmp_path, monkeypatch):

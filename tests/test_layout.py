@@ -129,7 +129,8 @@ FRAME_ATTRIBUTES = {"_getframe", "currentframe", "f_back", "f_locals"}
 def hooks_into_nnunet(path: Path) -> list[str]:
     """What in a module's source is one of the tricks that belong to :data:`HOOKS_MODULE`: reading
     frames (``sys._getframe``, ``inspect.currentframe``, ``.f_back``, ``.f_locals``), assigning an
-    object's ``__class__`` or ``sys.excepthook`` (also through ``setattr``)."""
+    object's ``__class__``, ``sys.excepthook`` or ``multiprocessing.get_context`` (also through
+    ``setattr``)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
@@ -140,12 +141,13 @@ def hooks_into_nnunet(path: Path) -> list[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in (t for top in targets for t in ast.walk(top)):
                 if isinstance(target, ast.Attribute) and (
-                        target.attr == "__class__" or (target.attr == "excepthook" and isinstance(target.value, ast.Name)
-                                                       and target.value.id == "sys")):
+                        target.attr == "__class__" or any(
+                            target.attr == attr and isinstance(target.value, ast.Name) and target.value.id == module
+                            for module, attr in (("sys", "excepthook"), ("multiprocessing", "get_context")))):
                     found.append(f"line {node.lineno}: assignment to .{target.attr}")
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
               and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
-              and node.args[1].value in ("__class__", "excepthook")):
+              and node.args[1].value in ("__class__", "excepthook", "get_context")):
             found.append(f"line {node.lineno}: setattr of {node.args[1].value}")
     return found
 

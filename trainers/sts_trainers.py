@@ -24,6 +24,7 @@ run), and ``checkpoint_best.pth`` is the best epoch by that value instead of nnU
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,12 +34,14 @@ from os.path import join
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_stseg import settings
 from nnunet_stseg.adapters.bundle import embed_companions
 from nnunet_stseg.adapters.config import StSConfig, grid_spacing3
 from nnunet_stseg.adapters.inference_io import COARSE_RESAMPLING_KEY, coarse_resampling_of
+from nnunet_stseg.adapters.nnunet_hooks import pools_in_this_process
 from nnunet_stseg.adapters.predictor import StSPredictor, missing_coarse_message
 from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
@@ -151,23 +154,28 @@ class _StSScheduleMixin:
         # instance attributes: they shadow every subclass's validation, ours and nnU-Net's
         if used.get("STSEG_SKIP_VALIDATION") is True:
             self.perform_actual_validation = self._skipped_validation
-        elif used.get("STSEG_VAL_MIRRORING") is False:
-            self.perform_actual_validation = self._validation_without_mirroring
+        else:
+            self.perform_actual_validation = functools.partial(
+                self._final_validation, mirroring=used.get("STSEG_VAL_MIRRORING") is not False)
 
     def _skipped_validation(self, save_probabilities: bool = False) -> None:
         self.print_to_log_file("final validation skipped (STSEG_SKIP_VALIDATION=1); run nnUNetv2_train with "
                                "--val and without that variable to make it")
 
-    def _validation_without_mirroring(self, save_probabilities: bool = False):
-        """The class's own final validation with the mirroring axes switched off for its duration
-        (every validation of ours and nnU-Net's hands them to its predictor)."""
-        self.print_to_log_file("final validation without mirroring (STSEG_VAL_MIRRORING=0)")
-        axes = self.inference_allowed_mirroring_axes
-        self.inference_allowed_mirroring_axes = None
-        try:
-            return type(self).perform_actual_validation(self, save_probabilities)
-        finally:
-            self.inference_allowed_mirroring_axes = axes
+    def _final_validation(self, save_probabilities: bool = False, mirroring: bool = True):
+        """The class's own final validation (ours or nnU-Net's), with the mirroring axes switched
+        off for its duration when ``mirroring`` is False (STSEG_VAL_MIRRORING=0: every validation
+        hands them to its predictor); with ``nnUNet_def_n_proc=1`` nnU-Net's export and metrics
+        pools are one thread of this process (``nnunet_hooks.pools_in_this_process``)."""
+        with pools_in_this_process(default_num_processes):
+            if mirroring:
+                return type(self).perform_actual_validation(self, save_probabilities)
+            self.print_to_log_file("final validation without mirroring (STSEG_VAL_MIRRORING=0)")
+            axes, self.inference_allowed_mirroring_axes = self.inference_allowed_mirroring_axes, None
+            try:
+                return type(self).perform_actual_validation(self, save_probabilities)
+            finally:
+                self.inference_allowed_mirroring_axes = axes
 
     def save_checkpoint(self, filename: str) -> None:
         folder, name = os.path.split(filename)

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from nnunet_stseg.adapters.config import E2EParams, StSConfig
+from nnunet_stseg import settings
+from nnunet_stseg.adapters.config import E2EParams, StSConfig, apply_plan_overrides, checked_values
 from nnunet_stseg.adapters.passes import autocast, fold_weights, mirror_axis_sets, unwrapped
 from nnunet_stseg.adapters.predictor import PluginPredictor
 from nnunet_stseg.core.crop_guided import CropGuidedNetwork
@@ -61,10 +62,26 @@ class CropGuidedPredictor(PluginPredictor):
                                           self.label_manager.has_regions, f"the {self.model_name}'s configuration")
         return sts
 
+    # per-run overrides (``STSEG_OVERRIDES``) that reach this model: the box rule's crop parameters,
+    # slices per batch and the objects report; L-SNet's RoIs come from its own (built-in) block
+    run_keys = ("crop.margin_fraction", "crop.margin_min", "crop.min_object_size", "crop.size_rule_grid",
+                "crop.square", "crops_per_batch", "objects_report")
+
     def _model(self) -> CropGuidedNetwork:
+        """The loaded network, given its plan values and the environment's per-run overrides once
+        per loaded model; overrides this model does not use are named in the log, not applied."""
         net = unwrapped(self.network)
         if self.sts is None:
-            self.sts = self.configure(net)
+            overrides = checked_values(settings.plan_overrides(), "plan overrides", per_run=True)
+            unused = sorted(k for k in overrides if k not in self.run_keys)
+            if unused:
+                print(f"[nnunet-stseg] plan overrides the {self.model_name} does not use (ignored): "
+                      + ", ".join(unused), flush=True)
+            self.sts, _, changed = apply_plan_overrides(self.configure(net), None,
+                                                        {k: v for k, v in overrides.items() if k not in unused})
+            if hasattr(net, "crop"):  # the end-to-end network's box rule
+                net.crop = self.sts.crop
+            self._record_overrides(changed)
         return net
 
     def _sts_config(self) -> StSConfig:

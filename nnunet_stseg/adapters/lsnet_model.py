@@ -88,6 +88,8 @@ class LSNetPredictor(CropGuidedPredictor):
     model_name = "L-SNet"
     lsnet: LSNetParams | None = None
 
+    run_keys = ("crops_per_batch", "objects_report")
+
     def configure(self, net: LSNet) -> StSConfig:
         sts, self.lsnet = configure_lsnet(net, self.configuration_manager.configuration,
                                           self.label_manager.has_regions, "the L-SNet model's configuration")

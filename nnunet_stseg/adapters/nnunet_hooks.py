@@ -45,6 +45,15 @@ imported) checks the signatures the hooks read, so a changed nnU-Net is one clea
    on the same labels (the size trainer's phase 2) reads FILE from the command line as nnU-Net's
    parser does and loads those layers too, where their shapes match. Relies on: the flag's name
    and nnU-Net loading FILE before ``on_train_start`` (``maybe_load_checkpoint``).
+7. **Pools of one process** (:func:`pools_in_this_process`): nnU-Net starts a 'spawn' pool even
+   when it is asked for one worker process (fingerprint extraction, preprocessing, the final
+   validation's export and its metrics), and each spawned worker imports torch and nnU-Net again
+   (5-7 s on 2 cores: the worker of a training imports the whole of ``nnUNetv2_train``). Inside
+   the block, with one process asked for, the pool nnU-Net starts is one thread of this process:
+   the same calls on the same data, without the import. Relies on: nnU-Net calling
+   ``multiprocessing.get_context("spawn").Pool(n)`` through the module attribute at the time of
+   the call, and using only what a ``ThreadPool`` also has (``starmap``, ``starmap_async``, its
+   ``_pool`` of workers with ``is_alive``).
 
 Not here, because they are ordinary subclassing or configuration through nnU-Net's public
 extension points rather than tricks: our overrides of nnU-Net methods (also the private
@@ -55,7 +64,10 @@ extension points rather than tricks: our overrides of nnU-Net methods (also the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import multiprocessing
+import multiprocessing.pool
 import sys
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -275,6 +287,51 @@ def load_segmentation_layers(network, checkpoint_file: str) -> list[str]:
     return []
 
 
+# ----------------------------------------------------------------------------------------------
+# 7. pools of one process
+# ----------------------------------------------------------------------------------------------
+class _ThreadPoolContext:
+    """A multiprocessing context whose ``Pool`` is one thread of this process (see
+    :func:`pools_in_this_process`); everything else is the real context's."""
+
+    def __init__(self, context):
+        self._context = context
+
+    def Pool(self, processes=None, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+        return multiprocessing.pool.ThreadPool(1)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+@contextlib.contextmanager
+def pools_in_this_process(processes: int):
+    """While the block runs, and only when ``processes <= 1``, the 'spawn' pools nnU-Net starts are
+    one thread of this process instead of one spawned worker (hook 7 of the module docstring);
+    with more processes nothing changes.
+
+    >>> import multiprocessing
+    >>> with pools_in_this_process(1):
+    ...     with multiprocessing.get_context("spawn").Pool(1) as pool:
+    ...         pool.starmap(max, [(1, 2), (4, 3)])
+    [2, 4]
+    """
+    if processes > 1:
+        yield
+        return
+    real = multiprocessing.get_context
+
+    def get_context(method=None):
+        context = real(method)
+        return _ThreadPoolContext(context) if method == "spawn" else context
+
+    multiprocessing.get_context = get_context
+    try:
+        yield
+    finally:
+        multiprocessing.get_context = real
+
+
 __all__ = ["install_excepthook", "loading_frame", "loading_predictor", "adopted_class", "adopt_predictor",
            "adopt_predictor_from_caller", "restore_original_class", "ManagedManagers", "pretrained_weights_argument",
-           "load_segmentation_layers"]
+           "load_segmentation_layers", "pools_in_this_process"]
