@@ -143,6 +143,25 @@ _ENV_FIXED = {
 
 
 @pytest.fixture(scope="session", autouse=True)
+def stock_commands_forked():
+    """The stock commands of this environment (``nnUNetv2_*``, ``nnunet-stseg``) run as forks of a
+    server that imported torch and nnU-Net once (``forkserver.py``: 5-7 s less per command);
+    ``STSEG_TEST_FORKSERVER=0`` runs them as real processes."""
+    if os.environ.get("STSEG_TEST_FORKSERVER", "1") == "0":
+        yield None
+        return
+    import tempfile
+
+    import forkserver
+
+    server = forkserver.install(tempfile.gettempdir())
+    try:
+        yield server
+    finally:
+        forkserver.uninstall()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def worker_processes_as_asked():
     """A test that passes ``-npp``/``-nps`` >= 1 means nnU-Net's worker path; on a machine with at
     most 2 cores our predictors would predict in their own process instead (``auto``). The choice

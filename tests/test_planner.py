@@ -355,3 +355,37 @@ def test_plans_of_every_format_still_load():
     # a block in both places is not ambiguous: the one inside sts is the plan's
     both = {**e2e, "sts_e2e": {"box_rule": "all"}}
     assert E2EParams.from_configuration(both).box_rule == "objects"
+
+
+@pytest.mark.parametrize("planner_name,arch", [
+    ("ExperimentPlanner", "dynamic_network_architectures.architectures.unet.PlainConvUNet"),
+    ("nnUNetPlannerResEncM", "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet")])
+def test_the_vram_estimate_builds_its_network_on_the_meta_device_and_gives_nnunets_number(monkeypatch, planner_name,
+                                                                                            arch):
+    """Our planners' VRAM estimate is nnU-Net's own, with the network built on torch's meta device
+    (no weights allocated or initialised): the same number for a 3D residual and plain U-Net."""
+    import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner as default_planner
+
+    from nnunet_stseg.planners.sts_planner import sts_planner_class
+
+    kwargs = {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320], "conv_op": "torch.nn.modules.conv.Conv3d",
+              "kernel_sizes": [[3, 3, 3]] * 5, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4, "conv_bias": True,
+              "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+              "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+              "nonlin_kwargs": {"inplace": True}, "n_conv_per_stage_decoder": [1] * 4}
+    kwargs.update({"n_blocks_per_stage": [1, 3, 4, 6, 6]} if "Residual" in arch else {"n_conv_per_stage": [2] * 5})
+    args = ((64, 96, 96), 1, 3, arch, kwargs, ("conv_op", "norm_op", "dropout_op", "nonlin"))
+    cls = sts_planner_class(planner_name)
+    devices = []
+    build = default_planner.get_network_from_plans
+
+    def recorded(*a, **k):
+        net = build(*a, **k)
+        devices.append(next(net.parameters()).device.type)
+        return net
+
+    monkeypatch.setattr(default_planner, "get_network_from_plans", recorded)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # nnU-Net's estimate sets torch's threads to it
+    ours = cls.static_estimate_VRAM_usage(object.__new__(cls), *args)
+    theirs = cls.__mro__[2].static_estimate_VRAM_usage(*args)  # the nnU-Net planner under the mixin
+    assert ours == theirs > 0 and devices == ["meta", "cpu"]
