@@ -280,42 +280,38 @@ def test_bad_inputs_are_reported_for_every_model_kind(pipeline, tmp_path, kind):
     assert "Traceback" not in proc.stdout and not (out / PARTIAL_DIR).exists(), proc.stdout[-3000:]
 
 
-@pytest.mark.slow
-def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, tmp_path):
-    """Kill nnUNetv2_predict (SIGKILL, the whole process group) once some outputs exist, then
-    resume with --continue_prediction: finished cases are not redone, every file equals the
-    uninterrupted run's, nothing half-written is left under a final name."""
+def _interrupted_and_resumed(pipeline, tmp_path, trainer: str, config: str, flags: tuple[str, ...], cases: int = 12,
+                             tiles: int = 4, kill_after: int = 3) -> None:
+    """Kill nnUNetv2_predict (SIGKILL, the whole process group) once ``kill_after`` of ``cases``
+    outputs exist, then resume with --continue_prediction: finished cases are not redone, every
+    file equals the uninterrupted run's, nothing half-written is left under a final name."""
     inp = tmp_path / "in"
     inp.mkdir()
     src = sorted((pipeline.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
-    for i in range(12):
-        # the test images tiled 4 x 4: the export worker, which starts after the network has
-        # predicted every case, then needs long enough per case for the kill to land mid-batch
+    for i in range(cases):
+        # the test images tiled: long enough per case for the kill to land mid-batch (with
+        # workers, the export worker starts after the network has predicted every case)
         img = sitk.ReadImage(str(src[i % len(src)]))
-        sitk.WriteImage(sitk.Tile([img] * 16, (4, 4)), str(inp / f"case_{i:03d}_0000.nii.gz"))
+        sitk.WriteImage(sitk.Tile([img] * tiles ** 2, (tiles, tiles)), str(inp / f"case_{i:03d}_0000.nii.gz"))
     ref = tmp_path / "ref"  # uninterrupted, in nnU-Net's sequential path (the same outputs, cheaper)
-    flags = ("-npp", "1", "-nps", "1")
-    assert _predict(pipeline, inp, ref, *NO_WORKERS, trainer="nnUNetTrainer_StSCoarse",
-                    config=pipeline.coarse_config).returncode == 0
+    assert _predict(pipeline, inp, ref, *NO_WORKERS, trainer=trainer, config=config).returncode == 0
     out = tmp_path / "out"
-    proc = _predict(pipeline, inp, out, *flags, trainer="nnUNetTrainer_StSCoarse", config=pipeline.coarse_config,
-                    background=True)
+    proc = _predict(pipeline, inp, out, *flags, trainer=trainer, config=config, background=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("*.nii.gz"))) < 3 and proc.poll() is None:
+    while time.time() < deadline and len(list(out.glob("*.nii.gz"))) < kill_after and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.nii.gz")}
-    assert 0 < len(done_before) < 12, "the kill should land mid-batch"
+    assert 0 < len(done_before) < cases, "the kill should land mid-batch"
     for name in done_before:  # every file under a final name is complete
         with gzip.open(out / name) as f:
             f.read()
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(ref / name))))
-    resumed = _predict(pipeline, inp, out, *flags, "--continue_prediction", trainer="nnUNetTrainer_StSCoarse",
-                       config=pipeline.coarse_config)
+    resumed = _predict(pipeline, inp, out, *flags, "--continue_prediction", trainer=trainer, config=config)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"That's {12 - len(done_before)} cases" in resumed.stdout
+    assert f"That's {cases - len(done_before)} cases" in resumed.stdout
     for name, mtime in done_before.items():
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} was redone"
     assert sorted(f.name for f in out.glob("*.nii.gz")) == sorted(f.name for f in ref.glob("*.nii.gz"))
@@ -323,6 +319,25 @@ def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, 
     for f in ref.glob("*.nii.gz"):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f.name))),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
+
+
+@pytest.mark.slow
+def test_interrupted_prediction_resumes_without_redoing_or_corrupting(pipeline, tmp_path):
+    """The kill-and-resume promise with nnU-Net's worker processes (the coarse model)."""
+    _interrupted_and_resumed(pipeline, tmp_path, "nnUNetTrainer_StSCoarse", pipeline.coarse_config,
+                             ("-npp", "1", "-nps", "1"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cascade", "polar", "e2e", "lsnet"])
+def test_every_model_kind_resumes_an_interrupted_prediction(pipeline, tmp_path, kind):
+    """The same promise for every model kind of the shared 2D set, in nnU-Net's sequential path
+    (where our predictors write each case as soon as it is predicted; 6 tiled cases each)."""
+    trainer, config, tiles = {"cascade": ("nnUNetTrainer_StSFine", pipeline.fine_config, 2),
+                              "polar": (DEFAULT_POLAR_TRAINER, pipeline.polar_config, 2),
+                              "e2e": (DEFAULT_E2E_TRAINER, pipeline.e2e_config, 4),
+                              "lsnet": (DEFAULT_LSNET_TRAINER, pipeline.lsnet_config, 4)}[kind]
+    _interrupted_and_resumed(pipeline, tmp_path, trainer, config, NO_WORKERS, cases=6, tiles=tiles, kill_after=2)
 
 
 @pytest.fixture(scope="module")
