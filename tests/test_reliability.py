@@ -395,6 +395,36 @@ def test_odd_3d_volumes_are_predicted_with_their_geometry(pipeline_3d, tmp_path)
 
 
 @pytest.mark.slow
+def test_bad_volumes_are_reported_for_the_depth_cascade(pipeline_3d, tmp_path):
+    """The 2d cascade with the depth channel on 3D volumes keeps the promises of the bad-input
+    batch: a truncated volume, two channels for a one-channel model and a 2D image are each one
+    line naming the file; the good volumes are written; exit non-zero without a traceback."""
+    res = pipeline_3d
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = sorted((res.dataset_folder / "imagesTs").glob("*_0000.nii.gz"))
+    for f in good:
+        shutil.copy(f, inp / f.name)
+    data = good[0].read_bytes()
+    (inp / "bad_truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    shutil.copy(good[0], inp / "bad_channels_0000.nii.gz")
+    shutil.copy(good[0], inp / "bad_channels_0001.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((32, 32), np.float32)), str(inp / "bad_flat_0000.nii.gz"))
+    out = tmp_path / "out"
+    proc = _predict(res, inp, out, *NO_WORKERS, config=res.fine_config_2d)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert sorted(f.name for f in out.glob("*.nii.gz")) == sorted(f.name.replace("_0000", "") for f in good)
+    report = {Path(r["output"]).name: r["error"] for r in json.loads((out / FAILED_CASES_FILE).read_text())["failed_cases"]}
+    expected = {"bad_truncated": "truncated", "bad_channels": "has 2 channels (files _0000 to _0001), the model expects 1",
+                "bad_flat": "is a 2D image; this model was trained on 3D volumes"}
+    assert sorted(report) == sorted(expected), report
+    for case, part in expected.items():
+        assert f"{case}_0000.nii.gz" in report[case] and part in report[case] and "\n" not in report[case], report[case]
+    assert "3 case(s) could not be predicted" in proc.stdout
+    assert "Traceback" not in proc.stdout and not (out / PARTIAL_DIR).exists(), proc.stdout[-3000:]
+
+
+@pytest.mark.slow
 def test_2d_image_given_to_a_3d_model_is_a_clear_error(pipeline_3d, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
