@@ -1,7 +1,7 @@
 """A fork server for the tests' stock commands: torch and nnU-Net imported once, each command a fork.
 
 Every ``nnUNetv2_train`` / ``nnUNetv2_predict`` / ``nnunet-stseg`` process of the test suite spends
-5-7 s of its 2-core CPU time importing torch and nnU-Net before it does anything (about 200 such
+5-7 s of its 2-core CPU time importing torch and nnU-Net before it does anything (about 120 such
 processes per run). This server imports them once per test worker; each command is then a fork of
 it that runs the console script as a fresh interpreter would (``runpy`` on the script file with
 the command's arguments, environment, working directory, standard streams and session), so the
@@ -17,11 +17,14 @@ exercised unchanged. What a fork does not give, and where it matters:
   program runs as a real process.
 
 ``STSEG_TEST_FORKSERVER=0`` runs every command as a real process (``tests/conftest.py`` installs
-the server otherwise); docs/design.md "Test-suite time" says why.
+the server otherwise); docs/testing.md (item 6) says why.
 
 Protocol (one Unix-socket connection per command): the client sends one JSON line (argv, env,
 cwd, new_session) with its stdin/stdout/stderr descriptors attached; the server answers
-``{"pid": N}`` and, once the fork has exited, ``{"status": waitstatus, "maxrss_kb": K}``.
+``{"pid": N}`` once the fork has its session and streams. The client then asks ``w`` (wait) or
+``p`` (poll); the answer is ``{"status": waitstatus, "maxrss_kb": K}`` once the fork has exited
+(it is reaped then, not before: a zombie until waited for, as a real child), else for a poll
+``{"running": true}``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ import selectors
 import socket
 import subprocess
 import sys
-import time
 
 PRELOAD = ("torch", "numpy", "SimpleITK", "scipy.ndimage", "skimage.measure", "nnunetv2.run.run_training",
            "nnunetv2.inference.predict_from_raw_data", "nnunetv2.experiment_planning.plan_and_preprocess_api",
