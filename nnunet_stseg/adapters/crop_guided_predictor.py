@@ -26,8 +26,7 @@ import time
 import numpy as np
 import torch
 
-from nnunet_stseg import settings
-from nnunet_stseg.adapters.config import E2EParams, StSConfig, apply_plan_overrides, checked_values
+from nnunet_stseg.adapters.config import E2EParams, StSConfig
 from nnunet_stseg.adapters.passes import autocast, fold_weights, mirror_axis_sets, unwrapped
 from nnunet_stseg.adapters.predictor import PluginPredictor
 from nnunet_stseg.core.crop_guided import CropGuidedNetwork
@@ -72,16 +71,9 @@ class CropGuidedPredictor(PluginPredictor):
         per loaded model; overrides this model does not use are named in the log, not applied."""
         net = unwrapped(self.network)
         if self.sts is None:
-            overrides = checked_values(settings.plan_overrides(), "plan overrides", per_run=True)
-            unused = sorted(k for k in overrides if k not in self.run_keys)
-            if unused:
-                print(f"[nnunet-stseg] plan overrides the {self.model_name} does not use (ignored): "
-                      + ", ".join(unused), flush=True)
-            self.sts, _, changed = apply_plan_overrides(self.configure(net), None,
-                                                        {k: v for k, v in overrides.items() if k not in unused})
+            self.sts, _ = self._with_run_overrides(self.configure(net))
             if hasattr(net, "crop"):  # the end-to-end network's box rule
                 net.crop = self.sts.crop
-            self._record_overrides(changed)
         return net
 
     def _sts_config(self) -> StSConfig:

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_stseg import settings
-from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams, apply_plan_overrides
+from nnunet_stseg.adapters.config import DEFAULT_CENTRE_TRAINER, CentreParams
 from nnunet_stseg.adapters.predictor import StSPredictor, companion_logits
 from nnunet_stseg.core.centres import centre_probability, heatmap_peaks
 from nnunet_stseg.core.fusion import fuse_polar_slice, polar_fusion_weights
@@ -74,8 +73,7 @@ class PolarPredictor(StSPredictor):
 
     def set_centre_params(self, params: CentreParams) -> None:
         """The centre model's parameters with the environment's override applied (once, logged)."""
-        _, self.centre_params, changed = apply_plan_overrides(self._sts_config(), params, settings.plan_overrides())
-        self._record_overrides(changed)
+        _, self.centre_params = self._with_run_overrides(self._sts_config(), params)
 
     def _angle_stride(self) -> int:
         """Total stride of the polar network along the angle axis (input sizes must be multiples)."""

@@ -41,7 +41,7 @@ from nnunet_stseg import settings
 from nnunet_stseg.adapters.bundle import (COMPANION_CHECKPOINT, companion_model_folder, describe_source,
                                           embedded_companions)
 from nnunet_stseg.adapters.compat import check_nnunet
-from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, grid_spacing3
+from nnunet_stseg.adapters.config import StSConfig, apply_plan_overrides, checked_values, grid_spacing3
 from nnunet_stseg.adapters.inference_io import (ERROR_KEY, FAILED_CASES_FILE, OBJECTS_SUFFIX, CaseError,
                                                 SlabwiseLabelManager, coarse_resampling_of, one_line,
                                                 remove_partial_folder, report_case_error)
@@ -144,6 +144,9 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
     # networks on a coarse grid or on crops only (see in_process_rule); a plain model's network runs
     # over the whole image at full resolution
     small_networks: bool = False
+    # the per-run override keys (STSEG_OVERRIDES) this model uses; None: every key of its plan blocks
+    run_keys: tuple[str, ...] | None = None
+    model_name = "model"
 
     def _log(self, msg: str) -> None:
         print(f"[nnunet-stseg] {msg}", flush=True)
@@ -156,6 +159,21 @@ class PluginPredictor(ManagedManagers, nnUNetPredictor):
         self.applied_overrides = {**(self.applied_overrides or {}), **changed}
         print("[nnunet-stseg] plan values overridden by the environment: "
               + ", ".join(f"{k} {v['plans']} -> {v['used']}" for k, v in changed.items()), flush=True)
+
+    def _with_run_overrides(self, sts: StSConfig, centre=None):
+        """``sts`` (and the centre model's ``centre``) with the environment's per-run overrides
+        applied, logged and recorded (:meth:`_record_overrides`); with :attr:`run_keys` set, the
+        keys outside it are named in the log as not used and not applied. Returns both."""
+        overrides = settings.plan_overrides()
+        if self.run_keys is not None:
+            overrides = checked_values(overrides, "plan overrides", per_run=True)
+            unused = sorted(k for k in overrides if k not in self.run_keys)
+            if unused:
+                self._log(f"plan overrides the {self.model_name} does not use (ignored): " + ", ".join(unused))
+            overrides = {k: v for k, v in overrides.items() if k not in unused}
+        sts, centre, changed = apply_plan_overrides(sts, centre, overrides)
+        self._record_overrides(changed)
+        return sts, centre
 
     def _write_overrides_record(self, folders) -> None:
         """Next to the predictions: which plan values the environment replaced in this run. A run
@@ -472,9 +490,7 @@ class StSPredictor(PluginPredictor):
         if self.sts is None:
             sts = StSConfig.for_role(self.configuration_manager.configuration, self.sts_role,
                                      f"the {self.sts_role} model's configuration", type(self).__name__)
-            sts, _, changed = apply_plan_overrides(sts, None, settings.plan_overrides())
-            self.sts = sts
-            self._record_overrides(changed)
+            self.sts, _ = self._with_run_overrides(sts)
         return self.sts
 
     def attach_coarse(self, folds, checkpoint_name: str = "checkpoint_final.pth",
