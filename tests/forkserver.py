@@ -142,9 +142,9 @@ def serve(path: str) -> None:
     waiting: dict[int, socket.socket] = {}  # pid -> connection of a client blocked in wait()
     orphans: set[int] = set()  # children whose client went away: reaped when they exit
 
-    def report(pid: int, conn: socket.socket, block: bool) -> bool:
+    def report(pid: int, conn: socket.socket) -> bool:
         """Send the child's exit status if it has exited (then it is reaped); whether it had."""
-        done, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done == 0:
             return False
         try:
@@ -186,14 +186,14 @@ def serve(path: str) -> None:
                 if ask == b"w":
                     waiting[pid] = conn
                 elif ask == b"p":
-                    if not report(pid, conn, block=False):
+                    if not report(pid, conn):
                         conn.sendall(b'{"running": true}\n')
                 else:  # the client went away without waiting
                     selector.unregister(conn)
                     conn.close()
                     orphans.add(pid)
         for pid, conn in list(waiting.items()):
-            if report(pid, conn, block=False):
+            if report(pid, conn):
                 del waiting[pid]
         for pid in list(orphans):
             if os.wait4(pid, os.WNOHANG)[0] != 0:
