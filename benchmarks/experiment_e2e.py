@@ -73,11 +73,11 @@ def add_e2e_variants(plans_file: Path, size: int, runs: int = 1) -> dict[str, st
     return names
 
 
-def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config: str) -> str:
+def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config: str, fold: int = 0) -> str:
     """A coarse-configuration model folder whose network is the coarse module of the end-to-end
-    model ``e2e_config`` (fold 0), so that the stock ``nnUNetv2_predict`` runs it as a downscaled
-    baseline (nnU-Net's resampled input, as the coarse model it started from). Returns the
-    configuration name to predict with (``-tr nnUNetTrainer_StSCoarse``)."""
+    model ``e2e_config`` (fold ``fold``), so that the stock ``nnUNetv2_predict`` runs it as a
+    downscaled baseline (nnU-Net's resampled input, as the coarse model it started from). Returns
+    the configuration name to predict with (``-tr nnUNetTrainer_StSCoarse``)."""
     import shutil
 
     import torch
@@ -86,20 +86,20 @@ def coarse_module_model(results_root: Path, dataset: str, size: int, e2e_config:
     name = f"{coarse}_of_{e2e_config}"
     src = model_folder(dataset, DEFAULT_COARSE_TRAINER, coarse, results_root=results_root)
     dst = model_folder(dataset, DEFAULT_COARSE_TRAINER, name, results_root=results_root)
-    target = dst / "fold_0" / "checkpoint_final.pth"
+    target = dst / f"fold_{fold}" / "checkpoint_final.pth"
     if target.is_file():
         return name
-    (dst / "fold_0").mkdir(parents=True, exist_ok=True)
+    (dst / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "dataset.json", dst / "dataset.json")
     plans = json.loads((src / "plans.json").read_text())
     plans["configurations"][name] = dict(plans["configurations"][coarse])
     write_json_atomic(plans, dst / "plans.json", indent=1)
-    checkpoint = torch.load(src / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    e2e = torch.load(model_folder(dataset, DEFAULT_E2E_TRAINER, e2e_config, results_root=results_root) / "fold_0"
+    checkpoint = torch.load(src / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    e2e = torch.load(model_folder(dataset, DEFAULT_E2E_TRAINER, e2e_config, results_root=results_root) / f"fold_{fold}"
                      / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     checkpoint["network_weights"] = {k[len("coarse."):]: v for k, v in e2e.items() if k.startswith("coarse.")}
-    torch.save(checkpoint, dst / "fold_0" / ".tmp_checkpoint_final.pth")
-    (dst / "fold_0" / ".tmp_checkpoint_final.pth").replace(target)
+    torch.save(checkpoint, target.with_name(".tmp_checkpoint_final.pth"))
+    target.with_name(".tmp_checkpoint_final.pth").replace(target)
     return name
 
 

@@ -138,6 +138,27 @@ def example_overlays(results: dict, workdir: Path, path: Path, *, arms: tuple[st
     return overlay_grid(rows, path)
 
 
+def paired_difference(x, y, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Paired comparison of two arms on the same cases (``x - y``): the mean difference, its
+    percentile bootstrap 95 % interval (cases resampled, seeded), the cases better / worse, and the
+    two-sided sign test's p over the cases that differ (scipy's exact binomial test).
+
+    >>> d = paired_difference([0.9, 0.8, 0.7, 0.95], [0.8, 0.8, 0.6, 0.9])
+    >>> round(d["mean"], 4), d["better"], d["worse"], round(d["sign_p"], 3)
+    (0.0625, 3, 0, 0.25)
+    """
+    from scipy.stats import binomtest
+
+    diff = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if diff.size == 0:
+        raise ValueError("paired_difference needs at least one case")
+    means = diff[np.random.default_rng(seed).integers(0, diff.size, (n_boot, diff.size))].mean(1)
+    better, worse = int((diff > 0).sum()), int((diff < 0).sum())
+    return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "better": better, "worse": worse,
+            "sign_p": float(binomtest(better, better + worse).pvalue) if better + worse else 1.0}
+
+
 def print_report(results: dict, out: Path | None, plot, render) -> None:
     """Print the report ``render(results, figure name)``; with ``out``, also draw the example
     figure ``plot(<out stem>_examples.png)`` beside it and write both (atomically)."""

@@ -162,6 +162,16 @@ def stock_commands_forked():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def fewer_fingerprint_samples():
+    """Planning in this process draws as many foreground intensities as in the forked commands
+    (``forkserver.sample_fewer_foreground_intensities``)."""
+    import forkserver
+
+    forkserver.sample_fewer_foreground_intensities()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def worker_processes_as_asked():
     """A test that passes ``-npp``/``-nps`` >= 1 means nnU-Net's worker path; on a machine with at
     most 2 cores our predictors would predict in their own process instead (``auto``). The choice
