@@ -93,7 +93,7 @@ def cardiac_slices(raw: Path, size: int, min_fraction: float = 0.01, limit: int 
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     from benchmarks.runner import CARDIAC_FAT_ID
-    from benchmarks.kvasir import _save_png_atomic
+    from benchmarks.runner import save_png_atomic
 
     out = raw / f"Dataset{CARDIAC_BASE_ID:03d}_CardiacFatSlices{size}"
     if (out / "dataset.json").is_file():
@@ -115,9 +115,9 @@ def cardiac_slices(raw: Path, size: int, min_fraction: float = 0.01, limit: int 
             small = torch.nn.functional.interpolate(pair, size=(size, size), mode="bilinear", antialias=True,
                                                     align_corners=False)[0].numpy()
             case = f"{patient}_z{z:03d}"
-            _save_png_atomic(np.clip(np.rint(small[0]), 0, 255).astype(np.uint8),
+            save_png_atomic(np.clip(np.rint(small[0]), 0, 255).astype(np.uint8),
                              out / "imagesTr" / f"{case}_0000.png")
-            _save_png_atomic((small[1] >= 0.5).astype(np.uint8), out / "labelsTr" / f"{case}.png")
+            save_png_atomic((small[1] >= 0.5).astype(np.uint8), out / "labelsTr" / f"{case}.png")
             n += 1
     generate_dataset_json(str(out), {0: "CTwindowed"}, {"background": 0, "pericardium": 1}, n, ".png",
                           dataset_name=out.name.split("_", 1)[1], overwrite_image_reader_writer="NaturalImage2DIO",

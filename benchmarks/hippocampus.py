@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.kvasir import SPLIT_FILE, _save_png_atomic
+from benchmarks.kvasir import SPLIT_FILE
+from benchmarks.runner import save_png_atomic
 from nnunet_stseg.atomic import write_json_atomic
 
 SLICE_SHAPE = (48, 32)
@@ -141,8 +142,8 @@ def convert_hippocampus(src: str | Path, raw_root: str | Path, dataset_id: int =
         suffix = "Ts" if part_of[volume] == "test" else "Tr"
         for index, slice_image, mask in volume_slices(image, label):
             case = f"{volume}_s{index:02d}"
-            _save_png_atomic(slice_image, out / f"images{suffix}" / f"{case}_0000.png")
-            _save_png_atomic(mask.astype(np.uint8), out / f"labels{suffix}" / f"{case}.png")
+            save_png_atomic(slice_image, out / f"images{suffix}" / f"{case}_0000.png")
+            save_png_atomic(mask.astype(np.uint8), out / f"labels{suffix}" / f"{case}.png")
             cases[part_of[volume]].append(case)
     write_json_atomic({"seed": seed, "axis": 0, "shape": list(SLICE_SHAPE), "min_foreground": MIN_FOREGROUND,
                        "volumes": split, **cases}, out / SPLIT_FILE, indent=1)

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from benchmarks.runner import save_png_atomic
 from nnunet_stseg.atomic import write_json_atomic
 
 SPLIT_FILE = "stseg_split.json"
@@ -60,13 +61,6 @@ def split_ids(ids: Sequence[str], seed: int = 0, fractions: tuple[float, float, 
     return {"train": pick(order[:n_train]), "val": pick(order[n_train:n_train + n_val]),
             "test": pick(order[n_train + n_val:])}
 
-
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".tmp_{path.name}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def load_case(src: Path, case_id: str, size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +99,8 @@ def convert_kvasir(src: str | Path, raw_root: str | Path, dataset_id: int = 720,
     jobs = [(c, "Tr") for c in split["train"] + split["val"]] + [(c, "Ts") for c in split["test"]]
     for case_id, part in tqdm(jobs, desc=f"Kvasir-SEG -> {out.name}"):
         image, mask = load_case(src, case_id, size)
-        _save_png_atomic(image, out / f"images{part}" / f"{case_id}_0000.png")
-        _save_png_atomic(mask, out / f"labels{part}" / f"{case_id}.png")
+        save_png_atomic(image, out / f"images{part}" / f"{case_id}_0000.png")
+        save_png_atomic(mask, out / f"labels{part}" / f"{case_id}.png")
     generate_dataset_json(str(out), {0: "R", 1: "G", 2: "B"}, {"background": 0, "polyp": 1},
                           len(split["train"]) + len(split["val"]), ".png", dataset_name=name,
                           overwrite_image_reader_writer="NaturalImage2DIO",

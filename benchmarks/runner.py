@@ -215,6 +215,19 @@ def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Pa
     return ds, evals
 
 
+def save_png_atomic(array: np.ndarray, path: Path) -> None:
+    """Write an image (H, W) or (H, W, 3) uint8 as PNG under a temporary name, then rename it: an
+    interrupted conversion leaves no half-written file that looks valid. zlib level 1: the
+    converters write thousands of images once and nnU-Net reads them the same (native-size Kvasir
+    images on the 2-core CPU, busy: 0.11 s and 498 KiB per image, against 0.41 s and 438 KiB at
+    Pillow's default level 6)."""
+    from PIL import Image
+
+    tmp = path.with_name(f".tmp_{path.name}")
+    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
 def link_into(folder: Path, files) -> Path:
     """``folder`` (made if missing) with a symbolic link to each of ``files`` under its own name,
     pointing at the resolved file (a relative path stays valid); links already there are kept.
@@ -246,4 +259,4 @@ def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
 __all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
            "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
            "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
-           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "report_header"]
+           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "save_png_atomic", "report_header"]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.runner import save_png_atomic
 from nnunet_stseg.atomic import write_json_atomic
 
 ATLASES = ("dermis", "dermquest")
@@ -110,13 +111,6 @@ def cv_folds(case_ids: list[str], k: int = 5, seed: int = 0, val_fraction: float
     return folds
 
 
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".tmp_{path.name}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
 
 def convert_atlas(src: str | Path, raw_root: str | Path, dataset_id: int, name: str | None = None,
                   size: int | None = 512, folds: int = 5, seed: int = 0, val_fraction: float = 0.125,
@@ -140,8 +134,8 @@ def convert_atlas(src: str | Path, raw_root: str | Path, dataset_id: int, name: 
         if image_file.is_file() and label_file.is_file():
             continue
         image, label = load_case(photo, mask, size)
-        _save_png_atomic(image, image_file)
-        _save_png_atomic(label, label_file)
+        save_png_atomic(image, image_file)
+        save_png_atomic(label, label_file)
     generate_dataset_json(str(out), {0: "R", 1: "G", 2: "B"}, {"background": 0, "lesion": 1}, len(cases), ".png",
                           dataset_name=name, overwrite_image_reader_writer="NaturalImage2DIO",
                           description=f"{src.name} skin-lesion photos, {'resized to %dx%d' % (size, size) if size else 'native size'}, "
