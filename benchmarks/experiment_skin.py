@@ -47,7 +47,7 @@ import numpy as np
 
 from benchmarks.experiment_e2e import coarse_module_model
 from benchmarks.kvasir_arms import FAILED_JACCARD
-from benchmarks.reports import paired_difference, score_folder
+from benchmarks.reports import examples_markdown, paired_difference, score_folder
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
                                plan_command_line, plan_unless_planned, predict_command_line, publish_report,
                                report_header, results_or_run, run_measured, shared_data, train_fold)
@@ -353,6 +353,37 @@ def report(results: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FIGURE_ARMS = ("unet", "cascade", "e2e", "unet_x2")
+
+
+def example_figure(results: dict, path: Path) -> Path | None:
+    """Out-of-sample overlays at the smallest S of the first atlas trained (fold 0's models): the
+    photos of the other atlas with the lowest, median and highest DSC of the end-to-end model,
+    every arm of :data:`FIGURE_ARMS` beside them."""
+    from benchmarks.reports import overlay_grid, pick_cases
+    from nnunet_stseg.commands.overlay import read_image
+
+    runs = sorted(results.get("runs", {}).values(), key=lambda r: (r["S"], r["atlas"]))
+    for row in runs:
+        other = next((t for t in row if t in ATLAS_IDS and t != row["atlas"]), None)
+        if other is None or "0" not in row[other].get("e2e", {}):
+            continue
+        source, target = Path(results["datasets"][row["atlas"]]), Path(results["datasets"][other])
+        work = source.parents[1]  # <workdir>/nnUNet_raw/<dataset>
+        folders = {arm: work / "predictions" / f"{source.name}_{row['S']}_{other}_{arm}_fold0" for arm in FIGURE_ARMS
+                   if "0" in row[other].get(arm, {})}
+        dice = {arm: {c: m["Dice"] for c, m in row[other][arm]["0"]["cases"].items()} for arm in folders}
+        rows = []
+        for case in pick_cases(dice["e2e"]):
+            image = read_image(target / "imagesTr" / f"{case}_0000.png")
+            gt = read_image(target / "labelsTr" / f"{case}.png") > 0
+            rows.append((f"{ATLAS_LABELS[other]} {case}", image, gt,
+                         {f"{arm} S = {row['S']}": (read_image(folder / f"{case}.png") > 0, f"DSC {dice[arm][case]:.3f}")
+                          for arm, folder in folders.items()}))
+        return overlay_grid(rows, path) if rows else None
+    return None
+
+
 def main(argv=None) -> None:
     p = command_parser("experiment_skin", __doc__)
     p.add_argument("--workdir", type=Path, default=Path("work_dirs/skin"), help="work folder (work_dirs/skin)")
@@ -381,7 +412,12 @@ def main(argv=None) -> None:
         if cmd not in commands:
             commands.append(cmd)
             write_json_atomic(results, results_file, indent=1)
-    publish_report(report(results, " && ".join(results.get("commands") or [cmd])), args.out)
+    text = report(results, " && ".join(results.get("commands") or [cmd]))
+    if args.out is not None:
+        text += examples_markdown(example_figure(results, args.out.with_name(args.out.stem + "_examples.png")),
+                                  "Out of sample (fold 0's models, the smallest S): the photos with the lowest, "
+                                  "median and highest DSC of the end-to-end model")
+    publish_report(text, args.out)
 
 
 if __name__ == "__main__":

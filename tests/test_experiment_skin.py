@@ -135,6 +135,7 @@ def test_skin_experiment_smoke_and_resume(tmp_path, monkeypatch):
     assert sorted(row["in"]["e2e"]["0"]["cases"]) == folds[0]["test"]
     assert len(row["dermquest"]["cascade"]["0"]["cases"]) == 10
     text = out.read_text()
+    assert "![examples](report_examples.png)" in text and (tmp_path / "report_examples.png").stat().st_size > 0
     for heading in ("## Trained on DermIS, S = 16", "### DermIS -> DermQuest (out of sample)",
                     "### DermQuest (in sample)", "end-to-end vs U-Net, second schedule"):
         assert heading in text
