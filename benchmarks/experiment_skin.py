@@ -166,9 +166,21 @@ def _arm_models(size: int) -> dict[str, tuple[str, str]]:
             "unet_x2": (coarse + SECOND, DEFAULT_COARSE_TRAINER), "cascade_x2": (fine + SECOND, DEFAULT_FINE_TRAINER)}
 
 
+def epochs_and_seconds(checkpoint_file: Path) -> tuple[int, float]:
+    """Epochs of a finished training and the seconds they took, from nnU-Net's own log in the
+    checkpoint (epoch start and end times): a training resumed after an interruption counts only
+    its epochs, not the time between the runs or the process start-ups."""
+    import torch
+
+    log = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging") or {}
+    starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
+    return len(ends), float(sum(e - s for s, e in zip(starts, ends)))
+
+
 def train_fold_models(ds: Path, size: int, fold: int, device: str, env: dict, logs: Path, row: dict, save) -> None:
     """The four trainings of one fold (coarse first: the others start from it or use it), each
-    resumed where it stopped; their seconds go to ``row['train_s']``."""
+    resumed where it stopped; their epochs and seconds (:func:`epochs_and_seconds`) go to
+    ``row['epochs']`` and ``row['train_s']``."""
     results_root = Path(env["nnUNet_results"])
     coarse, fine, e2e = coarse_config_name("2d", size), fine_config_name("2d", size), e2e_config_name("2d", size)
     start = model_folder(ds.name, DEFAULT_COARSE_TRAINER, coarse, results_root=results_root) / f"fold_{fold}"
@@ -177,9 +189,12 @@ def train_fold_models(ds: Path, size: int, fold: int, device: str, env: dict, lo
             ("e2e", e2e, DEFAULT_E2E_TRAINER, ()),
             ("coarse_x2", coarse + SECOND, DEFAULT_COARSE_TRAINER,
              ("-pretrained_weights", str(start / "checkpoint_final.pth")))):
-        seconds = train_fold(ds.name, config, fold, trainer, device, env, logs / f"train_{ds.name}_{config}_{fold}.log",
-                             start_flags=flags)
-        if seconds is not None:
+        train_fold(ds.name, config, fold, trainer, device, env, logs / f"train_{ds.name}_{config}_{fold}.log",
+                   start_flags=flags)
+        if str(fold) not in row.get("epochs", {}).get(key, {}):
+            final = model_folder(ds.name, trainer, config, results_root=results_root) / f"fold_{fold}" / "checkpoint_final.pth"
+            epochs, seconds = epochs_and_seconds(final)
+            row.setdefault("epochs", {}).setdefault(key, {})[str(fold)] = epochs
             row.setdefault("train_s", {}).setdefault(key, {})[str(fold)] = seconds
             save()
 
@@ -205,7 +220,7 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
 
     workdir = Path(workdir).resolve()
     env = {**pipeline_env(workdir, epochs, iters, val_iters), "STSEG_PATIENCE": str(patience),
-           "STSEG_SKIP_VALIDATION": "1"}
+           "STSEG_SKIP_VALIDATION": "1", "STSEG_SAVE_EVERY": "5"}  # an interrupted training loses <= 5 epochs
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     results_file = workdir / "results_skin.json"
@@ -289,9 +304,11 @@ def _pm(values: np.ndarray) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def _train_minutes(row: dict) -> str:
-    t = row.get("train_s", {})
-    return ", ".join(f"{k} {np.mean(list(v.values())) / 60:.1f}" for k, v in t.items() if v) or "-"
+def _training(row: dict) -> str:
+    """Per network: mean epochs and minutes over the folds trained."""
+    t, e = row.get("train_s", {}), row.get("epochs", {})
+    return ", ".join(f"{k} {np.mean(list(e[k].values())):.0f} epochs / {np.mean(list(v.values())) / 60:.1f} min"
+                     for k, v in t.items() if v and k in e) or "-"
 
 
 def report(results: dict, cmd: str) -> str:
@@ -312,8 +329,9 @@ def report(results: dict, cmd: str) -> str:
     for key, row in sorted(results.get("runs", {}).items(), key=lambda kv: (kv[1]["S"], kv[1]["atlas"])):
         atlas, size = row["atlas"], row["S"]
         lines += [f"## Trained on {ATLAS_LABELS[atlas]}, S = {size}", "",
-                  f"Training minutes per network (mean over folds): {_train_minutes(row)}.", ""]
-        for target in [t for t in row if t not in ("atlas", "S", "train_s")]:
+                  f"Training per network until the plateau rule stopped it (mean over folds; minutes of its "
+                  f"epochs, from nnU-Net's log): {_training(row)}.", ""]
+        for target in [t for t in row if t == "in" or t in ATLAS_IDS]:
             other = atlas if target == "in" else target
             setting = ATLAS_LABELS[atlas] + ("" if target == "in" else f" -> {ATLAS_LABELS[other]}")
             scores = {arm: arm_scores(row[target].get(arm, {})) for arm, _ in ARMS}

@@ -7,9 +7,9 @@ every trainer family through the stock CLIs in ``trained_models.py``, and one ex
 - ``nnunet-stseg plan ...`` runs for real, in this process (the experiments read the plans),
   without preprocessing (no fake training reads data).
 - ``nnUNetv2_train D C F -tr T`` writes what a finished training leaves: ``checkpoint_final.pth``
-  (no weights; nnU-Net's ``trainer_name`` and ``init_args`` configuration and fold) and a
-  training log in ``nnUNet_results/<dataset>/<T>__<plans>__<C>/fold_F`` (``-p``, default
-  nnUNetPlans).
+  (no weights; nnU-Net's ``trainer_name``, ``init_args`` configuration and fold, and the epoch
+  times of two epochs in ``logging``) and a training log in
+  ``nnUNet_results/<dataset>/<T>__<plans>__<C>/fold_F`` (``-p``, default nnUNetPlans).
 - ``nnUNetv2_predict -i IN -o OUT ...`` (or ``nnUNetv2_predict_from_modelfolder``) writes, for every case in IN, a segmentation with the
   case's geometry (channel 0 above its mean) through nnU-Net's reader/writer for the file ending.
 
@@ -117,7 +117,9 @@ class FakeNNUNet:
         folder = Path(env["nnUNet_results"]) / name / f"{trainer}__{plans}__{config}" / f"fold_{fold}"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"fake": True, "args": args, "network_weights": {}, "trainer_name": trainer,
-                    "init_args": {"configuration": config, "fold": fold}}, folder / "checkpoint_final.pth")
+                    "init_args": {"configuration": config, "fold": fold},
+                    "logging": {"epoch_start_timestamps": [0.0, 1.0], "epoch_end_timestamps": [0.5, 1.75]}},
+                   folder / "checkpoint_final.pth")
         preprocessed = Path(env["nnUNet_preprocessed"]) / name  # what nnU-Net copies into a model folder
         for src, dst in (("dataset.json", "dataset.json"), (f"{plans}.json", "plans.json")):
             if (preprocessed / src).is_file():

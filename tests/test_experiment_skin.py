@@ -114,7 +114,8 @@ def test_skin_experiment_smoke_and_resume(tmp_path, monkeypatch):
     start = second.args[second.args.index("-pretrained_weights") + 1]
     assert start.endswith("Dataset750_DermIS32/nnUNetTrainer_StSCoarse__nnUNetPlans__2d_sts_coarse_16/fold_0/"
                           "checkpoint_final.pth")
-    assert second.env["STSEG_PATIENCE"] == "10" and second.env["STSEG_SKIP_VALIDATION"] == "1"
+    assert (second.env["STSEG_PATIENCE"], second.env["STSEG_SKIP_VALIDATION"], second.env["STSEG_SAVE_EVERY"]) == (
+        "10", "1", "5")
     plans = json.loads((work / "nnUNet_preprocessed" / "Dataset750_DermIS32" / "nnUNetPlans.json").read_text())
     configs = plans["configurations"]
     assert configs["2d_sts_fine_16_x2"]["sts"]["coarse_configuration"] == "2d_sts_coarse_16_x2"
@@ -134,6 +135,9 @@ def test_skin_experiment_smoke_and_resume(tmp_path, monkeypatch):
     folds = json.loads((work / "nnUNet_raw" / "Dataset750_DermIS32" / "stseg_split.json").read_text())["folds"]
     assert sorted(row["in"]["e2e"]["0"]["cases"]) == folds[0]["test"]
     assert len(row["dermquest"]["cascade"]["0"]["cases"]) == 10
+    # epochs and seconds from the checkpoint's own log (the fake's two epochs: 0.5 s and 0.75 s)
+    assert row["epochs"] == {k: {"0": 2} for k in ("coarse", "fine", "e2e", "coarse_x2")}
+    assert row["train_s"]["e2e"] == {"0": 1.25}
     text = out.read_text()
     assert "![examples](report_examples.png)" in text and (tmp_path / "report_examples.png").stat().st_size > 0
     for heading in ("## Trained on DermIS, S = 16", "### DermIS -> DermQuest (out of sample)",
