@@ -233,14 +233,15 @@ def count_empty(results: dict, workdir: Path) -> None:
 
 
 def epoch_seconds(fold_dir: Path) -> dict:
-    """Mean seconds of the epochs of each phase (``size_training.json``)."""
+    """Median seconds of the epochs of each phase (``size_training.json``): an epoch slowed by
+    another process on the machine, or spanning a pause, does not move it."""
     path = fold_dir / "size_training.json"
     records = json.loads(path.read_text()) if path.is_file() else []
     out = {}
     for phase in (1, 2):
         secs = [r["seconds"] for r in records if r["phase"] == phase and r.get("seconds") is not None]
         if secs:
-            out[f"phase{phase}"] = float(np.mean(secs))
+            out[f"phase{phase}"] = float(np.median(secs))
     return out
 
 
