@@ -167,14 +167,15 @@ def _arm_models(size: int) -> dict[str, tuple[str, str]]:
 
 
 def epochs_and_seconds(checkpoint_file: Path) -> tuple[int, float]:
-    """Epochs of a finished training and the seconds they took, from nnU-Net's own log in the
-    checkpoint (epoch start and end times): a training resumed after an interruption counts only
-    its epochs, not the time between the runs or the process start-ups."""
+    """Epochs of a finished training and their cost in seconds, from nnU-Net's own log in the
+    checkpoint (epoch start and end times): the number of epochs times the median epoch, so that
+    neither the time between the runs of a resumed training nor an epoch stretched by a pause or
+    another process on the machine counts."""
     import torch
 
     log = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging") or {}
-    starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
-    return len(ends), float(sum(e - s for s, e in zip(starts, ends)))
+    seconds = [e - s for s, e in zip(log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", []))]
+    return len(seconds), float(len(seconds) * np.median(seconds)) if seconds else 0.0
 
 
 def train_fold_models(ds: Path, size: int, fold: int, device: str, env: dict, logs: Path, row: dict, save) -> None:
@@ -329,8 +330,8 @@ def report(results: dict, cmd: str) -> str:
     for key, row in sorted(results.get("runs", {}).items(), key=lambda kv: (kv[1]["S"], kv[1]["atlas"])):
         atlas, size = row["atlas"], row["S"]
         lines += [f"## Trained on {ATLAS_LABELS[atlas]}, S = {size}", "",
-                  f"Training per network until the plateau rule stopped it (mean over folds; minutes of its "
-                  f"epochs, from nnU-Net's log): {_training(row)}.", ""]
+                  f"Training per network until the plateau rule stopped it (mean over folds; minutes = epochs x "
+                  f"the median epoch, from nnU-Net's log): {_training(row)}.", ""]
         for target in [t for t in row if t == "in" or t in ATLAS_IDS]:
             other = atlas if target == "in" else target
             setting = ATLAS_LABELS[atlas] + ("" if target == "in" else f" -> {ATLAS_LABELS[other]}")
