@@ -30,9 +30,9 @@ from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from benchmarks.kvasir_arms import (FAILED_JACCARD, failed_segmentations, kvasir_work_folder, plan_size,
                                    plot_examples, predict_and_score, train_arm)
-from benchmarks.reports import OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
-from benchmarks.runner import (add_budget_arguments, command_line, command_parser, publish_report, report_header,
-                               results_or_run)
+from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, publish_with_examples,
+                               record_command, report_header, results_or_run)
 
 ARMS = (("baseline", "downscaled baseline (coarse model)"), ("cascade", "two-stage cascade"),
         ("e2e_all", "end-to-end, one box around all (thesis)"), ("e2e_objects", "end-to-end, a box per object"))
@@ -248,17 +248,11 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, args.workdir.resolve() / "results_e2e.json", lambda: run_experiment(
         args.workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size, args.device,
         seed=args.seed, limit=args.limit, src=args.src, runs=args.runs), cmd)
-    if not args.report_only:  # the calls that made these results, in order (one call may add runs to another's)
-        commands = results.setdefault("commands", [])
-        if cmd not in commands:
-            commands.append(cmd)
-            write_json_atomic(results, args.workdir.resolve() / "results_e2e.json", indent=1)
-    text = report(results, " && ".join(results.get("commands") or [results.get("command", cmd)]))
-    if args.out is not None:
-        text += examples_markdown(example_figure(results, args.out.with_name(args.out.stem + "_examples.png")),
-                                  "Test images with the lowest, median and highest DSC of the end-to-end model "
-                                  "(thesis rule) at the smallest S")
-    publish_report(text, args.out)
+    commands = (" && ".join(results.get("commands") or [results.get("command", cmd)]) if args.report_only
+                else record_command(results, cmd, args.workdir.resolve() / "results_e2e.json"))
+    publish_with_examples(report(results, commands), args.out, lambda path: example_figure(results, path),
+                          "Test images with the lowest, median and highest DSC of the end-to-end model (thesis rule) "
+                          "at the smallest S")
 
 if __name__ == "__main__":
     main()

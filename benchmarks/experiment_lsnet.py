@@ -38,9 +38,10 @@ from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from benchmarks.kvasir_arms import (failed_segmentations, kvasir_work_folder, plan_size, plot_examples,
                                    predict_and_score, train_arm)
-from benchmarks.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, examples_markdown, overlap_cells
+from benchmarks.reports import OVERLAP_HEAD, OVERLAP_HEAD_PERCENT, overlap_cells
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, plan_command_line,
-                               plan_unless_planned, publish_report, report_header, results_or_run)
+                               plan_unless_planned, publish_report, publish_with_examples, report_header,
+                               results_or_run)
 
 ARMS = (("baseline", "nnU-Net 2d at S (downscaled whole image)"),
         ("cascade", "cascade, coarse segmentation as first stage"),
@@ -423,12 +424,9 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, workdir / "results_lsnet.json", lambda: run_experiment(
         workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size, args.device,
         seed=args.seed, limit=args.limit, src=args.src), cmd)
-    text = report(results, results.get("command", cmd))
-    if args.out is not None:
-        text += examples_markdown(example_figure(results, args.out.with_name(args.out.stem + "_examples.png")),
-                                  "Test images with the lowest, median and highest DSC of L-SNet (gamma 0.1) at the "
-                                  "smallest S")
-    publish_report(text, args.out)
+    publish_with_examples(report(results, results.get("command", cmd)), args.out,
+                          lambda path: example_figure(results, path),
+                          "Test images with the lowest, median and highest DSC of L-SNet (gamma 0.1) at the smallest S")
 
 
 if __name__ == "__main__":

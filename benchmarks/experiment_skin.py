@@ -47,10 +47,10 @@ import numpy as np
 
 from benchmarks.experiment_e2e import coarse_module_model
 from benchmarks.kvasir_arms import FAILED_JACCARD
-from benchmarks.reports import examples_markdown, paired_difference, score_folder
+from benchmarks.reports import paired_difference, score_folder
 from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
-                               plan_command_line, plan_unless_planned, predict_command_line, publish_report,
-                               report_header, results_or_run, run_measured, shared_data, train_fold)
+                               plan_command_line, plan_unless_planned, predict_command_line, publish_with_examples,
+                               record_command, report_header, results_or_run, run_measured, shared_data, train_fold)
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TRAINER, DEFAULT_FINE_TRAINER,
                                           coarse_config_name, e2e_config_name, fine_config_name)
 from nnunet_stseg.adapters.results import model_folder
@@ -426,17 +426,11 @@ def main(argv=None) -> None:
         args.workdir, args.sizes, args.features, args.epochs, args.iters, args.val_iters, args.patience,
         args.batch_size, args.device, folds=args.folds, run_folds=args.run_folds, seed=args.seed,
         resolution=args.resolution, limit=args.limit, atlases=tuple(args.atlases)), cmd)
-    if not args.report_only:  # the calls that made these results, in order
-        commands = results.setdefault("commands", [])
-        if cmd not in commands:
-            commands.append(cmd)
-            write_json_atomic(results, results_file, indent=1)
-    text = report(results, " && ".join(results.get("commands") or [cmd]))
-    if args.out is not None:
-        text += examples_markdown(example_figure(results, args.out.with_name(args.out.stem + "_examples.png")),
-                                  "Out of sample (fold 0's models, the smallest S): the photos with the lowest, "
-                                  "median and highest DSC of the end-to-end model")
-    publish_report(text, args.out)
+    commands = (" && ".join(results.get("commands") or [cmd]) if args.report_only
+                else record_command(results, cmd, results_file))
+    publish_with_examples(report(results, commands), args.out, lambda path: example_figure(results, path),
+                          "Out of sample (fold 0's models, the smallest S): the photos with the lowest, median and "
+                          "highest DSC of the end-to-end model")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,27 @@ def results_or_run(parser: argparse.ArgumentParser, report_only: bool, results_f
     return results
 
 
+def record_command(results: dict, cmd: str, results_file: Path) -> str:
+    """Add ``cmd`` to the results' ``commands`` (the calls that made them, in order: a later call
+    may add sizes, folds or runs to an earlier one's) and save them; returns the commands joined
+    with ``&&`` for the report's header."""
+    commands = results.setdefault("commands", [])
+    if cmd not in commands:
+        commands.append(cmd)
+        write_json_atomic(results, results_file, indent=1)
+    return " && ".join(commands)
+
+
+def publish_with_examples(text: str, out: Path | None, figure, caption: str) -> None:
+    """:func:`publish_report`; with ``out``, the example figure ``figure(<out stem>_examples.png)``
+    (None when it cannot be drawn) is drawn beside it and the report links it under ``caption``."""
+    from benchmarks.reports import examples_markdown
+
+    if out is not None:
+        text += examples_markdown(figure(out.with_name(out.stem + "_examples.png")), caption)
+    publish_report(text, out)
+
+
 def publish_report(text: str, out: Path | None) -> None:
     """Print a report and, with ``out``, write it there (atomically)."""
     from nnunet_stseg.atomic import write_atomic

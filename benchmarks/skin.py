@@ -27,7 +27,6 @@ half-written image that looks valid, and a rerun converts only what is missing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path

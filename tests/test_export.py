@@ -121,6 +121,28 @@ def test_plugin_plans_use_it_and_export_writes_the_same_file(tmp_path, small_sla
     assert written["ours"][..., 0].max() == 0 and written["ours"].max() == 2  # the cropped-away border is background
 
 
+@pytest.mark.parametrize("as_numpy", [False, True])
+@pytest.mark.parametrize("labels", [LABELS, REGIONS], ids=["labels", "regions"])
+def test_uncropped_probabilities_are_not_copied(as_numpy, labels):
+    """nnU-Net allocates a second K x volume array to put the probabilities back into the
+    uncropped image; for a case that was not cropped ours returns the same array (the same values),
+    and a cropped case still gets nnU-Net's copy with the background around it."""
+    label_dict, order = labels if isinstance(labels, tuple) else (labels, None)
+    ours, theirs = SlabwiseLabelManager(label_dict, order), LabelManager(label_dict, order)
+    probs = ours.apply_inference_nonlin(_logits((6, 5, 4), k=theirs.num_segmentation_heads, ties=False))
+    probs = probs.numpy() if as_numpy else probs
+    whole = [[0, 6], [0, 5], [0, 4]]
+    kept = ours.revert_cropping_on_probabilities(probs, whole, (6, 5, 4))
+    assert kept is probs
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(theirs.revert_cropping_on_probabilities(probs, whole,
+                                                                                                       (6, 5, 4))))
+    cropped = [[1, 7], [0, 5], [2, 6]]
+    out, ref = (ours.revert_cropping_on_probabilities(probs, cropped, (8, 5, 7)),
+                theirs.revert_cropping_on_probabilities(probs, cropped, (8, 5, 7)))
+    assert out is not probs and tuple(out.shape) == (len(probs), 8, 5, 7)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
 def test_release_freed_heap_returns_retained_pages_to_the_system():
     """Arrays of a few MiB freed in the middle of glibc's heap stay resident until
     ``release_freed_heap`` (the pattern the geometry makes with many objects) for a case of

@@ -360,7 +360,8 @@ class SlabwiseLabelManager(LabelManager):
     parent's own conversion and lands in the dtype nnU-Net's export stores anyway (uint8 below 255
     labels, else uint16), so the label map is the same (ties included: it is nnU-Net's code on each
     slab) and the extra memory is one slab. With ``--save_probabilities`` the float32 probabilities
-    are written slab by slab into the one array the export keeps.
+    are written slab by slab into the one array the export keeps, and an uncropped case keeps that
+    array instead of a copy of it.
 
     >>> lm = SlabwiseLabelManager({"background": 0, "a": 1, "b": 2}, None)
     >>> logits = torch.tensor([[[0., 5.]], [[1., 0.]], [[0., 1.]]]).half()  # (K=3, 1, 2)
@@ -402,6 +403,16 @@ class SlabwiseLabelManager(LabelManager):
         if isinstance(logits, np.ndarray):
             logits = torch.from_numpy(logits)
         return self._slabwise(logits, super().apply_inference_nonlin, True, torch.float32)
+
+    def revert_cropping_on_probabilities(self, predicted_probabilities, bbox, original_shape):
+        """nnU-Net's, without its copy when the case was not cropped (the bounding box is the whole
+        image): the probabilities are then the uncropped array already, the values nnU-Net's copy
+        would hold, and that second K x volume float32 array was the largest of the export."""
+        full = tuple(int(n) for n in original_shape)
+        if tuple(predicted_probabilities.shape[1:]) == full and all(
+                int(lo) == 0 and int(hi) == n for (lo, hi), n in zip(bbox, full)):
+            return predicted_probabilities
+        return super().revert_cropping_on_probabilities(predicted_probabilities, bbox, original_shape)
 
     def convert_probabilities_to_segmentation(self, predicted_probabilities):
         if not isinstance(predicted_probabilities, (np.ndarray, torch.Tensor)) or predicted_probabilities.ndim < 2:
