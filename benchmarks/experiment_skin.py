@@ -327,6 +327,12 @@ def report(results: dict, cmd: str) -> str:
              "failed = photos with Jaccard < 0.65 per model; ms per photo of the out-of-sample prediction calls "
              "(model loading included). Thesis: seed 003, Table 5.5 (Adam 1e-4, plateau LR cuts, best model by "
              "validation loss, its own U-Net; photos 300-550 px resized to 1024 x 1024).", ""]
+    done = {key: min((len(c) for t in row if t == "in" or t in ATLAS_IDS for c in row[t].values()), default=0)
+            for key, row in results.get("runs", {}).items()}
+    if any(n < b["folds"] for n in done.values()):
+        lines += ["**Partial results** (the run goes on): " + ", ".join(
+            f"{ATLAS_LABELS[results['runs'][k]['atlas']]} at S = {results['runs'][k]['S']}: {n} of {b['folds']} folds"
+            for k, n in sorted(done.items())) + ". A table of fewer folds is not yet the experiment's answer.", ""]
     for key, row in sorted(results.get("runs", {}).items(), key=lambda kv: (kv[1]["S"], kv[1]["atlas"])):
         atlas, size = row["atlas"], row["S"]
         lines += [f"## Trained on {ATLAS_LABELS[atlas]}, S = {size}", "",
