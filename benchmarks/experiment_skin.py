@@ -278,9 +278,10 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
 
 
 def arm_scores(cell: dict) -> dict | None:
-    """Pooled scores of one arm in one setting (``{fold: prediction}``): per prediction DSC,
-    Jaccard, thresholded Jaccard (arrays in the order of ``keys``: (case, fold) pairs), the
-    per-photo means over folds (for the paired comparisons) and ms per photo."""
+    """Pooled scores of one arm in one setting (``{fold: prediction}``): DSC, Jaccard and
+    thresholded Jaccard of every prediction (arrays over the (fold, photo) pairs), failed photos per
+    model, the per-photo means over the models that predicted each photo (for the paired
+    comparisons) and ms per photo."""
     if not cell:
         return None
     keys, dice, iou = [], [], []

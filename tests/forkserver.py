@@ -51,9 +51,9 @@ FINGERPRINT_SAMPLES = 1e6
 def sample_fewer_foreground_intensities() -> None:
     """nnU-Net's dataset fingerprint draws 1e8 foreground intensities per channel (with
     replacement, so as many for 8 tiny test images as for a thousand CT volumes) and takes their
-    percentiles: 30-130 s of a 2-core CPU per 3-channel plan. The tests' datasets, with a few
-    thousand foreground voxels, draw :data:`FINGERPRINT_SAMPLES` (the statistics differ in the
-    third decimal); planning is otherwise nnU-Net's. Idempotent."""
+    percentiles: 134 s for eight 32 x 32 RGB photos on the busy 2-core machine, 13 s with 1e6
+    draws. The tests' datasets, a few thousand foreground voxels each, draw
+    :data:`FINGERPRINT_SAMPLES`; planning is otherwise nnU-Net's. Idempotent."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
     init = DatasetFingerprintExtractor.__init__
