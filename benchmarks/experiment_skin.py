@@ -216,7 +216,9 @@ def predict_scored(images: Path, labels: Path, out: Path, dataset_id: int, confi
 def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, iters: int, val_iters: int,
                    patience: int, batch_size: int, device: str, folds: int = 5, run_folds: list[int] | None = None,
                    seed: int = 0, resolution: int = 512, limit: int | None = None,
-                   atlases: tuple[str, ...] = ("dermis", "dermquest")) -> dict:
+                   atlases: tuple[str, ...] = ("dermis", "dermquest"), command: str | None = None) -> dict:
+    """Every training, prediction and score still missing; ``command`` (the call) is recorded
+    in the results from the start, so a report rebuilt while the run goes on names it."""
     from benchmarks.skin import install_folds
 
     workdir = Path(workdir).resolve()
@@ -232,6 +234,8 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         "batch_size": batch_size, "device": device, "folds": folds, "seed": seed, "resolution": resolution,
         "limit": limit}})
     results.setdefault("runs", {})
+    if command and command not in results.setdefault("commands", []):
+        results["commands"].append(command)
     results_root = Path(env["nnUNet_results"])
 
     def save() -> None:
@@ -432,7 +436,7 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, results_file, lambda: run_experiment(
         args.workdir, args.sizes, args.features, args.epochs, args.iters, args.val_iters, args.patience,
         args.batch_size, args.device, folds=args.folds, run_folds=args.run_folds, seed=args.seed,
-        resolution=args.resolution, limit=args.limit, atlases=tuple(args.atlases)), cmd)
+        resolution=args.resolution, limit=args.limit, atlases=tuple(args.atlases), command=cmd), cmd)
     commands = (" && ".join(results.get("commands") or [cmd]) if args.report_only
                 else record_command(results, cmd, results_file))
     publish_with_examples(report(results, commands), args.out, lambda path: example_figure(results, path),

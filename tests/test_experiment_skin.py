@@ -131,6 +131,7 @@ def test_skin_experiment_smoke_and_resume(tmp_path, monkeypatch):
     assert ("Dataset750_DermIS32", "fold_0", "2d_sts_coarse_16_of_2d_sts_e2e_16", "0") in predicted
     assert ("Dataset751_DermQuest32", "imagesTr", "2d_sts_fine_16_x2", "0") in predicted  # DermIS -> DermQuest
     results = json.loads((work / "results_skin.json").read_text())
+    assert results["commands"] == [experiment.command_line(experiment.command_parser("experiment_skin", None), args)]
     row = results["runs"]["dermis 16"]
     folds = json.loads((work / "nnUNet_raw" / "Dataset750_DermIS32" / "stseg_split.json").read_text())["folds"]
     assert sorted(row["in"]["e2e"]["0"]["cases"]) == folds[0]["test"]
