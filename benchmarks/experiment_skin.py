@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,8 @@ def second_schedule_configurations(plans_file: Path, size: int) -> tuple[str, st
     coarse, fine = coarse_config_name("2d", size), fine_config_name("2d", size)
     names = coarse + SECOND, fine + SECOND
     if not all(n in configs for n in names):
-        configs[names[0]] = json.loads(json.dumps(configs[coarse]))
-        configs[names[1]] = json.loads(json.dumps(configs[fine]))
+        configs[names[0]] = deepcopy(configs[coarse])
+        configs[names[1]] = deepcopy(configs[fine])
         configs[names[1]]["sts"]["coarse_configuration"] = names[0]
         write_json_atomic(plans, plans_file, indent=1)
     return names
@@ -288,16 +289,11 @@ def arm_scores(cell: dict) -> dict | None:
     comparisons) and ms per photo."""
     if not cell:
         return None
-    keys, dice, iou = [], [], []
-    for fold, pred in sorted(cell.items()):
+    per_photo: dict[str, list[tuple[float, float]]] = {}  # photo -> (DSC, Jaccard) of each model
+    for _, pred in sorted(cell.items()):
         for case, m in sorted(pred["cases"].items()):
-            keys.append((case, fold))
-            dice.append(m["Dice"])
-            iou.append(m["IoU"])
-    dice, iou = np.array(dice), np.array(iou)
-    per_photo = {}
-    for (case, _), d, j in zip(keys, dice, iou):
-        per_photo.setdefault(case, []).append((d, j))
+            per_photo.setdefault(case, []).append((m["Dice"], m["IoU"]))
+    dice, iou = (np.array([v[i] for vs in per_photo.values() for v in vs]) for i in (0, 1))
     n_folds = len(cell)
     return {"dice": dice, "iou": iou, "th_jaccard": thresholded_jaccard(iou), "folds": n_folds,
             "failed_per_model": float((iou < FAILED_JACCARD).sum()) / n_folds,
