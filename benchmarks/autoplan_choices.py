@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.runner import (command_line, command_parser, find_command, pipeline_env, publish_report,
+from benchmarks.runner import (command_line, command_parser, find_command, pipeline_env, publish_report, raw_dataset,
                                report_header, run, shared_data)
 
 DATASETS = {701: "Cardiac Fat CT", 704: "hippocampus (MSD Task04)", 705: "CHAOS T2 MR", 722: "Kvasir-SEG 256²",
@@ -35,7 +35,7 @@ REFERENCES = {
 
 def link_dataset(raw: Path, dataset_id: int) -> Path | None:
     """The shared raw dataset ``dataset_id`` linked into the work folder's ``raw`` (None if absent)."""
-    source = next(iter(sorted((shared_data() / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*"))), None)
+    source = raw_dataset(shared_data() / "nnUNet_raw", dataset_id)
     if source is None:
         return None
     target = raw / source.name
@@ -47,9 +47,9 @@ def link_dataset(raw: Path, dataset_id: int) -> Path | None:
 def kvasir_dataset(raw: Path, dataset_id: int, size: int | None) -> Path | None:
     from benchmarks.kvasir import convert_kvasir
 
-    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
-    if existing:
-        return existing[0]
+    existing = raw_dataset(raw, dataset_id)
+    if existing is not None:
+        return existing
     src = shared_data() / "kvasir-seg"
     if not src.is_dir():
         return None

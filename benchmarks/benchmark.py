@@ -48,10 +48,13 @@ oracle mask makes the number of crops equal the number of objects.
 """
 from __future__ import annotations
 
+import cProfile
 import multiprocessing as mp
 import os
+import pstats
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -258,13 +261,15 @@ def _forward_limit(ctx: dict, n_crops: int, tta: bool) -> float:
 
 def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None, tta: bool, seed: int,
               resampling: str = "antialiased", repeats: int = 1, probabilities: bool = False,
-              forward_limit: bool = False) -> dict:
+              forward_limit: bool = False, profile: int = 0) -> dict:
     """The cascade on one generated case, then nnU-Net's export of its logits: one warm-up, then
     ``repeats`` timed runs (each prediction + export, the previous one's result released first);
     the stage seconds are those of the fastest run; the peak covers the timed runs. Without
     ``probabilities`` as ``nnUNetv2_predict`` without ``--save_probabilities`` runs it (the cascade
     hands the export its label map), with it as with that flag (full-size logits, probabilities exported).
-    ``forward_limit``: also time the networks alone on the same inputs (``limit_s``; 4 more passes)."""
+    ``forward_limit``: also time the networks alone on the same inputs (``limit_s``; 4 more passes).
+    ``profile``: print the ``profile`` functions of the timed predictions that took longest in
+    themselves (cProfile; the seconds then include its overhead)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     ctx = _setup(kind, shape, n_objects, size, features, tta, seed, resampling, standard=False)
@@ -282,9 +287,14 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
     peak_before_reset_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reset = _reset_peak_rss()
     best = None
+    profiler = cProfile.Profile() if profile else None
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         logits = cascade.predict_logits_from_preprocessed_data(x)
+        if profiler is not None:
+            profiler.disable()
         t_cascade = time.perf_counter() - t0
         timings, stages = dict(cascade.last_timings), dict(cascade.stage_seconds)
         peak_before_export_mb = _status_mb("VmHWM") if reset else float("nan")  # the prediction alone
@@ -297,6 +307,9 @@ def _run_case(kind: str, shape, n_objects: int, size: int, features: int | None,
         if best is None or total < best[0]:
             best = (total, t_cascade, t_export, timings, stages, peak_before_export_mb)
     total, t_cascade, t_export, timings, stages, peak_before_export_mb = best
+    if profiler is not None:
+        print(f"--- profile of the prediction, {n_objects} objects ({timings['n_boxes']} crops) ---", flush=True)
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(profile)
     peak_predict_mb = _status_mb("VmHWM") if reset else float("nan")
     peak_mb = max(peak_before_reset_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   peak_predict_mb if reset else 0.0)
@@ -509,6 +522,9 @@ def main(argv=None) -> None:
                    help="--memory: rebuild the report from the rows an earlier run kept (<out>.json), measuring nothing")
     p.add_argument("--memory_with_probabilities", action="store_true",
                    help="--memory: also the first object count as with --save_probabilities")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="--memory: print the N functions of each row's timed prediction that took longest in "
+                        "themselves (cProfile)")
     p.add_argument("--memory_standard_step", type=float, default=1.0,
                    help="--memory: tile step of nnU-Net's 3d_fullres arm (1.0: no overlap, same arrays as 0.5; 0: "
                         "leave the arm out)")
@@ -590,7 +606,7 @@ def memory(args, cmd: str) -> str:
     runs += [(args.memory_objects[0], True)] if args.memory_with_probabilities else []
     for n, probabilities in runs:
         r = _in_fresh_process(_run_case, ("3d", shape, n, args.size, args.features, args.tta, args.seed,
-                                             args.coarse_resampling[-1], 1, probabilities))
+                                             args.coarse_resampling[-1], 1, probabilities, False, args.profile))
         rows.append(r)
         print(r, flush=True)
     standard = None

@@ -4,7 +4,6 @@ overlapping crops and their bounding boxes, the most memory the crops kept for o
 
     python -m benchmarks.crop_groups 500x512x512 50     # shape, objects (random-weight networks, oracle coarse)
 """
-import os
 import resource
 import sys
 import time

@@ -33,7 +33,7 @@ import numpy as np
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from benchmarks.reports import OVERLAP_HEAD, overlap_cells, overlap_means
 from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, machine_line,
-                               per_patient_split, pipeline_env, plan_command_line, plan_unless_planned,
+                               per_patient_split, pipeline_env, plan_command_line, plan_unless_planned, raw_dataset,
                                set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import overlap
 
@@ -150,7 +150,7 @@ def run_experiment(workdir: Path, features: int, batch_size: int, epochs: int, i
                    command: str = "", val_mirroring: bool = True) -> dict:
     workdir = Path(workdir).resolve()
     raw = Path(raw) if raw else shared_data() / "nnUNet_raw"
-    ds_raw = next(iter(sorted(raw.glob(f"Dataset{DATASET_ID}_*"))), None) if raw.is_dir() else None
+    ds_raw = raw_dataset(raw, DATASET_ID)
     if ds_raw is None:
         raise SystemExit(f"Cardiac Fat CT dataset (Dataset{DATASET_ID}_*) not found under {raw}; pass --raw")
     env = pipeline_env(workdir, epochs, iters)

@@ -43,8 +43,8 @@ import numpy as np
 from benchmarks.experiment_sizes import TRAINER, epoch_seconds, score
 from benchmarks.hippocampus import DATASET_ID, SOURCE_ID, convert_hippocampus
 from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, find_command,
-                               pipeline_env, predict_command_line, publish_report, report_header, results_or_run,
-                               run, run_measured, set_batch_size, shared_data, train_fold)
+                               pipeline_env, predict_command_line, publish_report, raw_dataset, report_header,
+                               results_or_run, run, run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 
 M_VALUES = ("16", "32", "64", "128", "256", "512", "all")
@@ -192,7 +192,7 @@ def run_experiment(workdir: Path, m_values: list[str], seeds: list[int], split_s
     env_sizes = {**pipeline_env(workdir, epochs, iters, val_iters), "STSEG_PATIENCE": str(patience_sizes), **common}
     raw = Path(env_pre["nnUNet_raw"])
     raw.mkdir(parents=True, exist_ok=True)
-    src = src or next(iter(sorted((shared_data() / "nnUNet_raw").glob(f"Dataset{SOURCE_ID}_*"))), None)
+    src = src or raw_dataset(shared_data() / "nnUNet_raw", SOURCE_ID)
     if src is None:
         raise SystemExit(f"Dataset{SOURCE_ID}_Hippocampus not found under {shared_data() / 'nnUNet_raw'}; pass --src")
     source = convert_hippocampus(src, raw, DATASET_ID, seed=split_seed)

@@ -46,9 +46,9 @@ from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from benchmarks.kvasir_arms import (MISSED_DICE, per_case_dice, per_image_stats, plot_examples, predict_and_score,
                                    train_arm)
 from benchmarks.reports import OVERLAP_HEAD_PERCENT, overlap_cells
-from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, link_into,
-                               pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
-                               report_header, run, run_measured, set_batch_size, shared_data)
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, link_into, pipeline_env,
+                               plan_command_line, plan_unless_planned, predict_command_line, raw_dataset, report_header,
+                               run, run_measured, set_batch_size, shared_data)
 
 # seed 002 (Segment-then-segment), Table A1, polyp, U-Net backbone: size -> (DSC, IoU, Prec, Rec) mean %
 PUBLISHED = {
@@ -82,10 +82,8 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
     logs.mkdir(parents=True, exist_ok=True)
     src = Path(src) if src else shared_data() / "kvasir-seg"
     raw = Path(env["nnUNet_raw"])
-    ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
-    if ds_dirs:
-        ds = ds_dirs[0]
-    else:
+    ds = raw_dataset(raw, dataset_id)
+    if ds is None:
         ids = kvasir_ids(src)[:limit] if limit else None
         ds = convert_kvasir(src, raw, dataset_id, size=256, seed=seed, ids=ids)
     dataset_json = json.loads((ds / "dataset.json").read_text())
@@ -132,9 +130,8 @@ def run_native_experiment(workdir: Path, sizes: list[int], features: int, epochs
     logs.mkdir(parents=True, exist_ok=True)
     src = Path(src) if src else shared_data() / "kvasir-seg"
     raw = Path(env["nnUNet_raw"])
-    ds_dirs = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
-    ds = ds_dirs[0] if ds_dirs else convert_kvasir(src, raw, dataset_id, size=None, seed=seed,
-                                                   ids=kvasir_ids(src)[:limit] if limit else None)
+    ds = raw_dataset(raw, dataset_id) or convert_kvasir(src, raw, dataset_id, size=None, seed=seed,
+                                                        ids=kvasir_ids(src)[:limit] if limit else None)
     dataset_json = json.loads((ds / "dataset.json").read_text())
     n_test = len(list((ds / "imagesTs").glob("*.png")))
     pp = Path(env["nnUNet_preprocessed"]) / ds.name

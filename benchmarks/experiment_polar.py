@@ -58,7 +58,7 @@ from nnunet_stseg.atomic import write_json_atomic
 from benchmarks.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
 from benchmarks.runner import (CARDIAC_FAT_ID, add_budget_arguments, command_line, command_parser, link_into,
                                pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
-                               prepare_cardiac, report_header, run_measured, shared_data, train_fold)
+                               prepare_cardiac, raw_dataset, report_header, run_measured, shared_data, train_fold)
 from nnunet_stseg.core.centres import detection_by_threshold
 from nnunet_stseg.settings import overrides_env
 
@@ -111,9 +111,8 @@ def _prepare_kvasir(workdir: Path, env: dict, seed: int, limit: int | None = Non
     if not (src / "images").is_dir():
         raise SystemExit(f"Kvasir-SEG not found at {src}")
     raw = Path(env["nnUNet_raw"])
-    found = sorted(raw.glob(f"Dataset{KVASIR_ID}_*")) if raw.is_dir() else []
     ids = kvasir_ids(src)[:limit] if limit else None
-    ds = found[0] if found else convert_kvasir(src, raw, KVASIR_ID, size=256, seed=seed, ids=ids)
+    ds = raw_dataset(raw, KVASIR_ID) or convert_kvasir(src, raw, KVASIR_ID, size=256, seed=seed, ids=ids)
     return ds, [(0, sorted((ds / "imagesTs").glob("*.png")))]
 
 

@@ -39,9 +39,9 @@ import numpy as np
 
 from nnunet_stseg.adapters.config import DEFAULT_SIZES_TRAINER
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
-from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate,
-                               find_command, per_patient_split, pipeline_env, predict_command_line,
-                               report_header, run, run_measured, set_batch_size, shared_data, train_fold)
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate, find_command,
+                               per_patient_split, pipeline_env, predict_command_line, raw_dataset, report_header, run,
+                               run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 TRAINER = DEFAULT_SIZES_TRAINER
@@ -72,10 +72,8 @@ def kvasir_source(workdir: Path, raw: Path, size: int, seed: int, src: Path | No
     """Kvasir-SEG at size x size with its seeded split; one 'fold': train, val, test case lists."""
     from benchmarks.kvasir import SPLIT_FILE, convert_kvasir, kvasir_ids
 
-    existing = sorted(raw.glob(f"Dataset{KVASIR_BASE_ID:03d}_*"))
-    if existing:
-        ds = existing[0]
-    else:
+    ds = raw_dataset(raw, KVASIR_BASE_ID)
+    if ds is None:
         src = Path(src) if src else shared_data() / "kvasir-seg"
         ds = convert_kvasir(src, raw, KVASIR_BASE_ID, name=f"KvasirSEG{size}Full", size=size, seed=seed,
                             ids=kvasir_ids(src)[:limit] if limit else None)
@@ -98,7 +96,7 @@ def cardiac_slices(raw: Path, size: int, min_fraction: float = 0.01, limit: int 
     out = raw / f"Dataset{CARDIAC_BASE_ID:03d}_CardiacFatSlices{size}"
     if (out / "dataset.json").is_file():
         return out
-    src = next(iter(sorted((shared_data() / "nnUNet_raw").glob(f"Dataset{CARDIAC_FAT_ID}_*"))), None)
+    src = raw_dataset(shared_data() / "nnUNet_raw", CARDIAC_FAT_ID)
     if src is None:
         raise SystemExit(f"Cardiac Fat CT (Dataset{CARDIAC_FAT_ID}_*) not found under {shared_data() / 'nnUNet_raw'}")
     for sub in ("imagesTr", "labelsTr"):
@@ -159,8 +157,8 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
     from nnunet_stseg.adapters.size_labels import simulate_size_labels
 
     raw, pp_root = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
-    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
-    name = existing[0].name if existing else None
+    existing = raw_dataset(raw, dataset_id)
+    name = existing.name if existing else None
     plans_file = pp_root / (name or "none") / "nnUNetPlans.json"
     if name is None or not plans_file.is_file():
         ds = simulate_size_labels(source, raw, dataset_id, pixel_cases, cases=cases,

@@ -157,7 +157,7 @@ def convert_hippocampus(src: str | Path, raw_root: str | Path, dataset_id: int =
 
 
 def main(argv=None) -> None:
-    from benchmarks.runner import shared_data
+    from benchmarks.runner import raw_dataset, shared_data
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.hippocampus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.raw_root is None:
         p.error("--raw_root or $nnUNet_raw is needed")
-    src = args.src or next(iter(sorted((shared_data() / "nnUNet_raw").glob(f"Dataset{SOURCE_ID}_*"))), None)
+    src = args.src or raw_dataset(shared_data() / "nnUNet_raw", SOURCE_ID)
     if src is None:
         p.error(f"Dataset{SOURCE_ID}_Hippocampus not found under {shared_data() / 'nnUNet_raw'}; pass --src")
     out = convert_hippocampus(src, args.raw_root, args.dataset_id, args.seed)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks.runner import (evaluate, link_into, pipeline_env, plan_command_line, plan_unless_planned,
-                               predict_command_line, run_measured, shared_data, train_fold)
+                               predict_command_line, raw_dataset, run_measured, shared_data, train_fold)
 from nnunet_stseg.adapters.config import coarse_config_name
 from nnunet_stseg.atomic import write_json_atomic
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
@@ -41,10 +41,9 @@ def kvasir_work_folder(workdir: Path, epochs: int, iters: int, seed: int = 0, li
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     raw = Path(env["nnUNet_raw"])
-    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     src = Path(src) if src else shared_data() / "kvasir-seg"
-    ds = existing[0] if existing else convert_kvasir(src, raw, dataset_id, size=size, seed=seed,
-                                                     ids=kvasir_ids(src)[:limit] if limit else None)
+    ds = raw_dataset(raw, dataset_id) or convert_kvasir(src, raw, dataset_id, size=size, seed=seed,
+                                                        ids=kvasir_ids(src)[:limit] if limit else None)
     val_images, val_labels = validation_folders(ds, workdir)
     return SimpleNamespace(workdir=workdir, env=env, logs=logs, ds=ds,
                            dataset_json=json.loads((ds / "dataset.json").read_text()),

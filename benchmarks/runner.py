@@ -43,6 +43,17 @@ class _DataFolder(argparse.Action):
         setattr(namespace, self.dest, _data_folder)
 
 
+def raw_dataset(raw_root: Path | str, dataset_id: int) -> Path | None:
+    """The folder ``Dataset<id>_*`` under ``raw_root`` (the first by name; None when there is none
+    or no such root): a dataset an earlier run converted, or a shared one.
+
+    >>> raw_dataset("/nonexistent", 704) is None
+    True
+    """
+    raw_root = Path(raw_root)
+    return next(iter(sorted(raw_root.glob(f"Dataset{int(dataset_id):03d}_*"))), None) if raw_root.is_dir() else None
+
+
 def command_parser(name: str, description: str | None) -> argparse.ArgumentParser:
     """The parser of ``python -m benchmarks.<name>`` (its docstring as the help text), with ``--data``."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description,
@@ -213,7 +224,7 @@ def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Pa
     Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs)."""
     if dataset is None:
         raw = shared_data() / "nnUNet_raw"
-        ds = next(iter(sorted(raw.glob(f"Dataset{CARDIAC_FAT_ID}_*"))), None) if raw.is_dir() else None
+        ds = raw_dataset(raw, CARDIAC_FAT_ID)
         if ds is None:
             raise SystemExit(f"Cardiac Fat CT dataset (Dataset{CARDIAC_FAT_ID}_*) not found under {raw}")
     else:

@@ -52,12 +52,18 @@ def test_scaling_report_and_plot(tmp_path):
     assert not list(tmp_path.glob(".tmp_*"))
 
 
-def test_memory_report(tmp_path, monkeypatch):
+def test_memory_report(tmp_path, monkeypatch, capfd):
     out, scratch = tmp_path / "memory.md", tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the benchmark's work folders go here
     main(["--memory", "-s", "32", "--features", "4", "--memory_shape", "16", "48", "48", "--memory_objects", "1", "3",
-          "--memory_with_probabilities", "--out", str(out)])
+          "--memory_with_probabilities", "--profile", "4", "--out", str(out)])
+    printed = capfd.readouterr().out
+    # each row's profile: its header, then cProfile's table of the 4 functions longest in themselves
+    for header in re.findall(r"--- profile of the prediction, (\d) objects \(\d+ crops\) ---", printed):
+        assert header in "13"
+    assert len(re.findall(r"--- profile of the prediction", printed)) == 3
+    assert len(re.findall(r"List reduced from \d+ to 4 due to restriction <4>", printed)) == 3
     text = out.read_text()
     table = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| cascade")]
     assert [(r[0], r[1]) for r in table] == [("cascade", "1"), ("cascade", "3"), ("cascade, --save_probabilities", "1")]

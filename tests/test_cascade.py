@@ -239,22 +239,25 @@ def random_case(seed: int, shape: tuple[int, ...], grid: tuple[int, ...], k: int
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("case", ["3d", "3d regions", "2d stage", "proposals", "whole", "empty", "3d slabs",
-                                  "3d regions slabs"])
+                                  "3d regions slabs", "3d two classes", "3d two classes slabs"])
 def test_label_map_without_canvas_is_the_canvas_converted(case, seed, monkeypatch):
     """``to_labels``: the label map built crop group by crop group equals, voxel for voxel, the
     full canvas converted as a whole (what the export made of it before), for many touching and
     separate objects, objects on the border, overlapping crops fused across batches, regions, a 2D
-    stage, recall-first proposals with confirmation, both fallbacks, an empty volume, and groups
-    fused a slab of 3 slices at a time (slabs that cut boxes, boxes that miss a slab)."""
+    stage, recall-first proposals with confirmation, both fallbacks, an empty volume, one
+    foreground class (its own fast paths), and groups fused a slab of 3 slices at a time (slabs
+    that cut boxes, boxes that miss a slab), converted a slice at a time."""
     from nnunet_stseg.core import cascade
 
     if case.endswith("slabs"):
         monkeypatch.setattr(cascade, "GROUP_SLAB_VOXELS", 3 * 64 * 72)
+        monkeypatch.setattr(cascade, "LABEL_CHUNK_VOXELS", 64 * 72)
         case = case[:-len(" slabs")]
     multilabel = case == "3d regions"
-    k = 3
+    k = 2 if case == "3d two classes" else 3
     shape, grid = ((1, 64, 72), (1, 16, 18)) if case == "2d stage" else ((16, 64, 72), (4, 16, 18))
-    density = {"empty": 5.0, "whole": 5.0}.get(case, (0.2 if case == "2d stage" else 0.35) + 0.1 * (seed % 3))
+    density = {"empty": 5.0, "whole": 5.0}.get(case, {"2d stage": 0.2, "3d two classes": 0.05}.get(case, 0.35)
+                                                + 0.1 * (seed % 3))
     coarse, image, fine = random_case(seed, shape, grid, k, multilabel, density)
     params = dict(patch_size=(1, 16, 16) if case == "2d stage" else (8, 12, 12), min_object_size=3)
     if case == "proposals":

@@ -221,17 +221,20 @@ def segment_then_segment(coarse: torch.Tensor, image: torch.Tensor,
     return result
 
 
-GROUP_SLAB_VOXELS = 1 << 24
-"""Voxels of one slab of a group's bounding box when its crops are fused into labels (16 M: a
-two-class half-precision canvas of 64 MiB): a group of crops as large as the volume costs a slab."""
+GROUP_SLAB_VOXELS = 1 << 23
+"""Voxels of one slab of a group's bounding box when its crops are fused into labels (8 M: a
+two-class float32 canvas of 64 MiB): a group of crops as large as the volume costs a slab."""
+
+LABEL_CHUNK_VOXELS = 1 << 21
+"""Voxels of a fused slab rounded to half precision and converted to labels at a time (2 M)."""
 
 
 class _CropGroups:
     """The label map of a case built from its crops without a full-size probability canvas: the
     crops of each group of overlapping crops (:func:`overlap_groups`) are kept (patch-sized) until
     the group's last crop is in; then the group's bounding box is fused a slab of
-    :data:`GROUP_SLAB_VOXELS` at a time on a half-precision canvas (the same fusion, in the same
-    order, as on the full canvas), converted by ``to_labels``, and its foreground written into the
+    :data:`GROUP_SLAB_VOXELS` at a time (the same fusion, in the same order, as on the full canvas,
+    the same half-precision values), converted by ``to_labels``, and its foreground written into the
     background label map. No array of the group's (or the volume's) size but the label map."""
 
     def __init__(self, boxes: np.ndarray, shape: tuple[int, ...], k: int, device, to_labels, multilabel: bool):
@@ -273,25 +276,40 @@ class _CropGroups:
         hull = self.hull[g]
         size = hull[:, 1] - hull[:, 0]
         seconds = 0.0
-        for a, b in slab_ranges(int(size[0]), int(np.prod(size[1:])), GROUP_SLAB_VOXELS):
+        slabs = slab_ranges(int(size[0]), int(np.prod(size[1:])), GROUP_SLAB_VOXELS)
+        # The slab is fused in float32 and rounded to half precision once, before the conversion:
+        # the OR is a min / max, which commutes with rounding, so these are the half canvas's values
+        # bit for bit, without mixed-precision arithmetic for every crop. One buffer of each for
+        # every slab (a fresh large array costs its page faults every slab).
+        plane = int(np.prod(size[1:]))
+        fused = torch.empty(self.k * max(b - a for a, b in slabs) * plane, dtype=torch.float32, device=self.device)
+        chunks = slab_ranges(max(b - a for a, b in slabs), plane, LABEL_CHUNK_VOXELS)
+        half = torch.empty(self.k * max(b - a for a, b in chunks) * plane, dtype=torch.float16, device=self.device)
+        for a, b in slabs:
             window = hull.copy()
             window[0] = (hull[0, 0] + a, hull[0, 0] + b)
-            canvas = torch.zeros((self.k, *(int(v) for v in window[:, 1] - window[:, 0])), dtype=torch.float16,
-                                 device=self.device)
+            shape = (self.k, *(int(v) for v in window[:, 1] - window[:, 0]))
+            canvas = fused[:int(np.prod(shape))].view(shape)
+            canvas.zero_()
             if not self.multilabel:
                 canvas[0] = 1.0
             earlier: list[np.ndarray] = []
             for p, i in crops:
                 box = self.boxes[i]
+                if not (box[0, 0] < window[0, 1] and box[0, 1] > window[0, 0]):
+                    continue  # outside this slab
                 # a crop that meets no earlier one is copied in (an empty list of pasted boxes);
                 # else OR-ed with the canvas everywhere (no coverage)
                 fuse_crops(p[None], box[None], self.shape, multilabel=self.multilabel, mode="linear", coverage=False,
                            covered=None if boxes_meet(box, earlier) else [], out=canvas, window=window)
                 earlier.append(box)
             t0 = clock()
-            labels = _as_numpy(self.to_labels(canvas))
+            for c0, c1 in slab_ranges(b - a, plane, LABEL_CHUNK_VOXELS):
+                part = canvas[:, c0:c1]
+                labels = _as_numpy(self.to_labels(half[:part.numel()].view(part.shape).copy_(part)))
+                chunk = window.copy()
+                chunk[0] = (window[0, 0] + c0, window[0, 0] + c1)
+                np.copyto(self.labels[_box_slices(chunk)], labels, where=labels != self.background)
             seconds += clock() - t0
-            del canvas
-            found = labels != self.background
-            self.labels[_box_slices(window)][found] = labels[found]
+            del canvas, labels
         return seconds

@@ -107,18 +107,25 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
                 seen = None if covered is None else covered[sl[1:]]
             if fresh or (seen is not None and not bool(seen.any())):
                 fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
+            elif seen is None:  # the OR everywhere, straight into the canvas (min / max are exact, then rounded)
+                region = fused[sl]
+                if multilabel:
+                    torch.maximum(region, pasted, out=region)
+                else:
+                    torch.minimum(region[:1], pasted[:1], out=region[:1])
+                    torch.maximum(region[1:], pasted[1:], out=region[1:])
             else:
                 region = fused[sl]
-                # the OR, computed into the pasted values where no crop came before (certain
-                # background there gives the pasted values themselves)
-                combined = pasted if seen is None else pasted.clone()
+                # the OR, computed into a copy of the pasted values where no crop came before
+                # (certain background there gives the pasted values themselves)
+                combined = pasted.clone()
                 if multilabel:
                     torch.maximum(combined, region, out=combined)
                 else:
                     torch.minimum(combined[:1], region[:1], out=combined[:1])
                     torch.maximum(combined[1:], region[1:], out=combined[1:])
                 # first crop over a voxel replaces what the canvas had there (certain background: the same)
-                fused[sl] = combined if seen is None else torch.where(seen, combined, pasted)
+                fused[sl] = torch.where(seen, combined, pasted)
                 del combined
             del pasted, seen
             if isinstance(covered, torch.Tensor):

@@ -412,6 +412,9 @@ def foreground_extents(probs: torch.Tensor, labels: np.ndarray, boxes: np.ndarra
     """
     boxes = np.asarray(boxes, dtype=np.int64)
     extents = np.repeat(boxes[:, :, :1], 2, axis=2)
+    # the support labels are gathered at each box's full size: in the smallest integer type that
+    # holds the labels (one byte below 256 components instead of ndimage's four)
+    labels = labels.astype(np.min_scalar_type(max(int(labels.max(initial=0)), 0)), copy=False)
     for i, box in enumerate(boxes):
         mask = component_voxels(probs, labels, i + 1, box, multilabel, None if thresholds is None else thresholds[i])
         for d in range(mask.ndim):  # the extent along each axis from the mask's projection onto it
@@ -854,9 +857,16 @@ def linear_rows(probs: torch.Tensor, shape: Sequence[int], rows: tuple[int, int]
     if plane:
         planes = planes[(slice(None), slice(None), *plane)]
     # row by row (a plane each: no gathered copy of the source planes), the blend written into ``out``
+    direct = out.dtype == planes.dtype  # float32 rows blended straight into ``out`` (no row-sized copy)
     for j, (a, b, w) in enumerate(zip(lo - first, hi - first, weights)):
-        row = planes[a] if w == 0.0 else torch.lerp(planes[a], planes[b], float(w))  # (K - rest, ...)
-        out[rest:, j] = row
+        if w == 0.0:
+            row = planes[a]
+            out[rest:, j] = row
+        elif direct:
+            row = torch.lerp(planes[a], planes[b], float(w), out=out[rest:, j])
+        else:
+            row = torch.lerp(planes[a], planes[b], float(w))  # (K - rest, ...)
+            out[rest:, j] = row
         if rest:
             out[0, j] = torch.sub(1.0, row[0] if row.shape[0] == 1 else row.sum(0))
     return out
@@ -995,4 +1005,6 @@ def foreground_from_probabilities(probs: torch.Tensor, multilabel: bool) -> torc
         return (probs > 0.5).any(0)
     if probs.shape[0] == 1:
         return torch.zeros(probs.shape[1:], dtype=torch.bool, device=probs.device)
+    if probs.shape[0] == 2:  # one foreground channel: no reduction (half precision reduces slowly on a CPU)
+        return probs[1] > probs[0]
     return probs[1:].amax(0) > probs[0]
