@@ -248,8 +248,7 @@ def main(argv=None) -> None:
     results = results_or_run(p, args.report_only, args.workdir.resolve() / "results_e2e.json", lambda: run_experiment(
         args.workdir, args.sizes, args.features, args.epochs, args.iters, args.batch_size, args.device,
         seed=args.seed, limit=args.limit, src=args.src, runs=args.runs), cmd)
-    commands = (" && ".join(results.get("commands") or [results.get("command", cmd)]) if args.report_only
-                else record_command(results, cmd, args.workdir.resolve() / "results_e2e.json"))
+    commands = record_command(results, cmd, args.workdir.resolve() / "results_e2e.json", args.report_only)
     publish_with_examples(report(results, commands), args.out, lambda path: example_figure(results, path),
                           "Test images with the lowest, median and highest DSC of the end-to-end model (thesis rule) "
                           "at the smallest S")

@@ -236,8 +236,8 @@ def run_experiment(workdir: Path, sizes: list[int], features: int, epochs: int, 
         "batch_size": batch_size, "device": device, "folds": folds, "seed": seed, "resolution": resolution,
         "limit": limit}})
     results.setdefault("runs", {})
-    if command and command not in results.setdefault("commands", []):
-        results["commands"].append(command)
+    if command:
+        record_command(results, command, results_file)
     results_root = Path(env["nnUNet_results"])
 
     def save() -> None:
@@ -438,8 +438,7 @@ def main(argv=None) -> None:
         args.workdir, args.sizes, args.features, args.epochs, args.iters, args.val_iters, args.patience,
         args.batch_size, args.device, folds=args.folds, run_folds=args.run_folds, seed=args.seed,
         resolution=args.resolution, limit=args.limit, atlases=tuple(args.atlases), command=cmd), cmd)
-    commands = (" && ".join(results.get("commands") or [cmd]) if args.report_only
-                else record_command(results, cmd, results_file))
+    commands = record_command(results, cmd, results_file, args.report_only)
     publish_with_examples(report(results, commands), args.out, lambda path: example_figure(results, path),
                           "Out of sample (fold 0's models, the smallest S): the photos with the lowest, median and "
                           "highest DSC of the end-to-end model")

@@ -162,10 +162,13 @@ def results_or_run(parser: argparse.ArgumentParser, report_only: bool, results_f
     return results
 
 
-def record_command(results: dict, cmd: str, results_file: Path) -> str:
+def record_command(results: dict, cmd: str, results_file: Path, report_only: bool = False) -> str:
     """Add ``cmd`` to the results' ``commands`` (the calls that made them, in order: a later call
     may add sizes, folds or runs to an earlier one's) and save them; returns the commands joined
-    with ``&&`` for the report's header."""
+    with ``&&`` for the report's header. With ``report_only`` (``cmd`` only rebuilds the report)
+    nothing is recorded: the commands the results hold (or the one ``command`` of older results)."""
+    if report_only:
+        return " && ".join(results.get("commands") or [results.get("command", cmd)])
     commands = results.setdefault("commands", [])
     if cmd not in commands:
         commands.append(cmd)
