@@ -43,8 +43,9 @@ import numpy as np
 from benchmarks.experiment_sizes import TRAINER, epoch_seconds, score
 from benchmarks.hippocampus import DATASET_ID, SOURCE_ID, convert_hippocampus
 from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, find_command,
-                               pipeline_env, predict_command_line, publish_report, raw_dataset, report_header,
-                               results_or_run, run, run_measured, set_batch_size, shared_data, train_fold)
+                               install_splits, pipeline_env, predict_command_line, publish_report, raw_dataset,
+                               report_header, results_or_run, run, run_measured, set_batch_size, shared_data,
+                               train_fold)
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 
 M_VALUES = ("16", "32", "64", "128", "256", "512", "all")
@@ -124,8 +125,7 @@ def prepare(source: Path, split: dict, pixel_cases: list[str], dataset_id: int, 
         # the same images: the source's fingerprint (nnU-Net's trainer copies it into the results)
         shutil.copy(pp_root / source.name / "dataset_fingerprint.json", pp_root / name / "dataset_fingerprint.json")
         run([find_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", base, "-np", "2"], env, log)
-        write_json_atomic([{"train": split["train"], "val": split["val"]}], pp_root / name / "splits_final.json",
-                          indent=1)
+        install_splits([split], pp_root / name)
         done.write_text("ok\n")
     plans_file = pp_root / name / "nnUNetPlans.json"  # the arms' configurations, added where missing
     plans = json.loads(plans_file.read_text())

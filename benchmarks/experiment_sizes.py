@@ -40,8 +40,8 @@ import numpy as np
 from nnunet_stseg.adapters.config import DEFAULT_SIZES_TRAINER
 from nnunet_stseg.atomic import write_atomic, write_json_atomic
 from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, evaluate, find_command,
-                               per_patient_split, pipeline_env, predict_command_line, raw_dataset, report_header, run,
-                               run_measured, set_batch_size, shared_data, train_fold)
+                               install_splits, per_patient_split, pipeline_env, predict_command_line, raw_dataset,
+                               report_header, run, run_measured, set_batch_size, shared_data, train_fold)
 from nnunet_stseg.core.metrics import count_empty_predictions, mean_sd
 
 TRAINER = DEFAULT_SIZES_TRAINER
@@ -168,8 +168,7 @@ def prepare_dataset(source: Path, dataset_id: int, pixel_cases: list[str], cases
         plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # nnU-Net's planner needs >= 1
         run([find_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "1"], plan_env,
             log)
-    write_json_atomic([{"train": split["train"], "val": split["val"]}], pp_root / name / "splits_final.json",
-                      indent=1)
+    install_splits([split], pp_root / name)
     base = add_narrow(plans_file, features)
     plans = json.loads(plans_file.read_text())
     blocks = {"pre": {"size_weight": 0.0}, "pixel": {"size_weight": 0.0},

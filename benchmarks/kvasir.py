@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmarks.runner import save_png_atomic
+from benchmarks.runner import install_splits, save_png_atomic
 from nnunet_stseg.atomic import write_json_atomic
 
 SPLIT_FILE = "stseg_split.json"
@@ -60,7 +60,6 @@ def split_ids(ids: Sequence[str], seed: int = 0, fractions: tuple[float, float, 
     pick = lambda idx: sorted(ids[i] for i in idx)  # noqa: E731
     return {"train": pick(order[:n_train]), "val": pick(order[n_train:n_train + n_val]),
             "test": pick(order[n_train + n_val:])}
-
 
 
 def load_case(src: Path, case_id: str, size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +111,8 @@ def convert_kvasir(src: str | Path, raw_root: str | Path, dataset_id: int = 720,
 
 def install_split(raw_dataset_folder: str | Path, preprocessed_dataset_folder: str | Path) -> Path:
     """Make nnU-Net's fold 0 the converter's train/validation split (``splits_final.json``)."""
-    split = json.loads((Path(raw_dataset_folder) / SPLIT_FILE).read_text())
-    target = Path(preprocessed_dataset_folder) / "splits_final.json"
-    write_json_atomic([{"train": split["train"], "val": split["val"]}], target, indent=1)
-    return target
+    return install_splits([json.loads((Path(raw_dataset_folder) / SPLIT_FILE).read_text())],
+                          preprocessed_dataset_folder)
 
 
 def main(argv=None) -> None:

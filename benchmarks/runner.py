@@ -250,6 +250,16 @@ def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Pa
     return ds, evals
 
 
+def install_splits(folds: list[dict], preprocessed_dataset_folder: Path | str) -> Path:
+    """nnU-Net's ``splits_final.json`` in ``preprocessed_dataset_folder`` (made if missing): fold f
+    trains on ``folds[f]["train"]`` and validates on ``folds[f]["val"]`` (other keys, such as a
+    converter's test cases, are left out). Returns the file."""
+    target = Path(preprocessed_dataset_folder) / "splits_final.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic([{"train": f["train"], "val": f["val"]} for f in folds], target, indent=1)
+    return target
+
+
 def save_png_atomic(array: np.ndarray, path: Path) -> None:
     """Write an image (H, W) or (H, W, 3) uint8 as PNG under a temporary name, then rename it: an
     interrupted conversion leaves no half-written file that looks valid. zlib level 1: the
@@ -294,4 +304,4 @@ def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
 __all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
            "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
            "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
-           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "save_png_atomic", "report_header"]
+           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "install_splits", "save_png_atomic", "report_header"]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import save_png_atomic
+from benchmarks.runner import install_splits, save_png_atomic
 from nnunet_stseg.atomic import write_json_atomic
 
 ATLASES = ("dermis", "dermquest")
@@ -110,7 +110,6 @@ def cv_folds(case_ids: list[str], k: int = 5, seed: int = 0, val_fraction: float
     return folds
 
 
-
 def convert_atlas(src: str | Path, raw_root: str | Path, dataset_id: int, name: str | None = None,
                   size: int | None = 512, folds: int = 5, seed: int = 0, val_fraction: float = 0.125,
                   limit: int | None = None) -> Path:
@@ -147,11 +146,8 @@ def convert_atlas(src: str | Path, raw_root: str | Path, dataset_id: int, name: 
 
 def install_folds(raw_dataset_folder: str | Path, preprocessed_dataset_folder: str | Path) -> Path:
     """nnU-Net's ``splits_final.json`` from the converter's folds (train minus validation share, val)."""
-    folds = json.loads((Path(raw_dataset_folder) / SPLIT_FILE).read_text())["folds"]
-    target = Path(preprocessed_dataset_folder) / "splits_final.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic([{"train": f["train"], "val": f["val"]} for f in folds], target, indent=1)
-    return target
+    return install_splits(json.loads((Path(raw_dataset_folder) / SPLIT_FILE).read_text())["folds"],
+                          preprocessed_dataset_folder)
 
 
 def main(argv=None) -> None:
