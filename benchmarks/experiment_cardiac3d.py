@@ -5,7 +5,8 @@ with ``--auto`` also the self-configured cascade (``nnunet-stseg plan`` without 
     python -m benchmarks.experiment_cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
         --out docs/benchmarks/cardiac3d.md
     python -m benchmarks.experiment_cardiac3d --dataset ../shared/data/nnUNet_raw/Dataset705_CHAOST2 --auto \\
-        --workdir work_dirs/chaos3d --out docs/benchmarks/chaos_autoplan_3d.md     # add --dim 2d for 2D stages
+        --patience 10 --epochs 150 --iters 20 --val_iters 5 --features 16 --batch_size 4 --dim 2d \\
+        --workdir work_dirs/chaos2d --out docs/benchmarks/chaos_autoplan_2d.md     # --dim 3d: 3D stages
 
 Three arms, every network with the same U-Net base width, batch size and schedule, all trained
 with the stock ``nnUNetv2_train`` and run with the stock ``nnUNetv2_predict``:
@@ -31,7 +32,12 @@ surface distance (HD95, mm); mean +- sd over patients. Inference: wall time of e
 memory. Training time per network.
 
 The trainings skip nnU-Net's final validation (``STSEG_SKIP_VALIDATION=1``): the held-out patients
-are predicted by the experiment itself, without test-time mirroring. Resumable: finished trainings
+are predicted by the experiment itself, without test-time mirroring. ``--patience P`` trains every
+network to a validation plateau (``STSEG_PATIENCE``: its validation loss has not improved for P
+epochs; ``--epochs`` is then the cap) on ``--val_patients`` of each fold's training patients (2 by
+default; nnU-Net's validation of the fold, never the held-out patients the scores come from);
+without it every network trains the fixed schedule and nnU-Net's validation is the held-out fold
+(nothing is chosen on it). Resumable: finished trainings
 and predictions are kept (re-run the same command); ``--report_only`` rebuilds the report and
 figure from ``results.json``. The default budget is sized for a 2-core CPU; GPU users pass
 ``--epochs 1000 --iters 250 --features 32 -device cuda``.
@@ -43,11 +49,13 @@ from pathlib import Path
 
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_FINE_TRAINER, coarse_config_name,
                                           fine_config_name)
+from nnunet_stseg.adapters.results import model_folder
 from nnunet_stseg.atomic import write_json_atomic
 from benchmarks.reports import OVERLAP_HEAD, example_overlays, overlap_cells, print_report, score_folder
-from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, find_command,
-                               pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
-                               prepare_cardiac, report_header, run_measured, set_batch_size, train_fold)
+from benchmarks.runner import (add_budget_arguments, add_narrow, command_line, command_parser, epochs_and_seconds,
+                               find_command, pipeline_env, plan_command_line, plan_unless_planned,
+                               predict_command_line, prepare_cardiac, report_header, run_measured, set_batch_size,
+                               train_fold)
 
 REGIONS = {"pericardium": (1, 2), "eat": (2,)}
 AUTO_PLANS = "nnUNetPlansAuto"
@@ -92,13 +100,16 @@ def _network(cfg: dict) -> dict:
 
 def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epochs: int, iters: int, folds: int,
                    seed: int, device: str = "cpu", command: str = "", dataset: Path | None = None,
-                   limit: int | None = None, dim: str = "3d", auto: bool = False) -> dict:
+                   limit: int | None = None, dim: str = "3d", auto: bool = False, patience: int | None = None,
+                   val_iters: int = 2, val_patients: int = 2) -> dict:
     workdir = Path(workdir).resolve()
-    env = pipeline_env(workdir, epochs, iters)
+    env = pipeline_env(workdir, epochs, iters, val_iters)
     env.update({"nnUNet_n_proc_DA": "1", "STSEG_SKIP_VALIDATION": "1"})
+    if patience:
+        env.update({"STSEG_PATIENCE": str(patience), "STSEG_SAVE_EVERY": "5"})  # a kill loses <= 5 epochs
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    ds, evals = prepare_cardiac(workdir, env, folds, seed, dataset, limit)
+    ds, evals = prepare_cardiac(workdir, env, folds, seed, dataset, limit, val_patients if patience else 0)
     did = _dataset_id(ds)
     regions = regions_of(ds)
     coarse_c, fine_c = coarse_config_name(dim, size), fine_config_name(dim, size)
@@ -126,13 +137,15 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
     results.update({"size": size, "dim": dim, "command": command, "dataset": ds.name,
                     "regions": {k: list(v) for k, v in regions.items()},
                     "budget": {"features": features, "batch_size": batch_size, "epochs": epochs, "iters": iters,
-                               "device": device, "folds": [f for f, _ in evals], "seed": seed},
+                               "device": device, "folds": [f for f, _ in evals], "seed": seed,
+                               **({"patience": patience, "val_iters": val_iters, "val_patients": val_patients}
+                                  if patience else {})},
                     "networks": networks,
                     "patients": {str(f): [p.name[:-len("_0000.nii.gz")] for p in images] for f, images in evals},
                     "volume_shapes": _voxels([p for _, images in evals for p in images])})
     if auto:
         results["auto_planning"] = planning
-    train_s = results.setdefault("train_s", {})
+    train_s, trained_epochs = results.setdefault("train_s", {}), results.setdefault("epochs", {})
     # cheap networks first: an interrupted run has the cascade and its baseline for every fold early
     order = [(coarse_c, DEFAULT_COARSE_TRAINER), (fine_c, DEFAULT_FINE_TRAINER)]
     if auto:
@@ -142,10 +155,12 @@ def run_experiment(workdir: Path, size: int, features: int, batch_size: int, epo
     for key, trainer in order:
         config = key.split("/")[-1]
         for f, _ in evals:
-            seconds = train_fold(ds.name, config, f, trainer, device, env, logs / f"train_{key.replace('/', '_')}_{f}.log",
-                                 plans=plans_of[key])
-            if seconds is not None:
-                train_s[f"{key}/{f}"] = train_s.get(f"{key}/{f}", 0.0) + seconds
+            train_fold(ds.name, config, f, trainer, device, env, logs / f"train_{key.replace('/', '_')}_{f}.log",
+                       plans=plans_of[key])
+            if f"{key}/{f}" not in trained_epochs:  # epochs x the median epoch: pauses and restarts do not count
+                final = model_folder(ds.name, trainer, config, plans_of[key],
+                                     results_root=env["nnUNet_results"]) / f"fold_{f}" / "checkpoint_final.pth"
+                trained_epochs[f"{key}/{f}"], train_s[f"{key}/{f}"] = epochs_and_seconds(final)
                 write_json_atomic(results, results_file, indent=1)
     fullres_arm, coarse_arm, cascade_arm = arm_names(size, dim)
     arm_runs = {fullres_arm: (fullres_c, DEFAULT_COARSE_TRAINER, [fullres_c]),
@@ -213,6 +228,14 @@ def _input_line(results: dict, arm: str) -> str:
     return line
 
 
+def _epochs_trained(results: dict) -> str:
+    """Mean epochs over the folds per trained network, e.g. ``'2d_sts_coarse_64 41, 2d_w16 77'``."""
+    per_network: dict[str, list[int]] = {}
+    for key, epochs in results.get("epochs", {}).items():
+        per_network.setdefault(key.rsplit("/", 1)[0], []).append(epochs)
+    return ", ".join(f"{k} {sum(v) / len(v):.0f}" for k, v in per_network.items())
+
+
 def _regions(results: dict) -> dict[str, list[int]]:
     return results.get("regions") or {k: list(v) for k, v in REGIONS.items()}
 
@@ -234,7 +257,11 @@ def report(results: dict, examples: str | None = None) -> str:
     lines = [*report_header(f"{dim.upper()} segment-then-segment vs nnU-Net {'3d_fullres' if dim == '3d' else '2d'} "
                             f"and {dim} at S = {size} ({results['dataset']})", results["command"]),
              f"Budget per network and fold: U-Net base width {b['features']}, batch {b['batch_size']}, "
-             f"{b['epochs']} x {b['iters']} iterations, device {b['device']}; {len(b['folds'])}-fold per-patient "
+             + (f"epochs of {b['iters']} iterations until the validation loss ({b['val_iters']} batches of "
+                f"{b['val_patients']} of the fold's training patients, not the held-out ones) has not improved for "
+                f"{b['patience']} epochs (at most {b['epochs']}; epochs trained, mean over folds: "
+                f"{_epochs_trained(results)})" if b.get("patience") else f"{b['epochs']} x {b['iters']} iterations")
+             + f", device {b['device']}; {len(b['folds'])}-fold per-patient "
              f"cross-validation of {n_patients} patients (split seed {b['seed']}), every patient predicted by the "
              "fold model that did not train on it, scored at its original resolution "
              + (f"({min(s[0] for s in shapes)}-{max(s[0] for s in shapes)} slices of "
@@ -333,6 +360,12 @@ def main(argv=None) -> None:
                    help="3D networks (against nnU-Net 3d_fullres) or 2D networks on the slices (against nnU-Net 2d)")
     p.add_argument("--auto", action="store_true",
                    help="also the self-configured cascade (nnunet-stseg plan without -s, plans nnUNetPlansAuto)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="train every network until its validation loss has not improved for this many epochs "
+                        "(--epochs is then the cap; default: the fixed schedule)")
+    p.add_argument("--val_iters", type=int, default=2, help="validation batches per epoch (2)")
+    p.add_argument("--val_patients", type=int, default=2,
+                   help="with --patience: training patients of each fold held out as its validation (2)")
     p.add_argument("--report_only", action="store_true",
                    help="rebuild the report and figure from the work folder's results.json")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
@@ -346,7 +379,7 @@ def main(argv=None) -> None:
         cmd = command_line(p, argv)
         results = run_experiment(args.workdir, args.size, args.features, args.batch_size, args.epochs, args.iters,
                                  args.folds, args.seed, args.device, cmd, args.dataset, args.limit, args.dim,
-                                 args.auto)
+                                 args.auto, args.patience, args.val_iters, args.val_patients)
     print_report(results, args.out, lambda png: plot_examples(results, args.workdir, png), report)
 
 

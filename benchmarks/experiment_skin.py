@@ -50,10 +50,10 @@ import numpy as np
 from benchmarks.experiment_e2e import coarse_module_model
 from benchmarks.kvasir_arms import FAILED_JACCARD
 from benchmarks.reports import paired_difference, score_folder
-from benchmarks.runner import (add_budget_arguments, command_line, command_parser, link_into, pipeline_env,
-                               plan_command_line, plan_unless_planned, predict_command_line, publish_with_examples,
-                               raw_dataset, record_command, report_header, results_or_run, run_measured, shared_data,
-                               train_fold)
+from benchmarks.runner import (add_budget_arguments, command_line, command_parser, epochs_and_seconds, link_into,
+                               pipeline_env, plan_command_line, plan_unless_planned, predict_command_line,
+                               publish_with_examples, raw_dataset, record_command, report_header, results_or_run,
+                               run_measured, shared_data, train_fold)
 from nnunet_stseg.adapters.config import (DEFAULT_COARSE_TRAINER, DEFAULT_E2E_TRAINER, DEFAULT_FINE_TRAINER,
                                           coarse_config_name, e2e_config_name, fine_config_name)
 from nnunet_stseg.adapters.results import model_folder
@@ -166,18 +166,6 @@ def _arm_models(size: int) -> dict[str, tuple[str, str]]:
     return {"unet": (coarse, DEFAULT_COARSE_TRAINER), "cascade": (fine, DEFAULT_FINE_TRAINER),
             "e2e": (e2e_config_name("2d", size), DEFAULT_E2E_TRAINER),
             "unet_x2": (coarse + SECOND, DEFAULT_COARSE_TRAINER), "cascade_x2": (fine + SECOND, DEFAULT_FINE_TRAINER)}
-
-
-def epochs_and_seconds(checkpoint_file: Path) -> tuple[int, float]:
-    """Epochs of a finished training and their cost in seconds, from nnU-Net's own log in the
-    checkpoint (epoch start and end times): the number of epochs times the median epoch, so that
-    neither the time between the runs of a resumed training nor an epoch stretched by a pause or
-    another process on the machine counts."""
-    import torch
-
-    log = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging") or {}
-    seconds = [e - s for s, e in zip(log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", []))]
-    return len(seconds), float(len(seconds) * np.median(seconds)) if seconds else 0.0
 
 
 def train_fold_models(ds: Path, size: int, fold: int, device: str, env: dict, logs: Path, row: dict, save) -> None:

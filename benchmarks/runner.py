@@ -221,10 +221,13 @@ CARDIAC_FAT_ID = 701  # the shared Cardiac Fat CT dataset (../shared/data/nnUNet
 
 
 def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Path | None = None,
-                    limit: int | None = None) -> tuple[Path, list[tuple[int, list[Path]]]]:
+                    limit: int | None = None, val_patients: int = 0) -> tuple[Path, list[tuple[int, list[Path]]]]:
     """Raw dataset read in place, per-patient split; returns the dataset and per fold the images
-    of its validation patients. ``dataset``: another raw 3D dataset folder (default: the shared
-    Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs)."""
+    of its held-out patients. ``dataset``: another raw 3D dataset folder (default: the shared
+    Cardiac Fat CT); ``limit``: its first N patients only (linked under the work folder; smoke runs).
+    ``val_patients``: 0 = nnU-Net's validation of fold f is its held-out patients (fixed schedules,
+    nothing chosen on them); N > 0 = N of fold f's training patients (drawn with ``seed``) are
+    nnU-Net's validation instead, so that a plateau rule stops on patients the scores never see."""
     if dataset is None:
         raw = shared_data() / "nnUNet_raw"
         ds = raw_dataset(raw, CARDIAC_FAT_ID)
@@ -239,15 +242,34 @@ def prepare_cardiac(workdir: Path, env: dict, folds: int, seed: int, dataset: Pa
     env["nnUNet_raw"] = str(ds.parent)
     case_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").glob("*.nii.gz"))
     splits = per_patient_split(case_ids, folds, seed)
-    pp = Path(env["nnUNet_preprocessed"]) / ds.name
-    pp.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(splits, pp / "splits_final.json", indent=1)
+    nnunet_splits = splits
+    if val_patients:
+        rng = np.random.default_rng(seed)
+        nnunet_splits = []
+        for split in splits:
+            if val_patients >= len(split["train"]):
+                raise SystemExit(f"--val_patients {val_patients}: a fold trains on only {len(split['train'])} patients")
+            val = sorted(str(c) for c in rng.choice(split["train"], val_patients, replace=False))
+            nnunet_splits.append({"train": [c for c in split["train"] if c not in val], "val": val})
+    install_splits(nnunet_splits, Path(env["nnUNet_preprocessed"]) / ds.name)
     evals = []
     for f, split in enumerate(splits):
         folder = link_into(workdir / "inputs" / f"fold_{f}",
                            [img for case in split["val"] for img in (ds / "imagesTr").glob(f"{case}_*.nii.gz")])
         evals.append((f, sorted(folder.glob("*.nii.gz"))))
     return ds, evals
+
+
+def epochs_and_seconds(checkpoint_file: Path) -> tuple[int, float]:
+    """Epochs of a finished training and their cost in seconds, from nnU-Net's own log in the
+    checkpoint (epoch start and end times): the number of epochs times the median epoch, so that
+    neither the time between the runs of a resumed training nor an epoch stretched by a pause or
+    another process on the machine counts."""
+    import torch
+
+    log = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging") or {}
+    seconds = [e - s for s, e in zip(log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", []))]
+    return len(seconds), float(len(seconds) * np.median(seconds)) if seconds else 0.0
 
 
 def install_splits(folds: list[dict], preprocessed_dataset_folder: Path | str) -> Path:
@@ -304,4 +326,4 @@ def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
 __all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
            "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
            "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
-           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "install_splits", "save_png_atomic", "report_header"]
+           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "install_splits", "epochs_and_seconds", "save_png_atomic", "report_header"]

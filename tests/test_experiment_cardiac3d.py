@@ -185,3 +185,32 @@ def test_experiment_smoke_on_a_generated_3d_dataset(tmp_path, monkeypatch):
     assert table_and_reading(rebuilt) == table_and_reading(out)
     assert "![examples](rebuilt_examples.png)" in rebuilt.read_text(), "the overlays sit beside the rebuilt report"
     assert (out.parent / "rebuilt_examples.png").is_file()
+
+
+@pytest.mark.slow  # plans a generated 3D dataset in-process
+def test_plateau_budget_stops_on_training_patients_never_on_the_held_out_ones(tmp_path, monkeypatch):
+    """--patience: every training gets STSEG_PATIENCE; nnU-Net's validation of each fold is
+    --val_patients of its training patients (the scored patients are never in a fold's train or
+    val); epochs and seconds come from the checkpoints' logs and the report states the rule."""
+    from nnunet_stseg.data.synthetic import make_synthetic_dataset
+
+    fake = FakeNNUNet().install(monkeypatch, experiment)
+    ds = make_synthetic_dataset(tmp_path / "raw", dataset_id=994, name="Organs3D", dim=3, n_train=6, n_test=0,
+                                shape=(16, 32, 32), num_classes=2, spacing=(1.0, 1.0, 2.5), empty_cases=0)
+    work, out = tmp_path / "work", tmp_path / "report.md"
+    main(["--workdir", str(work), "--dataset", str(ds), "--size", "16", "--features", "4", "--batch_size", "2",
+          "--epochs", "30", "--iters", "2", "--patience", "3", "--val_iters", "4", "--val_patients", "1",
+          "--out", str(out)])
+    results = json.loads((work / "results.json").read_text())
+    trainings = fake.of("nnUNetv2_train")
+    assert trainings and all(c.env["STSEG_PATIENCE"] == "3" and c.env["STSEG_VAL_ITERS"] == "4" for c in trainings)
+    splits = json.loads((work / "nnUNet_preprocessed" / ds.name / "splits_final.json").read_text())
+    for fold, split in enumerate(splits):
+        held_out = set(results["patients"][str(fold)])
+        assert len(split["val"]) == 1 and len(split["train"]) == 2
+        assert not held_out & (set(split["train"]) | set(split["val"])), "a fold never sees its scored patients"
+    assert set(results["epochs"].values()) == {2} and set(results["train_s"].values()) == {1.25}
+    text = out.read_text()
+    assert "has not improved for 3 epochs (at most 30; epochs trained, mean over folds: 3d_sts_coarse_16 2" in text
+    with pytest.raises(SystemExit, match="--val_patients 3: a fold trains on only 3 patients"):
+        main(["--workdir", str(tmp_path / "w2"), "--dataset", str(ds), "--patience", "3", "--val_patients", "3"])
