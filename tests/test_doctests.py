@@ -5,14 +5,16 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import pkgutil
 
 import pytest
 
-CORE = ["nnunet_stseg.core.geometry", "nnunet_stseg.core.fusion", "nnunet_stseg.core.polar",
-        "nnunet_stseg.core.depth", "nnunet_stseg.core.centres", "nnunet_stseg.core.metrics",
-        "nnunet_stseg.core.objects", "nnunet_stseg.core.sizes", "nnunet_stseg.core.cascade"]
+import nnunet_stseg.core
+
+# every module of the method core: a new one is checked without being listed here
+CORE = sorted(f"nnunet_stseg.core.{m.name}" for m in pkgutil.iter_modules(nnunet_stseg.core.__path__))
 WITH_EXAMPLES = CORE + ["nnunet_stseg.settings", "nnunet_stseg.adapters.config", "nnunet_stseg.adapters.results",
-                          "nnunet_stseg.adapters.compat", "benchmarks.experiment_recall",
+                          "nnunet_stseg.adapters.compat", "benchmarks.experiment_recall", "benchmarks.coarse_grid_sweep",
                           "nnunet_stseg.adapters.predictor", "nnunet_stseg.adapters.inference_io"]
 
 

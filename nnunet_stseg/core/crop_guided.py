@@ -94,7 +94,15 @@ def boxes_per_object(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequ
 def image_boxes(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequence[float], params: CropParams,
                 rule: str) -> np.ndarray:
     """The boxes of one image under ``rule`` (``all``: :func:`box_around_all`, ``objects``:
-    :func:`boxes_per_object`)."""
+    :func:`boxes_per_object`).
+
+    >>> mask = np.zeros((8, 8), bool); mask[2:4, 2:6] = True  # coarse 8 x 8 of a 32 x 32 image
+    >>> image_boxes(mask, (32, 32), (1.0, 1.0), CropParams(patch_size=(8, 8), margin_min=2), "all").tolist()
+    [[[6, 18], [6, 26]]]
+    >>> image_boxes(mask, (32, 32), (1.0, 1.0), CropParams(patch_size=(8, 8)), "largest")
+    Traceback (most recent call last):
+    ValueError: box rule must be one of ('all', 'objects'), got 'largest'
+    """
     if rule not in BOX_RULES:
         raise ValueError(f"box rule must be one of {BOX_RULES}, got {rule!r}")
     fn = box_around_all if rule == "all" else boxes_per_object

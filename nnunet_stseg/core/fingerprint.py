@@ -45,6 +45,12 @@ def object_records(seg: np.ndarray, spacing: Sequence[float], active: Sequence[b
     - ``volume_mm3`` and ``voxels``; ``share``: voxels / voxels of the image (of its slice for a
       2D stage);
     - ``touches_border``: the box reaches the image's edge along an active axis.
+
+    >>> seg = np.zeros((2, 8, 8), np.uint8); seg[:, 1:3, 1:5] = 1    # one 3D object, two slices
+    >>> [(r["class"], r["extent_voxels"], r["voxels"]) for r in object_records(seg, [2, 1, 1], [True] * 3, [1])]
+    [('1', [2, 2, 4], 16), ('all', [2, 2, 4], 16)]
+    >>> len(object_records(seg, [2, 1, 1], [False, True, True], [1]))  # a 2D stage: one per slice and class
+    4
     """
     seg = np.asarray(seg)
     if seg.ndim != 3 or len(spacing) != 3 or len(active) != 3:

@@ -417,7 +417,11 @@ class LSNet(nn.Module):
 
 
 def parameter_count(module: nn.Module) -> int:
-    """Number of parameters of a module (the 'parameters each first stage adds' figure)."""
+    """Number of parameters of a module (the 'parameters each first stage adds' figure).
+
+    >>> parameter_count(nn.Conv2d(3, 8, kernel_size=3))  # 8 x 3 x 3 x 3 weights + 8 biases
+    224
+    """
     return int(sum(p.numel() for p in module.parameters()))
 
 
