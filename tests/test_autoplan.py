@@ -54,25 +54,25 @@ def test_a_2d_stage_counts_objects_per_slice_and_empty_cases_count_as_zero():
 
 
 # ------------------------------------------------------------------ rules
-def test_coarse_grid_keeps_small_objects_eight_voxels_wide_and_never_upsamples():
-    # y, x: 16 mm / (8 x 0.5) = 4 (the image would allow 64 / 8 = 8)
-    sp, shape, choice = autoplan.coarse_grid([1.0, 0.5, 0.5], [1, 64, 64], [math.nan, 16.0, 16.0],
+def test_coarse_grid_keeps_small_objects_ten_voxels_wide_and_never_upsamples():
+    # y, x: 20 mm / (10 x 0.5) = 4 (the image would allow 64 / 8 = 8)
+    sp, shape, choice = autoplan.coarse_grid([1.0, 0.5, 0.5], [1, 64, 64], [math.nan, 20.0, 20.0],
                                              [False, True, True])
     assert choice.value == [1.0, 4.0, 4.0] and sp == [1.0, 2.0, 2.0] and shape == [1, 16, 16]
     # the image bound: at most 64 / 8 = 8 even for large objects
     _, shape, choice = autoplan.coarse_grid([1.0, 1.0, 1.0], [32, 64, 64], [400.0, 400.0, 400.0], [True] * 3)
     assert choice.value == [4.0, 8.0, 8.0] and shape == [8, 8, 8]
-    # in-plane axes share the smaller objects' bound (16 mm -> 4, 24 mm -> 6: both 4), z keeps its own
-    _, _, choice = autoplan.coarse_grid([2.0, 0.5, 0.5], [40, 256, 256], [32.0, 16.0, 24.0], [True] * 3)
+    # in-plane axes share the smaller objects' bound (20 mm -> 4, 30 mm -> 6: both 4), z keeps its own
+    _, _, choice = autoplan.coarse_grid([2.0, 0.5, 0.5], [40, 256, 256], [40.0, 20.0, 30.0], [True] * 3)
     assert choice.value == [2.0, 4.0, 4.0]
-    # the margin decides the voxels per object: a wider margin tolerates a coarser grid
-    _, _, choice = autoplan.coarse_grid([1.0, 1.0, 1.0], [64, 64, 64], [32.0] * 3, [True] * 3,
+    # the margin decides the voxels per object: a wider margin tolerates a coarser grid (0.25: 2 + 4 = 6)
+    _, _, choice = autoplan.coarse_grid([1.0, 1.0, 1.0], [64, 64, 64], [48.0] * 3, [True] * 3,
                                         AutoPlanRules(coarse_voxels=autoplan.object_voxels(0.25)))
     assert choice.value == [8.0, 8.0, 8.0]
-    # objects under 4 voxels: factor 1, not an upsampling
-    _, _, choice = autoplan.coarse_grid([3.0, 0.7, 0.7], [40, 512, 512], [3.0, 2.0, 2.0], [True] * 3)
+    # objects under 10 voxels: factor 1, not an upsampling
+    _, _, choice = autoplan.coarse_grid([3.0, 0.7, 0.7], [40, 512, 512], [3.0, 6.0, 6.0], [True] * 3)
     assert choice.value == [1.0, 1.0, 1.0]
-    assert "stays >= 8 coarse voxels" in choice.why
+    assert "stays >= 10 coarse voxels" in choice.why
 
 
 def test_input_size_holds_the_typical_crop_without_downsampling():
@@ -141,30 +141,30 @@ def _plan(tmp_path: Path, dataset_id: int, *args: str) -> subprocess.CompletedPr
 @pytest.mark.slow  # the stock commands on a generated dataset
 def test_plan_without_s_chooses_from_the_objects_and_says_why(tmp_path):
     shape = (24, 96, 96)  # 2 mm slices, 0.8 mm pixels
-    small, large = ((6, 12), (10, 20), (10, 20)), ((4, 20), (40, 80), (40, 80))  # 10 x 10 px, 40 x 40 px
+    small, large = ((6, 12), (10, 25), (10, 25)), ((4, 20), (40, 80), (40, 80))  # 15 x 15 px, 40 x 40 px
     cases = [_objects(shape, [(1, small), (2, large)]) for _ in range(4)] + [np.zeros(shape, np.uint8)]
     ds = _dataset(tmp_path / "raw", 731, cases)
     proc = _plan(tmp_path, 731, "--dims", "3d")
     assert proc.returncode == 0, proc.stdout[-3000:]
     plans = json.loads((tmp_path / "pp" / ds.name / "nnUNetPlans.json").read_text())
     fingerprint = json.loads((tmp_path / "pp" / ds.name / "object_fingerprint.json").read_text())
-    assert fingerprint["3d"]["1"]["extent_mm"][1]["p5"] == pytest.approx(8.0)  # 10 px of 0.8 mm
+    assert fingerprint["3d"]["1"]["extent_mm"][1]["p5"] == pytest.approx(12.0)  # 15 px of 0.8 mm
     assert fingerprint["3d"]["all"]["objects_per_case"]["max"] == 2 and fingerprint["3d"]["2"]["objects"] == 4
-    # the rules on the fingerprint: y/x 8 mm / (8 x 0.8) = 1.25; z 12 mm / (8 x 2) < 1: kept
+    # the rules on the fingerprint: y/x 12 mm / (10 x 0.8) = 1.5; z 12 mm / (10 x 2) < 1: kept
     fine_name = next(k for k in plans["configurations"] if k.startswith("3d_sts_fine_"))
     fine = plans["configurations"][fine_name]
     coarse = plans["configurations"][fine["sts"]["coarse_configuration"]]
-    assert coarse["spacing"] == pytest.approx([2.0, 1.0, 1.0])
+    assert coarse["spacing"] == pytest.approx([2.0, 1.2, 1.2])
     planning = fine["sts"]["planning"]
-    assert planning["chosen"]["coarse_downsampling"]["value"] == [1.0, 1.25, 1.25]
-    # typical (p50 over both classes' union objects): 10 / 40 px -> S holds the crop
+    assert planning["chosen"]["coarse_downsampling"]["value"] == [1.0, 1.5, 1.5]
+    # typical (p50 over both classes' union objects): 15 / 40 px -> S holds the crop
     typical = fingerprint["3d"]["all"]["extent_mm"]
     expected_s = autoplan.input_size([typical[a]["p50"] for a in range(3)], [2.0, 0.8, 0.8], [True] * 3,
                                      0.125, 4.0).value
     assert fine_name == f"3d_sts_fine_{expected_s}" and planning["chosen"]["input_size"]["value"] == expected_s
     assert fine["sts"]["max_crops"] == 8 and fine["sts"]["crop"]["min_object_size"] == 5.0
     assert f"3d: input_size = {expected_s} (chosen: the p50 object's crop is" in proc.stdout
-    assert "3d: coarse_downsampling = [1.0, 1.25, 1.25]" in proc.stdout
+    assert "3d: coarse_downsampling = [1.0, 1.5, 1.5]" in proc.stdout
     # re-planned with two values given: the fingerprint is reused, the given values win and are recorded
     proc = _plan(tmp_path, 731, "--dims", "3d", "--set", "crop.min_object_size=2", "--set", "max_crops=3")
     assert proc.returncode == 0 and "object fingerprint reused" in proc.stdout, proc.stdout[-3000:]

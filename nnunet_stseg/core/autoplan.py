@@ -23,10 +23,11 @@ class AutoPlanRules:
 
     - ``small_quantile`` / ``coarse_voxels``: the coarse grid keeps the dataset's small objects
       (this quantile of the extent per axis of the objects the cascade crops: foreground union
-      components, specks left out) at least this many coarse voxels wide. 8 = 1 / the crop's
-      default ``margin_fraction`` 0.125: a box one coarse voxel off (what a coarse mask can be) still
-      lies inside the margin of the small object's crop. The planner uses 1 / ``margin_fraction``
-      (within 4..16) when the margin is set otherwise (:func:`object_voxels`).
+      components, specks left out) at least this many coarse voxels wide. 10 = 2 + 1 / the crop's
+      default ``margin_fraction`` 0.125: a coarse mask one voxel short on both sides of a small
+      object still gives a crop whose margin reaches the object's edges; chosen on the training
+      labels of five datasets (``benchmarks.coarse_grid_sweep``). The planner uses
+      :func:`object_voxels` of the margin when the margin is set otherwise.
     - ``min_coarse_voxels``: no axis of the median coarse image gets fewer voxels than this.
     - ``typical_quantile`` / ``s_candidates``: S is the smallest candidate that holds the typical
       object's crop (this quantile of the crop extents) without downsampling it.
@@ -39,7 +40,7 @@ class AutoPlanRules:
     """
 
     small_quantile: str = "p5"
-    coarse_voxels: float = 8.0
+    coarse_voxels: float = 10.0
     min_coarse_voxels: int = 8
     typical_quantile: str = "p50"
     s_candidates: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 256)
@@ -56,13 +57,14 @@ class AutoPlanRules:
 
 
 def object_voxels(margin_fraction: float) -> float:
-    """Coarse voxels a small object must span so that a one-voxel error of its box stays within the
-    crop's margin (``margin_fraction`` of the object on each side): 1 / margin_fraction, within 4..16.
+    """Coarse voxels k a small object must span so that a coarse mask one voxel short on both sides
+    still gives a crop that holds it: the crop adds ``margin_fraction`` of the (shortened) box on
+    each side, margin_fraction x (k - 2) >= 1, so k = 2 + 1 / margin_fraction, within 4..18.
 
-    >>> object_voxels(0.125), object_voxels(0.05), object_voxels(0.5)
-    (8.0, 16.0, 4.0)
+    >>> object_voxels(0.125), object_voxels(0.05), object_voxels(0.25), object_voxels(1.0)
+    (10.0, 18.0, 6.0, 4.0)
     """
-    return 16.0 if margin_fraction <= 0 else float(min(16.0, max(4.0, 1.0 / margin_fraction)))
+    return 18.0 if margin_fraction <= 0 else float(min(18.0, max(4.0, 2.0 + 1.0 / margin_fraction)))
 
 
 class Choice(NamedTuple):
@@ -79,8 +81,8 @@ def coarse_grid(spacing: Sequence[float], median_shape: Sequence[float], small_e
     Returns (coarse spacing, coarse median shape, Choice(factors, why)).
 
     >>> sp, shape, why = coarse_grid([3.0, 0.7, 0.7], [100, 512, 512], [3.0, 14.0, 14.0], [True] * 3)
-    >>> sp, shape, why.value   # 14 mm / 8 voxels = 1.75 mm in-plane (factor 2.5); z stays at 3 mm
-    ([3.0, 1.75, 1.75], [100, 205, 205], [1.0, 2.5, 2.5])
+    >>> sp, shape, why.value   # 14 mm / 10 voxels = 1.4 mm in-plane (factor 2); z stays at 3 mm
+    ([3.0, 1.4, 1.4], [100, 256, 256], [1.0, 2.0, 2.0])
     """
     spacing = np.asarray(spacing, dtype=float)
     median = np.asarray(median_shape, dtype=float)
