@@ -98,8 +98,9 @@ def report(results: dict, cmd: str) -> str:
              "and memory target). Objects: the components of the foreground union (what the cascade crops; 2D stages: "
              "per slice), specks (under 1 % of the median object's volume) left out and counted; extents: their p5 / "
              "p50 per axis (z x y x x, mm; 2D stages: the slice axis is its thickness). The constants of the "
-             "rules are the defaults of `AutoPlanRules` (docs/design.md \"Self-configuring cascade\"), not yet "
-             "chosen on data.", "",
+             "rules are the defaults of `AutoPlanRules` (docs/design.md \"Self-configuring cascade\"): the coarse "
+             "grid's (the p5 objects 10 coarse voxels wide) chosen on these training labels "
+             "([coarse_grid_sweep.md](coarse_grid_sweep.md)), the others not yet chosen on data.", "",
              "| dataset | dim | cases | median image (voxels) | spacing mm | objects (max / case) | specks | p5 extent mm | "
              "p50 extent mm | S | coarse spacing mm | coarse image | coarse patch | min_object_size | max_crops |",
              "|---" * 15 + "|"]

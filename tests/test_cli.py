@@ -51,6 +51,14 @@ def test_unknown_subcommand_is_an_error(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nnunet-stseg {version('nnunet-stseg')}"
+
+
 def _options(*argv: str) -> PlanOptions:
     return plan_options_from_args(_plan_parser(argparse.ArgumentParser()).parse_args(["-d", "1", *argv]))
 
