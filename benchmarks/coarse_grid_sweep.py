@@ -130,9 +130,9 @@ def summarise(objects: list[dict], volume_mm3: float) -> dict:
 def sweep_dataset(pp: Path, raw: Path, candidates=CANDIDATES) -> dict:
     """Every dimensionality the planner chose for: per candidate k (and ``-s 64``) the coarse grid and
     :func:`summarise` of the ideal coarse prediction on every training label."""
+    from nnunet_stseg.adapters.config import grid_spacing3
     from nnunet_stseg.core.autoplan import AutoPlanRules, coarse_grid
     from nnunet_stseg.core.geometry import CropParams
-    from nnunet_stseg.adapters.config import grid_spacing3
     from nnunet_stseg.planners.sts_planner import _training_cases, _training_labels
 
     plans = json.loads((pp / "nnUNetPlans.json").read_text())
@@ -152,7 +152,7 @@ def sweep_dataset(pp: Path, raw: Path, candidates=CANDIDATES) -> dict:
         median = [float(v) for v in base["median_image_size_in_voxels"]]
         median3 = median if len(median) == 3 else [1.0] + median
         p5 = [e["p5"] for e in (fingerprint[dim] or fingerprint["2d"])["objects"]["extent_mm"]]
-        crop = CropParams(**{**sts["crop"], "patch_size": sts["crop"]["patch_size"]})
+        crop = CropParams.from_dict(sts["crop"])  # the plan's margin and size rule
         grids = {f"k = {k:g}": coarse_grid(spacing3, median3, p5, active, AutoPlanRules(coarse_voxels=k))[:2]
                  for k in candidates}
         s64 = [sp * max(1.0, m / 64.0) if a else sp for sp, m, a in zip(spacing3, median3, active)]

@@ -5,7 +5,7 @@ with ``--auto`` also the self-configured cascade (``nnunet-stseg plan`` without 
     python -m benchmarks.experiment_cardiac3d --workdir work_dirs/cardiac3d --size 64 \\
         --out docs/benchmarks/cardiac3d.md
     python -m benchmarks.experiment_cardiac3d --dataset ../shared/data/nnUNet_raw/Dataset705_CHAOST2 --auto \\
-        --patience 10 --epochs 150 --iters 20 --val_iters 5 --features 16 --batch_size 4 --dim 2d \\
+        --patience 10 --epochs 150 --iters 20 --val_iters 5 --features 16 --batch_size 8 --dim 2d \\
         --workdir work_dirs/chaos2d --out docs/benchmarks/chaos_autoplan_2d.md     # --dim 3d: 3D stages
 
 Three arms, every network with the same U-Net base width, batch size and schedule, all trained

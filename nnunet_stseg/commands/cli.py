@@ -137,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="nnunet-stseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from nnunet_stseg import __version__
+    from importlib.metadata import version
 
-    parser.add_argument("--version", action="version", version=f"nnunet-stseg {__version__}")
+    parser.add_argument("--version", action="version", version=f"nnunet-stseg {version('nnunet-stseg')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     env = sub.add_parser("env", help="print the shell line that lets the stock nnU-Net commands find our trainers")
     env.add_argument("--dir", action="store_true", help="print only the folder")
