@@ -83,7 +83,30 @@ def dataset_choices(dataset: Path, env: dict, log: Path) -> dict:
             "s": sts["input_size"], "coarse_spacing": coarse["spacing"],
             "coarse_image": coarse["median_image_size_in_voxels"], "coarse_patch": coarse["patch_size"],
             "min_object_size": sts["crop"]["min_object_size"], "max_crops": sts["max_crops"],
-            "chosen": sts["planning"]["chosen"], "notes": sts["planning"]["notes"]}
+            "chosen": sts["planning"]["chosen"], "notes": sts["planning"]["notes"],
+            "class_crops": class_crops(summary, dataset, cfg["spacing"], dim, sts)}
+    return out
+
+
+def class_crops(summary: dict, dataset: Path, spacing, dim: str, sts: dict) -> dict:
+    """Per class: its p50 object extent (mm), the side of that object's crop on the full-resolution
+    grid (the plan's crop rule) and how much the one fine configuration at S downsamples it (1 = not
+    at all): how one S serves classes of very different sizes."""
+    from nnunet_stseg.adapters.config import grid_spacing3
+    from nnunet_stseg.core.autoplan import crop_extent_voxels
+
+    names = {str(v if not isinstance(v, list) else v[0]): k for k, v in
+             json.loads((dataset / "dataset.json").read_text())["labels"].items() if k not in ("background", "ignore")}
+    active = [dim == "3d", True, True]
+    out = {}
+    for key, cls in summary.items():
+        if key in ("all", "objects") or not cls.get("objects"):
+            continue
+        extent = [e["p50"] for e in cls["extent_mm"]]
+        side = crop_extent_voxels(extent, grid_spacing3(spacing), active, sts["crop"]["margin_fraction"],
+                                  sts["crop"]["margin_min"])
+        out[names.get(key, key)] = {"objects": cls["objects"], "p50_mm": extent, "crop": round(side, 1),
+                                    "downsampled": round(max(1.0, side / sts["input_size"]), 2)}
     return out
 
 
@@ -120,6 +143,23 @@ def report(results: dict, cmd: str) -> str:
                 + "".join(f" NOTE: {n}" for n in d["notes"]))
         if int(key) in REFERENCES:
             lines.append(f"  - measured S on this data: {REFERENCES[int(key)]}")
+    several = [(key, dim, d) for key, r in results["datasets"].items() for dim, d in r["dims"].items()
+               if len(d.get("class_crops", {})) > 1]
+    if several:
+        lines += ["", "Classes of different sizes: one fine configuration serves every class at the chosen S; a class's "
+                  "typical (p50) object crop on the full-resolution grid and how much S downsamples it (1 = not at "
+                  "all; the coarse grid is set by the small objects of the union, so it keeps every class):", "",
+                  "| dataset | dim | S | class | objects | p50 extent mm | crop (voxels) | downsampled x |",
+                  "|---" * 8 + "|"]
+        for key, dim, d in several:
+            for name, c in d["class_crops"].items():
+                lines.append(f"| {DATASETS[int(key)]} | {dim} | {d['s']} | {name} | {c['objects']} | "
+                             f"{_fmt(c['p50_mm'])} | {c['crop']:g} | {c['downsampled']:g} |")
+        lines += ["", "Where the classes are parts of one object (Cardiac Fat CT: the fat inside the pericardium; the two "
+                  "hippocampus parts touch) a class's components are mostly fragments of that object, cropped with it: "
+                  "the union objects (the p50 extent of the first table) are what the fine stage sees. Where they are separate organs (CHAOS) the one S "
+                  "keeps the small ones at full resolution and downsamples the large ones in their crops; whether that "
+                  "costs the large organs accuracy is what the CHAOS runs of issue 40 measure (per-organ DSC)."]
     missing = [DATASETS[int(k)] for k in results.get("missing", [])]
     if missing:
         lines += ["", f"Not found under the data folder (skipped): {', '.join(missing)}."]
