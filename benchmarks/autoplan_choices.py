@@ -157,9 +157,10 @@ def report(results: dict, cmd: str) -> str:
                              f"{_fmt(c['p50_mm'])} | {c['crop']:g} | {c['downsampled']:g} |")
         lines += ["", "Where the classes are parts of one object (Cardiac Fat CT: the fat inside the pericardium; the two "
                   "hippocampus parts touch) a class's components are mostly fragments of that object, cropped with it: "
-                  "the union objects (the p50 extent of the first table) are what the fine stage sees. Where they are separate organs (CHAOS) the one S "
-                  "keeps the small ones at full resolution and downsamples the large ones in their crops; whether that "
-                  "costs the large organs accuracy is what the CHAOS runs of issue 40 measure (per-organ DSC)."]
+                  "the union objects (the p50 extent of the first table) are what the fine stage sees. Where they are "
+                  "separate organs (CHAOS) the one S keeps the small ones at full resolution and downsamples the large "
+                  "ones in their crops; whether that costs the large organs accuracy is what the CHAOS runs of "
+                  "`benchmarks.experiment_cardiac3d --auto` measure (per-organ DSC)."]
     missing = [DATASETS[int(k)] for k in results.get("missing", [])]
     if missing:
         lines += ["", f"Not found under the data folder (skipped): {', '.join(missing)}."]
