@@ -323,7 +323,8 @@ def linked_subset(ds: Path, raw_root: Path, n: int) -> Path:
     write_json_atomic({**dataset_json, "numTraining": len(cases)}, target / "dataset.json", indent=1)
     return target
 
-__all__ = ["REPO_ROOT", "shared_data", "command_parser", "add_budget_arguments", "command_line", "find_command",
-           "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env", "run_measured", "run",
-           "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size", "machine_line",
-           "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into", "install_splits", "epochs_and_seconds", "save_png_atomic", "report_header"]
+__all__ = ["REPO_ROOT", "shared_data", "raw_dataset", "command_parser", "add_budget_arguments", "command_line",
+           "find_command", "plan_command_line", "train_command_line", "predict_command_line", "pipeline_env",
+           "run_measured", "run", "train_fold", "evaluate", "per_patient_split", "add_narrow", "set_batch_size",
+           "machine_line", "record_command", "CARDIAC_FAT_ID", "prepare_cardiac", "linked_subset", "link_into",
+           "install_splits", "epochs_and_seconds", "save_png_atomic", "report_header"]

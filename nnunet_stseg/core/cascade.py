@@ -282,8 +282,9 @@ class _CropGroups:
         # bit for bit, without mixed-precision arithmetic for every crop. One buffer of each for
         # every slab (a fresh large array costs its page faults every slab).
         plane = int(np.prod(size[1:]))
-        fused = torch.empty(self.k * max(b - a for a, b in slabs) * plane, dtype=torch.float32, device=self.device)
-        chunks = slab_ranges(max(b - a for a, b in slabs), plane, LABEL_CHUNK_VOXELS)
+        longest = max(b - a for a, b in slabs)
+        fused = torch.empty(self.k * longest * plane, dtype=torch.float32, device=self.device)
+        chunks = slab_ranges(longest, plane, LABEL_CHUNK_VOXELS)
         half = torch.empty(self.k * max(b - a for a, b in chunks) * plane, dtype=torch.float16, device=self.device)
         for a, b in slabs:
             window = hull.copy()

@@ -21,6 +21,17 @@ from scipy import ndimage
 from nnunet_stseg.core.geometry import _box_slices, boxes_meet, paste_region, resample_crop_to_box, slab_ranges
 
 
+def _or_into(target: torch.Tensor, other: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """The probabilistic OR of two (K, ...) maps written into ``target``: the channel-wise max for
+    region (sigmoid) maps; for softmax maps the min of the background channel and the max of the
+    others. Returns ``target``."""
+    if multilabel:
+        return torch.maximum(target, other, out=target)
+    torch.minimum(target[:1], other[:1], out=target[:1])
+    torch.maximum(target[1:], other[1:], out=target[1:])
+    return target
+
+
 def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel: bool = False,
                mode: str = "linear", coverage: bool = True, out: torch.Tensor | None = None,
                covered: torch.Tensor | None = None, background: torch.Tensor | None = None,
@@ -108,22 +119,11 @@ def fuse_crops(probs, boxes: np.ndarray, image_shape: Sequence[int], multilabel:
             if fresh or (seen is not None and not bool(seen.any())):
                 fused[sl] = pasted  # no crop here yet (objects seldom overlap): the crop replaces the canvas
             elif seen is None:  # the OR everywhere, straight into the canvas (min / max are exact, then rounded)
-                region = fused[sl]
-                if multilabel:
-                    torch.maximum(region, pasted, out=region)
-                else:
-                    torch.minimum(region[:1], pasted[:1], out=region[:1])
-                    torch.maximum(region[1:], pasted[1:], out=region[1:])
+                _or_into(fused[sl], pasted, multilabel)  # a view: written into the canvas
             else:
-                region = fused[sl]
                 # the OR, computed into a copy of the pasted values where no crop came before
                 # (certain background there gives the pasted values themselves)
-                combined = pasted.clone()
-                if multilabel:
-                    torch.maximum(combined, region, out=combined)
-                else:
-                    torch.minimum(combined[:1], region[:1], out=combined[:1])
-                    torch.maximum(combined[1:], region[1:], out=combined[1:])
+                combined = _or_into(pasted.clone(), fused[sl], multilabel)
                 # first crop over a voxel replaces what the canvas had there (certain background: the same)
                 fused[sl] = torch.where(seen, combined, pasted)
                 del combined

@@ -859,13 +859,10 @@ def linear_rows(probs: torch.Tensor, shape: Sequence[int], rows: tuple[int, int]
     # row by row (a plane each: no gathered copy of the source planes), the blend written into ``out``
     direct = out.dtype == planes.dtype  # float32 rows blended straight into ``out`` (no row-sized copy)
     for j, (a, b, w) in enumerate(zip(lo - first, hi - first, weights)):
-        if w == 0.0:
-            row = planes[a]
-            out[rest:, j] = row
-        elif direct:
+        if w != 0.0 and direct:
             row = torch.lerp(planes[a], planes[b], float(w), out=out[rest:, j])
         else:
-            row = torch.lerp(planes[a], planes[b], float(w))  # (K - rest, ...)
+            row = planes[a] if w == 0.0 else torch.lerp(planes[a], planes[b], float(w))  # (K - rest, ...)
             out[rest:, j] = row
         if rest:
             out[0, j] = torch.sub(1.0, row[0] if row.shape[0] == 1 else row.sum(0))
